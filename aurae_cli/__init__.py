@@ -1,0 +1,1 @@
+"""The aurae-py command line: the `aurae-py` CLI and its subcommands."""

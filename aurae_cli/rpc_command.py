@@ -1,0 +1,159 @@
+"""What every generated CLI command does when it runs.
+
+The generated modules declare the flags; this module turns the flags (and an
+optional `--request` file) into a request, calls the SDK, prints the response
+as text, JSON or YAML, and exits with a status that reflects the gRPC status.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any, NoReturn, TypeVar
+
+import click
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# Like grpcurl: a failed RPC exits with 64 + its gRPC status code, so scripts
+# can tell NOT_FOUND (69) from INVALID_ARGUMENT (67); 1 is any other error,
+# 2 a usage error (click's own).
+RPC_EXIT_BASE = 64
+
+
+class EnumChoice(click.ParamType):
+    """An enum flag: accepts the short name ("stdout"), the full name
+    ("LOG_CHANNEL_TYPE_STDOUT") or the number; yields the full name."""
+
+    name = "enum"
+
+    def __init__(self, values: Mapping[str, str]) -> None:
+        self.values = dict(values)
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str:
+        return "[" + "|".join(self.values) + "]"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        text = str(value)
+        lowered = text.lower().replace("_", "-")
+        if lowered in self.values:
+            return self.values[lowered]
+        for full in self.values.values():
+            if text.upper() == full:
+                return full
+        self.fail(f"{value!r} is not one of {', '.join(self.values)}", param, ctx)
+
+    def shell_complete(self, ctx: click.Context, param: click.Parameter, incomplete: str) -> list[Any]:
+        from click.shell_completion import CompletionItem
+
+        return [CompletionItem(v) for v in self.values if v.startswith(incomplete)]
+
+
+class KeyValue(click.ParamType):
+    """A map entry flag: KEY=VALUE."""
+
+    name = "key=value"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[str, str]:
+        if isinstance(value, tuple):
+            return value
+        key, sep, item = str(value).partition("=")
+        if not sep or not key:
+            self.fail(f"{value!r} is not KEY=VALUE", param, ctx)
+        return key, item
+
+
+def rpc_options(command: F) -> F:
+    """The options every RPC command has besides its fields."""
+    command = click.option(
+        "--timeout", type=float, default=None, metavar="SECONDS",
+        help="Deadline for the call (default 30 s for unary calls, none for streams).",
+    )(command)
+    command = click.option(
+        "-o", "--output", type=click.Choice(["text", "json", "yaml"]), default="text",
+        show_default=True, help="How to print responses.",
+    )(command)
+    command = click.option(
+        "--request", "request_file", type=click.File("r"), default=None, metavar="FILE",
+        help="Read the request from a JSON or YAML file ('-' for stdin); flags override it.",
+    )(command)
+    return command
+
+
+def set_path(target: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for name in parents:
+        target = target.setdefault(name, {})
+    target[leaf] = value
+
+
+def _flag_value(value: Any) -> Any:
+    """A click value as the request wants it; None means "not given"."""
+    if isinstance(value, tuple):
+        if not value:
+            return None
+        if all(isinstance(v, tuple) and len(v) == 2 for v in value):
+            return dict(value)  # KEY=VALUE flags
+        return list(value)
+    return value
+
+
+def request_dict(params: Mapping[str, Any], fields: Mapping[str, str],
+                 request_text: str | None) -> dict[str, Any]:
+    """Merge the request file (if any) with the flags; flags win."""
+    request: dict[str, Any] = {}
+    if request_text is not None:
+        import yaml  # JSON is YAML, so one parser reads both
+
+        loaded = yaml.safe_load(request_text)
+        if loaded is not None and not isinstance(loaded, dict):
+            raise click.UsageError("--request must hold a JSON or YAML object")
+        request = loaded or {}
+    for param, dotted in fields.items():
+        value = _flag_value(params.get(param))
+        if value is None:
+            continue
+        if value == "" and _is_optional_positional(dotted):
+            continue
+        set_path(request, dotted, value)
+    return request
+
+
+def _is_optional_positional(dotted: str) -> bool:
+    # An empty positional stands for "unset", e.g. `cells start "" NAME` runs
+    # at host level. Only top-level fields can be optional positionals.
+    return "." not in dotted
+
+
+def invoke(attribute: str, method: str, params: dict[str, Any], fields: Mapping[str, str],
+           *, server_streaming: bool) -> None:
+    """Run one RPC from a generated command and exit with its status."""
+    from aurae_cli.output import print_message
+    from aurae_sdk.errors import AuraeError
+
+    ctx = click.get_current_context()
+    output = params.pop("output")
+    timeout = params.pop("timeout")
+    request_file = params.pop("request_file")
+    request = request_dict(params, fields, request_file.read() if request_file else None)
+    try:
+        client = ctx.find_root().obj.client()
+        call = getattr(getattr(client, attribute), method)
+        if server_streaming:
+            stream = call(request, timeout=timeout)
+            try:
+                for response in stream:
+                    print_message(response, output, streaming=True)
+            except KeyboardInterrupt:
+                stream.cancel()
+        else:
+            print_message(call(request, timeout=timeout), output, streaming=False)
+    except AuraeError as error:
+        fail_rpc(error)
+    except (TypeError, ValueError) as error:
+        raise click.UsageError(str(error)) from None
+
+
+def fail_rpc(error: Any) -> NoReturn:
+    click.echo(f"aurae-py: {error}", err=True)
+    sys.exit(RPC_EXIT_BASE + error.status)

@@ -1,0 +1,109 @@
+"""aurae_sdk: the typed Python client of the Aurae Standard Library.
+
+    import aurae_sdk
+
+    with aurae_sdk.connect() as client:
+        client.cells.allocate(cell={"name": "web", "cpu": {"weight": 200}})
+        client.cells.start(cell_name="web", executable={"name": "app", "command": "sleep 60"})
+
+Service modules with their message types: `aurae_sdk.cells`,
+`aurae_sdk.discovery`, `aurae_sdk.observe`, `aurae_sdk.vms`, `aurae_sdk.health`.
+Importing this package is cheap: grpc and the service modules load on first use.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+from aurae_sdk.errors import (
+    AlreadyExists,
+    AuraeError,
+    DeadlineExceeded,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+    Unavailable,
+    Unimplemented,
+)
+from aurae_sdk.generated import PACKAGES
+
+if TYPE_CHECKING:
+    from aurae_sdk.client import AsyncClient, Client, connect, connect_async
+    from aurae_sdk.config import ClientConfig, ConfigError, load_config
+    from aurae_sdk.generated import cells, discovery, health, observe, vms
+    from aurae_sdk.messages import compact, from_dict, from_json, from_yaml, to_dict, to_json, to_yaml
+    from aurae_sdk.rpc import RetryPolicy
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "Client": "aurae_sdk.client",
+    "AsyncClient": "aurae_sdk.client",
+    "connect": "aurae_sdk.client",
+    "connect_async": "aurae_sdk.client",
+    "ClientConfig": "aurae_sdk.config",
+    "ConfigError": "aurae_sdk.config",
+    "load_config": "aurae_sdk.config",
+    "RetryPolicy": "aurae_sdk.rpc",
+    "compact": "aurae_sdk.messages",
+    "to_dict": "aurae_sdk.messages",
+    "from_dict": "aurae_sdk.messages",
+    "to_json": "aurae_sdk.messages",
+    "from_json": "aurae_sdk.messages",
+    "to_yaml": "aurae_sdk.messages",
+    "from_yaml": "aurae_sdk.messages",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in PACKAGES:
+        module = import_module(f"aurae_sdk.generated.{name}")
+    elif name in _LAZY:
+        module = getattr(import_module(_LAZY[name]), name)
+    else:
+        raise AttributeError(f"module 'aurae_sdk' has no attribute {name!r}")
+    globals()[name] = module
+    return module
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY, *PACKAGES])
+
+
+__all__ = [
+    "AlreadyExists",
+    "AsyncClient",
+    "AuraeError",
+    "Client",
+    "ClientConfig",
+    "ConfigError",
+    "DeadlineExceeded",
+    "FailedPrecondition",
+    "Internal",
+    "InvalidArgument",
+    "NotFound",
+    "PermissionDenied",
+    "RetryPolicy",
+    "Unauthenticated",
+    "Unavailable",
+    "Unimplemented",
+    "cells",
+    "compact",
+    "connect",
+    "connect_async",
+    "discovery",
+    "from_dict",
+    "from_json",
+    "from_yaml",
+    "health",
+    "load_config",
+    "observe",
+    "to_dict",
+    "to_json",
+    "to_yaml",
+    "vms",
+]

@@ -1,0 +1,133 @@
+"""Connections to an Aurae daemon: `Client` (sync) and `AsyncClient` (asyncio).
+
+Both have the same shape — one attribute per service (`client.cells`,
+`client.discovery`, ...), a default timeout and retry policy for every call,
+and context-manager support — and differ only in whether calls are awaited.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aurae_sdk.config import (
+    ClientConfig,
+    channel_credentials,
+    channel_options,
+    load_config,
+    parse_target,
+)
+from aurae_sdk.generated.services import AsyncServices, SyncServices
+from aurae_sdk.rpc import DEFAULT_TIMEOUT, RetryPolicy, Transport
+
+
+def _resolve(config: ClientConfig | str | None, overrides: dict[str, Any]) -> ClientConfig:
+    if isinstance(config, ClientConfig):
+        return config
+    return load_config(config, **{k: v for k, v in overrides.items() if v is not None})
+
+
+class Client(SyncServices):
+    """A sync connection to auraed over mTLS.
+
+    `config` is a ClientConfig, a path to an Aurae TOML config, or None to look
+    in $AURAE_CONFIG, ~/.aurae/config, /etc/aurae/config, /var/lib/aurae/config.
+    Keyword arguments override single settings of the file. `channel` gives an
+    already open grpc.Channel instead (tests, benchmarks, custom transports).
+    """
+
+    def __init__(
+        self,
+        config: ClientConfig | str | None = None,
+        *,
+        socket: str | None = None,
+        ca_crt: str | None = None,
+        client_crt: str | None = None,
+        client_key: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        retry: RetryPolicy | None = None,
+        channel: Any = None,
+    ) -> None:
+        import grpc
+
+        self.config: ClientConfig | None = None
+        if channel is None:
+            self.config = _resolve(
+                config,
+                dict(socket=socket, ca_crt=ca_crt, client_crt=client_crt, client_key=client_key),
+            )
+            target = parse_target(self.config.socket)
+            channel = grpc.secure_channel(
+                target.grpc_target, channel_credentials(self.config), channel_options(target)
+            )
+        self.channel = channel
+        self._transport = Transport(channel, timeout, retry or RetryPolicy())
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        where = self.config.socket if self.config else "custom channel"
+        return f"<aurae_sdk.Client {where}>"
+
+
+class AsyncClient(AsyncServices):
+    """An asyncio connection to auraed over mTLS; same arguments as Client.
+
+    Create it inside the event loop that will use it.
+    """
+
+    def __init__(
+        self,
+        config: ClientConfig | str | None = None,
+        *,
+        socket: str | None = None,
+        ca_crt: str | None = None,
+        client_crt: str | None = None,
+        client_key: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        retry: RetryPolicy | None = None,
+        channel: Any = None,
+    ) -> None:
+        import grpc.aio
+
+        self.config: ClientConfig | None = None
+        if channel is None:
+            self.config = _resolve(
+                config,
+                dict(socket=socket, ca_crt=ca_crt, client_crt=client_crt, client_key=client_key),
+            )
+            target = parse_target(self.config.socket)
+            channel = grpc.aio.secure_channel(
+                target.grpc_target, channel_credentials(self.config), channel_options(target)
+            )
+        self.channel = channel
+        self._transport = Transport(channel, timeout, retry or RetryPolicy())
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        where = self.config.socket if self.config else "custom channel"
+        return f"<aurae_sdk.AsyncClient {where}>"
+
+
+def connect(config: ClientConfig | str | None = None, **settings: Any) -> Client:
+    """Open a sync client; see `Client` for the arguments."""
+    return Client(config, **settings)
+
+
+def connect_async(config: ClientConfig | str | None = None, **settings: Any) -> AsyncClient:
+    """Open an asyncio client (call inside a running loop); see `Client`."""
+    return AsyncClient(config, **settings)
