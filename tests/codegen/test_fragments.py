@@ -1,0 +1,261 @@
+"""Each fragment .proto under fragments/ holds one edge case; generate it with
+the real templates into a scratch package, import it, and use it for real —
+the SDK client calls a server built on the generated daemon base."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import sys
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+from types import ModuleType
+
+import click
+import grpc
+import pytest
+
+from codegen.generate import generate, write
+from codegen.layout import Layout
+
+ROOT = Path(__file__).resolve().parents[2]
+FRAGMENTS = Path(__file__).parent / "fragments"
+
+
+class Generated:
+    def __init__(self, base: str, module_name: str) -> None:
+        self.sdk: ModuleType = importlib.import_module(f"{base}.sdk.{module_name}")
+        self.daemon: ModuleType = importlib.import_module(f"{base}.daemon.{module_name}")
+        self.cli: ModuleType = importlib.import_module(f"{base}.cli.{module_name}")
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    root = tmp_path_factory.mktemp("fragments")
+    sys.path.insert(0, str(root))
+    yield root
+    sys.path.remove(str(root))
+
+
+_generated: dict[str, Generated] = {}
+
+
+def fragment(scratch: Path, proto: str) -> Generated:
+    """Generate one fragment (once per test session: its descriptors go into
+    protobuf's global pool, which refuses a second copy)."""
+    if proto in _generated:
+        return _generated[proto]
+    base = "frag_" + Path(proto).stem.replace("-", "_")
+    layout = Layout(
+        sdk_package=f"{base}.sdk",
+        daemon_package=f"{base}.daemon",
+        cli_package=f"{base}.cli",
+        docs_path=f"{base}/stdlib.md",
+    )
+    generation = generate(FRAGMENTS, ROOT / "templates", layout, files=[proto])
+    (scratch / base).mkdir(exist_ok=True)
+    (scratch / base / "__init__.py").write_text("")
+    write(generation, scratch)
+    (package,) = generation.api.packages
+    _generated[proto] = Generated(base, package.module_name)
+    return _generated[proto]
+
+
+def serve(*servicers: object) -> tuple[grpc.Server, grpc.Channel]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    for servicer in servicers:
+        servicer.register(server)  # type: ignore[attr-defined]
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, grpc.insecure_channel(f"127.0.0.1:{port}")
+
+
+def client_for(gen: Generated, channel: grpc.Channel, cls_name: str) -> object:
+    from aurae_sdk.rpc import Transport
+
+    return getattr(gen.sdk, cls_name)(Transport(channel))
+
+
+def test_grpc_package_does_not_shadow_grpcio(scratch: Path) -> None:
+    gen = fragment(scratch, "grpc/fragment/v1/probe.proto")
+    # grpcio is still the `grpc` everyone imports.
+    assert grpc.__file__ is not None and "site-packages" in grpc.__file__
+    assert hasattr(grpc, "server")
+    pb = importlib.import_module("frag_probe.sdk.pb.grpc.fragment.v1.probe_pb2")
+    assert pb.ProbeRequest.DESCRIPTOR.full_name == "grpc.fragment.v1.ProbeRequest"
+
+    class Probe(gen.daemon.ProbeServiceBase):  # type: ignore[name-defined,misc]
+        def probe(self, request, context):  # type: ignore[no-untyped-def]
+            return gen.sdk.ProbeResponse(text=request.text.upper())
+
+    server, channel = serve(Probe())
+    try:
+        client = client_for(gen, channel, "ProbeService")
+        assert client.probe(text="ping").text == "PING"  # type: ignore[attr-defined]
+    finally:
+        server.stop(None)
+
+
+def test_hyphenated_file_name(scratch: Path) -> None:
+    gen = fragment(scratch, "hyphen-name.proto")
+    assert importlib.import_module("frag_hyphen_name.sdk.pb.hyphen_name_pb2")
+    assert gen.sdk.GreetRequest(name="x").name == "x"
+    assert [c for c in gen.cli.group.commands] == ["greet"]
+
+
+def test_python_keywords_become_keyword_safe_parameters(scratch: Path) -> None:
+    gen = fragment(scratch, "keywords.proto")
+    parameters = inspect.signature(gen.sdk.KeywordService.clash).parameters
+    for name in ("class_", "from_", "lambda_", "timeout_", "request_", "metadata_"):
+        assert name in parameters, name
+    # The SDK's own parameters keep their meaning.
+    assert parameters["timeout"].kind is inspect.Parameter.KEYWORD_ONLY
+
+    seen = {}
+
+    class Clash(gen.daemon.KeywordServiceBase):  # type: ignore[name-defined,misc]
+        def clash(self, request, context):  # type: ignore[no-untyped-def]
+            seen.update(
+                cls=getattr(request, "class"), frm=getattr(request, "from"),
+                lam=getattr(request, "lambda"), timeout=request.timeout,
+                request=request.request, metadata=request.metadata,
+            )
+            return gen.sdk.ClashResponse(**{"import": "ok"})
+
+    server, channel = serve(Clash())
+    try:
+        client = client_for(gen, channel, "KeywordService")
+        response = client.clash(  # type: ignore[attr-defined]
+            class_="c", from_=3, lambda_=True, timeout_=1.5, request_="r", metadata_="m",
+            timeout=5,
+        )
+        assert getattr(response, "import") == "ok"
+    finally:
+        server.stop(None)
+    assert seen == dict(cls="c", frm=3, lam=True, timeout=1.5, request="r", metadata="m")
+
+    # The CLI flag for a field named like a built-in option gets its full path.
+    options = {p.name for p in gen.cli.group.commands["clash"].params}
+    assert {"class_", "output", "request_file", "timeout"} <= options
+    flags = {opt for p in gen.cli.group.commands["clash"].params for opt in p.opts}
+    assert "--class" in flags and "--output" in flags
+
+
+def test_proto3_optional_keeps_presence(scratch: Path) -> None:
+    gen = fragment(scratch, "optional.proto")
+
+    class Presence(gen.daemon.OptionalServiceBase):  # type: ignore[name-defined,misc]
+        def presence(self, request, context):  # type: ignore[no-untyped-def]
+            present = [n for n in ("count", "label", "enabled") if request.HasField(n)]
+            return gen.sdk.PresenceResponse(present=present)
+
+    server, channel = serve(Presence())
+    try:
+        client = client_for(gen, channel, "OptionalService")
+        # Zero values are present when given explicitly; unset ones are not.
+        assert list(client.presence(count=0, enabled=False).present) == ["count", "enabled"]  # type: ignore[attr-defined]
+        assert list(client.presence().present) == []  # type: ignore[attr-defined]
+    finally:
+        server.stop(None)
+
+
+def test_enums_by_name_in_sdk_and_cli(scratch: Path) -> None:
+    gen = fragment(scratch, "enums.proto")
+    request = gen.sdk.PaintRequest(colour="COLOUR_DEEP_BLUE", finish="GLOSS")
+    assert request.colour == gen.sdk.Colour.Value("COLOUR_DEEP_BLUE")
+    command = gen.cli.group.commands["paint"]
+    colour = next(p for p in command.params if p.name == "colour")
+    assert colour.type.convert("deep-blue", colour, None) == "COLOUR_DEEP_BLUE"
+    assert colour.type.convert("COLOUR_RED", colour, None) == "COLOUR_RED"
+    finish = next(p for p in command.params if p.name == "finish")
+    assert finish.type.convert("gloss", finish, None) == "GLOSS"
+    with pytest.raises(click.BadParameter):
+        colour.type.convert("green", colour, None)
+
+
+def test_repeated_fields(scratch: Path) -> None:
+    gen = fragment(scratch, "repeated.proto")
+
+    class Sum(gen.daemon.ListServiceBase):  # type: ignore[name-defined,misc]
+        def sum(self, request, context):  # type: ignore[no-untyped-def]
+            return gen.sdk.SumResponse(total=sum(request.numbers), tag_count=len(request.tags))
+
+    server, channel = serve(Sum())
+    try:
+        client = client_for(gen, channel, "ListService")
+        response = client.sum(numbers=[1, 2, 2**40], tags=[{"key": "a"}, gen.sdk.Tag(key="b")])  # type: ignore[attr-defined]
+        assert (response.total, response.tag_count) == (3 + 2**40, 2)
+    finally:
+        server.stop(None)
+    command = gen.cli.group.commands["sum"]
+    numbers = next(p for p in command.params if p.name == "numbers")
+    assert numbers.multiple
+    # Repeated messages are not flags; they come through --request.
+    assert not any(p.name == "tags" for p in command.params)
+
+
+def test_maps(scratch: Path) -> None:
+    gen = fragment(scratch, "maps.proto")
+
+    class Label(gen.daemon.MapServiceBase):  # type: ignore[name-defined,misc]
+        def label(self, request, context):  # type: ignore[no-untyped-def]
+            assert request.limits["cpu"].value == 7
+            return gen.sdk.LabelResponse(count=len(request.labels) + len(request.limits))
+
+    server, channel = serve(Label())
+    try:
+        client = client_for(gen, channel, "MapService")
+        response = client.label(labels={"a": "1", "b": "2"}, limits={"cpu": {"value": 7}})  # type: ignore[attr-defined]
+        assert response.count == 3
+    finally:
+        server.stop(None)
+    labels = next(p for p in gen.cli.group.commands["label"].params if p.name == "labels")
+    assert labels.type.convert("k=v", labels, None) == ("k", "v")
+
+
+def test_oneof(scratch: Path) -> None:
+    gen = fragment(scratch, "oneofs.proto")
+
+    class Aim(gen.daemon.TargetServiceBase):  # type: ignore[name-defined,misc]
+        def aim(self, request, context):  # type: ignore[no-untyped-def]
+            return gen.sdk.AimResponse(chosen=request.WhichOneof("target") or "")
+
+    server, channel = serve(Aim())
+    try:
+        client = client_for(gen, channel, "TargetService")
+        assert client.aim(port=0).chosen == "port"  # type: ignore[attr-defined]
+        assert client.aim(host="h").chosen == "host"  # type: ignore[attr-defined]
+    finally:
+        server.stop(None)
+
+
+def test_server_streaming(scratch: Path) -> None:
+    gen = fragment(scratch, "streaming.proto")
+
+    class Ticks(gen.daemon.TickServiceBase):  # type: ignore[name-defined,misc]
+        def ticks(self, request, context):  # type: ignore[no-untyped-def]
+            for seq in range(request.count):
+                yield gen.sdk.Tick(seq=seq)
+
+    server, channel = serve(Ticks())
+    try:
+        client = client_for(gen, channel, "TickService")
+        with client.ticks(count=5) as stream:  # type: ignore[attr-defined]
+            assert [t.seq for t in stream] == [0, 1, 2, 3, 4]
+    finally:
+        server.stop(None)
+    assert gen.sdk._TICK_SERVICE_TICKS.server_streaming
+
+
+def test_unimplemented_by_default(scratch: Path) -> None:
+    gen = fragment(scratch, "streaming.proto")
+    from aurae_sdk.errors import Unimplemented
+
+    server, channel = serve(gen.daemon.TickServiceBase())
+    try:
+        client = client_for(gen, channel, "TickService")
+        with pytest.raises(Unimplemented, match="TickService.Ticks is not implemented"):
+            list(client.ticks(count=1))  # type: ignore[attr-defined]
+    finally:
+        server.stop(None)
