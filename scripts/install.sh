@@ -1,0 +1,36 @@
+#!/bin/sh
+# Install everything aurae-py needs on a fresh Debian machine, idempotently:
+# the Debian packages the daemon, tests and benchmarks drive, then a virtual
+# environment in .venv with the project and its dev tools.
+set -eu
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+# iproute2: `ip` inside network namespaces; util-linux: unshare/nsenter;
+# runc + busybox-static: the peer the cell benchmarks compare against.
+DEBIAN_PACKAGES="iproute2 util-linux runc busybox-static"
+
+missing=""
+for package in $DEBIAN_PACKAGES; do
+    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" ||
+        missing="$missing $package"
+done
+if [ -n "$missing" ]; then
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "install.sh: need root to apt-get install:$missing" >&2
+        exit 1
+    fi
+    echo "install.sh: installing Debian packages:$missing"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    # shellcheck disable=SC2086
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null
+fi
+
+# Reinstall the Python side only when the project definition changed.
+stamp=.venv/.installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[dev,bench]"
+    touch "$stamp"
+fi
