@@ -1,0 +1,1 @@
+"""Kernel-facing building blocks of auraed: processes, namespaces, cgroups; no gRPC here."""

@@ -1,0 +1,418 @@
+"""The cgroup interface the daemon programs against, and the logic both cgroup versions share.
+
+Layout below each hierarchy's mount (v2 has one hierarchy, v1 one per controller):
+
+    <root>/                 the daemon's subtree; nothing outside it is ever written
+    <root>/_host/           leaf for executables that run outside any cell
+    <root>/<cell>/          one cgroup per cell, holding its limits
+    <root>/<cell>/_procs/   leaf for the cell's own processes
+    <root>/<cell>/<child>/  nested cells, same shape
+
+Processes only ever live in leaves: v2 forbids processes in a cgroup that hands controllers to
+its children, and v1 follows the same shape so both share one code path. `_procs` and `_host`
+cannot collide with cells, whose names are DNS labels.
+"""
+
+import errno
+import logging
+import os
+import re
+import signal
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import ClassVar
+
+from auraed.kernel.cgroups import cgroupfs
+from auraed.kernel.cgroups.cgroupfs import Hierarchy
+from auraed.kernel.cgroups.errors import (
+    CgroupBusy,
+    CgroupError,
+    CgroupExists,
+    CgroupNotFound,
+    LimitRefused,
+)
+from auraed.kernel.cgroups.limits import CgroupLimits, validate
+
+PROCS_LEAF = "_procs"
+HOST_LEAF = "_host"
+DEFAULT_TIMEOUT = 5.0
+POLL_INTERVAL = 0.005
+# How long kill() waits for a freeze to settle before signalling anyway: a task stuck in
+# uninterruptible sleep can hold a cgroup in FREEZING indefinitely.
+FREEZE_WAIT = 1.0
+
+_DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+_ROOT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+log = logging.getLogger(__name__)
+
+# A cgroup's position below the daemon's root, one name per level; () is the root itself.
+Components = tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class CgroupUsage:
+    """What a cell has consumed: CPU time since creation, and memory now in use."""
+
+    cpu_usec: int
+    memory_bytes: int | None  # None when the host's cgroups do not account memory
+
+
+@dataclass(frozen=True)
+class LimitFile:
+    """One interface-file write that sets (part of) a limit."""
+
+    hierarchy: Hierarchy
+    filename: str
+    value: str
+    field: str
+
+
+def cell_components(cell_path: str) -> Components:
+    """Split "a/b/c" into its cell names; ValueError unless every name is a DNS label."""
+    parts = tuple(cell_path.split("/"))
+    if not all(_DNS_LABEL.fullmatch(part) for part in parts):
+        raise ValueError(f"{cell_path!r} is not a cell path of DNS labels joined by '/'")
+    return parts
+
+
+class CgroupBackend(ABC):
+    """The daemon's cgroups on one host: its root, a host leaf, and a cgroup per cell."""
+
+    version: ClassVar[int]
+
+    def __init__(self, root_name: str, hierarchies: Sequence[Hierarchy]) -> None:
+        if not _ROOT_NAME.fullmatch(root_name):
+            raise ValueError(f"{root_name!r} cannot name a cgroup directory")
+        self.root_name = root_name
+        # In the order a new process joins them: see procs_files().
+        self._hierarchies = tuple(hierarchies)
+
+    # --- lifecycle of the daemon's subtree ---
+
+    def setup(self) -> None:
+        """Create the daemon's root and host leaf in every hierarchy; keep them if they exist."""
+        for hierarchy in self._hierarchies:
+            self._ensure(hierarchy, ())
+            self._ensure(hierarchy, (HOST_LEAF,), holds_processes=True)
+
+    def teardown(self, timeout: float = DEFAULT_TIMEOUT) -> None:
+        """Kill every process below the root, then remove the root and all below it."""
+        deadline = time.monotonic() + timeout
+        try:
+            self._kill((), signal.SIGKILL, deadline)
+        except CgroupNotFound:
+            return
+        self._remove((), deadline)
+
+    def cleanup_stale(self, timeout: float = DEFAULT_TIMEOUT) -> None:
+        """Kill every process below the root and remove every cell; for a daemon (re)start,
+        after setup() and before any workload runs. The root and host leaf stay."""
+        deadline = time.monotonic() + timeout
+        self._kill((), signal.SIGKILL, deadline)
+        for cell in self._top_level_cells():
+            self._remove((cell,), deadline)
+
+    def existing_cells(self) -> list[str]:
+        """Paths ("a", "a/b") of the cells found below the root, parents before children."""
+        cells: set[str] = set()
+        for hierarchy in self._hierarchies:
+            try:
+                with self._open(hierarchy, ()) as root_fd:
+                    for components, _ in cgroupfs.walk(root_fd):
+                        if _is_cell(components):
+                            cells.add("/".join(components))
+            except CgroupNotFound:
+                continue
+        return sorted(cells)
+
+    # --- cells ---
+
+    def create(self, cell_path: str, limits: CgroupLimits) -> None:
+        """Create the cell's cgroups with `limits` and its process leaf, in every hierarchy.
+
+        The parent cell must exist. On failure nothing created by this call is left behind.
+        The kernel may round what it was given (v1 memory to pages): read_limits() tells.
+        """
+        cell = cell_components(cell_path)
+        validate(limits)
+        self._check_supported(limits)
+        made: list[Hierarchy] = []
+        try:
+            for hierarchy in self._hierarchies:
+                self._make(hierarchy, cell, holds_processes=False, made=made)
+            for write in self._limit_files(limits):
+                with self._open(write.hierarchy, cell) as fd:
+                    self._write_limit(fd, write)
+            for hierarchy in self._hierarchies:
+                self._make(hierarchy, (*cell, PROCS_LEAF), holds_processes=True, made=None)
+        except BaseException:
+            self._undo(made, cell)
+            raise
+
+    def remove(self, cell_path: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+        """Kill the cell's processes, then remove its cgroups and its child cells'."""
+        cell = cell_components(cell_path)
+        deadline = time.monotonic() + timeout
+        self._kill(cell, signal.SIGKILL, deadline)
+        self._remove(cell, deadline)
+
+    def procs_files(self, cell_path: str | None) -> list[str]:
+        """The cgroup.procs of the cell's leaf (None: the host leaf) in every hierarchy.
+
+        A process joins by writing its pid ("0" from the process itself) to each, in this order,
+        before it execs. cpuset comes first: it is the one a join can fail on (ENOSPC on an
+        empty v1 cpuset), before anything moved.
+        """
+        leaf = (HOST_LEAF,) if cell_path is None else (*cell_components(cell_path), PROCS_LEAF)
+        return [h.path((self.root_name, *leaf, "cgroup.procs")) for h in self._hierarchies]
+
+    def pids(self, cell_path: str, recursive: bool = True) -> set[int]:
+        """Processes in the cell; with recursive=False, those of its child cells are left out."""
+        return self._pids(cell_components(cell_path), recursive)
+
+    def kill(
+        self, cell_path: str, sig: int = signal.SIGKILL, timeout: float = DEFAULT_TIMEOUT
+    ) -> None:
+        """Signal every process in the cell and its child cells, and wait until none is left.
+
+        Raises CgroupBusy if processes remain after `timeout` seconds (e.g. they ignore `sig`).
+        """
+        self._kill(cell_components(cell_path), sig, time.monotonic() + timeout)
+
+    @abstractmethod
+    def is_populated(self, cell_path: str) -> bool:
+        """Whether any process is in the cell or its child cells."""
+
+    @abstractmethod
+    def read_limits(self, cell_path: str) -> CgroupLimits:
+        """The cell's limits as the kernel holds them, in v2 terms; None where unlimited."""
+
+    @abstractmethod
+    def usage(self, cell_path: str) -> CgroupUsage:
+        """CPU time and memory the cell (with its child cells) uses."""
+
+    @abstractmethod
+    def oom_kills(self, cell_path: str) -> int | None:
+        """How many of the cell's processes the OOM killer killed; None if not accounted."""
+
+    # --- what each cgroup version does its own way ---
+
+    @abstractmethod
+    def _check_supported(self, limits: CgroupLimits) -> None:
+        """Raise UnsupportedLimit for a limit this host cannot enforce."""
+
+    @abstractmethod
+    def _limit_files(self, limits: CgroupLimits) -> list[LimitFile]:
+        """The writes that apply `limits` to a new cell, in order."""
+
+    @abstractmethod
+    def _init_cgroup(
+        self, hierarchy: Hierarchy, fd: int, parent_fd: int, *, holds_processes: bool
+    ) -> None:
+        """Make a new (or found) cgroup usable before limits or processes go in."""
+
+    @abstractmethod
+    def _freeze(self, components: Components, deadline: float) -> None:
+        """Freeze every process below `components`, waiting (briefly) until they are."""
+
+    @abstractmethod
+    def _thaw(self, components: Components) -> None: ...
+
+    # --- shared machinery ---
+
+    def _kill(self, components: Components, sig: int, deadline: float) -> None:
+        """Freeze, signal whoever is inside, thaw; repeat until empty or past the deadline.
+
+        Frozen processes can neither fork nor exit, so the list read while frozen is complete
+        and its pids cannot be reused before the signal lands.
+        """
+        signalled = self._kill_at_once(components) if sig == signal.SIGKILL else set()
+        while pids := self._pids(components):
+            if pids - signalled:
+                self._freeze(components, min(deadline, time.monotonic() + FREEZE_WAIT))
+                try:
+                    for pid in self._pids(components) - signalled:
+                        self._signal(pid, components, sig)
+                        signalled.add(pid)
+                finally:
+                    self._thaw(components)
+            if time.monotonic() >= deadline:
+                raise CgroupBusy(self._name(components), pids)
+            time.sleep(POLL_INTERVAL)
+
+    def _kill_at_once(self, components: Components) -> set[int]:
+        """SIGKILL everything below `components` in one kernel operation, if the host has one;
+        returns the pids it reached (none without one)."""
+        return set()
+
+    def _signal(self, pid: int, components: Components, sig: int) -> None:
+        """Signal `pid` only if, held by a pidfd, it is still inside `components`."""
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return
+        try:
+            if self._holds(pid, components):
+                signal.pidfd_send_signal(pidfd, sig)
+        except ProcessLookupError:
+            pass
+        finally:
+            os.close(pidfd)
+
+    def _holds(self, pid: int, components: Components) -> bool:
+        """Whether /proc/<pid>/cgroup places pid below `components` in one of our hierarchies."""
+        try:
+            with open(f"/proc/{pid}/cgroup") as f:
+                lines = f.read().splitlines()
+        except FileNotFoundError:
+            return False
+        ours = {h.controllers for h in self._hierarchies}
+        wanted = "/" + "/".join((self.root_name, *components))
+        for line in lines:
+            _, controllers, path = line.split(":", 2)
+            if frozenset(filter(None, controllers.split(","))) in ours and (
+                path == wanted or path.startswith(wanted + "/")
+            ):
+                return True
+        return False
+
+    def _pids(self, components: Components, recursive: bool = True) -> set[int]:
+        """Union over all hierarchies: a process that died while joining may be in only some."""
+        target = components if recursive else (*components, PROCS_LEAF)
+        pids: set[int] = set()
+        found = False
+        for hierarchy in self._hierarchies:
+            try:
+                with self._open(hierarchy, target) as fd:
+                    found = True
+                    for _, cgroup_fd in cgroupfs.walk(fd):
+                        pids |= cgroupfs.read_pids(cgroup_fd)
+            except CgroupNotFound:
+                continue
+        if not found:
+            raise CgroupNotFound(self._name(components))
+        return pids
+
+    def _ensure(
+        self, hierarchy: Hierarchy, components: Components, *, holds_processes: bool = False
+    ) -> None:
+        """Create the cgroup if missing; (re)initialise it either way."""
+        full = (self.root_name, *components)
+        with self._open_parent(hierarchy, full) as parent_fd:
+            cgroupfs.make_cgroup(parent_fd, full[-1], hierarchy.path(full))
+            self._init_child(hierarchy, parent_fd, full, holds_processes)
+
+    def _make(
+        self,
+        hierarchy: Hierarchy,
+        components: Components,
+        *,
+        holds_processes: bool,
+        made: list[Hierarchy] | None,
+    ) -> None:
+        """Create a new cgroup below an existing parent; record it in `made` for rollback
+        (None when removing its parent rolls it back too).
+
+        CgroupNotFound if the parent is missing, CgroupExists if the cgroup is there already.
+        """
+        full = (self.root_name, *components)
+        with self._open(hierarchy, components[:-1]) as parent_fd:
+            if not cgroupfs.make_cgroup(parent_fd, full[-1], hierarchy.path(full)):
+                raise CgroupExists(self._name(components))
+            if made is not None:
+                made.append(hierarchy)
+            self._init_child(hierarchy, parent_fd, full, holds_processes)
+
+    def _init_child(
+        self, hierarchy: Hierarchy, parent_fd: int, full: Components, holds_processes: bool
+    ) -> None:
+        fd = cgroupfs.open_child(parent_fd, full[-1], hierarchy.path(full))
+        try:
+            self._init_cgroup(hierarchy, fd, parent_fd, holds_processes=holds_processes)
+        finally:
+            os.close(fd)
+
+    def _undo(self, made: list[Hierarchy], cell: Components) -> None:
+        """Best-effort removal of the cell's cgroups created by a failed create()."""
+        full = (self.root_name, *cell)
+        for hierarchy in reversed(made):
+            try:
+                with self._open_parent(hierarchy, full) as parent_fd:
+                    cgroupfs.remove_cgroup_tree(parent_fd, full[-1], hierarchy.path(full))
+            except (OSError, CgroupError) as e:
+                log.warning("could not roll back %s: %s", hierarchy.path(full), e)
+
+    def _remove(self, components: Components, deadline: float) -> None:
+        """rmdir the cgroup and all below it in every hierarchy where it exists."""
+        full = (self.root_name, *components)
+        for hierarchy in self._hierarchies:
+            while True:
+                try:
+                    with self._open_parent(hierarchy, full) as parent_fd:
+                        cgroupfs.remove_cgroup_tree(parent_fd, full[-1], hierarchy.path(full))
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError as e:
+                    if e.errno != errno.EBUSY:
+                        raise
+                    if time.monotonic() >= deadline:
+                        raise CgroupBusy(self._name(components), self._pids(components)) from e
+                    # A process joined after the kill (a racing spawn), or the kernel lags a
+                    # moment behind the last exit.
+                    self._kill(components, signal.SIGKILL, deadline)
+                    time.sleep(POLL_INTERVAL)
+
+    def _top_level_cells(self) -> set[str]:
+        cells: set[str] = set()
+        for hierarchy in self._hierarchies:
+            with self._open(hierarchy, ()) as root_fd:
+                cells.update(name for name in cgroupfs.subdirs(root_fd) if name != HOST_LEAF)
+        return cells
+
+    def _write_limit(self, fd: int, write: LimitFile) -> None:
+        try:
+            cgroupfs.write_file(fd, write.filename, write.value)
+        except OSError as e:
+            # e.g. v1: EINVAL for a quota above the parent's, EBUSY for memory.max below usage.
+            reason = f"{write.filename} = {write.value!r}: {e.strerror}"
+            raise LimitRefused(write.field, reason) from e
+
+    @contextmanager
+    def _open(self, hierarchy: Hierarchy, components: Components) -> Iterator[int]:
+        """An fd on one of our cgroups; CgroupNotFound if it does not exist."""
+        try:
+            fd = cgroupfs.open_cgroup(hierarchy, (self.root_name, *components))
+        except FileNotFoundError:
+            raise CgroupNotFound(self._name(components)) from None
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    @contextmanager
+    def _open_parent(hierarchy: Hierarchy, full: Components) -> Iterator[int]:
+        """An fd on the parent of the cgroup at `full` (root name included); may raise
+        FileNotFoundError."""
+        fd = cgroupfs.open_cgroup(hierarchy, full[:-1])
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    def _read(self, hierarchy: Hierarchy, components: Components, filename: str) -> str:
+        with self._open(hierarchy, components) as fd:
+            return cgroupfs.read_file(fd, filename)
+
+    def _name(self, components: Components) -> str:
+        return "/".join(components) if components else f"(the root {self.root_name!r})"
+
+
+def _is_cell(components: Components) -> bool:
+    """Whether a cgroup below the root is a cell (not the root, a leaf, or inside a leaf)."""
+    return bool(components) and components[0] != HOST_LEAF and PROCS_LEAF not in components

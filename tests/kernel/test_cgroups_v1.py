@@ -1,0 +1,382 @@
+"""The v1 backend on this host's real cgroup v1 hierarchies: what lands in the kernel's files, where
+processes end up, and that nothing is left behind.
+
+Needs root and a v1 or hybrid host (a tmpfs at /sys/fs/cgroup).
+"""
+
+import glob
+import os
+import secrets
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from auraed.kernel.cgroups import (
+    CgroupBusy,
+    CgroupExists,
+    CgroupLimits,
+    CgroupNotFound,
+    CgroupV1Backend,
+    InvalidLimit,
+    LimitRefused,
+    UnsafePath,
+    UnsupportedLimit,
+)
+from auraed.kernel.cgroups.mountinfo import read_mounts
+
+MOUNT_ROOT = "/sys/fs/cgroup"
+CONTROLLERS = ("cpuset", "cpu", "cpuacct", "memory", "pids", "freezer")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+SpawnInto = Callable[..., subprocess.Popen[bytes]]  # the conftest fixture
+
+
+def _v1_host() -> bool:
+    return any(m.mount_point == MOUNT_ROOT and m.fstype == "tmpfs" for m in read_mounts())
+
+
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="creates cgroups: needs root"),
+    pytest.mark.skipif(not _v1_host(), reason="needs cgroup v1 hierarchies"),
+]
+
+
+@pytest.fixture(scope="module")
+def root_name() -> Iterator[str]:
+    """A root of our own for this module; whatever happens, nothing of it may survive."""
+    name = f"aurae-test-{secrets.token_hex(4)}"
+    yield name
+    for root in (name, f"{name}-teardown"):  # the second is test_teardown_removes_everything's
+        CgroupV1Backend(root).teardown()
+    assert glob.glob(f"{MOUNT_ROOT}/*/{name}*") == []
+
+
+@pytest.fixture
+def backend(root_name: str) -> Iterator[CgroupV1Backend]:
+    backend = CgroupV1Backend(root_name)
+    backend.setup()
+    yield backend
+    backend.cleanup_stale()
+    assert backend.existing_cells() == []
+
+
+def cg(controller: str, *path: str) -> Path:
+    return Path(MOUNT_ROOT, controller, *path)
+
+
+def read(controller: str, *path: str) -> str:
+    return cg(controller, *path).read_text().strip()
+
+
+def proc_cgroups(pid: int) -> dict[str, str]:
+    """controller -> cgroup path, from /proc/<pid>/cgroup."""
+    placed = {}
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        for controller in controllers.split(","):
+            placed[controller] = path
+    return placed
+
+
+def assert_absent(root: str, cell: str) -> None:
+    assert [c for c in CONTROLLERS if cg(c, root, cell).exists()] == []
+
+
+def test_setup_makes_root_and_host_leaf_everywhere(backend: CgroupV1Backend) -> None:
+    root = backend.root_name
+    for controller in CONTROLLERS:
+        assert cg(controller, root, "_host").is_dir()
+    # A new v1 cpuset is empty; setup gave ours the parent's CPUs and nodes.
+    assert read("cpuset", root, "cpuset.cpus") == read("cpuset", "cpuset.cpus")
+    assert read("cpuset", root, "_host", "cpuset.mems") == read("cpuset", "cpuset.mems")
+
+
+def test_limits_land_in_the_v1_files(backend: CgroupV1Backend) -> None:
+    root = backend.root_name
+    backend.create(
+        "a",
+        CgroupLimits(
+            cpu_weight=2,
+            cpu_max=50_000,
+            cpu_period=200_000,
+            cpuset_cpus="0",
+            cpuset_mems="0",
+            memory_low=32 << 20,
+            memory_max=64 << 20,
+            pids_max=42,
+        ),
+    )
+    assert read("cpu", root, "a", "cpu.shares") == "20"
+    assert read("cpu", root, "a", "cpu.cfs_quota_us") == "50000"
+    assert read("cpu", root, "a", "cpu.cfs_period_us") == "200000"
+    assert read("cpuset", root, "a", "cpuset.cpus") == "0"
+    assert read("cpuset", root, "a", "cpuset.mems") == "0"
+    assert read("memory", root, "a", "memory.soft_limit_in_bytes") == str(32 << 20)
+    assert read("memory", root, "a", "memory.limit_in_bytes") == str(64 << 20)
+    assert read("pids", root, "a", "pids.max") == "42"
+    # The process leaf exists everywhere, its cpuset copied from the cell.
+    for controller in CONTROLLERS:
+        assert cg(controller, root, "a", "_procs").is_dir()
+    assert read("cpuset", root, "a", "_procs", "cpuset.cpus") == "0"
+
+
+def test_default_period_and_unset_limits(backend: CgroupV1Backend) -> None:
+    root = backend.root_name
+    backend.create("a", CgroupLimits(cpu_max=25_000))
+    assert read("cpu", root, "a", "cpu.cfs_period_us") == "100000"
+    assert read("cpu", root, "a", "cpu.shares") == "1024"
+    assert read("pids", root, "a", "pids.max") == "max"
+    assert backend.read_limits("a") == CgroupLimits(
+        cpu_weight=100,
+        cpu_max=25_000,
+        cpu_period=100_000,
+        cpuset_cpus=read("cpuset", root, "cpuset.cpus"),
+        cpuset_mems=read("cpuset", root, "cpuset.mems"),
+    )
+
+
+def test_read_limits_reports_what_the_kernel_holds(backend: CgroupV1Backend) -> None:
+    limits = CgroupLimits(
+        cpu_weight=10_000, cpu_max=300_000, memory_max=100_000_000, memory_low=PAGE + 1
+    )
+    backend.create("a", limits)
+    assert read("cpu", backend.root_name, "a", "cpu.shares") == "102400"
+    held = backend.read_limits("a")
+    assert (held.cpu_weight, held.cpu_max, held.cpu_period) == (10_000, 300_000, 100_000)
+    # v1 rounds memory limits down to whole pages.
+    assert held.memory_max == 100_000_000 // PAGE * PAGE
+    assert held.memory_low == PAGE
+
+
+def test_nested_cells(backend: CgroupV1Backend) -> None:
+    root = backend.root_name
+    backend.create("a", CgroupLimits(cpuset_cpus="0", pids_max=100))
+    backend.create("a/b", CgroupLimits(pids_max=50))
+    backend.create("a/b/c", CgroupLimits(cpu_weight=50))
+    for controller in CONTROLLERS:
+        assert cg(controller, root, "a", "b", "c", "_procs").is_dir()
+    assert read("pids", root, "a", "b", "pids.max") == "50"
+    assert read("cpu", root, "a", "b", "c", "cpu.shares") == "512"
+    assert read("cpuset", root, "a", "b", "c", "_procs", "cpuset.cpus") == "0"
+    assert backend.existing_cells() == ["a", "a/b", "a/b/c"]
+    assert backend.procs_files("a/b/c") == [
+        str(cg(c, root, "a", "b", "c", "_procs", "cgroup.procs")) for c in CONTROLLERS
+    ]
+
+
+def test_parent_must_exist(backend: CgroupV1Backend) -> None:
+    with pytest.raises(CgroupNotFound):
+        backend.create("x/y", CgroupLimits())
+    assert_absent(backend.root_name, "x")
+
+
+def test_existing_cell_is_refused_and_kept(backend: CgroupV1Backend) -> None:
+    backend.create("a", CgroupLimits(pids_max=7))
+    with pytest.raises(CgroupExists):
+        backend.create("a", CgroupLimits(pids_max=8))
+    assert read("pids", backend.root_name, "a", "pids.max") == "7"
+
+
+@pytest.mark.parametrize(
+    ("limits", "field"),
+    [
+        (CgroupLimits(memory_high=1 << 30), "memory.high"),
+        (CgroupLimits(memory_min=1 << 20), "memory.min"),
+    ],
+)
+def test_v2_only_limits_are_refused_not_dropped(
+    backend: CgroupV1Backend, limits: CgroupLimits, field: str
+) -> None:
+    with pytest.raises(UnsupportedLimit) as caught:
+        backend.create("a", limits)
+    assert caught.value.field == field
+    assert_absent(backend.root_name, "a")
+
+
+@pytest.mark.parametrize(
+    ("limits", "field"),
+    [
+        (CgroupLimits(cpu_weight=0), "cpu.weight"),
+        (CgroupLimits(cpu_max=999), "cpu.max"),
+        (CgroupLimits(cpuset_cpus="0-"), "cpuset.cpus"),
+        (CgroupLimits(cpuset_cpus="4096"), "cpuset.cpus"),
+        (CgroupLimits(memory_max=-1), "memory.max"),
+    ],
+)
+def test_invalid_limits_touch_nothing(
+    backend: CgroupV1Backend, limits: CgroupLimits, field: str
+) -> None:
+    with pytest.raises(InvalidLimit) as caught:
+        backend.create("a", limits)
+    assert caught.value.field == field
+    assert_absent(backend.root_name, "a")
+
+
+def test_kernel_refusal_rolls_back_every_hierarchy(backend: CgroupV1Backend) -> None:
+    # v1 CFS refuses a child quota larger than its parent's (v2 would just cap it).
+    backend.create("a", CgroupLimits(cpu_max=50_000))
+    with pytest.raises(LimitRefused) as caught:
+        backend.create("a/b", CgroupLimits(cpu_max=100_000))
+    assert caught.value.field == "cpu.max"
+    assert [c for c in CONTROLLERS if cg(c, backend.root_name, "a", "b").exists()] == []
+    assert backend.existing_cells() == ["a"]
+
+
+@pytest.mark.skipif(os.cpu_count() == 1, reason="needs two CPUs")
+def test_cpuset_outside_the_parent_is_refused(backend: CgroupV1Backend) -> None:
+    backend.create("a", CgroupLimits(cpuset_cpus="0"))
+    with pytest.raises(LimitRefused) as caught:
+        backend.create("a/b", CgroupLimits(cpuset_cpus="1"))
+    assert caught.value.field == "cpuset.cpus"
+
+
+def test_processes_join_every_hierarchy(backend: CgroupV1Backend, spawn_into: SpawnInto) -> None:
+    backend.create("a", CgroupLimits())
+    process = spawn_into(backend.procs_files("a"))
+    placed = proc_cgroups(process.pid)
+    for controller in CONTROLLERS:
+        assert placed[controller] == f"/{backend.root_name}/a/_procs"
+    assert backend.pids("a") == {process.pid}
+    assert backend.is_populated("a")
+
+
+def test_kill_empties_the_subtree_and_nothing_else(
+    backend: CgroupV1Backend, spawn_into: SpawnInto
+) -> None:
+    backend.create("a", CgroupLimits())
+    backend.create("a/b", CgroupLimits())
+    backend.create("other", CgroupLimits())
+    victims = [
+        spawn_into(backend.procs_files("a")),
+        spawn_into(backend.procs_files("a")),
+        spawn_into(backend.procs_files("a/b")),
+    ]
+    bystander = spawn_into(backend.procs_files("other"))
+    assert backend.pids("a", recursive=False) == {victims[0].pid, victims[1].pid}
+
+    backend.kill("a")
+
+    for victim in victims:
+        assert victim.wait(timeout=1) == -signal.SIGKILL
+        assert not Path(f"/proc/{victim.pid}").exists()  # reaped, not a zombie
+    assert not backend.is_populated("a")
+    assert backend.pids("a") == set()
+    assert bystander.poll() is None
+    assert backend.pids("other") == {bystander.pid}
+
+
+def test_kill_with_an_ignored_signal_times_out(
+    backend: CgroupV1Backend, spawn_into: SpawnInto
+) -> None:
+    backend.create("a", CgroupLimits())
+    stubborn = spawn_into(backend.procs_files("a"), ignore_sigterm=True)
+    with pytest.raises(CgroupBusy) as caught:
+        backend.kill("a", signal.SIGTERM, timeout=0.2)
+    assert caught.value.pids == {stubborn.pid}
+    # Thawed again: SIGKILL still works.
+    assert read("freezer", backend.root_name, "a", "freezer.state") == "THAWED"
+    backend.kill("a")
+    assert stubborn.wait(timeout=1) == -signal.SIGKILL
+
+
+def test_remove_kills_and_leaves_no_directory(
+    backend: CgroupV1Backend, spawn_into: SpawnInto
+) -> None:
+    backend.create("a", CgroupLimits(pids_max=10))
+    backend.create("a/b", CgroupLimits())
+    process = spawn_into(backend.procs_files("a/b"))
+    backend.remove("a")
+    assert process.wait(timeout=1) == -signal.SIGKILL
+    assert_absent(backend.root_name, "a")
+    with pytest.raises(CgroupNotFound):
+        backend.remove("a")
+
+
+def test_usage_and_oom_kills(backend: CgroupV1Backend, spawn_into: SpawnInto) -> None:
+    backend.create("a", CgroupLimits(memory_max=32 << 20))
+    hog = spawn_into(backend.procs_files("a"), sys.executable, "-c", "x = 'x' * (256 << 20)")
+    assert hog.wait(timeout=10) == -signal.SIGKILL
+    usage = backend.usage("a")
+    assert usage.cpu_usec > 1_000
+    assert usage.memory_bytes is not None
+    assert 0 < usage.memory_bytes <= 32 << 20
+    assert backend.oom_kills("a") == 1
+
+
+def test_host_leaf_and_restart_reconciliation(
+    backend: CgroupV1Backend, spawn_into: SpawnInto
+) -> None:
+    backend.create("a", CgroupLimits())
+    backend.create("a/b", CgroupLimits())
+    host_process = spawn_into(backend.procs_files(None))
+    assert proc_cgroups(host_process.pid)["memory"] == f"/{backend.root_name}/_host"
+    cell_process = spawn_into(backend.procs_files("a/b"))
+
+    # A restarted daemon finds the cells, then clears them and the host leaf's processes.
+    restarted = CgroupV1Backend(backend.root_name)
+    restarted.setup()
+    assert restarted.existing_cells() == ["a", "a/b"]
+    restarted.cleanup_stale()
+    assert restarted.existing_cells() == []
+    assert host_process.wait(timeout=1) == cell_process.wait(timeout=1) == -signal.SIGKILL
+    for controller in CONTROLLERS:
+        assert cg(controller, backend.root_name, "_host").is_dir()
+
+
+def test_teardown_removes_everything(root_name: str, spawn_into: SpawnInto) -> None:
+    backend = CgroupV1Backend(f"{root_name}-teardown")
+    backend.setup()
+    backend.create("a", CgroupLimits())
+    process = spawn_into(backend.procs_files("a"))
+    backend.teardown()
+    assert process.wait(timeout=1) == -signal.SIGKILL
+    assert glob.glob(f"{MOUNT_ROOT}/*/{backend.root_name}") == []
+    backend.teardown()  # idempotent
+
+
+def _fake_v1_mounts(tmp_path: Path) -> Path:
+    """Plain directories standing in for the v1 mounts (cgroupfs itself refuses symlinks and
+    files); returns a mountinfo that lists them."""
+    lines = [f"29 20 0:39 / {tmp_path / 'cgroup'} rw - tmpfs tmpfs rw"]
+    for i, controller in enumerate(CONTROLLERS):
+        (tmp_path / "cgroup" / controller).mkdir(parents=True)
+        mount = tmp_path / "cgroup" / controller
+        lines.append(f"{30 + i} 29 0:{40 + i} / {mount} rw - cgroup cgroup rw,{controller}")
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text("\n".join(lines) + "\n")
+    return mountinfo
+
+
+def test_planted_symlink_or_file_is_refused(tmp_path: Path) -> None:
+    backend = CgroupV1Backend("aurae", str(tmp_path / "cgroup"), _fake_v1_mounts(tmp_path))
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    cpuset_root = tmp_path / "cgroup" / "cpuset" / "aurae"
+    cpuset_root.mkdir()
+    (cpuset_root / "a").symlink_to(outside)
+    (cpuset_root / "f").write_text("")
+
+    with pytest.raises(UnsafePath) as caught:
+        backend.create("a", CgroupLimits(cpuset_cpus="0"))
+    assert caught.value.path == str(cpuset_root / "a")
+    with pytest.raises(UnsafePath):
+        backend.create("a/b", CgroupLimits())
+    with pytest.raises(UnsafePath):
+        backend.create("f", CgroupLimits())
+    with pytest.raises(UnsafePath):
+        backend.pids("a")
+    assert list(outside.iterdir()) == []
+
+
+def test_planted_symlink_as_the_root_is_refused(tmp_path: Path) -> None:
+    backend = CgroupV1Backend("aurae", str(tmp_path / "cgroup"), _fake_v1_mounts(tmp_path))
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (tmp_path / "cgroup" / "cpuset" / "aurae").symlink_to(outside)
+    with pytest.raises(UnsafePath):
+        backend.setup()
+    assert list(outside.iterdir()) == []
