@@ -1,0 +1,349 @@
+"""Workload processes, as the daemon sees them: started by the spawner, ended with a status.
+
+The daemon never forks workloads itself (see auraed.kernel.spawner for why); `Spawner` runs the
+fork server and talks to it. Everything here is safe to call from many threads.
+"""
+
+import itertools
+import json
+import logging
+import os
+import select
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+from auraed.kernel.spawner import MAX_MESSAGE_BYTES
+
+_log = logging.getLogger(__name__)
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+# The directory holding the auraed package, for the spawner's import path.
+_SOURCE_ROOT = str(Path(__file__).resolve().parents[2])
+
+
+def default_env() -> dict[str, str]:
+    """The whole environment of a workload that asks for none: nothing of the daemon's leaks."""
+    return {"PATH": DEFAULT_PATH}
+
+
+@dataclass(frozen=True, kw_only=True)
+class NamespaceSet:
+    """Namespaces a workload joins, as /proc/<pid>/ns/<kind> paths; None keeps the host's."""
+
+    pid: str | None = None
+    mnt: str | None = None
+    net: str | None = None
+    ipc: str | None = None
+    uts: str | None = None
+
+    @classmethod
+    def of_process(cls, pid: int) -> "NamespaceSet":
+        """All the namespaces of a running process (typically a cell's namespace holder)."""
+        return cls(**{kind.name: f"/proc/{pid}/ns/{kind.name}" for kind in fields(cls)})
+
+    def paths(self) -> dict[str, str]:
+        """{kind: path} of the namespaces to join."""
+        joined = {kind.name: getattr(self, kind.name) for kind in fields(self)}
+        return {kind: path for kind, path in joined.items() if path is not None}
+
+
+@dataclass(frozen=True, kw_only=True)
+class SpawnSpec:
+    """How to start one workload.
+
+    command: a string runs through /bin/sh -c; a sequence is the argv itself (argv[0] is looked up
+    in the PATH of env). stdout_fd and stderr_fd stay the caller's: the spawner gets copies, so
+    close them once spawn() returns. stdin is always /dev/null. cgroup_procs: cgroup.procs files
+    (one per hierarchy) the workload moves itself into before anything else. The workload gets a
+    session and process group of its own, no supplementary groups, umask 022, and only fds 0-2.
+    """
+
+    command: str | Sequence[str]
+    uid: int
+    gid: int
+    stdout_fd: int
+    stderr_fd: int
+    cgroup_procs: Sequence[str] = ()
+    env: Mapping[str, str] = field(default_factory=default_env)
+    cwd: str = "/"
+    namespaces: NamespaceSet | None = None
+
+    def __post_init__(self) -> None:
+        if not self.command:
+            raise ValueError("a workload needs a command")
+
+    @property
+    def argv(self) -> list[str]:
+        if isinstance(self.command, str):
+            return ["/bin/sh", "-c", self.command]
+        return list(self.command)
+
+
+@dataclass(frozen=True)
+class SpawnedProcess:
+    """A running workload. start_time (clock ticks since boot, /proc/<pid>/stat field 22) tells
+    this process apart from a later one that reuses its pid."""
+
+    host_pid: int
+    ns_pid: int  # as seen inside its pid namespace; host_pid when it joined none
+    pgid: int  # its own process group: signal_group(pgid, ...) reaches its children too
+    start_time: int
+
+
+@dataclass(frozen=True)
+class ExitStatus:
+    """How a workload ended: exit_code when it exited, signal when a signal killed it."""
+
+    exit_code: int | None
+    signal: int | None
+    core_dumped: bool = False
+
+    @classmethod
+    def from_wait_status(cls, status: int) -> "ExitStatus":
+        if os.WIFSIGNALED(status):
+            return cls(None, os.WTERMSIG(status), os.WCOREDUMP(status))
+        return cls(os.WEXITSTATUS(status), None)
+
+
+class SpawnError(Exception):
+    """The workload did not start; nothing of it is left running.
+
+    stage is the step that failed: request, namespace, setns, fork, cgroup, setsid, setgroups,
+    setgid, setuid, chdir, stdio, exec, or setup for anything else in the child.
+    """
+
+    def __init__(self, stage: str, errno: int, message: str) -> None:
+        super().__init__(f"spawn failed at {stage}: {message}")
+        self.stage = stage
+        self.errno = errno
+        self.message = message
+
+
+class SpawnerClosed(Exception):
+    """The spawner is not running: never started, closed, or it died."""
+
+
+ExitCallback = Callable[[int, ExitStatus], None]
+
+
+def signal_group(pgid: int, sig: int) -> None:
+    """Signal a whole process group; a group that is already gone is not an error."""
+    if pgid <= 1:
+        # killpg(0) would signal the daemon's own group, and 1 is init's.
+        raise ValueError(f"refusing to signal process group {pgid}")
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
+class _PendingReply:
+    def __init__(self) -> None:
+        self._done = threading.Event()
+        self._reply: dict[str, Any] | None = None
+
+    def resolve(self, reply: dict[str, Any] | None) -> None:
+        """reply None: the spawner went away before answering."""
+        self._reply = reply
+        self._done.set()
+
+    def wait(self, timeout: float) -> dict[str, Any] | None:
+        if not self._done.wait(timeout):
+            raise TimeoutError("the spawner did not answer in time")
+        return self._reply
+
+
+class Spawner:
+    """Runs the fork server and starts workloads through it.
+
+    on_exit(host_pid, status) is called from one reader thread, once per workload, in the order the
+    workloads ended, and never before the spawn reply for that pid was handled. It can still run
+    before spawn() has returned to its caller (a workload may end at once), so a caller that
+    records pids must keep exits of pids it has not recorded yet (e.g. both under one short lock).
+    It must not block for long: it delays every later reply and exit. Workloads still running when
+    the spawner closes are killed without an on_exit call.
+    """
+
+    def __init__(self, on_exit: ExitCallback, *, reply_timeout: float = 30.0) -> None:
+        self._on_exit = on_exit
+        self._reply_timeout = reply_timeout
+        self._lock = threading.Lock()
+        self._pending: dict[int, _PendingReply] = {}
+        self._request_ids = itertools.count(1)
+        self._sock: socket.socket | None = None
+        self._process: subprocess.Popen[bytes] | None = None
+        self._reader: threading.Thread | None = None
+        self._closed = False
+
+    @property
+    def pid(self) -> int:
+        """The spawner's own pid: the parent of every workload."""
+        if self._process is None:
+            raise SpawnerClosed("the spawner was not started")
+        return self._process.pid
+
+    def start(self, ready_timeout: float = 10.0) -> None:
+        """Launch the spawner and wait until it is ready."""
+        if self._process is not None:
+            raise RuntimeError("the spawner was already started")
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self._process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-S",
+                    "-m",
+                    "auraed.kernel.spawner",
+                    "--socket-fd",
+                    str(theirs.fileno()),
+                ],
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                cwd="/",
+                env={"PYTHONPATH": _SOURCE_ROOT},
+                # Out of the daemon's terminal session: a ^C is for the daemon to act on.
+                start_new_session=True,
+            )
+        finally:
+            theirs.close()
+        try:
+            self._await_ready(ours, ready_timeout)
+        except BaseException:
+            ours.close()
+            self._process.kill()
+            self._process.wait()
+            raise
+        self._sock = ours
+        self._reader = threading.Thread(
+            target=self._read_messages, args=(ours,), name="spawner-reader", daemon=True
+        )
+        self._reader.start()
+
+    def _await_ready(self, sock: socket.socket, timeout: float) -> None:
+        readable, _, _ = select.select([sock], [], [], timeout)
+        message = sock.recv(MAX_MESSAGE_BYTES) if readable else b""
+        if not message or json.loads(message).get("event") != "ready":
+            raise SpawnerClosed("the spawner did not start")
+
+    def spawn(self, spec: SpawnSpec) -> SpawnedProcess:
+        """Start a workload; returns once it runs its argv (it was exec'd).
+
+        Raises SpawnError (nothing started), SpawnerClosed, or TimeoutError after reply_timeout.
+        """
+        request_id = next(self._request_ids)
+        request = {
+            "op": "spawn",
+            "id": request_id,
+            "argv": spec.argv,
+            "uid": spec.uid,
+            "gid": spec.gid,
+            "cgroup_procs": list(spec.cgroup_procs),
+            "env": dict(spec.env),
+            "cwd": spec.cwd,
+            "namespaces": spec.namespaces.paths() if spec.namespaces else None,
+        }
+        message = json.dumps(request).encode()
+        if len(message) > MAX_MESSAGE_BYTES:
+            raise ValueError(f"spawn request of {len(message)} bytes is over {MAX_MESSAGE_BYTES}")
+        pending = _PendingReply()
+        with self._lock:
+            if self._closed or self._sock is None:
+                raise SpawnerClosed("the spawner is not running")
+            self._pending[request_id] = pending
+            sock = self._sock
+        try:
+            try:
+                # One sendmsg is one SEQPACKET message: concurrent senders need no lock.
+                socket.send_fds(
+                    sock, [message], [spec.stdout_fd, spec.stderr_fd], socket.MSG_NOSIGNAL
+                )
+            except OSError as error:
+                raise SpawnerClosed(f"the spawner is not running: {error}") from error
+            reply = pending.wait(self._reply_timeout)
+        finally:
+            with self._lock:
+                self._pending.pop(request_id, None)
+        if reply is None:
+            raise SpawnerClosed("the spawner went away")
+        if "error" in reply:
+            failure = reply["error"]
+            raise SpawnError(failure["stage"], failure["errno"], failure["message"])
+        return SpawnedProcess(
+            host_pid=reply["pid"],
+            ns_pid=reply["ns_pid"],
+            pgid=reply["pid"],
+            start_time=reply["start_time"],
+        )
+
+    def _read_messages(self, sock: socket.socket) -> None:
+        try:
+            while message := sock.recv(MAX_MESSAGE_BYTES):
+                self._dispatch(json.loads(message))
+        except (OSError, ValueError):
+            _log.exception("reading from the spawner failed")
+        finally:
+            with self._lock:
+                closing, self._closed = self._closed, True
+                pending = list(self._pending.values())
+            if not closing:
+                _log.error("the spawner went away: no workload can start any more")
+            for reply in pending:
+                reply.resolve(None)
+
+    def _dispatch(self, message: dict[str, Any]) -> None:
+        if message.get("event") == "exit":
+            try:
+                self._on_exit(message["pid"], ExitStatus.from_wait_status(message["status"]))
+            except Exception:  # noqa: BLE001 - a faulty callback must not stop replies and exits
+                _log.exception("on_exit failed for pid %s", message["pid"])
+            return
+        with self._lock:
+            pending = self._pending.get(message["id"])
+        # None: its caller timed out and left; the workload runs on, reported by its exit event.
+        if pending is not None:
+            pending.resolve(message)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the spawner: it kills every workload still running, reaps them, and exits."""
+        with self._lock:
+            sock, self._sock = self._sock, None
+            self._closed = True
+        if sock is None or self._process is None:
+            return
+        try:
+            # Wakes our reader and shows the spawner end of file; close() alone would do neither
+            # while the reader is blocked in recv.
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        if self._reader is not None and self._reader is not threading.current_thread():
+            self._reader.join()
+        sock.close()
+        try:
+            self._process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            _log.error("the spawner did not exit within %s s; killing it", timeout)
+            self._process.kill()
+            self._process.wait()
+
+    def __enter__(self) -> Self:
+        """Starts the spawner."""
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -1,0 +1,398 @@
+"""The fork server: a small single-threaded process that is the parent of every workload.
+
+The daemon runs many gRPC threads, and running Python between fork and exec in a threaded process
+is unsafe. This process runs nothing but its request loop, so its forked children can safely place
+themselves in cgroups and namespaces, drop privileges and close stray fds before exec. It also owns
+every wait: it is a child subreaper, reaps all children and reports the exits of the workloads it
+started. Standard library only, so that it starts fast.
+
+The daemon runs it as `python -m auraed.kernel.spawner --socket-fd N`. Wire protocol: one JSON
+object per message on the inherited AF_UNIX SOCK_SEQPACKET socket.
+
+  daemon -> spawner  {"op": "spawn", "id", "argv", "uid", "gid", "cgroup_procs", "env", "cwd",
+                      "namespaces": {kind: "/proc/<pid>/ns/<kind>"} | null}
+                     with SCM_RIGHTS [stdout fd, stderr fd]
+  spawner -> daemon  {"event": "ready", "pid"}                       once, at start
+                     {"id", "pid", "ns_pid", "start_time"}           spawned, running its argv
+                     {"id", "error": {"stage", "errno", "message"}}  nothing left running
+                     {"event": "exit", "pid", "status"}              a spawned workload ended;
+                                                                     status is the raw wait status
+
+A spawn reply always precedes the exit event of its pid. End of file on the socket (or SIGTERM)
+means the daemon is gone: every workload is killed and reaped, then the spawner exits.
+"""
+
+import errno
+import json
+import os
+import select
+import signal
+import socket
+import sys
+from types import FrameType
+from typing import Any, NoReturn
+
+from auraed.kernel.libc import CLONE_NEWPID, NAMESPACE_FLAGS, set_child_subreaper, setns
+
+MAX_MESSAGE_BYTES = 256 * 1024
+
+# The order a child joins namespaces in. The mount namespace comes last so that nothing resolved
+# by path before it is looked up in the workload's filesystem. The pid namespace is not here: a
+# process cannot change its own, so the spawner enters it before fork and the child is born in it.
+_CHILD_NAMESPACES = ("net", "ipc", "uts", "mnt")
+
+
+class SpawnFailed(Exception):
+    """A spawn that left nothing running; stage names the step that failed."""
+
+    def __init__(self, stage: str, errno_code: int, detail: str = "") -> None:
+        super().__init__(stage, errno_code, detail)
+        self.stage = stage
+        self.errno = errno_code
+        self.detail = detail
+
+    def as_wire(self) -> dict[str, Any]:
+        message = os.strerror(self.errno) if self.errno else "failed"
+        if self.detail:
+            message = f"{self.detail}: {message}"
+        return {"stage": self.stage, "errno": self.errno, "message": message}
+
+
+class DaemonGone(Exception):
+    """The daemon closed its end of the socket."""
+
+
+class ForkServer:
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        # Started workloads not yet reaped. Each leads its own process group (setsid).
+        self._workloads: set[int] = set()
+        # Opened here, not in the child: after joining a mount namespace /dev/null may not exist.
+        self._devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        self._own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        self._max_fd = os.sysconf("SC_OPEN_MAX")
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def serve(self) -> None:
+        """Answer requests and report exits until the daemon goes away, then kill everything."""
+        set_child_subreaper()
+        _leave_no_signal_ignored_or_blocked()
+        for signum in (signal.SIGCHLD, signal.SIGTERM):
+            signal.signal(signum, _wake)
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        poller = select.poll()
+        poller.register(self._sock, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        try:
+            self._send({"event": "ready", "pid": os.getpid()})
+            while True:
+                for fd, _ in poller.poll():
+                    if fd == self._wake_r:
+                        if signal.SIGTERM in self._drain_wakeups():
+                            return
+                        self._reap()
+                    else:
+                        self._handle_message()
+        except DaemonGone:
+            return
+        finally:
+            self._kill_everything()
+
+    def _send(self, message: dict[str, Any]) -> None:
+        try:
+            # No SIGPIPE: it is not ignored here (see _leave_no_signal_ignored_or_blocked).
+            self._sock.send(json.dumps(message).encode(), socket.MSG_NOSIGNAL)
+        except (BrokenPipeError, ConnectionResetError):
+            raise DaemonGone from None
+
+    def _drain_wakeups(self) -> bytes:
+        signals = b""
+        try:
+            while chunk := os.read(self._wake_r, 512):
+                signals += chunk
+        except BlockingIOError:
+            pass
+        return signals
+
+    def _handle_message(self) -> None:
+        data, fds, flags, _ = socket.recv_fds(
+            self._sock, MAX_MESSAGE_BYTES, 2, socket.MSG_CMSG_CLOEXEC
+        )
+        try:
+            if not data:
+                raise DaemonGone
+            try:
+                request = json.loads(data)
+            except ValueError:
+                request = None
+            if not isinstance(request, dict):
+                request = {}  # answered as malformed
+            self._send(self._answer(request, fds, truncated=bool(flags & socket.MSG_TRUNC)))
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def _answer(self, request: dict[str, Any], fds: list[int], truncated: bool) -> dict[str, Any]:
+        request_id = request.get("id")
+        try:
+            if truncated or request.get("op") != "spawn" or len(fds) != 2:
+                raise SpawnFailed("request", errno.EINVAL, "malformed request")
+            pid = self._fork_workload(request, stdout=fds[0], stderr=fds[1])
+        except SpawnFailed as failure:
+            return {"id": request_id, "error": failure.as_wire()}
+        except (LookupError, TypeError, ValueError) as bad:
+            return {
+                "id": request_id,
+                "error": SpawnFailed("request", errno.EINVAL, repr(bad)).as_wire(),
+            }
+        self._workloads.add(pid)
+        joined_pid_namespace = "pid" in (request["namespaces"] or {})
+        return {
+            "id": request_id,
+            "pid": pid,
+            "ns_pid": _innermost_pid(pid) if joined_pid_namespace else pid,
+            "start_time": _start_time(pid),
+        }
+
+    def _fork_workload(self, request: dict[str, Any], stdout: int, stderr: int) -> int:
+        namespace_fds: dict[str, int] = {}
+        # The child reports a failure before exec here; exec closes it (CLOEXEC), so end of file
+        # with nothing written means the workload is running.
+        report_r, report_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            for kind, path in (request["namespaces"] or {}).items():
+                if kind not in NAMESPACE_FLAGS:
+                    raise SpawnFailed("namespace", errno.EINVAL, f"unknown namespace {kind!r}")
+                try:
+                    namespace_fds[kind] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                except OSError as error:
+                    raise SpawnFailed("namespace", error.errno or 0, path) from None
+            executables = _executables(
+                request["argv"][0], request["env"], in_our_filesystem="mnt" not in namespace_fds
+            )
+            pid = self._fork(namespace_fds.get("pid"))
+            if pid == 0:
+                _become_workload(
+                    request,
+                    executables=executables,
+                    stdio=(self._devnull, stdout, stderr),
+                    namespace_fds=namespace_fds,
+                    report_fd=report_w,
+                    max_fd=self._max_fd,
+                )
+            os.close(report_w)
+            report_w = -1
+            report = _read_to_end(report_r)
+        finally:
+            for fd in (report_r, report_w, *namespace_fds.values()):
+                if fd >= 0:
+                    os.close(fd)
+        if report:
+            os.waitpid(pid, 0)
+            failure = json.loads(report)
+            raise SpawnFailed(failure["stage"], failure["errno"], failure["detail"])
+        return pid
+
+    def _fork(self, pid_namespace: int | None) -> int:
+        if pid_namespace is not None:
+            try:
+                setns(pid_namespace, CLONE_NEWPID)
+            except OSError as error:
+                raise SpawnFailed("setns", error.errno or 0, "pid") from None
+        pid = -1
+        try:
+            pid = os.fork()
+        except OSError as error:
+            raise SpawnFailed("fork", error.errno or 0) from None
+        finally:
+            # Back to our own, so that later workloads without a pid namespace are born in ours
+            # (if even that fails, the spawner must not go on: the error ends it). Not in the
+            # child: its own children belong in the workload's namespace.
+            if pid != 0 and pid_namespace is not None:
+                setns(self._own_pid_ns, CLONE_NEWPID)
+        return pid
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            # Orphaned descendants come to us too (subreaper); they are only reaped.
+            if pid in self._workloads:
+                self._workloads.discard(pid)
+                self._send({"event": "exit", "pid": pid, "status": status})
+
+    def _kill_everything(self) -> None:
+        for pid in self._workloads:
+            # The group reaches the workload's children; the pid, a workload that left its group.
+            for kill in (os.killpg, os.kill):
+                try:
+                    kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        # Anything else still ours (including orphans adopted meanwhile) goes too.
+        while True:
+            for pid in _children():
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            try:
+                os.waitpid(-1, 0)
+            except ChildProcessError:
+                return
+
+
+def _become_workload(
+    request: dict[str, Any],
+    executables: list[str],
+    stdio: tuple[int, int, int],
+    namespace_fds: dict[str, int],
+    report_fd: int,
+    max_fd: int,
+) -> NoReturn:
+    """In the forked child: set up the workload's process and exec it. Never returns.
+
+    Every Python object touched here costs a copied page, so the work is prepared in the parent.
+    Signals need no work: the spawner has none ignored or blocked, and exec resets caught ones.
+    """
+    stage, detail = "setup", ""
+    try:
+        signal.set_wakeup_fd(-1)
+        stage = "cgroup"
+        # Before joining a mount namespace: the cgroup paths are the host's.
+        for path in request["cgroup_procs"]:
+            detail = path
+            _write_file(path, b"0")
+        stage = "setns"
+        for kind in _CHILD_NAMESPACES:
+            if kind in namespace_fds:
+                detail = kind
+                setns(namespace_fds[kind], NAMESPACE_FLAGS[kind])
+        detail = ""
+        stage = "setsid"
+        os.setsid()
+        os.umask(0o022)
+        stage = "setgroups"
+        os.setgroups([])
+        stage = "setgid"
+        os.setgid(request["gid"])
+        stage = "setuid"
+        os.setuid(request["uid"])
+        stage, detail = "chdir", request["cwd"]
+        os.chdir(detail)
+        stage, detail = "stdio", ""
+        for target, fd in enumerate(stdio):
+            os.dup2(fd, target)
+        os.closerange(3, report_fd)
+        os.closerange(report_fd + 1, max_fd)
+        stage, detail = "exec", request["argv"][0]
+        _exec(executables, request["argv"], request["env"])
+    except OSError as error:
+        _report_failure(report_fd, stage, error.errno or 0, detail)
+    except BaseException as error:  # noqa: BLE001 - the child must report, then _exit, whatever it was
+        _report_failure(report_fd, stage, 0, f"{detail} {error!r}".strip())
+    finally:
+        os._exit(127)
+
+
+def _report_failure(report_fd: int, stage: str, errno_code: int, detail: str) -> None:
+    report = {"stage": stage, "errno": errno_code, "detail": detail}
+    os.write(report_fd, json.dumps(report).encode())
+
+
+def _leave_no_signal_ignored_or_blocked() -> None:
+    """Exec resets caught signals to their default but keeps ignored ones and the mask. With none
+    ignored or blocked here, a workload starts with all defaults and its child has nothing to undo.
+    (Python ignores SIGPIPE and SIGXFSZ; a daemon thread may have blocked signals.)"""
+    signal.pthread_sigmask(signal.SIG_SETMASK, ())
+    for signum in signal.valid_signals():
+        if signal.getsignal(signum) == signal.SIG_IGN:
+            signal.signal(signum, signal.SIG_DFL)
+
+
+def _executables(command: str, env: dict[str, str], in_our_filesystem: bool) -> list[str]:
+    """The paths to try for command, like execvp does with the workload's PATH (empty entries, the
+    working directory, are skipped). Looked up here when the workload sees our filesystem: a stat
+    is cheap, a failed execve after fork is not."""
+    if "/" in command:
+        return [command]
+    directories = env.get("PATH", os.defpath).split(os.pathsep)
+    candidates = [os.path.join(directory, command) for directory in directories if directory]
+    if in_our_filesystem:
+        return [candidate for candidate in candidates if os.path.isfile(candidate)]
+    return candidates
+
+
+def _exec(executables: list[str], argv: list[str], env: dict[str, str]) -> NoReturn:
+    """execvp's search: the first error other than a missing file is the one that counts."""
+    failure: OSError = FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
+    for executable in executables:
+        try:
+            os.execve(executable, argv, env)
+        except OSError as error:
+            missing = error.errno in (errno.ENOENT, errno.ENOTDIR)
+            if not missing and failure.errno == errno.ENOENT:
+                failure = error
+    raise failure
+
+
+def _write_file(path: str, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def _read_to_end(fd: int) -> bytes:
+    data = b""
+    while chunk := os.read(fd, 4096):
+        data += chunk
+    return data
+
+
+def _innermost_pid(pid: int) -> int:
+    """The pid of a process as seen inside its own pid namespace."""
+    with open(f"/proc/{pid}/status", "rb") as status:
+        for line in status:
+            if line.startswith(b"NSpid:"):
+                return int(line.split()[-1])
+    return pid
+
+
+def _start_time(pid: int) -> int:
+    """Clock ticks from boot to the start of the process: with the pid, names it uniquely."""
+    with open(f"/proc/{pid}/stat", "rb") as stat_file:
+        stat = stat_file.read()
+    # Fields after the command name, which may itself hold spaces and parentheses; starttime is
+    # field 22 of proc(5), the 20th after the name.
+    return int(stat[stat.rindex(b")") + 2 :].split()[19])
+
+
+def _children() -> list[int]:
+    pid = os.getpid()
+    with open(f"/proc/{pid}/task/{pid}/children", "rb") as children:
+        return [int(child) for child in children.read().split()]
+
+
+def _wake(signum: int, frame: FrameType | None) -> None:
+    """Nothing to do: set_wakeup_fd already woke the loop, which does the work."""
+
+
+def main(argv: list[str]) -> int:
+    # Parsed by hand: argparse would add to the memory that every fork copies.
+    if len(argv) != 2 or argv[0] != "--socket-fd" or not argv[1].isdigit():
+        print("usage: python -m auraed.kernel.spawner --socket-fd N", file=sys.stderr)
+        return 2
+    # Hold no directory of the daemon's busy (a mount it may want to unmount).
+    os.chdir("/")
+    ForkServer(socket.socket(fileno=int(argv[1]))).serve()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

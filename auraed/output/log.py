@@ -1,0 +1,239 @@
+"""One output channel of one executable, kept on disk as size-rotated segment files.
+
+Each record is one line: `<unix seconds, 6 decimals> <line bytes>\\n`. The writer appends and then
+publishes how far its segment is complete; readers read the files on their own and never read
+past that mark, so the writer never waits for a reader and a reader never sees half a record.
+"""
+
+import itertools
+import os
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+Line = tuple[float, bytes]
+Cancelled = Callable[[], bool] | threading.Event
+
+DEFAULT_SEGMENT_BYTES = 8 * 1024 * 1024
+DEFAULT_MAX_SEGMENTS = 8
+# Longer lines are stored in pieces of this size (see LineAssembler).
+MAX_LINE_BYTES = 64 * 1024
+
+# How often a waiting reader looks at its cancellation.
+_POLL_SECONDS = 0.2
+# Bytes a reader takes from a file at once; more than any record.
+_READ_BYTES = 4 * MAX_LINE_BYTES
+
+
+def as_predicate(cancelled: Cancelled) -> Callable[[], bool]:
+    if isinstance(cancelled, threading.Event):
+        return cancelled.is_set
+    return cancelled
+
+
+class OutputLog:
+    """The lines of one channel (stdout or stderr) of one executable.
+
+    Segment files `<channel>.<number>.log` in directory; a segment is closed once it holds
+    segment_bytes or more, and only the newest max_segments are kept. One thread writes (append,
+    finish); any number of threads follow.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        channel: str,
+        *,
+        segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+        max_segments: int = DEFAULT_MAX_SEGMENTS,
+    ) -> None:
+        if segment_bytes < 1 or max_segments < 1:
+            raise ValueError("segment_bytes and max_segments must be positive")
+        self.directory = Path(directory)
+        self.channel = channel
+        self._segment_bytes = segment_bytes
+        self._max_segments = max_segments
+        self.directory.mkdir(parents=True, exist_ok=True)
+        # A log starts empty: segments of an earlier run under this name would never be rotated.
+        for stale in self.directory.glob(f"{channel}.*.log"):
+            stale.unlink()
+        self._changed = threading.Condition()
+        # Guarded by _changed: the retained segments are first.._last, and _last holds _committed
+        # bytes of whole records.
+        self._first = 1
+        self._last = 1
+        self._committed = 0
+        self._complete = False
+        self._fd = self._create_segment(1)
+
+    def segment_path(self, number: int) -> Path:
+        return self.directory / f"{self.channel}.{number:06d}.log"
+
+    def _create_segment(self, number: int) -> int:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+        return os.open(self.segment_path(number), flags, 0o640)
+
+    @property
+    def complete(self) -> bool:
+        """True once the channel has ended (finish() was called): no more lines will come."""
+        with self._changed:
+            return self._complete
+
+    def append(self, lines: Sequence[bytes], timestamp: float) -> None:
+        """Store lines that arrived at timestamp (unix seconds). A line holds no newline and at
+        most MAX_LINE_BYTES bytes."""
+        if not lines:
+            return
+        if self._complete:
+            raise ValueError("append to a finished OutputLog")
+        prefix = b"%.6f " % timestamp
+        records = prefix + (b"\n" + prefix).join(lines) + b"\n"
+        # Checked in bulk, since a broken record would stop every reader.
+        if records.count(b"\n") != len(lines) or max(map(len, lines)) > MAX_LINE_BYTES:
+            raise ValueError("a line holds a newline or is longer than MAX_LINE_BYTES")
+        _write_all(self._fd, records)
+        with self._changed:
+            self._committed += len(records)
+            self._changed.notify_all()
+        if self._committed >= self._segment_bytes:
+            self._rotate()
+
+    def _rotate(self) -> None:
+        new_fd = self._create_segment(self._last + 1)
+        os.close(self._fd)
+        self._fd = new_fd
+        with self._changed:
+            self._last += 1
+            self._committed = 0
+            expired = range(self._first, self._last - self._max_segments + 1)
+            self._first += len(expired)
+            self._changed.notify_all()
+        # A reader that has one of these open reads it to the end regardless.
+        for number in expired:
+            self.segment_path(number).unlink()
+
+    def finish(self) -> None:
+        """Mark the channel ended; followers end once they have read everything."""
+        with self._changed:
+            if self._complete:
+                return
+            self._complete = True
+            self._changed.notify_all()
+        os.close(self._fd)
+
+    def remove(self) -> None:
+        """Delete the segment files (the log must be finished)."""
+        if not self.complete:
+            raise ValueError("remove an OutputLog that is still being written")
+        with self._changed:
+            numbers = range(self._first, self._last + 1)
+        for number in numbers:
+            self.segment_path(number).unlink(missing_ok=True)
+
+    def follow(self, cancelled: Cancelled) -> Iterator[Line]:
+        """Every line still retained, then new lines as they come, until the channel ends and all
+        is read, or until cancelled (noticed within about 0.2 s while waiting)."""
+        return itertools.chain.from_iterable(self.follow_batches(cancelled))
+
+    def follow_batches(self, cancelled: Cancelled, max_lines: int = 1024) -> Iterator[list[Line]]:
+        """Like follow(), in lists of up to max_lines lines: for output too fast to pass one line
+        at a time."""
+        # The reader takes its place now, not at the first next().
+        return self._batches(_SegmentReader(self), as_predicate(cancelled), max_lines)
+
+    @staticmethod
+    def _batches(
+        reader: "_SegmentReader", is_cancelled: Callable[[], bool], max_lines: int
+    ) -> Iterator[list[Line]]:
+        try:
+            while not is_cancelled():
+                lines = reader.read()
+                if lines:
+                    for start in range(0, len(lines), max_lines):
+                        yield lines[start : start + max_lines]
+                elif reader.at_end():
+                    return
+                else:
+                    reader.wait_for_more(_POLL_SECONDS)
+        finally:
+            reader.close()
+
+
+class _SegmentReader:
+    """One reader's place in a log: a segment number and an offset in it. A reader whose segment
+    was rotated away before it got there goes on from the oldest one retained."""
+
+    def __init__(self, log: OutputLog) -> None:
+        self._log = log
+        with log._changed:
+            self._number = log._first
+        self._fd: int | None = None
+        self._offset = 0
+
+    def read(self) -> list[Line]:
+        """Parsed lines from where the reader stands; empty at the end of what is committed."""
+        log = self._log
+        with log._changed:
+            first, last, committed = log._first, log._last, log._committed
+        if self._fd is None:
+            self._number = max(self._number, first)
+            try:
+                self._fd = os.open(log.segment_path(self._number), os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                # Rotated away between our look and the open; next time we start further on.
+                self._next_segment()
+                return []
+        # A segment older than the last is no longer written: all of it is committed.
+        limit = committed - self._offset if self._number == last else _READ_BYTES
+        data = os.pread(self._fd, min(limit, _READ_BYTES), self._offset)
+        end = data.rfind(b"\n") + 1
+        if end == 0:
+            if self._number < last:
+                self._next_segment()
+            return []
+        self._offset += end
+        return _parse_records(data[: end - 1])
+
+    def _next_segment(self) -> None:
+        self.close()
+        self._number += 1
+        self._offset = 0
+
+    def at_end(self) -> bool:
+        log = self._log
+        with log._changed:
+            if not log._complete:
+                return False
+            # Past the last segment only when it was removed under us.
+            return self._number > log._last or (
+                self._number == log._last and self._offset >= log._committed
+            )
+
+    def wait_for_more(self, timeout: float) -> None:
+        log = self._log
+        with log._changed:
+            if self._number >= log._last and self._offset >= log._committed and not log._complete:
+                log._changed.wait(timeout)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _parse_records(data: bytes) -> list[Line]:
+    lines: list[Line] = []
+    # The lines of one append share a timestamp; float() is most of the cost of a line.
+    last_text, last_timestamp = b"", 0.0
+    for record in data.split(b"\n"):
+        text, _, line = record.partition(b" ")
+        if text != last_text:
+            last_text, last_timestamp = text, float(text)
+        lines.append((last_timestamp, line))
+    return lines
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]

@@ -1,0 +1,408 @@
+"""The spawner on the real kernel: what a workload gets, where it lands, and that nothing outlives it.
+
+Needs root (uid switch, cgroups, namespaces).
+"""
+
+import errno
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from auraed.kernel.processes import (
+    DEFAULT_PATH,
+    ExitStatus,
+    NamespaceSet,
+    SpawnedProcess,
+    Spawner,
+    SpawnerClosed,
+    SpawnError,
+    SpawnSpec,
+    signal_group,
+)
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+
+NOBODY = 65534
+
+
+class ExitLog:
+    """on_exit target: remembers every exit and lets a test wait for one."""
+
+    def __init__(self) -> None:
+        self._exits: dict[int, ExitStatus] = {}
+        self._changed = threading.Condition()
+
+    def record(self, pid: int, status: ExitStatus) -> None:
+        with self._changed:
+            self._exits[pid] = status
+            self._changed.notify_all()
+
+    def wait_for(self, pid: int, timeout: float = 10.0) -> ExitStatus:
+        with self._changed:
+            if not self._changed.wait_for(lambda: pid in self._exits, timeout):
+                raise AssertionError(f"no exit reported for pid {pid}")
+            return self._exits[pid]
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.01)
+
+
+def alive(pid: int) -> bool:
+    """Running: neither gone nor a zombie awaiting its parent."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def children(pid: int) -> list[int]:
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return {key: value.strip() for key, _, value in (line.partition(":") for line in lines)}
+
+
+@pytest.fixture
+def exits() -> ExitLog:
+    return ExitLog()
+
+
+@pytest.fixture
+def spawner(exits: ExitLog) -> Iterator[Spawner]:
+    # Closing kills whatever a test left running.
+    with Spawner(exits.record) as running:
+        yield running
+
+
+@pytest.fixture
+def devnull() -> Iterator[int]:
+    fd = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def start(spawner: Spawner, devnull: int) -> Callable[..., SpawnedProcess]:
+    """Spawn as root with output discarded unless a test says otherwise."""
+
+    def start(command: str | list[str], **spec: object) -> SpawnedProcess:
+        fields: dict[str, object] = {"uid": 0, "gid": 0, "stdout_fd": devnull, "stderr_fd": devnull}
+        fields.update(spec)
+        return spawner.spawn(SpawnSpec(command=command, **fields))  # type: ignore[arg-type]
+
+    return start
+
+
+@pytest.fixture
+def pids_cgroup() -> Iterator[Path]:
+    cgroup = Path(f"/sys/fs/cgroup/pids/aurae-test-{secrets.token_hex(4)}")
+    cgroup.mkdir()
+    try:
+        yield cgroup
+    finally:
+        for pid in (cgroup / "cgroup.procs").read_text().split():
+            os.kill(int(pid), signal.SIGKILL)
+        wait_until(lambda: not (cgroup / "cgroup.procs").read_text())
+        cgroup.rmdir()
+
+
+def read_to_end(fd: int) -> bytes:
+    data = b""
+    while chunk := os.read(fd, 65536):
+        data += chunk
+    return data
+
+
+def test_output_reaches_the_pipes_and_the_exit_code_the_callback(
+    start: Callable[..., SpawnedProcess], exits: ExitLog
+) -> None:
+    out_r, out_w = os.pipe2(os.O_CLOEXEC)
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    try:
+        process = start("echo hello; echo oops >&2; exit 3", stdout_fd=out_w, stderr_fd=err_w)
+        os.close(out_w)
+        os.close(err_w)
+        assert read_to_end(out_r) == b"hello\n"
+        assert read_to_end(err_r) == b"oops\n"
+    finally:
+        os.close(out_r)
+        os.close(err_r)
+    assert exits.wait_for(process.host_pid) == ExitStatus(exit_code=3, signal=None)
+
+
+def test_a_workload_has_only_fds_0_1_2(start: Callable[..., SpawnedProcess]) -> None:
+    process = start(["sleep", "300"])
+    assert sorted(os.listdir(f"/proc/{process.host_pid}/fd")) == ["0", "1", "2"]
+    assert os.readlink(f"/proc/{process.host_pid}/fd/0") == "/dev/null"
+
+
+def test_a_workload_runs_as_the_given_user_with_no_supplementary_groups(
+    start: Callable[..., SpawnedProcess],
+) -> None:
+    process = start(["sleep", "300"], uid=NOBODY, gid=NOBODY)
+    status = proc_status(process.host_pid)
+    assert status["Uid"].split() == [str(NOBODY)] * 4
+    assert status["Gid"].split() == [str(NOBODY)] * 4
+    assert status["Groups"] == ""
+
+
+def test_a_workload_leads_its_own_session_and_process_group(
+    start: Callable[..., SpawnedProcess],
+) -> None:
+    process = start(["sleep", "300"])
+    stat = Path(f"/proc/{process.host_pid}/stat").read_text()
+    pgrp, session = stat[stat.rindex(")") + 2 :].split()[2:4]
+    assert int(pgrp) == int(session) == process.host_pid == process.pgid
+
+
+def test_a_workload_starts_clean(start: Callable[..., SpawnedProcess]) -> None:
+    process = start(["sleep", "300"])
+    pid = process.host_pid
+    assert os.readlink(f"/proc/{pid}/cwd") == "/"
+    assert Path(f"/proc/{pid}/environ").read_bytes() == f"PATH={DEFAULT_PATH}\0".encode()
+    status = proc_status(pid)
+    assert status["Umask"] == "0022"
+    # Python ignores SIGPIPE; a workload must not inherit that, nor a blocked signal.
+    assert int(status["SigIgn"], 16) == 0
+    assert int(status["SigBlk"], 16) == 0
+    assert process.ns_pid == pid
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    assert process.start_time == int(stat.rpartition(")")[2].split()[19])
+
+
+def test_environment_and_working_directory_are_the_given_ones(
+    start: Callable[..., SpawnedProcess],
+) -> None:
+    process = start(["sleep", "300"], env={"PATH": "/bin:/usr/bin", "GREETING": "hi"}, cwd="/tmp")
+    environ = Path(f"/proc/{process.host_pid}/environ").read_bytes()
+    assert sorted(environ.split(b"\0")[:-1]) == [b"GREETING=hi", b"PATH=/bin:/usr/bin"]
+    assert os.readlink(f"/proc/{process.host_pid}/cwd") == "/tmp"
+
+
+def test_signal_group_reaches_the_workload_and_its_children(
+    start: Callable[..., SpawnedProcess], spawner: Spawner, exits: ExitLog
+) -> None:
+    shell = start("sleep 300 & wait")
+    wait_until(lambda: len(children(shell.host_pid)) == 1)
+    (background,) = children(shell.host_pid)
+
+    signal_group(shell.pgid, signal.SIGTERM)
+
+    assert exits.wait_for(shell.host_pid) == ExitStatus(exit_code=None, signal=signal.SIGTERM)
+    wait_until(lambda: not alive(background))
+    # The orphaned sleep came back to the spawner (subreaper), which reaped it: no zombie left.
+    wait_until(lambda: children(spawner.pid) == [])
+    assert not Path(f"/proc/{background}").exists()
+    signal_group(shell.pgid, signal.SIGTERM)  # an ended group is not an error
+
+
+def test_signal_group_refuses_our_own_group_and_init() -> None:
+    for pgid in (0, 1, -5):
+        with pytest.raises(ValueError):
+            signal_group(pgid, signal.SIGTERM)
+
+
+def test_a_workload_lands_in_its_cgroup_before_it_runs(
+    start: Callable[..., SpawnedProcess], pids_cgroup: Path
+) -> None:
+    process = start(["sleep", "300"], cgroup_procs=[str(pids_cgroup / "cgroup.procs")])
+    assert f"pids:/{pids_cgroup.name}\n" in Path(f"/proc/{process.host_pid}/cgroup").read_text()
+    assert (pids_cgroup / "cgroup.procs").read_text().split() == [str(process.host_pid)]
+
+
+def test_a_failed_step_is_reported_with_its_stage_and_leaves_nothing(
+    start: Callable[..., SpawnedProcess], spawner: Spawner
+) -> None:
+    with pytest.raises(SpawnError) as missing_cgroup:
+        start(["true"], cgroup_procs=["/sys/fs/cgroup/pids/aurae-test-missing/cgroup.procs"])
+    assert missing_cgroup.value.stage == "cgroup"
+    assert missing_cgroup.value.errno == errno.ENOENT
+
+    with pytest.raises(SpawnError) as missing_program:
+        start(["/nonexistent/program"])
+    assert (missing_program.value.stage, missing_program.value.errno) == ("exec", errno.ENOENT)
+
+    with pytest.raises(SpawnError) as missing_namespace:
+        start(["true"], namespaces=NamespaceSet(net="/proc/0/ns/net"))
+    assert missing_namespace.value.stage == "namespace"
+
+    assert children(spawner.pid) == []
+    start(["true"])  # and the spawner still serves
+
+
+def test_closing_the_spawner_kills_every_workload_and_ends_it(devnull: int) -> None:
+    spawner = Spawner(lambda pid, status: None)
+    spawner.start()
+    try:
+        spec = SpawnSpec(
+            # The second sleep leaves the process group (setsid) and its parent dies: only the
+            # spawner, as subreaper, still knows of it.
+            command="sleep 300 & setsid sh -c 'sleep 301 & exit' & wait",
+            uid=0,
+            gid=0,
+            stdout_fd=devnull,
+            stderr_fd=devnull,
+        )
+        shell = spawner.spawn(spec)
+        wait_until(lambda: len(children(spawner.pid)) == 2 and len(children(shell.host_pid)) == 1)
+        (escaped,) = set(children(spawner.pid)) - {shell.host_pid}
+        (background,) = children(shell.host_pid)
+        spawner_pid = spawner.pid
+    finally:
+        spawner.close()
+    for pid in (shell.host_pid, background, escaped, spawner_pid):
+        assert not alive(pid)
+    with pytest.raises(SpawnerClosed):
+        spawner.spawn(spec)
+
+
+DAEMON_THAT_DIES = textwrap.dedent(
+    """
+    import os, sys, time
+    from auraed.kernel.processes import Spawner, SpawnSpec
+    spawner = Spawner(lambda pid, status: None)
+    spawner.start()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    workload = spawner.spawn(SpawnSpec(command=["sleep", "300"], uid=0, gid=0,
+                                       stdout_fd=devnull, stderr_fd=devnull))
+    print(spawner.pid, workload.host_pid, flush=True)
+    time.sleep(300)
+    """
+)
+
+
+def test_workloads_die_with_the_daemon() -> None:
+    daemon = subprocess.Popen([sys.executable, "-c", DAEMON_THAT_DIES], stdout=subprocess.PIPE)
+    try:
+        assert daemon.stdout is not None
+        spawner_pid, workload_pid = map(int, daemon.stdout.readline().split())
+        assert alive(workload_pid)
+    finally:
+        daemon.kill()
+        daemon.wait()
+    wait_until(lambda: not alive(workload_pid))
+    wait_until(lambda: not alive(spawner_pid))
+
+
+def test_sigterm_to_the_spawner_takes_its_workloads_with_it(devnull: int) -> None:
+    spawner = Spawner(lambda pid, status: None)
+    spawner.start()
+    try:
+        spec = SpawnSpec(
+            command=["sleep", "300"], uid=0, gid=0, stdout_fd=devnull, stderr_fd=devnull
+        )
+        workload = spawner.spawn(spec)
+        os.kill(spawner.pid, signal.SIGTERM)
+        wait_until(lambda: not alive(workload.host_pid))
+        with pytest.raises(SpawnerClosed):
+            spawner.spawn(spec)
+    finally:
+        spawner.close()
+    assert not alive(spawner.pid)
+
+
+def test_a_dead_spawner_fails_spawns_instead_of_hanging(devnull: int) -> None:
+    spawner = Spawner(lambda pid, status: None)
+    spawner.start()
+    try:
+        os.kill(spawner.pid, signal.SIGKILL)
+        spec = SpawnSpec(command=["true"], uid=0, gid=0, stdout_fd=devnull, stderr_fd=devnull)
+        with pytest.raises(SpawnerClosed):
+            spawner.spawn(spec)
+    finally:
+        spawner.close()
+    assert not alive(spawner.pid)
+
+
+def test_concurrent_spawns_get_their_own_replies_and_exits(
+    start: Callable[..., SpawnedProcess], spawner: Spawner, exits: ExitLog
+) -> None:
+    spawner_fds = sorted(os.listdir(f"/proc/{spawner.pid}/fd"))
+
+    def run(index: int) -> tuple[int, bytes, ExitStatus]:
+        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+        try:
+            process = start(f"echo {index}; exit {index}", stdout_fd=write_fd)
+            os.close(write_fd)
+            write_fd = -1
+            output = read_to_end(read_fd)
+        finally:
+            os.close(read_fd)
+            if write_fd >= 0:
+                os.close(write_fd)
+        return index, output, exits.wait_for(process.host_pid)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(run, range(50)))
+    for index, output, status in results:
+        assert output == f"{index}\n".encode()
+        assert status == ExitStatus(exit_code=index, signal=None)
+    assert sorted(os.listdir(f"/proc/{spawner.pid}/fd")) == spawner_fds  # no fd leaked
+
+
+@pytest.fixture
+def namespace_holder() -> Iterator[int]:
+    """The pid of a sleep in new pid, mount, uts, ipc and net namespaces (pid 1 in its own)."""
+    holder = subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc", "--uts", "--ipc", "--net"]
+        + ["sleep", "300"]
+    )
+    try:
+
+        def inner_sleep() -> bool:
+            found = children(holder.pid)
+            return bool(found) and Path(f"/proc/{found[0]}/comm").read_text() == "sleep\n"
+
+        wait_until(inner_sleep)
+        yield children(holder.pid)[0]
+    finally:
+        holder.kill()  # --kill-child takes the inner sleep, and with it its pid namespace
+        holder.wait()
+
+
+def test_a_workload_joins_the_namespaces_it_is_given(
+    start: Callable[..., SpawnedProcess], namespace_holder: int
+) -> None:
+    process = start(["sleep", "300"], namespaces=NamespaceSet.of_process(namespace_holder))
+    for kind in ("net", "uts", "ipc", "mnt", "pid"):
+        joined = os.readlink(f"/proc/{process.host_pid}/ns/{kind}")
+        assert joined == os.readlink(f"/proc/{namespace_holder}/ns/{kind}")
+        assert joined != os.readlink(f"/proc/self/ns/{kind}")
+    assert process.ns_pid != process.host_pid
+    assert proc_status(process.host_pid)["NSpid"].split() == [
+        str(process.host_pid),
+        str(process.ns_pid),
+    ]
+
+    # The spawner went back to its own pid namespace: the next workload is born in ours.
+    plain = start(["sleep", "300"])
+    assert os.readlink(f"/proc/{plain.host_pid}/ns/pid") == os.readlink("/proc/self/ns/pid")
+    assert plain.ns_pid == plain.host_pid
+
+
+def test_exit_status_from_a_raw_wait_status() -> None:
+    assert ExitStatus.from_wait_status(3 << 8) == ExitStatus(exit_code=3, signal=None)
+    assert ExitStatus.from_wait_status(signal.SIGKILL) == ExitStatus(None, signal.SIGKILL)
+    assert ExitStatus.from_wait_status(signal.SIGSEGV | 0x80) == ExitStatus(
+        None, signal.SIGSEGV, core_dumped=True
+    )

@@ -1,0 +1,286 @@
+"""Output capture on real pipes and files: nothing lost, nothing blocked, followers end when told."""
+
+import logging
+import os
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from auraed.output import (
+    MAX_LINE_BYTES,
+    LineAssembler,
+    LogRing,
+    LogRingHandler,
+    OutputLog,
+    OutputPump,
+    output_pipe,
+)
+
+
+@pytest.fixture
+def log_dir() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="aurae-test-output-") as directory:
+        yield Path(directory)
+
+
+@pytest.fixture
+def pump() -> Iterator[OutputPump]:
+    with OutputPump() as running:
+        yield running
+
+
+@pytest.fixture
+def never() -> threading.Event:
+    """A cancellation that never comes."""
+    return threading.Event()
+
+
+def lines_of(log: OutputLog, cancelled: threading.Event) -> list[bytes]:
+    return [line for _, line in log.follow(cancelled)]
+
+
+def run_into(pump: OutputPump, log: OutputLog, argv: list[str]) -> None:
+    """Run argv with its stdout pumped into log, and wait for it to exit."""
+    read_fd, write_fd = output_pipe()
+    pump.watch(read_fd, log)
+    try:
+        subprocess.run(argv, stdout=write_fd, check=True, timeout=60)
+    finally:
+        os.close(write_fd)
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.01)
+
+
+def test_a_follower_gets_the_retained_lines_then_the_live_ones(
+    log_dir: Path, never: threading.Event
+) -> None:
+    log = OutputLog(log_dir, "stdout")
+    log.append([b"one", b"two"], 1000.5)
+    follower = log.follow(never)
+    assert next(follower) == (1000.5, b"one")
+    assert next(follower) == (1000.5, b"two")
+
+    def write_more() -> None:
+        log.append([b"three"], 1001.25)
+        log.finish()
+
+    later = threading.Timer(0.1, write_more)
+    later.start()
+    try:
+        assert list(follower) == [(1001.25, b"three")]
+    finally:
+        later.join()
+
+
+def test_records_on_disk_are_timestamp_space_line(log_dir: Path) -> None:
+    log = OutputLog(log_dir, "stderr")
+    log.append([b"a b", b""], 12.0)
+    log.finish()
+    assert (log_dir / "stderr.000001.log").read_bytes() == b"12.000000 a b\n12.000000 \n"
+
+
+def test_rotation_keeps_the_newest_segments_and_readers_get_a_consistent_suffix(
+    log_dir: Path, never: threading.Event
+) -> None:
+    log = OutputLog(log_dir, "stdout", segment_bytes=200, max_segments=3)
+    early = log.follow(never)
+    log.append([b"line 0"], 1.0)
+    assert next(early) == (1.0, b"line 0")
+
+    for number in range(1, 500):
+        log.append([f"line {number}".encode()], 1.0)
+    log.finish()
+
+    segments = sorted(log_dir.iterdir())
+    assert len(segments) == 3
+    assert segments[-1].name > "stdout.000030.log"  # many were made, the oldest deleted
+
+    # A new reader starts at the oldest retained line and reads on without a gap.
+    late = [int(line.split()[1]) for line in lines_of(log, never)]
+    assert late == list(range(late[0], 500))
+    assert late[0] > 400
+
+    # The early reader lost what rotated away under it but goes on from the oldest retained.
+    rest = [int(line.split()[1]) for _, line in early]
+    assert rest[-len(late) :] == late
+    assert rest == sorted(rest)
+
+    log.remove()
+    assert list(log_dir.iterdir()) == []
+
+
+def test_a_slow_reader_does_not_hold_up_the_writer(
+    log_dir: Path, pump: OutputPump, never: threading.Event
+) -> None:
+    log = OutputLog(log_dir, "stdout")
+    follower = log.follow(never)
+    read_fd, write_fd = output_pipe()
+    pump.watch(read_fd, log)
+    try:
+        # Far more than the pipe holds: it finishes only if the pump keeps reading.
+        writer = subprocess.Popen(["seq", "1", "300000"], stdout=write_fd)
+    finally:
+        os.close(write_fd)
+    try:
+        assert next(follower)[1] == b"1"
+        # The reader sleeps here; the workload still runs to its end.
+        assert writer.wait(timeout=30) == 0
+        wait_until(lambda: log.complete)
+    finally:
+        writer.kill()
+        writer.wait()
+    rest = [int(line) for _, line in follower]
+    assert rest == list(range(2, 300001))
+
+
+def test_a_partial_last_line_is_kept_at_end_of_file(
+    log_dir: Path, pump: OutputPump, never: threading.Event
+) -> None:
+    log = OutputLog(log_dir, "stdout")
+    run_into(pump, log, ["printf", "first\\nno newline"])
+    assert lines_of(log, never) == [b"first", b"no newline"]
+
+
+def test_an_overlong_line_is_split(log_dir: Path, pump: OutputPump, never: threading.Event) -> None:
+    log = OutputLog(log_dir, "stdout")
+    run_into(pump, log, ["sh", "-c", "head -c 150000 /dev/zero | tr '\\0' x; echo; echo after"])
+    pieces = lines_of(log, never)
+    assert [len(piece) for piece in pieces] == [
+        MAX_LINE_BYTES,
+        MAX_LINE_BYTES,
+        150000 - 2 * MAX_LINE_BYTES,
+        5,
+    ]
+    assert pieces[-1] == b"after"
+
+
+def test_closing_the_pump_keeps_what_was_written_and_ends_the_logs(
+    log_dir: Path, never: threading.Event
+) -> None:
+    log = OutputLog(log_dir, "stdout")
+    read_fd, write_fd = output_pipe()
+    try:
+        with OutputPump() as pump:
+            pump.watch(read_fd, log)
+            os.write(write_fd, b"kept\npartial")
+        # The writer is still open: the pump drained what was there and ended the log anyway.
+        assert log.complete
+        assert lines_of(log, never) == [b"kept", b"partial"]
+    finally:
+        os.close(write_fd)
+
+
+def test_a_log_refuses_lines_that_would_break_its_records(log_dir: Path) -> None:
+    log = OutputLog(log_dir, "stdout")
+    try:
+        with pytest.raises(ValueError):
+            log.append([b"two\nlines"], 1.0)
+        with pytest.raises(ValueError):
+            log.append([b"x" * (MAX_LINE_BYTES + 1)], 1.0)
+    finally:
+        log.finish()
+
+
+def test_line_assembler_keeps_a_line_of_exactly_the_limit_whole() -> None:
+    lines = LineAssembler(max_line_bytes=4)
+    assert lines.feed(b"abcd") == []
+    assert lines.feed(b"\nabcdefghij") == [b"abcd", b"abcd", b"efgh"]
+    assert lines.feed(b"\n\n") == [b"ij", b""]
+    assert lines.flush() == []
+
+
+def test_batches_carry_many_lines_at_once(log_dir: Path, never: threading.Event) -> None:
+    log = OutputLog(log_dir, "stdout")
+    log.append([b"%d" % number for number in range(1000)], 5.0)
+    log.finish()
+    batches = list(log.follow_batches(never, max_lines=300))
+    assert [len(batch) for batch in batches] == [300, 300, 300, 100]
+    assert [line for batch in batches for _, line in batch] == [b"%d" % n for n in range(1000)]
+
+
+def test_cancellation_ends_a_waiting_follower_promptly(log_dir: Path) -> None:
+    log = OutputLog(log_dir, "stdout")
+    cancelled = threading.Event()
+    received: list[bytes] = []
+    ended = threading.Event()
+
+    def follow() -> None:
+        received.extend(line for _, line in log.follow(cancelled))
+        ended.set()
+
+    follower = threading.Thread(target=follow)
+    follower.start()
+    try:
+        log.append([b"only"], 1.0)
+        wait_until(lambda: received == [b"only"])
+        cancelled.set()
+        started = time.monotonic()
+        assert ended.wait(timeout=2)
+        assert time.monotonic() - started < 1.0
+    finally:
+        cancelled.set()
+        follower.join()
+        log.finish()
+
+
+def test_a_callable_also_cancels(log_dir: Path) -> None:
+    log = OutputLog(log_dir, "stdout")
+    deadline = time.monotonic() + 0.3
+    try:
+        assert list(log.follow(lambda: time.monotonic() > deadline)) == []
+    finally:
+        log.finish()
+
+
+def test_log_ring_replays_the_latest_then_follows_live() -> None:
+    ring = LogRing(capacity=5)
+    for number in range(8):
+        ring.append(f"old {number}", timestamp=float(number))
+    follower = ring.follow(threading.Event(), replay=2)
+    assert next(follower) == (6.0, "old 6")
+    assert next(follower) == (7.0, "old 7")
+    ring.append("new", timestamp=9.0)
+    assert next(follower) == (9.0, "new")
+    ring.close()
+    assert list(follower) == []
+
+
+def test_log_ring_followers_skip_what_was_dropped_and_end_on_cancel() -> None:
+    ring = LogRing(capacity=3)
+    cancelled = threading.Event()
+    follower = ring.follow(cancelled)
+    for number in range(10):
+        ring.append(str(number))
+    assert [line for _, line in (next(follower), next(follower), next(follower))] == ["7", "8", "9"]
+    cancelled.set()
+    started = time.monotonic()
+    assert list(follower) == []
+    assert time.monotonic() - started < 1.0
+
+
+def test_log_ring_handler_takes_the_daemons_log_records() -> None:
+    ring = LogRing()
+    handler = LogRingHandler(ring)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    logger = logging.getLogger("aurae-test-ring")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        logger.warning("cell %s started", "alpha")
+    finally:
+        logger.removeHandler(handler)
+    ring.close()
+    ((timestamp, line),) = list(ring.follow(threading.Event(), replay=10))
+    assert line == "WARNING cell alpha started"
+    assert abs(timestamp - time.time()) < 5
