@@ -1,0 +1,68 @@
+"""Command line of `auraed`, with Aurae's flags and defaults."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from auraed import __version__
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="auraed",
+        description="The Aurae node runtime daemon: cells, executables and observability "
+        "over an mTLS gRPC API.",
+    )
+    parser.add_argument("--version", action="version", version=f"auraed {__version__}")
+    parser.add_argument("--socket", default="/var/run/aurae/aurae.sock",
+                        help="Unix socket path, or IP:PORT / [IPv6]:PORT to listen on "
+                             "(default: %(default)s)")
+    parser.add_argument("--ca-crt", type=Path, default=Path("/etc/aurae/pki/ca.crt"),
+                        help="CA certificate that signs client certificates (default: %(default)s)")
+    parser.add_argument("--server-crt", type=Path,
+                        default=Path("/etc/aurae/pki/_signed.server.crt"),
+                        help="server certificate (default: %(default)s)")
+    parser.add_argument("--server-key", type=Path, default=Path("/etc/aurae/pki/server.key"),
+                        help="server private key (default: %(default)s)")
+    parser.add_argument("--runtime-dir", type=Path, default=Path("/var/run/aurae"),
+                        help="where runtime state and captured output live (default: %(default)s)")
+    parser.add_argument("--library-dir", type=Path, default=Path("/var/lib/aurae"),
+                        help="where persistent data lives (default: %(default)s)")
+    parser.add_argument("--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text",
+                        help="logfmt lines or JSON lines on stderr (default: %(default)s)")
+    parser.add_argument("--cgroup-root", default="aurae",
+                        help="name of the daemon's own cgroup subtree (default: %(default)s)")
+    parser.add_argument("--grace-period", type=float, default=10.0, metavar="SECONDS",
+                        help="how long Stop and shutdown wait after SIGTERM before SIGKILL "
+                             "(default: %(default)s)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        print("auraed: must run as root (it manages cgroups and processes)", file=sys.stderr)
+        sys.exit(2)
+    from auraed.server import Daemon, Settings
+
+    settings = Settings(
+        socket=args.socket,
+        ca_crt=args.ca_crt,
+        server_crt=args.server_crt,
+        server_key=args.server_key,
+        runtime_dir=args.runtime_dir,
+        library_dir=args.library_dir,
+        verbose=args.verbose,
+        log_format=args.log_format,
+        cgroup_root=args.cgroup_root,
+        grace_period=args.grace_period,
+    )
+    sys.exit(Daemon(settings).run())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""Errors the runtime raises, each tied to the gRPC status it means.
+
+The runtime and services raise these; `services/status.py` is the one place
+that turns them into gRPC statuses. Kernel-facing modules raise their own
+errors, which the runtime translates.
+
+| Error               | gRPC status          | When                                                   |
+|---------------------|----------------------|--------------------------------------------------------|
+| InvalidArgument     | INVALID_ARGUMENT     | the request is malformed, whatever the node's state    |
+| NotFound            | NOT_FOUND            | a named cell or executable does not exist              |
+| AlreadyExists       | ALREADY_EXISTS       | a cell or running executable of that name exists       |
+| FailedPrecondition  | FAILED_PRECONDITION  | valid request, but the node cannot do it in its state  |
+| ResourceExhausted   | RESOURCE_EXHAUSTED   | a daemon limit (e.g. open streams) is reached          |
+| Unavailable         | UNAVAILABLE          | the daemon is shutting down                            |
+| Unimplemented       | UNIMPLEMENTED        | a valid request for something this daemon cannot do    |
+| (anything else)     | INTERNAL             | a bug: logged with its traceback                       |
+"""
+
+from __future__ import annotations
+
+
+class RuntimeFault(Exception):
+    """Base of the errors a caller can act on. `field` is the dotted request
+    field to blame, when there is one."""
+
+    status = "UNKNOWN"
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+
+class InvalidArgument(RuntimeFault):
+    status = "INVALID_ARGUMENT"
+
+
+class NotFound(RuntimeFault):
+    status = "NOT_FOUND"
+
+
+class AlreadyExists(RuntimeFault):
+    status = "ALREADY_EXISTS"
+
+
+class FailedPrecondition(RuntimeFault):
+    status = "FAILED_PRECONDITION"
+
+
+class ResourceExhausted(RuntimeFault):
+    status = "RESOURCE_EXHAUSTED"
+
+
+class Unavailable(RuntimeFault):
+    status = "UNAVAILABLE"
+
+
+class Unimplemented(RuntimeFault):
+    status = "UNIMPLEMENTED"

@@ -1,0 +1,65 @@
+"""An executable: one shell command line the daemon started, and how it ended."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from auraed.kernel.processes import ExitStatus, SpawnedProcess
+from auraed.output import OutputLog
+from auraed.runtime.names import CellName
+
+
+@dataclass(frozen=True)
+class ExecutableKey:
+    """Executables are named uniquely per cell; host-level ones have cell None."""
+
+    cell: CellName | None
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.cell}/{self.name}" if self.cell else self.name
+
+
+@dataclass(eq=False)
+class Executable:
+    key: ExecutableKey
+    command: str
+    description: str
+    uid: int
+    gid: int
+    process: SpawnedProcess
+    stdout: OutputLog
+    stderr: OutputLog
+    log_dir: Path
+    started_at: float = field(default_factory=time.time)
+    exit_status: ExitStatus | None = None
+    exited_at: float = 0.0
+    _exited: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.key.name
+
+    @property
+    def cell(self) -> CellName | None:
+        return self.key.cell
+
+    @property
+    def running(self) -> bool:
+        return not self._exited.is_set()
+
+    def mark_exited(self, status: ExitStatus, when: float | None = None) -> None:
+        self.exit_status = status
+        self.exited_at = time.time() if when is None else when
+        self._exited.set()
+
+    def wait(self, timeout: float | None) -> bool:
+        """Block until the process has exited; False if `timeout` passed first."""
+        return self._exited.wait(timeout)
+
+    def channel_name(self, stream: str) -> str:
+        """The LogItem channel for this executable's `stream` ("stdout"/"stderr")."""
+        return f"{self.name}::{stream}"

@@ -1,0 +1,97 @@
+"""Names of cells and executables, validated once at the edge.
+
+A cell name is a path of DNS labels, "a/b/c": cell c nested in b nested in a.
+A label is 1-63 ASCII letters, digits and '-', not starting or ending with
+'-'. That rules out "..", "_", empty parts, non-ASCII, NUL, and every cgroup
+control-file name ("cgroup.procs", "memory.max" all hold a '.'), so a valid
+name can never step outside the daemon's cgroup subtree or collide with the
+kernel's files or the daemon's own `_`-prefixed leaves.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from auraed.errors import InvalidArgument
+
+_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+MAX_DEPTH = 16
+MAX_NAME_LENGTH = 253
+
+
+def _label_problem(label: str) -> str | None:
+    if not label:
+        return "has an empty component"
+    if not label.isascii() or not label.isprintable():
+        return f"component {label!r} has characters other than ASCII letters, digits and '-'"
+    if len(label) > 63:
+        return f"component {label[:16]!r}... is {len(label)} characters long; the limit is 63"
+    if not _LABEL.fullmatch(label):
+        return (
+            f"component {label!r} must be letters, digits and '-', "
+            "not starting or ending with '-'"
+        )
+    return None
+
+
+@dataclass(frozen=True, order=True)
+class CellName:
+    """A validated cell path such as "a/b"."""
+
+    path: str
+
+    @classmethod
+    def parse(cls, text: str, *, field: str) -> CellName:
+        if not text:
+            raise InvalidArgument("a cell name is required", field=field)
+        if len(text) > MAX_NAME_LENGTH:
+            raise InvalidArgument(
+                f"cell name is {len(text)} characters long; the limit is {MAX_NAME_LENGTH}",
+                field=field,
+            )
+        labels = text.split("/")
+        if len(labels) > MAX_DEPTH:
+            raise InvalidArgument(
+                f"cell name nests {len(labels)} deep; the limit is {MAX_DEPTH}", field=field
+            )
+        for label in labels:
+            problem = _label_problem(label)
+            if problem:
+                raise InvalidArgument(f"invalid cell name {text!r}: {problem}", field=field)
+        return cls(text)
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return tuple(self.path.split("/"))
+
+    @property
+    def leaf(self) -> str:
+        return self.labels[-1]
+
+    @property
+    def parent(self) -> CellName | None:
+        head, _, _ = self.path.rpartition("/")
+        return CellName(head) if head else None
+
+    def ancestors(self) -> list[CellName]:
+        """Outermost first: "a/b/c" -> [a, a/b]."""
+        labels = self.labels
+        return [CellName("/".join(labels[:i])) for i in range(1, len(labels))]
+
+    def is_within(self, other: CellName) -> bool:
+        """True for `other` itself and every cell nested inside it."""
+        return self.path == other.path or self.path.startswith(other.path + "/")
+
+    def __str__(self) -> str:
+        return self.path
+
+
+def parse_executable_name(text: str, *, field: str) -> str:
+    """An executable name: one DNS label, unique within its cell."""
+    if not text:
+        raise InvalidArgument("an executable name is required", field=field)
+    problem = _label_problem(text) if "/" not in text else "must not contain '/'"
+    if problem:
+        raise InvalidArgument(f"invalid executable name {text!r}: {problem}", field=field)
+    return text

@@ -1,0 +1,509 @@
+"""Workloads: every cell and executable the daemon owns, and their lifecycle.
+
+This is the daemon's domain layer. It turns requests (already validated names,
+limits in cgroup terms) into kernel actions through `CgroupBackend` and the
+`Spawner`, and keeps the registry that List, Stop, Wait and Observe read.
+It knows nothing of gRPC or protobuf; it raises `auraed.errors` faults.
+
+Locking: `_lock` guards the cell tree and the executable registry and is held
+while a structural change (allocate, start, free's bookkeeping) talks to the
+kernel, so changes happen one at a time and in order. Waiting — grace
+periods, exits — happens outside it. Exit reports arrive on the spawner's
+reader thread, which must never wait for `_lock` (it would stall the spawn
+reply a lock holder waits for), so they go through the small `_pids_lock`.
+"""
+
+from __future__ import annotations
+
+import grp
+import logging
+import os
+import pwd
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from auraed.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
+from auraed.kernel.cgroups import (
+    CgroupBackend,
+    CgroupError,
+    CgroupLimits,
+    InvalidLimit,
+    LimitRefused,
+    UnsafePath,
+    UnsupportedLimit,
+)
+from auraed.kernel.cgroups import validate as validate_limits
+from auraed.kernel.processes import ExitStatus, SpawnError, Spawner, SpawnSpec, signal_group
+from auraed.output import OutputLog, OutputPump, output_pipe
+from auraed.runtime.executables import Executable, ExecutableKey
+from auraed.runtime.names import CellName
+from auraed.runtime.signals import SignalEvent, SignalFeed
+
+log = logging.getLogger("auraed.workloads")
+
+DEFAULT_GRACE_PERIOD = 10.0
+# After SIGKILL a process dies as soon as the kernel schedules it; this only
+# bounds the wait for the spawner's exit report.
+KILL_WAIT = 5.0
+MAX_COMMAND_BYTES = 128 * 1024
+HOST_LOG_DIR = "_host"
+
+
+@dataclass(frozen=True)
+class CellSpec:
+    """What a cell was allocated with, in the runtime's terms."""
+
+    limits: CgroupLimits
+    isolate_process: bool = False
+    isolate_network: bool = False
+
+
+@dataclass(eq=False)
+class Cell:
+    name: CellName
+    spec: CellSpec
+    children: dict[str, Cell] = field(default_factory=dict)
+    executables: dict[str, Executable] = field(default_factory=dict)
+    freeing: bool = False
+
+
+@dataclass(frozen=True)
+class CellView:
+    """A read-only snapshot of one cell and its subtree, for List."""
+
+    name: CellName
+    spec: CellSpec
+    children: tuple[CellView, ...]
+    executables: tuple[Executable, ...]
+
+
+class Workloads:
+    def __init__(
+        self,
+        backend: CgroupBackend,
+        log_root: Path,
+        *,
+        default_grace: float = DEFAULT_GRACE_PERIOD,
+        log_segment_bytes: int = 8 * 1024 * 1024,
+        log_segments: int = 8,
+    ) -> None:
+        self.backend = backend
+        self.signals = SignalFeed()
+        self._log_root = log_root
+        self._default_grace = default_grace
+        self._log_segment_bytes = log_segment_bytes
+        self._log_segments = log_segments
+        self._spawner = Spawner(self._on_exit)
+        self._pump = OutputPump()
+        self._lock = threading.RLock()
+        self._cells: dict[CellName, Cell] = {}
+        self._host_executables: dict[str, Executable] = {}
+        self._closing = False
+        self._pids_lock = threading.Lock()
+        self._by_host_pid: dict[int, Executable] = {}
+        # Exits reported before the starting thread recorded the pid.
+        self._early_exits: dict[int, tuple[ExitStatus, float]] = {}
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Prepare the cgroup subtree (clearing what a previous run left) and
+        start the spawner and the output pump."""
+        self.backend.setup()
+        stale = self.backend.existing_cells()
+        if stale:
+            # Policy after a crash: clean up, never adopt. Processes of a dead
+            # daemon lost their output pipes and supervisor; see docs/daemon.md.
+            log.warning("removing cells left by a previous run", extra={"cells": ",".join(stale)})
+        self.backend.cleanup_stale()
+        if self._log_root.exists():
+            shutil.rmtree(self._log_root)
+        self._log_root.mkdir(parents=True)
+        self._spawner.start()
+        self._pump.start()
+
+    def shutdown(self, grace: float | None = None) -> None:
+        """Stop every executable, free every cell, remove our cgroups."""
+        with self._lock:
+            self._closing = True
+            top = [cell.name for cell in self._cells.values() if cell.name.parent is None]
+            host = list(self._host_executables.values())
+        self._stop_all(host, self._grace(grace))
+        for name in top:
+            try:
+                self.free(name, grace=grace, _shutting_down=True)
+            except Exception:
+                log.exception("freeing cell during shutdown failed", extra={"cell": str(name)})
+        with self._lock:
+            self._host_executables.clear()
+        self._spawner.close()
+        self._pump.close()
+        self.backend.teardown()
+        shutil.rmtree(self._log_root, ignore_errors=True)
+
+    # ------------------------------------------------------------------ cells
+
+    def allocate(self, name: CellName, spec: CellSpec) -> Cell:
+        try:
+            validate_limits(spec.limits)
+        except InvalidLimit as error:
+            raise InvalidArgument(str(error), field=_limit_field(error.field)) from None
+        with self._lock:
+            self._check_open()
+            parent = self._cell_for_change(name.parent, field="cell.name") if name.parent else None
+            if name in self._cells:
+                raise AlreadyExists(f"cell {name} already exists", field="cell.name")
+            try:
+                self.backend.create(name.path, spec.limits)
+            except (UnsupportedLimit, LimitRefused) as error:
+                raise FailedPrecondition(str(error), field=_limit_field(error.field)) from None
+            except UnsafePath as error:
+                raise FailedPrecondition(
+                    f"refusing to create cell {name}: {error}", field="cell.name"
+                ) from None
+            cell = Cell(name, spec)
+            self._cells[name] = cell
+            if parent is not None:
+                parent.children[name.leaf] = cell
+        log.info("cell allocated", extra={"cell": name.path})
+        return cell
+
+    def free(self, name: CellName, *, grace: float | None = None, _shutting_down: bool = False) -> None:
+        """Stop everything in the cell and its descendants, then remove them."""
+        with self._lock:
+            if not _shutting_down:
+                self._check_open()
+            cell = self._cells.get(name)
+            if cell is None:
+                raise NotFound(f"cell {name} does not exist", field="cell_name")
+            if cell.freeing:
+                raise FailedPrecondition(f"cell {name} is already being freed", field="cell_name")
+            subtree = [c for c in self._cells.values() if c.name.is_within(name)]
+            for member in subtree:
+                member.freeing = True
+            executables = [e for c in subtree for e in c.executables.values()]
+        self._stop_all(executables, self._grace(grace))
+        try:
+            self.backend.remove(name.path)
+        except CgroupError as error:
+            with self._lock:
+                for member in subtree:
+                    member.freeing = False
+            raise FailedPrecondition(f"could not remove cell {name}: {error}", field="cell_name") from None
+        with self._lock:
+            for member in sorted(subtree, key=lambda c: len(c.name.labels), reverse=True):
+                self._cells.pop(member.name, None)
+                for executable in member.executables.values():
+                    self._forget(executable)
+            if name.parent is not None and name.parent in self._cells:
+                self._cells[name.parent].children.pop(name.leaf, None)
+        log.info("cell freed", extra={"cell": name.path})
+
+    def tree(self) -> list[CellView]:
+        with self._lock:
+            def view(cell: Cell) -> CellView:
+                return CellView(
+                    cell.name,
+                    cell.spec,
+                    tuple(view(child) for child in sorted(cell.children.values(), key=lambda c: c.name)),
+                    tuple(cell.executables.values()),
+                )
+
+            return [view(c) for c in sorted(self._cells.values(), key=lambda c: c.name)
+                    if c.name.parent is None]
+
+    def host_executables(self) -> list[Executable]:
+        with self._lock:
+            return list(self._host_executables.values())
+
+    # ------------------------------------------------------------------ executables
+
+    def start_executable(
+        self,
+        cell_name: CellName | None,
+        name: str,
+        command: str,
+        *,
+        description: str = "",
+        uid: int | None = None,
+        gid: int | None = None,
+    ) -> Executable:
+        _check_command(command)
+        uid = os.getuid() if uid is None else uid
+        gid = os.getgid() if gid is None else gid
+        _check_identity(uid, gid)
+        key = ExecutableKey(cell_name, name)
+        with self._lock:
+            self._check_open()
+            registry = self._registry(cell_name, field="cell_name", for_change=True)
+            previous = registry.get(name)
+            # A name is free again once its process group is gone, not just its leader.
+            if previous is not None and not _ended(previous):
+                raise AlreadyExists(
+                    f"executable {name} is already running in {_where(cell_name)}",
+                    field="executable.name",
+                )
+            if previous is not None:
+                self._forget(previous)
+                del registry[name]
+            executable = self._spawn(key, command, description, uid, gid)
+            registry[name] = executable
+        log.info(
+            "executable started",
+            extra={"cell": str(cell_name or ""), "executable": name, "pid": executable.process.host_pid},
+        )
+        return executable
+
+    def stop_executable(self, cell_name: CellName | None, name: str, grace: float | None = None) -> Executable:
+        """End an executable (SIGTERM to its group, SIGKILL after the grace
+        period) and forget it. Returns it with its exit status."""
+        with self._lock:
+            registry = self._registry(cell_name, field="cell_name", for_change=False)
+            executable = registry.get(name)
+            if executable is None:
+                raise NotFound(
+                    f"no executable {name} in {_where(cell_name)}", field="executable_name"
+                )
+        self._stop_all([executable], self._grace(grace))
+        with self._lock:
+            if registry.get(name) is executable:
+                del registry[name]
+                self._forget(executable)
+        log.info("executable stopped", extra={"cell": str(cell_name or ""), "executable": name})
+        return executable
+
+    def wait_executable(self, cell_name: CellName | None, name: str, timeout: float | None) -> Executable | None:
+        """The executable once it has exited, or None if `timeout` passed first."""
+        with self._lock:
+            registry = self._registry(cell_name, field="cell_name", for_change=False)
+            executable = registry.get(name)
+            if executable is None:
+                raise NotFound(f"no executable {name} in {_where(cell_name)}", field="executable_name")
+        return executable if executable.wait(timeout) else None
+
+    def executables_with_pid(self, pid: int) -> list[Executable]:
+        """Known executables whose pid (as Start reported it) or host pid is `pid`."""
+        with self._lock:
+            everything = [*self._host_executables.values()]
+            for cell in self._cells.values():
+                everything.extend(cell.executables.values())
+        exact = [e for e in everything if e.process.ns_pid == pid]
+        return exact or [e for e in everything if e.process.host_pid == pid]
+
+    # ------------------------------------------------------------------ internals
+
+    def _grace(self, grace: float | None) -> float:
+        return self._default_grace if grace is None else grace
+
+    def _check_open(self) -> None:
+        if self._closing:
+            raise Unavailable("the daemon is shutting down")
+
+    def _cell_for_change(self, name: CellName, *, field: str) -> Cell:
+        cell = self._cells.get(name)
+        if cell is None:
+            raise NotFound(f"cell {name} does not exist", field=field)
+        if cell.freeing:
+            raise FailedPrecondition(f"cell {name} is being freed", field=field)
+        return cell
+
+    def _registry(self, cell_name: CellName | None, *, field: str, for_change: bool) -> dict[str, Executable]:
+        if cell_name is None:
+            return self._host_executables
+        if for_change:
+            return self._cell_for_change(cell_name, field=field).executables
+        cell = self._cells.get(cell_name)
+        if cell is None:
+            raise NotFound(f"cell {cell_name} does not exist", field=field)
+        return cell.executables
+
+    def _spawn(self, key: ExecutableKey, command: str, description: str, uid: int, gid: int) -> Executable:
+        log_dir = self._log_dir(key)
+        stdout = OutputLog(log_dir, "stdout", segment_bytes=self._log_segment_bytes,
+                           max_segments=self._log_segments)
+        stderr = OutputLog(log_dir, "stderr", segment_bytes=self._log_segment_bytes,
+                           max_segments=self._log_segments)
+        out_read, out_write = output_pipe()
+        err_read, err_write = output_pipe()
+        try:
+            spec = SpawnSpec(
+                command=command,
+                uid=uid,
+                gid=gid,
+                stdout_fd=out_write,
+                stderr_fd=err_write,
+                cgroup_procs=self.backend.procs_files(key.cell.path if key.cell else None),
+            )
+            process = self._spawner.spawn(spec)
+        except SpawnError as error:
+            for fd in (out_read, err_read):
+                os.close(fd)
+            for output in (stdout, stderr):
+                output.finish()
+                output.remove()
+            shutil.rmtree(log_dir, ignore_errors=True)
+            raise FailedPrecondition(
+                f"could not start {key}: {error.message} (at {error.stage})", field="executable.command"
+            ) from None
+        except BaseException:
+            for fd in (out_read, err_read):
+                os.close(fd)
+            raise
+        finally:
+            # The workload holds its own copies now; ours would keep the pipes open forever.
+            os.close(out_write)
+            os.close(err_write)
+        executable = Executable(
+            key=key, command=command, description=description, uid=uid, gid=gid,
+            process=process, stdout=stdout, stderr=stderr, log_dir=log_dir,
+        )
+        self._pump.watch(out_read, stdout)
+        self._pump.watch(err_read, stderr)
+        with self._pids_lock:
+            self._by_host_pid[process.host_pid] = executable
+            early = self._early_exits.pop(process.host_pid, None)
+        if early is not None:
+            self._record_exit(executable, *early)
+        return executable
+
+    def _log_dir(self, key: ExecutableKey) -> Path:
+        base = self._log_root / (key.cell.path if key.cell else HOST_LOG_DIR)
+        # Unique per start: a name reused after an exit gets a fresh directory.
+        return base / f"{key.name}.{time.monotonic_ns()}"
+
+    def _forget(self, executable: Executable) -> None:
+        """Drop an executable's records and its captured output (call under _lock).
+
+        Output still being written — a descendant that left the process group
+        keeps the pipe open — stays on disk until shutdown clears the log root.
+        """
+        with self._pids_lock:
+            if self._by_host_pid.get(executable.process.host_pid) is executable:
+                del self._by_host_pid[executable.process.host_pid]
+        if executable.stdout.complete and executable.stderr.complete:
+            executable.stdout.remove()
+            executable.stderr.remove()
+            shutil.rmtree(executable.log_dir, ignore_errors=True)
+
+    def _on_exit(self, host_pid: int, status: ExitStatus) -> None:
+        """Called on the spawner's reader thread; must not take _lock."""
+        when = time.time()
+        with self._pids_lock:
+            executable = self._by_host_pid.get(host_pid)
+            if executable is None:
+                self._early_exits[host_pid] = (status, when)
+                return
+        self._record_exit(executable, status, when)
+
+    def _record_exit(self, executable: Executable, status: ExitStatus, when: float) -> None:
+        executable.mark_exited(status, when)
+        if status.signal is not None:
+            self._publish_signal(executable, status.signal, delivered_by_daemon=False)
+        log.info(
+            "executable exited",
+            extra={
+                "cell": str(executable.cell or ""),
+                "executable": executable.name,
+                "pid": executable.process.host_pid,
+                "exit_code": "" if status.exit_code is None else status.exit_code,
+                "signal": "" if status.signal is None else signal.Signals(status.signal).name,
+            },
+        )
+
+    def _publish_signal(self, executable: Executable, signum: int, *, delivered_by_daemon: bool) -> None:
+        self.signals.publish(
+            SignalEvent(
+                signal=signum,
+                pid=executable.process.ns_pid,
+                host_pid=executable.process.host_pid,
+                cell=executable.cell,
+                executable=executable.name,
+                timestamp=time.time(),
+                delivered_by_daemon=delivered_by_daemon,
+            )
+        )
+
+    def _signal(self, executables: Iterable[Executable], signum: int) -> None:
+        for executable in executables:
+            if _group_alive(executable.process.pgid):
+                signal_group(executable.process.pgid, signum)
+                self._publish_signal(executable, signum, delivered_by_daemon=True)
+
+    def _stop_all(self, executables: list[Executable], grace: float) -> None:
+        """SIGTERM every process group, wait up to `grace` for the leaders to
+        exit and the groups to empty, SIGKILL what is left, wait for the exits."""
+        live = [e for e in executables if e.running or _group_alive(e.process.pgid)]
+        if not live:
+            return
+        self._signal(live, signal.SIGTERM)
+        _wait_until(lambda: all(_ended(e) for e in live), grace)
+        remaining = [e for e in live if not _ended(e)]
+        if remaining:
+            self._signal(remaining, signal.SIGKILL)
+            _wait_until(lambda: all(_ended(e) for e in remaining), KILL_WAIT)
+        for executable in live:
+            if not _ended(executable):
+                log.error("executable did not end after SIGKILL",
+                          extra={"executable": str(executable.key), "pid": executable.process.host_pid})
+
+
+def _ended(executable: Executable) -> bool:
+    return not executable.running and not _group_alive(executable.process.pgid)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _wait_until(done: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    delay = 0.001
+    while not done() and time.monotonic() < deadline:
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+def _where(cell_name: CellName | None) -> str:
+    return f"cell {cell_name}" if cell_name else "the host"
+
+
+def _limit_field(name: str | None) -> str | None:
+    """The API field of a cgroup limit: "cpu.weight" -> "cell.cpu.weight"."""
+    return f"cell.{name}" if name else None
+
+
+def _check_command(command: str) -> None:
+    if not command.strip():
+        raise InvalidArgument("a command is required", field="executable.command")
+    if "\0" in command:
+        raise InvalidArgument("the command must not contain NUL bytes", field="executable.command")
+    if len(command.encode()) > MAX_COMMAND_BYTES:
+        raise InvalidArgument(
+            f"the command is longer than {MAX_COMMAND_BYTES} bytes", field="executable.command"
+        )
+
+
+def _check_identity(uid: int, gid: int) -> None:
+    try:
+        pwd.getpwuid(uid)
+    except KeyError:
+        raise InvalidArgument(f"no user with uid {uid} on this host", field="uid") from None
+    try:
+        grp.getgrgid(gid)
+    except KeyError:
+        raise InvalidArgument(f"no group with gid {gid} on this host", field="gid") from None

@@ -1,0 +1,227 @@
+"""The daemon process: settings, mTLS server, service wiring, shutdown.
+
+This module only wires things together; what each service does lives in
+auraed/services, and what happens on the kernel in auraed/runtime and
+auraed/kernel.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import stat
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_reflection.v1alpha import reflection
+
+from aurae_sdk.config import ConfigError, parse_target
+from auraed import __version__
+from auraed.generated.vms import VmServiceBase
+from auraed.interceptors import FaultTranslation
+from auraed.kernel.cgroups import CgroupError, detect_backend
+from auraed.logs import configure as configure_logging
+from auraed.output import LogRing
+from auraed.runtime.workloads import Workloads
+from auraed.services.cells import CellService
+from auraed.services.discovery import DiscoveryService
+from auraed.services.health import HealthService
+from auraed.services.observe import ObserveService
+
+log = logging.getLogger("auraed")
+
+# A request larger than this is refused with RESOURCE_EXHAUSTED before any
+# service sees it; the largest legitimate request (a 128 KiB command line)
+# fits comfortably.
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+# How long in-flight RPCs get to finish once shutdown starts; streams are
+# cancelled after it.
+SHUTDOWN_RPC_GRACE = 2.0
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    socket: str = "/var/run/aurae/aurae.sock"
+    ca_crt: Path = Path("/etc/aurae/pki/ca.crt")
+    server_crt: Path = Path("/etc/aurae/pki/_signed.server.crt")
+    server_key: Path = Path("/etc/aurae/pki/server.key")
+    runtime_dir: Path = Path("/var/run/aurae")
+    library_dir: Path = Path("/var/lib/aurae")
+    verbose: bool = False
+    log_format: str = "text"
+    cgroup_root: str = "aurae"
+    grace_period: float = 10.0
+    max_workers: int = 256
+
+
+def _read_pki(settings: Settings) -> tuple[bytes, bytes, bytes]:
+    contents = []
+    for flag, path in (
+        ("--ca-crt", settings.ca_crt),
+        ("--server-crt", settings.server_crt),
+        ("--server-key", settings.server_key),
+    ):
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise StartupError(
+                f"{flag} {path}: no such file. Create a development PKI with "
+                f"`aurae-py pki init DIR` and pass its files, or install yours at {path}."
+            ) from None
+        except OSError as error:
+            raise StartupError(f"{flag} {path}: cannot read it: {error.strerror}") from None
+        if b"-----BEGIN" not in data:
+            raise StartupError(f"{flag} {path}: not a PEM file")
+        contents.append(data)
+    return contents[0], contents[1], contents[2]
+
+
+def _prepare_unix_socket(path: str) -> None:
+    """Refuse to start beside a live daemon; remove a stale socket file."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise StartupError(f"--socket {path}: exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)  # nobody listens: left by a daemon that died
+        return
+    finally:
+        probe.close()
+    raise StartupError(f"--socket {path}: another daemon is listening there")
+
+
+class Daemon:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.daemon_log = LogRing()
+        self._stop = threading.Event()
+        self._shutting_down = False
+        self._server: grpc.Server | None = None
+        self._workloads: Workloads | None = None
+        self._health: HealthService | None = None
+        self._unix_socket: str | None = None
+
+    def request_stop(self, signum: int | None = None) -> None:
+        self._stop.set()
+
+    def run(self) -> int:
+        """Serve until SIGTERM/SIGINT; returns the exit status."""
+        settings = self.settings
+        # Everything the daemon creates — runtime dir, socket, logs — is private
+        # from the moment it exists.
+        os.umask(0o077)
+        configure_logging(verbose=settings.verbose, log_format=settings.log_format,
+                          ring=self.daemon_log)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, frame: self.request_stop(signum))
+        try:
+            self._start()
+        except StartupError as error:
+            log.error(str(error))
+            self._cleanup()
+            return 2
+        log.info("auraed serving", extra={"socket": settings.socket, "version": __version__,
+                                          "cgroups": f"v{self._workloads.backend.version}"
+                                          if self._workloads else ""})
+        while not self._stop.wait(1.0):
+            pass
+        self.shutdown()
+        return 0
+
+    def _start(self) -> None:
+        settings = self.settings
+        ca, certificate, key = _read_pki(settings)
+        try:
+            target = parse_target(settings.socket)
+        except ConfigError as error:
+            raise StartupError(f"--socket {settings.socket}: {error}") from None
+        settings.runtime_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        settings.library_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if target.kind == "unix":
+            _prepare_unix_socket(target.display)
+            Path(target.display).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+        try:
+            backend = detect_backend(root_name=settings.cgroup_root)
+        except CgroupError as error:
+            raise StartupError(f"cgroups: {error}") from None
+        self._workloads = Workloads(backend, settings.runtime_dir / "logs",
+                                    default_grace=settings.grace_period)
+        self._workloads.start()
+
+        cells = CellService(self._workloads)
+        discovery = DiscoveryService(healthy=lambda: not self._shutting_down)
+        observe = ObserveService(self._workloads, self.daemon_log)
+        vms = VmServiceBase()
+        services = [cells, discovery, observe, vms]
+        self._health = HealthService([s.SERVICE for s in services])
+
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=settings.max_workers,
+                                       thread_name_prefix="rpc"),
+            interceptors=[FaultTranslation()],
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ],
+        )
+        for service in [*services, self._health]:
+            service.register(server)
+        reflection.enable_server_reflection(
+            [*(s.SERVICE for s in services), self._health.SERVICE, reflection.SERVICE_NAME], server
+        )
+        credentials = grpc.ssl_server_credentials(
+            [(key, certificate)], root_certificates=ca, require_client_auth=True
+        )
+        address = target.grpc_target if target.kind == "unix" else target.display
+        # The socket file is born 0600: bind(2) applies the umask, and grpc
+        # binds inside add_secure_port. Only this thread creates files now.
+        previous = os.umask(0o177)
+        try:
+            server.add_secure_port(address, credentials)
+        except RuntimeError as error:
+            raise StartupError(f"--socket {settings.socket}: cannot listen: {error}") from None
+        finally:
+            os.umask(previous)
+        if target.kind == "unix":
+            self._unix_socket = target.display
+        self._server = server
+        server.start()
+        self._health.serving()
+
+    def shutdown(self) -> None:
+        """Health NOT_SERVING, stop taking RPCs, stop every workload, remove our cgroups."""
+        if self._shutting_down:
+            return
+        self._shutting_down = True
+        log.info("shutting down")
+        if self._health is not None:
+            self._health.shutting_down()
+        if self._server is not None:
+            self._server.stop(SHUTDOWN_RPC_GRACE).wait()
+        self.daemon_log.close()
+        if self._workloads is not None:
+            self._workloads.shutdown()
+        self._cleanup()
+        log.info("auraed stopped")
+
+    def _cleanup(self) -> None:
+        if self._unix_socket is not None:
+            try:
+                os.unlink(self._unix_socket)
+            except FileNotFoundError:
+                pass

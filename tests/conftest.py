@@ -1,0 +1,27 @@
+"""Fixtures shared across the suite."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from harness import DaemonProcess, running_daemon
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (cgroups, processes)")
+
+
+@pytest.fixture(scope="module")
+def daemon() -> Iterator[DaemonProcess]:
+    """One real auraed per test module; tests use distinct cell names."""
+    if os.geteuid() != 0:
+        pytest.skip("auraed needs root")
+    with running_daemon() as started:
+        yield started
+
+
+@pytest.fixture
+def client(daemon: DaemonProcess):  # type: ignore[no-untyped-def]
+    with daemon.client() as connected:
+        yield connected

@@ -1,0 +1,159 @@
+"""A real auraed for tests: its own temporary PKI, socket, runtime directory
+and cgroup subtree, started as a subprocess and always cleaned up.
+
+Cleanup does not trust the daemon: after it exits (or is killed), whatever is
+left under its cgroup subtree is killed and removed, and the test that
+started it fails if anything had to be.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from aurae_cli.pki import PkiPaths, init_pki
+
+CGROUP_MOUNT = Path("/sys/fs/cgroup")
+
+
+def cgroup_dirs(root_name: str) -> list[Path]:
+    """Every directory of the subtree `root_name` in every hierarchy."""
+    found = []
+    for hierarchy in CGROUP_MOUNT.iterdir():
+        top = hierarchy / root_name
+        if top.is_dir():
+            found.append(top)
+    if (CGROUP_MOUNT / root_name).is_dir():  # a v2 host
+        found.append(CGROUP_MOUNT / root_name)
+    return found
+
+
+def cgroup_pids(root_name: str) -> set[int]:
+    pids: set[int] = set()
+    for top in cgroup_dirs(root_name):
+        for procs in top.rglob("cgroup.procs"):
+            pids.update(int(p) for p in procs.read_text().split())
+    return pids
+
+
+def force_cleanup(root_name: str) -> bool:
+    """Kill and remove what is left of a cgroup subtree; True if anything was."""
+    if not cgroup_dirs(root_name):
+        return False
+    from auraed.kernel.cgroups import detect_backend
+
+    backend = detect_backend(root_name=root_name)
+    backend.cleanup_stale()
+    backend.teardown()
+    return True
+
+
+@dataclass
+class DaemonProcess:
+    process: subprocess.Popen[bytes]
+    pki: PkiPaths
+    workdir: Path
+    socket: str
+    cgroup_root: str
+    log_path: Path
+
+    @property
+    def config(self) -> str:
+        return str(self.pki.config)
+
+    @property
+    def runtime_dir(self) -> Path:
+        return self.workdir / "run"
+
+    def client(self, **settings: object):  # type: ignore[no-untyped-def]
+        import aurae_sdk
+
+        return aurae_sdk.Client(self.config, **settings)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def cli(self, *args: str, timeout: float = 30, input: str | None = None) -> subprocess.CompletedProcess[str]:
+        """Run `aurae-py ARGS` against this daemon."""
+        return subprocess.run(
+            [sys.executable, "-m", "aurae_cli", *args],
+            env={**os.environ, "AURAE_CONFIG": self.config},
+            capture_output=True, text=True, timeout=timeout, input=input,
+        )
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def wait_until_serving(daemon: DaemonProcess, timeout: float = 20) -> None:
+    import grpc
+
+    import aurae_sdk
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if daemon.process.poll() is not None:
+            raise RuntimeError(f"auraed exited with {daemon.process.returncode}:\n{daemon.log()}")
+        if os.path.exists(daemon.socket):
+            try:
+                with aurae_sdk.Client(daemon.config, timeout=2) as client:
+                    status = client.health.check(service="")
+                if status.status == 1:
+                    return
+            except (aurae_sdk.AuraeError, grpc.RpcError):
+                pass
+        time.sleep(0.05)
+    raise RuntimeError(f"auraed did not start serving in {timeout} s:\n{daemon.log()}")
+
+
+@contextmanager
+def running_daemon(*extra_args: str, grace_period: float = 2.0,
+                   cgroup_root: str | None = None) -> Iterator[DaemonProcess]:
+    """Start auraed; on exit stop it with SIGTERM and check it left nothing behind."""
+    # Unix socket paths must stay short (108 bytes), so not under pytest's tmp_path.
+    workdir = Path(tempfile.mkdtemp(prefix="aurae-test-", dir="/tmp"))
+    pki = init_pki(workdir / "pki", clients=("admin", "other"), socket=str(workdir / "aurae.sock"))
+    cgroup_root = cgroup_root or f"aurae-test-{secrets.token_hex(4)}"
+    log_path = workdir / "auraed.log"
+    command = [
+        sys.executable, "-m", "auraed",
+        "--socket", str(workdir / "aurae.sock"),
+        "--ca-crt", str(pki.ca_crt),
+        "--server-crt", str(pki.server_crt),
+        "--server-key", str(pki.server_key),
+        "--runtime-dir", str(workdir / "run"),
+        "--library-dir", str(workdir / "lib"),
+        "--cgroup-root", cgroup_root,
+        "--grace-period", str(grace_period),
+        "--verbose",
+        *extra_args,
+    ]
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
+    daemon = DaemonProcess(process, pki, workdir, str(workdir / "aurae.sock"), cgroup_root, log_path)
+    leftovers = False
+    try:
+        wait_until_serving(daemon)
+        yield daemon
+    finally:
+        daemon.stop()
+        leftovers = force_cleanup(cgroup_root)
+        shutil.rmtree(workdir, ignore_errors=True)
+    assert not leftovers, f"auraed left cgroups under {cgroup_root}"
