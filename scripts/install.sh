@@ -7,8 +7,9 @@ cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 # iproute2: `ip` inside network namespaces; util-linux: unshare/nsenter;
-# runc + busybox-static: the peer the cell benchmarks compare against.
-DEBIAN_PACKAGES="iproute2 util-linux runc busybox-static"
+# catatonit: pid 1 of isolated cells; runc + busybox-static: the peer the cell
+# benchmarks compare against.
+DEBIAN_PACKAGES="iproute2 util-linux catatonit runc busybox-static"
 
 missing=""
 for package in $DEBIAN_PACKAGES; do

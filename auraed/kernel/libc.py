@@ -1,4 +1,4 @@
-"""Linux calls that Python 3.11's os module lacks (setns, prctl), through ctypes.
+"""Linux calls that Python 3.11's os module lacks (setns, unshare, mount, prctl), through ctypes.
 
 Python 3.12 added os.setns, but one code path that works on both is easier to trust.
 Standard library only: the spawner imports this and must start fast.
@@ -24,6 +24,12 @@ NAMESPACE_FLAGS: dict[str, int] = {
 
 _PR_SET_CHILD_SUBREAPER = 36
 
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_REC = 0x4000
+MS_PRIVATE = 0x40000
+
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
 _libc.setns.restype = ctypes.c_int
@@ -35,6 +41,11 @@ _libc.prctl.argtypes = [
     ctypes.c_ulong,
 ]
 _libc.prctl.restype = ctypes.c_int
+_libc.unshare.argtypes = [ctypes.c_int]
+_libc.unshare.restype = ctypes.c_int
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
+                        ctypes.c_void_p]
+_libc.mount.restype = ctypes.c_int
 
 
 def _check(result: int) -> None:
@@ -54,3 +65,13 @@ def setns(fd: int, nstype: int) -> None:
 def set_child_subreaper() -> None:
     """Make orphaned descendants be reparented to this process instead of to init."""
     _check(_libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0))
+
+
+def unshare(flags: int) -> None:
+    """Give the calling process new namespaces of the kinds in flags (CLONE_NEWPID: its children)."""
+    _check(_libc.unshare(flags))
+
+
+def mount(source: str, target: str, fstype: str | None, flags: int) -> None:
+    _check(_libc.mount(source.encode(), target.encode(),
+                       fstype.encode() if fstype else None, flags, None))

@@ -87,6 +87,26 @@ class SpawnSpec:
         return list(self.command)
 
 
+@dataclass(frozen=True, kw_only=True)
+class HolderSpec:
+    """How to start the process that owns a cell's namespaces.
+
+    It joins `namespaces` (the parent cell's, None for the host's), places
+    itself in `cgroup_procs`, unshares the kinds in `unshare` ("pid", "mnt",
+    "ipc", "uts", "net") and runs `argv` — a pause-and-reap init — as pid 1 of
+    the new pid namespace, with a fresh /proc, `hostname`, and loopback up in
+    a new network namespace. Its stdout/stderr go to the given fds.
+    """
+
+    unshare: frozenset[str]
+    hostname: str
+    stdout_fd: int
+    stderr_fd: int
+    cgroup_procs: Sequence[str] = ()
+    namespaces: NamespaceSet | None = None
+    argv: Sequence[str] = ("catatonit", "-P")
+
+
 @dataclass(frozen=True)
 class SpawnedProcess:
     """A running workload. start_time (clock ticks since boot, /proc/<pid>/stat field 22) tells
@@ -235,23 +255,42 @@ class Spawner:
             raise SpawnerClosed("the spawner did not start")
 
     def spawn(self, spec: SpawnSpec) -> SpawnedProcess:
-        """Start a workload; returns once it runs its argv (it was exec'd).
+        """Start a workload; returns once it runs its argv (it was exec'd)."""
+        return self._request(
+            {
+                "op": "spawn",
+                "argv": spec.argv,
+                "uid": spec.uid,
+                "gid": spec.gid,
+                "cgroup_procs": list(spec.cgroup_procs),
+                "env": dict(spec.env),
+                "cwd": spec.cwd,
+                "namespaces": spec.namespaces.paths() if spec.namespaces else None,
+            },
+            (spec.stdout_fd, spec.stderr_fd),
+        )
 
-        Raises SpawnError (nothing started), SpawnerClosed, or TimeoutError after reply_timeout.
-        """
+    def spawn_holder(self, spec: HolderSpec) -> SpawnedProcess:
+        """Start a namespace holder; returns once its init runs in the new namespaces."""
+        return self._request(
+            {
+                "op": "holder",
+                "argv": list(spec.argv),
+                "uid": 0,
+                "gid": 0,
+                "cgroup_procs": list(spec.cgroup_procs),
+                "env": default_env(),
+                "cwd": "/",
+                "namespaces": spec.namespaces.paths() if spec.namespaces else None,
+                "unshare": sorted(spec.unshare),
+                "hostname": spec.hostname,
+            },
+            (spec.stdout_fd, spec.stderr_fd),
+        )
+
+    def _request(self, request: dict[str, Any], fds: tuple[int, int]) -> SpawnedProcess:
         request_id = next(self._request_ids)
-        request = {
-            "op": "spawn",
-            "id": request_id,
-            "argv": spec.argv,
-            "uid": spec.uid,
-            "gid": spec.gid,
-            "cgroup_procs": list(spec.cgroup_procs),
-            "env": dict(spec.env),
-            "cwd": spec.cwd,
-            "namespaces": spec.namespaces.paths() if spec.namespaces else None,
-        }
-        message = json.dumps(request).encode()
+        message = json.dumps({"id": request_id, **request}).encode()
         if len(message) > MAX_MESSAGE_BYTES:
             raise ValueError(f"spawn request of {len(message)} bytes is over {MAX_MESSAGE_BYTES}")
         pending = _PendingReply()
@@ -263,9 +302,7 @@ class Spawner:
         try:
             try:
                 # One sendmsg is one SEQPACKET message: concurrent senders need no lock.
-                socket.send_fds(
-                    sock, [message], [spec.stdout_fd, spec.stderr_fd], socket.MSG_NOSIGNAL
-                )
+                socket.send_fds(sock, [message], list(fds))
             except OSError as error:
                 raise SpawnerClosed(f"the spawner is not running: {error}") from error
             reply = pending.wait(self._reply_timeout)

@@ -11,6 +11,7 @@ object per message on the inherited AF_UNIX SOCK_SEQPACKET socket.
 
   daemon -> spawner  {"op": "spawn", "id", "argv", "uid", "gid", "cgroup_procs", "env", "cwd",
                       "namespaces": {kind: "/proc/<pid>/ns/<kind>"} | null}
+                     {"op": "holder", ... the same, plus "unshare": [kind, ...], "hostname"}
                      with SCM_RIGHTS [stdout fd, stderr fd]
   spawner -> daemon  {"event": "ready", "pid"}                       once, at start
                      {"id", "pid", "ns_pid", "start_time"}           spawned, running its argv
@@ -18,21 +19,40 @@ object per message on the inherited AF_UNIX SOCK_SEQPACKET socket.
                      {"event": "exit", "pid", "status"}              a spawned workload ended;
                                                                      status is the raw wait status
 
+A holder is the process that owns a cell's namespaces: it joins the given
+namespaces, unshares the kinds in "unshare" and runs argv (a pause-and-reap
+init such as `catatonit -P`) as pid 1 of the new pid namespace, with a fresh
+/proc, the hostname, and loopback up in a new network namespace.
+
 A spawn reply always precedes the exit event of its pid. End of file on the socket (or SIGTERM)
 means the daemon is gone: every workload is killed and reaped, then the spawner exits.
 """
 
 import errno
+import fcntl
 import json
 import os
 import select
 import signal
 import socket
+import struct
 import sys
 from types import FrameType
 from typing import Any, NoReturn
 
-from auraed.kernel.libc import CLONE_NEWPID, NAMESPACE_FLAGS, set_child_subreaper, setns
+from auraed.kernel.libc import (
+    CLONE_NEWPID,
+    MS_NODEV,
+    MS_NOEXEC,
+    MS_NOSUID,
+    MS_PRIVATE,
+    MS_REC,
+    NAMESPACE_FLAGS,
+    mount,
+    set_child_subreaper,
+    setns,
+    unshare,
+)
 
 MAX_MESSAGE_BYTES = 256 * 1024
 
@@ -135,9 +155,12 @@ class ForkServer:
     def _answer(self, request: dict[str, Any], fds: list[int], truncated: bool) -> dict[str, Any]:
         request_id = request.get("id")
         try:
-            if truncated or request.get("op") != "spawn" or len(fds) != 2:
+            if truncated or request.get("op") not in ("spawn", "holder") or len(fds) != 2:
                 raise SpawnFailed("request", errno.EINVAL, "malformed request")
-            pid = self._fork_workload(request, stdout=fds[0], stderr=fds[1])
+            if request["op"] == "holder":
+                pid = self._fork_holder(request, stdout=fds[0], stderr=fds[1])
+            else:
+                pid = self._fork_workload(request, stdout=fds[0], stderr=fds[1])
         except SpawnFailed as failure:
             return {"id": request_id, "error": failure.as_wire()}
         except (LookupError, TypeError, ValueError) as bad:
@@ -146,7 +169,9 @@ class ForkServer:
                 "error": SpawnFailed("request", errno.EINVAL, repr(bad)).as_wire(),
             }
         self._workloads.add(pid)
-        joined_pid_namespace = "pid" in (request["namespaces"] or {})
+        joined_pid_namespace = "pid" in (request["namespaces"] or {}) or "pid" in request.get(
+            "unshare", ()
+        )
         return {
             "id": request_id,
             "pid": pid,
@@ -154,11 +179,8 @@ class ForkServer:
             "start_time": _start_time(pid),
         }
 
-    def _fork_workload(self, request: dict[str, Any], stdout: int, stderr: int) -> int:
+    def _open_namespaces(self, request: dict[str, Any]) -> dict[str, int]:
         namespace_fds: dict[str, int] = {}
-        # The child reports a failure before exec here; exec closes it (CLOEXEC), so end of file
-        # with nothing written means the workload is running.
-        report_r, report_w = os.pipe2(os.O_CLOEXEC)
         try:
             for kind, path in (request["namespaces"] or {}).items():
                 if kind not in NAMESPACE_FLAGS:
@@ -167,6 +189,67 @@ class ForkServer:
                     namespace_fds[kind] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
                 except OSError as error:
                     raise SpawnFailed("namespace", error.errno or 0, path) from None
+        except SpawnFailed:
+            for fd in namespace_fds.values():
+                os.close(fd)
+            raise
+        return namespace_fds
+
+    def _fork_holder(self, request: dict[str, Any], stdout: int, stderr: int) -> int:
+        """Start a namespace holder; returns its host pid.
+
+        With a new pid namespace the first child unshares and forks pid 1, hands
+        us a pidfd for it (its pid as the first child sees it may be a nested
+        namespace's) and exits; pid 1, orphaned, comes to us as subreaper.
+        """
+        kinds = request["unshare"]
+        if not kinds or any(kind not in NAMESPACE_FLAGS for kind in kinds):
+            raise SpawnFailed("request", errno.EINVAL, f"bad namespace kinds {kinds!r}")
+        namespace_fds = self._open_namespaces(request)
+        # In our own pid namespace we can make the new one ourselves and fork
+        # its pid 1 directly; inside a cell's, the kernel refuses (unshare of
+        # CLONE_NEWPID needs pid_for_children to be our own), so a first child
+        # does it and forks pid 1.
+        direct = "pid" in kinds and "pid" not in namespace_fds
+        # SEQPACKET: a failure report and a pidfd arrive as separate messages.
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            executables = _executables(
+                request["argv"][0], request["env"], in_our_filesystem="mnt" not in namespace_fds
+            )
+            pid = self._fork_pid_one() if direct else self._fork(namespace_fds.get("pid"))
+            if pid == 0:
+                ours.close()
+                _become_holder(request, executables, (self._devnull, stdout, stderr),
+                               namespace_fds, theirs.fileno(), self._max_fd, is_pid_one=direct)
+            theirs.close()
+            holder, failure = pid, None
+            while True:
+                data, fds, _, _ = socket.recv_fds(ours, 4096, 1, socket.MSG_CMSG_CLOEXEC)
+                if not data:
+                    break
+                if fds:
+                    holder = _pid_of_pidfd(fds[0])
+                    for fd in fds:
+                        os.close(fd)
+                elif failure is None:
+                    failure = json.loads(data)
+        finally:
+            ours.close()
+            for fd in namespace_fds.values():
+                os.close(fd)
+        if ("pid" in kinds and not direct) or failure is not None:
+            os.waitpid(pid, 0)  # the first child: exited, or failed before exec
+        if failure is not None:
+            raise SpawnFailed(failure["stage"], failure["errno"], failure["detail"])
+        return holder
+
+    def _fork_workload(self, request: dict[str, Any], stdout: int, stderr: int) -> int:
+        namespace_fds = self._open_namespaces(request)
+        # The child reports a failure before exec here; exec closes it (CLOEXEC), so end of file
+        # with nothing written means the workload is running.
+        report_r, report_w = os.pipe2(os.O_CLOEXEC)
+        try:
             executables = _executables(
                 request["argv"][0], request["env"], in_our_filesystem="mnt" not in namespace_fds
             )
@@ -209,6 +292,21 @@ class ForkServer:
             # (if even that fails, the spawner must not go on: the error ends it). Not in the
             # child: its own children belong in the workload's namespace.
             if pid != 0 and pid_namespace is not None:
+                setns(self._own_pid_ns, CLONE_NEWPID)
+        return pid
+
+    def _fork_pid_one(self) -> int:
+        try:
+            unshare(CLONE_NEWPID)
+        except OSError as error:
+            raise SpawnFailed("unshare", error.errno or 0, "pid") from None
+        pid = -1
+        try:
+            pid = os.fork()
+        except OSError as error:
+            raise SpawnFailed("fork", error.errno or 0) from None
+        finally:
+            if pid != 0:
                 setns(self._own_pid_ns, CLONE_NEWPID)
         return pid
 
@@ -297,6 +395,117 @@ def _become_workload(
         _report_failure(report_fd, stage, 0, f"{detail} {error!r}".strip())
     finally:
         os._exit(127)
+
+
+def _become_holder(
+    request: dict[str, Any],
+    executables: list[str],
+    stdio: tuple[int, int, int],
+    namespace_fds: dict[str, int],
+    report_fd: int,
+    max_fd: int,
+    is_pid_one: bool,
+) -> NoReturn:
+    """In the forked child: make the cell's namespaces and become (or fork) their holder.
+
+    `is_pid_one`: the spawner already made the pid namespace and we are its pid 1.
+    """
+    kinds = request["unshare"]
+    stage, detail = "setup", ""
+    try:
+        signal.set_wakeup_fd(-1)
+        stage = "cgroup"
+        for path in request["cgroup_procs"]:
+            detail = path
+            _write_file(path, b"0")
+        stage = "setns"
+        for kind in _CHILD_NAMESPACES:
+            if kind in namespace_fds:
+                detail = kind
+                setns(namespace_fds[kind], NAMESPACE_FLAGS[kind])
+        stage, detail = "unshare", ",".join(kinds)
+        flags = 0
+        for kind in kinds:
+            if not (is_pid_one and kind == "pid"):
+                flags |= NAMESPACE_FLAGS[kind]
+        unshare(flags)
+        if "mnt" in kinds:
+            # Nothing mounted in the cell may propagate to the host.
+            stage, detail = "mount", "/ private"
+            mount("none", "/", None, MS_REC | MS_PRIVATE)
+        if "pid" in kinds and not is_pid_one:
+            stage, detail = "fork", ""
+            pid_one = os.fork()
+            if pid_one != 0:
+                pidfd = os.pidfd_open(pid_one)
+                socket.send_fds(socket.socket(fileno=report_fd), [b"pid"], [pidfd])
+                os._exit(0)
+        _hold_namespaces(request, executables, stdio, report_fd, max_fd)
+    except OSError as error:
+        _report_failure(report_fd, stage, error.errno or 0, detail)
+    except BaseException as error:  # noqa: BLE001 - the child must report, then _exit, whatever it was
+        _report_failure(report_fd, stage, 0, f"{detail} {error!r}".strip())
+    finally:
+        os._exit(127)
+
+
+def _hold_namespaces(
+    request: dict[str, Any],
+    executables: list[str],
+    stdio: tuple[int, int, int],
+    report_fd: int,
+    max_fd: int,
+) -> NoReturn:
+    """Inside the new namespaces: fill them in, then exec the holder's init."""
+    kinds = request["unshare"]
+    stage, detail = "setup", ""
+    try:
+        if "pid" in kinds and "mnt" in kinds:
+            stage, detail = "mount", "/proc"
+            mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        if "uts" in kinds and request.get("hostname"):
+            stage, detail = "sethostname", request["hostname"]
+            socket.sethostname(request["hostname"])
+        if "net" in kinds:
+            stage, detail = "loopback", "lo"
+            _loopback_up()
+        stage, detail = "setsid", ""
+        os.setsid()
+        stage = "stdio"
+        for target, fd in enumerate(stdio):
+            os.dup2(fd, target)
+        os.closerange(3, report_fd)
+        os.closerange(report_fd + 1, max_fd)
+        stage, detail = "exec", request["argv"][0]
+        _exec(executables, request["argv"], request["env"])
+    except OSError as error:
+        _report_failure(report_fd, stage, error.errno or 0, detail)
+    except BaseException as error:  # noqa: BLE001 - the child must report, then _exit, whatever it was
+        _report_failure(report_fd, stage, 0, f"{detail} {error!r}".strip())
+    finally:
+        os._exit(127)
+
+
+_SIOCGIFFLAGS = 0x8913
+_SIOCSIFFLAGS = 0x8914
+_IFF_UP = 0x1
+
+
+def _loopback_up() -> None:
+    """Bring lo up; the kernel then gives it 127.0.0.1 and ::1 by itself."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        request = struct.pack("16sH", b"lo", 0)
+        flags = struct.unpack("16sH", fcntl.ioctl(sock, _SIOCGIFFLAGS, request)[:18])[1]
+        fcntl.ioctl(sock, _SIOCSIFFLAGS, struct.pack("16sH", b"lo", flags | _IFF_UP))
+
+
+def _pid_of_pidfd(pidfd: int) -> int:
+    """The pid a pidfd refers to, in our own pid namespace."""
+    with open(f"/proc/self/fdinfo/{pidfd}", "rb") as info:
+        for line in info:
+            if line.startswith(b"Pid:"):
+                return int(line.split()[1])
+    raise SpawnFailed("holder", errno.ESRCH, "pidfd without a pid")
 
 
 def _report_failure(report_fd: int, stage: str, errno_code: int, detail: str) -> None:

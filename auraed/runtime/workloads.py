@@ -44,7 +44,16 @@ from auraed.kernel.cgroups import (
     UnsupportedLimit,
 )
 from auraed.kernel.cgroups import validate as validate_limits
-from auraed.kernel.processes import ExitStatus, SpawnError, Spawner, SpawnSpec, signal_group
+from auraed.kernel.processes import (
+    ExitStatus,
+    HolderSpec,
+    NamespaceSet,
+    SpawnedProcess,
+    SpawnError,
+    Spawner,
+    SpawnSpec,
+    signal_group,
+)
 from auraed.output import OutputLog, OutputPump, output_pipe
 from auraed.runtime.executables import Executable, ExecutableKey
 from auraed.runtime.names import CellName
@@ -58,6 +67,12 @@ DEFAULT_GRACE_PERIOD = 10.0
 KILL_WAIT = 5.0
 MAX_COMMAND_BYTES = 128 * 1024
 HOST_LOG_DIR = "_host"
+# Exits of pids nobody recorded (a spawn whose caller timed out) are kept this
+# long at most, so the table cannot grow without bound.
+MAX_EARLY_EXITS = 1024
+
+PROCESS_NAMESPACES = frozenset({"pid", "mnt", "ipc", "uts"})
+NETWORK_NAMESPACES = frozenset({"net"})
 
 
 @dataclass(frozen=True)
@@ -68,6 +83,16 @@ class CellSpec:
     isolate_process: bool = False
     isolate_network: bool = False
 
+    @property
+    def unshared(self) -> frozenset[str]:
+        """Namespace kinds this cell gets of its own."""
+        kinds: frozenset[str] = frozenset()
+        if self.isolate_process:
+            kinds |= PROCESS_NAMESPACES
+        if self.isolate_network:
+            kinds |= NETWORK_NAMESPACES
+        return kinds
+
 
 @dataclass(eq=False)
 class Cell:
@@ -76,6 +101,15 @@ class Cell:
     children: dict[str, Cell] = field(default_factory=dict)
     executables: dict[str, Executable] = field(default_factory=dict)
     freeing: bool = False
+    # The pid 1 (or pause process) holding the namespaces this cell made, and
+    # the namespaces its processes join: its own, else its nearest ancestor's.
+    holder: SpawnedProcess | None = None
+    namespaces: NamespaceSet | None = None
+    holder_ended: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def holder_gone(self) -> bool:
+        return self.holder is not None and self.holder_ended.is_set()
 
 
 @dataclass(frozen=True)
@@ -112,6 +146,7 @@ class Workloads:
         self._closing = False
         self._pids_lock = threading.Lock()
         self._by_host_pid: dict[int, Executable] = {}
+        self._holders: dict[int, Cell] = {}
         # Exits reported before the starting thread recorded the pid.
         self._early_exits: dict[int, tuple[ExitStatus, float]] = {}
 
@@ -132,6 +167,7 @@ class Workloads:
         self._log_root.mkdir(parents=True)
         self._spawner.start()
         self._pump.start()
+        self._devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
 
     def shutdown(self, grace: float | None = None) -> None:
         """Stop every executable, free every cell, remove our cgroups."""
@@ -149,6 +185,7 @@ class Workloads:
             self._host_executables.clear()
         self._spawner.close()
         self._pump.close()
+        os.close(self._devnull)
         self.backend.teardown()
         shutil.rmtree(self._log_root, ignore_errors=True)
 
@@ -172,12 +209,46 @@ class Workloads:
                 raise FailedPrecondition(
                     f"refusing to create cell {name}: {error}", field="cell.name"
                 ) from None
-            cell = Cell(name, spec)
+            cell = Cell(name, spec, namespaces=parent.namespaces if parent else None)
+            if spec.unshared:
+                try:
+                    self._hold_namespaces(cell, parent)
+                except BaseException:
+                    self.backend.remove(name.path)
+                    raise
             self._cells[name] = cell
             if parent is not None:
                 parent.children[name.leaf] = cell
-        log.info("cell allocated", extra={"cell": name.path})
+        log.info("cell allocated", extra={"cell": name.path,
+                                          "namespaces": ",".join(sorted(spec.unshared))})
         return cell
+
+    def _hold_namespaces(self, cell: Cell, parent: Cell | None) -> None:
+        """Start the process owning the cell's new namespaces (inside its
+        parent's, so a nested cell isolates further from there)."""
+        if parent is not None and parent.holder_gone:
+            raise FailedPrecondition(f"the namespaces of cell {parent.name} are gone",
+                                     field="cell.name")
+        try:
+            holder = self._spawner.spawn_holder(HolderSpec(
+                unshare=cell.spec.unshared,
+                hostname=cell.name.leaf,
+                stdout_fd=self._devnull,
+                stderr_fd=self._devnull,
+                cgroup_procs=self.backend.procs_files(cell.name.path),
+                namespaces=parent.namespaces if parent else None,
+            ))
+        except SpawnError as error:
+            raise FailedPrecondition(
+                f"could not create the namespaces of cell {cell.name}: {error.message} "
+                f"(at {error.stage})", field="cell.name") from None
+        paths = cell.namespaces.paths() if cell.namespaces else {}
+        for kind in cell.spec.unshared:
+            paths[kind] = f"/proc/{holder.host_pid}/ns/{kind}"
+        cell.holder = holder
+        cell.namespaces = NamespaceSet(**paths)
+        with self._pids_lock:
+            self._holders[holder.host_pid] = cell
 
     def free(self, name: CellName, *, grace: float | None = None, _shutting_down: bool = False) -> None:
         """Stop everything in the cell and its descendants, then remove them."""
@@ -194,6 +265,7 @@ class Workloads:
                 member.freeing = True
             executables = [e for c in subtree for e in c.executables.values()]
         self._stop_all(executables, self._grace(grace))
+        self._end_holders([member for member in subtree if member.holder is not None])
         try:
             self.backend.remove(name.path)
         except CgroupError as error:
@@ -203,12 +275,30 @@ class Workloads:
             raise FailedPrecondition(f"could not remove cell {name}: {error}", field="cell_name") from None
         with self._lock:
             for member in sorted(subtree, key=lambda c: len(c.name.labels), reverse=True):
+                if member.holder is not None:
+                    with self._pids_lock:
+                        self._holders.pop(member.holder.host_pid, None)
                 self._cells.pop(member.name, None)
                 for executable in member.executables.values():
                     self._forget(executable)
             if name.parent is not None and name.parent in self._cells:
                 self._cells[name.parent].children.pop(name.leaf, None)
         log.info("cell freed", extra={"cell": name.path})
+
+    def _end_holders(self, cells: list[Cell]) -> None:
+        """Kill the pid 1 (or pause process) of each cell; the kernel then ends
+        everything left in its pid namespace, so removing the cgroups finds
+        them empty instead of freezing and signalling one process at a time."""
+        for cell in cells:
+            assert cell.holder is not None
+            if not cell.holder_ended.is_set():
+                try:
+                    os.kill(cell.holder.host_pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        for cell in cells:
+            # Reported once the spawner has reaped it; cgroup removal copes if not.
+            cell.holder_ended.wait(KILL_WAIT)
 
     def tree(self) -> list[CellView]:
         with self._lock:
@@ -247,6 +337,7 @@ class Workloads:
         with self._lock:
             self._check_open()
             registry = self._registry(cell_name, field="cell_name", for_change=True)
+            namespaces = self._namespaces_for_start(cell_name)
             previous = registry.get(name)
             # A name is free again once its process group is gone, not just its leader.
             if previous is not None and not _ended(previous):
@@ -257,7 +348,7 @@ class Workloads:
             if previous is not None:
                 self._forget(previous)
                 del registry[name]
-            executable = self._spawn(key, command, description, uid, gid)
+            executable = self._spawn(key, command, description, uid, gid, namespaces)
             registry[name] = executable
         log.info(
             "executable started",
@@ -328,7 +419,21 @@ class Workloads:
             raise NotFound(f"cell {cell_name} does not exist", field=field)
         return cell.executables
 
-    def _spawn(self, key: ExecutableKey, command: str, description: str, uid: int, gid: int) -> Executable:
+    def _namespaces_for_start(self, cell_name: CellName | None) -> NamespaceSet | None:
+        if cell_name is None:
+            return None
+        cell = self._cells[cell_name]
+        # Every holder whose namespaces this cell uses must still be alive:
+        # a dead holder's /proc paths could name a recycled pid.
+        for ancestor in [*cell_name.ancestors(), cell_name]:
+            if self._cells[ancestor].holder_gone:
+                raise FailedPrecondition(
+                    f"the namespaces of cell {ancestor} are gone (its init was killed); "
+                    "free the cell and allocate it again", field="cell_name")
+        return cell.namespaces
+
+    def _spawn(self, key: ExecutableKey, command: str, description: str, uid: int, gid: int,
+               namespaces: NamespaceSet | None) -> Executable:
         log_dir = self._log_dir(key)
         stdout = OutputLog(log_dir, "stdout", segment_bytes=self._log_segment_bytes,
                            max_segments=self._log_segments)
@@ -344,6 +449,7 @@ class Workloads:
                 stdout_fd=out_write,
                 stderr_fd=err_write,
                 cgroup_procs=self.backend.procs_files(key.cell.path if key.cell else None),
+                namespaces=namespaces,
             )
             process = self._spawner.spawn(spec)
         except SpawnError as error:
@@ -400,10 +506,18 @@ class Workloads:
         """Called on the spawner's reader thread; must not take _lock."""
         when = time.time()
         with self._pids_lock:
+            holder_of = self._holders.pop(host_pid, None)
             executable = self._by_host_pid.get(host_pid)
-            if executable is None:
+            if executable is None and holder_of is None:
+                if len(self._early_exits) >= MAX_EARLY_EXITS:
+                    self._early_exits.pop(next(iter(self._early_exits)))
                 self._early_exits[host_pid] = (status, when)
                 return
+        if holder_of is not None:
+            holder_of.holder_ended.set()
+            if not holder_of.freeing:
+                log.warning("a cell's namespace holder ended", extra={"cell": holder_of.name.path})
+            return
         self._record_exit(executable, status, when)
 
     def _record_exit(self, executable: Executable, status: ExitStatus, when: float) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 import aurae_sdk
 from aurae_sdk import cells
-from harness import DaemonProcess
+from auraed.testing import DaemonProcess
 
 
 def proc_status(pid: int) -> dict[str, str]:
@@ -68,7 +68,7 @@ def test_runs_in_the_cells_cgroup_with_only_stdio(daemon: DaemonProcess, client:
     started = client.cells.start(cell_name=cell, executable={"name": "s", "command": "sleep 30"})
     pid = started.pid
     try:
-        # sh execs the last command of a simple line, so the pid is sleep's own.
+        # The pid is the shell's (dash forks even its last command).
         fds = sorted(int(fd) for fd in os.listdir(f"/proc/{pid}/fd"))
         assert fds == [0, 1, 2]
         assert os.readlink(f"/proc/{pid}/fd/0") == "/dev/null"

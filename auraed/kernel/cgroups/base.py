@@ -40,6 +40,21 @@ PROCS_LEAF = "_procs"
 HOST_LEAF = "_host"
 DEFAULT_TIMEOUT = 5.0
 POLL_INTERVAL = 0.005
+
+
+class Backoff:
+    """Sleeps that start short and grow to POLL_INTERVAL: a SIGKILLed process is
+    usually gone within a fraction of a millisecond, a stuck one should not
+    make us spin."""
+
+    def __init__(self, first: float = 0.0002, ceiling: float = POLL_INTERVAL) -> None:
+        self._delay = first
+        self._ceiling = ceiling
+
+    def sleep(self) -> None:
+        time.sleep(self._delay)
+        self._delay = min(self._delay * 2, self._ceiling)
+
 # How long kill() waits for a freeze to settle before signalling anyway: a task stuck in
 # uninterruptible sleep can hold a cgroup in FREEZING indefinitely.
 FREEZE_WAIT = 1.0
@@ -231,6 +246,7 @@ class CgroupBackend(ABC):
         and its pids cannot be reused before the signal lands.
         """
         signalled = self._kill_at_once(components) if sig == signal.SIGKILL else set()
+        backoff = Backoff()
         while pids := self._pids(components):
             if pids - signalled:
                 self._freeze(components, min(deadline, time.monotonic() + FREEZE_WAIT))
@@ -242,7 +258,7 @@ class CgroupBackend(ABC):
                     self._thaw(components)
             if time.monotonic() >= deadline:
                 raise CgroupBusy(self._name(components), pids)
-            time.sleep(POLL_INTERVAL)
+            backoff.sleep()
 
     def _kill_at_once(self, components: Components) -> set[int]:
         """SIGKILL everything below `components` in one kernel operation, if the host has one;

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from auraed.kernel.cgroups import cgroupfs
 from auraed.kernel.cgroups.base import (
-    POLL_INTERVAL,
+    Backoff,
     CgroupBackend,
     CgroupUsage,
     Components,
@@ -129,12 +129,13 @@ class CgroupV1Backend(CgroupBackend):
                 cgroupfs.write_file(fd, filename, cgroupfs.read_file(parent_fd, filename))
 
     def _freeze(self, components: Components, deadline: float) -> None:
+        backoff = Backoff()
         with self._open(self._by_controller["freezer"], components) as fd:
             cgroupfs.write_file(fd, "freezer.state", "FROZEN")
             while cgroupfs.read_file(fd, "freezer.state") != "FROZEN":
                 if time.monotonic() >= deadline:
                     return
-                time.sleep(POLL_INTERVAL)
+                backoff.sleep()
 
     def _thaw(self, components: Components) -> None:
         with self._open(self._by_controller["freezer"], components) as fd:

@@ -5,7 +5,7 @@ import time
 
 from auraed.kernel.cgroups import cgroupfs
 from auraed.kernel.cgroups.base import (
-    POLL_INTERVAL,
+    Backoff,
     CgroupBackend,
     CgroupUsage,
     Components,
@@ -143,12 +143,13 @@ class CgroupV2Backend(CgroupBackend):
             return pids
 
     def _freeze(self, components: Components, deadline: float) -> None:
+        backoff = Backoff()
         with self._open(self._unified, components) as fd:
             cgroupfs.write_file(fd, "cgroup.freeze", "1")
             while cgroupfs.read_keyed(fd, "cgroup.events")["frozen"] != 1:
                 if time.monotonic() >= deadline:
                     return
-                time.sleep(POLL_INTERVAL)
+                backoff.sleep()
 
     def _thaw(self, components: Components) -> None:
         with self._open(self._unified, components) as fd:
