@@ -1,5 +1,6 @@
-"""A real auraed for tests: its own temporary PKI, socket, runtime directory
-and cgroup subtree, started as a subprocess and always cleaned up.
+"""A throwaway auraed for tests and benchmarks: its own temporary PKI,
+socket, runtime directory and cgroup subtree, started as a subprocess and
+always cleaned up.
 
 Cleanup does not trust the daemon: after it exits (or is killed), whatever is
 left under its cgroup subtree is killed and removed, and the test that

@@ -9,7 +9,7 @@ import pytest
 
 import aurae_sdk
 from aurae_sdk import cells
-from harness import DaemonProcess, cgroup_dirs
+from auraed.testing import DaemonProcess, cgroup_dirs
 
 V1 = Path("/sys/fs/cgroup")
 

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import aurae_sdk
-from harness import cgroup_dirs, cgroup_pids, running_daemon
+from auraed.testing import cgroup_dirs, cgroup_pids, running_daemon
 
 
 def test_sigterm_stops_everything_and_removes_every_cgroup() -> None:

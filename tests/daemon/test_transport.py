@@ -13,7 +13,7 @@ import pytest
 import aurae_sdk
 from aurae_cli.pki import CertificateAuthority
 from aurae_sdk.config import TLS_SERVER_NAME, channel_options, parse_target
-from harness import DaemonProcess
+from auraed.testing import DaemonProcess
 
 
 def raw_channel(daemon: DaemonProcess, *, key: bytes | None, cert: bytes | None) -> grpc.Channel:
