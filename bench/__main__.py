@@ -1,0 +1,72 @@
+"""Run the benchmarks and write the report: `python -m bench [--quick] [--only a,b]`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from bench.core import machine
+from bench.report import write_report
+
+ROOT = Path(__file__).resolve().parent.parent
+# In report order; each module has run(quick) -> list[Result].
+BENCHMARKS = ["rpc", "start", "spawn", "logs", "cells", "scale", "cli", "codegen"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions (under 2 minutes)")
+    parser.add_argument("--only", default="", help="comma-separated benchmark names")
+    parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results" / "latest.json")
+    parser.add_argument("--report", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    args = parser.parse_args(argv)
+    chosen = [name for name in BENCHMARKS if not args.only or name in args.only.split(",")]
+    available = [n for n in chosen if (ROOT / "bench" / f"{n}.py").exists()]
+
+    results: list[dict[str, object]] = []
+    failures: dict[str, str] = {}
+    began = time.monotonic()
+    for name in available:
+        print(f"bench: {name} ...", flush=True)
+        started = time.monotonic()
+        try:
+            module = importlib.import_module(f"bench.{name}")
+            for result in module.run(args.quick):
+                entry = {"benchmark": name, **result.as_dict()}
+                results.append(entry)
+                _print(entry)
+        except Exception:  # one broken benchmark must not hide the others
+            failures[name] = traceback.format_exc()
+            print(failures[name], file=sys.stderr)
+        print(f"bench: {name} took {time.monotonic() - started:.1f} s", flush=True)
+
+    document = {
+        "machine": machine(),
+        "quick": args.quick,
+        "seconds": round(time.monotonic() - began, 1),
+        "results": results,
+        "failures": failures,
+    }
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(document, indent=2) + "\n")
+    write_report(document, args.report)
+    print(f"bench: wrote {args.results} and {args.report} in {document['seconds']} s")
+    return 1 if failures else 0
+
+
+def _print(entry: dict[str, object]) -> None:
+    if entry["kind"] == "comparison":
+        subject, peer = entry["subject"], entry["peer"]
+        print(f"  {entry['title']}: ratio {entry['ratio']:.2f}"  # type: ignore[str-format]
+              f"  ({subject['median']:.4g} vs {peer['median']:.4g} {subject['unit']})")  # type: ignore[index]
+    else:
+        print(f"  {entry['title']}: {entry['value']:.4g} {entry['unit']}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""Isolated cells: the whole lifecycle against `runc run` of an equivalent
+busybox bundle, and what an idle isolated cell costs in memory.
+
+Lifecycle, ours: Allocate (pid+mount+ipc+uts+net namespaces, cgroups),
+Start `true`, see it exit (Wait), Free — four RPCs over mTLS. Theirs: `runc
+run` of a bundle whose rootfs is busybox-static, with the same namespaces,
+running `true` (runc creates the cgroups, pivots into the rootfs, waits, and
+deletes the container).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from auraed.testing import running_daemon
+from bench.core import Comparison, Figure, Result, Series, interleave, rss_bytes
+
+BUSYBOX = Path("/bin/busybox")
+
+
+def runc_bundle(directory: Path) -> Path:
+    """A minimal OCI bundle: busybox as the whole rootfs, `true` as the process."""
+    rootfs = directory / "rootfs"
+    (rootfs / "bin").mkdir(parents=True)
+    for name in ("proc", "dev", "sys", "tmp"):
+        (rootfs / name).mkdir()
+    shutil.copy(BUSYBOX, rootfs / "bin" / "busybox")
+    (rootfs / "bin" / "true").symlink_to("busybox")
+    (rootfs / "bin" / "sh").symlink_to("busybox")
+    subprocess.run(["runc", "spec"], cwd=directory, check=True)
+    config = json.loads((directory / "config.json").read_text())
+    config["process"]["terminal"] = False
+    config["process"]["args"] = ["/bin/sh", "-c", "true"]
+    config["root"]["readonly"] = True
+    kinds = {ns["type"] for ns in config["linux"]["namespaces"]}
+    assert {"pid", "network", "ipc", "uts", "mount"} <= kinds, kinds
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+def pss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/smaps_rollup") as rollup:
+        for line in rollup:
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def run(quick: bool) -> list[Result]:
+    runs = 10 if quick else 40
+    idle_cells = 20 if quick else 100
+    ours = Series("Allocate isolated cell + Start `true` + Wait + Free (SDK, mTLS)", "ms")
+    theirs = Series("runc run (busybox bundle, same namespaces, `sh -c true`)", "ms")
+    results: list[Result] = []
+    with tempfile.TemporaryDirectory(prefix="aurae-bench-runc-") as tmp, \
+            running_daemon() as daemon, daemon.client() as client:
+        bundle = runc_bundle(Path(tmp))
+        counter = iter(range(10**9))
+
+        def lifecycle() -> float:
+            name = f"iso{next(counter)}"
+            begin = time.perf_counter()
+            client.cells.allocate(cell={"name": name, "isolate_process": True, "isolate_network": True})
+            client.cells.start(cell_name=name, executable={"name": "t", "command": "true"})
+            client.cells.wait(cell_name=name, executable_name="t", timeout=10)
+            client.cells.free(cell_name=name)
+            return (time.perf_counter() - begin) * 1e3
+
+        def runc_run() -> float:
+            name = f"aurae-bench-{next(counter)}"
+            begin = time.perf_counter()
+            subprocess.run(["runc", "run", "--bundle", str(bundle), name], check=True,
+                           stdin=subprocess.DEVNULL)
+            return (time.perf_counter() - begin) * 1e3
+
+        interleave(runs, (ours, lifecycle), (theirs, runc_run), warmup=2)
+        results.append(Comparison(
+            "isolated_lifecycle_vs_runc", "Isolated cell lifecycle vs runc run", ours, theirs,
+            goal="<= 0.5x runc"))
+
+        # Idle cost: the daemon's own growth plus each cell's holder process.
+        before = rss_bytes(daemon.process.pid)
+        for index in range(idle_cells):
+            client.cells.allocate(cell={"name": f"idle{index}", "isolate_process": True,
+                                        "isolate_network": True})
+        time.sleep(0.5)
+        after = rss_bytes(daemon.process.pid)
+        holders = [int(p) for p in subprocess.run(["pgrep", "-f", "^catatonit -P"], capture_output=True,
+                                                  text=True).stdout.split()]
+        holder_pss = sum(pss_bytes(pid) for pid in holders) / max(1, len(holders))
+        holder_rss = sum(rss_bytes(pid) for pid in holders) / max(1, len(holders))
+        per_cell = (after - before) / idle_cells + holder_pss
+        results.append(Figure(
+            "idle_isolated_cell_memory", f"Memory of one idle isolated cell ({idle_cells} allocated)",
+            per_cell / 1024 / 1024, "MiB",
+            notes=f"daemon RSS +{(after - before) / 1024 / idle_cells:.0f} KiB per cell; holder "
+                  f"(catatonit) PSS {holder_pss / 1024:.0f} KiB, RSS {holder_rss / 1024:.0f} KiB; "
+                  f"no Python process per cell"))
+        for index in range(idle_cells):
+            client.cells.free(cell_name=f"idle{index}")
+    return results

@@ -1,0 +1,101 @@
+"""The spawner against a bare fork/exec, and the output pump against a pipe —
+the kernel-facing floor under Start and under log streaming, without gRPC."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+import threading
+import time
+
+from auraed.kernel.processes import ExitStatus, Spawner, SpawnSpec
+from auraed.output import OutputLog, OutputPump, output_pipe
+from bench.core import Comparison, Result, Series, interleave
+
+
+class ExitWaiter:
+    """on_exit target: when each workload's exit was reported (perf_counter seconds)."""
+
+    def __init__(self) -> None:
+        self._exits: dict[int, float] = {}
+        self._changed = threading.Condition()
+
+    def record(self, pid: int, status: ExitStatus) -> None:
+        with self._changed:
+            self._exits[pid] = time.perf_counter()
+            self._changed.notify_all()
+
+    def wait_for(self, pid: int) -> float:
+        with self._changed:
+            self._changed.wait_for(lambda: pid in self._exits, timeout=60)
+            return self._exits.pop(pid)
+
+
+def _pumped(spawner: Spawner, exits: ExitWaiter, pump: OutputPump, directory: str,
+            command: str, lines: int) -> float:
+    """Seconds from spawn until a follower has read every line of `command`."""
+    log = OutputLog(directory, "stdout")
+    read_fd, write_fd = output_pipe()
+    pump.watch(read_fd, log)
+    begin = time.perf_counter()
+    try:
+        process = spawner.spawn(SpawnSpec(command=command, uid=0, gid=0, stdout_fd=write_fd,
+                                          stderr_fd=write_fd))
+    finally:
+        os.close(write_fd)
+    received = sum(len(batch) for batch in log.follow_batches(threading.Event()))
+    elapsed = time.perf_counter() - begin
+    exits.wait_for(process.host_pid)
+    log.remove()
+    if received != lines:
+        raise RuntimeError(f"lost lines: read {received} of {lines}")
+    return elapsed
+
+
+def run(quick: bool) -> list[Result]:
+    runs = 30 if quick else 200
+    lines = 50_000 if quick else 200_000
+    output_runs = 3 if quick else 7
+    exits = ExitWaiter()
+    devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+    spawned = Series("spawner: spawn `true` until its exit is reported", "ms")
+    forked = Series("subprocess.run(['true'])", "ms")
+    command = f"seq -f 'line %g of a chatty workload, as fast as it can' 1 {lines}"
+    size = len(subprocess.run(["sh", "-c", command], capture_output=True, check=True).stdout)
+    pumped = Series("pump -> segment files -> follower", "MB/s")
+    piped = Series("plain pipe into cat", "MB/s")
+    try:
+        with Spawner(exits.record) as spawner:
+            spec = SpawnSpec(command=["true"], uid=0, gid=0, stdout_fd=devnull, stderr_fd=devnull)
+
+            def spawn_once() -> float:
+                begin = time.perf_counter()
+                process = spawner.spawn(spec)
+                return (exits.wait_for(process.host_pid) - begin) * 1e3
+
+            def fork_once() -> float:
+                begin = time.perf_counter()
+                subprocess.run(["true"], stdout=devnull, stderr=devnull, check=True)
+                return (time.perf_counter() - begin) * 1e3
+
+            interleave(runs, (spawned, spawn_once), (forked, fork_once))
+
+            with OutputPump() as pump, tempfile.TemporaryDirectory(prefix="aurae-bench-") as tmp:
+                def pump_once() -> float:
+                    return size / _pumped(spawner, exits, pump, tmp, command, lines) / 1e6
+
+                def pipe_once() -> float:
+                    begin = time.perf_counter()
+                    subprocess.run(["sh", "-c", f"{command} | cat > /dev/null"], check=True)
+                    return size / (time.perf_counter() - begin) / 1e6
+
+                interleave(output_runs, (pumped, pump_once), (piped, pipe_once), warmup=1)
+    finally:
+        os.close(devnull)
+    return [
+        Comparison("spawn_vs_fork", "Spawner start+exit of `true` vs subprocess.run", spawned, forked,
+                   notes="fork of a Python process (copy-on-write faults) vs vfork in subprocess"),
+        Comparison("pump_vs_pipe", f"Output capture throughput ({lines} lines, {size / 1e6:.1f} MB) vs a plain pipe",
+                   pumped, piped, higher_is_better=True),
+    ]
