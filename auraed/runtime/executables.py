@@ -37,6 +37,7 @@ class Executable:
     started_at: float = field(default_factory=time.time)
     exit_status: ExitStatus | None = None
     exited_at: float = 0.0
+    oom_killed: bool = False
     _exited: threading.Event = field(default_factory=threading.Event, repr=False)
 
     @property

@@ -106,6 +106,8 @@ class Cell:
     holder: SpawnedProcess | None = None
     namespaces: NamespaceSet | None = None
     holder_ended: threading.Event = field(default_factory=threading.Event)
+    # OOM kills already attributed to an executable (the kernel's counter).
+    oom_kills_seen: int = 0
 
     @property
     def holder_gone(self) -> bool:
@@ -521,6 +523,8 @@ class Workloads:
         self._record_exit(executable, status, when)
 
     def _record_exit(self, executable: Executable, status: ExitStatus, when: float) -> None:
+        if status.signal == signal.SIGKILL and executable.cell is not None:
+            executable.oom_killed = self._oom_killed_in(executable.cell)
         executable.mark_exited(status, when)
         if status.signal is not None:
             self._publish_signal(executable, status.signal, delivered_by_daemon=False)
@@ -532,8 +536,24 @@ class Workloads:
                 "pid": executable.process.host_pid,
                 "exit_code": "" if status.exit_code is None else status.exit_code,
                 "signal": "" if status.signal is None else signal.Signals(status.signal).name,
+                "oom_killed": executable.oom_killed,
             },
         )
+
+    def _oom_killed_in(self, cell_name: CellName) -> bool:
+        """Whether the cell's OOM-kill counter moved since last asked: a
+        SIGKILL seen together with it was the OOM killer's."""
+        cell = self._cells.get(cell_name)
+        if cell is None:
+            return False
+        try:
+            count = self.backend.oom_kills(cell_name.path)
+        except CgroupError:
+            return False
+        if count is None or count <= cell.oom_kills_seen:
+            return False
+        cell.oom_kills_seen = count
+        return True
 
     def _publish_signal(self, executable: Executable, signum: int, *, delivered_by_daemon: bool) -> None:
         self.signals.publish(

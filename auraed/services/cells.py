@@ -70,6 +70,7 @@ def executable_status(executable: Executable) -> pb.ExecutableStatus:
         state=pb.EXECUTABLE_STATE_RUNNING if executable.running else pb.EXECUTABLE_STATE_EXITED,
         started_at=executable.started_at,
         exited_at=executable.exited_at,
+        oom_killed=executable.oom_killed,
     )
     if executable.exit_status is not None:
         if executable.exit_status.exit_code is not None:

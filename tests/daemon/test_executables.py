@@ -201,3 +201,19 @@ def test_free_stops_running_executables(client: aurae_sdk.Client) -> None:
     b = client.cells.start(cell_name="busy/nested", executable={"name": "b", "command": "sleep 300"})
     client.cells.free(cell_name="busy")
     assert not Path(f"/proc/{a.pid}").exists() and not Path(f"/proc/{b.pid}").exists()
+
+
+def test_an_oom_kill_in_a_cell_is_reported(client: aurae_sdk.Client) -> None:
+    client.cells.allocate(cell={"name": "tight", "memory": {"max": 16 * 1024 * 1024}})
+    try:
+        # exec: the process Start reports is the one that outgrows the cell.
+        client.cells.start(cell_name="tight", executable={
+            "name": "direct", "command": "exec python3 -c 'b = bytearray(64 << 20)'"})
+        direct = client.cells.wait(cell_name="tight", executable_name="direct", timeout=30).status
+        assert direct.signal == 9 and direct.oom_killed
+        killed = client.cells.start(cell_name="tight", executable={"name": "k", "command": "exec sleep 30"})
+        os.kill(killed.pid, 9)
+        plain = client.cells.wait(cell_name="tight", executable_name="k", timeout=10).status
+        assert plain.signal == 9 and not plain.oom_killed
+    finally:
+        client.cells.free(cell_name="tight")

@@ -583,6 +583,7 @@ class ExecutableStatus(_message.Message):
     SIGNAL_FIELD_NUMBER: _builtins.int
     STARTED_AT_FIELD_NUMBER: _builtins.int
     EXITED_AT_FIELD_NUMBER: _builtins.int
+    OOM_KILLED_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Name the executable was started with."""
     cell_name: _builtins.str
@@ -603,6 +604,8 @@ class ExecutableStatus(_message.Message):
     """When the process started, in Unix seconds."""
     exited_at: _builtins.float
     """When the process ended, in Unix seconds; 0 while it runs."""
+    oom_killed: _builtins.bool
+    """True when the kernel's OOM killer ended it: its cell hit its memory limit."""
     def __init__(
         self,
         *,
@@ -616,10 +619,11 @@ class ExecutableStatus(_message.Message):
         signal: _builtins.int | None = ...,
         started_at: _builtins.float = ...,
         exited_at: _builtins.float = ...,
+        oom_killed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "_signal", b"_signal", "exit_code", b"exit_code", "signal", b"signal"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "_signal", b"_signal", "cell_name", b"cell_name", "command", b"command", "exit_code", b"exit_code", "exited_at", b"exited_at", "host_pid", b"host_pid", "name", b"name", "pid", b"pid", "signal", b"signal", "started_at", b"started_at", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "_signal", b"_signal", "cell_name", b"cell_name", "command", b"command", "exit_code", b"exit_code", "exited_at", b"exited_at", "host_pid", b"host_pid", "name", b"name", "oom_killed", b"oom_killed", "pid", b"pid", "signal", b"signal", "started_at", b"started_at", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__exit_code: _TypeAlias = _typing.Literal["exit_code"]  # noqa: Y015
     _WhichOneofArgType__exit_code: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code"]  # noqa: Y015
