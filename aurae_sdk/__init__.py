@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from aurae_sdk.client import AsyncClient, Client, connect, connect_async
     from aurae_sdk.config import ClientConfig, ConfigError, load_config
     from aurae_sdk.generated import cells, discovery, health, observe, vms
+    from aurae_sdk.logs import adaemon_log, afollow, daemon_log, follow
     from aurae_sdk.messages import compact, from_dict, from_json, from_yaml, to_dict, to_json, to_yaml
     from aurae_sdk.rpc import RetryPolicy
 
@@ -49,6 +50,10 @@ _LAZY = {
     "ConfigError": "aurae_sdk.config",
     "load_config": "aurae_sdk.config",
     "RetryPolicy": "aurae_sdk.rpc",
+    "follow": "aurae_sdk.logs",
+    "afollow": "aurae_sdk.logs",
+    "daemon_log": "aurae_sdk.logs",
+    "adaemon_log": "aurae_sdk.logs",
     "compact": "aurae_sdk.messages",
     "to_dict": "aurae_sdk.messages",
     "from_dict": "aurae_sdk.messages",
@@ -83,6 +88,10 @@ __all__ = [
     "ConfigError",
     "DeadlineExceeded",
     "FailedPrecondition",
+    "adaemon_log",
+    "afollow",
+    "daemon_log",
+    "follow",
     "Internal",
     "InvalidArgument",
     "NotFound",

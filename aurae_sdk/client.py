@@ -63,6 +63,7 @@ class Client(SyncServices):
         self._transport = Transport(channel, timeout, retry or RetryPolicy())
 
     def close(self) -> None:
+        self._transport.closed = True
         self.channel.close()
 
     def __enter__(self) -> Client:
@@ -110,6 +111,7 @@ class AsyncClient(AsyncServices):
         self._transport = Transport(channel, timeout, retry or RetryPolicy())
 
     async def close(self) -> None:
+        self._transport.closed = True
         await self.channel.close()
 
     async def __aenter__(self) -> AsyncClient:

@@ -10,7 +10,6 @@ only when credentials are actually built.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 import tomllib
@@ -165,6 +164,8 @@ def parse_target(socket: str) -> Target:
         )
     if re.fullmatch(r"[0-9.]+", host):
         try:
+            import ipaddress  # only TCP targets need it; Unix sockets start faster
+
             address = ipaddress.IPv4Address(host)
         except ValueError:
             raise ConfigError(f"socket {socket!r}: {host!r} is not an IPv4 address") from None
@@ -308,6 +309,8 @@ def _ipv6_target(text: str) -> Target:
         # Upstream Aurae writes the zone after the port: [fe80::1]:8080%4.
         zone, percent = match["zone"], "%"
     try:
+        import ipaddress
+
         address = ipaddress.IPv6Address(address).compressed
     except ValueError:
         raise ConfigError(f"socket {text!r}: {address!r} is not an IPv6 address") from None
@@ -337,6 +340,8 @@ def _parse_port(text: str, socket: str) -> int:
 
 def _is_ip_address(text: str) -> bool:
     try:
+        import ipaddress
+
         ipaddress.ip_address(text)
     except ValueError:
         return False

@@ -9,7 +9,6 @@ and in how a call is awaited.
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -65,6 +64,8 @@ class RetryPolicy:
         if error.code() not in RETRYABLE_STATUSES:
             return None
         ceiling = min(self.max_backoff, self.initial_backoff * self.multiplier ** (attempt - 1))
+        import random  # only a failing call pays for it
+
         delay = random.uniform(0, ceiling)
         return delay if time.monotonic() + delay < deadline else None
 
@@ -99,10 +100,15 @@ class Transport:
     channel: grpc.Channel | grpc.aio.Channel
     timeout: float = DEFAULT_TIMEOUT
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    closed: bool = False
     _callables: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def callable(self, method: MethodSpec[Any, Any]) -> Any:
         """The channel's multicallable for `method`, made once and reused."""
+        if self.closed:
+            # grpcio 1.85 crashes the process (SIGSEGV) when a registered
+            # method is made on a closed channel; say what is wrong instead.
+            raise ValueError(f"{method.name}: the client is closed")
         found = self._callables.get(method.path)
         if found is None:
             channel: Any = self.channel  # the stubs lack _registered_method
@@ -207,6 +213,10 @@ class Stream(Generic[Resp]):
             if self._cancelled and error.code() == grpc.StatusCode.CANCELLED:
                 raise StopIteration from None
             raise from_rpc_error(error, self._method) from None
+        except KeyboardInterrupt:
+            # Ctrl-C ends the call, not only the loop that was reading it.
+            self.cancel()
+            raise
 
     def cancel(self) -> None:
         self._cancelled = True

@@ -12,6 +12,7 @@ from importlib import import_module
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from aurae_sdk.rpc import Transport
     from aurae_sdk.generated import cells
     from aurae_sdk.generated import discovery
     from aurae_sdk.generated import observe
@@ -54,7 +55,7 @@ SERVICES = {
 
 
 class _Services:
-    _transport: object
+    _transport: Transport
 
     def _service(self, attribute: str, flavour: int) -> object:
         module, *classes, _ = SERVICES[attribute]
