@@ -3,6 +3,8 @@
     aurae-py                      open the REPL
     aurae-py script.py [ARGS]     run a script with a connected client
     aurae-py cells allocate web   call one RPC
+    aurae-py describe cells       show the API from the embedded schema
+    aurae-py doctor               check config, certificates and the daemon
     aurae-py pki init DIR         make a development PKI
 
 Command groups load on first use, so `aurae-py discovery discover` imports
@@ -11,6 +13,8 @@ only what that one call needs.
 
 from __future__ import annotations
 
+import os
+import sys
 from importlib import import_module
 from typing import Any
 
@@ -21,7 +25,16 @@ from aurae_cli.generated import GROUPS
 # Hand-written commands: name -> (module, attribute, one-line help).
 BUILTIN_COMMANDS = {
     "pki": ("aurae_cli.pki_commands", "pki_group", "Create and extend a development PKI."),
+    "run": ("aurae_cli.scripts", "run_command", "Run a Python script with a connected client."),
+    "repl": ("aurae_cli.repl", "repl_command", "Open the interactive Python REPL (the default)."),
+    "describe": ("aurae_cli.describe", "describe_command",
+                 "Show services, RPCs and messages from the embedded schema."),
+    "doctor": ("aurae_cli.doctor", "doctor_command",
+               "Check the config, certificates and daemon, and say what to fix."),
 }
+
+# The environment variable click's shell completion answers to.
+COMPLETE_VAR = "_AURAE_PY_COMPLETE"
 
 
 class Session:
@@ -60,6 +73,14 @@ class LazyGroup(click.Group):
             return getattr(import_module(module), attribute)  # type: ignore[no-any-return]
         return super().get_command(ctx, name)
 
+    def resolve_command(self, ctx: click.Context,
+                        args: list[str]) -> tuple[str | None, click.Command | None, list[str]]:
+        # `aurae-py script.py ARGS` (and so a `#!/usr/bin/env aurae-py` line)
+        # means `aurae-py run script.py ARGS`; a command name always wins.
+        if args and looks_like_script(args[0]) and args[0] not in self.list_commands(ctx):
+            return "run", self.get_command(ctx, "run"), args
+        return super().resolve_command(ctx, args)
+
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         # Listing must not import every group just to show its help line.
         rows = [(name, help_) for name, (_, help_) in GROUPS.items()]
@@ -69,7 +90,12 @@ class LazyGroup(click.Group):
             formatter.write_dl(sorted(rows))
 
 
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+def looks_like_script(argument: str) -> bool:
+    return argument.endswith(".py") or os.path.isfile(argument)
+
+
+@click.group(cls=LazyGroup, invoke_without_command=True,
+             context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--config", envvar="AURAE_CONFIG", metavar="PATH",
               help="Client config (TOML). Default: $AURAE_CONFIG, ~/.aurae/config, "
                    "/etc/aurae/config, /var/lib/aurae/config.")
@@ -78,6 +104,37 @@ class LazyGroup(click.Group):
 @click.version_option(package_name="aurae-py", prog_name="aurae-py")
 @click.pass_context
 def cli(ctx: click.Context, config: str | None, socket: str | None) -> None:
-    """aurae-py: script, explore and drive an Aurae node."""
+    """aurae-py: script, explore and drive an Aurae node.
+
+    Without a command, opens the REPL (or, when stdin is not a terminal, runs
+    it as a script). `aurae-py SCRIPT [ARGS]` runs a Python script.
+    """
     ctx.obj = Session(config, socket)
     ctx.call_on_close(ctx.obj.close)
+    if ctx.invoked_subcommand is None:
+        if sys.stdin.isatty():
+            from aurae_cli.repl import run_repl
+
+            run_repl(config, socket)
+        else:
+            from aurae_cli.scripts import ScriptClients, run_script
+
+            ctx.exit(run_script("-", [], ScriptClients(config, socket)))
+
+
+@cli.command("completion")
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+def completion_command(shell: str) -> None:
+    """Print the shell completion script for SHELL.
+
+    \b
+    bash:  eval "$(aurae-py completion bash)"     (e.g. in ~/.bashrc)
+    zsh:   eval "$(aurae-py completion zsh)"      (e.g. in ~/.zshrc)
+    fish:  aurae-py completion fish > ~/.config/fish/completions/aurae-py.fish
+    """
+    from click.shell_completion import get_completion_class
+
+    completion_class = get_completion_class(shell)
+    if completion_class is None:  # click knows every shell the Choice allows
+        raise click.UsageError(f"no completion for {shell}")
+    click.echo(completion_class(cli, {}, "aurae-py", COMPLETE_VAR).source())

@@ -17,9 +17,12 @@ from google.protobuf.message import Message
 from aurae_sdk.messages import to_dict, to_json, to_yaml
 
 
-def _log_lines(message: Message) -> list[str] | None:
-    """The lines of a log-carrying response (LogItem `item` / `items`), else None."""
+def log_lines(message: Message) -> list[str] | None:
+    """The text of a LogItem, or of the LogItems a response carries (`item` /
+    `items`); None for any other message."""
     descriptor = message.DESCRIPTOR
+    if descriptor.name == "LogItem":
+        return [message.line]  # type: ignore[attr-defined]
     if "item" not in descriptor.fields_by_name:
         return None
     item_type = descriptor.fields_by_name["item"].message_type
@@ -31,6 +34,13 @@ def _log_lines(message: Message) -> list[str] | None:
     return [item.line for item in items]
 
 
+def _scalar(value: Any) -> str:
+    # Text output speaks proto, not Python: true/false, like the JSON and YAML forms.
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
 def _text(value: Any, indent: int = 0) -> list[str]:
     pad = "  " * indent
     lines: list[str] = []
@@ -40,7 +50,7 @@ def _text(value: Any, indent: int = 0) -> list[str]:
                 lines.append(f"{pad}{key}:")
                 lines.extend(_text(item, indent + 1))
             else:
-                lines.append(f"{pad}{key}: {item if item != {} and item != [] else '-'}")
+                lines.append(f"{pad}{key}: {_scalar(item) if item != {} and item != [] else '-'}")
     elif isinstance(value, list):
         for item in value:
             inner = _text(item, indent + 1)
@@ -48,7 +58,7 @@ def _text(value: Any, indent: int = 0) -> list[str]:
                 lines.append(f"{pad}- {inner[0].strip()}")
                 lines.extend(inner[1:])
     else:
-        lines.append(f"{pad}{value}")
+        lines.append(f"{pad}{_scalar(value)}")
     return lines
 
 
@@ -60,7 +70,7 @@ def print_message(message: Message, output: str, *, streaming: bool) -> None:
             click.echo("---")
         click.echo(to_yaml(message), nl=False)
     else:
-        lines = _log_lines(message)
+        lines = log_lines(message)
         if lines is None:
             lines = _text(to_dict(message))
             if streaming and lines:

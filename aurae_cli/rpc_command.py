@@ -7,6 +7,7 @@ as text, JSON or YAML, and exits with a status that reflects the gRPC status.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Mapping
 from typing import Any, NoReturn, TypeVar
@@ -19,11 +20,14 @@ F = TypeVar("F", bound=Callable[..., Any])
 # can tell NOT_FOUND (69) from INVALID_ARGUMENT (67); 1 is any other error,
 # 2 a usage error (click's own).
 RPC_EXIT_BASE = 64
+# What a shell reports for a process ended by a signal: 128 + its number.
+INTERRUPTED_EXIT = 128 + 2  # SIGINT: Ctrl-C
+BROKEN_PIPE_EXIT = 128 + 13  # SIGPIPE: the reader went away (`| head`)
 
 
-class EnumChoice(click.ParamType):
-    """An enum flag: accepts the short name ("stdout"), the full name
-    ("LOG_CHANNEL_TYPE_STDOUT") or the number; yields the full name."""
+class EnumChoice(click.ParamType[str]):
+    """An enum flag: accepts the short name ("stdout") or the full name
+    ("LOG_CHANNEL_TYPE_STDOUT"), in any case; yields the full name."""
 
     name = "enum"
 
@@ -49,7 +53,7 @@ class EnumChoice(click.ParamType):
         return [CompletionItem(v) for v in self.values if v.startswith(incomplete)]
 
 
-class KeyValue(click.ParamType):
+class KeyValue(click.ParamType[tuple[str, str]]):
     """A map entry flag: KEY=VALUE."""
 
     name = "key=value"
@@ -75,7 +79,8 @@ def rpc_options(command: F) -> F:
     )(command)
     command = click.option(
         "--request", "request_file", type=click.File("r"), default=None, metavar="FILE",
-        help="Read the request from a JSON or YAML file ('-' for stdin); flags override it.",
+        help="Read the request from a JSON or YAML file ('-' for stdin); flags override it, "
+             "and \"\" as an argument leaves the file's value.",
     )(command)
     return command
 
@@ -105,7 +110,10 @@ def request_dict(params: Mapping[str, Any], fields: Mapping[str, str],
     if request_text is not None:
         import yaml  # JSON is YAML, so one parser reads both
 
-        loaded = yaml.safe_load(request_text)
+        try:
+            loaded = yaml.safe_load(request_text)
+        except yaml.YAMLError as error:
+            raise click.UsageError(f"--request is not valid JSON or YAML: {error}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise click.UsageError("--request must hold a JSON or YAML object")
         request = loaded or {}
@@ -113,15 +121,17 @@ def request_dict(params: Mapping[str, Any], fields: Mapping[str, str],
         value = _flag_value(params.get(param))
         if value is None:
             continue
-        if value == "" and _is_optional_positional(dotted):
+        # An empty positional stands for "not given": it leaves the request
+        # file's value, or at top level an optional field, unset.
+        if value == "" and (request_text is not None or _is_optional_positional(dotted)):
             continue
         set_path(request, dotted, value)
     return request
 
 
 def _is_optional_positional(dotted: str) -> bool:
-    # An empty positional stands for "unset", e.g. `cells start "" NAME` runs
-    # at host level. Only top-level fields can be optional positionals.
+    # e.g. `cells start "" NAME` runs at host level. Only top-level fields can
+    # be optional positionals.
     return "." not in dotted
 
 
@@ -140,20 +150,45 @@ def invoke(attribute: str, method: str, params: dict[str, Any], fields: Mapping[
         client = ctx.find_root().obj.client()
         call = getattr(getattr(client, attribute), method)
         if server_streaming:
-            stream = call(request, timeout=timeout)
-            try:
-                for response in stream:
-                    print_message(response, output, streaming=True)
-            except KeyboardInterrupt:
-                stream.cancel()
+            _print_stream(call(request, timeout=timeout), output)
         else:
             print_message(call(request, timeout=timeout), output, streaming=False)
     except AuraeError as error:
-        fail_rpc(error)
+        click.echo(f"aurae-py: {error}", err=True)
+        finish(RPC_EXIT_BASE + error.status)
     except (TypeError, ValueError) as error:
         raise click.UsageError(str(error)) from None
+    except KeyboardInterrupt:  # while waiting for a unary response
+        sys.exit(INTERRUPTED_EXIT)
+    finish(0)
 
 
-def fail_rpc(error: Any) -> NoReturn:
-    click.echo(f"aurae-py: {error}", err=True)
-    sys.exit(RPC_EXIT_BASE + error.status)
+def finish(status: int) -> NoReturn:
+    """End a one-shot RPC command now.
+
+    Everything it owes the user is printed; tearing down the interpreter and
+    grpc's threads would only add ~15 ms to every command. The kernel closes
+    the channel's socket.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+def _print_stream(stream: Any, output: str) -> None:
+    """Print responses until the stream ends; Ctrl-C or a closed pipe end the
+    call quietly, with the exit status a shell expects."""
+    from aurae_cli.output import print_message
+
+    try:
+        for response in stream:
+            print_message(response, output, streaming=True)
+    except KeyboardInterrupt:
+        stream.cancel()
+        sys.exit(INTERRUPTED_EXIT)
+    except BrokenPipeError:
+        stream.cancel()
+        # Python flushes stdout again at exit; point it at /dev/null so that
+        # flush does not fail on the closed pipe too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(BROKEN_PIPE_EXIT)

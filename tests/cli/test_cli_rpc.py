@@ -1,0 +1,235 @@
+"""`aurae-py SERVICE RPC` against a real auraed: exit statuses, output formats,
+request files, enum flags, help text, completion and Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from auraed.testing import DaemonProcess
+
+
+@pytest.fixture
+def cli_cell(daemon: DaemonProcess) -> Iterator[str]:
+    name = "cli-cell"
+    assert daemon.cli("cells", "allocate", name).returncode == 0
+    try:
+        yield name
+    finally:
+        daemon.cli("cells", "free", name)
+
+
+def _cell_names(daemon: DaemonProcess) -> set[str]:
+    with daemon.client() as client:
+        return {node.cell.name for node in client.cells.list().cells}
+
+
+@pytest.mark.parametrize(
+    ("args", "status", "message"),
+    [
+        (("cells", "free", "no-such-cell"), 69, "NOT_FOUND: cell no-such-cell does not exist"),
+        (("cells", "allocate", "Not A Name"), 67, "INVALID_ARGUMENT: invalid cell name"),
+    ],
+    ids=["not-found", "invalid-argument"],
+)
+def test_a_failed_rpc_exits_with_64_plus_its_status(
+    daemon: DaemonProcess, args: tuple[str, ...], status: int, message: str
+) -> None:
+    result = daemon.cli(*args)
+    assert result.returncode == status
+    assert result.stderr.startswith(f"aurae-py: {message}")
+    assert result.stdout == ""
+
+
+def test_allocating_twice_exits_70(daemon: DaemonProcess, cli_cell: str) -> None:
+    result = daemon.cli("cells", "allocate", cli_cell)
+    assert result.returncode == 70
+    assert "ALREADY_EXISTS" in result.stderr and "(field cell.name)" in result.stderr
+
+
+def test_success_exits_0_and_prints_bools_as_proto_does(daemon: DaemonProcess) -> None:
+    result = daemon.cli("discovery", "discover")
+    assert result.returncode == 0
+    assert "healthy: true" in result.stdout.splitlines()
+
+
+def test_json_output_parses(daemon: DaemonProcess, cli_cell: str) -> None:
+    result = daemon.cli("cells", "list", "-o", "json")
+    assert result.returncode == 0
+    assert {"cell": {"name": cli_cell}} in json.loads(result.stdout)["cells"]
+
+
+def test_streams_print_json_lines(daemon: DaemonProcess, cli_cell: str) -> None:
+    started = json.loads(
+        daemon.cli("cells", "start", cli_cell, "count", "--command", "seq 1 3", "-o", "json").stdout
+    )
+    daemon.cli("cells", "wait", cli_cell, "count")
+    result = daemon.cli("observe", "get-sub-process-stream", str(started["pid"]), "-o", "json")
+    assert result.returncode == 0
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["item"]["line"] for line in lines] == ["1", "2", "3"]
+
+
+def test_request_from_stdin(daemon: DaemonProcess) -> None:
+    request = json.dumps({"cell": {"name": "cli-stdin", "cpu": {"weight": 300}}})
+    # "" leaves the required NAME argument to the request.
+    result = daemon.cli("cells", "allocate", "--request", "-", "", input=request)
+    try:
+        assert result.returncode == 0, result.stderr
+        assert "cell_name: cli-stdin" in result.stdout
+        with daemon.client() as client:
+            [node] = [n for n in client.cells.list().cells if n.cell.name == "cli-stdin"]
+        assert node.cell.cpu.weight == 300
+    finally:
+        daemon.cli("cells", "free", "cli-stdin")
+
+
+def test_flags_override_the_request_file_and_yaml_works(daemon: DaemonProcess) -> None:
+    result = daemon.cli(
+        "cells",
+        "allocate",
+        "--request",
+        "-",
+        "cli-yaml",
+        "--cpu-weight",
+        "50",
+        input="cell:\n  name: ignored\n  cpu: {weight: 10}\n",
+    )
+    try:
+        assert result.returncode == 0, result.stderr
+        assert "cli-yaml" in _cell_names(daemon)
+        assert "ignored" not in _cell_names(daemon)
+    finally:
+        daemon.cli("cells", "free", "cli-yaml")
+
+
+def test_a_malformed_request_file_is_a_usage_error(daemon: DaemonProcess) -> None:
+    result = daemon.cli("cells", "allocate", "--request", "-", "x", input="cell: {")
+    assert result.returncode == 2
+    assert "--request is not valid JSON or YAML" in result.stderr
+
+
+def test_enum_flags_take_short_and_full_names(daemon: DaemonProcess, cli_cell: str) -> None:
+    started = json.loads(
+        daemon.cli(
+            "cells", "start", cli_cell, "both", "--command", "echo out; echo err >&2", "-o", "json"
+        ).stdout
+    )
+    daemon.cli("cells", "wait", cli_cell, "both")
+    pid = str(started["pid"])
+    for name in ("stderr", "STDERR", "LOG_CHANNEL_TYPE_STDERR"):
+        result = daemon.cli("observe", "get-sub-process-stream", pid, "--channel-type", name)
+        assert result.stdout == "err\n", name
+    bad = daemon.cli("observe", "get-sub-process-stream", pid, "--channel-type", "stdlog")
+    assert bad.returncode == 2
+    assert "'stdlog' is not one of unspecified, stdout, stderr" in bad.stderr
+
+
+def test_help_shows_the_proto_comments(daemon: DaemonProcess) -> None:
+    result = daemon.cli("cells", "allocate", "--help")
+    assert "Reserve a new cell: create its cgroup with the requested limits" in result.stdout
+    assert "Relative share of CPU time" in result.stdout
+
+
+def test_completion_scripts_print(daemon: DaemonProcess) -> None:
+    for shell in ("bash", "zsh", "fish"):
+        result = daemon.cli("completion", shell)
+        assert result.returncode == 0
+        assert "_AURAE_PY_COMPLETE" in result.stdout
+    # The script asks aurae-py itself; here is what it gets back.
+    completed = subprocess.run(
+        [sys.executable, "-m", "aurae_cli"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={
+            **os.environ,
+            "_AURAE_PY_COMPLETE": "bash_complete",
+            "COMP_WORDS": "aurae-py cel",
+            "COMP_CWORD": "1",
+        },
+    )
+    assert completed.stdout.split() == ["plain,cells"]
+
+
+def test_ctrl_c_ends_a_stream_quietly_with_130(daemon: DaemonProcess, cli_cell: str) -> None:
+    started = json.loads(
+        daemon.cli(
+            "cells",
+            "start",
+            cli_cell,
+            "tick",
+            "--command",
+            "while :; do echo tick; sleep 0.1; done",
+            "-o",
+            "json",
+        ).stdout
+    )
+    follower = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "aurae_cli",
+            "observe",
+            "get-sub-process-stream",
+            str(started["pid"]),
+        ],
+        env={**os.environ, "AURAE_CONFIG": daemon.config},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert follower.stdout is not None
+        assert follower.stdout.readline() == "tick\n"
+        follower.send_signal(signal.SIGINT)
+        _, stderr = follower.communicate(timeout=15)
+    finally:
+        follower.kill()
+        follower.wait()
+    assert follower.returncode == 130
+    assert stderr == ""
+
+
+def test_a_closed_pipe_ends_a_stream_quietly(daemon: DaemonProcess, cli_cell: str) -> None:
+    started = json.loads(
+        daemon.cli(
+            "cells", "start", cli_cell, "many", "--command", "seq 1 100000", "-o", "json"
+        ).stdout
+    )
+    pipeline = subprocess.run(
+        f"{sys.executable} -m aurae_cli observe get-sub-process-stream {started['pid']} "
+        "| head -n 2; echo status=${PIPESTATUS[0]}",
+        shell=True,
+        executable="/bin/bash",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "AURAE_CONFIG": daemon.config},
+    )
+    assert pipeline.stdout.splitlines() == ["1", "2", "status=141"]
+    assert pipeline.stderr == ""
+
+
+@pytest.mark.parametrize("args", [("--help",), ("discovery", "discover")], ids=["help", "rpc"])
+def test_the_cli_starts_without_the_repl_or_the_pki_libraries(
+    daemon: DaemonProcess, args: tuple[str, ...]
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "aurae_cli", *args],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "AURAE_CONFIG": daemon.config},
+    )
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()}
+    assert not imported & {"ptpython", "prompt_toolkit", "jedi", "cryptography", "yaml"}
+    if args == ("--help",):
+        assert "grpc" not in imported
