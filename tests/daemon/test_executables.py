@@ -68,7 +68,9 @@ def test_runs_in_the_cells_cgroup_with_only_stdio(daemon: DaemonProcess, client:
     started = client.cells.start(cell_name=cell, executable={"name": "s", "command": "sleep 30"})
     pid = started.pid
     try:
-        # The pid is the shell's (dash forks even its last command).
+        # The pid is the shell's (dash forks even its last command). Right after
+        # exec the dynamic loader briefly holds fd 3; wait until sh waits.
+        wait_for(lambda: Path(f"/proc/{pid}/wchan").read_text() not in ("", "0"))
         fds = sorted(int(fd) for fd in os.listdir(f"/proc/{pid}/fd"))
         assert fds == [0, 1, 2]
         assert os.readlink(f"/proc/{pid}/fd/0") == "/dev/null"

@@ -152,6 +152,9 @@ def test_output_reaches_the_pipes_and_the_exit_code_the_callback(
 
 def test_a_workload_has_only_fds_0_1_2(start: Callable[..., SpawnedProcess]) -> None:
     process = start(["sleep", "300"])
+    # Right after exec the dynamic loader holds fd 3 (ld.so.cache, libc) for a
+    # moment; look once the process has settled into its sleep.
+    wait_until(lambda: Path(f"/proc/{process.host_pid}/wchan").read_text() not in ("", "0"))
     assert sorted(os.listdir(f"/proc/{process.host_pid}/fd")) == ["0", "1", "2"]
     assert os.readlink(f"/proc/{process.host_pid}/fd/0") == "/dev/null"
 
