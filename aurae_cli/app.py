@@ -117,7 +117,8 @@ def cli(ctx: click.Context, config: str | None, socket: str | None) -> None:
 
             run_repl(config, socket)
         else:
-            from aurae_cli.scripts import ScriptClients, run_script
+            from aurae_cli.scripts import run_script
+            from aurae_sdk.script import ScriptClients
 
             ctx.exit(run_script("-", [], ScriptClients(config, socket)))
 

@@ -37,9 +37,10 @@ from ptpython.repl import PythonRepl, ReplExit
 from ptpython.repl import exit as ExitCommand
 
 from aurae_cli.describe import field_type_name
-from aurae_cli.scripts import ScriptClients, preloaded_names, show
+from aurae_cli.scripts import preloaded_names, show
 from aurae_sdk.messages import compact
 from aurae_sdk.rpc import AsyncServiceClient, AsyncStream, MethodSpec, ServiceClient, Stream
+from aurae_sdk.script import ScriptClients
 
 AnyDescriptor = Any  # protobuf's C descriptors; see aurae_sdk.messages
 

@@ -25,105 +25,16 @@ import os
 import sys
 import traceback
 import types
-from collections.abc import AsyncIterable, Callable, Coroutine, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
+from collections.abc import AsyncIterable, Coroutine, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, overload
 
 import click
 
 from aurae_cli.rpc_command import INTERRUPTED_EXIT, RPC_EXIT_BASE
+from aurae_sdk.script import ScriptClients, bind
 
 if TYPE_CHECKING:
     from google.protobuf.message import Message
-
-    from aurae_sdk.client import AsyncClient, Client
-    from aurae_sdk.config import ClientConfig
-
-C = TypeVar("C")
-
-
-class LazyClient(Generic[C]):
-    """Stands in for a client and opens it when an attribute is first used.
-
-    A script that never calls the daemon must run without a config, and an
-    AsyncClient must be created inside the event loop that will use it; both
-    follow from opening on first use rather than at start.
-    """
-
-    def __init__(self, open_client: Callable[[], C], kind: str) -> None:
-        self._open_client = open_client
-        self._kind = kind
-        self.opened: C | None = None
-
-    def resolve(self) -> C:
-        """The client, opened now if it was not yet."""
-        if self.opened is None:
-            self.opened = self._open_client()
-        return self.opened
-
-    def __getattr__(self, name: str) -> Any:
-        # Only reached for names the proxy itself lacks; dunders are left alone
-        # so that copy, pickle and introspection do not open a connection.
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return getattr(self.resolve(), name)
-
-    def __dir__(self) -> list[str]:
-        return dir(self.resolve())
-
-    def __repr__(self) -> str:
-        if self.opened is None:
-            return f"<{self._kind}, opened on first use>"
-        return repr(self.opened)
-
-
-class ScriptClients:
-    """The `client` and `aclient` of one script or REPL session."""
-
-    def __init__(self, config: str | None = None, socket: str | None = None) -> None:
-        self._config_path = config
-        self._socket = socket
-        self._config: ClientConfig | None = None
-        self.client: LazyClient[Client] = LazyClient(self._open, "aurae_sdk.Client")
-        self.aclient: LazyClient[AsyncClient] = LazyClient(
-            self._open_async, "aurae_sdk.AsyncClient"
-        )
-
-    def config(self) -> ClientConfig:
-        """The client config, read once; raises ConfigError."""
-        if self._config is None:
-            from aurae_sdk.config import load_config
-
-            self._config = load_config(self._config_path, socket=self._socket)
-        return self._config
-
-    def _open(self) -> Client:
-        from aurae_sdk.client import Client
-
-        return Client(self.config())
-
-    def _open_async(self) -> AsyncClient:
-        import asyncio
-
-        from aurae_sdk.client import AsyncClient
-
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            # grpc.aio binds a channel to the loop it is made in; made outside
-            # one, it would fail later and far from here.
-            raise RuntimeError(
-                "aclient is the asyncio client: use it inside a coroutine (top-level await "
-                "in a script, or asyncio.run(main())), or use the sync `client`"
-            ) from None
-        return AsyncClient(self.config())
-
-    def close(self) -> None:
-        if self.client.opened is not None:
-            self.client.opened.close()
-
-    async def aclose(self) -> None:
-        if self.aclient.opened is not None:
-            await self.aclient.opened.close()
 
 
 def preloaded_names(clients: ScriptClients) -> dict[str, object]:
@@ -233,6 +144,7 @@ def run_script(path: str, args: Sequence[str], clients: ScriptClients) -> int:
         sys.stderr.writelines(traceback.format_exception_only(error))
         return 1
 
+    bind(clients)  # `from aurae_sdk.script import client` gets the same client
     main = _main_module(filename, clients)
     saved_main, saved_argv = sys.modules.get("__main__"), sys.argv
     sys.modules["__main__"] = main

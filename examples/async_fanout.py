@@ -4,6 +4,8 @@ gather their results."""
 
 import asyncio
 
+from aurae_sdk.script import aclient
+
 name = "fanout"
 await aclient.cells.allocate(cell={"name": name})
 try:

@@ -9,6 +9,8 @@
 import sys
 import time
 
+from aurae_sdk.script import cells, client
+
 name = "cpu-quota"
 client.cells.allocate(cell=cells.Cell(
     name=name,

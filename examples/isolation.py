@@ -8,6 +8,8 @@ executables share with each other and with nobody else.
 
 import time
 
+from aurae_sdk.script import client, observe
+
 name = "sandbox"
 client.cells.allocate(cell={"name": name, "isolate_process": True, "isolate_network": True})
 

@@ -5,6 +5,8 @@ The kernel's OOM killer ends the process inside the cell; the rest of the
 machine never notices. Wait reports how it ended.
 """
 
+from aurae_sdk.script import client
+
 name = "memory-limit"
 client.cells.allocate(cell={"name": name, "memory": {"max": 32 * 1024 * 1024}})
 try:

@@ -1,6 +1,8 @@
 #!/usr/bin/env aurae-py
 """Start a process and follow its stdout and stderr as they are written."""
 
+from aurae_sdk.script import client
+
 name = "output-demo"
 client.cells.allocate(cell={"name": name})
 try:

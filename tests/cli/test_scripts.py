@@ -255,3 +255,22 @@ def test_a_command_name_wins_over_a_file_of_that_name(tmp_path: Path, name: str)
     assert result.returncode == 0
     assert "script" not in result.stdout.splitlines()
     assert "Usage: aurae-py " + name in result.stdout
+
+
+def test_script_names_are_importable_and_bound_to_the_runners_clients(daemon: DaemonProcess, tmp_path: Path) -> None:
+    """`from aurae_sdk.script import client` under aurae-py is the runner's own
+    client, and under plain python it connects from the config by itself."""
+    script = tmp_path / "typed.py"
+    script.write_text(
+        "import aurae_sdk.script as names\n"
+        "from aurae_sdk.script import client\n"
+        "print(client.discovery.discover().healthy)\n"
+        "print(names.client is globals().get('client'))\n"
+    )
+    env = {**os.environ, "AURAE_CONFIG": daemon.config}
+    under_aurae = subprocess.run([sys.executable, "-m", "aurae_cli", str(script)], env=env,
+                                 capture_output=True, text=True, timeout=60)
+    assert under_aurae.stdout.split() == ["True", "True"], under_aurae.stderr
+    plain = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
+                           timeout=60)
+    assert plain.stdout.split()[0] == "True", plain.stderr

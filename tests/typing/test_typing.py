@@ -14,10 +14,10 @@ ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).parent
 
 
-def mypy(*paths: str) -> subprocess.CompletedProcess[str]:
+def mypy(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "mypy", "--strict", "--no-error-summary",
-         "--cache-dir", str(ROOT / ".mypy_cache"), *paths],
+         "--cache-dir", str(ROOT / ".mypy_cache"), *args],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
 
@@ -25,6 +25,14 @@ def mypy(*paths: str) -> subprocess.CompletedProcess[str]:
 @pytest.mark.slow
 def test_generated_sdk_and_typed_usage_are_clean() -> None:
     result = mypy("aurae_sdk", str(HERE / "usage_ok.py"))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_examples_type_check() -> None:
+    """Examples import their names from aurae_sdk.script, so mypy sees them;
+    top-level await is what aurae-py scripts may use."""
+    result = mypy("--disable-error-code", "top-level-await", str(ROOT / "examples"))
     assert result.returncode == 0, result.stdout + result.stderr
 
 
