@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from aurae_cli.rpc_command import EnumChoice, KeyValue, invoke, rpc_options
+from aurae_cli.rpc_command import invoke, rpc_options
 
 group = click.Group(
     "discovery",

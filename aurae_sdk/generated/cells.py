@@ -7,16 +7,14 @@ Wire-compatible with public Aurae v0. Everything aurae-py adds is marked
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 from aurae_sdk.rpc import (
     AsyncServiceClient,
-    AsyncStream,
     Metadata,
     MethodSpec,
     ServiceClient,
-    Stream,
 )
 from aurae_sdk.generated.pb.cells import cells_pb2 as _cells_pb2
 

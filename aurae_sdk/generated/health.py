@@ -7,12 +7,12 @@ ships this same protocol; this file is the source for our SDK, CLI and docs.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 from aurae_sdk.rpc import (
-    AsyncServiceClient,
     AsyncStream,
+    AsyncServiceClient,
     Metadata,
     MethodSpec,
     ServiceClient,

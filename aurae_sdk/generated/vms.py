@@ -3,16 +3,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 from aurae_sdk.rpc import (
     AsyncServiceClient,
-    AsyncStream,
     Metadata,
     MethodSpec,
     ServiceClient,
-    Stream,
 )
 from aurae_sdk.generated.pb.vms import vms_pb2 as _vms_pb2
 

@@ -9,8 +9,6 @@ Wire-compatible with public Aurae v0. Everything aurae-py adds is marked
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import grpc
 
 from aurae_sdk.generated.pb.cells import cells_pb2 as _cells_pb2

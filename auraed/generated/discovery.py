@@ -6,8 +6,6 @@ The discovery service of the Aurae Standard Library, version 0.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import grpc
 
 from aurae_sdk.generated.pb.discovery import discovery_pb2 as _discovery_pb2

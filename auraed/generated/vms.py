@@ -6,8 +6,6 @@ The virtual machine service of the Aurae Standard Library, version 0.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import grpc
 
 from aurae_sdk.generated.pb.vms import vms_pb2 as _vms_pb2

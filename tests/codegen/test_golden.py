@@ -70,3 +70,13 @@ def test_reference_lists_every_rpc_of_the_five_services() -> None:
     for service, methods in expected.items():
         for name in methods:
             assert re.search(rf"^#### {service}\.{name}$", reference, re.MULTILINE), (service, name)
+
+
+def test_generated_python_has_no_unused_or_undefined_names() -> None:
+    dirs = ["aurae_sdk/generated", "auraed/generated", "aurae_cli/generated"]
+    result = subprocess.run(
+        [sys.executable, "-m", "ruff", "check", "--isolated", "--select", "F",
+         "--exclude", "*_pb2*", *dirs],
+        cwd=ROOT, capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stdout
