@@ -41,6 +41,7 @@ _libc.prctl.argtypes = [
     ctypes.c_ulong,
 ]
 _libc.prctl.restype = ctypes.c_int
+_libc.syscall.restype = ctypes.c_long
 _libc.unshare.argtypes = [ctypes.c_int]
 _libc.unshare.restype = ctypes.c_int
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
@@ -75,3 +76,36 @@ def unshare(flags: int) -> None:
 def mount(source: str, target: str, fstype: str | None, flags: int) -> None:
     _check(_libc.mount(source.encode(), target.encode(),
                        fstype.encode() if fstype else None, flags, None))
+
+
+_SYS_RT_SIGACTION = {"x86_64": 13, "aarch64": 134}.get(os.uname().machine)
+_SIG_IGN = 1
+
+
+class _KernelSigaction(ctypes.Structure):
+    # The kernel's struct sigaction (not glibc's): handler, flags, restorer, mask.
+    _fields_ = [
+        ("handler", ctypes.c_void_p),
+        ("flags", ctypes.c_ulong),
+        ("restorer", ctypes.c_void_p),
+        ("mask", ctypes.c_uint64),
+    ]
+
+
+def unignore_reserved_signals() -> None:
+    """Set to default the real-time signals glibc reserves for itself (32, 33).
+
+    Python's signal module refuses to touch them, yet an ignored disposition
+    survives fork and exec: a process started under a parent that ignored
+    them would pass that on to every workload. Only an ignored signal is
+    reset; a handler glibc installed is left alone.
+    """
+    if _SYS_RT_SIGACTION is None:
+        return
+    for signum in (32, 33):
+        current = _KernelSigaction()
+        if _libc.syscall(_SYS_RT_SIGACTION, signum, None, ctypes.byref(current), 8) != 0:
+            continue
+        if current.handler == _SIG_IGN:
+            default = _KernelSigaction()  # SIG_DFL, no flags, empty mask
+            _libc.syscall(_SYS_RT_SIGACTION, signum, ctypes.byref(default), None, 8)

@@ -51,6 +51,7 @@ from auraed.kernel.libc import (
     mount,
     set_child_subreaper,
     setns,
+    unignore_reserved_signals,
     unshare,
 )
 
@@ -521,6 +522,7 @@ def _leave_no_signal_ignored_or_blocked() -> None:
     for signum in signal.valid_signals():
         if signal.getsignal(signum) == signal.SIG_IGN:
             signal.signal(signum, signal.SIG_DFL)
+    unignore_reserved_signals()
 
 
 def _executables(command: str, env: dict[str, str], in_our_filesystem: bool) -> list[str]:
