@@ -8,6 +8,7 @@ from pathlib import Path
 
 from codegen.generate import differences, generate, write
 from codegen.protoc import ProtocError
+from codegen.schema import UnsupportedSchema
 
 
 def _project_root() -> Path:
@@ -34,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
         generation = generate(root / "proto", root / "templates")
     except ProtocError as error:
         print(f"aurae-codegen: protoc failed:\n{error}", file=sys.stderr)
+        return 2
+    except UnsupportedSchema as error:
+        print(f"aurae-codegen: {error}", file=sys.stderr)
         return 2
 
     if args.check:

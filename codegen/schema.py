@@ -62,6 +62,10 @@ _SERVICE_METHOD = 2
 StreamingKind = Literal["unary_unary", "unary_stream", "stream_unary", "stream_stream"]
 
 
+class UnsupportedSchema(ValueError):
+    """The protos use something the generator cannot render yet."""
+
+
 def snake_case(name: str) -> str:
     """CamelCase to snake_case, keeping acronyms together: GetHTTPStatus -> get_http_status."""
     name = re.sub(r"([A-Z]+)([A-Z][a-z])", r"\1_\2", name)
@@ -605,6 +609,13 @@ def _service(
     full_name = f"{file.package}.{proto.name}".lstrip(".")
     methods = []
     for index, m in enumerate(proto.method):
+        if m.client_streaming:
+            # The SDK, CLI and REPL templates only know single requests; say so
+            # rather than render a client that would send one message.
+            raise UnsupportedSchema(
+                f"{file.name}: {full_name}.{m.name} streams requests from the client; "
+                "aurae-codegen supports unary and server-streaming RPCs only"
+            )
         request = messages[m.input_type.lstrip(".")]
         idempotency = m.options.idempotency_level
         methods.append(

@@ -11,6 +11,7 @@ from codegen.layout import Layout
 from codegen.protoc import ProtocError, python_module_of, relocate, run_protoc
 from codegen.schema import (
     Api,
+    UnsupportedSchema,
     build_api,
     clean_comment,
     first_sentence,
@@ -166,6 +167,16 @@ def test_relocate_rewrites_only_our_modules() -> None:
     assert "'pkg.pb.cells.cells_pb2'" in out
     assert "from grpc_health.v1 import health_pb2" in out
     assert python_module_of("a/b-c.proto") == "a.b_c_pb2"
+
+
+def test_client_streaming_is_refused_with_a_clear_message(tmp_path: Path) -> None:
+    (tmp_path / "upload.proto").write_text(
+        'syntax = "proto3";\npackage frag.upload.v1;\nmessage Chunk { bytes data = 1; }\n'
+        "service UploadService { rpc Upload(stream Chunk) returns (Chunk); }\n"
+    )
+    output = run_protoc(tmp_path, ["upload.proto"])
+    with pytest.raises(UnsupportedSchema, match="UploadService.Upload streams requests"):
+        build_api(output.descriptors, {"upload.proto"}, Layout())
 
 
 def test_protoc_errors_are_reported(tmp_path: Path) -> None:
