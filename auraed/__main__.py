@@ -39,6 +39,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--grace-period", type=float, default=10.0, metavar="SECONDS",
                         help="how long Stop and shutdown wait after SIGTERM before SIGKILL "
                              "(default: %(default)s)")
+    parser.add_argument("--authz-policy", type=Path, metavar="FILE",
+                        help="YAML or JSON file of deny and allow rules over client SPIFFE IDs "
+                             "and methods (see docs/security.md); without it every client "
+                             "certificate the CA signed may call everything")
     return parser.parse_args(argv)
 
 
@@ -60,6 +64,7 @@ def main(argv: list[str] | None = None) -> None:
         log_format=args.log_format,
         cgroup_root=args.cgroup_root,
         grace_period=args.grace_period,
+        authz_policy=args.authz_policy,
     )
     sys.exit(Daemon(settings).run())
 

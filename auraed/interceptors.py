@@ -1,26 +1,67 @@
-"""Server interceptors: what every RPC passes through.
+"""Server interceptors: what every RPC passes through, outermost first.
+
+`Authorization` (only with a policy) names the caller by the SPIFFE ID in its
+client certificate and asks the policy whether it may call the method; a
+caller without a usable identity gets UNAUTHENTICATED, a refused one
+PERMISSION_DENIED, and both refusals go to the audit log.
+
+`AuditTrail` times every mutating call (Allocate, Free, Start, Stop of cells
+and virtual machines) and records who did it to what, and how it ended.
 
 `FaultTranslation` is the one place runtime errors become gRPC statuses: a
 RuntimeFault aborts with its status, its message and, when it blames a
 request field, a google.rpc.BadRequest detail naming that field (the SDK
-surfaces it as `error.field`). Anything else is a bug: it is logged with its
-traceback and answered INTERNAL.
+surfaces it as `error.field`). A request that is not a valid protobuf message
+gets INVALID_ARGUMENT (grpcio alone would answer INTERNAL). Anything else is a
+bug: it is logged with its traceback and answered INTERNAL.
+
+grpcio's server interceptors see the method name but not the peer, so each
+one wraps the handler's behaviour and works inside it, where the
+ServicerContext (and its auth context) is. Each method's handler is wrapped
+once, on its first call (`HandlerWrapper`), so a call pays only for what the
+wrappers do.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from abc import abstractmethod
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 from google.protobuf import any_pb2
+from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from auraed.audit import AuditEntry, AuditLog
+from auraed.authz import Policy
 from auraed.errors import RuntimeFault
+from auraed.identity import peer_identity_of
 
 log = logging.getLogger("auraed.rpc")
+
+Behavior = Callable[[Any, grpc.ServicerContext], Any]
+# Generic only in grpcio's stubs: spelled as strings, never evaluated.
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+Continuation: TypeAlias = "Callable[[grpc.HandlerCallDetails], Handler | None]"
+_KINDS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
+
+# What each mutating call acts on, as the audit log names it.
+_CELLS = "/aurae.cells.v0.CellService/"
+_VMS = "/aurae.vms.v0.VmService/"
+AUDITED_TARGETS: dict[str, Callable[[Any], dict[str, str]]] = {
+    _CELLS + "Allocate": lambda r: {"cell": r.cell.name},
+    _CELLS + "Free": lambda r: {"cell": r.cell_name},
+    _CELLS + "Start": lambda r: {"cell": r.cell_name, "executable": r.executable.name},
+    _CELLS + "Stop": lambda r: {"cell": r.cell_name, "executable": r.executable_name},
+    _VMS + "Allocate": lambda r: {"vm": r.machine.id},
+    _VMS + "Free": lambda r: {"vm": r.vm_id},
+    _VMS + "Start": lambda r: {"vm": r.vm_id},
+    _VMS + "Stop": lambda r: {"vm": r.vm_id},
+}
 
 
 def abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str,
@@ -37,7 +78,157 @@ def abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str,
             )
         )
         status.details.append(detail)
-    context.abort_with_status(rpc_status.to_status(status))
+    context.abort_with_status(rpc_status.to_status(status))  # type: ignore[no-untyped-call]
+
+
+def audit_target(method: str, request: object) -> dict[str, str]:
+    """The cell, executable or VM a request names (only the names it sets)."""
+    extract = AUDITED_TARGETS.get(method)
+    if extract is None or not isinstance(request, Message):
+        return {}
+    return {key: value for key, value in extract(request).items() if value}
+
+
+def _with(handler: Handler, **changes: Any) -> Handler:
+    # grpcio's handlers are namedtuples; its stubs do not say so.
+    return handler._replace(**changes)  # type: ignore[attr-defined,no-any-return]
+
+
+def _wrap(handler: Handler, wrap: Callable[[Behavior], Behavior]) -> Handler:
+    """The handler with its behaviour (whichever of the four kinds it has) wrapped."""
+    for kind in _KINDS:
+        inner = getattr(handler, kind)
+        if inner is not None:
+            return _with(handler, **{kind: wrap(inner)})
+    return handler
+
+
+class HandlerWrapper(grpc.ServerInterceptor):
+    """An interceptor that wraps each method's handler once and reuses the result.
+
+    The daemon's handlers never change after start, so asking the rest of the chain and
+    building wrappers on every call would only add to each call's cost. Methods nobody
+    serves are not remembered: their names come from the callers.
+    """
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, Handler] = {}
+
+    def intercept_service(self, continuation: Continuation,
+                          details: grpc.HandlerCallDetails) -> Handler | None:
+        method: str = details.method
+        wrapped = self._wrapped.get(method)
+        if wrapped is None:
+            handler = continuation(details)
+            if handler is None:
+                return None
+            wrapped = self._wrapped[method] = self.wrap_handler(method, handler)
+        return wrapped
+
+    @abstractmethod
+    def wrap_handler(self, method: str, handler: Handler) -> Handler:
+        """`handler` of `method` as this interceptor serves it."""
+
+
+class Authorization(HandlerWrapper):
+    def __init__(self, policy: Policy, audit: AuditLog) -> None:
+        super().__init__()
+        self._policy = policy
+        self._audit = audit
+
+    def wrap_handler(self, method: str, handler: Handler) -> Handler:
+        def wrap(inner: Behavior) -> Behavior:
+            def authorized(request: Any, context: grpc.ServicerContext) -> Any:
+                self._authorize(method, request, context)
+                return inner(request, context)
+
+            return authorized
+
+        return _wrap(handler, wrap)
+
+    def _authorize(self, method: str, request: object, context: grpc.ServicerContext) -> None:
+        identity = peer_identity_of(context)
+        if identity.spiffe_id is None:
+            assert identity.problem is not None
+            self._refuse(context, str(identity), method, request,
+                         grpc.StatusCode.UNAUTHENTICATED, identity.problem)
+            return
+        decision = self._policy.decide(identity.spiffe_id, method)
+        if not decision.allowed:
+            self._refuse(context, str(identity), method, request,
+                         grpc.StatusCode.PERMISSION_DENIED, decision.reason)
+
+    def _refuse(self, context: grpc.ServicerContext, peer: str, method: str, request: object,
+                code: grpc.StatusCode, reason: str) -> None:
+        self._audit.record(AuditEntry(
+            peer=peer, method=method, decision="deny", code=code.name, duration_ms=0.0,
+            target=audit_target(method, request), reason=reason,
+        ))
+        log.info("call refused", extra={"peer": peer, "method": method, "code": code.name})
+        context.abort(code, reason)
+
+
+class AuditTrail(HandlerWrapper):
+    def __init__(self, audit: AuditLog) -> None:
+        super().__init__()
+        self._audit = audit
+
+    def wrap_handler(self, method: str, handler: Handler) -> Handler:
+        if method not in AUDITED_TARGETS:
+            return handler
+
+        def wrap(inner: Behavior) -> Behavior:
+            def audited(request: Any, context: grpc.ServicerContext) -> Any:
+                started = time.monotonic()
+                failed = True
+                try:
+                    response = inner(request, context)
+                    failed = False
+                    return response
+                finally:
+                    # Set by an abort, None after a plain return (grpcio has code(); its
+                    # stubs do not).
+                    code = context.code()  # type: ignore[attr-defined]
+                    self._audit.record(AuditEntry(
+                        peer=str(peer_identity_of(context)),
+                        method=method,
+                        decision="allow",
+                        code=_code_name(code, failed),
+                        duration_ms=(time.monotonic() - started) * 1000,
+                        target=audit_target(method, request),
+                    ))
+
+            return audited
+
+        return _wrap(handler, wrap)
+
+
+def _code_name(code: grpc.StatusCode | None, failed: bool) -> str:
+    if code is not None:
+        return code.name
+    return "UNKNOWN" if failed else "OK"
+
+
+class MalformedRequest:
+    """Stands in for a request whose bytes did not parse, so the handler can refuse it."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _tolerant(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as error:  # noqa: BLE001 - DecodeError, invalid UTF-8 in a string, ...
+            return MalformedRequest(error)
+
+    return parse
+
+
+def _refuse_malformed(context: grpc.ServicerContext, request: MalformedRequest) -> None:
+    abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+          f"the request is not a valid protobuf message of this method's type: {request.error}")
 
 
 def _fail(context: grpc.ServicerContext, method: str, error: BaseException) -> None:
@@ -52,20 +243,16 @@ def _is_abort(error: BaseException) -> bool:
     return type(error) is Exception and not error.args
 
 
-class FaultTranslation(grpc.ServerInterceptor):
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = continuation(details)
-        if handler is None:
-            return None
-        method = details.method  # type: ignore[attr-defined]
+class FaultTranslation(HandlerWrapper):
+    def wrap_handler(self, method: str, handler: Handler) -> Handler:
+        if handler.request_deserializer is not None:
+            handler = _with(handler, request_deserializer=_tolerant(handler.request_deserializer))
         if handler.unary_unary is not None:
             inner_unary = handler.unary_unary
 
             def unary(request: Any, context: grpc.ServicerContext) -> Any:
+                if isinstance(request, MalformedRequest):
+                    _refuse_malformed(context, request)
                 try:
                     return inner_unary(request, context)
                 except Exception as error:
@@ -73,11 +260,13 @@ class FaultTranslation(grpc.ServerInterceptor):
                         raise
                     _fail(context, method, error)
 
-            return handler._replace(unary_unary=unary)  # type: ignore[attr-defined,no-any-return]
+            return _with(handler, unary_unary=unary)
         if handler.unary_stream is not None:
             inner_stream = handler.unary_stream
 
             def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                if isinstance(request, MalformedRequest):
+                    _refuse_malformed(context, request)
                 try:
                     yield from inner_stream(request, context)
                 except Exception as error:
@@ -85,8 +274,24 @@ class FaultTranslation(grpc.ServerInterceptor):
                         raise
                     _fail(context, method, error)
 
-            return handler._replace(unary_stream=stream)  # type: ignore[attr-defined,no-any-return]
-        return handler
+            return _with(handler, unary_stream=stream)
+
+        def checked(inner: Behavior) -> Behavior:
+            # Streaming requests (reflection): refuse at the first malformed message.
+            def behavior(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+                return inner(_parsed(requests, context), context)
+
+            return behavior
+
+        return _wrap(handler, checked)
 
 
-__all__ = ["FaultTranslation", "abort"]
+def _parsed(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+    for request in requests:
+        if isinstance(request, MalformedRequest):
+            _refuse_malformed(context, request)
+        yield request
+
+
+__all__ = ["AuditTrail", "Authorization", "FaultTranslation", "HandlerWrapper", "abort",
+           "audit_target"]

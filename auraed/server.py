@@ -17,14 +17,18 @@ import threading
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import grpc
+from google.protobuf import descriptor_pool
 from grpc_reflection.v1alpha import reflection
 
 from aurae_sdk.config import ConfigError, parse_target
 from auraed import __version__
+from auraed.audit import AuditLog
+from auraed.authz import Policy, PolicyError, load_policy
 from auraed.generated.vms import VmServiceBase
-from auraed.interceptors import FaultTranslation
+from auraed.interceptors import AuditTrail, Authorization, FaultTranslation
 from auraed.kernel.cgroups import CgroupError, detect_backend
 from auraed.logs import configure as configure_logging
 from auraed.output import LogRing
@@ -43,10 +47,23 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 # How long in-flight RPCs get to finish once shutdown starts; streams are
 # cancelled after it.
 SHUTDOWN_RPC_GRACE = 2.0
+# In the library dir: an audit trail must outlive a reboot (the runtime dir is often tmpfs).
+AUDIT_LOG = "audit.log"
+# Exit status after the spawner died under us (EX_SOFTWARE): a service
+# manager restarts the daemon, which then cleans up what was left.
+SPAWNER_LOST_EXIT = 70
 # The cyclic GC's default trigger (every 700 allocations) makes each full
 # collection walk every object the daemon holds: with 1000 cells, Allocate
 # and List slowed by half. Few of our objects form cycles; collect rarely.
 GC_THRESHOLDS = (50_000, 20, 100)
+
+
+class Servicer(Protocol):
+    """What every generated servicer base provides."""
+
+    SERVICE: str
+
+    def register(self, server: grpc.Server) -> None: ...
 
 
 class StartupError(Exception):
@@ -66,6 +83,7 @@ class Settings:
     cgroup_root: str = "aurae"
     grace_period: float = 10.0
     max_workers: int = 256
+    authz_policy: Path | None = None
 
 
 def _read_pki(settings: Settings) -> tuple[bytes, bytes, bytes]:
@@ -109,6 +127,30 @@ def _prepare_unix_socket(path: str) -> None:
     raise StartupError(f"--socket {path}: another daemon is listening there")
 
 
+def _api_methods() -> frozenset[str]:
+    """Every "/package.Service/Method" of the services the daemon serves."""
+    services = [CellService.SERVICE, DiscoveryService.SERVICE, ObserveService.SERVICE,
+                VmServiceBase.SERVICE, HealthService.SERVICE, reflection.SERVICE_NAME]
+    pool = descriptor_pool.Default()
+    return frozenset(f"/{service}/{method.name}" for service in services
+                     for method in pool.FindServiceByName(service).methods)
+
+
+def _load_policy(path: Path | None) -> Policy | None:
+    if path is None:
+        log.warning("no authorization policy (--authz-policy): every client certificate the CA "
+                    "signed may call every method")
+        return None
+    try:
+        policy = load_policy(path, _api_methods())
+    except PolicyError as error:
+        raise StartupError(f"--authz-policy {error}") from None
+    log.info("authorization policy loaded", extra={"policy": str(path),
+                                                    "deny_rules": len(policy.deny),
+                                                    "allow_rules": len(policy.allow)})
+    return policy
+
+
 class Daemon:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -119,9 +161,21 @@ class Daemon:
         self._workloads: Workloads | None = None
         self._health: HealthService | None = None
         self._unix_socket: str | None = None
+        self._audit: AuditLog | None = None
+        self._exit_status = 0
 
     def request_stop(self, signum: int | None = None) -> None:
         self._stop.set()
+
+    def _spawner_lost(self) -> None:
+        # Every workload lost its supervisor: exits go unreported and nothing
+        # new can start. Stop serving rather than answer SERVING with half a
+        # daemon; shutdown still kills what runs, through the cgroups.
+        log.critical("the spawner died; shutting down so the daemon can be restarted clean")
+        self._exit_status = SPAWNER_LOST_EXIT
+        if self._health is not None:
+            self._health.shutting_down()
+        self.request_stop()
 
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT; returns the exit status."""
@@ -145,17 +199,23 @@ class Daemon:
         while not self._stop.wait(1.0):
             pass
         self.shutdown()
-        return 0
+        return self._exit_status
 
     def _start(self) -> None:
         settings = self.settings
         ca, certificate, key = _read_pki(settings)
+        policy = _load_policy(settings.authz_policy)
         try:
             target = parse_target(settings.socket)
         except ConfigError as error:
             raise StartupError(f"--socket {settings.socket}: {error}") from None
         settings.runtime_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         settings.library_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._audit = AuditLog(settings.library_dir / AUDIT_LOG)
+        try:
+            self._audit.start()
+        except OSError as error:
+            raise StartupError(f"audit log {self._audit.path}: {error.strerror}") from None
         if target.kind == "unix":
             _prepare_unix_socket(target.display)
             Path(target.display).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -166,19 +226,25 @@ class Daemon:
             raise StartupError(f"cgroups: {error}") from None
         self._workloads = Workloads(backend, settings.runtime_dir / "logs",
                                     default_grace=settings.grace_period)
+        self._workloads.on_spawner_lost = self._spawner_lost
         self._workloads.start()
 
         cells = CellService(self._workloads)
         discovery = DiscoveryService(healthy=lambda: not self._shutting_down)
         observe = ObserveService(self._workloads, self.daemon_log)
         vms = VmServiceBase()
-        services = [cells, discovery, observe, vms]
+        services: list[Servicer] = [cells, discovery, observe, vms]
         self._health = HealthService([s.SERVICE for s in services])
 
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.max_workers,
                                        thread_name_prefix="rpc"),
-            interceptors=[FaultTranslation()],
+            # Outermost first: who may call, then the audit of what they did, then statuses.
+            interceptors=[
+                *([Authorization(policy, self._audit)] if policy is not None else []),
+                AuditTrail(self._audit),
+                FaultTranslation(),
+            ],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -186,7 +252,7 @@ class Daemon:
         )
         for service in [*services, self._health]:
             service.register(server)
-        reflection.enable_server_reflection(
+        reflection.enable_server_reflection(  # type: ignore[no-untyped-call]
             [*(s.SERVICE for s in services), self._health.SERVICE, reflection.SERVICE_NAME], server
         )
         credentials = grpc.ssl_server_credentials(
@@ -229,6 +295,8 @@ class Daemon:
         log.info("auraed stopped")
 
     def _cleanup(self) -> None:
+        if self._audit is not None:
+            self._audit.close()
         if self._unix_socket is not None:
             try:
                 os.unlink(self._unix_socket)

@@ -21,8 +21,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from aurae_cli.pki import PkiPaths, init_pki
+
+if TYPE_CHECKING:
+    from aurae_sdk.client import Client
 
 CGROUP_MOUNT = Path("/sys/fs/cgroup")
 
@@ -76,7 +80,7 @@ class DaemonProcess:
     def runtime_dir(self) -> Path:
         return self.workdir / "run"
 
-    def client(self, **settings: object):  # type: ignore[no-untyped-def]
+    def client(self, **settings: Any) -> Client:
         import aurae_sdk
 
         return aurae_sdk.Client(self.config, **settings)
@@ -89,7 +93,7 @@ class DaemonProcess:
         return subprocess.run(
             [sys.executable, "-m", "aurae_cli", *args],
             env={**os.environ, "AURAE_CONFIG": self.config},
-            capture_output=True, text=True, timeout=timeout, input=input,
+            capture_output=True, text=True, timeout=timeout, input=input, check=False,
         )
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:

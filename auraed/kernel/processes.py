@@ -192,8 +192,12 @@ class Spawner:
     the spawner closes are killed without an on_exit call.
     """
 
-    def __init__(self, on_exit: ExitCallback, *, reply_timeout: float = 30.0) -> None:
+    def __init__(self, on_exit: ExitCallback, *, reply_timeout: float = 30.0,
+                 on_lost: Callable[[], None] | None = None) -> None:
+        """on_lost: called once, on the reader thread, if the spawner ends
+        without close() — its workloads are then unsupervised."""
         self._on_exit = on_exit
+        self._on_lost = on_lost
         self._reply_timeout = reply_timeout
         self._lock = threading.Lock()
         self._pending: dict[int, _PendingReply] = {}
@@ -331,10 +335,12 @@ class Spawner:
             with self._lock:
                 closing, self._closed = self._closed, True
                 pending = list(self._pending.values())
-            if not closing:
-                _log.error("the spawner went away: no workload can start any more")
             for reply in pending:
                 reply.resolve(None)
+            if not closing:
+                _log.error("the spawner went away: no workload can start any more")
+                if self._on_lost is not None:
+                    self._on_lost()
 
     def _dispatch(self, message: dict[str, Any]) -> None:
         if message.get("event") == "exit":

@@ -2,10 +2,12 @@
 
 A cell name is a path of DNS labels, "a/b/c": cell c nested in b nested in a.
 A label is 1-63 ASCII letters, digits and '-', not starting or ending with
-'-'. That rules out "..", "_", empty parts, non-ASCII, NUL, and every cgroup
-control-file name ("cgroup.procs", "memory.max" all hold a '.'), so a valid
-name can never step outside the daemon's cgroup subtree or collide with the
-kernel's files or the daemon's own `_`-prefixed leaves.
+'-'; in cell names, lowercase only (they name cgroup directories, and "Web"
+and "web" must not be two cells). That rules out "..", "_", empty parts,
+non-ASCII, NUL, and every cgroup control-file name ("cgroup.procs",
+"memory.max" hold a '.'; v1's "tasks" is reserved), so a valid name can
+never step outside the daemon's cgroup subtree or collide with the kernel's
+files or the daemon's own `_`-prefixed leaves.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ from dataclasses import dataclass
 from auraed.errors import InvalidArgument
 
 _LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+# The one cgroup control file whose name is a valid label: v1's "tasks" sits in
+# every cgroup directory, so a cell cannot be named so.
+_RESERVED_CELL_LABELS = frozenset({"tasks"})
 MAX_DEPTH = 16
 MAX_NAME_LENGTH = 253
 
@@ -57,6 +62,10 @@ class CellName:
             )
         for label in labels:
             problem = _label_problem(label)
+            if not problem and label != label.lower():
+                problem = f"component {label!r} has uppercase letters; cell names are lowercase"
+            if not problem and label in _RESERVED_CELL_LABELS:
+                problem = f"component {label!r} is the name of a cgroup control file"
             if problem:
                 raise InvalidArgument(f"invalid cell name {text!r}: {problem}", field=field)
         return cls(text)

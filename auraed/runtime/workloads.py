@@ -37,6 +37,7 @@ from auraed.errors import (
 from auraed.kernel.cgroups import (
     CgroupBackend,
     CgroupError,
+    CgroupExists,
     CgroupLimits,
     InvalidLimit,
     LimitRefused,
@@ -49,8 +50,9 @@ from auraed.kernel.processes import (
     HolderSpec,
     NamespaceSet,
     SpawnedProcess,
-    SpawnError,
     Spawner,
+    SpawnerClosed,
+    SpawnError,
     SpawnSpec,
     signal_group,
 )
@@ -140,7 +142,11 @@ class Workloads:
         self._default_grace = default_grace
         self._log_segment_bytes = log_segment_bytes
         self._log_segments = log_segments
-        self._spawner = Spawner(self._on_exit)
+        self._spawner = Spawner(self._on_exit, on_lost=self._on_spawner_lost)
+        # Set by the daemon: what to do when workloads can no longer be
+        # supervised (the spawner died).
+        self.on_spawner_lost: Callable[[], None] | None = None
+        self._spawner_lost = False
         self._pump = OutputPump()
         self._lock = threading.RLock()
         self._cells: dict[CellName, Cell] = {}
@@ -211,6 +217,12 @@ class Workloads:
                 raise FailedPrecondition(
                     f"refusing to create cell {name}: {error}", field="cell.name"
                 ) from None
+            except CgroupExists:
+                # Not ours (we know no such cell): made by someone else; never adopt or remove it.
+                raise FailedPrecondition(
+                    f"a cgroup for cell {name} exists that this daemon did not create; "
+                    "remove it or choose another name", field="cell.name"
+                ) from None
             cell = Cell(name, spec, namespaces=parent.namespaces if parent else None)
             if spec.unshared:
                 try:
@@ -244,6 +256,8 @@ class Workloads:
             raise FailedPrecondition(
                 f"could not create the namespaces of cell {cell.name}: {error.message} "
                 f"(at {error.stage})", field="cell.name") from None
+        except (SpawnerClosed, TimeoutError) as error:
+            raise _spawner_unavailable(error) from None
         paths = cell.namespaces.paths() if cell.namespaces else {}
         for kind in cell.spec.unshared:
             paths[kind] = f"/proc/{holder.host_pid}/ns/{kind}"
@@ -342,7 +356,7 @@ class Workloads:
             namespaces = self._namespaces_for_start(cell_name)
             previous = registry.get(name)
             # A name is free again once its process group is gone, not just its leader.
-            if previous is not None and not _ended(previous):
+            if previous is not None and not self._ended(previous):
                 raise AlreadyExists(
                     f"executable {name} is already running in {_where(cell_name)}",
                     field="executable.name",
@@ -443,6 +457,9 @@ class Workloads:
                            max_segments=self._log_segments)
         out_read, out_write = output_pipe()
         err_read, err_write = output_pipe()
+        # Before the fork: a process that ends at once must not seem to have
+        # exited before it started.
+        started_at = time.time()
         try:
             spec = SpawnSpec(
                 command=command,
@@ -454,13 +471,15 @@ class Workloads:
                 namespaces=namespaces,
             )
             process = self._spawner.spawn(spec)
-        except SpawnError as error:
+        except (SpawnError, SpawnerClosed, TimeoutError) as error:
             for fd in (out_read, err_read):
                 os.close(fd)
             for output in (stdout, stderr):
                 output.finish()
                 output.remove()
             shutil.rmtree(log_dir, ignore_errors=True)
+            if not isinstance(error, SpawnError):
+                raise _spawner_unavailable(error) from None
             raise FailedPrecondition(
                 f"could not start {key}: {error.message} (at {error.stage})", field="executable.command"
             ) from None
@@ -474,7 +493,7 @@ class Workloads:
             os.close(err_write)
         executable = Executable(
             key=key, command=command, description=description, uid=uid, gid=gid,
-            process=process, stdout=stdout, stderr=stderr, log_dir=log_dir,
+            process=process, stdout=stdout, stderr=stderr, log_dir=log_dir, started_at=started_at,
         )
         self._pump.watch(out_read, stdout)
         self._pump.watch(err_read, stderr)
@@ -520,7 +539,15 @@ class Workloads:
             if not holder_of.freeing:
                 log.warning("a cell's namespace holder ended", extra={"cell": holder_of.name.path})
             return
+        assert executable is not None
         self._record_exit(executable, status, when)
+
+    def _on_spawner_lost(self) -> None:
+        """The spawner is gone: no exit will be reported from now on, so stop
+        waiting for reports and let the daemon decide what to do."""
+        self._spawner_lost = True
+        if self.on_spawner_lost is not None:
+            self.on_spawner_lost()
 
     def _record_exit(self, executable: Executable, status: ExitStatus, when: float) -> None:
         if status.signal == signal.SIGKILL and executable.cell is not None:
@@ -581,19 +608,20 @@ class Workloads:
         if not live:
             return
         self._signal(live, signal.SIGTERM)
-        _wait_until(lambda: all(_ended(e) for e in live), grace)
-        remaining = [e for e in live if not _ended(e)]
+        _wait_until(lambda: all(self._ended(e) for e in live), grace)
+        remaining = [e for e in live if not self._ended(e)]
         if remaining:
             self._signal(remaining, signal.SIGKILL)
-            _wait_until(lambda: all(_ended(e) for e in remaining), KILL_WAIT)
+            _wait_until(lambda: all(self._ended(e) for e in remaining), KILL_WAIT)
         for executable in live:
-            if not _ended(executable):
+            if not self._ended(executable):
                 log.error("executable did not end after SIGKILL",
                           extra={"executable": str(executable.key), "pid": executable.process.host_pid})
 
-
-def _ended(executable: Executable) -> bool:
-    return not executable.running and not _group_alive(executable.process.pgid)
+    def _ended(self, executable: Executable) -> bool:
+        # Without a spawner no exit is reported: the group's absence has to do.
+        reported = not executable.running or self._spawner_lost
+        return reported and not _group_alive(executable.process.pgid)
 
 
 def _group_alive(pgid: int) -> bool:
@@ -610,6 +638,12 @@ def _wait_until(done: Callable[[], bool], timeout: float) -> None:
     while not done() and time.monotonic() < deadline:
         time.sleep(delay)
         delay = min(delay * 2, 0.05)
+
+
+def _spawner_unavailable(error: Exception) -> Unavailable:
+    # Every workload starts through the spawner: without it nothing can, until a restart.
+    return Unavailable(f"the daemon cannot start processes ({error}); see the daemon log "
+                       "and restart auraed")
 
 
 def _where(cell_name: CellName | None) -> str:

@@ -93,7 +93,9 @@ class ObserveService(ObserveServiceBase):
     def get_sub_process_stream(
         self, request: pb.GetSubProcessStreamRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.GetSubProcessStreamResponse]:
-        executable = self._executable(request.process_id)
+        # Validate the whole request before looking anything up.
+        if request.process_id <= 0:
+            raise InvalidArgument("a process id is required", field="process_id")
         if request.max_batch_lines > MAX_BATCH_LINES:
             raise InvalidArgument(f"at most {MAX_BATCH_LINES} lines per batch",
                                   field="max_batch_lines")
@@ -105,6 +107,7 @@ class ObserveService(ObserveServiceBase):
         if channels is None:
             raise InvalidArgument(f"unknown channel type {request.channel_type}",
                                   field="channel_type")
+        executable = self._executable(request.process_id)
         sources = [(executable.channel_name(c), getattr(executable, c)) for c in channels]
         batched = request.max_batch_lines > 0
         for items in _merge(sources, request.max_batch_lines or 1024, context):
@@ -115,8 +118,6 @@ class ObserveService(ObserveServiceBase):
                     yield pb.GetSubProcessStreamResponse(item=item)
 
     def _executable(self, pid: int) -> Executable:
-        if pid <= 0:
-            raise InvalidArgument("a process id is required", field="process_id")
         found = self.workloads.executables_with_pid(pid)
         if not found:
             raise NotFound(f"no executable with process id {pid}", field="process_id")

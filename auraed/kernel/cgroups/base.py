@@ -164,6 +164,14 @@ class CgroupBackend(ABC):
                     self._write_limit(fd, write)
             for hierarchy in self._hierarchies:
                 self._make(hierarchy, (*cell, PROCS_LEAF), holds_processes=True, made=None)
+        except OSError as e:
+            self._undo(made, cell)
+            if e.errno != errno.ENOMEM:
+                raise
+            # A new cgroup is charged to its parent's memory: a memory.max this small (the
+            # cell's or an ancestor's) leaves no room even for the cell's own cgroups.
+            raise LimitRefused("memory.max", "too small to create the cell's cgroups "
+                                             "(here or in an ancestor cell)") from e
         except BaseException:
             self._undo(made, cell)
             raise

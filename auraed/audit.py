@@ -1,0 +1,190 @@
+"""The audit log: one JSON line per mutating call and per denied call.
+
+RPC threads hand entries to a bounded queue and return at once; one writer
+thread serialises them, appends them to the file (a write per line, no fsync)
+and rotates it by size
+(audit.log, audit.log.1, ... audit.log.N, oldest last). When the writer falls
+behind and the queue is full, entries are dropped and counted, never waited
+for: a slow disk must not stall the API. The next line written after a drop
+is an {"event": "dropped", "count": N} record, so gaps are visible.
+
+One line (keys in this order; `target` holds only what the request named):
+
+  {"time": "2025-01-31T12:00:00.123Z", "peer": "spiffe://td/admin",
+   "method": "/aurae.cells.v0.CellService/Start",
+   "target": {"cell": "web", "executable": "api"},
+   "decision": "allow", "code": "OK", "duration_ms": 3.1}
+
+Denied calls add "reason". No gRPC imports.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Literal
+
+log = logging.getLogger("auraed.audit")
+
+DEFAULT_MAX_BYTES = 10 * 1024 * 1024
+DEFAULT_BACKUPS = 5
+DEFAULT_QUEUE_SIZE = 10_000
+# A request can name a 4 MiB cell; the log keeps enough of it to recognise.
+MAX_TARGET_CHARS = 256
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    peer: str
+    method: str
+    decision: Literal["allow", "deny"]
+    code: str
+    duration_ms: float
+    target: Mapping[str, str] = field(default_factory=dict)
+    reason: str | None = None
+    time: float = field(default_factory=time.time)
+
+    def to_json(self) -> str:
+        record: dict[str, object] = {
+            "time": _timestamp(self.time),
+            "peer": self.peer,
+            "method": self.method,
+            "target": {key: _clip(value) for key, value in self.target.items()},
+            "decision": self.decision,
+            "code": self.code,
+            "duration_ms": round(self.duration_ms, 3),
+        }
+        if self.reason is not None:
+            record["reason"] = self.reason
+        # ensure_ascii: control characters and NULs in hostile names stay escaped on one line.
+        return json.dumps(record, ensure_ascii=True)
+
+
+class AuditLog:
+    def __init__(self, path: Path, *, max_bytes: int = DEFAULT_MAX_BYTES,
+                 backups: int = DEFAULT_BACKUPS, queue_size: int = DEFAULT_QUEUE_SIZE) -> None:
+        if max_bytes <= 0 or backups < 1 or queue_size < 1:
+            raise ValueError("max_bytes, backups and queue_size must be positive")
+        self.path = path
+        self._max_bytes = max_bytes
+        self._backups = backups
+        self._queue: queue.Queue[AuditEntry | None] = queue.Queue(maxsize=queue_size)
+        self._drop_lock = threading.Lock()
+        self._dropped = 0
+        self._reported_drops = 0
+        self._file: IO[str] | None = None
+        self._size = 0
+        self._failing = False
+        self._writer: threading.Thread | None = None
+
+    @property
+    def dropped(self) -> int:
+        """Entries lost so far: the queue was full, or the file could not be written."""
+        return self._dropped
+
+    def start(self) -> None:
+        """Open (or create, mode 0600) the log and start the writer thread."""
+        self._open()
+        self._writer = threading.Thread(target=self._write_loop, name="audit-writer", daemon=True)
+        self._writer.start()
+
+    def record(self, entry: AuditEntry) -> None:
+        """Queue an entry; never blocks. Dropped (and counted) if the queue is full."""
+        try:
+            self._queue.put_nowait(entry)
+        except queue.Full:
+            with self._drop_lock:
+                self._dropped += 1
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Write what is queued, then stop the writer and close the file."""
+        writer, self._writer = self._writer, None
+        if writer is None:
+            return
+        try:
+            self._queue.put(None, timeout=timeout)  # shutdown, not an RPC: it may wait
+        except queue.Full:
+            pass
+        writer.join(timeout)
+        if writer.is_alive():
+            log.error("the audit log writer did not finish", extra={"path": str(self.path),
+                                                                   "queued": self._queue.qsize()})
+            return  # it still owns the file
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def _write_loop(self) -> None:
+        while (entry := self._queue.get()) is not None:
+            self._write(entry)
+
+    def _write(self, entry: AuditEntry) -> None:
+        lines = []
+        reported = self._reported_drops
+        dropped = self._dropped
+        if dropped > reported:
+            lines.append(json.dumps({"time": _timestamp(time.time()), "event": "dropped",
+                                     "count": dropped - reported}))
+            self._reported_drops = dropped
+        lines.append(entry.to_json())
+        data = "".join(line + "\n" for line in lines)
+        try:
+            if self._size and self._size + len(data) > self._max_bytes:
+                self._rotate()
+            if self._file is None:
+                self._open()
+            assert self._file is not None
+            self._file.write(data)
+            self._size += len(data)
+        except OSError as error:
+            # Count the loss (the drop report is retried with the next entry); say so once per
+            # outage, not once per entry.
+            self._reported_drops = reported
+            with self._drop_lock:
+                self._dropped += 1
+            if not self._failing:
+                log.error("cannot write the audit log", extra={"path": str(self.path),
+                                                               "error": error.strerror})
+            self._failing = True
+            return
+        if self._failing:
+            log.info("writing the audit log again", extra={"path": str(self.path)})
+            self._failing = False
+
+    def _open(self) -> None:
+        # O_NOFOLLOW: never append through a symlink planted where the log goes.
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, 0o600)
+        # Line-buffered: each entry reaches the kernel as the writer takes it, so a daemon
+        # killed outright loses only what was still queued.
+        self._file = os.fdopen(fd, "a", encoding="ascii", buffering=1)
+        self._size = os.fstat(fd).st_size
+
+    def _rotate(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        for index in range(self._backups - 1, 0, -1):
+            older = self.path.with_name(f"{self.path.name}.{index}")
+            if older.exists():
+                os.replace(older, self.path.with_name(f"{self.path.name}.{index + 1}"))
+        os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+        self._open()
+
+
+def _timestamp(when: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when)) + f".{int(when % 1 * 1000):03d}Z"
+
+
+def _clip(value: str) -> str:
+    return value if len(value) <= MAX_TARGET_CHARS else value[:MAX_TARGET_CHARS] + "..."
+
+
+__all__ = ["AuditEntry", "AuditLog"]
