@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install demo test check generate lint bench bench-quick
+.PHONY: install demo test check generate bench bench-quick
 
 install:
 	@./scripts/install.sh
@@ -15,6 +15,8 @@ demo: install
 
 test: install
 	aurae-codegen --check
+	ruff check aurae_sdk aurae_cli auraed codegen tests bench
+	python -m mypy --strict aurae_sdk aurae_cli auraed codegen bench
 	pytest
 
 check: install
@@ -22,10 +24,6 @@ check: install
 
 generate: install
 	aurae-codegen
-
-lint: install
-	ruff check aurae_sdk aurae_cli auraed codegen tests bench
-	python -m mypy --strict aurae_sdk
 
 bench: install
 	python -m bench

@@ -36,7 +36,15 @@ if TYPE_CHECKING:
     from aurae_sdk.config import ClientConfig, ConfigError, load_config
     from aurae_sdk.generated import cells, discovery, health, observe, vms
     from aurae_sdk.logs import adaemon_log, afollow, daemon_log, follow
-    from aurae_sdk.messages import compact, from_dict, from_json, from_yaml, to_dict, to_json, to_yaml
+    from aurae_sdk.messages import (
+        compact,
+        from_dict,
+        from_json,
+        from_yaml,
+        to_dict,
+        to_json,
+        to_yaml,
+    )
     from aurae_sdk.rpc import RetryPolicy
 
 __version__ = "0.1.0"
@@ -88,10 +96,6 @@ __all__ = [
     "ConfigError",
     "DeadlineExceeded",
     "FailedPrecondition",
-    "adaemon_log",
-    "afollow",
-    "daemon_log",
-    "follow",
     "Internal",
     "InvalidArgument",
     "NotFound",
@@ -100,11 +104,15 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "Unimplemented",
+    "adaemon_log",
+    "afollow",
     "cells",
     "compact",
     "connect",
     "connect_async",
+    "daemon_log",
     "discovery",
+    "follow",
     "from_dict",
     "from_json",
     "from_yaml",

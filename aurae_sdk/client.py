@@ -7,7 +7,7 @@ and context-manager support — and differ only in whether calls are awaited.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Self
 
 from aurae_sdk.config import (
     ClientConfig,
@@ -53,7 +53,7 @@ class Client(SyncServices):
         if channel is None:
             self.config = _resolve(
                 config,
-                dict(socket=socket, ca_crt=ca_crt, client_crt=client_crt, client_key=client_key),
+                {"socket": socket, "ca_crt": ca_crt, "client_crt": client_crt, "client_key": client_key},
             )
             target = parse_target(self.config.socket)
             channel = grpc.secure_channel(
@@ -66,7 +66,7 @@ class Client(SyncServices):
         self._transport.closed = True
         self.channel.close()
 
-    def __enter__(self) -> Client:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -101,7 +101,7 @@ class AsyncClient(AsyncServices):
         if channel is None:
             self.config = _resolve(
                 config,
-                dict(socket=socket, ca_crt=ca_crt, client_crt=client_crt, client_key=client_key),
+                {"socket": socket, "ca_crt": ca_crt, "client_crt": client_crt, "client_key": client_key},
             )
             target = parse_target(self.config.socket)
             channel = grpc.aio.secure_channel(
@@ -114,7 +114,7 @@ class AsyncClient(AsyncServices):
         self._transport.closed = True
         await self.channel.close()
 
-    async def __aenter__(self) -> AsyncClient:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:

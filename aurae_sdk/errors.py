@@ -159,7 +159,7 @@ def from_rpc_error(error: grpc.RpcError, method: str | None = None) -> AuraeErro
     details = error.details() or (code.value[1] if code is not None else "")
     try:
         field = blamed_field(error.trailing_metadata())
-    except Exception:  # a malformed detail must not hide the real error
+    except Exception:  # noqa: BLE001 - a malformed detail must not hide the real error
         field = None
     cls = ERRORS_BY_STATUS.get(number, Unknown)
     return cls(details, field=field, method=method)

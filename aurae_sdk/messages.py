@@ -133,7 +133,7 @@ def from_json(message_type: type[M], text: str) -> M:
 
     data = json.loads(text)
     if not isinstance(data, dict):
-        raise ValueError(f"expected a JSON object for {message_type.__name__}")
+        raise ValueError(f"expected a JSON object for {message_type.__name__}")  # noqa: TRY004 - bad content, not a bad argument
     return from_dict(message_type, data)
 
 
@@ -148,7 +148,7 @@ def from_yaml(message_type: type[M], text: str) -> M:
 
     data = yaml.safe_load(text)
     if not isinstance(data, dict):
-        raise ValueError(f"expected a YAML mapping for {message_type.__name__}")
+        raise ValueError(f"expected a YAML mapping for {message_type.__name__}")  # noqa: TRY004 - bad content, not a bad argument
     return from_dict(message_type, data)
 
 

@@ -9,6 +9,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import Any
 
 from bench.core import machine
 from bench.report import write_report
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
                 entry = {"benchmark": name, **result.as_dict()}
                 results.append(entry)
                 _print(entry)
-        except Exception:  # one broken benchmark must not hide the others
+        except Exception:  # noqa: BLE001 - one broken benchmark must not hide the others
             failures[name] = traceback.format_exc()
             print(failures[name], file=sys.stderr)
         print(f"bench: {name} took {time.monotonic() - started:.1f} s", flush=True)
@@ -59,11 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failures else 0
 
 
-def _print(entry: dict[str, object]) -> None:
+def _print(entry: dict[str, Any]) -> None:
     if entry["kind"] == "comparison":
         subject, peer = entry["subject"], entry["peer"]
-        print(f"  {entry['title']}: ratio {entry['ratio']:.2f}"  # type: ignore[str-format]
-              f"  ({subject['median']:.4g} vs {peer['median']:.4g} {subject['unit']})")  # type: ignore[index]
+        print(f"  {entry['title']}: ratio {entry['ratio']:.2f}"
+              f"  ({subject['median']:.4g} vs {peer['median']:.4g} {subject['unit']})")
     else:
         print(f"  {entry['title']}: {entry['value']:.4g} {entry['unit']}")
 

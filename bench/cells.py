@@ -91,7 +91,7 @@ def run(quick: bool) -> list[Result]:
         time.sleep(0.5)
         after = rss_bytes(daemon.process.pid)
         holders = [int(p) for p in subprocess.run(["pgrep", "-f", "^catatonit -P"], capture_output=True,
-                                                  text=True).stdout.split()]
+                                                  text=True, check=False).stdout.split()]
         holder_pss = sum(pss_bytes(pid) for pid in holders) / max(1, len(holders))
         holder_rss = sum(rss_bytes(pid) for pid in holders) / max(1, len(holders))
         per_cell = (after - before) / idle_cells + holder_pss

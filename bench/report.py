@@ -62,10 +62,12 @@ def write_report(document: dict[str, Any], path: Path) -> None:
         "10th–90th percentile and the number of samples. Regenerate with `make bench`",
         "(or `make bench-quick`).",
         "",
-        f"Machine: {document['machine']['cpu']}, {document['machine']['cpus']} CPUs, "
-        f"{document['machine']['memory_gib']} GiB, Linux {document['machine']['kernel']}, "
-        f"Python {document['machine']['python']}; run {document['machine']['time']}"
-        f"{' (quick mode)' if document['quick'] else ''}, {document['seconds']} s.",
+        (
+            f"Machine: {document['machine']['cpu']}, {document['machine']['cpus']} CPUs, "
+            f"{document['machine']['memory_gib']} GiB, Linux {document['machine']['kernel']}, "
+            f"Python {document['machine']['python']}; run {document['machine']['time']}"
+            f"{' (quick mode)' if document['quick'] else ''}, {document['seconds']} s."
+        ),
         "",
     ]
     if _chart(results, chart):

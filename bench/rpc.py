@@ -12,7 +12,6 @@ from pathlib import Path
 
 import grpc
 
-
 from aurae_cli.pki import init_pki
 from aurae_sdk.config import channel_credentials, channel_options, load_config, parse_target
 from aurae_sdk.generated.pb.discovery import discovery_pb2, discovery_pb2_grpc

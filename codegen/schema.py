@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import keyword
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -26,7 +26,7 @@ RESERVED_PARAMETERS = frozenset({"self", "request", "timeout", "metadata"})
 # Options every generated CLI command has; a field flag must not take them.
 RESERVED_CLI_PARAMETERS = frozenset({"request", "output", "timeout", "help"})
 
-_SCALAR_PYTHON_TYPES = {
+_SCALAR_PYTHON_TYPES: dict[int, str] = {
     FieldDescriptor.TYPE_DOUBLE: "float",
     FieldDescriptor.TYPE_FLOAT: "float",
     FieldDescriptor.TYPE_INT64: "int",
@@ -43,7 +43,7 @@ _SCALAR_PYTHON_TYPES = {
     FieldDescriptor.TYPE_SINT32: "int",
     FieldDescriptor.TYPE_SINT64: "int",
 }
-_PROTO_TYPE_NAMES = {
+_PROTO_TYPE_NAMES: dict[int, str] = {
     value: name.removeprefix("TYPE_").lower()
     for name, value in FieldDescriptor.Type.items()
 }
@@ -85,7 +85,7 @@ def python_identifier(name: str) -> str:
 
 
 def clean_comment(text: str) -> str:
-    lines = [line[1:] if line.startswith(" ") else line for line in text.splitlines()]
+    lines = [line.removeprefix(" ") for line in text.splitlines()]
     lines = [line.rstrip() for line in lines]
     while lines and not lines[0]:
         lines.pop(0)
@@ -363,9 +363,9 @@ def build_api(descriptors: descriptor_pb2.FileDescriptorSet, targets: set[str], 
         pf = proto_files[name]
         for path, qualname, proto in _walk_messages(file):
             raw_messages[f"{file.package}.{qualname}".lstrip(".")] = (proto, pf, qualname, comments[path])
-        for path, qualname, proto in _walk_enums(file):
+        for path, qualname, enum_proto in _walk_enums(file):
             full = f"{file.package}.{qualname}".lstrip(".")
-            enums[full] = _enum(proto, full, qualname, pf, path, comments)
+            enums[full] = _enum(enum_proto, full, qualname, pf, path, comments)
 
     messages: dict[str, Message] = {}
     for full_name, (proto, pf, qualname, doc) in raw_messages.items():
@@ -442,7 +442,9 @@ def _proto_file(file: descriptor_pb2.FileDescriptorProto, layout: Layout) -> Pro
 def _walk_messages(
     file: descriptor_pb2.FileDescriptorProto,
 ) -> Iterator[tuple[tuple[int, ...], str, descriptor_pb2.DescriptorProto]]:
-    def walk(protos, path, prefix):  # type: ignore[no-untyped-def]
+    def walk(
+        protos: Iterable[descriptor_pb2.DescriptorProto], path: tuple[int, ...], prefix: str
+    ) -> Iterator[tuple[tuple[int, ...], str, descriptor_pb2.DescriptorProto]]:
         for index, proto in enumerate(protos):
             qualname = f"{prefix}{proto.name}"
             here = (*path, index)

@@ -129,8 +129,9 @@ def test_our_health_proto_matches_the_runtime_module() -> None:
     with the same number and type."""
     from pathlib import Path
 
-    from codegen.protoc import run_protoc
     from grpc_health.v1 import health_pb2
+
+    from codegen.protoc import run_protoc
 
     root = Path(__file__).resolve().parents[1] / "proto"
     (ours,) = [f for f in run_protoc(root, ["grpc/health/v1/health.proto"]).descriptors.file

@@ -15,7 +15,7 @@ group = click.Group(
 )
 
 # Click parameter -> dotted path of the request field it sets.
-_ALLOCATE_FIELDS = {
+_ALLOCATE_FIELDS: dict[str, str] = {
     "name": "cell.name",
     "cpu_weight": "cell.cpu.weight",
     "cpu_max": "cell.cpu.max",
@@ -115,7 +115,7 @@ def allocate_command(**params: Any) -> None:
 
 
 # Click parameter -> dotted path of the request field it sets.
-_FREE_FIELDS = {
+_FREE_FIELDS: dict[str, str] = {
     "cell_name": "cell_name",
 }
 
@@ -138,7 +138,7 @@ def free_command(**params: Any) -> None:
 
 
 # Click parameter -> dotted path of the request field it sets.
-_START_FIELDS = {
+_START_FIELDS: dict[str, str] = {
     "cell_name": "cell_name",
     "name": "executable.name",
     "command": "executable.command",
@@ -191,7 +191,7 @@ def start_command(**params: Any) -> None:
 
 
 # Click parameter -> dotted path of the request field it sets.
-_STOP_FIELDS = {
+_STOP_FIELDS: dict[str, str] = {
     "cell_name": "cell_name",
     "executable_name": "executable_name",
     "grace_period_ms": "grace_period_ms",
@@ -223,7 +223,7 @@ def stop_command(**params: Any) -> None:
 
 
 # Click parameter -> dotted path of the request field it sets.
-_LIST_FIELDS = {}
+_LIST_FIELDS: dict[str, str] = {}
 
 
 @group.command(
@@ -243,7 +243,7 @@ def list_command(**params: Any) -> None:
 
 
 # Click parameter -> dotted path of the request field it sets.
-_WAIT_FIELDS = {
+_WAIT_FIELDS: dict[str, str] = {
     "cell_name": "cell_name",
     "executable_name": "executable_name",
 }

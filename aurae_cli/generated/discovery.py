@@ -15,7 +15,7 @@ group = click.Group(
 )
 
 # Click parameter -> dotted path of the request field it sets.
-_DISCOVER_FIELDS = {}
+_DISCOVER_FIELDS: dict[str, str] = {}
 
 
 @group.command(

@@ -15,7 +15,7 @@ group = click.Group(
 )
 
 # Click parameter -> dotted path of the request field it sets.
-_CHECK_FIELDS = {
+_CHECK_FIELDS: dict[str, str] = {
     "service": "service",
 }
 
@@ -43,7 +43,7 @@ def check_command(**params: Any) -> None:
 
 
 # Click parameter -> dotted path of the request field it sets.
-_WATCH_FIELDS = {
+_WATCH_FIELDS: dict[str, str] = {
     "service": "service",
 }
 

@@ -15,7 +15,7 @@ group = click.Group(
 )
 
 # Click parameter -> dotted path of the request field it sets.
-_GET_AURAE_DAEMON_LOG_STREAM_FIELDS = {}
+_GET_AURAE_DAEMON_LOG_STREAM_FIELDS: dict[str, str] = {}
 
 
 @group.command(
@@ -35,7 +35,7 @@ def get_aurae_daemon_log_stream_command(**params: Any) -> None:
 
 
 # Click parameter -> dotted path of the request field it sets.
-_GET_SUB_PROCESS_STREAM_FIELDS = {
+_GET_SUB_PROCESS_STREAM_FIELDS: dict[str, str] = {
     "channel_type": "channel_type",
     "process_id": "process_id",
     "max_batch_lines": "max_batch_lines",
@@ -78,7 +78,7 @@ def get_sub_process_stream_command(**params: Any) -> None:
 
 
 # Click parameter -> dotted path of the request field it sets.
-_GET_POSIX_SIGNALS_STREAM_FIELDS = {
+_GET_POSIX_SIGNALS_STREAM_FIELDS: dict[str, str] = {
     "workload_type": "workload.workload_type",
     "id": "workload.id",
 }

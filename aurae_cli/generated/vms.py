@@ -15,7 +15,7 @@ group = click.Group(
 )
 
 # Click parameter -> dotted path of the request field it sets.
-_ALLOCATE_FIELDS = {
+_ALLOCATE_FIELDS: dict[str, str] = {
     "id": "machine.id",
     "mem_size_mb": "machine.mem_size_mb",
     "vcpu_count": "machine.vcpu_count",
@@ -88,7 +88,7 @@ def allocate_command(**params: Any) -> None:
 
 
 # Click parameter -> dotted path of the request field it sets.
-_FREE_FIELDS = {
+_FREE_FIELDS: dict[str, str] = {
     "vm_id": "vm_id",
 }
 
@@ -111,7 +111,7 @@ def free_command(**params: Any) -> None:
 
 
 # Click parameter -> dotted path of the request field it sets.
-_START_FIELDS = {
+_START_FIELDS: dict[str, str] = {
     "vm_id": "vm_id",
 }
 
@@ -134,7 +134,7 @@ def start_command(**params: Any) -> None:
 
 
 # Click parameter -> dotted path of the request field it sets.
-_STOP_FIELDS = {
+_STOP_FIELDS: dict[str, str] = {
     "vm_id": "vm_id",
 }
 
@@ -157,7 +157,7 @@ def stop_command(**params: Any) -> None:
 
 
 # Click parameter -> dotted path of the request field it sets.
-_LIST_FIELDS = {}
+_LIST_FIELDS: dict[str, str] = {}
 
 
 @group.command(

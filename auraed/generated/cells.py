@@ -9,6 +9,8 @@ Wire-compatible with public Aurae v0. Everything aurae-py adds is marked
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 
 from aurae_sdk.generated.pb.cells import cells_pb2 as _cells_pb2
@@ -105,7 +107,7 @@ class CellServiceBase:
 
     def register(self, server: grpc.Server) -> None:
         """Serve this service's RPCs on `server`."""
-        handlers = {
+        handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
             "Allocate": grpc.unary_unary_rpc_method_handler(
                 self.allocate,
                 request_deserializer=_cells_pb2.CellServiceAllocateRequest.FromString,

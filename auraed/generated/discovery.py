@@ -6,6 +6,8 @@ The discovery service of the Aurae Standard Library, version 0.
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 
 from aurae_sdk.generated.pb.discovery import discovery_pb2 as _discovery_pb2
@@ -32,7 +34,7 @@ class DiscoveryServiceBase:
 
     def register(self, server: grpc.Server) -> None:
         """Serve this service's RPCs on `server`."""
-        handlers = {
+        handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
             "Discover": grpc.unary_unary_rpc_method_handler(
                 self.discover,
                 request_deserializer=_discovery_pb2.DiscoverRequest.FromString,

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from typing import Any
+
 import grpc
 
 from grpc_health.v1 import health_pb2 as _health_pb2
@@ -49,7 +51,7 @@ class HealthBase:
 
     def register(self, server: grpc.Server) -> None:
         """Serve this service's RPCs on `server`."""
-        handlers = {
+        handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
             "Check": grpc.unary_unary_rpc_method_handler(
                 self.check,
                 request_deserializer=_health_pb2.HealthCheckRequest.FromString,

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from typing import Any
+
 import grpc
 
 from aurae_sdk.generated.pb.observe import observe_pb2 as _observe_pb2
@@ -64,7 +66,7 @@ class ObserveServiceBase:
 
     def register(self, server: grpc.Server) -> None:
         """Serve this service's RPCs on `server`."""
-        handlers = {
+        handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
             "GetAuraeDaemonLogStream": grpc.unary_stream_rpc_method_handler(
                 self.get_aurae_daemon_log_stream,
                 request_deserializer=_observe_pb2.GetAuraeDaemonLogStreamRequest.FromString,

@@ -6,6 +6,8 @@ The virtual machine service of the Aurae Standard Library, version 0.
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 
 from aurae_sdk.generated.pb.vms import vms_pb2 as _vms_pb2
@@ -80,7 +82,7 @@ class VmServiceBase:
 
     def register(self, server: grpc.Server) -> None:
         """Serve this service's RPCs on `server`."""
-        handlers = {
+        handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
             "Allocate": grpc.unary_unary_rpc_method_handler(
                 self.allocate,
                 request_deserializer=_vms_pb2.VmServiceAllocateRequest.FromString,

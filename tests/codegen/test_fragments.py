@@ -133,7 +133,8 @@ def test_python_keywords_become_keyword_safe_parameters(scratch: Path) -> None:
         assert getattr(response, "import") == "ok"
     finally:
         server.stop(None)
-    assert seen == dict(cls="c", frm=3, lam=True, timeout=1.5, request="r", metadata="m")
+    assert seen == {"cls": "c", "frm": 3, "lam": True, "timeout": 1.5, "request": "r",
+                    "metadata": "m"}
 
     # The CLI flag for a field named like a built-in option gets its full path.
     options = {p.name for p in gen.cli.group.commands["clash"].params}

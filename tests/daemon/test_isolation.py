@@ -122,6 +122,7 @@ def test_free_leaves_nothing_of_the_cell_on_the_host(daemon: DaemonProcess, clie
     hostname_before = socket.gethostname()
     client.cells.allocate(cell={"name": "ephemeral", "isolate_process": True, "isolate_network": True})
     started = client.cells.start(cell_name="ephemeral", executable={"name": "s", "command": "sleep 300"})
+    assert started.pid != started.host_pid
     # The holder, the workload's shell and its sleep, all in the cell's cgroup.
     members = {int(p) for d in cgroup_dirs(daemon.cgroup_root)
                for p in (d / "ephemeral" / "_procs" / "cgroup.procs").read_text().split()}
@@ -137,7 +138,7 @@ def test_free_leaves_nothing_of_the_cell_on_the_host(daemon: DaemonProcess, clie
 def test_a_killed_holder_is_reported_and_refused(daemon: DaemonProcess, client: aurae_sdk.Client) -> None:
     client.cells.allocate(cell={"name": "fragile", "isolate_process": True})
     try:
-        started = client.cells.start(cell_name="fragile", executable={"name": "s", "command": "sleep 30"})
+        client.cells.start(cell_name="fragile", executable={"name": "s", "command": "sleep 30"})
         (procs,) = [d / "fragile" / "_procs" / "cgroup.procs" for d in cgroup_dirs(daemon.cgroup_root)
                     if d.parent.name == "pids"]
         (holder,) = [int(p) for p in procs.read_text().split()

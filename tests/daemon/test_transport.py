@@ -106,13 +106,12 @@ def test_vm_service_answers_unimplemented(daemon: DaemonProcess) -> None:
 
 def test_daemon_flags(tmp_path) -> None:  # type: ignore[no-untyped-def]
     version = subprocess.run([sys.executable, "-m", "auraed", "--version"],
-                             capture_output=True, text=True)
+                             capture_output=True, text=True, check=False)
     assert version.stdout.strip() == f"auraed {aurae_sdk.__version__}"
     missing = subprocess.run(
         [sys.executable, "-m", "auraed", "--socket", str(tmp_path / "s.sock"),
          "--ca-crt", str(tmp_path / "nope.crt"), "--runtime-dir", str(tmp_path / "run"),
          "--library-dir", str(tmp_path / "lib")],
-        capture_output=True, text=True, timeout=30,
-    )
+        capture_output=True, text=True, timeout=30, check=False)
     assert missing.returncode == 2
     assert "--ca-crt" in missing.stderr and "aurae-py pki init" in missing.stderr

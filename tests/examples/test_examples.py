@@ -21,7 +21,7 @@ def run_example(daemon: DaemonProcess, name: str, *args: str, timeout: float = 9
     env = {**os.environ, "AURAE_CONFIG": daemon.config,
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     result = subprocess.run([str(EXAMPLES / name), *args], env=env, capture_output=True,
-                            text=True, timeout=timeout)
+                            text=True, timeout=timeout, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
 
