@@ -1,0 +1,29 @@
+"""The benchmarks still run (quick mode, into a scratch directory). Their
+figures never decide a test: machines differ and ratios are for the report."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_every_benchmark_runs_in_quick_mode(tmp_path: Path) -> None:
+    results, report = tmp_path / "latest.json", tmp_path / "benchmarks.md"
+    run = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--results", str(results), "--report", str(report)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    document = json.loads(results.read_text())
+    assert document["failures"] == {}
+    ran = {entry["benchmark"] for entry in document["results"]}
+    assert ran == {"rpc", "start", "spawn", "logs", "cells", "scale", "cli", "codegen"}
+    assert "| Benchmark |" in report.read_text()
+    assert (tmp_path / "benchmarks" / "ratios.png").stat().st_size > 0
