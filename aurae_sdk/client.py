@@ -7,6 +7,7 @@ and context-manager support — and differ only in whether calls are awaited.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Self
 
 from aurae_sdk.config import (
@@ -20,13 +21,42 @@ from aurae_sdk.generated.services import AsyncServices, SyncServices
 from aurae_sdk.rpc import DEFAULT_TIMEOUT, RetryPolicy, Transport
 
 
-def _resolve(config: ClientConfig | str | None, overrides: dict[str, Any]) -> ClientConfig:
-    if isinstance(config, ClientConfig):
-        return config
-    return load_config(config, **{k: v for k, v in overrides.items() if v is not None})
+class _Connection:
+    """What Client and AsyncClient share: settings, the channel, the transport.
+
+    The two differ only in the channel factory (grpc.secure_channel or
+    grpc.aio.secure_channel) and in whether calls are awaited.
+    """
+
+    def __init__(
+        self,
+        secure_channel: Callable[..., Any],
+        config: ClientConfig | str | None,
+        settings: dict[str, str | None],
+        timeout: float,
+        retry: RetryPolicy | None,
+        channel: Any,
+    ) -> None:
+        self.config: ClientConfig | None = None
+        if channel is None:
+            if isinstance(config, ClientConfig):
+                self.config = config
+            else:
+                given = {k: v for k, v in settings.items() if v is not None}
+                self.config = load_config(config, **given)
+            target = parse_target(self.config.socket)
+            channel = secure_channel(
+                target.grpc_target, channel_credentials(self.config), channel_options(target)
+            )
+        self.channel = channel
+        self._transport = Transport(channel, timeout, retry or RetryPolicy())
+
+    def __repr__(self) -> str:
+        where = self.config.socket if self.config else "custom channel"
+        return f"<aurae_sdk.{type(self).__name__} {where}>"
 
 
-class Client(SyncServices):
+class Client(_Connection, SyncServices):
     """A sync connection to auraed over mTLS.
 
     `config` is a ClientConfig, a path to an Aurae TOML config, or None to look
@@ -49,18 +79,9 @@ class Client(SyncServices):
     ) -> None:
         import grpc
 
-        self.config: ClientConfig | None = None
-        if channel is None:
-            self.config = _resolve(
-                config,
-                {"socket": socket, "ca_crt": ca_crt, "client_crt": client_crt, "client_key": client_key},
-            )
-            target = parse_target(self.config.socket)
-            channel = grpc.secure_channel(
-                target.grpc_target, channel_credentials(self.config), channel_options(target)
-            )
-        self.channel = channel
-        self._transport = Transport(channel, timeout, retry or RetryPolicy())
+        settings = {"socket": socket, "ca_crt": ca_crt, "client_crt": client_crt,
+                    "client_key": client_key}
+        super().__init__(grpc.secure_channel, config, settings, timeout, retry, channel)
 
     def close(self) -> None:
         self._transport.closed = True
@@ -72,12 +93,8 @@ class Client(SyncServices):
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def __repr__(self) -> str:
-        where = self.config.socket if self.config else "custom channel"
-        return f"<aurae_sdk.Client {where}>"
 
-
-class AsyncClient(AsyncServices):
+class AsyncClient(_Connection, AsyncServices):
     """An asyncio connection to auraed over mTLS; same arguments as Client.
 
     Create it inside the event loop that will use it.
@@ -97,18 +114,9 @@ class AsyncClient(AsyncServices):
     ) -> None:
         import grpc.aio
 
-        self.config: ClientConfig | None = None
-        if channel is None:
-            self.config = _resolve(
-                config,
-                {"socket": socket, "ca_crt": ca_crt, "client_crt": client_crt, "client_key": client_key},
-            )
-            target = parse_target(self.config.socket)
-            channel = grpc.aio.secure_channel(
-                target.grpc_target, channel_credentials(self.config), channel_options(target)
-            )
-        self.channel = channel
-        self._transport = Transport(channel, timeout, retry or RetryPolicy())
+        settings = {"socket": socket, "ca_crt": ca_crt, "client_crt": client_crt,
+                    "client_key": client_key}
+        super().__init__(grpc.aio.secure_channel, config, settings, timeout, retry, channel)
 
     async def close(self) -> None:
         self._transport.closed = True
@@ -119,10 +127,6 @@ class AsyncClient(AsyncServices):
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
-
-    def __repr__(self) -> str:
-        where = self.config.socket if self.config else "custom channel"
-        return f"<aurae_sdk.AsyncClient {where}>"
 
 
 def connect(config: ClientConfig | str | None = None, **settings: Any) -> Client:

@@ -37,6 +37,7 @@ import signal
 import socket
 import struct
 import sys
+from collections.abc import Callable
 from types import FrameType
 from typing import Any, NoReturn
 
@@ -345,6 +346,63 @@ class ForkServer:
                 return
 
 
+class _Step:
+    """The step a forked child is on, so that a failure is reported as that step."""
+
+    def __init__(self) -> None:
+        self.stage = "setup"
+        self.detail = ""
+
+    def at(self, stage: str, detail: str = "") -> None:
+        self.stage, self.detail = stage, detail
+
+
+def _run_in_child(report_fd: int, steps: Callable[[_Step], None]) -> NoReturn:
+    """Run a forked child's steps; any failure is written to report_fd as
+    {stage, errno, detail}, then the child exits 127. Never returns: the last
+    step of a successful child is exec."""
+    step = _Step()
+    try:
+        signal.set_wakeup_fd(-1)
+        steps(step)
+    except OSError as error:
+        _report_failure(report_fd, step.stage, error.errno or 0, step.detail)
+    except BaseException as error:  # noqa: BLE001 - the child must report, then _exit, whatever it was
+        _report_failure(report_fd, step.stage, 0, f"{step.detail} {error!r}".strip())
+    finally:
+        os._exit(127)
+
+
+def _join_cell(step: _Step, request: dict[str, Any], namespace_fds: dict[str, int]) -> None:
+    # Cgroups first, while the cgroup paths are still the host's (before any
+    # mount namespace is joined).
+    for path in request["cgroup_procs"]:
+        step.at("cgroup", path)
+        _write_file(path, b"0")
+    for kind in _CHILD_NAMESPACES:
+        if kind in namespace_fds:
+            step.at("setns", kind)
+            setns(namespace_fds[kind], NAMESPACE_FLAGS[kind])
+
+
+def _exec_with_stdio(
+    step: _Step,
+    request: dict[str, Any],
+    executables: list[str],
+    stdio: tuple[int, int, int],
+    report_fd: int,
+    max_fd: int,
+) -> None:
+    """Only fds 0-2 (and the report fd, closed by exec) survive into argv."""
+    step.at("stdio")
+    for target, fd in enumerate(stdio):
+        os.dup2(fd, target)
+    os.closerange(3, report_fd)
+    os.closerange(report_fd + 1, max_fd)
+    step.at("exec", request["argv"][0])
+    _exec(executables, request["argv"], request["env"])
+
+
 def _become_workload(
     request: dict[str, Any],
     executables: list[str],
@@ -358,44 +416,23 @@ def _become_workload(
     Every Python object touched here costs a copied page, so the work is prepared in the parent.
     Signals need no work: the spawner has none ignored or blocked, and exec resets caught ones.
     """
-    stage, detail = "setup", ""
-    try:
-        signal.set_wakeup_fd(-1)
-        stage = "cgroup"
-        # Before joining a mount namespace: the cgroup paths are the host's.
-        for path in request["cgroup_procs"]:
-            detail = path
-            _write_file(path, b"0")
-        stage = "setns"
-        for kind in _CHILD_NAMESPACES:
-            if kind in namespace_fds:
-                detail = kind
-                setns(namespace_fds[kind], NAMESPACE_FLAGS[kind])
-        detail = ""
-        stage = "setsid"
+
+    def steps(step: _Step) -> None:
+        _join_cell(step, request, namespace_fds)
+        step.at("setsid")
         os.setsid()
         os.umask(0o022)
-        stage = "setgroups"
+        step.at("setgroups")
         os.setgroups([])
-        stage = "setgid"
+        step.at("setgid")
         os.setgid(request["gid"])
-        stage = "setuid"
+        step.at("setuid")
         os.setuid(request["uid"])
-        stage, detail = "chdir", request["cwd"]
-        os.chdir(detail)
-        stage, detail = "stdio", ""
-        for target, fd in enumerate(stdio):
-            os.dup2(fd, target)
-        os.closerange(3, report_fd)
-        os.closerange(report_fd + 1, max_fd)
-        stage, detail = "exec", request["argv"][0]
-        _exec(executables, request["argv"], request["env"])
-    except OSError as error:
-        _report_failure(report_fd, stage, error.errno or 0, detail)
-    except BaseException as error:  # noqa: BLE001 - the child must report, then _exit, whatever it was
-        _report_failure(report_fd, stage, 0, f"{detail} {error!r}".strip())
-    finally:
-        os._exit(127)
+        step.at("chdir", request["cwd"])
+        os.chdir(request["cwd"])
+        _exec_with_stdio(step, request, executables, stdio, report_fd, max_fd)
+
+    _run_in_child(report_fd, steps)
 
 
 def _become_holder(
@@ -412,19 +449,10 @@ def _become_holder(
     `is_pid_one`: the spawner already made the pid namespace and we are its pid 1.
     """
     kinds = request["unshare"]
-    stage, detail = "setup", ""
-    try:
-        signal.set_wakeup_fd(-1)
-        stage = "cgroup"
-        for path in request["cgroup_procs"]:
-            detail = path
-            _write_file(path, b"0")
-        stage = "setns"
-        for kind in _CHILD_NAMESPACES:
-            if kind in namespace_fds:
-                detail = kind
-                setns(namespace_fds[kind], NAMESPACE_FLAGS[kind])
-        stage, detail = "unshare", ",".join(kinds)
+
+    def steps(step: _Step) -> None:
+        _join_cell(step, request, namespace_fds)
+        step.at("unshare", ",".join(kinds))
         flags = 0
         for kind in kinds:
             if not (is_pid_one and kind == "pid"):
@@ -432,22 +460,17 @@ def _become_holder(
         unshare(flags)
         if "mnt" in kinds:
             # Nothing mounted in the cell may propagate to the host.
-            stage, detail = "mount", "/ private"
+            step.at("mount", "/ private")
             mount("none", "/", None, MS_REC | MS_PRIVATE)
         if "pid" in kinds and not is_pid_one:
-            stage, detail = "fork", ""
-            pid_one = os.fork()
-            if pid_one != 0:
+            step.at("fork")
+            if (pid_one := os.fork()) != 0:
                 pidfd = os.pidfd_open(pid_one)
                 socket.send_fds(socket.socket(fileno=report_fd), [b"pid"], [pidfd])
                 os._exit(0)
         _hold_namespaces(request, executables, stdio, report_fd, max_fd)
-    except OSError as error:
-        _report_failure(report_fd, stage, error.errno or 0, detail)
-    except BaseException as error:  # noqa: BLE001 - the child must report, then _exit, whatever it was
-        _report_failure(report_fd, stage, 0, f"{detail} {error!r}".strip())
-    finally:
-        os._exit(127)
+
+    _run_in_child(report_fd, steps)
 
 
 def _hold_namespaces(
@@ -459,32 +482,22 @@ def _hold_namespaces(
 ) -> NoReturn:
     """Inside the new namespaces: fill them in, then exec the holder's init."""
     kinds = request["unshare"]
-    stage, detail = "setup", ""
-    try:
+
+    def steps(step: _Step) -> None:
         if "pid" in kinds and "mnt" in kinds:
-            stage, detail = "mount", "/proc"
+            step.at("mount", "/proc")
             mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
         if "uts" in kinds and request.get("hostname"):
-            stage, detail = "sethostname", request["hostname"]
+            step.at("sethostname", request["hostname"])
             socket.sethostname(request["hostname"])
         if "net" in kinds:
-            stage, detail = "loopback", "lo"
+            step.at("loopback", "lo")
             _loopback_up()
-        stage, detail = "setsid", ""
+        step.at("setsid")
         os.setsid()
-        stage = "stdio"
-        for target, fd in enumerate(stdio):
-            os.dup2(fd, target)
-        os.closerange(3, report_fd)
-        os.closerange(report_fd + 1, max_fd)
-        stage, detail = "exec", request["argv"][0]
-        _exec(executables, request["argv"], request["env"])
-    except OSError as error:
-        _report_failure(report_fd, stage, error.errno or 0, detail)
-    except BaseException as error:  # noqa: BLE001 - the child must report, then _exit, whatever it was
-        _report_failure(report_fd, stage, 0, f"{detail} {error!r}".strip())
-    finally:
-        os._exit(127)
+        _exec_with_stdio(step, request, executables, stdio, report_fd, max_fd)
+
+    _run_in_child(report_fd, steps)
 
 
 _SIOCGIFFLAGS = 0x8913
