@@ -219,7 +219,7 @@ class ForkServer:
             executables = _executables(
                 request["argv"][0], request["env"], in_our_filesystem="mnt" not in namespace_fds
             )
-            pid = self._fork_pid_one() if direct else self._fork(namespace_fds.get("pid"))
+            pid = self._fork(namespace_fds.get("pid"), new_pid_namespace=direct)
             if pid == 0:
                 ours.close()
                 _become_holder(request, executables, (self._devnull, stdout, stderr),
@@ -278,12 +278,18 @@ class ForkServer:
             raise SpawnFailed(failure["stage"], failure["errno"], failure["detail"])
         return pid
 
-    def _fork(self, pid_namespace: int | None) -> int:
-        if pid_namespace is not None:
-            try:
+    def _fork(self, pid_namespace: int | None = None, *, new_pid_namespace: bool = False) -> int:
+        """Fork a child born in `pid_namespace`, or as pid 1 of a new pid
+        namespace; the spawner itself stays in its own either way."""
+        switched = new_pid_namespace or pid_namespace is not None
+        try:
+            if new_pid_namespace:
+                unshare(CLONE_NEWPID)
+            elif pid_namespace is not None:
                 setns(pid_namespace, CLONE_NEWPID)
-            except OSError as error:
-                raise SpawnFailed("setns", error.errno or 0, "pid") from None
+        except OSError as error:
+            stage = "unshare" if new_pid_namespace else "setns"
+            raise SpawnFailed(stage, error.errno or 0, "pid") from None
         pid = -1
         try:
             pid = os.fork()
@@ -293,22 +299,7 @@ class ForkServer:
             # Back to our own, so that later workloads without a pid namespace are born in ours
             # (if even that fails, the spawner must not go on: the error ends it). Not in the
             # child: its own children belong in the workload's namespace.
-            if pid != 0 and pid_namespace is not None:
-                setns(self._own_pid_ns, CLONE_NEWPID)
-        return pid
-
-    def _fork_pid_one(self) -> int:
-        try:
-            unshare(CLONE_NEWPID)
-        except OSError as error:
-            raise SpawnFailed("unshare", error.errno or 0, "pid") from None
-        pid = -1
-        try:
-            pid = os.fork()
-        except OSError as error:
-            raise SpawnFailed("fork", error.errno or 0) from None
-        finally:
-            if pid != 0:
+            if pid != 0 and switched:
                 setns(self._own_pid_ns, CLONE_NEWPID)
         return pid
 
