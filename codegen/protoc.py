@@ -11,9 +11,9 @@ grpcio's `grpc`.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -59,6 +59,8 @@ def run_protoc(proto_root: Path, files: Sequence[str]) -> ProtocOutput:
         out.mkdir()
         descriptor_set = Path(tmp) / "descriptors.binpb"
         argv = [
+            sys.executable,
+            "-m",
             "grpc_tools.protoc",
             f"--proto_path={proto_root}",
             f"--proto_path={well_known}",
@@ -73,11 +75,14 @@ def run_protoc(proto_root: Path, files: Sequence[str]) -> ProtocOutput:
             "--include_imports",
             *files,
         ]
-        # protoc prints its diagnostics on fd 2 directly; capture them so a
-        # failure can say what went wrong.
-        status, diagnostics = _run_capturing_stderr(lambda: protoc.main(argv))
-        if status != 0:
-            raise ProtocError(diagnostics.strip() or f"protoc exited with status {status}")
+        # In a process of its own: protoc forks its plugins, and a fork inside
+        # a process where grpcio has started threads can hang in grpcio's fork
+        # handlers (seen when the test suite had a client open).
+        result = subprocess.run(argv, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise ProtocError(
+                result.stderr.strip() or f"protoc exited with status {result.returncode}"
+            )
         fds = descriptor_pb2.FileDescriptorSet.FromString(descriptor_set.read_bytes())
         modules = {
             str(path.relative_to(out)): path.read_text()
@@ -85,19 +90,6 @@ def run_protoc(proto_root: Path, files: Sequence[str]) -> ProtocOutput:
             if path.is_file() and path.name.endswith(GENERATED_SUFFIXES)
         }
     return ProtocOutput(descriptors=fds, modules=modules)
-
-
-def _run_capturing_stderr(call) -> tuple[int, str]:  # type: ignore[no-untyped-def]
-    with tempfile.TemporaryFile(mode="w+b") as sink:
-        saved = os.dup(2)
-        try:
-            os.dup2(sink.fileno(), 2)
-            status = call()
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-        sink.seek(0)
-        return int(status), sink.read().decode(errors="replace")
 
 
 def python_module_of(proto_file: str) -> str:
