@@ -61,9 +61,10 @@ class SpawnSpec:
 
     command: a string runs through /bin/sh -c; a sequence is the argv itself (argv[0] is looked up
     in the PATH of env). stdout_fd and stderr_fd stay the caller's: the spawner gets copies, so
-    close them once spawn() returns. stdin is always /dev/null. cgroup_procs: cgroup.procs files
-    (one per hierarchy) the workload moves itself into before anything else. The workload gets a
-    session and process group of its own, no supplementary groups, umask 022, and only fds 0-2.
+    close them once spawn() returns. stdin is always /dev/null. cgroup_join: the cgroup files (one
+    per hierarchy, see CgroupBackend.join_files) the workload moves itself into, by writing "0",
+    before anything else. The workload gets a session and process group of its own, no
+    supplementary groups, umask 022, and only fds 0-2.
     """
 
     command: str | Sequence[str]
@@ -71,7 +72,7 @@ class SpawnSpec:
     gid: int
     stdout_fd: int
     stderr_fd: int
-    cgroup_procs: Sequence[str] = ()
+    cgroup_join: Sequence[str] = ()
     env: Mapping[str, str] = field(default_factory=default_env)
     cwd: str = "/"
     namespaces: NamespaceSet | None = None
@@ -92,7 +93,7 @@ class HolderSpec:
     """How to start the process that owns a cell's namespaces.
 
     It joins `namespaces` (the parent cell's, None for the host's), places
-    itself in `cgroup_procs`, unshares the kinds in `unshare` ("pid", "mnt",
+    itself in `cgroup_join`, unshares the kinds in `unshare` ("pid", "mnt",
     "ipc", "uts", "net") and runs `argv` — a pause-and-reap init — as pid 1 of
     the new pid namespace, with a fresh /proc, `hostname`, and loopback up in
     a new network namespace. Its stdout/stderr go to the given fds.
@@ -102,7 +103,7 @@ class HolderSpec:
     hostname: str
     stdout_fd: int
     stderr_fd: int
-    cgroup_procs: Sequence[str] = ()
+    cgroup_join: Sequence[str] = ()
     namespaces: NamespaceSet | None = None
     argv: Sequence[str] = ("catatonit", "-P")
 
@@ -266,7 +267,7 @@ class Spawner:
                 "argv": spec.argv,
                 "uid": spec.uid,
                 "gid": spec.gid,
-                "cgroup_procs": list(spec.cgroup_procs),
+                "cgroup_join": list(spec.cgroup_join),
                 "env": dict(spec.env),
                 "cwd": spec.cwd,
                 "namespaces": spec.namespaces.paths() if spec.namespaces else None,
@@ -282,7 +283,7 @@ class Spawner:
                 "argv": list(spec.argv),
                 "uid": 0,
                 "gid": 0,
-                "cgroup_procs": list(spec.cgroup_procs),
+                "cgroup_join": list(spec.cgroup_join),
                 "env": default_env(),
                 "cwd": "/",
                 "namespaces": spec.namespaces.paths() if spec.namespaces else None,

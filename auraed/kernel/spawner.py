@@ -9,7 +9,7 @@ started. Standard library only, so that it starts fast.
 The daemon runs it as `python -m auraed.kernel.spawner --socket-fd N`. Wire protocol: one JSON
 object per message on the inherited AF_UNIX SOCK_SEQPACKET socket.
 
-  daemon -> spawner  {"op": "spawn", "id", "argv", "uid", "gid", "cgroup_procs", "env", "cwd",
+  daemon -> spawner  {"op": "spawn", "id", "argv", "uid", "gid", "cgroup_join", "env", "cwd",
                       "namespaces": {kind: "/proc/<pid>/ns/<kind>"} | null}
                      {"op": "holder", ... the same, plus "unshare": [kind, ...], "hostname"}
                      with SCM_RIGHTS [stdout fd, stderr fd]
@@ -367,7 +367,7 @@ def _run_in_child(report_fd: int, steps: Callable[[_Step], None]) -> NoReturn:
 def _join_cell(step: _Step, request: dict[str, Any], namespace_fds: dict[str, int]) -> None:
     # Cgroups first, while the cgroup paths are still the host's (before any
     # mount namespace is joined).
-    for path in request["cgroup_procs"]:
+    for path in request["cgroup_join"]:
         step.at("cgroup", path)
         _write_file(path, b"0")
     for kind in _CHILD_NAMESPACES:

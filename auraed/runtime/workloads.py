@@ -249,7 +249,7 @@ class Workloads:
                 hostname=cell.name.leaf,
                 stdout_fd=self._devnull,
                 stderr_fd=self._devnull,
-                cgroup_procs=self.backend.procs_files(cell.name.path),
+                cgroup_join=self.backend.join_files(cell.name.path),
                 namespaces=parent.namespaces if parent else None,
             ))
         except SpawnError as error:
@@ -467,7 +467,7 @@ class Workloads:
                 gid=gid,
                 stdout_fd=out_write,
                 stderr_fd=err_write,
-                cgroup_procs=self.backend.procs_files(key.cell.path if key.cell else None),
+                cgroup_join=self.backend.join_files(key.cell.path if key.cell else None),
                 namespaces=namespaces,
             )
             process = self._spawner.spawn(spec)

@@ -41,8 +41,8 @@ def test_tmpfs_at_the_mount_root_means_v1(tmp_path: Path) -> None:
     backend = detect_backend("aurae", str(tmp_path), mountinfo)
     assert isinstance(backend, CgroupV1Backend)
     # cpu and cpuacct share one hierarchy: a process joins it once.
-    assert backend.procs_files("a") == [
-        str(tmp_path / c / "aurae" / "a" / "_procs" / "cgroup.procs") for c in controllers
+    assert backend.join_files("a") == [
+        str(tmp_path / c / "aurae" / "a" / "_procs" / "tasks") for c in controllers
     ]
 
 

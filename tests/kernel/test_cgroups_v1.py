@@ -163,8 +163,8 @@ def test_nested_cells(backend: CgroupV1Backend) -> None:
     assert read("cpu", root, "a", "b", "c", "cpu.shares") == "512"
     assert read("cpuset", root, "a", "b", "c", "_procs", "cpuset.cpus") == "0"
     assert backend.existing_cells() == ["a", "a/b", "a/b/c"]
-    assert backend.procs_files("a/b/c") == [
-        str(cg(c, root, "a", "b", "c", "_procs", "cgroup.procs")) for c in CONTROLLERS
+    assert backend.join_files("a/b/c") == [
+        str(cg(c, root, "a", "b", "c", "_procs", "tasks")) for c in CONTROLLERS
     ]
 
 
@@ -236,7 +236,7 @@ def test_cpuset_outside_the_parent_is_refused(backend: CgroupV1Backend) -> None:
 
 def test_processes_join_every_hierarchy(backend: CgroupV1Backend, spawn_into: SpawnInto) -> None:
     backend.create("a", CgroupLimits())
-    process = spawn_into(backend.procs_files("a"))
+    process = spawn_into(backend.join_files("a"))
     placed = proc_cgroups(process.pid)
     for controller in CONTROLLERS:
         assert placed[controller] == f"/{backend.root_name}/a/_procs"
@@ -251,11 +251,11 @@ def test_kill_empties_the_subtree_and_nothing_else(
     backend.create("a/b", CgroupLimits())
     backend.create("other", CgroupLimits())
     victims = [
-        spawn_into(backend.procs_files("a")),
-        spawn_into(backend.procs_files("a")),
-        spawn_into(backend.procs_files("a/b")),
+        spawn_into(backend.join_files("a")),
+        spawn_into(backend.join_files("a")),
+        spawn_into(backend.join_files("a/b")),
     ]
-    bystander = spawn_into(backend.procs_files("other"))
+    bystander = spawn_into(backend.join_files("other"))
     assert backend.pids("a", recursive=False) == {victims[0].pid, victims[1].pid}
 
     backend.kill("a")
@@ -273,7 +273,7 @@ def test_kill_with_an_ignored_signal_times_out(
     backend: CgroupV1Backend, spawn_into: SpawnInto
 ) -> None:
     backend.create("a", CgroupLimits())
-    stubborn = spawn_into(backend.procs_files("a"), ignore_sigterm=True)
+    stubborn = spawn_into(backend.join_files("a"), ignore_sigterm=True)
     with pytest.raises(CgroupBusy) as caught:
         backend.kill("a", signal.SIGTERM, timeout=0.2)
     assert caught.value.pids == {stubborn.pid}
@@ -288,7 +288,7 @@ def test_remove_kills_and_leaves_no_directory(
 ) -> None:
     backend.create("a", CgroupLimits(pids_max=10))
     backend.create("a/b", CgroupLimits())
-    process = spawn_into(backend.procs_files("a/b"))
+    process = spawn_into(backend.join_files("a/b"))
     backend.remove("a")
     assert process.wait(timeout=1) == -signal.SIGKILL
     assert_absent(backend.root_name, "a")
@@ -298,7 +298,7 @@ def test_remove_kills_and_leaves_no_directory(
 
 def test_usage_and_oom_kills(backend: CgroupV1Backend, spawn_into: SpawnInto) -> None:
     backend.create("a", CgroupLimits(memory_max=32 << 20))
-    hog = spawn_into(backend.procs_files("a"), sys.executable, "-c", "x = 'x' * (256 << 20)")
+    hog = spawn_into(backend.join_files("a"), sys.executable, "-c", "x = 'x' * (256 << 20)")
     assert hog.wait(timeout=10) == -signal.SIGKILL
     usage = backend.usage("a")
     assert usage.cpu_usec > 1_000
@@ -312,9 +312,9 @@ def test_host_leaf_and_restart_reconciliation(
 ) -> None:
     backend.create("a", CgroupLimits())
     backend.create("a/b", CgroupLimits())
-    host_process = spawn_into(backend.procs_files(None))
+    host_process = spawn_into(backend.join_files(None))
     assert proc_cgroups(host_process.pid)["memory"] == f"/{backend.root_name}/_host"
-    cell_process = spawn_into(backend.procs_files("a/b"))
+    cell_process = spawn_into(backend.join_files("a/b"))
 
     # A restarted daemon finds the cells, then clears them and the host leaf's processes.
     restarted = CgroupV1Backend(backend.root_name)
@@ -331,7 +331,7 @@ def test_teardown_removes_everything(root_name: str, spawn_into: SpawnInto) -> N
     backend = CgroupV1Backend(f"{root_name}-teardown")
     backend.setup()
     backend.create("a", CgroupLimits())
-    process = spawn_into(backend.procs_files("a"))
+    process = spawn_into(backend.join_files("a"))
     backend.teardown()
     assert process.wait(timeout=1) == -signal.SIGKILL
     assert glob.glob(f"{MOUNT_ROOT}/*/{backend.root_name}") == []

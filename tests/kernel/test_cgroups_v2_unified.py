@@ -64,7 +64,7 @@ def test_processes_land_in_the_cell_leaf(backend: CgroupV2Backend, spawn_into: S
     backend.create("a", CgroupLimits())
     backend.create("a/b", CgroupLimits())
     busy = "i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done; exec sleep 100"
-    process = spawn_into(backend.procs_files("a/b"), "sh", "-c", busy)
+    process = spawn_into(backend.join_files("a/b"), "sh", "-c", busy)
     assert cgroup_of(process.pid) == f"/{backend.root_name}/a/b/_procs"
     assert backend.pids("a") == {process.pid}
     assert backend.pids("a", recursive=False) == set()
@@ -78,8 +78,8 @@ def test_cgroup_kill_empties_the_subtree(backend: CgroupV2Backend, spawn_into: S
     backend.create("a", CgroupLimits())
     backend.create("a/b", CgroupLimits())
     backend.create("other", CgroupLimits())
-    victims = [spawn_into(backend.procs_files("a")), spawn_into(backend.procs_files("a/b"))]
-    bystander = spawn_into(backend.procs_files("other"))
+    victims = [spawn_into(backend.join_files("a")), spawn_into(backend.join_files("a/b"))]
+    bystander = spawn_into(backend.join_files("other"))
 
     backend.kill("a")
 
@@ -93,8 +93,8 @@ def test_other_signals_go_through_the_freezer(
     backend: CgroupV2Backend, spawn_into: SpawnInto
 ) -> None:
     backend.create("a", CgroupLimits())
-    polite = spawn_into(backend.procs_files("a"))
-    stubborn = spawn_into(backend.procs_files("a"), ignore_sigterm=True)
+    polite = spawn_into(backend.join_files("a"))
+    stubborn = spawn_into(backend.join_files("a"), ignore_sigterm=True)
 
     with pytest.raises(CgroupBusy) as caught:
         backend.kill("a", signal.SIGTERM, timeout=0.2)
@@ -119,7 +119,7 @@ def test_limits_need_their_controller(backend: CgroupV2Backend) -> None:
 
 
 def test_host_leaf_and_cleanup(backend: CgroupV2Backend, spawn_into: SpawnInto) -> None:
-    host_process = spawn_into(backend.procs_files(None))
+    host_process = spawn_into(backend.join_files(None))
     assert cgroup_of(host_process.pid) == f"/{backend.root_name}/_host"
     backend.create("a", CgroupLimits())
     backend.cleanup_stale()

@@ -228,7 +228,7 @@ def test_signal_group_refuses_our_own_group_and_init() -> None:
 def test_a_workload_lands_in_its_cgroup_before_it_runs(
     start: Callable[..., SpawnedProcess], pids_cgroup: Path
 ) -> None:
-    process = start(["sleep", "300"], cgroup_procs=[str(pids_cgroup / "cgroup.procs")])
+    process = start(["sleep", "300"], cgroup_join=[str(pids_cgroup / "cgroup.procs")])
     assert f"pids:/{pids_cgroup.name}\n" in Path(f"/proc/{process.host_pid}/cgroup").read_text()
     assert (pids_cgroup / "cgroup.procs").read_text().split() == [str(process.host_pid)]
 
@@ -237,7 +237,7 @@ def test_a_failed_step_is_reported_with_its_stage_and_leaves_nothing(
     start: Callable[..., SpawnedProcess], spawner: Spawner
 ) -> None:
     with pytest.raises(SpawnError) as missing_cgroup:
-        start(["true"], cgroup_procs=["/sys/fs/cgroup/pids/aurae-test-missing/cgroup.procs"])
+        start(["true"], cgroup_join=["/sys/fs/cgroup/pids/aurae-test-missing/cgroup.procs"])
     assert missing_cgroup.value.stage == "cgroup"
     assert missing_cgroup.value.errno == errno.ENOENT
 

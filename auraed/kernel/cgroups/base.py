@@ -98,12 +98,14 @@ class CgroupBackend(ABC):
     """The daemon's cgroups on one host: its root, a host leaf, and a cgroup per cell."""
 
     version: ClassVar[int]
+    # The interface file a process joins a cgroup through by writing "0" (itself).
+    JOIN_FILE: ClassVar[str] = "cgroup.procs"
 
     def __init__(self, root_name: str, hierarchies: Sequence[Hierarchy]) -> None:
         if not _ROOT_NAME.fullmatch(root_name):
             raise ValueError(f"{root_name!r} cannot name a cgroup directory")
         self.root_name = root_name
-        # In the order a new process joins them: see procs_files().
+        # In the order a new process joins them: see join_files().
         self._hierarchies = tuple(hierarchies)
 
     # --- lifecycle of the daemon's subtree ---
@@ -183,15 +185,15 @@ class CgroupBackend(ABC):
         self._kill(cell, signal.SIGKILL, deadline)
         self._remove(cell, deadline)
 
-    def procs_files(self, cell_path: str | None) -> list[str]:
-        """The cgroup.procs of the cell's leaf (None: the host leaf) in every hierarchy.
+    def join_files(self, cell_path: str | None) -> list[str]:
+        """The files a new process writes "0" to, in this order, to join the cell's leaf (None:
+        the host leaf) in every hierarchy, before it execs.
 
-        A process joins by writing its pid ("0" from the process itself) to each, in this order,
-        before it execs. cpuset comes first: it is the one a join can fail on (ENOSPC on an
-        empty v1 cpuset), before anything moved.
+        cpuset comes first: it is the one a join can fail on (ENOSPC on an empty v1 cpuset),
+        before anything moved. Which file is the backend's choice (see JOIN_FILE).
         """
         leaf = (HOST_LEAF,) if cell_path is None else (*cell_components(cell_path), PROCS_LEAF)
-        return [h.path((self.root_name, *leaf, "cgroup.procs")) for h in self._hierarchies]
+        return [h.path((self.root_name, *leaf, self.JOIN_FILE)) for h in self._hierarchies]
 
     def pids(self, cell_path: str, recursive: bool = True) -> set[int]:
         """Processes in the cell; with recursive=False, those of its child cells are left out."""

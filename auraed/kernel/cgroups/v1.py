@@ -18,7 +18,7 @@ from auraed.kernel.cgroups.errors import CgroupError, UnsupportedLimit
 from auraed.kernel.cgroups.limits import CgroupLimits, shares_to_weight, weight_to_shares
 from auraed.kernel.cgroups.mountinfo import PROC_MOUNTINFO, Mount, read_mounts
 
-# The controllers we place processes in, in joining order: cpuset first (see procs_files()).
+# The controllers we place processes in, in joining order: cpuset first (see join_files()).
 CONTROLLERS = ("cpuset", "cpu", "cpuacct", "memory", "pids", "freezer")
 # Every v1 controller name that can appear among a cgroup mount's options.
 _KNOWN_CONTROLLERS = frozenset(
@@ -34,6 +34,13 @@ class CgroupV1Backend(CgroupBackend):
     """Cells on a v1 or hybrid host, each controller a separate hierarchy below `mount_root`."""
 
     version = 1
+    # Joining through `tasks` moves only the writing thread, and a thread that moves itself
+    # skips the kernel's global threadgroup lock (Linux 5.14+), whose write side waits for an
+    # RCU grace period: measured here, 0.1 ms instead of 6-10 ms for the first join after a
+    # quiet spell. The processes that join (the spawner's forked children, before exec) are
+    # single-threaded, so the thread is the whole process. v2 refuses the same trick across
+    # domain cgroups (cgroup.threads), so it keeps cgroup.procs.
+    JOIN_FILE = "tasks"
 
     def __init__(
         self,
