@@ -83,6 +83,34 @@ def test_a_follower_gets_the_retained_lines_then_the_live_ones(
         later.join()
 
 
+def test_a_silent_channel_leaves_no_file_and_its_follower_waits_for_the_first_line(
+    log_dir: Path, never: threading.Event
+) -> None:
+    log = OutputLog(log_dir / "new" / "nested", "stdout")
+    assert list((log_dir / "new" / "nested").iterdir()) == []
+    follower = log.follow(never)
+    later = threading.Timer(0.3, lambda: (log.append([b"late"], 5.0), log.finish()))
+    later.start()
+    try:
+        assert list(follower) == [(5.0, b"late")]
+    finally:
+        later.join()
+    silent = OutputLog(log_dir / "new" / "nested", "stderr")
+    silent.finish()
+    assert list(silent.follow(never)) == []
+    assert sorted(p.name for p in (log_dir / "new" / "nested").iterdir()) == ["stdout.000001.log"]
+
+
+def test_a_log_reusing_a_directory_drops_the_earlier_run(log_dir: Path) -> None:
+    earlier = OutputLog(log_dir, "stdout")
+    earlier.append([b"old"], 1.0)
+    earlier.finish()
+    log = OutputLog(log_dir, "stdout")
+    assert not (log_dir / "stdout.000001.log").exists()
+    log.finish()
+    assert list(log.follow(threading.Event())) == []
+
+
 def test_records_on_disk_are_timestamp_space_line(log_dir: Path) -> None:
     log = OutputLog(log_dir, "stderr")
     log.append([b"a b", b""], 12.0)

@@ -160,9 +160,9 @@ class ForkServer:
             if truncated or request.get("op") not in ("spawn", "holder") or len(fds) != 2:
                 raise SpawnFailed("request", errno.EINVAL, "malformed request")
             if request["op"] == "holder":
-                pid = self._fork_holder(request, stdout=fds[0], stderr=fds[1])
+                pid, ns_pid = self._fork_holder(request, stdout=fds[0], stderr=fds[1])
             else:
-                pid = self._fork_workload(request, stdout=fds[0], stderr=fds[1])
+                pid, ns_pid = self._fork_workload(request, stdout=fds[0], stderr=fds[1])
         except SpawnFailed as failure:
             return {"id": request_id, "error": failure.as_wire()}
         except (LookupError, TypeError, ValueError) as bad:
@@ -171,15 +171,7 @@ class ForkServer:
                 "error": SpawnFailed("request", errno.EINVAL, repr(bad)).as_wire(),
             }
         self._workloads.add(pid)
-        joined_pid_namespace = "pid" in (request["namespaces"] or {}) or "pid" in request.get(
-            "unshare", ()
-        )
-        return {
-            "id": request_id,
-            "pid": pid,
-            "ns_pid": _innermost_pid(pid) if joined_pid_namespace else pid,
-            "start_time": _start_time(pid),
-        }
+        return {"id": request_id, "pid": pid, "ns_pid": ns_pid, "start_time": _start_time(pid)}
 
     def _open_namespaces(self, request: dict[str, Any]) -> dict[str, int]:
         namespace_fds: dict[str, int] = {}
@@ -197,8 +189,8 @@ class ForkServer:
             raise
         return namespace_fds
 
-    def _fork_holder(self, request: dict[str, Any], stdout: int, stderr: int) -> int:
-        """Start a namespace holder; returns its host pid.
+    def _fork_holder(self, request: dict[str, Any], stdout: int, stderr: int) -> tuple[int, int]:
+        """Start a namespace holder; returns its pid, here and in its own pid namespace.
 
         With a new pid namespace the first child unshares and forks pid 1, hands
         us a pidfd for it (its pid as the first child sees it may be a nested
@@ -244,12 +236,17 @@ class ForkServer:
             os.waitpid(pid, 0)  # the first child: exited, or failed before exec
         if failure is not None:
             raise SpawnFailed(failure["stage"], failure["errno"], failure["detail"])
-        return holder
+        if "pid" in kinds:
+            return holder, 1  # the init of its new pid namespace
+        return holder, _innermost_pid(holder) if "pid" in namespace_fds else holder
 
-    def _fork_workload(self, request: dict[str, Any], stdout: int, stderr: int) -> int:
+    def _fork_workload(self, request: dict[str, Any], stdout: int, stderr: int) -> tuple[int, int]:
+        """Start a workload; returns its pid, here and in its pid namespace (the same if it
+        joined none)."""
         namespace_fds = self._open_namespaces(request)
-        # The child reports a failure before exec here; exec closes it (CLOEXEC), so end of file
-        # with nothing written means the workload is running.
+        # The child reports here: in a pid namespace, first its pid there ("<pid>\n"); then, if
+        # a step fails, the failure. Exec closes it (CLOEXEC): end of file with no failure
+        # written means the workload is running.
         report_r, report_w = os.pipe2(os.O_CLOEXEC)
         try:
             executables = _executables(
@@ -272,11 +269,15 @@ class ForkServer:
             for fd in (report_r, report_w, *namespace_fds.values()):
                 if fd >= 0:
                     os.close(fd)
+        ns_pid = pid
+        if "pid" in namespace_fds and report[:1].isdigit():  # a failure report starts with "{"
+            line, _, report = report.partition(b"\n")
+            ns_pid = int(line)
         if report:
             os.waitpid(pid, 0)
             failure = json.loads(report)
             raise SpawnFailed(failure["stage"], failure["errno"], failure["detail"])
-        return pid
+        return pid, ns_pid
 
     def _fork(self, pid_namespace: int | None = None, *, new_pid_namespace: bool = False) -> int:
         """Fork a child born in `pid_namespace`, or as pid 1 of a new pid
@@ -409,6 +410,9 @@ def _become_workload(
     """
 
     def steps(step: _Step) -> None:
+        if "pid" in namespace_fds:
+            # Born in the namespace, so getpid() is already the pid as the cell sees it.
+            os.write(report_fd, b"%d\n" % os.getpid())
         _join_cell(step, request, namespace_fds)
         step.at("setsid")
         os.setsid()

@@ -53,10 +53,15 @@ class OutputLog:
         self.channel = channel
         self._segment_bytes = segment_bytes
         self._max_segments = max_segments
-        self.directory.mkdir(parents=True, exist_ok=True)
-        # A log starts empty: segments of an earlier run under this name would never be rotated.
-        for stale in self.directory.glob(f"{channel}.*.log"):
-            stale.unlink()
+        try:
+            os.mkdir(self.directory)
+        except FileNotFoundError:
+            os.makedirs(self.directory, exist_ok=True)
+        except FileExistsError:
+            # A log starts empty: segments of an earlier run under this name would never be
+            # rotated, and a reader would take them for ours.
+            for stale in self.directory.glob(f"{channel}.*.log"):
+                stale.unlink()
         self._changed = threading.Condition()
         # Guarded by _changed: the retained segments are first.._last, and _last holds _committed
         # bytes of whole records.
@@ -64,7 +69,9 @@ class OutputLog:
         self._last = 1
         self._committed = 0
         self._complete = False
-        self._fd = self._create_segment(1)
+        # The first segment is created by the first append: most short-lived executables write
+        # nothing, and starting one should not cost two file creations.
+        self._fd: int | None = None
 
     def segment_path(self, number: int) -> Path:
         return self.directory / f"{self.channel}.{number:06d}.log"
@@ -91,6 +98,8 @@ class OutputLog:
         # Checked in bulk, since a broken record would stop every reader.
         if records.count(b"\n") != len(lines) or max(map(len, lines)) > MAX_LINE_BYTES:
             raise ValueError("a line holds a newline or is longer than MAX_LINE_BYTES")
+        if self._fd is None:
+            self._fd = self._create_segment(self._last)
         _write_all(self._fd, records)
         with self._changed:
             self._committed += len(records)
@@ -100,7 +109,8 @@ class OutputLog:
 
     def _rotate(self) -> None:
         new_fd = self._create_segment(self._last + 1)
-        os.close(self._fd)
+        if self._fd is not None:
+            os.close(self._fd)
         self._fd = new_fd
         with self._changed:
             self._last += 1
@@ -119,7 +129,9 @@ class OutputLog:
                 return
             self._complete = True
             self._changed.notify_all()
-        os.close(self._fd)
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def remove(self) -> None:
         """Delete the segment files (the log must be finished)."""
@@ -180,8 +192,10 @@ class _SegmentReader:
             try:
                 self._fd = os.open(log.segment_path(self._number), os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
-                # Rotated away between our look and the open; next time we start further on.
-                self._next_segment()
+                if self._number < last:
+                    # Rotated away between our look and the open; next time we start further on.
+                    self._next_segment()
+                # Else the newest segment, not created before its first line: nothing yet.
                 return []
         # A segment older than the last is no longer written: all of it is committed.
         limit = committed - self._offset if self._number == last else _READ_BYTES

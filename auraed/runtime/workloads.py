@@ -297,6 +297,8 @@ class Workloads:
                 self._cells.pop(member.name, None)
                 for executable in member.executables.values():
                     self._forget(executable)
+                # Emptied by _forget unless output is still being written (see there).
+                _remove_directory(self._log_root / member.name.path, only_if_empty=True)
             if name.parent is not None and name.parent in self._cells:
                 self._cells[name.parent].children.pop(name.leaf, None)
         log.info("cell freed", extra={"cell": name.path})
@@ -521,7 +523,7 @@ class Workloads:
         if executable.stdout.complete and executable.stderr.complete:
             executable.stdout.remove()
             executable.stderr.remove()
-            shutil.rmtree(executable.log_dir, ignore_errors=True)
+            _remove_directory(executable.log_dir)
 
     def _on_exit(self, host_pid: int, status: ExitStatus) -> None:
         """Called on the spawner's reader thread; must not take _lock."""
@@ -622,6 +624,17 @@ class Workloads:
         # Without a spawner no exit is reported: the group's absence has to do.
         reported = not executable.running or self._spawner_lost
         return reported and not _group_alive(executable.process.pgid)
+
+
+def _remove_directory(path: Path, *, only_if_empty: bool = False) -> None:
+    """rmdir, the common case; the whole tree only if something was left in it."""
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        if not only_if_empty:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _group_alive(pgid: int) -> bool:

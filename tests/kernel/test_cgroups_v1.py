@@ -62,6 +62,7 @@ def backend(root_name: str) -> Iterator[CgroupV1Backend]:
     yield backend
     backend.cleanup_stale()
     assert backend.existing_cells() == []
+    backend.close()
 
 
 def cg(controller: str, *path: str) -> Path:
@@ -93,6 +94,11 @@ def test_setup_makes_root_and_host_leaf_everywhere(backend: CgroupV1Backend) -> 
     # A new v1 cpuset is empty; setup gave ours the parent's CPUs and nodes.
     assert read("cpuset", root, "cpuset.cpus") == read("cpuset", "cpuset.cpus")
     assert read("cpuset", root, "_host", "cpuset.mems") == read("cpuset", "cpuset.mems")
+    # Below the root the kernel copies them at mkdir, and a cell's leaf can take processes.
+    assert read("cpuset", root, "cgroup.clone_children") == "1"
+    backend.create("fresh", CgroupLimits())
+    assert read("cpuset", root, "fresh", "_procs", "cpuset.cpus") == read("cpuset", "cpuset.cpus")
+    assert read("cpuset", root, "fresh", "_procs", "cpuset.mems") == read("cpuset", "cpuset.mems")
 
 
 def test_limits_land_in_the_v1_files(backend: CgroupV1Backend) -> None:

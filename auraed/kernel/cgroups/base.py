@@ -107,6 +107,9 @@ class CgroupBackend(ABC):
         self.root_name = root_name
         # In the order a new process joins them: see join_files().
         self._hierarchies = tuple(hierarchies)
+        # Our root in each hierarchy, held open from setup() to teardown(): every operation
+        # walks from there instead of from the mount.
+        self._root_fds: dict[Hierarchy, int] = {}
 
     # --- lifecycle of the daemon's subtree ---
 
@@ -115,6 +118,8 @@ class CgroupBackend(ABC):
         for hierarchy in self._hierarchies:
             self._ensure(hierarchy, ())
             self._ensure(hierarchy, (HOST_LEAF,), holds_processes=True)
+            if hierarchy not in self._root_fds:
+                self._root_fds[hierarchy] = cgroupfs.open_cgroup(hierarchy, (self.root_name,))
 
     def teardown(self, timeout: float = DEFAULT_TIMEOUT) -> None:
         """Kill every process below the root, then remove the root and all below it."""
@@ -122,8 +127,15 @@ class CgroupBackend(ABC):
         try:
             self._kill((), signal.SIGKILL, deadline)
         except CgroupNotFound:
+            self.close()
             return
+        self.close()
         self._remove((), deadline)
+
+    def close(self) -> None:
+        """Let go of the fds held on our roots (teardown() does this too)."""
+        while self._root_fds:
+            os.close(self._root_fds.popitem()[1])
 
     def cleanup_stale(self, timeout: float = DEFAULT_TIMEOUT) -> None:
         """Kill every process below the root and remove every cell; for a daemon (re)start,
@@ -181,9 +193,11 @@ class CgroupBackend(ABC):
     def remove(self, cell_path: str, timeout: float = DEFAULT_TIMEOUT) -> None:
         """Kill the cell's processes, then remove its cgroups and its child cells'."""
         cell = cell_components(cell_path)
-        deadline = time.monotonic() + timeout
-        self._kill(cell, signal.SIGKILL, deadline)
-        self._remove(cell, deadline)
+        # Usually the cell is empty by now (its executables were stopped, or the end of its pid
+        # namespace took them all), so try removing first: a busy cgroup gets its processes
+        # killed then, without a search of every hierarchy for pids in the common case.
+        if not self._remove(cell, time.monotonic() + timeout):
+            raise CgroupNotFound(self._name(cell))
 
     def join_files(self, cell_path: str | None) -> list[str]:
         """The files a new process writes "0" to, in this order, to join the cell's leaf (None:
@@ -372,14 +386,18 @@ class CgroupBackend(ABC):
             except (OSError, CgroupError) as e:
                 log.warning("could not roll back %s: %s", hierarchy.path(full), e)
 
-    def _remove(self, components: Components, deadline: float) -> None:
-        """rmdir the cgroup and all below it in every hierarchy where it exists."""
+    def _remove(self, components: Components, deadline: float) -> bool:
+        """rmdir the cgroup and all below it in every hierarchy where it exists; False if it
+        existed in none."""
         full = (self.root_name, *components)
+        found = False
         for hierarchy in self._hierarchies:
+            backoff = Backoff()
             while True:
                 try:
                     with self._open_parent(hierarchy, full) as parent_fd:
                         cgroupfs.remove_cgroup_tree(parent_fd, full[-1], hierarchy.path(full))
+                    found = True
                     break
                 except FileNotFoundError:
                     break
@@ -388,10 +406,11 @@ class CgroupBackend(ABC):
                         raise
                     if time.monotonic() >= deadline:
                         raise CgroupBusy(self._name(components), self._pids(components)) from e
-                    # A process joined after the kill (a racing spawn), or the kernel lags a
+                    # Processes are left (or joined since: a racing spawn), or the kernel lags a
                     # moment behind the last exit.
                     self._kill(components, signal.SIGKILL, deadline)
-                    time.sleep(POLL_INTERVAL)
+                    backoff.sleep()
+        return found
 
     def _top_level_cells(self) -> set[str]:
         cells: set[str] = set()
@@ -408,11 +427,18 @@ class CgroupBackend(ABC):
             reason = f"{write.filename} = {write.value!r}: {e.strerror}"
             raise LimitRefused(write.field, reason) from e
 
+    def _open_fd(self, hierarchy: Hierarchy, full: Components) -> int:
+        """An fd on the cgroup at `full` (root name included); may raise FileNotFoundError."""
+        root_fd = self._root_fds.get(hierarchy)
+        if root_fd is None or not full:
+            return cgroupfs.open_cgroup(hierarchy, full)
+        return cgroupfs.open_below(root_fd, full[1:], hierarchy.path(full[:1]))
+
     @contextmanager
     def _open(self, hierarchy: Hierarchy, components: Components) -> Iterator[int]:
         """An fd on one of our cgroups; CgroupNotFound if it does not exist."""
         try:
-            fd = cgroupfs.open_cgroup(hierarchy, (self.root_name, *components))
+            fd = self._open_fd(hierarchy, (self.root_name, *components))
         except FileNotFoundError:
             raise CgroupNotFound(self._name(components)) from None
         try:
@@ -420,12 +446,11 @@ class CgroupBackend(ABC):
         finally:
             os.close(fd)
 
-    @staticmethod
     @contextmanager
-    def _open_parent(hierarchy: Hierarchy, full: Components) -> Iterator[int]:
+    def _open_parent(self, hierarchy: Hierarchy, full: Components) -> Iterator[int]:
         """An fd on the parent of the cgroup at `full` (root name included); may raise
         FileNotFoundError."""
-        fd = cgroupfs.open_cgroup(hierarchy, full[:-1])
+        fd = self._open_fd(hierarchy, full[:-1])
         try:
             yield fd
         finally:
