@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 
@@ -27,15 +28,33 @@ def _timestamp(created: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{int(created % 1 * 1000):03d}Z"
 
 
+_BARE_VALUE = re.compile(r"[\w\-./:@]+")
+
+
 def _logfmt_value(value: object) -> str:
     text = str(value)
-    if text and all(c.isalnum() or c in "-_./:@" for c in text):
+    if _BARE_VALUE.fullmatch(text):
         return text
     return json.dumps(text)
 
 
-class LogfmtFormatter(logging.Formatter):
+class _OnceFormatter(logging.Formatter):
+    """Formats a record once, however many handlers (stderr, the ring) print it."""
+
     def format(self, record: logging.LogRecord) -> str:
+        cached = record.__dict__.get("_formatted")
+        if cached is not None and cached[0] is self:
+            return str(cached[1])
+        line = self.render(record)
+        record._formatted = (self, line)  # a "_" name: never printed as context
+        return line
+
+    def render(self, record: logging.LogRecord) -> str:
+        raise NotImplementedError
+
+
+class LogfmtFormatter(_OnceFormatter):
+    def render(self, record: logging.LogRecord) -> str:
         fields = {
             "ts": _timestamp(record.created),
             "level": record.levelname.lower(),
@@ -49,8 +68,8 @@ class LogfmtFormatter(logging.Formatter):
         return line
 
 
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
+class JsonFormatter(_OnceFormatter):
+    def render(self, record: logging.LogRecord) -> str:
         fields: dict[str, object] = {
             "ts": _timestamp(record.created),
             "level": record.levelname.lower(),
