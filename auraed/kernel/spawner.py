@@ -22,7 +22,9 @@ object per message on the inherited AF_UNIX SOCK_SEQPACKET socket.
 A holder is the process that owns a cell's namespaces: it joins the given
 namespaces, unshares the kinds in "unshare" and runs argv (a pause-and-reap
 init such as `catatonit -P`) as pid 1 of the new pid namespace, with a fresh
-/proc, the hostname, and loopback up in a new network namespace.
+/proc, the hostname, and loopback up in a new network namespace. Its reply
+comes once the namespaces are complete, just before that exec when the init
+was found beforehand (a later exec failure shows as the holder's exit).
 
 A spawn reply always precedes the exit event of its pid. End of file on the socket (or SIGTERM)
 means the daemon is gone: every workload is killed and reaped, then the spawner exits.
@@ -58,6 +60,8 @@ from auraed.kernel.libc import (
 
 MAX_MESSAGE_BYTES = 256 * 1024
 _FD_SIZE = struct.calcsize("i")
+# What a holder's pid 1 reports once its namespaces are ready, just before it execs its init.
+_HOLDER_READY = b"ready"
 
 # The order a child joins namespaces in. The mount namespace comes last so that nothing resolved
 # by path before it is looked up in the workload's filesystem. The pid namespace is not here: a
@@ -224,6 +228,11 @@ class ForkServer:
             executables = _executables(
                 request["argv"][0], request["env"], in_our_filesystem="mnt" not in namespace_fds
             )
+            if "mnt" not in namespace_fds and not any(os.access(e, os.X_OK) for e in executables):
+                # Refused here: the holder answers before its exec (see _hold_namespaces).
+                missing = not executables
+                raise SpawnFailed("exec", errno.ENOENT if missing else errno.EACCES,
+                                  request["argv"][0])
             pid = self._fork(namespace_fds.get("pid"), new_pid_namespace=direct)
             if pid == 0:
                 ours.close()
@@ -231,14 +240,17 @@ class ForkServer:
                                namespace_fds, theirs.fileno(), self._max_fd, is_pid_one=direct)
             theirs.close()
             holder, failure = pid, None
-            while True:
+            ready, holder_known = False, direct or "pid" not in kinds
+            while not (ready and holder_known):
                 data, fds, _, _ = socket.recv_fds(ours, 4096, 1, socket.MSG_CMSG_CLOEXEC)
                 if not data:
                     break
                 if fds:
-                    holder = _pid_of_pidfd(fds[0])
+                    holder, holder_known = _pid_of_pidfd(fds[0]), True
                     for fd in fds:
                         os.close(fd)
+                elif data == _HOLDER_READY:
+                    ready = True
                 elif failure is None:
                     failure = json.loads(data)
         finally:
@@ -476,7 +488,9 @@ def _become_holder(
                 pidfd = os.pidfd_open(pid_one)
                 socket.send_fds(socket.socket(fileno=report_fd), [b"pid"], [pidfd])
                 os._exit(0)
-        _hold_namespaces(request, executables, stdio, report_fd, max_fd)
+        # Looked up in our filesystem, which is the one a new mount namespace copies.
+        _hold_namespaces(request, executables, stdio, report_fd, max_fd,
+                         init_checked="mnt" not in namespace_fds)
 
     _run_in_child(report_fd, steps)
 
@@ -487,8 +501,12 @@ def _hold_namespaces(
     stdio: tuple[int, int, int],
     report_fd: int,
     max_fd: int,
+    init_checked: bool,
 ) -> NoReturn:
-    """Inside the new namespaces: fill them in, then exec the holder's init."""
+    """Inside the new namespaces: fill them in, then exec the holder's init.
+
+    `init_checked`: the init was found in the filesystem it will be exec'd from.
+    """
     kinds = request["unshare"]
 
     def steps(step: _Step) -> None:
@@ -503,6 +521,11 @@ def _hold_namespaces(
             _loopback_up()
         step.at("setsid")
         os.setsid()
+        if init_checked:
+            # The namespaces are complete: the daemon may answer now rather than after the
+            # exec. An exec failing after this (the init was found when the request came) ends
+            # the holder, and the daemon learns of it as of any holder that dies.
+            os.write(report_fd, _HOLDER_READY)
         _exec_with_stdio(step, request, executables, stdio, report_fd, max_fd)
 
     _run_in_child(report_fd, steps)

@@ -31,7 +31,7 @@ def children_of(pid: int) -> list[int]:
 def alive(pid: int) -> bool:
     try:
         state = proc_status(pid)["State"]
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # ESRCH: it went while being read
         return False
     return not state.startswith("Z")
 

@@ -21,6 +21,7 @@ import pytest
 from auraed.kernel.processes import (
     DEFAULT_PATH,
     ExitStatus,
+    HolderSpec,
     NamespaceSet,
     SpawnedProcess,
     Spawner,
@@ -66,7 +67,7 @@ def alive(pid: int) -> bool:
     """Running: neither gone nor a zombie awaiting its parent."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # ESRCH: it went while being read
         return False
     return stat[stat.rindex(")") + 2] != "Z"
 
@@ -409,3 +410,43 @@ def test_exit_status_from_a_raw_wait_status() -> None:
     assert ExitStatus.from_wait_status(signal.SIGSEGV | 0x80) == ExitStatus(
         None, signal.SIGSEGV, core_dumped=True
     )
+
+
+def holder_spec(devnull: int, **fields: object) -> HolderSpec:
+    spec: dict[str, object] = {"unshare": frozenset({"pid", "mnt", "ipc", "uts", "net"}),
+                               "hostname": "cell-a", "stdout_fd": devnull, "stderr_fd": devnull}
+    spec.update(fields)
+    return HolderSpec(**spec)  # type: ignore[arg-type]
+
+
+def test_a_holder_is_pid_one_of_its_new_namespaces(
+    spawner: Spawner, devnull: int, exits: ExitLog
+) -> None:
+    holder = spawner.spawn_holder(holder_spec(devnull))
+    assert holder.ns_pid == 1
+    assert proc_status(holder.host_pid)["NSpid"].split() == [str(holder.host_pid), "1"]
+    wait_until(lambda: Path(f"/proc/{holder.host_pid}/comm").read_text() == "catatonit\n")
+    for kind in ("net", "uts", "ipc", "mnt", "pid"):
+        assert os.readlink(f"/proc/{holder.host_pid}/ns/{kind}") != os.readlink(
+            f"/proc/self/ns/{kind}")
+    uname = subprocess.run(["nsenter", "-t", str(holder.host_pid), "--uts", "hostname"],
+                           capture_output=True, text=True, check=True)
+    assert uname.stdout == "cell-a\n"
+    os.kill(holder.host_pid, signal.SIGKILL)
+    assert exits.wait_for(holder.host_pid) == ExitStatus(exit_code=None, signal=signal.SIGKILL)
+
+
+@pytest.mark.parametrize(("init", "error"), [("no-such-init", errno.ENOENT),
+                                             ("not-executable", errno.EACCES)])
+def test_a_holder_whose_init_cannot_run_is_refused_before_anything_is_made(
+    spawner: Spawner, devnull: int, init: str, error: int, tmp_path: Path
+) -> None:
+    if init == "not-executable":
+        init = str(tmp_path / init)
+        Path(init).write_text("#!/bin/sh\n")
+        os.chmod(init, 0o644)
+    before = children(spawner.pid)
+    with pytest.raises(SpawnError) as refused:
+        spawner.spawn_holder(holder_spec(devnull, argv=(init,)))
+    assert (refused.value.stage, refused.value.errno) == ("exec", error)
+    assert children(spawner.pid) == before

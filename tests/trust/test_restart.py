@@ -58,9 +58,15 @@ def wait_for(condition: Callable[[], bool], timeout: float) -> float:
 
 
 def alive(pids: set[int]) -> set[int]:
+    return {pid for pid in pids if _running(pid)}
+
+
+def _running(pid: int) -> bool:
     # A zombie has no cmdline: it is dead, only not yet reaped by its new parent.
-    return {pid for pid in pids if Path(f"/proc/{pid}").exists()
-            and Path(f"/proc/{pid}/cmdline").read_bytes()}
+    try:
+        return bool(Path(f"/proc/{pid}/cmdline").read_bytes())
+    except (FileNotFoundError, ProcessLookupError):  # ESRCH: it went while being read
+        return False
 
 
 def spawner_of(daemon: DaemonProcess) -> int:
