@@ -396,7 +396,10 @@ class CgroupBackend(ABC):
             while True:
                 try:
                     with self._open_parent(hierarchy, full) as parent_fd:
-                        cgroupfs.remove_cgroup_tree(parent_fd, full[-1], hierarchy.path(full))
+                        cgroupfs.remove_cgroup_tree(
+                            parent_fd, full[-1], hierarchy.path(full),
+                            usual_children=(PROCS_LEAF,) if _is_cell(components) else (),
+                        )
                     found = True
                     break
                 except FileNotFoundError:

@@ -93,13 +93,25 @@ def make_cgroup(parent_fd: int, name: str, path: str) -> bool:
         return False
 
 
-def remove_cgroup_tree(parent_fd: int, name: str, path: str) -> None:
+def remove_cgroup_tree(
+    parent_fd: int, name: str, path: str, usual_children: Sequence[str] = ()
+) -> None:
     """rmdir the cgroup `name` and every cgroup below it, deepest first.
 
     cgroupfs removes a cgroup's interface files with it; the caller empties it of processes first.
+    `usual_children`: the child cgroups it mostly holds, tried first without listing the
+    directory (a cgroup directory lists every interface file too).
     """
     fd = open_child(parent_fd, name, path)
     try:
+        if usual_children:
+            try:
+                for child in usual_children:
+                    os.rmdir(child, dir_fd=fd)
+                os.rmdir(name, dir_fd=parent_fd)
+                return
+            except OSError:
+                pass  # something else is there, or busy: the listing below finds out which
         for child in subdirs(fd):
             remove_cgroup_tree(fd, child, os.path.join(path, child))
     finally:
