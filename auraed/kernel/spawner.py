@@ -60,6 +60,10 @@ from auraed.kernel.libc import (
 
 MAX_MESSAGE_BYTES = 256 * 1024
 _FD_SIZE = struct.calcsize("i")
+# The name (/proc/<pid>/comm) of the spare: a child forked ahead of time, pid 1 of a fresh pid
+# namespace, that becomes the next top-level cell's holder.
+SPARE_NAME = "aurae-spare"
+SPARE_IDLE_MS = 5
 # What a holder's pid 1 reports once its namespaces are ready, just before it execs its init.
 _HOLDER_READY = b"ready"
 
@@ -85,6 +89,14 @@ class SpawnFailed(Exception):
         return {"stage": self.stage, "errno": self.errno, "message": message}
 
 
+class _Spare:
+    """A prepared holder: its pid and the socket its request goes down."""
+
+    def __init__(self, pid: int, sock: socket.socket) -> None:
+        self.pid = pid
+        self.sock = sock
+
+
 class DaemonGone(Exception):
     """The daemon closed its end of the socket."""
 
@@ -100,6 +112,9 @@ class ForkServer:
         self._max_fd = os.sysconf("SC_OPEN_MAX")
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._buffer = bytearray(MAX_MESSAGE_BYTES)
+        # A child forked ahead of time as pid 1 of a fresh pid namespace, waiting to become the
+        # next top-level cell's holder: Allocate then does not wait for a fork.
+        self._spare: _Spare | None = None
 
     def serve(self) -> None:
         """Answer requests and report exits until the daemon goes away, then kill everything."""
@@ -112,9 +127,16 @@ class ForkServer:
         poller.register(self._sock, select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
         try:
+            self._keep_a_spare()  # before "ready": from then on the spawner is as it stays
             self._send({"event": "ready", "pid": os.getpid()})
             while True:
-                for fd, _ in poller.poll():
+                # A used spare is replaced once the spawner has been idle a moment, so that the
+                # fork and the new child's start delay no request (typically the Start that
+                # follows an Allocate).
+                events = poller.poll(SPARE_IDLE_MS if self._spare is None else None)
+                if not events:
+                    self._keep_a_spare()
+                for fd, _ in events:
                     if fd == self._wake_r:
                         if signal.SIGTERM in self._drain_wakeups():
                             return
@@ -217,27 +239,58 @@ class ForkServer:
         if not kinds or any(kind not in NAMESPACE_FLAGS for kind in kinds):
             raise SpawnFailed("request", errno.EINVAL, f"bad namespace kinds {kinds!r}")
         namespace_fds = self._open_namespaces(request)
-        # In our own pid namespace we can make the new one ourselves and fork
-        # its pid 1 directly; inside a cell's, the kernel refuses (unshare of
-        # CLONE_NEWPID needs pid_for_children to be our own), so a first child
-        # does it and forks pid 1.
-        direct = "pid" in kinds and "pid" not in namespace_fds
-        # SEQPACKET: a failure report and a pidfd arrive as separate messages.
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             executables = _executables(
                 request["argv"][0], request["env"], in_our_filesystem="mnt" not in namespace_fds
             )
-            if "mnt" not in namespace_fds and not any(os.access(e, os.X_OK) for e in executables):
+            init_checked = "mnt" not in namespace_fds
+            if init_checked and not any(os.access(e, os.X_OK) for e in executables):
                 # Refused here: the holder answers before its exec (see _hold_namespaces).
                 missing = not executables
                 raise SpawnFailed("exec", errno.ENOENT if missing else errno.EACCES,
                                   request["argv"][0])
-            pid = self._fork(namespace_fds.get("pid"), new_pid_namespace=direct)
-            if pid == 0:
-                ours.close()
-                _become_holder(request, executables, (self._devnull, stdout, stderr),
-                               namespace_fds, theirs.fileno(), self._max_fd, is_pid_one=direct)
+            # In our own pid namespace we can make the new one ourselves and fork
+            # its pid 1 directly (or take the spare, made so); inside a cell's, the
+            # kernel refuses (unshare of CLONE_NEWPID needs pid_for_children to be
+            # our own), so a first child does it and forks pid 1.
+            direct = "pid" in kinds and "pid" not in namespace_fds
+            if direct and self._spare is not None:
+                holder = self._launch_holder(request, executables, namespace_fds, stdout, stderr,
+                                             direct=True, use_spare=True)
+                if holder is not None:
+                    return holder, 1
+                # The spare died before it was ready (it was killed): fork one instead.
+            holder = self._launch_holder(request, executables, namespace_fds, stdout, stderr,
+                                         direct=direct, use_spare=False)
+            if holder is None:
+                raise SpawnFailed("holder", errno.ESRCH, "ended before its namespaces were ready")
+            if "pid" in kinds:
+                return holder, 1  # the init of its new pid namespace
+            return holder, _innermost_pid(holder) if "pid" in namespace_fds else holder
+        finally:
+            for fd in namespace_fds.values():
+                os.close(fd)
+
+    def _launch_holder(self, request: dict[str, Any], executables: list[str],
+                       namespace_fds: dict[str, int], stdout: int, stderr: int, *,
+                       direct: bool, use_spare: bool) -> int | None:
+        """One try at a holder: its pid, or None if it ended without a word (killed)."""
+        kinds = request["unshare"]
+        init_checked = "mnt" not in namespace_fds
+        # SEQPACKET: a failure report, a pidfd and "ready" arrive as separate messages.
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            pid = -1
+            if use_spare:
+                pid = self._hand_to_spare(request, executables, (stdout, stderr, theirs.fileno()))
+                if pid < 0:
+                    return None
+            else:
+                pid = self._fork(namespace_fds.get("pid"), new_pid_namespace=direct)
+                if pid == 0:
+                    ours.close()
+                    _become_holder(request, executables, (self._devnull, stdout, stderr),
+                                   namespace_fds, theirs.fileno(), self._max_fd, is_pid_one=direct)
             theirs.close()
             holder, failure = pid, None
             ready, holder_known = False, direct or "pid" not in kinds
@@ -255,15 +308,14 @@ class ForkServer:
                     failure = json.loads(data)
         finally:
             ours.close()
-            for fd in namespace_fds.values():
-                os.close(fd)
-        if ("pid" in kinds and not direct) or failure is not None:
-            os.waitpid(pid, 0)  # the first child: exited, or failed before exec
+            theirs.close()
+        # End of file without "ready" where it is sent: the child ended without reporting.
+        silent_end = failure is None and init_checked and not ready
+        if ("pid" in kinds and not direct) or failure is not None or silent_end:
+            os.waitpid(pid, 0)  # the first child, or one that failed or ended before exec
         if failure is not None:
             raise SpawnFailed(failure["stage"], failure["errno"], failure["detail"])
-        if "pid" in kinds:
-            return holder, 1  # the init of its new pid namespace
-        return holder, _innermost_pid(holder) if "pid" in namespace_fds else holder
+        return None if silent_end else holder
 
     def _fork_workload(self, request: dict[str, Any], stdout: int, stderr: int) -> tuple[int, int]:
         """Start a workload; returns its pid, here and in its pid namespace (the same if it
@@ -304,6 +356,61 @@ class ForkServer:
             raise SpawnFailed(failure["stage"], failure["errno"], failure["detail"])
         return pid, ns_pid
 
+    def _keep_a_spare(self) -> None:
+        if self._spare is not None:
+            return
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            pid = self._fork(new_pid_namespace=True)
+        except SpawnFailed:
+            ours.close()
+            theirs.close()
+            return  # no spare: holders are forked on demand, as they would be anyway
+        if pid == 0:
+            ours.close()
+            self._wait_as_spare(theirs)
+        theirs.close()
+        self._spare = _Spare(pid, ours)
+
+    def _wait_as_spare(self, sock: socket.socket) -> NoReturn:
+        """In the spare: let go of the spawner's fds and signals, wait for a holder request,
+        and become that holder (or exit if the spawner goes first)."""
+        try:
+            signal.set_wakeup_fd(-1)
+            for signum in (signal.SIGCHLD, signal.SIGTERM):
+                signal.signal(signum, signal.SIG_DFL)
+            # The daemon must see end of file on its socket when the spawner ends, spare or not.
+            self._sock.close()
+            for fd in (self._wake_r, self._wake_w):
+                os.close(fd)
+            # What ps shows for it until it execs the holder's init.
+            _write_file("/proc/self/comm", SPARE_NAME.encode())
+            data, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE_BYTES, 3, socket.MSG_CMSG_CLOEXEC)
+        except BaseException:  # noqa: BLE001 - nothing to report to: the spare just ends
+            os._exit(127)
+        if not data or len(fds) != 3:
+            os._exit(0)
+        sock.close()
+        request, executables = json.loads(data)
+        stdout, stderr, report_fd = fds
+        _become_holder(request, executables, (self._devnull, stdout, stderr), {}, report_fd,
+                       self._max_fd, is_pid_one=True)
+
+    def _hand_to_spare(self, request: dict[str, Any], executables: list[str],
+                       fds: tuple[int, int, int]) -> int:
+        """Pass a holder request to the spare, which becomes the holder: its pid, or -1 if the
+        spare died meanwhile (_reap collects it; the caller forks instead)."""
+        spare, self._spare = self._spare, None
+        assert spare is not None
+        try:
+            message = json.dumps([request, executables]).encode()
+            socket.send_fds(spare.sock, [message], list(fds), socket.MSG_NOSIGNAL)
+        except OSError:
+            return -1
+        finally:
+            spare.sock.close()
+        return spare.pid
+
     def _fork(self, pid_namespace: int | None = None, *, new_pid_namespace: bool = False) -> int:
         """Fork a child born in `pid_namespace`, or as pid 1 of a new pid
         namespace; the spawner itself stays in its own either way."""
@@ -337,6 +444,9 @@ class ForkServer:
                 return
             if pid == 0:
                 return
+            if self._spare is not None and pid == self._spare.pid:
+                self._spare.sock.close()
+                self._spare = None
             # Orphaned descendants come to us too (subreaper); they are only reaped.
             if pid in self._workloads:
                 self._workloads.discard(pid)

@@ -30,6 +30,7 @@ from auraed.kernel.processes import (
     SpawnSpec,
     signal_group,
 )
+from auraed.kernel.spawner import SPARE_NAME
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
@@ -73,7 +74,20 @@ def alive(pid: int) -> bool:
 
 
 def children(pid: int) -> list[int]:
-    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    """The children of pid, leaving out the spawner's spare (a holder prepared ahead of time)."""
+    listed = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [int(child) for child in listed if not is_spare(int(child))]
+
+
+def is_spare(pid: int) -> bool:
+    """The spare: still the spawner's program (its name may not be set yet), and from birth
+    pid 1 of a pid namespace of its own."""
+    try:
+        program = Path(f"/proc/{pid}/cmdline").read_bytes()
+        nspid = proc_status(pid)["NSpid"].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return b"auraed.kernel.spawner" in program and len(nspid) > 1 and nspid[-1] == "1"
 
 
 def proc_status(pid: int) -> dict[str, str]:
@@ -450,3 +464,37 @@ def test_a_holder_whose_init_cannot_run_is_refused_before_anything_is_made(
         spawner.spawn_holder(holder_spec(devnull, argv=(init,)))
     assert (refused.value.stage, refused.value.errno) == ("exec", error)
     assert children(spawner.pid) == before
+
+
+def spares(spawner_pid: int) -> list[int]:
+    listed = Path(f"/proc/{spawner_pid}/task/{spawner_pid}/children").read_text().split()
+    return [int(pid) for pid in listed if is_spare(int(pid))]
+
+
+def test_the_spawner_keeps_one_spare_holder_and_a_holder_takes_it(
+    spawner: Spawner, devnull: int
+) -> None:
+    wait_until(lambda: len(spares(spawner.pid)) == 1)
+    (spare,) = spares(spawner.pid)
+    wait_until(lambda: Path(f"/proc/{spare}/comm").read_text() == f"{SPARE_NAME}\n")
+    # Only its pid namespace is new; the holder request brings the rest.
+    assert os.readlink(f"/proc/{spare}/ns/pid") != os.readlink("/proc/self/ns/pid")
+    assert os.readlink(f"/proc/{spare}/ns/net") == os.readlink("/proc/self/ns/net")
+
+    holder = spawner.spawn_holder(holder_spec(devnull))
+    assert holder.host_pid == spare
+    wait_until(lambda: Path(f"/proc/{spare}/comm").read_text() == "catatonit\n")
+    assert os.readlink(f"/proc/{spare}/ns/net") != os.readlink("/proc/self/ns/net")
+    wait_until(lambda: len(spares(spawner.pid)) == 1)
+    assert spares(spawner.pid) != [spare]
+
+
+def test_a_killed_spare_is_replaced_and_the_next_holder_still_starts(
+    spawner: Spawner, devnull: int
+) -> None:
+    wait_until(lambda: len(spares(spawner.pid)) == 1)
+    (spare,) = spares(spawner.pid)
+    os.kill(spare, signal.SIGKILL)
+    holder = spawner.spawn_holder(holder_spec(devnull))
+    assert holder.host_pid != spare and holder.ns_pid == 1
+    wait_until(lambda: len(spares(spawner.pid)) == 1 and spares(spawner.pid) != [holder.host_pid])
