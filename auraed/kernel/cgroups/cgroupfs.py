@@ -43,16 +43,11 @@ def open_cgroup(hierarchy: Hierarchy, components: Sequence[str]) -> int:
     directory. The mount itself may be reached through symlinks (some distributions link
     cpu -> cpu,cpuacct); nothing below it may.
     """
-    fd = os.open(hierarchy.mount, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    mount_fd = os.open(hierarchy.mount, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        for depth, name in enumerate(components, start=1):
-            child = open_child(fd, name, hierarchy.path(components[:depth]))
-            os.close(fd)
-            fd = child
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+        return open_below(mount_fd, components, hierarchy.mount)
+    finally:
+        os.close(mount_fd)
 
 
 def open_below(dir_fd: int, components: Sequence[str], path: str) -> int:
