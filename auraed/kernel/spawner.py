@@ -26,6 +26,11 @@ init such as `catatonit -P`) as pid 1 of the new pid namespace, with a fresh
 comes once the namespaces are complete, just before that exec when the init
 was found beforehand (a later exec failure shows as the holder's exit).
 
+The spawner keeps a spare: a child forked ahead of time as pid 1 of a fresh pid
+namespace, which the next holder request with a new pid namespace of ours is
+handed to, so that Allocate does not wait for a fork. A used spare is replaced
+once the spawner has been idle a few milliseconds.
+
 A spawn reply always precedes the exit event of its pid. End of file on the socket (or SIGTERM)
 means the daemon is gone: every workload is killed and reaped, then the spawner exits.
 """
@@ -115,6 +120,9 @@ class ForkServer:
         # A child forked ahead of time as pid 1 of a fresh pid namespace, waiting to become the
         # next top-level cell's holder: Allocate then does not wait for a fork.
         self._spare: _Spare | None = None
+        # Set when making a spare failed (no right to make pid namespaces, say): then none is
+        # tried again until a holder request comes, instead of every few milliseconds.
+        self._spare_refused = False
 
     def serve(self) -> None:
         """Answer requests and report exits until the daemon goes away, then kill everything."""
@@ -133,7 +141,8 @@ class ForkServer:
                 # A used spare is replaced once the spawner has been idle a moment, so that the
                 # fork and the new child's start delay no request (typically the Start that
                 # follows an Allocate).
-                events = poller.poll(SPARE_IDLE_MS if self._spare is None else None)
+                wanted = self._spare is None and not self._spare_refused
+                events = poller.poll(SPARE_IDLE_MS if wanted else None)
                 if not events:
                     self._keep_a_spare()
                 for fd, _ in events:
@@ -238,6 +247,7 @@ class ForkServer:
         kinds = request["unshare"]
         if not kinds or any(kind not in NAMESPACE_FLAGS for kind in kinds):
             raise SpawnFailed("request", errno.EINVAL, f"bad namespace kinds {kinds!r}")
+        self._spare_refused = False  # worth another try once this one is answered
         namespace_fds = self._open_namespaces(request)
         try:
             executables = _executables(
@@ -365,6 +375,7 @@ class ForkServer:
         except SpawnFailed:
             ours.close()
             theirs.close()
+            self._spare_refused = True
             return  # no spare: holders are forked on demand, as they would be anyway
         if pid == 0:
             ours.close()
