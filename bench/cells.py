@@ -11,6 +11,7 @@ deletes the container).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import tempfile
@@ -41,6 +42,24 @@ def runc_bundle(directory: Path) -> Path:
     assert {"pid", "network", "ipc", "uts", "mount"} <= kinds, kinds
     (directory / "config.json").write_text(json.dumps(config))
     return directory
+
+
+def _init_of(pid: int) -> int:
+    """The host pid of pid 1 of the pid namespace `pid` is in (the cell's holder)."""
+    namespace = os.readlink(f"/proc/{pid}/ns/pid")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if os.readlink(f"/proc/{entry}/ns/pid") != namespace:
+                continue
+            with open(f"/proc/{entry}/status") as status:
+                nspid = next(line for line in status if line.startswith("NSpid:")).split()
+        except OSError:  # gone meanwhile, or not ours to look into
+            continue
+        if nspid[-1] == "1":
+            return int(entry)
+    raise LookupError(f"no init in the pid namespace of {pid}")
 
 
 def pss_bytes(pid: int) -> int:
@@ -84,6 +103,39 @@ def run(quick: bool) -> list[Result]:
             goal="<= 0.5x runc",
             notes="ours includes no fork for the holder: the spawner's spare (forked ahead, "
                   "replaced after 5 ms idle, so during the runc run that follows) takes it"))
+
+        # Starting in an existing isolated cell against its floor: the same two round trips
+        # plus a fork/exec that joins the cell's namespaces (util-linux nsenter forks into
+        # the pid namespace and execs; its own exec is extra, so the floor is generous).
+        client.cells.allocate(cell={"name": "warm", "isolate_process": True,
+                                    "isolate_network": True})
+        probe = client.cells.start(cell_name="warm", executable={"name": "probe",
+                                                                  "command": "sleep 60"})
+        holder_pid = _init_of(probe.host_pid)
+        client.cells.stop(cell_name="warm", executable_name="probe", grace_period_ms=0)
+        start_in_cell = Series("Start `true` in an isolated cell + Wait (SDK, mTLS)", "ms")
+        floor = Series("2 Discover round trips + nsenter -t HOLDER -a true", "ms")
+        nsenter = ["nsenter", "-t", str(holder_pid), "-m", "-u", "-i", "-n", "-p", "true"]
+
+        def start_and_wait() -> float:
+            name = f"t{next(counter)}"
+            begin = time.perf_counter()
+            client.cells.start(cell_name="warm", executable={"name": name, "command": "true"})
+            client.cells.wait(cell_name="warm", executable_name=name, timeout=10)
+            return (time.perf_counter() - begin) * 1e3
+
+        def round_trips_and_nsenter() -> float:
+            begin = time.perf_counter()
+            client.discovery.discover()
+            subprocess.run(nsenter, check=True, stdin=subprocess.DEVNULL)
+            client.discovery.discover()
+            return (time.perf_counter() - begin) * 1e3
+
+        interleave(runs * 2, (start_in_cell, start_and_wait), (floor, round_trips_and_nsenter))
+        results.append(Comparison(
+            "start_in_isolated_cell_vs_floor", "Start in an existing isolated cell vs its floor",
+            start_in_cell, floor, goal="close to fork/exec + joining namespaces"))
+        client.cells.free(cell_name="warm")
 
         # Idle cost: the daemon's own growth plus each cell's holder process.
         before = rss_bytes(daemon.process.pid)
