@@ -3,6 +3,7 @@ here), names are validated, nesting works, Free removes everything."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -67,11 +68,21 @@ def test_nested_cells(daemon: DaemonProcess, client: aurae_sdk.Client) -> None:
         assert missing.value.field == "cell.name"
         with pytest.raises(aurae_sdk.AlreadyExists):
             client.cells.allocate(cell={"name": "outer/inner"})
+        for cell in ("outer", "outer/inner"):
+            client.cells.start(cell_name=cell, executable={"name": "say", "command": "echo hi"})
+            client.cells.wait(cell_name=cell, executable_name="say", timeout=10)
+        logs = daemon.runtime_dir / "logs" / "outer"
+        deadline = time.monotonic() + 10  # the pump writes the line on its own thread
+        while len(list(logs.glob("**/stdout.000001.log"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(list(logs.glob("**/stdout.000001.log"))) == 2
     finally:
         # Freeing the parent frees its children first.
         client.cells.free(cell_name="outer")
     assert not any((d / "outer").exists() for d in cgroup_dirs(daemon.cgroup_root))
     assert "outer" not in {n.cell.name for n in client.cells.list().cells}
+    # Their captured output went with them.
+    assert not logs.exists()
 
 
 @pytest.mark.parametrize(
