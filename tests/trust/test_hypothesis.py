@@ -271,6 +271,7 @@ def session(daemon: DaemonProcess) -> Iterator[Session]:
     with daemon.client(timeout=UNARY_TIMEOUT) as client:
         baseline = host_state(daemon)
         session = Session(daemon, client)
+        TALLY.started = time.monotonic()  # not at import: collection and earlier modules ran since
         yield session
         session.clean_up()
         # Nothing left: no cgroup but the root and host leaf, no process in them.
