@@ -36,6 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="logfmt lines or JSON lines on stderr (default: %(default)s)")
     parser.add_argument("--cgroup-root", default="aurae",
                         help="name of the daemon's own cgroup subtree (default: %(default)s)")
+    parser.add_argument("--cgroup-mount", default="/sys/fs/cgroup", metavar="DIR",
+                        help="where the cgroup filesystem is mounted: a cgroup2 mount (v2), or "
+                             "a tmpfs of v1 hierarchies (default: %(default)s)")
     parser.add_argument("--grace-period", type=float, default=10.0, metavar="SECONDS",
                         help="how long Stop and shutdown wait after SIGTERM before SIGKILL "
                              "(default: %(default)s)")
@@ -63,6 +66,7 @@ def main(argv: list[str] | None = None) -> None:
         verbose=args.verbose,
         log_format=args.log_format,
         cgroup_root=args.cgroup_root,
+        cgroup_mount=args.cgroup_mount,
         grace_period=args.grace_period,
         authz_policy=args.authz_policy,
     )

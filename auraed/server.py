@@ -81,6 +81,7 @@ class Settings:
     verbose: bool = False
     log_format: str = "text"
     cgroup_root: str = "aurae"
+    cgroup_mount: str = "/sys/fs/cgroup"
     grace_period: float = 10.0
     max_workers: int = 256
     authz_policy: Path | None = None
@@ -221,7 +222,8 @@ class Daemon:
             Path(target.display).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
 
         try:
-            backend = detect_backend(root_name=settings.cgroup_root)
+            backend = detect_backend(root_name=settings.cgroup_root,
+                                     mount_root=settings.cgroup_mount)
         except CgroupError as error:
             raise StartupError(f"cgroups: {error}") from None
         self._workloads = Workloads(backend, settings.runtime_dir / "logs",

@@ -51,13 +51,13 @@ def cgroup_pids(root_name: str) -> set[int]:
     return pids
 
 
-def force_cleanup(root_name: str) -> bool:
+def force_cleanup(root_name: str, cgroup_mount: str = str(CGROUP_MOUNT)) -> bool:
     """Kill and remove what is left of a cgroup subtree; True if anything was."""
     if not cgroup_dirs(root_name):
         return False
     from auraed.kernel.cgroups import detect_backend
 
-    backend = detect_backend(root_name=root_name)
+    backend = detect_backend(root_name=root_name, mount_root=cgroup_mount)
     backend.cleanup_stale()
     backend.teardown()
     return True
@@ -130,8 +130,12 @@ def wait_until_serving(daemon: DaemonProcess, timeout: float = 20) -> None:
 
 @contextmanager
 def running_daemon(*extra_args: str, grace_period: float = 2.0,
-                   cgroup_root: str | None = None) -> Iterator[DaemonProcess]:
-    """Start auraed; on exit stop it with SIGTERM and check it left nothing behind."""
+                   cgroup_root: str | None = None,
+                   cgroup_mount: str = str(CGROUP_MOUNT)) -> Iterator[DaemonProcess]:
+    """Start auraed; on exit stop it with SIGTERM and check it left nothing behind.
+
+    cgroup_mount: where it finds cgroups (a hybrid host's unified mount gives it the v2
+    backend)."""
     # Unix socket paths must stay short (108 bytes), so not under pytest's tmp_path.
     workdir = Path(tempfile.mkdtemp(prefix="aurae-test-", dir="/tmp"))
     pki = init_pki(workdir / "pki", clients=("admin", "other"), socket=str(workdir / "aurae.sock"))
@@ -147,6 +151,7 @@ def running_daemon(*extra_args: str, grace_period: float = 2.0,
         "--library-dir", str(workdir / "lib"),
         "--cgroup-root", cgroup_root,
         "--grace-period", str(grace_period),
+        "--cgroup-mount", cgroup_mount,
         "--verbose",
         *extra_args,
     ]
@@ -159,6 +164,6 @@ def running_daemon(*extra_args: str, grace_period: float = 2.0,
         yield daemon
     finally:
         daemon.stop()
-        leftovers = force_cleanup(cgroup_root)
+        leftovers = force_cleanup(cgroup_root, cgroup_mount)
         shutil.rmtree(workdir, ignore_errors=True)
     assert not leftovers, f"auraed left cgroups under {cgroup_root}"

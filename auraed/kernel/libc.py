@@ -1,4 +1,5 @@
-"""Linux calls that Python 3.11's os module lacks (setns, unshare, mount, prctl), through ctypes.
+"""Linux calls that Python 3.11's os module lacks (setns, unshare, mount, prctl, clone3), through
+ctypes.
 
 Python 3.12 added os.setns, but one code path that works on both is easier to trust.
 Standard library only: the spawner imports this and must start fast.
@@ -6,6 +7,7 @@ Standard library only: the spawner imports this and must start fast.
 
 import ctypes
 import os
+import signal
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000
@@ -109,3 +111,37 @@ def unignore_reserved_signals() -> None:
         if current.handler == _SIG_IGN:
             default = _KernelSigaction()  # SIG_DFL, no flags, empty mask
             _libc.syscall(_SYS_RT_SIGACTION, signum, ctypes.byref(default), None, 8)
+
+
+# clone3 has one number on every architecture (the unified syscall table, Linux 5.3+).
+_SYS_CLONE3 = 435
+_CLONE_INTO_CGROUP = 0x200000000
+
+
+class _CloneArgs(ctypes.Structure):
+    # struct clone_args up to `cgroup` (CLONE_ARGS_SIZE_VER2, Linux 5.7+).
+    _fields_ = [(name, ctypes.c_uint64) for name in (
+        "flags", "pidfd", "child_tid", "parent_tid", "exit_signal", "stack", "stack_size",
+        "tls", "set_tid", "set_tid_size", "cgroup")]
+
+
+def fork_into_cgroup(cgroup_fd: int) -> int:
+    """os.fork(), with the child born in the cgroup2 directory open at `cgroup_fd`.
+
+    The child never migrates, so the kernel's global threadgroup lock (whose write side waits
+    for an RCU grace period) is not taken. Python's own fork steps run around it as os.fork
+    runs them. Only for a single-threaded caller: no other thread may hold a lock the child
+    needs. OSError (ENOSYS before Linux 5.7, EBADF for a fd that is not a cgroup2 directory,
+    ...) leaves no child; the caller falls back to fork and joining by writing.
+    """
+    args = _CloneArgs(flags=_CLONE_INTO_CGROUP, exit_signal=signal.SIGCHLD, cgroup=cgroup_fd)
+    ctypes.pythonapi.PyOS_BeforeFork()
+    pid = _libc.syscall(_SYS_CLONE3, ctypes.byref(args), ctypes.c_size_t(ctypes.sizeof(args)))
+    if pid == 0:
+        ctypes.pythonapi.PyOS_AfterFork_Child()
+        return 0
+    error = ctypes.get_errno()
+    ctypes.pythonapi.PyOS_AfterFork_Parent()
+    if pid < 0:
+        raise OSError(error, os.strerror(error))
+    return int(pid)

@@ -63,8 +63,9 @@ class SpawnSpec:
     in the PATH of env). stdout_fd and stderr_fd stay the caller's: the spawner gets copies, so
     close them once spawn() returns. stdin is always /dev/null. cgroup_join: the cgroup files (one
     per hierarchy, see CgroupBackend.join_files) the workload moves itself into, by writing "0",
-    before anything else. The workload gets a session and process group of its own, no
-    supplementary groups, umask 022, and only fds 0-2.
+    before anything else. cgroup_birth: a cgroup2 directory (of the same cell) to be born in
+    instead, where the kernel can (then nothing is written). The workload gets a session and
+    process group of its own, no supplementary groups, umask 022, and only fds 0-2.
     """
 
     command: str | Sequence[str]
@@ -73,6 +74,7 @@ class SpawnSpec:
     stdout_fd: int
     stderr_fd: int
     cgroup_join: Sequence[str] = ()
+    cgroup_birth: str | None = None
     env: Mapping[str, str] = field(default_factory=default_env)
     cwd: str = "/"
     namespaces: NamespaceSet | None = None
@@ -104,6 +106,7 @@ class HolderSpec:
     stdout_fd: int
     stderr_fd: int
     cgroup_join: Sequence[str] = ()
+    cgroup_birth: str | None = None
     namespaces: NamespaceSet | None = None
     argv: Sequence[str] = ("catatonit", "-P")
 
@@ -268,6 +271,7 @@ class Spawner:
                 "uid": spec.uid,
                 "gid": spec.gid,
                 "cgroup_join": list(spec.cgroup_join),
+                "cgroup_birth": spec.cgroup_birth,
                 "env": dict(spec.env),
                 "cwd": spec.cwd,
                 "namespaces": spec.namespaces.paths() if spec.namespaces else None,
@@ -284,6 +288,7 @@ class Spawner:
                 "uid": 0,
                 "gid": 0,
                 "cgroup_join": list(spec.cgroup_join),
+                "cgroup_birth": spec.cgroup_birth,
                 "env": default_env(),
                 "cwd": "/",
                 "namespaces": spec.namespaces.paths() if spec.namespaces else None,

@@ -44,7 +44,8 @@ import signal
 import socket
 import struct
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from types import FrameType
 from typing import Any, NoReturn
 
@@ -56,6 +57,7 @@ from auraed.kernel.libc import (
     MS_PRIVATE,
     MS_REC,
     NAMESPACE_FLAGS,
+    fork_into_cgroup,
     mount,
     set_child_subreaper,
     setns,
@@ -71,6 +73,8 @@ SPARE_NAME = "aurae-spare"
 SPARE_IDLE_MS = 5
 # What a holder's pid 1 reports once its namespaces are ready, just before it execs its init.
 _HOLDER_READY = b"ready"
+# What a holder's child says first, before any step: it runs.
+_HOLDER_ALIVE = b"alive"
 
 # The order a child joins namespaces in. The mount namespace comes last so that nothing resolved
 # by path before it is looked up in the workload's filesystem. The pid namespace is not here: a
@@ -123,6 +127,10 @@ class ForkServer:
         # Set when making a spare failed (no right to make pid namespaces, say): then none is
         # tried again until a holder request comes, instead of every few milliseconds.
         self._spare_refused = False
+        # Cleared if a child born in its cgroup (clone3) was killed at birth: some kernels kill
+        # such a child when its cgroup once had a cgroup.kill. From then on children join by
+        # writing, as on v1.
+        self._births_in_cgroup = True
 
     def serve(self) -> None:
         """Answer requests and report exits until the daemon goes away, then kill everything."""
@@ -264,14 +272,22 @@ class ForkServer:
             # kernel refuses (unshare of CLONE_NEWPID needs pid_for_children to be
             # our own), so a first child does it and forks pid 1.
             direct = "pid" in kinds and "pid" not in namespace_fds
-            if direct and self._spare is not None:
+            # The spare joins its cgroups by writing; where the child can be born in them
+            # instead (cgroup v2), that saves more than the fork costs.
+            born = self._births_in_cgroup and bool(request.get("cgroup_birth"))
+            if direct and self._spare is not None and not born:
                 holder = self._launch_holder(request, executables, namespace_fds, stdout, stderr,
                                              direct=True, use_spare=True)
                 if holder is not None:
                     return holder, 1
                 # The spare died before it was ready (it was killed): fork one instead.
             holder = self._launch_holder(request, executables, namespace_fds, stdout, stderr,
-                                         direct=direct, use_spare=False)
+                                         direct=direct, born_in_cgroup=born)
+            if holder is None and born:
+                # Killed at birth (see _births_in_cgroup): fork and join by writing instead.
+                self._births_in_cgroup = False
+                holder = self._launch_holder(request, executables, namespace_fds, stdout, stderr,
+                                             direct=direct)
             if holder is None:
                 raise SpawnFailed("holder", errno.ESRCH, "ended before its namespaces were ready")
             if "pid" in kinds:
@@ -283,7 +299,8 @@ class ForkServer:
 
     def _launch_holder(self, request: dict[str, Any], executables: list[str],
                        namespace_fds: dict[str, int], stdout: int, stderr: int, *,
-                       direct: bool, use_spare: bool) -> int | None:
+                       direct: bool, use_spare: bool = False,
+                       born_in_cgroup: bool = False) -> int | None:
         """One try at a holder: its pid, or None if it ended without a word (killed)."""
         kinds = request["unshare"]
         init_checked = "mnt" not in namespace_fds
@@ -296,19 +313,24 @@ class ForkServer:
                 if pid < 0:
                     return None
             else:
-                pid = self._fork(namespace_fds.get("pid"), new_pid_namespace=direct)
+                with _open_birth_cgroup(request if born_in_cgroup else {}) as cgroup_fd:
+                    pid, born_in_cgroup = self._fork(namespace_fds.get("pid"),
+                                                     new_pid_namespace=direct, cgroup_fd=cgroup_fd)
                 if pid == 0:
                     ours.close()
                     _become_holder(request, executables, (self._devnull, stdout, stderr),
-                                   namespace_fds, theirs.fileno(), self._max_fd, is_pid_one=direct)
+                                   namespace_fds, theirs.fileno(), self._max_fd, is_pid_one=direct,
+                                   join_cgroups=not born_in_cgroup)
             theirs.close()
             holder, failure = pid, None
-            ready, holder_known = False, direct or "pid" not in kinds
+            alive, ready, holder_known = False, False, direct or "pid" not in kinds
             while not (ready and holder_known):
                 data, fds, _, _ = socket.recv_fds(ours, 4096, 1, socket.MSG_CMSG_CLOEXEC)
                 if not data:
                     break
-                if fds:
+                if data == _HOLDER_ALIVE:
+                    alive = True
+                elif fds:
                     holder, holder_known = _pid_of_pidfd(fds[0]), True
                     for fd in fds:
                         os.close(fd)
@@ -319,8 +341,9 @@ class ForkServer:
         finally:
             ours.close()
             theirs.close()
-        # End of file without "ready" where it is sent: the child ended without reporting.
-        silent_end = failure is None and init_checked and not ready
+        # End of file before the child's first word, or without "ready" where it is sent: the
+        # child ended without reporting (killed).
+        silent_end = failure is None and (not alive or (init_checked and not ready))
         if ("pid" in kinds and not direct) or failure is not None or silent_end:
             os.waitpid(pid, 0)  # the first child, or one that failed or ended before exec
         if failure is not None:
@@ -331,15 +354,37 @@ class ForkServer:
         """Start a workload; returns its pid, here and in its pid namespace (the same if it
         joined none)."""
         namespace_fds = self._open_namespaces(request)
-        # The child reports here: in a pid namespace, first its pid there ("<pid>\n"); then, if
-        # a step fails, the failure. Exec closes it (CLOEXEC): end of file with no failure
-        # written means the workload is running.
-        report_r, report_w = os.pipe2(os.O_CLOEXEC)
         try:
             executables = _executables(
                 request["argv"][0], request["env"], in_our_filesystem="mnt" not in namespace_fds
             )
-            pid = self._fork(namespace_fds.get("pid"))
+            born = self._births_in_cgroup and bool(request.get("cgroup_birth"))
+            started = self._start_workload(request, executables, namespace_fds, stdout, stderr,
+                                           born_in_cgroup=born)
+            if started is None and born:
+                # Killed at birth (see _births_in_cgroup): fork and join by writing instead.
+                self._births_in_cgroup = False
+                started = self._start_workload(request, executables, namespace_fds, stdout,
+                                               stderr, born_in_cgroup=False)
+        finally:
+            for fd in namespace_fds.values():
+                os.close(fd)
+        if started is None:
+            raise SpawnFailed("fork", errno.ECHILD, "the child ended before it ran")
+        return started
+
+    def _start_workload(self, request: dict[str, Any], executables: list[str],
+                        namespace_fds: dict[str, int], stdout: int, stderr: int, *,
+                        born_in_cgroup: bool) -> tuple[int, int] | None:
+        """One try at a workload: its pid here and in its pid namespace, or None if the child
+        ended before it ran a step (it was killed at birth)."""
+        # The child reports here: first its pid as its pid namespace sees it ("<pid>\n"); then,
+        # if a step fails, the failure. Exec closes it (CLOEXEC): end of file after the pid with
+        # no failure means the workload is running.
+        report_r, report_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            with _open_birth_cgroup(request if born_in_cgroup else {}) as cgroup_fd:
+                pid, born_in_cgroup = self._fork(namespace_fds.get("pid"), cgroup_fd=cgroup_fd)
             if pid == 0:
                 _become_workload(
                     request,
@@ -348,16 +393,20 @@ class ForkServer:
                     namespace_fds=namespace_fds,
                     report_fd=report_w,
                     max_fd=self._max_fd,
+                    join_cgroups=not born_in_cgroup,
                 )
             os.close(report_w)
             report_w = -1
             report = _read_to_end(report_r)
         finally:
-            for fd in (report_r, report_w, *namespace_fds.values()):
+            for fd in (report_r, report_w):
                 if fd >= 0:
                     os.close(fd)
+        if not report:
+            os.waitpid(pid, 0)
+            return None
         ns_pid = pid
-        if "pid" in namespace_fds and report[:1].isdigit():  # a failure report starts with "{"
+        if report[:1].isdigit():  # a failure report starts with "{"
             line, _, report = report.partition(b"\n")
             ns_pid = int(line)
         if report:
@@ -371,7 +420,7 @@ class ForkServer:
             return
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
-            pid = self._fork(new_pid_namespace=True)
+            pid, _ = self._fork(new_pid_namespace=True)
         except SpawnFailed:
             ours.close()
             theirs.close()
@@ -405,7 +454,7 @@ class ForkServer:
         request, executables = json.loads(data)
         stdout, stderr, report_fd = fds
         _become_holder(request, executables, (self._devnull, stdout, stderr), {}, report_fd,
-                       self._max_fd, is_pid_one=True)
+                       self._max_fd, is_pid_one=True, join_cgroups=True)
 
     def _hand_to_spare(self, request: dict[str, Any], executables: list[str],
                        fds: tuple[int, int, int]) -> int:
@@ -422,9 +471,12 @@ class ForkServer:
             spare.sock.close()
         return spare.pid
 
-    def _fork(self, pid_namespace: int | None = None, *, new_pid_namespace: bool = False) -> int:
+    def _fork(self, pid_namespace: int | None = None, *, new_pid_namespace: bool = False,
+              cgroup_fd: int | None = None) -> tuple[int, bool]:
         """Fork a child born in `pid_namespace`, or as pid 1 of a new pid
-        namespace; the spawner itself stays in its own either way."""
+        namespace; the spawner itself stays in its own either way. With
+        `cgroup_fd` (a cgroup2 directory) the child is born in that cgroup
+        when the kernel can do it; the second value says whether it was."""
         switched = new_pid_namespace or pid_namespace is not None
         try:
             if new_pid_namespace:
@@ -434,9 +486,15 @@ class ForkServer:
         except OSError as error:
             stage = "unshare" if new_pid_namespace else "setns"
             raise SpawnFailed(stage, error.errno or 0, "pid") from None
-        pid = -1
+        pid, born_in_cgroup = -1, False
         try:
-            pid = os.fork()
+            if cgroup_fd is not None:
+                try:
+                    pid, born_in_cgroup = fork_into_cgroup(cgroup_fd), True
+                except OSError:
+                    pass  # an older kernel, say: fork, and the child joins by writing
+            if pid < 0:
+                pid = os.fork()
         except OSError as error:
             raise SpawnFailed("fork", error.errno or 0) from None
         finally:
@@ -445,7 +503,7 @@ class ForkServer:
             # child: its own children belong in the workload's namespace.
             if pid != 0 and switched:
                 setns(self._own_pid_ns, CLONE_NEWPID)
-        return pid
+        return pid, born_in_cgroup
 
     def _reap(self) -> None:
         while True:
@@ -511,10 +569,11 @@ def _run_in_child(report_fd: int, steps: Callable[[_Step], None]) -> NoReturn:
         os._exit(127)
 
 
-def _join_cell(step: _Step, request: dict[str, Any], namespace_fds: dict[str, int]) -> None:
+def _join_cell(step: _Step, request: dict[str, Any], namespace_fds: dict[str, int],
+               join_cgroups: bool) -> None:
     # Cgroups first, while the cgroup paths are still the host's (before any
-    # mount namespace is joined).
-    for path in request["cgroup_join"]:
+    # mount namespace is joined); not at all for a child born in its cgroup.
+    for path in request["cgroup_join"] if join_cgroups else ():
         step.at("cgroup", path)
         _write_file(path, b"0")
     for kind in _CHILD_NAMESPACES:
@@ -548,6 +607,7 @@ def _become_workload(
     namespace_fds: dict[str, int],
     report_fd: int,
     max_fd: int,
+    join_cgroups: bool,
 ) -> NoReturn:
     """In the forked child: set up the workload's process and exec it. Never returns.
 
@@ -556,10 +616,9 @@ def _become_workload(
     """
 
     def steps(step: _Step) -> None:
-        if "pid" in namespace_fds:
-            # Born in the namespace, so getpid() is already the pid as the cell sees it.
-            os.write(report_fd, b"%d\n" % os.getpid())
-        _join_cell(step, request, namespace_fds)
+        # First sign of life; born in its pid namespace, so getpid() is the pid the cell sees.
+        os.write(report_fd, b"%d\n" % os.getpid())
+        _join_cell(step, request, namespace_fds, join_cgroups)
         step.at("setsid")
         os.setsid()
         os.umask(0o022)
@@ -584,6 +643,7 @@ def _become_holder(
     report_fd: int,
     max_fd: int,
     is_pid_one: bool,
+    join_cgroups: bool,
 ) -> NoReturn:
     """In the forked child: make the cell's namespaces and become (or fork) their holder.
 
@@ -592,7 +652,8 @@ def _become_holder(
     kinds = request["unshare"]
 
     def steps(step: _Step) -> None:
-        _join_cell(step, request, namespace_fds)
+        os.write(report_fd, _HOLDER_ALIVE)
+        _join_cell(step, request, namespace_fds, join_cgroups)
         step.at("unshare", ",".join(kinds))
         flags = 0
         for kind in kinds:
@@ -713,6 +774,23 @@ def _exec(executables: list[str], argv: list[str], env: dict[str, str]) -> NoRet
             if not missing and failure.errno == errno.ENOENT:
                 failure = error
     raise failure
+
+
+@contextmanager
+def _open_birth_cgroup(request: dict[str, Any]) -> Iterator[int | None]:
+    """The request's cgroup2 directory to be born in, open for the fork (None if it has none)."""
+    path = request.get("cgroup_birth")
+    if not path:
+        yield None
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as error:
+        raise SpawnFailed("cgroup", error.errno or 0, path) from None
+    try:
+        yield fd
+    finally:
+        os.close(fd)
 
 
 def _write_file(path: str, data: bytes) -> None:

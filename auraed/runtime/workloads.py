@@ -250,6 +250,7 @@ class Workloads:
                 stdout_fd=self._devnull,
                 stderr_fd=self._devnull,
                 cgroup_join=self.backend.join_files(cell.name.path),
+                cgroup_birth=self.backend.birth_cgroup(cell.name.path),
                 namespaces=parent.namespaces if parent else None,
             ))
         except SpawnError as error:
@@ -470,6 +471,7 @@ class Workloads:
                 stdout_fd=out_write,
                 stderr_fd=err_write,
                 cgroup_join=self.backend.join_files(key.cell.path if key.cell else None),
+                cgroup_birth=self.backend.birth_cgroup(key.cell.path if key.cell else None),
                 namespaces=namespaces,
             )
             process = self._spawner.spawn(spec)

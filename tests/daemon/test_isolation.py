@@ -141,8 +141,16 @@ def test_a_killed_holder_is_reported_and_refused(daemon: DaemonProcess, client: 
         client.cells.start(cell_name="fragile", executable={"name": "s", "command": "sleep 30"})
         (procs,) = [d / "fragile" / "_procs" / "cgroup.procs" for d in cgroup_dirs(daemon.cgroup_root)
                     if d.parent.name == "pids"]
-        (holder,) = [int(p) for p in procs.read_text().split()
-                     if Path(f"/proc/{p}/cmdline").read_bytes().startswith(b"catatonit")]
+
+        def holders() -> list[int]:
+            return [int(p) for p in procs.read_text().split()
+                    if Path(f"/proc/{p}/cmdline").read_bytes().startswith(b"catatonit")]
+
+        # Allocate answers once the namespaces are made, a moment before the exec of catatonit.
+        deadline = time.monotonic() + 5
+        while not holders() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        (holder,) = holders()
         # Killing pid 1 of a pid namespace ends everything in it.
         os.kill(holder, 9)
         status = client.cells.wait(cell_name="fragile", executable_name="s", timeout=5).status

@@ -498,3 +498,60 @@ def test_a_killed_spare_is_replaced_and_the_next_holder_still_starts(
     holder = spawner.spawn_holder(holder_spec(devnull))
     assert holder.host_pid != spare and holder.ns_pid == 1
     wait_until(lambda: len(spares(spawner.pid)) == 1 and spares(spawner.pid) != [holder.host_pid])
+
+
+def _cgroup2_mount() -> Path | None:
+    mounts = {line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()
+              if " - cgroup2 " in line}
+    return next((Path(m) for m in ("/sys/fs/cgroup/unified", "/sys/fs/cgroup") if m in mounts),
+                None)
+
+
+@pytest.fixture
+def cgroup2_leaf() -> Iterator[Path]:
+    mount = _cgroup2_mount()
+    if mount is None:
+        pytest.skip("needs a cgroup2 mount")
+    leaf = mount / f"aurae-test-{secrets.token_hex(4)}"
+    leaf.mkdir()
+    try:
+        yield leaf
+    finally:
+        for pid in (leaf / "cgroup.procs").read_text().split():
+            os.kill(int(pid), signal.SIGKILL)
+        wait_until(lambda: not (leaf / "cgroup.procs").read_text())
+        leaf.rmdir()
+
+
+def cgroup2_of(pid: int) -> str:
+    lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    return next(line[3:] for line in lines if line.startswith("0::"))
+
+
+def test_a_workload_is_born_in_its_cgroup2_directory(
+    start: Callable[..., SpawnedProcess], cgroup2_leaf: Path
+) -> None:
+    # No join file to write: only being born there can put it there.
+    process = start(["sleep", "300"], cgroup_birth=str(cgroup2_leaf))
+    assert cgroup2_of(process.host_pid) == f"/{cgroup2_leaf.name}"
+    assert (cgroup2_leaf / "cgroup.procs").read_text().split() == [str(process.host_pid)]
+
+
+def test_a_child_killed_at_birth_is_started_again_by_joining(
+    start: Callable[..., SpawnedProcess], cgroup2_leaf: Path
+) -> None:
+    # Once a cgroup has had a cgroup.kill, some kernels kill a child born into it at birth.
+    (cgroup2_leaf / "cgroup.kill").write_text("1")
+    process = start(["sleep", "300"], cgroup_birth=str(cgroup2_leaf),
+                    cgroup_join=[str(cgroup2_leaf / "cgroup.procs")])
+    assert alive(process.host_pid)
+    assert cgroup2_of(process.host_pid) == f"/{cgroup2_leaf.name}"
+
+
+def test_a_missing_birth_cgroup_is_a_cgroup_failure(
+    start: Callable[..., SpawnedProcess], spawner: Spawner
+) -> None:
+    with pytest.raises(SpawnError) as missing:
+        start(["true"], cgroup_birth="/sys/fs/cgroup/unified/aurae-test-missing")
+    assert (missing.value.stage, missing.value.errno) == ("cgroup", errno.ENOENT)
+    assert children(spawner.pid) == []

@@ -209,6 +209,12 @@ class CgroupBackend(ABC):
         leaf = (HOST_LEAF,) if cell_path is None else (*cell_components(cell_path), PROCS_LEAF)
         return [h.path((self.root_name, *leaf, self.JOIN_FILE)) for h in self._hierarchies]
 
+    def birth_cgroup(self, cell_path: str | None) -> str | None:
+        """The cgroup2 directory of the cell's leaf (None: the host leaf) that a new process can
+        be born in (clone3 with CLONE_INTO_CGROUP) instead of joining through join_files();
+        None where the host has no such hierarchy for us (v1)."""
+        return None
+
     def pids(self, cell_path: str, recursive: bool = True) -> set[int]:
         """Processes in the cell; with recursive=False, those of its child cells are left out."""
         return self._pids(cell_components(cell_path), recursive)

@@ -48,6 +48,12 @@ class CgroupV2Backend(CgroupBackend):
             os.close(fd)
         super().setup()
 
+    def birth_cgroup(self, cell_path: str | None) -> str | None:
+        # Born there, a process never migrates: no wait on the kernel's global threadgroup lock,
+        # whose write side (cgroup.procs) costs an RCU grace period after a quiet spell.
+        (join_file,) = self.join_files(cell_path)
+        return os.path.dirname(join_file)
+
     def is_populated(self, cell_path: str) -> bool:
         with self._open(self._unified, cell_components(cell_path)) as fd:
             return cgroupfs.read_keyed(fd, "cgroup.events")["populated"] == 1
@@ -139,7 +145,11 @@ class CgroupV2Backend(CgroupBackend):
             if not cgroupfs.has_file(fd, "cgroup.kill"):  # before Linux 5.14
                 return set()
             pids = self._pids(components)
-            cgroupfs.write_file(fd, "cgroup.kill", "1")
+            # Nothing to kill, no write: a cgroup.kill marks the cgroups it covers, and on some
+            # kernels a child later born into a marked cgroup (CLONE_INTO_CGROUP) is killed at
+            # birth (see ForkServer._fork_workload).
+            if pids:
+                cgroupfs.write_file(fd, "cgroup.kill", "1")
             return pids
 
     def _freeze(self, components: Components, deadline: float) -> None:
