@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import aurae_sdk
 from auraed.testing import running_daemon
 from bench.core import Comparison, Figure, Result, Series, interleave, rss_bytes
 
@@ -42,6 +43,22 @@ def runc_bundle(directory: Path) -> Path:
     assert {"pid", "network", "ipc", "uts", "mount"} <= kinds, kinds
     (directory / "config.json").write_text(json.dumps(config))
     return directory
+
+
+def _lifecycle(client: aurae_sdk.Client, name: str) -> float:
+    """Allocate an isolated cell, Start `true`, Wait for its exit, Free: milliseconds."""
+    begin = time.perf_counter()
+    client.cells.allocate(cell={"name": name, "isolate_process": True, "isolate_network": True})
+    client.cells.start(cell_name=name, executable={"name": "t", "command": "true"})
+    client.cells.wait(cell_name=name, executable_name="t", timeout=10)
+    client.cells.free(cell_name=name)
+    return (time.perf_counter() - begin) * 1e3
+
+
+def _cgroup2_mount() -> str | None:
+    with open("/proc/self/mountinfo") as mountinfo:
+        mounts = {line.split()[4] for line in mountinfo if " - cgroup2 " in line}
+    return next((m for m in ("/sys/fs/cgroup/unified", "/sys/fs/cgroup") if m in mounts), None)
 
 
 def _init_of(pid: int) -> int:
@@ -82,13 +99,7 @@ def run(quick: bool) -> list[Result]:
         counter = iter(range(10**9))
 
         def lifecycle() -> float:
-            name = f"iso{next(counter)}"
-            begin = time.perf_counter()
-            client.cells.allocate(cell={"name": name, "isolate_process": True, "isolate_network": True})
-            client.cells.start(cell_name=name, executable={"name": "t", "command": "true"})
-            client.cells.wait(cell_name=name, executable_name="t", timeout=10)
-            client.cells.free(cell_name=name)
-            return (time.perf_counter() - begin) * 1e3
+            return _lifecycle(client, f"iso{next(counter)}")
 
         def runc_run() -> float:
             name = f"aurae-bench-{next(counter)}"
@@ -103,6 +114,22 @@ def run(quick: bool) -> list[Result]:
             goal="<= 0.5x runc",
             notes="ours includes no fork for the holder: the spawner's spare (forked ahead, "
                   "replaced after 5 ms idle, so during the runc run that follows) takes it"))
+
+        # The same on a cgroup2 hierarchy, where processes are born in their cgroup: on a
+        # hybrid host its unified mount (binding no controller limits use), against the same
+        # runc (which uses the v1 hierarchies).
+        v2_mount = _cgroup2_mount()
+        if v2_mount is not None:
+            ours_v2 = Series(f"the same, daemon on cgroup2 ({v2_mount})", "ms")
+            theirs_v2 = Series("runc run (as above)", "ms")
+            with running_daemon(cgroup_mount=v2_mount) as daemon_v2, \
+                    daemon_v2.client() as client_v2:
+                interleave(runs, (ours_v2, lambda: _lifecycle(client_v2, f"v{next(counter)}")),
+                           (theirs_v2, runc_run), warmup=2)
+            results.append(Comparison(
+                "isolated_lifecycle_v2_vs_runc", "Isolated cell lifecycle on cgroup2 vs runc run",
+                ours_v2, theirs_v2, goal="<= 0.5x runc",
+                notes="children are born in their cgroup (clone3 CLONE_INTO_CGROUP); no spare"))
 
         # Starting in an existing isolated cell against its floor: the same two round trips
         # plus a fork/exec that joins the cell's namespaces (util-linux nsenter forks into
