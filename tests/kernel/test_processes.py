@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -128,9 +129,10 @@ def start(spawner: Spawner, devnull: int) -> Callable[..., SpawnedProcess]:
     return start
 
 
-@pytest.fixture
-def pids_cgroup() -> Iterator[Path]:
-    cgroup = Path(f"/sys/fs/cgroup/pids/aurae-test-{secrets.token_hex(4)}")
+@contextmanager
+def scratch_cgroup(hierarchy: Path) -> Iterator[Path]:
+    """A cgroup of the test's own below `hierarchy`; emptied (SIGKILL) and removed after."""
+    cgroup = hierarchy / f"aurae-test-{secrets.token_hex(4)}"
     cgroup.mkdir()
     try:
         yield cgroup
@@ -139,6 +141,12 @@ def pids_cgroup() -> Iterator[Path]:
             os.kill(int(pid), signal.SIGKILL)
         wait_until(lambda: not (cgroup / "cgroup.procs").read_text())
         cgroup.rmdir()
+
+
+@pytest.fixture
+def pids_cgroup() -> Iterator[Path]:
+    with scratch_cgroup(Path("/sys/fs/cgroup/pids")) as cgroup:
+        yield cgroup
 
 
 def read_to_end(fd: int) -> bytes:
@@ -512,15 +520,8 @@ def cgroup2_leaf() -> Iterator[Path]:
     mount = _cgroup2_mount()
     if mount is None:
         pytest.skip("needs a cgroup2 mount")
-    leaf = mount / f"aurae-test-{secrets.token_hex(4)}"
-    leaf.mkdir()
-    try:
+    with scratch_cgroup(mount) as leaf:
         yield leaf
-    finally:
-        for pid in (leaf / "cgroup.procs").read_text().split():
-            os.kill(int(pid), signal.SIGKILL)
-        wait_until(lambda: not (leaf / "cgroup.procs").read_text())
-        leaf.rmdir()
 
 
 def cgroup2_of(pid: int) -> str:
