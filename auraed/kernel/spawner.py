@@ -47,7 +47,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 from auraed.kernel.libc import (
     CLONE_NEWPID,
@@ -66,6 +66,7 @@ from auraed.kernel.libc import (
 )
 
 MAX_MESSAGE_BYTES = 256 * 1024
+_T = TypeVar("_T")
 _FD_SIZE = struct.calcsize("i")
 # The name (/proc/<pid>/comm) of the spare: a child forked ahead of time, pid 1 of a fresh pid
 # namespace, that becomes the next top-level cell's holder.
@@ -274,20 +275,16 @@ class ForkServer:
             direct = "pid" in kinds and "pid" not in namespace_fds
             # The spare joins its cgroups by writing; where the child can be born in them
             # instead (cgroup v2), that saves more than the fork costs.
-            born = self._births_in_cgroup and bool(request.get("cgroup_birth"))
-            if direct and self._spare is not None and not born:
+            birth = self._birth_cgroup(request)
+            if direct and self._spare is not None and birth is None:
                 holder = self._launch_holder(request, executables, namespace_fds, stdout, stderr,
                                              direct=True, use_spare=True)
                 if holder is not None:
                     return holder, 1
                 # The spare died before it was ready (it was killed): fork one instead.
-            holder = self._launch_holder(request, executables, namespace_fds, stdout, stderr,
-                                         direct=direct, born_in_cgroup=born)
-            if holder is None and born:
-                # Killed at birth (see _births_in_cgroup): fork and join by writing instead.
-                self._births_in_cgroup = False
-                holder = self._launch_holder(request, executables, namespace_fds, stdout, stderr,
-                                             direct=direct)
+            holder = self._with_birth_fallback(birth, lambda cgroup: self._launch_holder(
+                request, executables, namespace_fds, stdout, stderr, direct=direct,
+                birth_cgroup=cgroup))
             if holder is None:
                 raise SpawnFailed("holder", errno.ESRCH, "ended before its namespaces were ready")
             if "pid" in kinds:
@@ -300,7 +297,7 @@ class ForkServer:
     def _launch_holder(self, request: dict[str, Any], executables: list[str],
                        namespace_fds: dict[str, int], stdout: int, stderr: int, *,
                        direct: bool, use_spare: bool = False,
-                       born_in_cgroup: bool = False) -> int | None:
+                       birth_cgroup: str | None = None) -> int | None:
         """One try at a holder: its pid, or None if it ended without a word (killed)."""
         kinds = request["unshare"]
         init_checked = "mnt" not in namespace_fds
@@ -313,7 +310,7 @@ class ForkServer:
                 if pid < 0:
                     return None
             else:
-                with _open_birth_cgroup(request if born_in_cgroup else {}) as cgroup_fd:
+                with _open_birth_cgroup(birth_cgroup) as cgroup_fd:
                     pid, born_in_cgroup = self._fork(namespace_fds.get("pid"),
                                                      new_pid_namespace=direct, cgroup_fd=cgroup_fd)
                 if pid == 0:
@@ -358,14 +355,9 @@ class ForkServer:
             executables = _executables(
                 request["argv"][0], request["env"], in_our_filesystem="mnt" not in namespace_fds
             )
-            born = self._births_in_cgroup and bool(request.get("cgroup_birth"))
-            started = self._start_workload(request, executables, namespace_fds, stdout, stderr,
-                                           born_in_cgroup=born)
-            if started is None and born:
-                # Killed at birth (see _births_in_cgroup): fork and join by writing instead.
-                self._births_in_cgroup = False
-                started = self._start_workload(request, executables, namespace_fds, stdout,
-                                               stderr, born_in_cgroup=False)
+            started = self._with_birth_fallback(
+                self._birth_cgroup(request), lambda cgroup: self._start_workload(
+                    request, executables, namespace_fds, stdout, stderr, birth_cgroup=cgroup))
         finally:
             for fd in namespace_fds.values():
                 os.close(fd)
@@ -373,9 +365,23 @@ class ForkServer:
             raise SpawnFailed("fork", errno.ECHILD, "the child ended before it ran")
         return started
 
+    def _birth_cgroup(self, request: dict[str, Any]) -> str | None:
+        """The cgroup2 directory the request's child is to be born in, if births are on."""
+        return request.get("cgroup_birth") or None if self._births_in_cgroup else None
+
+    def _with_birth_fallback(self, birth_cgroup: str | None,
+                             attempt: Callable[[str | None], _T | None]) -> _T | None:
+        """attempt(birth_cgroup); if its child was killed at birth (None; see
+        _births_in_cgroup), births go off and attempt(None) forks and joins by writing."""
+        started = attempt(birth_cgroup)
+        if started is None and birth_cgroup is not None:
+            self._births_in_cgroup = False
+            started = attempt(None)
+        return started
+
     def _start_workload(self, request: dict[str, Any], executables: list[str],
                         namespace_fds: dict[str, int], stdout: int, stderr: int, *,
-                        born_in_cgroup: bool) -> tuple[int, int] | None:
+                        birth_cgroup: str | None) -> tuple[int, int] | None:
         """One try at a workload: its pid here and in its pid namespace, or None if the child
         ended before it ran a step (it was killed at birth)."""
         # The child reports here: first its pid as its pid namespace sees it ("<pid>\n"); then,
@@ -383,7 +389,7 @@ class ForkServer:
         # no failure means the workload is running.
         report_r, report_w = os.pipe2(os.O_CLOEXEC)
         try:
-            with _open_birth_cgroup(request if born_in_cgroup else {}) as cgroup_fd:
+            with _open_birth_cgroup(birth_cgroup) as cgroup_fd:
                 pid, born_in_cgroup = self._fork(namespace_fds.get("pid"), cgroup_fd=cgroup_fd)
             if pid == 0:
                 _become_workload(
@@ -777,10 +783,9 @@ def _exec(executables: list[str], argv: list[str], env: dict[str, str]) -> NoRet
 
 
 @contextmanager
-def _open_birth_cgroup(request: dict[str, Any]) -> Iterator[int | None]:
-    """The request's cgroup2 directory to be born in, open for the fork (None if it has none)."""
-    path = request.get("cgroup_birth")
-    if not path:
+def _open_birth_cgroup(path: str | None) -> Iterator[int | None]:
+    """The cgroup2 directory to be born in, open for the fork (None for none)."""
+    if path is None:
         yield None
         return
     try:
@@ -812,10 +817,7 @@ def _read_small_file(path: str) -> bytes:
     """A /proc file of a few KiB, with plain reads (a file object costs four more syscalls)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        data = b""
-        while chunk := os.read(fd, 4096):
-            data += chunk
-        return data
+        return _read_to_end(fd)
     finally:
         os.close(fd)
 

@@ -127,9 +127,9 @@ class CgroupBackend(ABC):
         try:
             self._kill((), signal.SIGKILL, deadline)
         except CgroupNotFound:
-            self.close()
             return
-        self.close()
+        finally:
+            self.close()  # the fds held on the root go with it
         self._remove((), deadline)
 
     def close(self) -> None:
