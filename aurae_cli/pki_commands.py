@@ -11,10 +11,10 @@ from pathlib import Path
 
 import click
 
-# pki.DEFAULT_TRUST_DOMAIN and pki.DEFAULT_SOCKET, repeated so that --help need not import pki
-# (and cryptography); tests check they agree.
-_DEFAULT_TRUST_DOMAIN = "unsafe.aurae.io"
-_DEFAULT_SOCKET = "/var/run/aurae/aurae.sock"
+# Cheap modules, unlike pki itself (cryptography), which --help must not import.
+from aurae_sdk.wire.dns import SERVER_NAME
+from aurae_sdk.wire.paths import DEFAULT_SOCKET
+from aurae_sdk.wire.spiffe import DEFAULT_TRUST_DOMAIN
 
 
 @click.group("pki")
@@ -35,13 +35,13 @@ def pki_group() -> None:
 )
 @click.option(
     "--trust-domain",
-    default=_DEFAULT_TRUST_DOMAIN,
+    default=DEFAULT_TRUST_DOMAIN,
     show_default=True,
     help="SPIFFE trust domain of the clients' IDs (spiffe://TRUST-DOMAIN/NAME).",
 )
 @click.option(
     "--socket",
-    default=_DEFAULT_SOCKET,
+    default=DEFAULT_SOCKET,
     show_default=True,
     help="Daemon address written to DIR/config: a Unix socket path or HOST:PORT.",
 )
@@ -86,7 +86,7 @@ def init_command(
     click.echo(f"Wrote a development PKI to {paths.directory}:")
     _echo_file("CA certificate", paths.ca_crt)
     _echo_file("CA key", paths.ca_key, "(mode 0600)")
-    _echo_file("server certificate", paths.server_crt, f"({pki.SERVER_NAME})")
+    _echo_file("server certificate", paths.server_crt, f"({SERVER_NAME})")
     _echo_file("server key", paths.server_key, "(mode 0600)")
     for client in paths.clients:
         _echo_file(f"client {client.name}", client.crt, f"({client.spiffe_id})")
@@ -102,7 +102,7 @@ def init_command(
         "--server-key",
         str(paths.server_key),
     ]
-    if socket != _DEFAULT_SOCKET:
+    if socket != DEFAULT_SOCKET:
         daemon_command += ["--socket", socket]
     click.echo("\nStart the daemon with:")
     click.echo(f"  {shlex.join(daemon_command)}")
@@ -120,7 +120,7 @@ def init_command(
 )
 @click.option(
     "--trust-domain",
-    default=_DEFAULT_TRUST_DOMAIN,
+    default=DEFAULT_TRUST_DOMAIN,
     show_default=True,
     help="Trust domain of the default SPIFFE ID.",
 )

@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from aurae_sdk.wire import paths
 from auraed import __version__
 
 
@@ -17,19 +18,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "over an mTLS gRPC API.",
     )
     parser.add_argument("--version", action="version", version=f"auraed {__version__}")
-    parser.add_argument("--socket", default="/var/run/aurae/aurae.sock",
+    parser.add_argument("--socket", default=paths.DEFAULT_SOCKET,
                         help="Unix socket path, or IP:PORT / [IPv6]:PORT to listen on "
                              "(default: %(default)s)")
-    parser.add_argument("--ca-crt", type=Path, default=Path("/etc/aurae/pki/ca.crt"),
+    parser.add_argument("--ca-crt", type=Path, default=Path(paths.DEFAULT_CA_CRT),
                         help="CA certificate that signs client certificates (default: %(default)s)")
     parser.add_argument("--server-crt", type=Path,
-                        default=Path("/etc/aurae/pki/_signed.server.crt"),
+                        default=Path(paths.DEFAULT_SERVER_CRT),
                         help="server certificate (default: %(default)s)")
-    parser.add_argument("--server-key", type=Path, default=Path("/etc/aurae/pki/server.key"),
+    parser.add_argument("--server-key", type=Path, default=Path(paths.DEFAULT_SERVER_KEY),
                         help="server private key (default: %(default)s)")
-    parser.add_argument("--runtime-dir", type=Path, default=Path("/var/run/aurae"),
+    parser.add_argument("--runtime-dir", type=Path, default=Path(paths.RUNTIME_DIR),
                         help="where runtime state and captured output live (default: %(default)s)")
-    parser.add_argument("--library-dir", type=Path, default=Path("/var/lib/aurae"),
+    parser.add_argument("--library-dir", type=Path, default=Path(paths.LIBRARY_DIR),
                         help="where persistent data lives (default: %(default)s)")
     parser.add_argument("--verbose", action="store_true", help="log debug messages")
     parser.add_argument("--log-format", choices=("text", "json"), default="text",

@@ -13,19 +13,12 @@ No gRPC imports: callers pass the call's ServicerContext, or its auth context.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Protocol
 
-# SPIFFE-ID standard, section 2: a lowercase trust domain, then path segments
-# of letters, digits, '.', '-' and '_' (no empty, "." or ".." segments).
-_TRUST_DOMAIN = r"[a-z0-9._-]+"
-_SEGMENT = r"[A-Za-z0-9._-]+"
-_SPIFFE_ID = re.compile(rf"spiffe://({_TRUST_DOMAIN})((?:/{_SEGMENT})*)")
-MAX_SPIFFE_ID_BYTES = 2048
-MAX_TRUST_DOMAIN_BYTES = 255
+from aurae_sdk.wire.spiffe import SpiffeId
 
 # Keys of grpcio's auth context (grpc_security_constants.h).
 PEER_URI = "peer_uri"
@@ -38,35 +31,6 @@ class PeerContext(Protocol):
 
     # Values are lists of bytes, whatever grpcio's stubs say.
     def auth_context(self) -> Mapping[str, Any]: ...
-
-
-@dataclass(frozen=True, order=True)
-class SpiffeId:
-    """A parsed SPIFFE ID; `path` is "" for a trust domain itself, else "/a/b"."""
-
-    trust_domain: str
-    path: str
-
-    @classmethod
-    def parse(cls, text: str) -> SpiffeId:
-        """Raise ValueError, saying what is wrong, unless `text` is a SPIFFE ID."""
-        if len(text.encode()) > MAX_SPIFFE_ID_BYTES:
-            raise ValueError(f"a SPIFFE ID has at most {MAX_SPIFFE_ID_BYTES} bytes")
-        match = _SPIFFE_ID.fullmatch(text)
-        if match is None:
-            raise ValueError(
-                f"{text!r} is not a SPIFFE ID (spiffe://<trust-domain>/<path>: a lowercase trust "
-                "domain of letters, digits, '.', '-', '_', then non-empty path segments)"
-            )
-        trust_domain, path = match.groups()
-        if len(trust_domain) > MAX_TRUST_DOMAIN_BYTES:
-            raise ValueError(f"trust domain of {text!r} is over {MAX_TRUST_DOMAIN_BYTES} bytes")
-        if any(segment in (".", "..") for segment in path.split("/")):
-            raise ValueError(f"{text!r} has a '.' or '..' path segment")
-        return cls(trust_domain, path)
-
-    def __str__(self) -> str:
-        return f"spiffe://{self.trust_domain}{self.path}"
 
 
 @dataclass(frozen=True)

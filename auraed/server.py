@@ -23,7 +23,8 @@ import grpc
 from google.protobuf import descriptor_pool
 from grpc_reflection.v1alpha import reflection
 
-from aurae_sdk.config import ConfigError, parse_target
+from aurae_sdk.wire import paths
+from aurae_sdk.wire.targets import TargetError, parse_target
 from auraed import __version__
 from auraed.audit import AuditLog
 from auraed.authz import Policy, PolicyError, load_policy
@@ -72,12 +73,12 @@ class StartupError(Exception):
 
 @dataclass(frozen=True)
 class Settings:
-    socket: str = "/var/run/aurae/aurae.sock"
-    ca_crt: Path = Path("/etc/aurae/pki/ca.crt")
-    server_crt: Path = Path("/etc/aurae/pki/_signed.server.crt")
-    server_key: Path = Path("/etc/aurae/pki/server.key")
-    runtime_dir: Path = Path("/var/run/aurae")
-    library_dir: Path = Path("/var/lib/aurae")
+    socket: str = paths.DEFAULT_SOCKET
+    ca_crt: Path = Path(paths.DEFAULT_CA_CRT)
+    server_crt: Path = Path(paths.DEFAULT_SERVER_CRT)
+    server_key: Path = Path(paths.DEFAULT_SERVER_KEY)
+    runtime_dir: Path = Path(paths.RUNTIME_DIR)
+    library_dir: Path = Path(paths.LIBRARY_DIR)
     verbose: bool = False
     log_format: str = "text"
     cgroup_root: str = "aurae"
@@ -208,7 +209,7 @@ class Daemon:
         policy = _load_policy(settings.authz_policy)
         try:
             target = parse_target(settings.socket)
-        except ConfigError as error:
+        except TargetError as error:
             raise StartupError(f"--socket {settings.socket}: {error}") from None
         settings.runtime_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         settings.library_dir.mkdir(mode=0o700, parents=True, exist_ok=True)

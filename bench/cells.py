@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 import aurae_sdk
-from auraed.testing import running_daemon
 from bench.core import Comparison, Figure, Result, Series, interleave, rss_bytes
+from tests.support.daemon import running_daemon
 
 BUSYBOX = Path("/bin/busybox")
 

@@ -9,8 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from auraed.testing import running_daemon
 from bench.core import Comparison, Figure, Result, Series, interleave
+from tests.support.daemon import running_daemon
 
 BIN = Path(sys.executable).parent
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import subprocess
 import time
 
-from auraed.testing import running_daemon
 from bench.core import Comparison, Result, Series, interleave
+from tests.support.daemon import running_daemon
 
 
 def run(quick: bool) -> list[Result]:

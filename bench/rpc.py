@@ -14,9 +14,9 @@ import grpc
 
 from aurae_cli.pki import init_pki
 from aurae_sdk.config import channel_credentials, channel_options, load_config, parse_target
-from aurae_sdk.generated.pb.discovery import discovery_pb2, discovery_pb2_grpc
-from auraed.testing import running_daemon
+from aurae_sdk.wire.generated.pb.discovery import discovery_pb2, discovery_pb2_grpc
 from bench.core import Comparison, Result, Series, interleave
+from tests.support.daemon import running_daemon
 
 
 def _per_call(call, batch: int):  # type: ignore[no-untyped-def]

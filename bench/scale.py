@@ -7,8 +7,8 @@ from __future__ import annotations
 import statistics
 import time
 
-from auraed.testing import running_daemon
 from bench.core import Comparison, Figure, Result, Series, rss_bytes
+from tests.support.daemon import running_daemon
 
 
 def run(quick: bool) -> list[Result]:

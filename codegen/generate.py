@@ -26,7 +26,9 @@ class Generation:
         layout = self.api.layout
         return tuple(
             layout.package_dir(p)
-            for p in (layout.sdk_package, layout.daemon_package, layout.cli_package)
+            for p in (
+                layout.sdk_package, layout.daemon_package, layout.cli_package, layout.wire_package
+            )
         )
 
 
@@ -59,10 +61,12 @@ def generate(
             text = relocate(output.modules[stem + suffix], module_map)
             generated[f"{pb_dir}/{stem}{suffix}"] = f"# {MARKER}\n{text}"
 
-    # Every directory of generated Python is a regular package.
+    # Every directory of generated Python is a regular package, up to and
+    # including the wire package itself.
+    wire_parent = Path(layout.package_dir(layout.wire_package)).parent.as_posix()
     for path in list(generated):
         parent = Path(path).parent
-        while parent.as_posix() not in (layout.package_dir(layout.sdk_package), "."):
+        while parent.as_posix() not in (wire_parent, "."):
             generated.setdefault(f"{parent.as_posix()}/__init__.py", f"# {MARKER}\n")
             parent = parent.parent
 

@@ -26,12 +26,18 @@ class Layout:
     sdk_package: str = "aurae_sdk.generated"
     daemon_package: str = "auraed.generated"
     cli_package: str = "aurae_cli.generated"
+    # The generated half of the wire layer, which the SDK, the CLI and the
+    # daemon all import: the _pb2 and _pb2_grpc modules.
+    wire_package: str = "aurae_sdk.wire.generated"
+    # Where the daemon's hand-written servicer of package P lives
+    # (`<daemon_services_package>.P`); the registry finds it there.
+    daemon_services_package: str = "auraed.services"
     docs_path: str = "docs/stdlib.md"
     external_modules: Mapping[str, str] = field(default_factory=lambda: dict(EXTERNAL_MODULES))
 
     @property
     def pb_package(self) -> str:
-        return f"{self.sdk_package}.pb"
+        return f"{self.wire_package}.pb"
 
     def output_path(self, template_path: str) -> str:
         """Map a template's path (relative to templates/, without .j2) to the output path."""

@@ -101,7 +101,7 @@ def relocate(source: str, module_map: Mapping[str, str]) -> str:
     """Rewrite a protoc-generated module's imports using `module_map`.
 
     `module_map` maps protoc's module names ("cells.cells_pb2") to where they
-    really live ("aurae_sdk.generated.pb.cells.cells_pb2"). Only imports of
+    really live ("aurae_sdk.wire.generated.pb.cells.cells_pb2"). Only imports of
     modules in the map change, so `import grpc` (grpcio) and the protobuf
     runtime imports stay as they are.
     """

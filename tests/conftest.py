@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from auraed.testing import DaemonProcess, running_daemon
+from tests.support.daemon import DaemonProcess, running_daemon
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (cgroups, processes)")
 

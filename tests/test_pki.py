@@ -24,6 +24,7 @@ from cryptography.x509.verification import PolicyBuilder, Store, VerificationErr
 
 from aurae_cli import pki, pki_commands
 from aurae_sdk.config import channel_credentials, channel_options, load_config, parse_target
+from aurae_sdk.wire import pki as wire_pki
 
 PING = "/test.Echo/Ping"
 NOW = dt.datetime.now(dt.UTC)
@@ -77,7 +78,7 @@ def ping(
 
 
 def client_credentials(
-    ca: pki.Credential, client: pki.Credential | None
+    ca: wire_pki.Credential, client: wire_pki.Credential | None
 ) -> grpc.ChannelCredentials:
     if client is None:
         return grpc.ssl_channel_credentials(root_certificates=ca.certificate_pem())
@@ -89,11 +90,11 @@ def client_credentials(
 
 
 @pytest.fixture
-def ca() -> pki.CertificateAuthority:
-    return pki.CertificateAuthority.create()
+def ca() -> wire_pki.CertificateAuthority:
+    return wire_pki.CertificateAuthority.create()
 
 
-def serve(socket_path: Path, ca: pki.CertificateAuthority, server: pki.Credential) -> EchoServer:
+def serve(socket_path: Path, ca: wire_pki.CertificateAuthority, server: wire_pki.Credential) -> EchoServer:
     return EchoServer(
         socket_path, ca.certificate_pem(), server.certificate_pem(), server.private_key_pem()
     )
@@ -110,7 +111,7 @@ def serve_pki_directory(directory: Path, socket_path: Path) -> EchoServer:
 
 
 @pytest.fixture
-def echo_server(tmp_path: Path, ca: pki.CertificateAuthority) -> Iterator[EchoServer]:
+def echo_server(tmp_path: Path, ca: wire_pki.CertificateAuthority) -> Iterator[EchoServer]:
     with serve(tmp_path / "aurae.sock", ca, ca.issue_server()) as server:
         yield server
 
@@ -297,7 +298,7 @@ def test_client_config_escapes_toml_strings(tmp_path: Path) -> None:
 # --- certificate contents -----------------------------------------------------------------------
 
 
-def test_ca_is_a_ca(ca: pki.CertificateAuthority) -> None:
+def test_ca_is_a_ca(ca: wire_pki.CertificateAuthority) -> None:
     constraints = ca.certificate.extensions.get_extension_for_class(x509.BasicConstraints)
     usage = ca.certificate.extensions.get_extension_for_class(x509.KeyUsage).value
 
@@ -308,7 +309,7 @@ def test_ca_is_a_ca(ca: pki.CertificateAuthority) -> None:
     assert lifetime >= dt.timedelta(days=3650)
 
 
-def test_server_certificate_verifies_as_server_name(ca: pki.CertificateAuthority) -> None:
+def test_server_certificate_verifies_as_server_name(ca: wire_pki.CertificateAuthority) -> None:
     server = ca.issue_server(extra_names=["localhost", "127.0.0.1", "::1"])
     verifier = (
         PolicyBuilder()
@@ -326,7 +327,7 @@ def test_server_certificate_verifies_as_server_name(ca: pki.CertificateAuthority
     assert list(usage) == [ExtendedKeyUsageOID.SERVER_AUTH]
 
 
-def test_client_certificate_carries_one_spiffe_id(ca: pki.CertificateAuthority) -> None:
+def test_client_certificate_carries_one_spiffe_id(ca: wire_pki.CertificateAuthority) -> None:
     client = ca.issue_client("admin", trust_domain="example.org")
     verifier = PolicyBuilder().store(Store([ca.certificate])).build_client_verifier()
 
@@ -343,7 +344,7 @@ def test_client_certificate_carries_one_spiffe_id(ca: pki.CertificateAuthority) 
     assert dt.timedelta(days=365) <= lifetime <= dt.timedelta(days=366)
 
 
-def test_client_certificate_variants(ca: pki.CertificateAuthority) -> None:
+def test_client_certificate_variants(ca: wire_pki.CertificateAuthority) -> None:
     assert uri_sans(ca.issue_client("anon", spiffe_ids=[]).certificate) == []
     two = ca.issue_client("two", spiffe_ids=["spiffe://a/x", "spiffe://b/y"])
     assert uri_sans(two.certificate) == [
@@ -354,7 +355,7 @@ def test_client_certificate_variants(ca: pki.CertificateAuthority) -> None:
     assert expired.certificate.not_valid_after_utc < NOW
     future = ca.issue_client("new", not_before=NOW + DAY)
     assert future.certificate.not_valid_before_utc > NOW
-    foreign = pki.CertificateAuthority.create().issue_client("admin")
+    foreign = wire_pki.CertificateAuthority.create().issue_client("admin")
     with pytest.raises(InvalidSignature):
         foreign.certificate.verify_directly_issued_by(ca.certificate)
 
@@ -365,7 +366,7 @@ def test_client_certificate_variants(ca: pki.CertificateAuthority) -> None:
     ids=["expired", "not-yet-valid"],
 )
 def test_verifier_refuses_certificates_out_of_their_validity(
-    ca: pki.CertificateAuthority, not_before: dt.datetime, not_after: dt.datetime
+    ca: wire_pki.CertificateAuthority, not_before: dt.datetime, not_after: dt.datetime
 ) -> None:
     client = ca.issue_client("admin", not_before=not_before, not_after=not_after)
     verifier = PolicyBuilder().store(Store([ca.certificate])).time(NOW).build_client_verifier()
@@ -374,7 +375,7 @@ def test_verifier_refuses_certificates_out_of_their_validity(
         verifier.verify(client.certificate, [])
 
 
-def test_validity_must_not_end_before_it_starts(ca: pki.CertificateAuthority) -> None:
+def test_validity_must_not_end_before_it_starts(ca: wire_pki.CertificateAuthority) -> None:
     with pytest.raises(pki.PkiError, match="must end after it starts"):
         ca.issue_client("admin", not_before=NOW, not_after=NOW - DAY)
 
@@ -383,7 +384,7 @@ def test_validity_must_not_end_before_it_starts(ca: pki.CertificateAuthority) ->
 
 
 def test_mtls_handshake_with_the_generated_client(
-    ca: pki.CertificateAuthority, echo_server: EchoServer
+    ca: wire_pki.CertificateAuthority, echo_server: EchoServer
 ) -> None:
     target = echo_server.target
 
@@ -400,7 +401,7 @@ def test_mtls_handshake_with_the_generated_client(
 
 @pytest.mark.parametrize("spiffe_ids", [[], ["spiffe://a/x", "spiffe://b/y"]], ids=["none", "two"])
 def test_handshake_gives_no_spiffe_id_unless_exactly_one(
-    ca: pki.CertificateAuthority, echo_server: EchoServer, spiffe_ids: list[str]
+    ca: wire_pki.CertificateAuthority, echo_server: EchoServer, spiffe_ids: list[str]
 ) -> None:
     client = ca.issue_client("admin", spiffe_ids=spiffe_ids)
     target = echo_server.target
@@ -411,8 +412,8 @@ def test_handshake_gives_no_spiffe_id_unless_exactly_one(
     assert "peer_spiffe_id" not in echo_server.peer
 
 
-REFUSED_CLIENTS: dict[str, Callable[[pki.CertificateAuthority], pki.Credential | None]] = {
-    "foreign-ca": lambda ca: pki.CertificateAuthority.create().issue_client("admin"),
+REFUSED_CLIENTS: dict[str, Callable[[wire_pki.CertificateAuthority], wire_pki.Credential | None]] = {
+    "foreign-ca": lambda ca: wire_pki.CertificateAuthority.create().issue_client("admin"),
     "expired": lambda ca: ca.issue_client("admin", not_before=NOW - 2 * DAY, not_after=NOW - DAY),
     "not-yet-valid": lambda ca: ca.issue_client("admin", not_before=NOW + DAY),
     "server-certificate": lambda ca: ca.issue_server(),  # serverAuth only: not a client
@@ -422,7 +423,7 @@ REFUSED_CLIENTS: dict[str, Callable[[pki.CertificateAuthority], pki.Credential |
 
 @pytest.mark.parametrize("case", REFUSED_CLIENTS)
 def test_server_refuses_the_handshake(
-    ca: pki.CertificateAuthority, echo_server: EchoServer, case: str
+    ca: wire_pki.CertificateAuthority, echo_server: EchoServer, case: str
 ) -> None:
     client = REFUSED_CLIENTS[case](ca)
     target = echo_server.target
@@ -435,9 +436,9 @@ def test_server_refuses_the_handshake(
 
 
 def test_client_refuses_a_server_of_another_ca(
-    tmp_path: Path, ca: pki.CertificateAuthority
+    tmp_path: Path, ca: wire_pki.CertificateAuthority
 ) -> None:
-    impostor = pki.CertificateAuthority.create()
+    impostor = wire_pki.CertificateAuthority.create()
     with (
         serve(tmp_path / "s.sock", ca, impostor.issue_server()) as server,
         pytest.raises(grpc.RpcError) as failure,
@@ -451,7 +452,7 @@ def test_client_refuses_a_server_of_another_ca(
 
 
 def test_unix_socket_needs_the_server_name_override(
-    ca: pki.CertificateAuthority, echo_server: EchoServer
+    ca: wire_pki.CertificateAuthority, echo_server: EchoServer
 ) -> None:
     # Without channel_options grpc checks the certificate against "localhost" and fails.
     with pytest.raises(grpc.RpcError) as failure:
@@ -558,9 +559,3 @@ def test_cli_module_does_not_import_cryptography() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == "False"
-
-
-def test_cli_defaults_match_the_library() -> None:
-    # pki_commands repeats them so that `aurae-py --help` need not import cryptography.
-    assert pki_commands._DEFAULT_TRUST_DOMAIN == pki.DEFAULT_TRUST_DOMAIN
-    assert pki_commands._DEFAULT_SOCKET == pki.DEFAULT_SOCKET

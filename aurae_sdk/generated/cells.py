@@ -16,7 +16,7 @@ from aurae_sdk.rpc import (
     MethodSpec,
     ServiceClient,
 )
-from aurae_sdk.generated.pb.cells import cells_pb2 as _cells_pb2
+from aurae_sdk.wire.generated.pb.cells import cells_pb2 as _cells_pb2
 
 # Messages and enums of aurae.cells.v0, re-exported so scripts can write
 # `cells.CellServiceAllocateRequest(...)`.

@@ -12,7 +12,7 @@ from aurae_sdk.rpc import (
     MethodSpec,
     ServiceClient,
 )
-from aurae_sdk.generated.pb.discovery import discovery_pb2 as _discovery_pb2
+from aurae_sdk.wire.generated.pb.discovery import discovery_pb2 as _discovery_pb2
 
 # Messages and enums of aurae.discovery.v0, re-exported so scripts can write
 # `discovery.DiscoverRequest(...)`.

@@ -18,7 +18,7 @@ from aurae_sdk.rpc import (
     ServiceClient,
     Stream,
 )
-from aurae_sdk.generated.pb.observe import observe_pb2 as _observe_pb2
+from aurae_sdk.wire.generated.pb.observe import observe_pb2 as _observe_pb2
 
 # Messages and enums of aurae.observe.v0, re-exported so scripts can write
 # `observe.GetAuraeDaemonLogStreamRequest(...)`.

@@ -12,7 +12,7 @@ from aurae_sdk.rpc import (
     MethodSpec,
     ServiceClient,
 )
-from aurae_sdk.generated.pb.vms import vms_pb2 as _vms_pb2
+from aurae_sdk.wire.generated.pb.vms import vms_pb2 as _vms_pb2
 
 # Messages and enums of aurae.vms.v0, re-exported so scripts can write
 # `vms.VmServiceAllocateRequest(...)`.

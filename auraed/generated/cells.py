@@ -13,7 +13,7 @@ from typing import Any
 
 import grpc
 
-from aurae_sdk.generated.pb.cells import cells_pb2 as _cells_pb2
+from aurae_sdk.wire.generated.pb.cells import cells_pb2 as _cells_pb2
 
 
 class CellServiceBase:

@@ -10,7 +10,7 @@ from typing import Any
 
 import grpc
 
-from aurae_sdk.generated.pb.discovery import discovery_pb2 as _discovery_pb2
+from aurae_sdk.wire.generated.pb.discovery import discovery_pb2 as _discovery_pb2
 
 
 class DiscoveryServiceBase:

@@ -15,7 +15,7 @@ from typing import Any
 
 import grpc
 
-from aurae_sdk.generated.pb.observe import observe_pb2 as _observe_pb2
+from aurae_sdk.wire.generated.pb.observe import observe_pb2 as _observe_pb2
 
 
 class ObserveServiceBase:

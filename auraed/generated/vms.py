@@ -10,7 +10,7 @@ from typing import Any
 
 import grpc
 
-from aurae_sdk.generated.pb.vms import vms_pb2 as _vms_pb2
+from aurae_sdk.wire.generated.pb.vms import vms_pb2 as _vms_pb2
 
 
 class VmServiceBase:

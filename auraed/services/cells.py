@@ -7,7 +7,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import Message
 
-from aurae_sdk.generated.pb.cells import cells_pb2 as pb
+from aurae_sdk.wire.generated.pb.cells import cells_pb2 as pb
 from auraed.errors import InvalidArgument
 from auraed.generated.cells import CellServiceBase
 from auraed.kernel.cgroups import CgroupLimits

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import grpc
 
-from aurae_sdk.generated.pb.discovery import discovery_pb2 as pb
+from aurae_sdk.wire.generated.pb.discovery import discovery_pb2 as pb
 from auraed import __version__
 from auraed.generated.discovery import DiscoveryServiceBase
 

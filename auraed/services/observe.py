@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import grpc
 
-from aurae_sdk.generated.pb.observe import observe_pb2 as pb
+from aurae_sdk.wire.generated.pb.observe import observe_pb2 as pb
 from auraed.errors import FailedPrecondition, InvalidArgument, NotFound, Unimplemented
 from auraed.generated.observe import ObserveServiceBase
 from auraed.output import Line, LogRing, OutputLog

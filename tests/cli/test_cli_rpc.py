@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from auraed.testing import DaemonProcess
+from tests.support.daemon import DaemonProcess
 
 
 @pytest.fixture

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 
 from aurae_cli.describe import MessageInfo, MethodInfo, Schema, ServiceInfo, UnknownName
-from aurae_cli.pki import CertificateAuthority, write_client_config, write_credential
+from aurae_cli.pki import write_client_config
 from aurae_sdk import cells
-from auraed.testing import DaemonProcess
+from aurae_sdk.wire.pki import CertificateAuthority, write_credential
+from tests.support.daemon import DaemonProcess
 
 
 def aurae_py(

@@ -21,7 +21,7 @@ import aurae_sdk
 from aurae_cli.generated.namespace import service_modules
 from aurae_cli.repl import MessageFieldCompleter, displayed, pretty
 from aurae_sdk import cells, vms
-from auraed.testing import DaemonProcess
+from tests.support.daemon import DaemonProcess
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from auraed.testing import DaemonProcess
+from tests.support.daemon import DaemonProcess
 
 VENV_BIN = Path(sys.executable).parent
 

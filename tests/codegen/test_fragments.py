@@ -51,6 +51,8 @@ def fragment(scratch: Path, proto: str) -> Generated:
         sdk_package=f"{base}.sdk",
         daemon_package=f"{base}.daemon",
         cli_package=f"{base}.cli",
+        wire_package=f"{base}.wire",
+        daemon_services_package=f"{base}.services",
         docs_path=f"{base}/stdlib.md",
     )
     generation = generate(FRAGMENTS, ROOT / "templates", layout, files=[proto])
@@ -82,7 +84,7 @@ def test_grpc_package_does_not_shadow_grpcio(scratch: Path) -> None:
     # grpcio is still the `grpc` everyone imports.
     assert grpc.__file__ is not None and "site-packages" in grpc.__file__
     assert hasattr(grpc, "server")
-    pb = importlib.import_module("frag_probe.sdk.pb.grpc.fragment.v1.probe_pb2")
+    pb = importlib.import_module("frag_probe.wire.pb.grpc.fragment.v1.probe_pb2")
     assert pb.ProbeRequest.DESCRIPTOR.full_name == "grpc.fragment.v1.ProbeRequest"
 
     class Probe(gen.daemon.ProbeServiceBase):  # type: ignore[name-defined,misc]
@@ -99,7 +101,7 @@ def test_grpc_package_does_not_shadow_grpcio(scratch: Path) -> None:
 
 def test_hyphenated_file_name(scratch: Path) -> None:
     gen = fragment(scratch, "hyphen-name.proto")
-    assert importlib.import_module("frag_hyphen_name.sdk.pb.hyphen_name_pb2")
+    assert importlib.import_module("frag_hyphen_name.wire.pb.hyphen_name_pb2")
     assert gen.sdk.GreetRequest(name="x").name == "x"
     assert [c for c in gen.cli.group.commands] == ["greet"]
 

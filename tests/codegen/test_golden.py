@@ -35,7 +35,9 @@ def test_check_mode_detects_drift(tmp_path: Path) -> None:
     # A copy of the project inputs with one generated file edited by hand.
     for name in ("proto", "templates"):
         subprocess.run(["cp", "-r", str(ROOT / name), str(tmp_path / name)], check=True)
-    for package in ("aurae_sdk/generated", "auraed/generated", "aurae_cli/generated"):
+    for package in (
+        "aurae_sdk/generated", "aurae_sdk/wire/generated", "auraed/generated", "aurae_cli/generated"
+    ):
         (tmp_path / package).parent.mkdir(parents=True, exist_ok=True)
         subprocess.run(["cp", "-r", str(ROOT / package), str(tmp_path / package)], check=True)
     (tmp_path / "docs").mkdir()

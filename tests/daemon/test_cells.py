@@ -10,7 +10,7 @@ import pytest
 
 import aurae_sdk
 from aurae_sdk import cells
-from auraed.testing import DaemonProcess, cgroup_dirs
+from tests.support.daemon import DaemonProcess, cgroup_dirs
 
 V1 = Path("/sys/fs/cgroup")
 

@@ -13,7 +13,7 @@ import pytest
 
 import aurae_sdk
 from auraed.kernel.cgroups.mountinfo import read_mounts
-from auraed.testing import DaemonProcess, running_daemon
+from tests.support.daemon import DaemonProcess, running_daemon
 
 
 def _cgroup2_mount() -> str | None:

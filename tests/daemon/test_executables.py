@@ -10,7 +10,7 @@ import pytest
 
 import aurae_sdk
 from aurae_sdk import cells
-from auraed.testing import DaemonProcess
+from tests.support.daemon import DaemonProcess
 
 
 def proc_status(pid: int) -> dict[str, str]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import aurae_sdk
-from auraed.testing import DaemonProcess, cgroup_dirs
+from tests.support.daemon import DaemonProcess, cgroup_dirs
 
 
 def output_of(client: aurae_sdk.Client, cell: str, name: str, command: str) -> str:

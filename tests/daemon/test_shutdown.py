@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import aurae_sdk
-from auraed.testing import cgroup_dirs, cgroup_pids, running_daemon
+from tests.support.daemon import cgroup_dirs, cgroup_pids, running_daemon
 
 
 def test_sigterm_stops_everything_and_removes_every_cgroup() -> None:

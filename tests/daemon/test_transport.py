@@ -11,9 +11,9 @@ import grpc
 import pytest
 
 import aurae_sdk
-from aurae_cli.pki import CertificateAuthority
 from aurae_sdk.config import TLS_SERVER_NAME, channel_options, parse_target
-from auraed.testing import DaemonProcess
+from aurae_sdk.wire.pki import CertificateAuthority
+from tests.support.daemon import DaemonProcess
 
 
 def raw_channel(daemon: DaemonProcess, *, key: bytes | None, cert: bytes | None) -> grpc.Channel:

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import aurae_sdk
-from auraed.testing import DaemonProcess, cgroup_dirs
+from tests.support.daemon import DaemonProcess, cgroup_dirs
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 V1 = Path("/sys/fs/cgroup")

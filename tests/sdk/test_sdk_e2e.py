@@ -18,7 +18,7 @@ import pytest
 import aurae_sdk
 from aurae_sdk import cells, logs, observe
 from aurae_sdk.config import channel_credentials, channel_options, load_config, parse_target
-from auraed.testing import DaemonProcess, cgroup_dirs
+from tests.support.daemon import DaemonProcess, cgroup_dirs
 
 Step = Callable[[Any], Any]
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from aurae_cli.pki import CertificateAuthority, Credential
 from aurae_sdk.config import channel_options, parse_target
-from auraed.testing import DaemonProcess, cgroup_dirs, cgroup_pids, running_daemon
+from aurae_sdk.wire.pki import CertificateAuthority, Credential
+from tests.support.daemon import DaemonProcess, cgroup_dirs, cgroup_pids, running_daemon
 
 # Filled by tests, printed by pytest_terminal_summary: the numbers the suite
 # exists to produce (request counts, concurrency, memory).

@@ -13,7 +13,7 @@ import pytest
 
 import aurae_sdk
 from auraed.audit import MAX_TARGET_CHARS, AuditEntry, AuditLog
-from auraed.testing import DaemonProcess
+from tests.support.daemon import DaemonProcess
 
 from .conftest import audit_lines, issue, secure_channel
 

@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2
 
 import aurae_sdk
 from aurae_sdk.errors import blamed_field
-from aurae_sdk.generated.pb.cells.cells_pb2 import (
+from aurae_sdk.wire.generated.pb.cells.cells_pb2 import (
     Cell,
     CellServiceAllocateRequest,
     CellServiceFreeRequest,
@@ -33,9 +33,9 @@ from aurae_sdk.generated.pb.cells.cells_pb2 import (
     Executable,
     MemoryController,
 )
-from aurae_sdk.generated.pb.observe import observe_pb2 as observe
-from aurae_sdk.generated.pb.vms import vms_pb2 as vms
-from auraed.testing import DaemonProcess, cgroup_dirs
+from aurae_sdk.wire.generated.pb.observe import observe_pb2 as observe
+from aurae_sdk.wire.generated.pb.vms import vms_pb2 as vms
+from tests.support.daemon import DaemonProcess, cgroup_dirs
 
 from .conftest import host_state, record_figure
 

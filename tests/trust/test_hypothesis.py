@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 
 import aurae_sdk
 import auraed.server  # noqa: F401 - loads every served service's descriptors
-from auraed.testing import DaemonProcess
+from tests.support.daemon import DaemonProcess
 
 from .conftest import host_state, record_figure
 

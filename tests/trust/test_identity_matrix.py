@@ -24,8 +24,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 import aurae_sdk
-from aurae_cli.pki import CertificateAuthority, Credential
-from auraed.testing import DaemonProcess
+from aurae_sdk.wire.pki import CertificateAuthority, Credential
+from tests.support.daemon import DaemonProcess
 
 from .conftest import issue, record_figure, secure_channel
 

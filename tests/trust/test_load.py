@@ -21,7 +21,7 @@ import pytest
 
 import aurae_sdk
 from aurae_sdk import cells
-from auraed.testing import DaemonProcess, running_daemon
+from tests.support.daemon import DaemonProcess, running_daemon
 
 from .conftest import host_state, needs_root, record_figure
 

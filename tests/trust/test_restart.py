@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import aurae_sdk
-from auraed.testing import DaemonProcess, cgroup_dirs, cgroup_pids, running_daemon
+from tests.support.daemon import DaemonProcess, cgroup_dirs, cgroup_pids, running_daemon
 
 from .conftest import host_state, record_figure
 

@@ -6,7 +6,7 @@ The virtual machine service of the Aurae Standard Library, version 0."""
 
 from collections import abc as _abc
 from grpc import aio as _aio
-from aurae_sdk.generated.pb.vms import vms_pb2 as _vms_pb2
+from aurae_sdk.wire.generated.pb.vms import vms_pb2 as _vms_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys

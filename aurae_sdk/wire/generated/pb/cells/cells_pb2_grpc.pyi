@@ -8,7 +8,7 @@ Wire-compatible with public Aurae v0. Everything aurae-py adds is marked
 "aurae-py addition" and uses new field numbers or new methods only.
 """
 
-from aurae_sdk.generated.pb.cells import cells_pb2 as _cells_pb2
+from aurae_sdk.wire.generated.pb.cells import cells_pb2 as _cells_pb2
 from collections import abc as _abc
 from grpc import aio as _aio
 import abc as _abc_1

@@ -4,7 +4,7 @@
 import grpc
 import warnings
 
-from aurae_sdk.generated.pb.vms import vms_pb2 as vms_dot_vms__pb2
+from aurae_sdk.wire.generated.pb.vms import vms_pb2 as vms_dot_vms__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

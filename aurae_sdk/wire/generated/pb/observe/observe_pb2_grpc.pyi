@@ -10,7 +10,7 @@ numbers only.
 
 from collections import abc as _abc
 from grpc import aio as _aio
-from aurae_sdk.generated.pb.observe import observe_pb2 as _observe_pb2
+from aurae_sdk.wire.generated.pb.observe import observe_pb2 as _observe_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys

@@ -5,7 +5,7 @@ isort:skip_file
 The discovery service of the Aurae Standard Library, version 0."""
 
 from collections import abc as _abc
-from aurae_sdk.generated.pb.discovery import discovery_pb2 as _discovery_pb2
+from aurae_sdk.wire.generated.pb.discovery import discovery_pb2 as _discovery_pb2
 from grpc import aio as _aio
 import abc as _abc_1
 import grpc as _grpc
