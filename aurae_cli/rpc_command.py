@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn, TypeVar
 
 import click
@@ -135,8 +135,35 @@ def _is_optional_positional(dotted: str) -> bool:
     return "." not in dotted
 
 
+def place_positionals(params: dict[str, Any], positionals: Sequence[tuple[str, bool]],
+                      *, request_given: bool) -> None:
+    """Give the positional values to the right parameters, leaving optional ones out first.
+
+    click fills arguments left to right, so `cells start app` would name a
+    cell "app" and no executable. Here the values given are laid out again:
+    with fewer values than positionals, optional ones (proto3 `optional`
+    identifiers, listed as (name, True)) take none, from the left, so the
+    value goes to NAME and the cell stays unset (host level).
+    """
+    values = [params[name] for name, _ in positionals if params.get(name) is not None]
+    required = [name for name, optional in positionals if not optional]
+    if len(values) < len(required) and not request_given:
+        missing = " ".join(f"'{name.rstrip('_').upper()}'" for name in required[len(values):])
+        raise click.UsageError(f"Missing argument {missing}.")
+    spare = len(values) - len(required)
+    given = iter(values)
+    for name, optional in positionals:
+        if optional and spare <= 0:
+            params[name] = None
+            continue
+        if optional:
+            spare -= 1
+        params[name] = next(given, None)
+
+
 def invoke(attribute: str, method: str, params: dict[str, Any], fields: Mapping[str, str],
-           *, server_streaming: bool) -> None:
+           *, server_streaming: bool,
+           positionals: Sequence[tuple[str, bool]] = ()) -> None:
     """Run one RPC from a generated command and exit with its status."""
     from aurae_cli.output import print_message
     from aurae_sdk.errors import AuraeError
@@ -145,6 +172,7 @@ def invoke(attribute: str, method: str, params: dict[str, Any], fields: Mapping[
     output = params.pop("output")
     timeout = params.pop("timeout")
     request_file = params.pop("request_file")
+    place_positionals(params, positionals, request_given=request_file is not None)
     request = request_dict(params, fields, request_file.read() if request_file else None)
     try:
         client = ctx.find_root().obj.client()

@@ -191,6 +191,16 @@ class LeafField:
         return ".".join(self.path)
 
     @property
+    def optional(self) -> bool:
+        """A positional the caller may leave out: a top-level proto3 `optional` field."""
+        return self.positional and self.field.explicit_optional and len(self.path) == 1
+
+    @property
+    def usage(self) -> str:
+        """The argument as usage lines show it: "CELL_NAME", or "[CELL_NAME]" when optional."""
+        return f"[{self.metavar}]" if self.optional else self.metavar
+
+    @property
     def flag(self) -> str:
         return "--" + self.cli_name
 
@@ -680,7 +690,10 @@ def flatten_request(
     leaves would then clash. Identifiers become positional arguments: request
     fields named `name`, `id`, `*_name` or `*_id`, and the `name`/`id` field
     numbered 1 of a top-level message field (the identity of the entity the
-    request carries, like `cell.name` in Allocate).
+    request carries, like `cell.name` in Allocate). A top-level identifier
+    declared `optional` is an optional positional: given fewer arguments than
+    positionals, the CLI leaves the optional ones out first
+    (`cells start app` runs at host level, `cells start web app` in cell web).
     """
     raw: list[tuple[tuple[str, ...], Field, bool]] = []
 

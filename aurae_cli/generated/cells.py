@@ -29,6 +29,8 @@ _ALLOCATE_FIELDS: dict[str, str] = {
     "isolate_process": "cell.isolate_process",
     "isolate_network": "cell.isolate_network",
 }
+# Positional parameters in order, and whether each may be left out.
+_ALLOCATE_POSITIONALS: tuple[tuple[str, bool], ...] = (("name", False),)
 
 
 @group.command(
@@ -36,7 +38,7 @@ _ALLOCATE_FIELDS: dict[str, str] = {
     help="Reserve a new cell: create its cgroup with the requested limits and,\nwhen asked, its namespaces. Every ancestor of a nested name must exist.",
     short_help="Reserve a new cell: create its cgroup with the requested limits and, when asked, its namespaces.",
 )
-@click.argument("name", metavar="NAME", type=str)
+@click.argument("name", metavar="NAME", type=str, required=False)
 @click.option(
     "--cpu-weight",
     "cpu_weight",
@@ -111,6 +113,7 @@ def allocate_command(**params: Any) -> None:
         params,
         _ALLOCATE_FIELDS,
         server_streaming=False,
+        positionals=_ALLOCATE_POSITIONALS,
     )
 
 
@@ -118,6 +121,8 @@ def allocate_command(**params: Any) -> None:
 _FREE_FIELDS: dict[str, str] = {
     "cell_name": "cell_name",
 }
+# Positional parameters in order, and whether each may be left out.
+_FREE_POSITIONALS: tuple[tuple[str, bool], ...] = (("cell_name", False),)
 
 
 @group.command(
@@ -125,7 +130,7 @@ _FREE_FIELDS: dict[str, str] = {
     help="Release a cell: stop everything running in it and in its children,\nthen remove the children and the cell itself.",
     short_help="Release a cell: stop everything running in it and in its children, then remove the children and the cell itself.",
 )
-@click.argument("cell_name", metavar="CELL_NAME", type=str)
+@click.argument("cell_name", metavar="CELL_NAME", type=str, required=False)
 @rpc_options
 def free_command(**params: Any) -> None:
     invoke(
@@ -134,6 +139,7 @@ def free_command(**params: Any) -> None:
         params,
         _FREE_FIELDS,
         server_streaming=False,
+        positionals=_FREE_POSITIONALS,
     )
 
 
@@ -146,6 +152,11 @@ _START_FIELDS: dict[str, str] = {
     "uid": "uid",
     "gid": "gid",
 }
+# Positional parameters in order, and whether each may be left out.
+_START_POSITIONALS: tuple[tuple[str, bool], ...] = (
+    ("cell_name", True),
+    ("name", False),
+)
 
 
 @group.command(
@@ -153,8 +164,8 @@ _START_FIELDS: dict[str, str] = {
     help="Run an executable as a shell command line, inside a cell or, when no\ncell is named, at host level.",
     short_help="Run an executable as a shell command line, inside a cell or, when no cell is named, at host level.",
 )
-@click.argument("cell_name", metavar="CELL_NAME", type=str)
-@click.argument("name", metavar="NAME", type=str)
+@click.argument("cell_name", metavar="[CELL_NAME]", type=str, required=False)
+@click.argument("name", metavar="NAME", type=str, required=False)
 @click.option(
     "--command",
     "command",
@@ -187,6 +198,7 @@ def start_command(**params: Any) -> None:
         params,
         _START_FIELDS,
         server_streaming=False,
+        positionals=_START_POSITIONALS,
     )
 
 
@@ -196,6 +208,11 @@ _STOP_FIELDS: dict[str, str] = {
     "executable_name": "executable_name",
     "grace_period_ms": "grace_period_ms",
 }
+# Positional parameters in order, and whether each may be left out.
+_STOP_POSITIONALS: tuple[tuple[str, bool], ...] = (
+    ("cell_name", True),
+    ("executable_name", False),
+)
 
 
 @group.command(
@@ -203,8 +220,8 @@ _STOP_FIELDS: dict[str, str] = {
     help="Stop a running executable: its whole process group is asked to end,\nthen killed once the grace period has passed.",
     short_help="Stop a running executable: its whole process group is asked to end, then killed once the grace period has passed.",
 )
-@click.argument("cell_name", metavar="CELL_NAME", type=str)
-@click.argument("executable_name", metavar="EXECUTABLE_NAME", type=str)
+@click.argument("cell_name", metavar="[CELL_NAME]", type=str, required=False)
+@click.argument("executable_name", metavar="EXECUTABLE_NAME", type=str, required=False)
 @click.option(
     "--grace-period-ms",
     "grace_period_ms",
@@ -219,6 +236,7 @@ def stop_command(**params: Any) -> None:
         params,
         _STOP_FIELDS,
         server_streaming=False,
+        positionals=_STOP_POSITIONALS,
     )
 
 
@@ -247,6 +265,11 @@ _WAIT_FIELDS: dict[str, str] = {
     "cell_name": "cell_name",
     "executable_name": "executable_name",
 }
+# Positional parameters in order, and whether each may be left out.
+_WAIT_POSITIONALS: tuple[tuple[str, bool], ...] = (
+    ("cell_name", True),
+    ("executable_name", False),
+)
 
 
 @group.command(
@@ -254,8 +277,8 @@ _WAIT_FIELDS: dict[str, str] = {
     help="aurae-py addition: block until an executable has exited (or the call's\ndeadline passes) and report how it ended.",
     short_help="aurae-py addition: block until an executable has exited (or the call's deadline passes) and report how it ended.",
 )
-@click.argument("cell_name", metavar="CELL_NAME", type=str)
-@click.argument("executable_name", metavar="EXECUTABLE_NAME", type=str)
+@click.argument("cell_name", metavar="[CELL_NAME]", type=str, required=False)
+@click.argument("executable_name", metavar="EXECUTABLE_NAME", type=str, required=False)
 @rpc_options
 def wait_command(**params: Any) -> None:
     invoke(
@@ -264,4 +287,5 @@ def wait_command(**params: Any) -> None:
         params,
         _WAIT_FIELDS,
         server_streaming=False,
+        positionals=_WAIT_POSITIONALS,
     )

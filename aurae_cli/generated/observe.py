@@ -40,6 +40,8 @@ _GET_SUB_PROCESS_STREAM_FIELDS: dict[str, str] = {
     "process_id": "process_id",
     "max_batch_lines": "max_batch_lines",
 }
+# Positional parameters in order, and whether each may be left out.
+_GET_SUB_PROCESS_STREAM_POSITIONALS: tuple[tuple[str, bool], ...] = (("process_id", False),)
 
 
 @group.command(
@@ -47,7 +49,7 @@ _GET_SUB_PROCESS_STREAM_FIELDS: dict[str, str] = {
     help="Follow the stdout or stderr of a process started through CellService.\nLines written before the call are sent first, then new ones as they come;\nthe stream ends once the process has exited and all its output is sent.",
     short_help="Follow the stdout or stderr of a process started through CellService.",
 )
-@click.argument("process_id", metavar="PROCESS_ID", type=int)
+@click.argument("process_id", metavar="PROCESS_ID", type=int, required=False)
 @click.option(
     "--channel-type",
     "channel_type",
@@ -74,6 +76,7 @@ def get_sub_process_stream_command(**params: Any) -> None:
         params,
         _GET_SUB_PROCESS_STREAM_FIELDS,
         server_streaming=True,
+        positionals=_GET_SUB_PROCESS_STREAM_POSITIONALS,
     )
 
 

@@ -25,6 +25,8 @@ _ALLOCATE_FIELDS: dict[str, str] = {
     "root_drive_read_only": "machine.root_drive.read_only",
     "auraed_address": "machine.auraed_address",
 }
+# Positional parameters in order, and whether each may be left out.
+_ALLOCATE_POSITIONALS: tuple[tuple[str, bool], ...] = (("id", False),)
 
 
 @group.command(
@@ -32,7 +34,7 @@ _ALLOCATE_FIELDS: dict[str, str] = {
     help="Define a virtual machine without booting it.",
     short_help="Define a virtual machine without booting it.",
 )
-@click.argument("id", metavar="ID", type=str)
+@click.argument("id", metavar="ID", type=str, required=False)
 @click.option(
     "--mem-size-mb",
     "mem_size_mb",
@@ -84,6 +86,7 @@ def allocate_command(**params: Any) -> None:
         params,
         _ALLOCATE_FIELDS,
         server_streaming=False,
+        positionals=_ALLOCATE_POSITIONALS,
     )
 
 
@@ -91,6 +94,8 @@ def allocate_command(**params: Any) -> None:
 _FREE_FIELDS: dict[str, str] = {
     "vm_id": "vm_id",
 }
+# Positional parameters in order, and whether each may be left out.
+_FREE_POSITIONALS: tuple[tuple[str, bool], ...] = (("vm_id", False),)
 
 
 @group.command(
@@ -98,7 +103,7 @@ _FREE_FIELDS: dict[str, str] = {
     help="Remove a virtual machine, stopping it first if it runs.",
     short_help="Remove a virtual machine, stopping it first if it runs.",
 )
-@click.argument("vm_id", metavar="VM_ID", type=str)
+@click.argument("vm_id", metavar="VM_ID", type=str, required=False)
 @rpc_options
 def free_command(**params: Any) -> None:
     invoke(
@@ -107,6 +112,7 @@ def free_command(**params: Any) -> None:
         params,
         _FREE_FIELDS,
         server_streaming=False,
+        positionals=_FREE_POSITIONALS,
     )
 
 
@@ -114,6 +120,8 @@ def free_command(**params: Any) -> None:
 _START_FIELDS: dict[str, str] = {
     "vm_id": "vm_id",
 }
+# Positional parameters in order, and whether each may be left out.
+_START_POSITIONALS: tuple[tuple[str, bool], ...] = (("vm_id", False),)
 
 
 @group.command(
@@ -121,7 +129,7 @@ _START_FIELDS: dict[str, str] = {
     help="Boot a defined virtual machine.",
     short_help="Boot a defined virtual machine.",
 )
-@click.argument("vm_id", metavar="VM_ID", type=str)
+@click.argument("vm_id", metavar="VM_ID", type=str, required=False)
 @rpc_options
 def start_command(**params: Any) -> None:
     invoke(
@@ -130,6 +138,7 @@ def start_command(**params: Any) -> None:
         params,
         _START_FIELDS,
         server_streaming=False,
+        positionals=_START_POSITIONALS,
     )
 
 
@@ -137,6 +146,8 @@ def start_command(**params: Any) -> None:
 _STOP_FIELDS: dict[str, str] = {
     "vm_id": "vm_id",
 }
+# Positional parameters in order, and whether each may be left out.
+_STOP_POSITIONALS: tuple[tuple[str, bool], ...] = (("vm_id", False),)
 
 
 @group.command(
@@ -144,7 +155,7 @@ _STOP_FIELDS: dict[str, str] = {
     help="Shut a running virtual machine down.",
     short_help="Shut a running virtual machine down.",
 )
-@click.argument("vm_id", metavar="VM_ID", type=str)
+@click.argument("vm_id", metavar="VM_ID", type=str, required=False)
 @rpc_options
 def stop_command(**params: Any) -> None:
     invoke(
@@ -153,6 +164,7 @@ def stop_command(**params: Any) -> None:
         params,
         _STOP_FIELDS,
         server_streaming=False,
+        positionals=_STOP_POSITIONALS,
     )
 
 

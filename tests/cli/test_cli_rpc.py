@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -233,3 +234,32 @@ def test_the_cli_starts_without_the_repl_or_the_pki_libraries(
     assert not imported & {"ptpython", "prompt_toolkit", "jedi", "cryptography", "yaml"}
     if args == ("--help",):
         assert "grpc" not in imported
+
+
+def test_an_optional_cell_name_may_be_left_out_for_host_level(
+    daemon: DaemonProcess, cli_cell: str
+) -> None:
+    # CELL_NAME is proto3 `optional`: one positional names the executable, at host level.
+    started = daemon.cli("cells", "start", "cli-host", "--command", "sleep 30", "-o", "json")
+    assert started.returncode == 0, started.stderr
+    pid = json.loads(started.stdout)["pid"]
+    try:
+        cgroups = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+        assert any(line.endswith(f":/{daemon.cgroup_root}/_host") for line in cgroups), cgroups
+    finally:
+        stopped = daemon.cli("cells", "stop", "cli-host", "--grace-period-ms", "0", "-o", "json")
+    assert stopped.returncode == 0, stopped.stderr
+    assert json.loads(stopped.stdout)["status"]["signal"] in (9, 15)
+
+    # Two positionals still mean CELL_NAME NAME.
+    inside = daemon.cli("cells", "start", cli_cell, "cli-in", "--command", "exit 4", "-o", "json")
+    assert inside.returncode == 0, inside.stderr
+    waited = daemon.cli("cells", "wait", cli_cell, "cli-in", "-o", "json")
+    assert json.loads(waited.stdout)["status"]["exit_code"] == 4
+
+    # A required positional is still demanded, with click's usage status.
+    missing = daemon.cli("cells", "start", "--command", "true")
+    assert missing.returncode == 2
+    assert "Missing argument 'NAME'" in missing.stderr
+    help_text = daemon.cli("cells", "start", "--help").stdout
+    assert "[OPTIONS] [CELL_NAME] NAME" in help_text
