@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import functools
 import os
 import re
 import signal
@@ -36,7 +37,7 @@ from prompt_toolkit.document import Document
 from ptpython.repl import PythonRepl, ReplExit
 from ptpython.repl import exit as ExitCommand
 
-from aurae_cli.describe import field_type_name
+from aurae_cli.generated.namespace import SERVICE_MODULES
 from aurae_cli.scripts import preloaded_names, show
 from aurae_sdk.messages import compact
 from aurae_sdk.rpc import AsyncServiceClient, AsyncStream, MethodSpec, ServiceClient, Stream
@@ -45,7 +46,7 @@ from aurae_sdk.script import ScriptClients
 AnyDescriptor = Any  # protobuf's C descriptors; see aurae_sdk.messages
 
 PRELOADED_HELP = (
-    "client, aclient (await its calls), cells, discovery, observe, vms, health, "
+    f"client, aclient (await its calls), {', '.join(SERVICE_MODULES)}, "
     "aurae_sdk, logs, show(stream)"
 )
 
@@ -309,6 +310,7 @@ class MessageFieldCompleter(Completer):
         if found is None:
             return
         descriptor, as_keywords = found
+        types = _field_types(descriptor.full_name)
         typed = len(cursor.word)
         for field in descriptor.fields:
             if not field.name.startswith(cursor.word):
@@ -320,8 +322,19 @@ class MessageFieldCompleter(Completer):
             else:
                 text = f'"{field.name}": '
             yield Completion(
-                text, start_position=-typed, display=field.name, display_meta=field_type_name(field)
+                text, start_position=-typed, display=field.name, display_meta=types.get(field.name, "")
             )
+
+
+@functools.cache
+def _field_types(message: str) -> dict[str, str]:
+    """Field name -> type as the proto writes it, from the generated reference."""
+    from aurae_cli.generated.reference import MESSAGES
+
+    for described in MESSAGES:
+        if described.full_name == message:
+            return {field.name: field.type for field in described.fields}
+    return {}
 
 
 def _fields_at(cursor: _Cursor, namespace: dict[str, Any]) -> tuple[AnyDescriptor, bool] | None:

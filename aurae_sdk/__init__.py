@@ -7,8 +7,9 @@
         client.cells.start(cell_name="web", executable={"name": "app", "command": "sleep 60"})
 
 Service modules with their message types: `aurae_sdk.cells`,
-`aurae_sdk.discovery`, `aurae_sdk.observe`, `aurae_sdk.vms`, `aurae_sdk.health`.
-Importing this package is cheap: grpc and the service modules load on first use.
+`aurae_sdk.observe`, ... one per proto package (aurae_sdk.generated.PACKAGES).
+Importing this package is cheap: grpc and the service modules load on first use,
+and `aurae_sdk.wire` (which the daemon imports) loads nothing of the client.
 """
 
 from __future__ import annotations
@@ -16,25 +17,26 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-from aurae_sdk.errors import (
-    AlreadyExists,
-    AuraeError,
-    DeadlineExceeded,
-    FailedPrecondition,
-    Internal,
-    InvalidArgument,
-    NotFound,
-    PermissionDenied,
-    Unauthenticated,
-    Unavailable,
-    Unimplemented,
-)
+# The package table only (pure data): no service module, no grpc.
 from aurae_sdk.generated import PACKAGES
 
 if TYPE_CHECKING:
     from aurae_sdk.client import AsyncClient, Client, connect, connect_async
     from aurae_sdk.config import ClientConfig, ConfigError, load_config
-    from aurae_sdk.generated import cells, discovery, health, observe, vms
+    from aurae_sdk.errors import (
+        AlreadyExists,
+        AuraeError,
+        DeadlineExceeded,
+        FailedPrecondition,
+        Internal,
+        InvalidArgument,
+        NotFound,
+        PermissionDenied,
+        Unauthenticated,
+        Unavailable,
+        Unimplemented,
+    )
+    from aurae_sdk.generated.exports import *  # the service modules, generated
     from aurae_sdk.logs import adaemon_log, afollow, daemon_log, follow
     from aurae_sdk.messages import (
         compact,
@@ -50,6 +52,17 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 _LAZY = {
+    "AlreadyExists": "aurae_sdk.errors",
+    "AuraeError": "aurae_sdk.errors",
+    "DeadlineExceeded": "aurae_sdk.errors",
+    "FailedPrecondition": "aurae_sdk.errors",
+    "Internal": "aurae_sdk.errors",
+    "InvalidArgument": "aurae_sdk.errors",
+    "NotFound": "aurae_sdk.errors",
+    "PermissionDenied": "aurae_sdk.errors",
+    "Unauthenticated": "aurae_sdk.errors",
+    "Unavailable": "aurae_sdk.errors",
+    "Unimplemented": "aurae_sdk.errors",
     "Client": "aurae_sdk.client",
     "AsyncClient": "aurae_sdk.client",
     "connect": "aurae_sdk.client",
@@ -106,21 +119,17 @@ __all__ = [
     "Unimplemented",
     "adaemon_log",
     "afollow",
-    "cells",
     "compact",
     "connect",
     "connect_async",
     "daemon_log",
-    "discovery",
     "follow",
     "from_dict",
     "from_json",
     "from_yaml",
-    "health",
     "load_config",
-    "observe",
     "to_dict",
     "to_json",
     "to_yaml",
-    "vms",
 ]
+__all__ += list(PACKAGES)

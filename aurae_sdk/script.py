@@ -16,7 +16,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from aurae_sdk.generated import cells, discovery, health, observe, vms
+from aurae_sdk.generated import exports
+from aurae_sdk.generated.exports import *  # the service modules, generated
 
 if TYPE_CHECKING:
     from aurae_sdk.client import AsyncClient, Client
@@ -137,10 +138,6 @@ __all__ = [
     "ScriptClients",
     "aclient",
     "bind",
-    "cells",
     "client",
-    "discovery",
-    "health",
-    "observe",
-    "vms",
 ]
+__all__ += exports.__all__

@@ -8,16 +8,18 @@ auraed/kernel.
 from __future__ import annotations
 
 import gc
+import inspect
 import logging
 import os
 import signal
 import socket
 import stat
 import threading
+from collections.abc import Iterable
 from concurrent import futures
 from dataclasses import dataclass
+from importlib import import_module
 from pathlib import Path
-from typing import Protocol
 
 import grpc
 from google.protobuf import descriptor_pool
@@ -28,7 +30,7 @@ from aurae_sdk.wire.targets import TargetError, parse_target
 from auraed import __version__
 from auraed.audit import AuditLog
 from auraed.authz import Policy, PolicyError, load_policy
-from auraed.generated.vms import VmServiceBase
+from auraed.generated.registry import SERVICE_NAMES, SERVICES, ServiceEntry, Servicer
 from auraed.interceptors import AuditTrail, Authorization, FaultTranslation
 from auraed.kernel.cgroups import CgroupError, detect_backend
 from auraed.logs import configure as configure_logging
@@ -57,14 +59,6 @@ SPAWNER_LOST_EXIT = 70
 # collection walk every object the daemon holds: with 1000 cells, Allocate
 # and List slowed by half. Few of our objects form cycles; collect rarely.
 GC_THRESHOLDS = (50_000, 20, 100)
-
-
-class Servicer(Protocol):
-    """What every generated servicer base provides."""
-
-    SERVICE: str
-
-    def register(self, server: grpc.Server) -> None: ...
 
 
 class StartupError(Exception):
@@ -129,10 +123,55 @@ def _prepare_unix_socket(path: str) -> None:
     raise StartupError(f"--socket {path}: another daemon is listening there")
 
 
+def assemble_servicers(
+    given: Iterable[Servicer], table: Iterable[ServiceEntry] = SERVICES
+) -> list[Servicer]:
+    """One servicer per service of the generated table, in its order.
+
+    A service's servicer is the one given for it; else the subclass of its
+    generated base that its module (auraed/services/<package>.py) defines,
+    made with no arguments; else the base itself, which answers UNIMPLEMENTED.
+    """
+    entries = list(table)
+    by_name = {servicer.SERVICE: servicer for servicer in given}
+    unknown = sorted(set(by_name) - {entry.name for entry in entries})
+    if unknown:
+        raise StartupError(f"servicers for services not in the schema: {', '.join(unknown)}")
+    return [by_name.get(entry.name) or _default_servicer(entry) for entry in entries]
+
+
+def _default_servicer(entry: ServiceEntry) -> Servicer:
+    try:
+        module = import_module(entry.module)
+    except ModuleNotFoundError as error:
+        if error.name != entry.module:
+            raise
+        return entry.base()
+    found = [
+        value for value in vars(module).values()
+        if isinstance(value, type) and issubclass(value, entry.base)
+        and value is not entry.base and value.__module__ == module.__name__
+    ]
+    if not found:
+        return entry.base()
+    if len(found) > 1:
+        names = ", ".join(sorted(cls.__name__ for cls in found))
+        raise StartupError(f"{entry.module} defines several servicers of {entry.name}: {names}")
+    (servicer_class,) = found
+    try:
+        inspect.signature(servicer_class).bind()
+    except TypeError:
+        raise StartupError(
+            f"{entry.module}.{servicer_class.__name__} takes constructor arguments: "
+            "hand it to the server in auraed.server.Daemon._servicers"
+        ) from None
+    servicer: Servicer = servicer_class()
+    return servicer
+
+
 def _api_methods() -> frozenset[str]:
     """Every "/package.Service/Method" of the services the daemon serves."""
-    services = [CellService.SERVICE, DiscoveryService.SERVICE, ObserveService.SERVICE,
-                VmServiceBase.SERVICE, HealthService.SERVICE, reflection.SERVICE_NAME]
+    services = [*SERVICE_NAMES, reflection.SERVICE_NAME]
     pool = descriptor_pool.Default()
     return frozenset(f"/{service}/{method.name}" for service in services
                      for method in pool.FindServiceByName(service).methods)
@@ -232,12 +271,8 @@ class Daemon:
         self._workloads.on_spawner_lost = self._spawner_lost
         self._workloads.start()
 
-        cells = CellService(self._workloads)
-        discovery = DiscoveryService(healthy=lambda: not self._shutting_down)
-        observe = ObserveService(self._workloads, self.daemon_log)
-        vms = VmServiceBase()
-        services: list[Servicer] = [cells, discovery, observe, vms]
-        self._health = HealthService([s.SERVICE for s in services])
+        self._health = HealthService(SERVICE_NAMES)
+        services = assemble_servicers(self._servicers(self._workloads, self._health))
 
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.max_workers,
@@ -253,10 +288,10 @@ class Daemon:
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ],
         )
-        for service in [*services, self._health]:
+        for service in services:
             service.register(server)
         reflection.enable_server_reflection(  # type: ignore[no-untyped-call]
-            [*(s.SERVICE for s in services), self._health.SERVICE, reflection.SERVICE_NAME], server
+            [*(s.SERVICE for s in services), reflection.SERVICE_NAME], server
         )
         credentials = grpc.ssl_server_credentials(
             [(key, certificate)], root_certificates=ca, require_client_auth=True
@@ -280,6 +315,16 @@ class Daemon:
         gc.freeze()
         gc.set_threshold(*GC_THRESHOLDS)
         self._health.serving()
+
+    def _servicers(self, workloads: Workloads, health: HealthService) -> list[Servicer]:
+        """The servicers that need the daemon's parts: one line each, and the only place a
+        service is named by hand. Every other service gets its default (assemble_servicers)."""
+        return [
+            CellService(workloads),
+            DiscoveryService(healthy=lambda: not self._shutting_down),
+            ObserveService(workloads, self.daemon_log),
+            health,
+        ]
 
     def shutdown(self) -> None:
         """Health NOT_SERVING, stop taking RPCs, stop every workload, remove our cgroups."""

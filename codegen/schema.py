@@ -137,6 +137,19 @@ class Field:
     python_name: str
     annotation: str  # what the SDK accepts for this field as a keyword argument
     python_type: str  # the scalar Python type ("str", "int", ...) or the type's qualname
+    # The type as a .proto file writes it: "string", "aurae.cells.v0.Cell", "map<string, string>".
+    proto_text: str
+
+    @property
+    def label(self) -> str:
+        """The field's label as a .proto file writes it: "", "optional", "repeated", "oneof NAME"."""
+        if self.is_map:
+            return ""
+        if self.repeated:
+            return "repeated"
+        if self.oneof:
+            return f"oneof {self.oneof}"
+        return "optional" if self.explicit_optional else ""
 
     @property
     def is_message(self) -> bool:
@@ -297,6 +310,11 @@ class Package:
             (module.rpartition(".")[0], module.rpartition(".")[2], module_alias(module))
             for module in sorted(modules)
         )
+
+    @property
+    def described_messages(self) -> tuple[Message, ...]:
+        """The messages `describe` knows: all but map entries, nested ones included."""
+        return tuple(m for m in self.messages if not m.is_map_entry)
 
     @property
     def exported_names(self) -> tuple[str, ...]:
@@ -577,9 +595,18 @@ def _field(
         python = _SCALAR_PYTHON_TYPES[field_type]
         return python, python
 
+    def proto_text_of(field_type: int, element_type: str) -> str:
+        if field_type in (FieldDescriptor.TYPE_MESSAGE, FieldDescriptor.TYPE_ENUM):
+            return element_type
+        return _PROTO_TYPE_NAMES[field_type]
+
     if map_entry:
         entry = raw_messages[map_entry][0]
         key, value = entry.field[0], entry.field[1]
+        proto_text = (
+            f"map<{proto_text_of(key.type, key.type_name.lstrip('.'))}, "
+            f"{proto_text_of(value.type, value.type_name.lstrip('.'))}>"
+        )
         key_ann, _ = element_annotation(key.type, key.type_name.lstrip("."))
         value_ann, _ = element_annotation(value.type, value.type_name.lstrip("."))
         annotation = f"Mapping[{key_ann}, {value_ann}]"
@@ -587,6 +614,7 @@ def _field(
     else:
         element, python_type = element_annotation(f.type, type_name)
         annotation = f"Sequence[{element}]" if repeated else element
+        proto_text = proto_text_of(f.type, type_name)
 
     real_oneof = ""
     if f.HasField("oneof_index") and not f.proto3_optional:
@@ -607,6 +635,7 @@ def _field(
         python_name=python_identifier(f.name),
         annotation=annotation,
         python_type=python_type,
+        proto_text=proto_text,
     )
 
 
