@@ -559,3 +559,36 @@ def test_cli_module_does_not_import_cryptography() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == "False"
+
+
+def test_a_child_identity_extends_its_parents_spiffe_id() -> None:
+    ca = wire_pki.CertificateAuthority.create()
+    child = ca.issue_child("spiffe://unsafe.aurae.io/auraed/node-1", "vm-7")
+    certificate = child.certificate
+    certificate.verify_directly_issued_by(ca.certificate)
+    sans = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.UniformResourceIdentifier) == [
+        "spiffe://unsafe.aurae.io/auraed/node-1/vm-7"
+    ]
+    assert sans.get_values_for_type(x509.DNSName) == []
+    usages = certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert set(usages) == {ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH}
+    lifetime = certificate.not_valid_after_utc - certificate.not_valid_before_utc
+    assert lifetime <= wire_pki.CHILD_VALIDITY + wire_pki.CLOCK_SKEW_ALLOWANCE
+    # The key pair belongs together: the key signs what the certificate verifies.
+    assert child.private_key.public_key() == certificate.public_key()
+
+
+@pytest.mark.parametrize(("parent", "name", "complaint"), [
+    ("spiffe://unsafe.aurae.io", "vm-1", "names a trust domain"),
+    ("spiffe://unsafe.aurae.io/auraed", "a/b", "not a SPIFFE path segment"),
+    ("spiffe://unsafe.aurae.io/auraed", "..", "not a SPIFFE path segment"),
+    ("https://unsafe.aurae.io/auraed", "vm-1", "is not a SPIFFE ID"),
+    ("spiffe://unsafe.aurae.io/" + "a" * 2040, "vm-1", "at most 2048 bytes"),
+])
+def test_a_child_identity_refuses_what_is_no_spiffe_id(
+    parent: str, name: str, complaint: str
+) -> None:
+    ca = wire_pki.CertificateAuthority.create()
+    with pytest.raises(wire_pki.PkiError, match=complaint):
+        ca.issue_child(parent, name)

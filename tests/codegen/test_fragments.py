@@ -4,6 +4,7 @@ the SDK client calls a server built on the generated daemon base."""
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import sys
@@ -260,5 +261,107 @@ def test_unimplemented_by_default(scratch: Path) -> None:
         client = client_for(gen, channel, "TickService")
         with pytest.raises(Unimplemented, match="TickService.Ticks is not implemented"):
             list(client.ticks(count=1))  # type: ignore[attr-defined]
+    finally:
+        server.stop(None)
+
+
+GADGET_SERVICER = '''
+from frag_gadgets.daemon.gadgets import GadgetServiceBase
+from frag_gadgets.wire.pb.gadgets import gadgets_pb2 as pb
+
+
+class GadgetService(GadgetServiceBase):
+    def make(self, request, context):
+        return pb.GadgetServiceMakeResponse(
+            serial=100 * len(request.name) + request.HasField("shelf_name")
+        )
+
+    def count(self, request, context):
+        for number in range(1, request.count + 1):
+            yield pb.GadgetServiceCountResponse(number=number)
+'''
+
+
+def test_a_new_service_is_a_proto_plus_a_servicer(scratch: Path) -> None:
+    """Everything a service needs comes from its proto, and the daemon finds
+    its servicer by convention: nothing else is edited by hand."""
+    import asyncio
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from aurae_sdk.rpc import Transport
+    from auraed.server import assemble_servicers
+    from auraed.services.health import HealthService
+
+    gen = fragment(scratch, "gadgets/gadgets.proto")
+    # The one hand-written part: the servicer, where the registry looks for it.
+    (scratch / "frag_gadgets" / "services").mkdir()
+    (scratch / "frag_gadgets" / "services" / "__init__.py").write_text("")
+    (scratch / "frag_gadgets" / "services" / "gadgets.py").write_text(GADGET_SERVICER)
+
+    # SDK: a sync and an async client, attached to the clients by name.
+    assert {"GadgetService", "AsyncGadgetService"} <= set(vars(gen.sdk))
+    sdk_services = importlib.import_module("frag_gadgets.sdk.services")
+    assert sdk_services.SERVICES["gadgets"][1:] == (
+        "GadgetService", "AsyncGadgetService", "aurae.gadgets.v0.GadgetService"
+    )
+    assert isinstance(vars(sdk_services.SyncServices)["gadgets"], functools.cached_property)
+    assert isinstance(vars(sdk_services.AsyncServices)["gadgets"], functools.cached_property)
+    exports = importlib.import_module("frag_gadgets.sdk.exports")
+    assert exports.__all__ == ["gadgets"] and exports.gadgets is gen.sdk
+
+    # CLI group, REPL name, reference for describe, docs section.
+    cli_groups = importlib.import_module("frag_gadgets.cli").GROUPS
+    assert cli_groups["gadgets"] == ("frag_gadgets.cli.gadgets", "GadgetService makes gadgets.")
+    assert list(gen.cli.group.commands) == ["make", "count"]
+    make_usage = [p.make_metavar(None) for p in gen.cli.group.commands["make"].params[:2]]
+    assert make_usage == ["NAME", "[SHELF_NAME]"]
+    namespace = importlib.import_module("frag_gadgets.cli.namespace")
+    assert namespace.SERVICE_MODULES == {"gadgets": "frag_gadgets.sdk.gadgets"}
+    reference = importlib.import_module("frag_gadgets.cli.reference")
+    (described,) = reference.SERVICES
+    assert [m.summary for m in described.methods] == [
+        "Make a gadget with the given name.", "Count up to `count`, one message each."
+    ]
+    assert [m.cli for m in described.methods] == ["aurae-py gadgets make", "aurae-py gadgets count"]
+    docs = (scratch / "frag_gadgets" / "stdlib.md").read_text()
+    assert "## aurae.gadgets.v0" in docs and "### GadgetService" in docs
+    assert "`aurae-py gadgets make NAME [SHELF_NAME]`" in docs
+
+    # Daemon: a base, and a registry entry pointing at the servicer's module.
+    registry = importlib.import_module("frag_gadgets.daemon.registry")
+    (entry,) = registry.SERVICES
+    assert (entry.name, entry.base, entry.module) == (
+        "aurae.gadgets.v0.GadgetService", gen.daemon.GadgetServiceBase,
+        "frag_gadgets.services.gadgets",
+    )
+    assert registry.SERVICE_NAMES == ("aurae.gadgets.v0.GadgetService",)
+
+    # The server's own wiring finds the servicer and serves it, with health.
+    (servicer,) = assemble_servicers([], registry.SERVICES)
+    assert type(servicer).__module__ == "frag_gadgets.services.gadgets"
+    health = HealthService(registry.SERVICE_NAMES)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    for registered in (servicer, health):
+        registered.register(server)
+    target = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    server.start()
+    channel = grpc.insecure_channel(target)
+    health.serving()
+    try:
+        status = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service="aurae.gadgets.v0.GadgetService")
+        )
+        assert status.status == health_pb2.HealthCheckResponse.SERVING
+        client = client_for(gen, channel, "GadgetService")
+        assert client.make(name="cog").serial == 300  # type: ignore[attr-defined]
+        assert client.make(name="cog", shelf_name="top").serial == 301  # type: ignore[attr-defined]
+
+        async def count_async() -> list[int]:
+            async with grpc.aio.insecure_channel(target) as aio_channel:
+                aclient = gen.sdk.AsyncGadgetService(Transport(aio_channel))
+                return [r.number async for r in aclient.count(count=3)]
+
+        assert asyncio.run(count_async()) == [1, 2, 3]
     finally:
         server.stop(None)

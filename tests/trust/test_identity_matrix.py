@@ -68,6 +68,9 @@ CERTIFICATES: dict[str, Certificate] = {
     "foreign-trust-domain": lambda d: issue(d, "admin", ["spiffe://evil.example/admin"]),
     "admin": lambda d: issue(d, "admin"),
     "ci": lambda d: issue(d, "build", ["spiffe://unsafe.aurae.io/ci/build"]),
+    # Minted the way the daemon will mint a guest's identity: a child of ci.
+    "child-of-ci": lambda d: CertificateAuthority.load(d.pki.directory).issue_child(
+        "spiffe://unsafe.aurae.io/ci", "build"),
 }
 
 
@@ -103,6 +106,9 @@ MATRIX = [
     ("ci", "discover", "OK", "OK"),
     ("ci", "cells.list", "OK", "OK"),
     ("ci", "health", "OK", "OK"),
+    ("child-of-ci", "discover", "OK", "OK"),
+    ("child-of-ci", "vms.list", "PERMISSION_DENIED", "UNIMPLEMENTED"),
+    ("child-of-ci", "cells.allocate", "PERMISSION_DENIED", "INVALID_ARGUMENT"),
     ("admin", "cells.allocate", "INVALID_ARGUMENT", "INVALID_ARGUMENT"),
     ("admin", "vms.list", "UNIMPLEMENTED", "UNIMPLEMENTED"),
     ("admin", "discover", "OK", "OK"),
