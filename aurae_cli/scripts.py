@@ -5,7 +5,7 @@ the REPL) starts with these names:
 
     client      a sync aurae_sdk.Client, opened on first use
     aclient     an aurae_sdk.AsyncClient, opened on first use inside the event loop
-    cells, discovery, observe, vms, health
+    cells, discovery, observe, vms, health, ...
                 the service modules, with their messages and enums
     aurae_sdk   the SDK; `logs` its log-stream helpers (logs.follow, ...)
     show        print a stream live until it ends or Ctrl-C
