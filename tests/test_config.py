@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
+from socket import if_nametoindex
 from typing import Self
 
 import grpc
@@ -349,21 +350,25 @@ def test_bad_sockets_are_rejected_clearly(socket: str, message: str) -> None:
 # --- every form, connected for real -------------------------------------------------------------
 
 
-def link_local_address() -> tuple[str, str, int] | None:
-    """(address, interface, index) of a link-local IPv6 address on a real interface, if any."""
+@pytest.fixture(scope="module")
+def link_local() -> Iterator[tuple[str, str, int]]:
+    """(address, interface, index): fe80::1 on a TAP device of this test's own, removed after.
+
+    Borrowing a host interface's address made the test depend on the machine (and once on
+    another run's TAP device vanishing mid-test); a device of our own is always there.
+    """
+    if os.geteuid() != 0:
+        pytest.skip("making a TAP device needs root")
+    interface = f"aucfg{os.getpid() % 1_000_000}"
+    subprocess.run(["ip", "tuntap", "add", "dev", interface, "mode", "tap"], check=True)
     try:
-        lines = Path("/proc/net/if_inet6").read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        hex_address, index, _prefix, scope, _flags, interface = line.split()
-        if scope == "20" and interface != "lo":
-            address = ipaddress.IPv6Address(int(hex_address, 16)).compressed
-            return address, interface, int(index, 16)
-    return None
-
-
-LINK_LOCAL = link_local_address()
+        subprocess.run(
+            ["ip", "addr", "add", "fe80::1/64", "dev", interface, "nodad"], check=True
+        )
+        subprocess.run(["ip", "link", "set", interface, "up"], check=True)
+        yield "fe80::1", interface, if_nametoindex(interface)
+    finally:
+        subprocess.run(["ip", "link", "del", interface], check=False)
 
 
 class EchoServer:
@@ -413,23 +418,16 @@ TCP_FORMS = [
     pytest.param("[::1]:0", "[::1]:{port}", id="ipv6"),
     pytest.param("localhost:0", "localhost:{port}", id="hostname"),
 ]
-if LINK_LOCAL is not None:
-    ADDRESS, INTERFACE, INDEX = LINK_LOCAL
-    TCP_FORMS += [
-        pytest.param(
-            f"[{ADDRESS}%{INTERFACE}]:0",
-            f"[{ADDRESS}%{INTERFACE}]:{{port}}",
-            id=f"link-local-%{INTERFACE}",
-        ),
-        pytest.param(
-            f"[{ADDRESS}%{INTERFACE}]:0", f"[{ADDRESS}%{INDEX}]:{{port}}", id=f"link-local-%{INDEX}"
-        ),
-        pytest.param(
-            f"[{ADDRESS}%{INTERFACE}]:0",
-            f"[{ADDRESS}]:{{port}}%{INDEX}",
-            id="link-local-upstream-spelling",
-        ),
-    ]
+# {address}, {interface} and {index} come from the link_local fixture.
+LINK_LOCAL_FORMS = [
+    pytest.param(
+        "[{address}%{interface}]:0", "[{address}%{interface}]:{port}", id="link-local-%name"
+    ),
+    pytest.param("[{address}%{interface}]:0", "[{address}%{index}]:{port}", id="link-local-%index"),
+    pytest.param(
+        "[{address}%{interface}]:0", "[{address}]:{port}%{index}", id="link-local-upstream-spelling"
+    ),
+]
 
 
 @pytest.mark.parametrize(("listen", "socket"), TCP_FORMS)
@@ -438,10 +436,20 @@ def test_tcp_forms_connect(pki_paths: pki.PkiPaths, listen: str, socket: str) ->
         assert ping_through_config(pki_paths, socket.format(port=server.port)) == b"ping"
 
 
-@pytest.mark.skipif(LINK_LOCAL is None, reason="no link-local IPv6 address on this machine")
-def test_link_local_without_its_zone_does_not_connect(pki_paths: pki.PkiPaths) -> None:
-    assert LINK_LOCAL is not None
-    address, interface, _ = LINK_LOCAL
+@pytest.mark.parametrize(("listen", "socket"), LINK_LOCAL_FORMS)
+def test_link_local_forms_connect(
+    pki_paths: pki.PkiPaths, link_local: tuple[str, str, int], listen: str, socket: str
+) -> None:
+    address, interface, index = link_local
+    with EchoServer(pki_paths, listen.format(address=address, interface=interface)) as server:
+        target = socket.format(address=address, interface=interface, index=index, port=server.port)
+        assert ping_through_config(pki_paths, target) == b"ping"
+
+
+def test_link_local_without_its_zone_does_not_connect(
+    pki_paths: pki.PkiPaths, link_local: tuple[str, str, int]
+) -> None:
+    address, interface, _ = link_local
     with (
         EchoServer(pki_paths, f"[{address}%{interface}]:0") as server,
         pytest.raises(grpc.RpcError) as failure,
