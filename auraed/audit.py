@@ -15,7 +15,8 @@ One line (keys in this order; `target` holds only what the request named):
    "target": {"cell": "web", "executable": "api"},
    "decision": "allow", "code": "OK", "duration_ms": 3.1}
 
-Denied calls add "reason". No gRPC imports.
+Denied calls add "reason", and a certificate refused for its identity adds
+"uris": its URI SANs exactly as parsed. No gRPC imports.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ class AuditEntry:
     duration_ms: float
     target: Mapping[str, str] = field(default_factory=dict)
     reason: str | None = None
+    # A refused certificate's URI SANs exactly as parsed; None for calls with an identity.
+    uris: tuple[str, ...] | None = None
     time: float = field(default_factory=time.time)
 
     def to_json(self) -> str:
@@ -63,8 +66,11 @@ class AuditEntry:
         }
         if self.reason is not None:
             record["reason"] = self.reason
-        # ensure_ascii: control characters and NULs in hostile names stay escaped on one line.
-        return json.dumps(record, ensure_ascii=True)
+        if self.uris is not None:
+            record["uris"] = list(self.uris)
+        # ensure_ascii: control characters, NULs and non-ASCII in hostile names stay escaped on
+        # one line; DEL too, which json leaves as it is.
+        return json.dumps(record, ensure_ascii=True).replace("\x7f", "\\u007f")
 
 
 class AuditLog:

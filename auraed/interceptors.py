@@ -1,9 +1,10 @@
 """Server interceptors: what every RPC passes through, outermost first.
 
-`Authorization` (only with a policy) names the caller by the SPIFFE ID in its
-client certificate and asks the policy whether it may call the method; a
-caller without a usable identity gets UNAUTHENTICATED, a refused one
-PERMISSION_DENIED, and both refusals go to the audit log.
+`Authorization` names the caller by the SPIFFE ID in its client certificate
+and asks the policy whether it may call the method; a caller without a usable
+identity gets UNAUTHENTICATED, a refused one PERMISSION_DENIED, and both
+refusals go to the audit log. Without a policy it refuses only certificates
+whose URI SAN is misleading (auraed.identity).
 
 `AuditTrail` times every mutating call (Allocate, Free, Start, Stop of cells
 and virtual machines) and records who did it to what, and how it ended.
@@ -39,7 +40,7 @@ from grpc_status import rpc_status
 from auraed.audit import AuditEntry, AuditLog
 from auraed.authz import Policy
 from auraed.errors import RuntimeFault
-from auraed.identity import peer_identity_of
+from auraed.identity import PeerIdentity, peer_identity_of
 
 log = logging.getLogger("auraed.rpc")
 
@@ -131,7 +132,7 @@ class HandlerWrapper(grpc.ServerInterceptor):
 
 
 class Authorization(HandlerWrapper):
-    def __init__(self, policy: Policy, audit: AuditLog) -> None:
+    def __init__(self, policy: Policy | None, audit: AuditLog) -> None:
         super().__init__()
         self._policy = policy
         self._audit = audit
@@ -148,21 +149,26 @@ class Authorization(HandlerWrapper):
 
     def _authorize(self, method: str, request: object, context: grpc.ServicerContext) -> None:
         identity = peer_identity_of(context)
-        if identity.spiffe_id is None:
+        if identity.spiffe_id is None and (self._policy is not None or identity.misleading):
             assert identity.problem is not None
-            self._refuse(context, str(identity), method, request,
+            self._refuse(context, identity, method, request,
                          grpc.StatusCode.UNAUTHENTICATED, identity.problem)
+            return
+        if self._policy is None or identity.spiffe_id is None:
             return
         decision = self._policy.decide(identity.spiffe_id, method)
         if not decision.allowed:
-            self._refuse(context, str(identity), method, request,
+            self._refuse(context, identity, method, request,
                          grpc.StatusCode.PERMISSION_DENIED, decision.reason)
 
-    def _refuse(self, context: grpc.ServicerContext, peer: str, method: str, request: object,
-                code: grpc.StatusCode, reason: str) -> None:
+    def _refuse(self, context: grpc.ServicerContext, identity: PeerIdentity, method: str,
+                request: object, code: grpc.StatusCode, reason: str) -> None:
+        peer = str(identity)
         self._audit.record(AuditEntry(
             peer=peer, method=method, decision="deny", code=code.name, duration_ms=0.0,
             target=audit_target(method, request), reason=reason,
+            # What the certificate claimed, byte for byte, when that is why it is refused.
+            uris=identity.uris if identity.spiffe_id is None else None,
         ))
         log.info("call refused", extra={"peer": peer, "method": method, "code": code.name})
         context.abort(code, reason)

@@ -279,7 +279,7 @@ class Daemon:
                                        thread_name_prefix="rpc"),
             # Outermost first: who may call, then the audit of what they did, then statuses.
             interceptors=[
-                *([Authorization(policy, self._audit)] if policy is not None else []),
+                Authorization(policy, self._audit),
                 AuditTrail(self._audit),
                 FaultTranslation(),
             ],

@@ -3,12 +3,17 @@ and the errors a bad file gets; and that auraed refuses to start on one."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtensionOID, NameOID
 
 from aurae_cli.pki import init_pki
 from auraed.authz import (
@@ -180,6 +185,33 @@ def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
     assert load_policy(deny_all, METHODS) == Policy(deny=(), allow=())
 
 
+def self_signed_pem(san: bytes | None, common_name: str = "admin.unsafe.aurae.io") -> bytes:
+    """A certificate whose subjectAltName is exactly the DER `san` (None: no SAN)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = dt.datetime.now(dt.UTC)
+    builder = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now).not_valid_after(now + dt.timedelta(days=1)))
+    if san is not None:
+        builder = builder.add_extension(
+            x509.UnrecognizedExtension(ExtensionOID.SUBJECT_ALTERNATIVE_NAME, san),
+            critical=False)
+    return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+
+def _der(tag: int, content: bytes) -> bytes:
+    length = len(content)
+    if length < 0x80:
+        return bytes([tag, length]) + content
+    encoded = length.to_bytes((length.bit_length() + 7) // 8, "big")
+    return bytes([tag, 0x80 | len(encoded)]) + encoded + content
+
+
+def uri_sans(*uris: bytes) -> bytes:
+    return _der(0x30, b"".join(_der(0x86, uri) for uri in uris))
+
+
 @pytest.mark.parametrize(("uris", "spiffe_id", "problem"), [
     ([b"spiffe://td/admin"], "spiffe://td/admin", None),
     ([], None, "no URI SAN"),
@@ -187,12 +219,14 @@ def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
     ([b"https://td/a"], None, "not a SPIFFE ID"),
     ([b"spiffe://td"], None, "names a trust domain"),
     ([b"spiffe://td/a/../b"], None, "'..'"),
-    ([b"spiffe://td/\xff"], None, "not a SPIFFE ID"),
+    ([b"spiffe://td/admin\x00junk"], None, "NUL"),
+    ([b"spiffe://td/\xff"], None, "do not parse"),
     ([b"spiffe://td/" + b"a" * 3000], None, "at most 2048 bytes"),
 ])
-def test_peer_identity_from_the_auth_context(uris: list[bytes], spiffe_id: str | None,
+def test_peer_identity_from_the_certificate(uris: list[bytes], spiffe_id: str | None,
                                             problem: str | None) -> None:
-    identity = peer_identity({"peer_uri": uris, "x509_common_name": [b"admin.unsafe.aurae.io"]})
+    pem = self_signed_pem(uri_sans(*uris))
+    identity = peer_identity({"x509_pem_cert": [pem], "peer_uri": [b"spiffe://td/admin"]})
     assert (str(identity.spiffe_id) if identity.spiffe_id else None) == spiffe_id
     if problem is None:
         assert identity.problem is None and str(identity) == spiffe_id
@@ -200,6 +234,11 @@ def test_peer_identity_from_the_auth_context(uris: list[bytes], spiffe_id: str |
         assert identity.problem is not None and problem in identity.problem
         assert str(identity) == "CN=admin.unsafe.aurae.io"
     assert str(PeerIdentity(None, None, "x")) == "unidentified"
+
+
+def test_no_certificate_in_the_auth_context_is_no_identity() -> None:
+    identity = peer_identity({"peer_uri": [b"spiffe://td/admin"]})
+    assert identity.spiffe_id is None and str(identity) == "unidentified"
 
 
 def test_auraed_refuses_to_start_on_a_bad_policy(tmp_path: Path) -> None:
@@ -222,25 +261,21 @@ def test_auraed_refuses_to_start_on_a_bad_policy(tmp_path: Path) -> None:
     assert not Path("/sys/fs/cgroup/cpu/aurae-test-never").exists()
 
 
-class FakeContext:
-    """What identity reads of a ServicerContext: grpcio's view of one certificate."""
+class CertificateContext:
+    """What identity reads of a ServicerContext: the auth context of one certificate."""
 
-    def __init__(self, uris: list[bytes], dns_names: list[bytes], common_name: bytes) -> None:
-        self.uris, self.dns_names, self.common_name = uris, dns_names, common_name
-
-    def peer_identities(self) -> list[bytes]:
-        # Every SAN, without its type: not enough to tell a URI from a DNS name.
-        return [*self.dns_names, *self.uris]
+    def __init__(self, pem: bytes) -> None:
+        self.pem = pem
 
     def auth_context(self) -> dict[str, list[bytes]]:
-        return {"peer_uri": self.uris, "peer_dns": self.dns_names,
-                "x509_subject_alternative_name": self.peer_identities(),
-                "x509_common_name": [self.common_name]}
+        return {"x509_pem_cert": [self.pem]}
 
 
 def test_a_dns_name_spelled_like_a_spiffe_id_is_no_identity() -> None:
-    admin = FakeContext([b"spiffe://td/admin"], [], b"admin")
-    impostor = FakeContext([], [b"spiffe://td/admin"], b"impostor")
+    admin = CertificateContext(self_signed_pem(uri_sans(b"spiffe://td/admin"), "admin"))
+    # [2] dNSName, spelled like the admin's ID.
+    impostor = CertificateContext(
+        self_signed_pem(_der(0x30, _der(0x82, b"spiffe://td/admin")), "impostor"))
     assert str(peer_identity_of(admin)) == "spiffe://td/admin"
     identity = peer_identity_of(impostor)
     assert identity.spiffe_id is None and str(identity) == "CN=impostor"
