@@ -1,5 +1,6 @@
 """Output capture on real pipes and files: nothing lost, nothing blocked, followers end when told."""
 
+import itertools
 import logging
 import os
 import subprocess
@@ -18,6 +19,7 @@ from auraed.output import (
     LogRingHandler,
     OutputLog,
     OutputPump,
+    follow_all,
     output_pipe,
 )
 
@@ -312,3 +314,35 @@ def test_log_ring_handler_takes_the_daemons_log_records() -> None:
     ((timestamp, line),) = list(ring.follow(threading.Event(), replay=10))
     assert line == "WARNING cell alpha started"
     assert abs(timestamp - time.time()) < 5
+
+
+def test_several_logs_take_turns_in_bounded_batches_and_each_keeps_its_order(
+    log_dir: Path, never: threading.Event
+) -> None:
+    out, err = OutputLog(log_dir, "stdout"), OutputLog(log_dir, "stderr")
+    out.append([b"o%d" % n for n in range(1000)], 1.0)
+    err.append([b"e%d" % n for n in range(250)], 1.0)
+    follower = follow_all([out, err], never, max_lines=100)
+    first = [index for index, _ in itertools.islice(follower, 4)]
+    assert first == [0, 1, 0, 1]  # turns, not one log drained before the other
+    out.finish()
+    err.finish()
+    batches = list(follower)
+    assert all(len(lines) <= 100 for _, lines in batches)
+    got = {0: [], 1: []}  # type: dict[int, list[bytes]]
+    for index, lines in batches:
+        got[index].extend(line for _, line in lines)
+    assert got[0][-1] == b"o999" and got[1][-1] == b"e249"
+
+
+def test_a_stalled_follower_holds_one_read_not_the_log(log_dir: Path,
+                                                       never: threading.Event) -> None:
+    """Lines written while a follower stalls stay in the file until it asks for them."""
+    log = OutputLog(log_dir, "stdout")
+    log.append([b"x" * 1000] * 20_000, 1.0)  # 20 MB on disk
+    follower = log.follow_batches(never, max_lines=10_000)
+    batch = next(follower)
+    # One read of the file: at most one record's worth of bytes, whatever max_lines allows.
+    assert 0 < sum(len(line) for _, line in batch) <= MAX_LINE_BYTES
+    log.finish()
+    assert len(batch) + sum(len(b) for b in follower) == 20_000

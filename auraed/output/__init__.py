@@ -4,7 +4,7 @@ OutputPump reads every executable's pipes on one thread into OutputLogs; readers
 LogRing keeps the daemon's own log lines in memory for followers.
 """
 
-from auraed.output.log import MAX_LINE_BYTES, Cancelled, Line, OutputLog
+from auraed.output.log import MAX_LINE_BYTES, Cancelled, Line, OutputLog, follow_all
 from auraed.output.pump import LineAssembler, OutputPump, output_pipe
 from auraed.output.ring import LogEntry, LogRing, LogRingHandler
 
@@ -18,5 +18,6 @@ __all__ = [
     "LogRingHandler",
     "OutputLog",
     "OutputPump",
+    "follow_all",
     "output_pipe",
 ]

@@ -3,6 +3,11 @@
 Each record is one line: `<unix seconds, 6 decimals> <line bytes>\\n`. The writer appends and then
 publishes how far its segment is complete; readers read the files on their own and never read
 past that mark, so the writer never waits for a reader and a reader never sees half a record.
+
+A reader holds no more than it hands on: it takes one bounded read of a file at a time, and only
+when its consumer asks for the next batch. A follower that stops consuming (a client that stalls)
+therefore costs one batch of memory, whatever the workload writes meanwhile; the rest stays in the
+files. Several logs are followed on the caller's thread (follow_all), woken by their writers.
 """
 
 import itertools
@@ -21,8 +26,9 @@ MAX_LINE_BYTES = 64 * 1024
 
 # How often a waiting reader looks at its cancellation.
 _POLL_SECONDS = 0.2
-# Bytes a reader takes from a file at once; more than any record.
-_READ_BYTES = 4 * MAX_LINE_BYTES
+# Bytes a reader takes from a file at once: one record at most (a line, its timestamp and its
+# newline) and no more, as this is what a stalled follower holds.
+_READ_BYTES = MAX_LINE_BYTES + 64
 
 
 def as_predicate(cancelled: Cancelled) -> Callable[[], bool]:
@@ -69,6 +75,8 @@ class OutputLog:
         self._last = 1
         self._committed = 0
         self._complete = False
+        # Followers of several logs at once, set whenever this one changes.
+        self._watchers: set[threading.Event] = set()
         # The first segment is created by the first append: most short-lived executables write
         # nothing, and starting one should not cost two file creations.
         self._fd: int | None = None
@@ -103,7 +111,7 @@ class OutputLog:
         _write_all(self._fd, records)
         with self._changed:
             self._committed += len(records)
-            self._changed.notify_all()
+            self._notify()
         if self._committed >= self._segment_bytes:
             self._rotate()
 
@@ -117,7 +125,7 @@ class OutputLog:
             self._committed = 0
             expired = range(self._first, self._last - self._max_segments + 1)
             self._first += len(expired)
-            self._changed.notify_all()
+            self._notify()
         # A reader that has one of these open reads it to the end regardless.
         for number in expired:
             self.segment_path(number).unlink()
@@ -128,10 +136,25 @@ class OutputLog:
             if self._complete:
                 return
             self._complete = True
-            self._changed.notify_all()
+            self._notify()
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+    def _notify(self) -> None:
+        # Holding _changed.
+        self._changed.notify_all()
+        for watcher in self._watchers:
+            watcher.set()
+
+    def watch(self, watcher: threading.Event) -> None:
+        """Set watcher whenever a line is appended or the log rotates or finishes."""
+        with self._changed:
+            self._watchers.add(watcher)
+
+    def unwatch(self, watcher: threading.Event) -> None:
+        with self._changed:
+            self._watchers.discard(watcher)
 
     def remove(self) -> None:
         """Delete the segment files (the log must be finished)."""
@@ -150,24 +173,50 @@ class OutputLog:
     def follow_batches(self, cancelled: Cancelled, max_lines: int = 1024) -> Iterator[list[Line]]:
         """Like follow(), in lists of up to max_lines lines: for output too fast to pass one line
         at a time."""
-        # The reader takes its place now, not at the first next().
-        return self._batches(_SegmentReader(self), as_predicate(cancelled), max_lines)
+        return (lines for _, lines in follow_all([self], cancelled, max_lines))
 
-    @staticmethod
-    def _batches(
-        reader: "_SegmentReader", is_cancelled: Callable[[], bool], max_lines: int
-    ) -> Iterator[list[Line]]:
-        try:
-            while not is_cancelled():
-                lines = reader.read()
+
+def follow_all(
+    logs: Sequence[OutputLog], cancelled: Cancelled, max_lines: int = 1024
+) -> Iterator[tuple[int, list[Line]]]:
+    """(index of the log, lines) from several logs as their lines arrive, until all have ended
+    and are read, or until cancelled (noticed within about 0.2 s while waiting).
+
+    Each log's order is kept; the logs take turns, a batch each, so a chatty one cannot hide the
+    others. Nothing is read ahead of the consumer: one thread, no queue.
+    """
+    if max_lines < 1:
+        raise ValueError("max_lines must be positive")
+    # The readers take their places now, not at the first next().
+    readers = [_SegmentReader(log) for log in logs]
+    return _follow_all(readers, as_predicate(cancelled), max_lines)
+
+
+def _follow_all(
+    readers: list["_SegmentReader"], is_cancelled: Callable[[], bool], max_lines: int
+) -> Iterator[tuple[int, list[Line]]]:
+    woken = threading.Event()
+    for reader in readers:
+        reader.log.watch(woken)
+    live = list(enumerate(readers))
+    try:
+        while live and not is_cancelled():
+            # Cleared before looking, so a line written after our look still wakes us.
+            woken.clear()
+            progressed = False
+            for entry in list(live):
+                index, reader = entry
+                lines = reader.read(max_lines)
                 if lines:
-                    for start in range(0, len(lines), max_lines):
-                        yield lines[start : start + max_lines]
+                    progressed = True
+                    yield index, lines
                 elif reader.at_end():
-                    return
-                else:
-                    reader.wait_for_more(_POLL_SECONDS)
-        finally:
+                    live.remove(entry)
+            if live and not progressed:
+                woken.wait(_POLL_SECONDS)
+    finally:
+        for reader in readers:
+            reader.log.unwatch(woken)
             reader.close()
 
 
@@ -176,14 +225,15 @@ class _SegmentReader:
     was rotated away before it got there goes on from the oldest one retained."""
 
     def __init__(self, log: OutputLog) -> None:
-        self._log = log
+        self.log = self._log = log
         with log._changed:
             self._number = log._first
         self._fd: int | None = None
         self._offset = 0
 
-    def read(self) -> list[Line]:
-        """Parsed lines from where the reader stands; empty at the end of what is committed."""
+    def read(self, max_lines: int) -> list[Line]:
+        """Up to max_lines parsed lines from where the reader stands; empty at the end of what
+        is committed."""
         log = self._log
         with log._changed:
             first, last, committed = log._first, log._last, log._committed
@@ -205,8 +255,12 @@ class _SegmentReader:
             if self._number < last:
                 self._next_segment()
             return []
+        records = data[: end - 1].split(b"\n")
+        if len(records) > max_lines:
+            del records[max_lines:]
+            end = sum(map(len, records)) + len(records)
         self._offset += end
-        return _parse_records(data[: end - 1])
+        return _parse_records(records)
 
     def _next_segment(self) -> None:
         self.close()
@@ -235,11 +289,11 @@ class _SegmentReader:
             self._fd = None
 
 
-def _parse_records(data: bytes) -> list[Line]:
+def _parse_records(records: list[bytes]) -> list[Line]:
     lines: list[Line] = []
     # The lines of one append share a timestamp; float() is most of the cost of a line.
     last_text, last_timestamp = b"", 0.0
-    for record in data.split(b"\n"):
+    for record in records:
         text, _, line = record.partition(b" ")
         if text != last_text:
             last_text, last_timestamp = text, float(text)

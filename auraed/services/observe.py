@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import queue
-import threading
 from collections.abc import Iterator
 
 import grpc
@@ -11,70 +9,21 @@ import grpc
 from aurae_sdk.wire.generated.pb.observe import observe_pb2 as pb
 from auraed.errors import FailedPrecondition, InvalidArgument, NotFound, Unimplemented
 from auraed.generated.observe import ObserveServiceBase
-from auraed.output import Line, LogRing, OutputLog
+from auraed.output import Line, LogRing, follow_all
 from auraed.runtime.executables import Executable
 from auraed.runtime.names import CellName
 from auraed.runtime.workloads import Workloads
 
 DAEMON_CHANNEL = "auraed"
 MAX_BATCH_LINES = 10_000
-_DONE = object()
+# Lines read from the files per turn when the client takes one line per message.
+LINES_PER_READ = 1024
 
 
 def _item(channel: str, line: Line) -> pb.LogItem:
     timestamp, text = line
     # LogItem.line is a proto string: it must be valid UTF-8.
     return pb.LogItem(channel=channel, line=text.decode("utf-8", "replace"), timestamp=int(timestamp))
-
-
-def _merge(sources: list[tuple[str, OutputLog]], batch: int,
-           context: grpc.ServicerContext) -> Iterator[list[pb.LogItem]]:
-    """Batches of items from several logs as they arrive, until all have ended.
-
-    Each log is followed on its own thread; the order within one channel is
-    kept, and the channels interleave as their lines arrive.
-    """
-    if len(sources) == 1:
-        channel, log = sources[0]
-        for lines in log.follow_batches(lambda: not context.is_active(), batch):
-            yield [_item(channel, line) for line in lines]
-        return
-
-    handoff: queue.Queue[object] = queue.Queue(maxsize=64)
-    stop = threading.Event()
-
-    def follow(channel: str, log: OutputLog) -> None:
-        try:
-            for lines in log.follow_batches(lambda: stop.is_set() or not context.is_active(), batch):
-                items = [_item(channel, line) for line in lines]
-                while not stop.is_set():
-                    try:
-                        handoff.put(items, timeout=0.2)
-                        break
-                    except queue.Full:
-                        continue
-        finally:
-            handoff.put(_DONE)
-
-    threads = [threading.Thread(target=follow, args=source, daemon=True, name="observe-follow")
-               for source in sources]
-    for thread in threads:
-        thread.start()
-    try:
-        running = len(threads)
-        while running:
-            got = handoff.get()
-            if got is _DONE:
-                running -= 1
-            else:
-                yield got  # type: ignore[misc]
-    finally:
-        stop.set()
-        while any(t.is_alive() for t in threads):
-            try:
-                handoff.get(timeout=0.1)
-            except queue.Empty:
-                pass
 
 
 class ObserveService(ObserveServiceBase):
@@ -108,14 +57,19 @@ class ObserveService(ObserveServiceBase):
             raise InvalidArgument(f"unknown channel type {request.channel_type}",
                                   field="channel_type")
         executable = self._executable(request.process_id)
-        sources = [(executable.channel_name(c), getattr(executable, c)) for c in channels]
-        batched = request.max_batch_lines > 0
-        for items in _merge(sources, request.max_batch_lines or 1024, context):
-            if batched:
-                yield pb.GetSubProcessStreamResponse(items=items)
+        names = [executable.channel_name(c) for c in channels]
+        logs = [getattr(executable, c) for c in channels]
+        batch = request.max_batch_lines
+        # Read on this thread as the client takes messages, never ahead of it: a client that
+        # stalls holds one batch here, and the rest of the output waits in the files.
+        for index, lines in follow_all(logs, lambda: not context.is_active(),
+                                       batch or LINES_PER_READ):
+            if batch:
+                yield pb.GetSubProcessStreamResponse(items=[_item(names[index], line)
+                                                            for line in lines])
             else:
-                for item in items:
-                    yield pb.GetSubProcessStreamResponse(item=item)
+                for line in lines:
+                    yield pb.GetSubProcessStreamResponse(item=_item(names[index], line))
 
     def _executable(self, pid: int) -> Executable:
         found = self.workloads.executables_with_pid(pid)
