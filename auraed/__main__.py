@@ -9,6 +9,7 @@ from pathlib import Path
 
 from aurae_sdk.wire import paths
 from auraed import __version__
+from auraed.admission import Budget
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,7 +48,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="YAML or JSON file of deny and allow rules over client SPIFFE IDs "
                              "and methods (see docs/security.md); without it every client "
                              "certificate the CA signed may call everything")
+    parser.add_argument("--operator", action="append", metavar="PRINCIPAL",
+                        help="SPIFFE ID (or spiffe://td/prefix/*) of an operator, whose "
+                             "long-lived calls draw on a reserve no other client can take; "
+                             "repeat for several (default: spiffe://unsafe.aurae.io/admin)")
+    parser.add_argument("--long-lived-per-peer", type=_positive, default=Budget.per_peer,
+                        metavar="N", help="streams, Wait and Stop calls one client identity "
+                                          "may have running at once (default: %(default)s)")
+    parser.add_argument("--long-lived-total", type=_positive, default=Budget.total, metavar="N",
+                        help="long-lived calls all non-operator clients together may have "
+                             "running at once (default: %(default)s)")
+    parser.add_argument("--long-lived-operators", type=_positive, default=Budget.operators,
+                        metavar="N", help="long-lived calls operators together may have "
+                                          "running at once (default: %(default)s)")
     return parser.parse_args(argv)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -70,6 +94,9 @@ def main(argv: list[str] | None = None) -> None:
         cgroup_mount=args.cgroup_mount,
         grace_period=args.grace_period,
         authz_policy=args.authz_policy,
+        budget=Budget(per_peer=args.long_lived_per_peer, total=args.long_lived_total,
+                      operators=args.long_lived_operators),
+        **({"operators": tuple(args.operator)} if args.operator else {}),
     )
     sys.exit(Daemon(settings).run())
 

@@ -6,6 +6,10 @@ identity gets UNAUTHENTICATED, a refused one PERMISSION_DENIED, and both
 refusals go to the audit log. Without a policy it refuses only certificates
 whose URI SAN is misleading (auraed.identity).
 
+`Admission` admits each long-lived call (a stream, or a unary call that waits
+on a workload) against its caller's budget and the daemon's (auraed.admission);
+beyond them the call gets RESOURCE_EXHAUSTED, and the refusal is audited.
+
 `AuditTrail` times every mutating call (Allocate, Free, Start, Stop of cells
 and virtual machines) and records who did it to what, and how it ended.
 
@@ -37,8 +41,9 @@ from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from auraed.admission import LongLivedCalls, OverBudget, Ticket
 from auraed.audit import AuditEntry, AuditLog
-from auraed.authz import Policy
+from auraed.authz import Policy, PrincipalPattern
 from auraed.errors import RuntimeFault
 from auraed.identity import PeerIdentity, peer_identity_of
 
@@ -63,6 +68,9 @@ AUDITED_TARGETS: dict[str, Callable[[Any], dict[str, str]]] = {
     _VMS + "Start": lambda r: {"vm": r.vm_id},
     _VMS + "Stop": lambda r: {"vm": r.vm_id},
 }
+
+# Unary calls that last as long as a workload lets them: they hold a thread like a stream.
+LONG_LIVED_UNARY = frozenset({_CELLS + "Wait", _CELLS + "Stop"})
 
 
 def abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str,
@@ -172,6 +180,62 @@ class Authorization(HandlerWrapper):
         ))
         log.info("call refused", extra={"peer": peer, "method": method, "code": code.name})
         context.abort(code, reason)
+
+
+class Admission(HandlerWrapper):
+    def __init__(self, calls: LongLivedCalls, operators: tuple[PrincipalPattern, ...],
+                 audit: AuditLog) -> None:
+        super().__init__()
+        self._calls = calls
+        self._operators = operators
+        self._audit = audit
+
+    def wrap_handler(self, method: str, handler: Handler) -> Handler:
+        if handler.unary_unary is not None:
+            if method not in LONG_LIVED_UNARY:
+                return handler
+            inner_unary = handler.unary_unary
+
+            def unary(request: Any, context: grpc.ServicerContext) -> Any:
+                ticket = self._admit(method, request, context)
+                try:
+                    return inner_unary(request, context)
+                finally:
+                    ticket.release()
+
+            return _with(handler, unary_unary=unary)
+
+        def wrap(inner: Behavior) -> Behavior:
+            # A generator: admitted at the first response asked for, released when the stream
+            # ends, fails, or is abandoned (closed) by grpcio.
+            def streaming(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                ticket = self._admit(method, request, context)
+                try:
+                    yield from inner(request, context)
+                finally:
+                    ticket.release()
+
+            return streaming
+
+        return _wrap(handler, wrap)
+
+    def _admit(self, method: str, request: object, context: grpc.ServicerContext) -> Ticket:
+        identity = peer_identity_of(context)
+        operator = identity.spiffe_id is not None and any(
+            pattern.matches(identity.spiffe_id) for pattern in self._operators)
+        try:
+            return self._calls.admit(str(identity), operator=operator)
+        except OverBudget as refusal:
+            reason = str(refusal)
+        peer = str(identity)
+        self._audit.record(AuditEntry(
+            peer=peer, method=method, decision="deny", code="RESOURCE_EXHAUSTED",
+            duration_ms=0.0, target=audit_target(method, request), reason=reason,
+        ))
+        log.info("call refused", extra={"peer": peer, "method": method,
+                                        "code": "RESOURCE_EXHAUSTED"})
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, reason)
+        raise AssertionError("unreachable: abort raises")
 
 
 class AuditTrail(HandlerWrapper):
@@ -299,5 +363,5 @@ def _parsed(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[
         yield request
 
 
-__all__ = ["AuditTrail", "Authorization", "FaultTranslation", "HandlerWrapper", "abort",
+__all__ = ["Admission", "AuditTrail", "Authorization", "FaultTranslation", "HandlerWrapper", "abort",
            "audit_target"]

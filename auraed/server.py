@@ -17,7 +17,7 @@ import stat
 import threading
 from collections.abc import Iterable
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import import_module
 from pathlib import Path
 
@@ -28,10 +28,11 @@ from grpc_reflection.v1alpha import reflection
 from aurae_sdk.wire import paths
 from aurae_sdk.wire.targets import TargetError, parse_target
 from auraed import __version__
+from auraed.admission import Budget, LongLivedCalls
 from auraed.audit import AuditLog
-from auraed.authz import Policy, PolicyError, load_policy
+from auraed.authz import Policy, PolicyError, PrincipalPattern, load_policy
 from auraed.generated.registry import SERVICE_NAMES, SERVICES, ServiceEntry, Servicer
-from auraed.interceptors import AuditTrail, Authorization, FaultTranslation
+from auraed.interceptors import Admission, AuditTrail, Authorization, FaultTranslation
 from auraed.kernel.cgroups import CgroupError, detect_backend
 from auraed.logs import configure as configure_logging
 from auraed.output import LogRing
@@ -59,6 +60,11 @@ SPAWNER_LOST_EXIT = 70
 # collection walk every object the daemon holds: with 1000 cells, Allocate
 # and List slowed by half. Few of our objects form cycles; collect rarely.
 GC_THRESHOLDS = (50_000, 20, 100)
+# Threads no long-lived call may take (auraed.admission): List, Check, Allocate... always find
+# one. Short calls end in milliseconds, so a few dozen keep up with any number of clients.
+SHORT_CALL_WORKERS = 32
+# The development PKI's operator (`aurae-py pki init`); production daemons name theirs.
+DEFAULT_OPERATORS = ("spiffe://unsafe.aurae.io/admin",)
 
 
 class StartupError(Exception):
@@ -78,8 +84,10 @@ class Settings:
     cgroup_root: str = "aurae"
     cgroup_mount: str = "/sys/fs/cgroup"
     grace_period: float = 10.0
-    max_workers: int = 256
     authz_policy: Path | None = None
+    # Long-lived calls (streams, Wait, Stop) at once: see auraed/admission.py.
+    budget: Budget = field(default_factory=Budget)
+    operators: tuple[str, ...] = DEFAULT_OPERATORS
 
 
 def _read_pki(settings: Settings) -> tuple[bytes, bytes, bytes]:
@@ -177,6 +185,16 @@ def _api_methods() -> frozenset[str]:
                      for method in pool.FindServiceByName(service).methods)
 
 
+def _operators(principals: tuple[str, ...]) -> tuple[PrincipalPattern, ...]:
+    patterns = []
+    for principal in principals:
+        try:
+            patterns.append(PrincipalPattern.parse(principal))
+        except ValueError as error:
+            raise StartupError(f"--operator {error}") from None
+    return tuple(patterns)
+
+
 def _load_policy(path: Path | None) -> Policy | None:
     if path is None:
         log.warning("no authorization policy (--authz-policy): every client certificate the CA "
@@ -246,6 +264,7 @@ class Daemon:
         settings = self.settings
         ca, certificate, key = _read_pki(settings)
         policy = _load_policy(settings.authz_policy)
+        operators = _operators(settings.operators)
         try:
             target = parse_target(settings.socket)
         except TargetError as error:
@@ -274,12 +293,17 @@ class Daemon:
         self._health = HealthService(SERVICE_NAMES)
         services = assemble_servicers(self._servicers(self._workloads, self._health))
 
+        budget = settings.budget
         server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=settings.max_workers,
-                                       thread_name_prefix="rpc"),
-            # Outermost first: who may call, then the audit of what they did, then statuses.
+            # Long-lived calls can hold at most budget.total + budget.operators threads.
+            futures.ThreadPoolExecutor(
+                max_workers=budget.total + budget.operators + SHORT_CALL_WORKERS,
+                thread_name_prefix="rpc"),
+            # Outermost first: who may call, whether a long-lived call fits its budget, then the
+            # audit of what they did, then statuses.
             interceptors=[
                 Authorization(policy, self._audit),
+                Admission(LongLivedCalls(budget), operators, self._audit),
                 AuditTrail(self._audit),
                 FaultTranslation(),
             ],
