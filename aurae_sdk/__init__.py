@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from aurae_sdk.generated import PACKAGES
 
 if TYPE_CHECKING:
+    from aurae_sdk.cell_tree import alist_cells, alist_pages, list_cells, list_pages
     from aurae_sdk.client import AsyncClient, Client, connect, connect_async
     from aurae_sdk.config import ClientConfig, ConfigError, load_config
     from aurae_sdk.errors import (
@@ -71,6 +72,10 @@ _LAZY = {
     "ConfigError": "aurae_sdk.config",
     "load_config": "aurae_sdk.config",
     "RetryPolicy": "aurae_sdk.rpc",
+    "list_cells": "aurae_sdk.cell_tree",
+    "alist_cells": "aurae_sdk.cell_tree",
+    "list_pages": "aurae_sdk.cell_tree",
+    "alist_pages": "aurae_sdk.cell_tree",
     "follow": "aurae_sdk.logs",
     "afollow": "aurae_sdk.logs",
     "daemon_log": "aurae_sdk.logs",
@@ -119,6 +124,8 @@ __all__ = [
     "Unimplemented",
     "adaemon_log",
     "afollow",
+    "alist_cells",
+    "alist_pages",
     "compact",
     "connect",
     "connect_async",
@@ -127,6 +134,8 @@ __all__ = [
     "from_dict",
     "from_json",
     "from_yaml",
+    "list_cells",
+    "list_pages",
     "load_config",
     "to_dict",
     "to_json",

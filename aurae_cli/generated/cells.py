@@ -241,13 +241,28 @@ def stop_command(**params: Any) -> None:
 
 
 # Click parameter -> dotted path of the request field it sets.
-_LIST_FIELDS: dict[str, str] = {}
+_LIST_FIELDS: dict[str, str] = {
+    "page_size": "page_size",
+    "page_token": "page_token",
+}
 
 
 @group.command(
     "list",
     help="Show the tree of allocated cells.",
     short_help="Show the tree of allocated cells.",
+)
+@click.option(
+    "--page-size",
+    "page_size",
+    type=click.IntRange(min=0),
+    help="aurae-py addition: at most this many cells in the page, counting a cell\nagain when it is repeated to carry more executables (0: as many as fit in\n1 MiB).",
+)
+@click.option(
+    "--page-token",
+    "page_token",
+    type=str,
+    help="aurae-py addition: next_page_token of the previous page; empty for the\nfirst page.",
 )
 @rpc_options
 def list_command(**params: Any) -> None:

@@ -444,20 +444,42 @@ MESSAGES: tuple[MessageInfo, ...] = (
     MessageInfo(
         full_name="aurae.cells.v0.CellServiceListRequest",
         name="CellServiceListRequest",
-        doc="Input of List; takes no arguments.",
-        fields=(),
+        doc="Input of List. Without arguments it returns the first page, which holds\nthe whole tree unless it is larger than a page (1 MiB).",
+        fields=(
+            FieldInfo(
+                1,
+                "page_size",
+                "uint32",
+                "",
+                "aurae-py addition: at most this many cells in the page, counting a cell\nagain when it is repeated to carry more executables (0: as many as fit in\n1 MiB).",
+            ),
+            FieldInfo(
+                2,
+                "page_token",
+                "string",
+                "",
+                "aurae-py addition: next_page_token of the previous page; empty for the\nfirst page.",
+            ),
+        ),
     ),
     MessageInfo(
         full_name="aurae.cells.v0.CellServiceListResponse",
         name="CellServiceListResponse",
-        doc="Result of List.",
+        doc="Result of List: one page of the tree, in depth-first order by name. A cell\nwhose parent is on an earlier page is at the top level of this page (its\nname is its whole path); a cell whose executables do not fit in one page\nappears again on the next with the rest of them.",
         fields=(
             FieldInfo(
                 1,
                 "cells",
                 "aurae.cells.v0.CellGraphNode",
                 "repeated",
-                "The top-level cells, each with its descendants.",
+                "The top-level cells of this page, each with its descendants on the page.",
+            ),
+            FieldInfo(
+                2,
+                "next_page_token",
+                "string",
+                "",
+                "aurae-py addition: pass it as page_token to get the next page; empty on\nthe last page.",
             ),
         ),
     ),

@@ -187,11 +187,19 @@ class CellService(ServiceClient):
         request: CellServiceListRequest | Mapping[str, Any] | None = None,
         /,
         *,
+        page_size: int | None = None,
+        page_token: str | None = None,
         timeout: float | None = None,
         metadata: Metadata | None = None,
     ) -> CellServiceListResponse:
         """Show the tree of allocated cells."""
-        return self._unary(_CELL_SERVICE_LIST, request, {}, timeout, metadata)
+        return self._unary(
+            _CELL_SERVICE_LIST,
+            request,
+            {"page_size": page_size, "page_token": page_token},
+            timeout,
+            metadata,
+        )
 
     def wait(
         self,
@@ -316,11 +324,19 @@ class AsyncCellService(AsyncServiceClient):
         request: CellServiceListRequest | Mapping[str, Any] | None = None,
         /,
         *,
+        page_size: int | None = None,
+        page_token: str | None = None,
         timeout: float | None = None,
         metadata: Metadata | None = None,
     ) -> CellServiceListResponse:
         """Show the tree of allocated cells."""
-        return await self._unary(_CELL_SERVICE_LIST, request, {}, timeout, metadata)
+        return await self._unary(
+            _CELL_SERVICE_LIST,
+            request,
+            {"page_size": page_size, "page_token": page_token},
+            timeout,
+            metadata,
+        )
 
     async def wait(
         self,

@@ -8,6 +8,7 @@ import itertools
 import json
 import logging
 import os
+import resource
 import select
 import socket
 import subprocess
@@ -23,10 +24,46 @@ from auraed.kernel.spawner import MAX_MESSAGE_BYTES
 
 _log = logging.getLogger(__name__)
 
+# <asm-generic/socket.h>; Python's socket module does not name it.
+SO_SNDBUFFORCE = 32
+
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 # The directory holding the auraed package, for the spawner's import path.
 _SOURCE_ROOT = str(Path(__file__).resolve().parents[2])
+
+
+# include/uapi/linux/binfmts.h: one argv or envp string, its NUL included, is at most 32 pages.
+MAX_ARG_STRLEN = 32 * os.sysconf("SC_PAGE_SIZE")
+# fs/exec.c bounds all of them together by a quarter of RLIMIT_STACK, at most 3/4 of _STK_LIM
+# (8 MiB) and at least ARG_MAX (include/uapi/linux/limits.h).
+_STK_LIM = 8 * 1024 * 1024
+_ARG_MAX = 128 * 1024
+_POINTER_BYTES = 8
+
+
+def exec_refusal(argv: Sequence[str], env: Mapping[str, str]) -> str | None:
+    """Why execve(argv[0], argv, env) would fail with E2BIG, or None when the kernel takes it.
+
+    Counted as fs/exec.c counts: each string with its NUL, the file name copied once more, and a
+    pointer per string, against the limit RLIMIT_STACK gives (the spawner's is the daemon's).
+    """
+    strings = [os.fsencode(a) for a in argv] + [os.fsencode(f"{k}={v}") for k, v in env.items()]
+    for index, string in enumerate(strings[: len(argv)]):
+        if len(string) + 1 > MAX_ARG_STRLEN:
+            return (f"argument {index} is {len(string)} bytes; exec takes at most "
+                    f"{MAX_ARG_STRLEN - 1} (the kernel's MAX_ARG_STRLEN, {MAX_ARG_STRLEN} with "
+                    "its NUL)")
+    stack = resource.getrlimit(resource.RLIMIT_STACK)[0]
+    limit = _STK_LIM // 4 * 3
+    if stack != resource.RLIM_INFINITY:
+        limit = min(limit, stack // 4)
+    limit = max(limit, _ARG_MAX) - (max(len(argv), 1) + len(env)) * _POINTER_BYTES
+    total = sum(len(string) + 1 for string in strings) + len(os.fsencode(argv[0])) + 1
+    if total > limit:
+        return (f"the arguments and environment take {total} bytes; exec takes at most {limit} "
+                "under this daemon's stack limit")
+    return None
 
 
 def default_env() -> dict[str, str]:
@@ -223,6 +260,12 @@ class Spawner:
         if self._process is not None:
             raise RuntimeError("the spawner was already started")
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        # A SEQPACKET message must fit the sender's buffer whole; the default (wmem_default,
+        # ~208 KiB) is less than the largest spawn request. Forced: root may exceed wmem_max.
+        try:
+            ours.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, 2 * MAX_MESSAGE_BYTES)
+        except PermissionError:  # without CAP_NET_ADMIN: as much as wmem_max allows
+            ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 2 * MAX_MESSAGE_BYTES)
         try:
             self._process = subprocess.Popen(
                 [
@@ -300,7 +343,8 @@ class Spawner:
 
     def _request(self, request: dict[str, Any], fds: tuple[int, int]) -> SpawnedProcess:
         request_id = next(self._request_ids)
-        message = json.dumps({"id": request_id, **request}).encode()
+        # Not ensure_ascii: non-ASCII goes as UTF-8, not as six-byte escapes.
+        message = json.dumps({"id": request_id, **request}, ensure_ascii=False).encode()
         if len(message) > MAX_MESSAGE_BYTES:
             raise ValueError(f"spawn request of {len(message)} bytes is over {MAX_MESSAGE_BYTES}")
         pending = _PendingReply()

@@ -65,7 +65,9 @@ from auraed.kernel.libc import (
     unshare,
 )
 
-MAX_MESSAGE_BYTES = 256 * 1024
+# Room for the longest command exec takes (MAX_ARG_STRLEN, 128 KiB) even when JSON spells each
+# of its bytes as a six-byte \u escape (control characters), with its environment.
+MAX_MESSAGE_BYTES = 1024 * 1024
 _T = TypeVar("_T")
 _FD_SIZE = struct.calcsize("i")
 # The name (/proc/<pid>/comm) of the spare: a child forked ahead of time, pid 1 of a fresh pid

@@ -54,6 +54,8 @@ from auraed.kernel.processes import (
     SpawnerClosed,
     SpawnError,
     SpawnSpec,
+    default_env,
+    exec_refusal,
     signal_group,
 )
 from auraed.output import OutputLog, OutputPump, output_pipe
@@ -67,7 +69,6 @@ DEFAULT_GRACE_PERIOD = 10.0
 # After SIGKILL a process dies as soon as the kernel schedules it; this only
 # bounds the wait for the spawner's exit report.
 KILL_WAIT = 5.0
-MAX_COMMAND_BYTES = 128 * 1024
 HOST_LOG_DIR = "_host"
 # Exits of pids nobody recorded (a spawn whose caller timed out) are kept this
 # long at most, so the table cannot grow without bound.
@@ -675,10 +676,11 @@ def _check_command(command: str) -> None:
         raise InvalidArgument("a command is required", field="executable.command")
     if "\0" in command:
         raise InvalidArgument("the command must not contain NUL bytes", field="executable.command")
-    if len(command.encode()) > MAX_COMMAND_BYTES:
-        raise InvalidArgument(
-            f"the command is longer than {MAX_COMMAND_BYTES} bytes", field="executable.command"
-        )
+    # Refuse exactly what exec would: `sh -c COMMAND` makes the command one argv string.
+    refusal = exec_refusal(["/bin/sh", "-c", command], default_env())
+    if refusal is not None:
+        raise InvalidArgument(f"the command is too long for exec: {refusal}",
+                              field="executable.command")
 
 
 def _check_identity(uid: int, gid: int) -> None:

@@ -13,7 +13,8 @@ from auraed.generated.cells import CellServiceBase
 from auraed.kernel.cgroups import CgroupLimits
 from auraed.runtime.executables import Executable
 from auraed.runtime.names import CellName, parse_executable_name
-from auraed.runtime.workloads import CellSpec, CellView, Workloads
+from auraed.runtime.workloads import CellSpec, Workloads
+from auraed.services.cell_pages import list_page
 
 # Wait polls the caller's liveness this often, so an abandoned Wait ends.
 _WAIT_SLICE = 0.5
@@ -78,14 +79,6 @@ def executable_status(executable: Executable) -> pb.ExecutableStatus:
         if executable.exit_status.signal is not None:
             status.signal = executable.exit_status.signal
     return status
-
-
-def _node(view: CellView) -> pb.CellGraphNode:
-    return pb.CellGraphNode(
-        cell=cell_message(view.name, view.spec),
-        children=[_node(child) for child in view.children],
-        executables=[executable_status(e) for e in view.executables],
-    )
 
 
 def _optional_cell(request: pb.CellServiceStartRequest | pb.CellServiceStopRequest
@@ -154,7 +147,8 @@ class CellService(CellServiceBase):
 
     def list(self, request: pb.CellServiceListRequest,
              context: grpc.ServicerContext) -> pb.CellServiceListResponse:
-        return pb.CellServiceListResponse(cells=[_node(view) for view in self.workloads.tree()])
+        # Paged, so no tree outgrows the message limit (auraed/services/cell_pages.py).
+        return list_page(self.workloads.tree(), request, cell_message, executable_status)
 
     def wait(self, request: pb.CellServiceWaitRequest,
              context: grpc.ServicerContext) -> pb.CellServiceWaitResponse:

@@ -16,7 +16,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import aurae_sdk
-from aurae_sdk.generated.pb.cells import cells_pb2, cells_pb2_grpc
+from aurae_sdk.wire.generated.pb.cells import cells_pb2, cells_pb2_grpc
 from auraed.admission import Budget
 from auraed.testing import DaemonProcess
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11\x63\x65lls/cells.proto\x12\x0e\x61urae.cells.v0\"@\n\x1a\x43\x65llServiceAllocateRequest\x12\"\n\x04\x63\x65ll\x18\x01 \x01(\x0b\x32\x14.aurae.cells.v0.Cell\"C\n\x1b\x43\x65llServiceAllocateResponse\x12\x11\n\tcell_name\x18\x01 \x01(\t\x12\x11\n\tcgroup_v2\x18\x02 \x01(\x08\"+\n\x16\x43\x65llServiceFreeRequest\x12\x11\n\tcell_name\x18\x01 \x01(\t\"\x19\n\x17\x43\x65llServiceFreeResponse\"\xa3\x01\n\x17\x43\x65llServiceStartRequest\x12\x16\n\tcell_name\x18\x01 \x01(\tH\x00\x88\x01\x01\x12.\n\nexecutable\x18\x02 \x01(\x0b\x32\x1a.aurae.cells.v0.Executable\x12\x10\n\x03uid\x18\x03 \x01(\rH\x01\x88\x01\x01\x12\x10\n\x03gid\x18\x04 \x01(\rH\x02\x88\x01\x01\x42\x0c\n\n_cell_nameB\x06\n\x04_uidB\x06\n\x04_gid\"S\n\x18\x43\x65llServiceStartResponse\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12\x0b\n\x03uid\x18\x02 \x01(\r\x12\x0b\n\x03gid\x18\x03 \x01(\r\x12\x10\n\x08host_pid\x18\x04 \x01(\x05\"\x89\x01\n\x16\x43\x65llServiceStopRequest\x12\x16\n\tcell_name\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x17\n\x0f\x65xecutable_name\x18\x02 \x01(\t\x12\x1c\n\x0fgrace_period_ms\x18\x03 \x01(\rH\x01\x88\x01\x01\x42\x0c\n\n_cell_nameB\x12\n\x10_grace_period_ms\"K\n\x17\x43\x65llServiceStopResponse\x12\x30\n\x06status\x18\x01 \x01(\x0b\x32 .aurae.cells.v0.ExecutableStatus\"\x18\n\x16\x43\x65llServiceListRequest\"G\n\x17\x43\x65llServiceListResponse\x12,\n\x05\x63\x65lls\x18\x01 \x03(\x0b\x32\x1d.aurae.cells.v0.CellGraphNode\"\x9b\x01\n\rCellGraphNode\x12\"\n\x04\x63\x65ll\x18\x01 \x01(\x0b\x32\x14.aurae.cells.v0.Cell\x12/\n\x08\x63hildren\x18\x02 \x03(\x0b\x32\x1d.aurae.cells.v0.CellGraphNode\x12\x35\n\x0b\x65xecutables\x18\x03 \x03(\x0b\x32 .aurae.cells.v0.ExecutableStatus\"\xd6\x01\n\x04\x43\x65ll\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\x03\x63pu\x18\x02 \x01(\x0b\x32\x1d.aurae.cells.v0.CpuController\x12\x30\n\x06\x63puset\x18\x03 \x01(\x0b\x32 .aurae.cells.v0.CpusetController\x12\x30\n\x06memory\x18\x04 \x01(\x0b\x32 .aurae.cells.v0.MemoryController\x12\x17\n\x0fisolate_process\x18\n \x01(\x08\x12\x17\n\x0fisolate_network\x18\x0b \x01(\x08\"F\n\nExecutable\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x63ommand\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\tJ\x04\x08\x03\x10\x04\"i\n\rCpuController\x12\x13\n\x06weight\x18\x01 \x01(\x04H\x00\x88\x01\x01\x12\x10\n\x03max\x18\x02 \x01(\x03H\x01\x88\x01\x01\x12\x13\n\x06period\x18\x03 \x01(\x04H\x02\x88\x01\x01\x42\t\n\x07_weightB\x06\n\x04_maxB\t\n\x07_period\"J\n\x10\x43pusetController\x12\x11\n\x04\x63pus\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x11\n\x04mems\x18\x02 \x01(\tH\x01\x88\x01\x01\x42\x07\n\x05_cpusB\x07\n\x05_mems\"|\n\x10MemoryController\x12\x10\n\x03min\x18\x01 \x01(\x03H\x00\x88\x01\x01\x12\x10\n\x03low\x18\x02 \x01(\x03H\x01\x88\x01\x01\x12\x11\n\x04high\x18\x03 \x01(\x03H\x02\x88\x01\x01\x12\x10\n\x03max\x18\x04 \x01(\x03H\x03\x88\x01\x01\x42\x06\n\x04_minB\x06\n\x04_lowB\x07\n\x05_highB\x06\n\x04_max\"\x94\x02\n\x10\x45xecutableStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tcell_name\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12\x10\n\x08host_pid\x18\x04 \x01(\x05\x12\x0f\n\x07\x63ommand\x18\x05 \x01(\t\x12.\n\x05state\x18\x06 \x01(\x0e\x32\x1f.aurae.cells.v0.ExecutableState\x12\x16\n\texit_code\x18\x07 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x06signal\x18\x08 \x01(\x05H\x01\x88\x01\x01\x12\x12\n\nstarted_at\x18\t \x01(\x01\x12\x11\n\texited_at\x18\n \x01(\x01\x12\x12\n\noom_killed\x18\x0b \x01(\x08\x42\x0c\n\n_exit_codeB\t\n\x07_signal\"W\n\x16\x43\x65llServiceWaitRequest\x12\x16\n\tcell_name\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x17\n\x0f\x65xecutable_name\x18\x02 \x01(\tB\x0c\n\n_cell_name\"K\n\x17\x43\x65llServiceWaitResponse\x12\x30\n\x06status\x18\x01 \x01(\x0b\x32 .aurae.cells.v0.ExecutableStatus*n\n\x0f\x45xecutableState\x12 \n\x1c\x45XECUTABLE_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x45XECUTABLE_STATE_RUNNING\x10\x01\x12\x1b\n\x17\x45XECUTABLE_STATE_EXITED\x10\x02\x32\xb7\x04\n\x0b\x43\x65llService\x12\x63\n\x08\x41llocate\x12*.aurae.cells.v0.CellServiceAllocateRequest\x1a+.aurae.cells.v0.CellServiceAllocateResponse\x12W\n\x04\x46ree\x12&.aurae.cells.v0.CellServiceFreeRequest\x1a\'.aurae.cells.v0.CellServiceFreeResponse\x12Z\n\x05Start\x12\'.aurae.cells.v0.CellServiceStartRequest\x1a(.aurae.cells.v0.CellServiceStartResponse\x12W\n\x04Stop\x12&.aurae.cells.v0.CellServiceStopRequest\x1a\'.aurae.cells.v0.CellServiceStopResponse\x12\\\n\x04List\x12&.aurae.cells.v0.CellServiceListRequest\x1a\'.aurae.cells.v0.CellServiceListResponse\"\x03\x90\x02\x01\x12W\n\x04Wait\x12&.aurae.cells.v0.CellServiceWaitRequest\x1a\'.aurae.cells.v0.CellServiceWaitResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11\x63\x65lls/cells.proto\x12\x0e\x61urae.cells.v0\"@\n\x1a\x43\x65llServiceAllocateRequest\x12\"\n\x04\x63\x65ll\x18\x01 \x01(\x0b\x32\x14.aurae.cells.v0.Cell\"C\n\x1b\x43\x65llServiceAllocateResponse\x12\x11\n\tcell_name\x18\x01 \x01(\t\x12\x11\n\tcgroup_v2\x18\x02 \x01(\x08\"+\n\x16\x43\x65llServiceFreeRequest\x12\x11\n\tcell_name\x18\x01 \x01(\t\"\x19\n\x17\x43\x65llServiceFreeResponse\"\xa3\x01\n\x17\x43\x65llServiceStartRequest\x12\x16\n\tcell_name\x18\x01 \x01(\tH\x00\x88\x01\x01\x12.\n\nexecutable\x18\x02 \x01(\x0b\x32\x1a.aurae.cells.v0.Executable\x12\x10\n\x03uid\x18\x03 \x01(\rH\x01\x88\x01\x01\x12\x10\n\x03gid\x18\x04 \x01(\rH\x02\x88\x01\x01\x42\x0c\n\n_cell_nameB\x06\n\x04_uidB\x06\n\x04_gid\"S\n\x18\x43\x65llServiceStartResponse\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x12\x0b\n\x03uid\x18\x02 \x01(\r\x12\x0b\n\x03gid\x18\x03 \x01(\r\x12\x10\n\x08host_pid\x18\x04 \x01(\x05\"\x89\x01\n\x16\x43\x65llServiceStopRequest\x12\x16\n\tcell_name\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x17\n\x0f\x65xecutable_name\x18\x02 \x01(\t\x12\x1c\n\x0fgrace_period_ms\x18\x03 \x01(\rH\x01\x88\x01\x01\x42\x0c\n\n_cell_nameB\x12\n\x10_grace_period_ms\"K\n\x17\x43\x65llServiceStopResponse\x12\x30\n\x06status\x18\x01 \x01(\x0b\x32 .aurae.cells.v0.ExecutableStatus\"?\n\x16\x43\x65llServiceListRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"`\n\x17\x43\x65llServiceListResponse\x12,\n\x05\x63\x65lls\x18\x01 \x03(\x0b\x32\x1d.aurae.cells.v0.CellGraphNode\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x9b\x01\n\rCellGraphNode\x12\"\n\x04\x63\x65ll\x18\x01 \x01(\x0b\x32\x14.aurae.cells.v0.Cell\x12/\n\x08\x63hildren\x18\x02 \x03(\x0b\x32\x1d.aurae.cells.v0.CellGraphNode\x12\x35\n\x0b\x65xecutables\x18\x03 \x03(\x0b\x32 .aurae.cells.v0.ExecutableStatus\"\xd6\x01\n\x04\x43\x65ll\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\x03\x63pu\x18\x02 \x01(\x0b\x32\x1d.aurae.cells.v0.CpuController\x12\x30\n\x06\x63puset\x18\x03 \x01(\x0b\x32 .aurae.cells.v0.CpusetController\x12\x30\n\x06memory\x18\x04 \x01(\x0b\x32 .aurae.cells.v0.MemoryController\x12\x17\n\x0fisolate_process\x18\n \x01(\x08\x12\x17\n\x0fisolate_network\x18\x0b \x01(\x08\"F\n\nExecutable\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x63ommand\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\tJ\x04\x08\x03\x10\x04\"i\n\rCpuController\x12\x13\n\x06weight\x18\x01 \x01(\x04H\x00\x88\x01\x01\x12\x10\n\x03max\x18\x02 \x01(\x03H\x01\x88\x01\x01\x12\x13\n\x06period\x18\x03 \x01(\x04H\x02\x88\x01\x01\x42\t\n\x07_weightB\x06\n\x04_maxB\t\n\x07_period\"J\n\x10\x43pusetController\x12\x11\n\x04\x63pus\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x11\n\x04mems\x18\x02 \x01(\tH\x01\x88\x01\x01\x42\x07\n\x05_cpusB\x07\n\x05_mems\"|\n\x10MemoryController\x12\x10\n\x03min\x18\x01 \x01(\x03H\x00\x88\x01\x01\x12\x10\n\x03low\x18\x02 \x01(\x03H\x01\x88\x01\x01\x12\x11\n\x04high\x18\x03 \x01(\x03H\x02\x88\x01\x01\x12\x10\n\x03max\x18\x04 \x01(\x03H\x03\x88\x01\x01\x42\x06\n\x04_minB\x06\n\x04_lowB\x07\n\x05_highB\x06\n\x04_max\"\x94\x02\n\x10\x45xecutableStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tcell_name\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12\x10\n\x08host_pid\x18\x04 \x01(\x05\x12\x0f\n\x07\x63ommand\x18\x05 \x01(\t\x12.\n\x05state\x18\x06 \x01(\x0e\x32\x1f.aurae.cells.v0.ExecutableState\x12\x16\n\texit_code\x18\x07 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x06signal\x18\x08 \x01(\x05H\x01\x88\x01\x01\x12\x12\n\nstarted_at\x18\t \x01(\x01\x12\x11\n\texited_at\x18\n \x01(\x01\x12\x12\n\noom_killed\x18\x0b \x01(\x08\x42\x0c\n\n_exit_codeB\t\n\x07_signal\"W\n\x16\x43\x65llServiceWaitRequest\x12\x16\n\tcell_name\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x17\n\x0f\x65xecutable_name\x18\x02 \x01(\tB\x0c\n\n_cell_name\"K\n\x17\x43\x65llServiceWaitResponse\x12\x30\n\x06status\x18\x01 \x01(\x0b\x32 .aurae.cells.v0.ExecutableStatus*n\n\x0f\x45xecutableState\x12 \n\x1c\x45XECUTABLE_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x45XECUTABLE_STATE_RUNNING\x10\x01\x12\x1b\n\x17\x45XECUTABLE_STATE_EXITED\x10\x02\x32\xb7\x04\n\x0b\x43\x65llService\x12\x63\n\x08\x41llocate\x12*.aurae.cells.v0.CellServiceAllocateRequest\x1a+.aurae.cells.v0.CellServiceAllocateResponse\x12W\n\x04\x46ree\x12&.aurae.cells.v0.CellServiceFreeRequest\x1a\'.aurae.cells.v0.CellServiceFreeResponse\x12Z\n\x05Start\x12\'.aurae.cells.v0.CellServiceStartRequest\x1a(.aurae.cells.v0.CellServiceStartResponse\x12W\n\x04Stop\x12&.aurae.cells.v0.CellServiceStopRequest\x1a\'.aurae.cells.v0.CellServiceStopResponse\x12\\\n\x04List\x12&.aurae.cells.v0.CellServiceListRequest\x1a\'.aurae.cells.v0.CellServiceListResponse\"\x03\x90\x02\x01\x12W\n\x04Wait\x12&.aurae.cells.v0.CellServiceWaitRequest\x1a\'.aurae.cells.v0.CellServiceWaitResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,8 +34,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CELLSERVICE'].methods_by_name['List']._loaded_options = None
   _globals['_CELLSERVICE'].methods_by_name['List']._serialized_options = b'\220\002\001'
-  _globals['_EXECUTABLESTATE']._serialized_start=2012
-  _globals['_EXECUTABLESTATE']._serialized_end=2122
+  _globals['_EXECUTABLESTATE']._serialized_start=2076
+  _globals['_EXECUTABLESTATE']._serialized_end=2186
   _globals['_CELLSERVICEALLOCATEREQUEST']._serialized_start=37
   _globals['_CELLSERVICEALLOCATEREQUEST']._serialized_end=101
   _globals['_CELLSERVICEALLOCATERESPONSE']._serialized_start=103
@@ -53,27 +53,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CELLSERVICESTOPRESPONSE']._serialized_start=635
   _globals['_CELLSERVICESTOPRESPONSE']._serialized_end=710
   _globals['_CELLSERVICELISTREQUEST']._serialized_start=712
-  _globals['_CELLSERVICELISTREQUEST']._serialized_end=736
-  _globals['_CELLSERVICELISTRESPONSE']._serialized_start=738
-  _globals['_CELLSERVICELISTRESPONSE']._serialized_end=809
-  _globals['_CELLGRAPHNODE']._serialized_start=812
-  _globals['_CELLGRAPHNODE']._serialized_end=967
-  _globals['_CELL']._serialized_start=970
-  _globals['_CELL']._serialized_end=1184
-  _globals['_EXECUTABLE']._serialized_start=1186
-  _globals['_EXECUTABLE']._serialized_end=1256
-  _globals['_CPUCONTROLLER']._serialized_start=1258
-  _globals['_CPUCONTROLLER']._serialized_end=1363
-  _globals['_CPUSETCONTROLLER']._serialized_start=1365
-  _globals['_CPUSETCONTROLLER']._serialized_end=1439
-  _globals['_MEMORYCONTROLLER']._serialized_start=1441
-  _globals['_MEMORYCONTROLLER']._serialized_end=1565
-  _globals['_EXECUTABLESTATUS']._serialized_start=1568
-  _globals['_EXECUTABLESTATUS']._serialized_end=1844
-  _globals['_CELLSERVICEWAITREQUEST']._serialized_start=1846
-  _globals['_CELLSERVICEWAITREQUEST']._serialized_end=1933
-  _globals['_CELLSERVICEWAITRESPONSE']._serialized_start=1935
-  _globals['_CELLSERVICEWAITRESPONSE']._serialized_end=2010
-  _globals['_CELLSERVICE']._serialized_start=2125
-  _globals['_CELLSERVICE']._serialized_end=2692
+  _globals['_CELLSERVICELISTREQUEST']._serialized_end=775
+  _globals['_CELLSERVICELISTRESPONSE']._serialized_start=777
+  _globals['_CELLSERVICELISTRESPONSE']._serialized_end=873
+  _globals['_CELLGRAPHNODE']._serialized_start=876
+  _globals['_CELLGRAPHNODE']._serialized_end=1031
+  _globals['_CELL']._serialized_start=1034
+  _globals['_CELL']._serialized_end=1248
+  _globals['_EXECUTABLE']._serialized_start=1250
+  _globals['_EXECUTABLE']._serialized_end=1320
+  _globals['_CPUCONTROLLER']._serialized_start=1322
+  _globals['_CPUCONTROLLER']._serialized_end=1427
+  _globals['_CPUSETCONTROLLER']._serialized_start=1429
+  _globals['_CPUSETCONTROLLER']._serialized_end=1503
+  _globals['_MEMORYCONTROLLER']._serialized_start=1505
+  _globals['_MEMORYCONTROLLER']._serialized_end=1629
+  _globals['_EXECUTABLESTATUS']._serialized_start=1632
+  _globals['_EXECUTABLESTATUS']._serialized_end=1908
+  _globals['_CELLSERVICEWAITREQUEST']._serialized_start=1910
+  _globals['_CELLSERVICEWAITREQUEST']._serialized_end=1997
+  _globals['_CELLSERVICEWAITRESPONSE']._serialized_start=1999
+  _globals['_CELLSERVICEWAITRESPONSE']._serialized_end=2074
+  _globals['_CELLSERVICE']._serialized_start=2189
+  _globals['_CELLSERVICE']._serialized_end=2756
 # @@protoc_insertion_point(module_scope)

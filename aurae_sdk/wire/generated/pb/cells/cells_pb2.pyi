@@ -285,16 +285,32 @@ Global___CellServiceStopResponse: _TypeAlias = CellServiceStopResponse  # noqa: 
 
 @_typing.final
 class CellServiceListRequest(_message.Message):
-    """Input of List; takes no arguments."""
+    """Input of List. Without arguments it returns the first page, which holds
+    the whole tree unless it is larger than a page (1 MiB).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """aurae-py addition: at most this many cells in the page, counting a cell
+    again when it is repeated to carry more executables (0: as many as fit in
+    1 MiB).
+    """
+    page_token: _builtins.str
+    """aurae-py addition: next_page_token of the previous page; empty for the
+    first page.
+    """
     def __init__(
         self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -302,23 +318,33 @@ Global___CellServiceListRequest: _TypeAlias = CellServiceListRequest  # noqa: Y0
 
 @_typing.final
 class CellServiceListResponse(_message.Message):
-    """Result of List."""
+    """Result of List: one page of the tree, in depth-first order by name. A cell
+    whose parent is on an earlier page is at the top level of this page (its
+    name is its whole path); a cell whose executables do not fit in one page
+    appears again on the next with the rest of them.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     CELLS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """aurae-py addition: pass it as page_token to get the next page; empty on
+    the last page.
+    """
     @_builtins.property
     def cells(self) -> _containers.RepeatedCompositeFieldContainer[Global___CellGraphNode]:
-        """The top-level cells, each with its descendants."""
+        """The top-level cells of this page, each with its descendants on the page."""
 
     def __init__(
         self,
         *,
         cells: _abc.Iterable[Global___CellGraphNode] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cells", b"cells"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cells", b"cells", "next_page_token", b"next_page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
