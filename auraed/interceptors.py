@@ -191,33 +191,34 @@ class Admission(HandlerWrapper):
         self._audit = audit
 
     def wrap_handler(self, method: str, handler: Handler) -> Handler:
-        if handler.unary_unary is not None:
-            if method not in LONG_LIVED_UNARY:
-                return handler
-            inner_unary = handler.unary_unary
+        if handler.unary_unary is not None and method not in LONG_LIVED_UNARY:
+            return handler
 
-            def unary(request: Any, context: grpc.ServicerContext) -> Any:
+        def single(inner: Behavior) -> Behavior:
+            # Unary response (Wait, Stop, a client stream): released when the behaviour returns.
+            def admitted(request: Any, context: grpc.ServicerContext) -> Any:
                 ticket = self._admit(method, request, context)
                 try:
-                    return inner_unary(request, context)
+                    return inner(request, context)
                 finally:
                     ticket.release()
 
-            return _with(handler, unary_unary=unary)
+            return admitted
 
-        def wrap(inner: Behavior) -> Behavior:
+        def streaming(inner: Behavior) -> Behavior:
             # A generator: admitted at the first response asked for, released when the stream
             # ends, fails, or is abandoned (closed) by grpcio.
-            def streaming(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            def admitted(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
                 ticket = self._admit(method, request, context)
                 try:
                     yield from inner(request, context)
                 finally:
                     ticket.release()
 
-            return streaming
+            return admitted
 
-        return _wrap(handler, wrap)
+        streams = handler.unary_stream is not None or handler.stream_stream is not None
+        return _wrap(handler, streaming if streams else single)
 
     def _admit(self, method: str, request: object, context: grpc.ServicerContext) -> Ticket:
         identity = peer_identity_of(context)

@@ -3,10 +3,13 @@ when exec would refuse it."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 import aurae_sdk
 from aurae_sdk import cells
+from auraed.testing import DaemonProcess
 
 # The kernel's MAX_ARG_STRLEN on 4 KiB pages: one argv string with its NUL.
 MAX_ARG_STRLEN = 131072
@@ -95,3 +98,12 @@ def test_the_longest_command_exec_takes_runs_and_one_byte_more_is_refused(
                     if e.name == "over"]
     finally:
         client.cells.free(cell_name="longest")
+
+
+def test_the_async_helper_merges_the_same_tree(daemon: DaemonProcess, client: aurae_sdk.Client,
+                                               big_tree: dict[str, str]) -> None:
+    async def listed() -> list[cells.CellGraphNode]:
+        async with aurae_sdk.AsyncClient(daemon.config) as aclient:
+            return await aurae_sdk.alist_cells(aclient, page_size=2)
+
+    assert asyncio.run(listed()) == aurae_sdk.list_cells(client)

@@ -165,3 +165,25 @@ def test_peers_share_a_total_and_operators_keep_their_own_reserve(
     assert latecomer.open_watches(1) == ["RESOURCE_EXHAUSTED"]
     assert "the daemon's budget" in latecomer.refusal
     admin_answers(daemon)
+
+
+def test_budget_accounting_per_peer_total_and_operators() -> None:
+    from auraed.admission import LongLivedCalls, OverBudget
+
+    calls = LongLivedCalls(Budget(per_peer=2, total=3, operators=1))
+    a1, a2 = calls.admit("a", operator=False), calls.admit("a", operator=False)
+    with pytest.raises(OverBudget, match="a holds 2"):
+        calls.admit("a", operator=False)
+    b1 = calls.admit("b", operator=False)
+    with pytest.raises(OverBudget, match="the daemon's budget"):
+        calls.admit("c", operator=False)
+    ops = calls.admit("ops", operator=True)  # the total is full; the reserve is not
+    with pytest.raises(OverBudget, match="reserve"):
+        calls.admit("ops", operator=True)
+    a1.release()
+    a1.release()  # twice is once
+    assert calls.held("a") == 1 and calls.held() == 3
+    calls.admit("c", operator=False).release()
+    for ticket in (a2, b1, ops):
+        ticket.release()
+    assert calls.held() == 0 and calls.held("a") == 0
