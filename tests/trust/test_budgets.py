@@ -103,9 +103,16 @@ def test_idle_streams_beyond_a_peers_budget_are_refused_and_the_operator_still_a
     assert outcomes.count("RESOURCE_EXHAUSTED") == ATTEMPTS - PER_PEER
     assert peer.spiffe_id in peer.refusal and "budget" in peer.refusal
     admin_answers(daemon)
-    refusals = [json.loads(line) for line in audit_lines(daemon)[before:]]
-    refusals = [r for r in refusals if r.get("code") == "RESOURCE_EXHAUSTED"]
-    assert refusals and {r["peer"] for r in refusals} == {peer.spiffe_id}
+    # The audit log is written by its own thread, a moment after each call is answered.
+    deadline = time.monotonic() + 30
+    while True:
+        refusals = [json.loads(line) for line in audit_lines(daemon)[before:]]
+        refusals = [r for r in refusals if r.get("code") == "RESOURCE_EXHAUSTED"]
+        if len(refusals) >= ATTEMPTS - PER_PEER or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert len(refusals) == ATTEMPTS - PER_PEER
+    assert {r["peer"] for r in refusals} == {peer.spiffe_id}
     assert {r["method"] for r in refusals} == {"/grpc.health.v1.Health/Watch"}
 
 

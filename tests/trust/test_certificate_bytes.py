@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import time
 
 import pytest
 from cryptography import x509
@@ -102,9 +103,20 @@ MALFORMED = {
 }
 
 
+def _refusal_lines(daemon: DaemonProcess, before: int) -> list[str]:
+    """The audit lines of refused Lists since line `before`, once there is one: the audit log
+    is written by its own thread, a moment after the call is answered."""
+    deadline = time.monotonic() + 30
+    while True:
+        lines = [line for line in audit_lines(daemon)[before:]
+                 if LIST in line and '"decision": "deny"' in line]
+        if lines or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.05)
+
+
 def _audited_refusal(daemon: DaemonProcess, before: int) -> dict[str, object]:
-    refusals = [json.loads(line) for line in audit_lines(daemon)[before:]]
-    refusals = [r for r in refusals if r.get("method") == LIST and r["decision"] == "deny"]
+    refusals = [json.loads(line) for line in _refusal_lines(daemon, before)]
     assert len(refusals) == 1, refusals
     return refusals[0]
 
@@ -142,7 +154,7 @@ def test_without_a_policy_a_malformed_san_is_named_by_its_common_name(daemon: Da
 def test_the_audit_line_escapes_the_nul_and_stays_one_line(policy_daemon: DaemonProcess) -> None:
     before = len(audit_lines(policy_daemon))
     call_list(policy_daemon, certificate_with_uris(policy_daemon, [ADMIN + b"\x00junk\n{}"]))
-    raw = [line for line in audit_lines(policy_daemon)[before:] if LIST in line]
+    raw = _refusal_lines(policy_daemon, before)
     assert len(raw) == 1
     assert "/admin\\u0000junk\\n{}" in raw[0] and "\x00" not in raw[0]
 
