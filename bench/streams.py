@@ -18,10 +18,10 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from aurae_cli.pki import CertificateAuthority
 from aurae_sdk.config import channel_options, parse_target
-from auraed.testing import DaemonProcess, running_daemon
+from aurae_sdk.wire.pki import CertificateAuthority
 from bench.core import Comparison, Figure, Result, Series, rss_bytes
+from tests.support.daemon import DaemonProcess, running_daemon
 
 STREAMS = 1000
 STALLED = 30

@@ -9,7 +9,7 @@ import pytest
 
 import aurae_sdk
 from aurae_sdk import cells
-from auraed.testing import DaemonProcess
+from tests.support.daemon import DaemonProcess
 
 # The kernel's MAX_ARG_STRLEN on 4 KiB pages: one argv string with its NUL.
 MAX_ARG_STRLEN = 131072

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import aurae_sdk
-from auraed.testing import DaemonProcess
+from tests.support.daemon import DaemonProcess
 
 STALLED = 30
 LINES = 500_000  # per channel: ~30 MiB of records each, all retained (8 x 8 MiB segments)

@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 import aurae_sdk
 from aurae_sdk.wire.generated.pb.cells import cells_pb2, cells_pb2_grpc
 from auraed.admission import Budget
-from auraed.testing import DaemonProcess
+from tests.support.daemon import DaemonProcess
 
 from .conftest import TRUST_DOMAIN, audit_lines, issue, secure_channel
 

@@ -20,8 +20,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
 import aurae_sdk
-from aurae_cli.pki import CertificateAuthority, Credential
-from auraed.testing import DaemonProcess
+from aurae_sdk.wire.pki import CertificateAuthority, Credential
+from tests.support.daemon import DaemonProcess
 
 from .conftest import TRUST_DOMAIN, audit_lines, secure_channel
 
