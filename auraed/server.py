@@ -32,6 +32,7 @@ from auraed.admission import Budget, LongLivedCalls
 from auraed.audit import AuditLog
 from auraed.authz import Policy, PolicyError, PrincipalPattern, load_policy
 from auraed.generated.registry import SERVICE_NAMES, SERVICES, ServiceEntry, Servicer
+from auraed.images import ImageStore
 from auraed.interceptors import Admission, AuditTrail, Authorization, FaultTranslation
 from auraed.kernel.cgroups import CgroupError, detect_backend
 from auraed.logs import configure as configure_logging
@@ -40,6 +41,7 @@ from auraed.runtime.workloads import Workloads
 from auraed.services.cells import CellService
 from auraed.services.discovery import DiscoveryService
 from auraed.services.health import HealthService
+from auraed.services.images import ImageService
 from auraed.services.observe import ObserveService
 
 log = logging.getLogger("auraed")
@@ -53,6 +55,8 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 SHUTDOWN_RPC_GRACE = 2.0
 # In the library dir: an audit trail must outlive a reboot (the runtime dir is often tmpfs).
 AUDIT_LOG = "audit.log"
+# In the library dir too: imported images outlive a reboot.
+IMAGES_DIR = "images"
 # Exit status after the spawner died under us (EX_SOFTWARE): a service
 # manager restarts the daemon, which then cleans up what was left.
 SPAWNER_LOST_EXIT = 70
@@ -222,6 +226,7 @@ class Daemon:
         self._unix_socket: str | None = None
         self._audit: AuditLog | None = None
         self._exit_status = 0
+        self._images: ImageStore | None = None
 
     def request_stop(self, signum: int | None = None) -> None:
         self._stop.set()
@@ -290,6 +295,7 @@ class Daemon:
         self._workloads.on_spawner_lost = self._spawner_lost
         self._workloads.start()
 
+        self._open_images()
         self._health = HealthService(SERVICE_NAMES)
         services = assemble_servicers(self._servicers(self._workloads, self._health))
 
@@ -348,7 +354,22 @@ class Daemon:
             DiscoveryService(healthy=lambda: not self._shutting_down),
             ObserveService(workloads, self.daemon_log),
             health,
+            *self._image_servicers(),
         ]
+
+    # ------------------------------------------------------------ images (issue 14)
+    def _open_images(self) -> None:
+        """The image store under the library dir."""
+        store = ImageStore(self.settings.library_dir / IMAGES_DIR)
+        try:
+            store.open()
+        except OSError as error:
+            raise StartupError(f"image store {store.root}: {error.strerror}") from None
+        self._images = store
+
+    def _image_servicers(self) -> list[Servicer]:
+        assert self._images is not None
+        return [ImageService(self._images)]
 
     def shutdown(self) -> None:
         """Health NOT_SERVING, stop taking RPCs, stop every workload, remove our cgroups."""
