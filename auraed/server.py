@@ -11,6 +11,7 @@ import gc
 import inspect
 import logging
 import os
+import shutil
 import signal
 import socket
 import stat
@@ -37,6 +38,7 @@ from auraed.interceptors import Admission, AuditTrail, Authorization, FaultTrans
 from auraed.kernel.cgroups import CgroupError, detect_backend
 from auraed.logs import configure as configure_logging
 from auraed.output import LogRing
+from auraed.runtime.containers import Containers
 from auraed.runtime.workloads import Workloads
 from auraed.services.cells import CellService
 from auraed.services.discovery import DiscoveryService
@@ -57,6 +59,8 @@ SHUTDOWN_RPC_GRACE = 2.0
 AUDIT_LOG = "audit.log"
 # In the library dir too: imported images outlive a reboot.
 IMAGES_DIR = "images"
+# In the runtime dir: each container's writable layer and mount point.
+CONTAINERS_DIR = "containers"
 # Exit status after the spawner died under us (EX_SOFTWARE): a service
 # manager restarts the daemon, which then cleans up what was left.
 SPAWNER_LOST_EXIT = 70
@@ -227,6 +231,7 @@ class Daemon:
         self._audit: AuditLog | None = None
         self._exit_status = 0
         self._images: ImageStore | None = None
+        self._containers: Containers | None = None
 
     def request_stop(self, signum: int | None = None) -> None:
         self._stop.set()
@@ -350,7 +355,7 @@ class Daemon:
         """The servicers that need the daemon's parts: one line each, and the only place a
         service is named by hand. Every other service gets its default (assemble_servicers)."""
         return [
-            CellService(workloads),
+            CellService(workloads, self._containers),
             DiscoveryService(healthy=lambda: not self._shutting_down),
             ObserveService(workloads, self.daemon_log),
             health,
@@ -359,13 +364,15 @@ class Daemon:
 
     # ------------------------------------------------------------ images (issue 14)
     def _open_images(self) -> None:
-        """The image store under the library dir."""
+        """The image store under the library dir, and the containers that run its images."""
         store = ImageStore(self.settings.library_dir / IMAGES_DIR)
         try:
             store.open()
         except OSError as error:
             raise StartupError(f"image store {store.root}: {error.strerror}") from None
         self._images = store
+        self._containers = Containers(store, self.settings.runtime_dir / CONTAINERS_DIR)
+        self._containers.start()
 
     def _image_servicers(self) -> list[Servicer]:
         assert self._images is not None
@@ -384,6 +391,8 @@ class Daemon:
         self.daemon_log.close()
         if self._workloads is not None:
             self._workloads.shutdown()
+        if self._containers is not None:
+            shutil.rmtree(self._containers.root, ignore_errors=True)
         self._cleanup()
         log.info("auraed stopped")
 

@@ -149,6 +149,8 @@ _START_FIELDS: dict[str, str] = {
     "name": "executable.name",
     "command": "executable.command",
     "description": "executable.description",
+    "image": "executable.image",
+    "read_only_rootfs": "executable.read_only_rootfs",
     "uid": "uid",
     "gid": "gid",
 }
@@ -177,6 +179,18 @@ _START_POSITIONALS: tuple[tuple[str, bool], ...] = (
     "description",
     type=str,
     help="Free text saying what the executable is for.",
+)
+@click.option(
+    "--image",
+    "image",
+    type=str,
+    help="aurae-py addition: run a container of this image (a reference or an id\nfrom the image service) instead of a host command: its root filesystem\nis the image's layers under a writable overlay, entered with pivot_root\nin a mount namespace of its own, with /proc, a minimal /dev and a\nread-only /sys. The image config's entrypoint, cmd, env, working\ndirectory and user apply; a command, split like a shell would, replaces\nthe image's cmd; uid and gid of the request replace the image's user.",
+)
+@click.option(
+    "--read-only-rootfs/--no-read-only-rootfs",
+    "read_only_rootfs",
+    default=None,
+    help="aurae-py addition: with image, mount the container's root filesystem\nread-only.",
 )
 @click.option(
     "--uid",

@@ -643,6 +643,20 @@ MESSAGES: tuple[MessageInfo, ...] = (
                 "",
                 "Free text saying what the executable is for.",
             ),
+            FieldInfo(
+                12,
+                "image",
+                "string",
+                "optional",
+                "aurae-py addition: run a container of this image (a reference or an id\nfrom the image service) instead of a host command: its root filesystem\nis the image's layers under a writable overlay, entered with pivot_root\nin a mount namespace of its own, with /proc, a minimal /dev and a\nread-only /sys. The image config's entrypoint, cmd, env, working\ndirectory and user apply; a command, split like a shell would, replaces\nthe image's cmd; uid and gid of the request replace the image's user.",
+            ),
+            FieldInfo(
+                13,
+                "read_only_rootfs",
+                "bool",
+                "",
+                "aurae-py addition: with image, mount the container's root filesystem\nread-only.",
+            ),
         ),
     ),
     MessageInfo(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +39,8 @@ class Executable:
     exit_status: ExitStatus | None = None
     exited_at: float = 0.0
     oom_killed: bool = False
+    # Called once the executable is forgotten: a container releases its filesystem.
+    release: Callable[[], None] = field(default=lambda: None, repr=False)
     _exited: threading.Event = field(default_factory=threading.Event, repr=False)
 
     @property

@@ -24,7 +24,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from auraed.errors import (
@@ -59,6 +59,7 @@ from auraed.kernel.processes import (
     signal_group,
 )
 from auraed.output import OutputLog, OutputPump, output_pipe
+from auraed.runtime.containers import ContainerSpec
 from auraed.runtime.executables import Executable, ExecutableKey
 from auraed.runtime.names import CellName
 from auraed.runtime.signals import SignalEvent, SignalFeed
@@ -348,16 +349,35 @@ class Workloads:
         description: str = "",
         uid: int | None = None,
         gid: int | None = None,
+        container: ContainerSpec | None = None,
     ) -> Executable:
-        _check_command(command)
-        uid = os.getuid() if uid is None else uid
-        gid = os.getgid() if gid is None else gid
-        _check_identity(uid, gid)
+        """With `container`, run its argv in its filesystem as its user; the caller's
+        `command` is then only what listings show. The container is released if this fails."""
+        try:
+            return self._start_executable(cell_name, name, command, description=description,
+                                          uid=uid, gid=gid, container=container)
+        except BaseException:
+            if container is not None:
+                container.release()
+            raise
+
+    def _start_executable(self, cell_name: CellName | None, name: str, command: str, *,
+                          description: str, uid: int | None, gid: int | None,
+                          container: ContainerSpec | None) -> Executable:
+        if container is None:
+            _check_command(command)
+            uid = os.getuid() if uid is None else uid
+            gid = os.getgid() if gid is None else gid
+            _check_identity(uid, gid)  # a container's users are the image's, not the host's
+        else:
+            uid, gid = container.uid, container.gid
         key = ExecutableKey(cell_name, name)
         with self._lock:
             self._check_open()
             registry = self._registry(cell_name, field="cell_name", for_change=True)
             namespaces = self._namespaces_for_start(cell_name)
+            if container is not None and container.mount_namespace is not None:
+                namespaces = replace(namespaces or NamespaceSet(), mnt=container.mount_namespace)
             previous = registry.get(name)
             # A name is free again once its process group is gone, not just its leader.
             if previous is not None and not self._ended(previous):
@@ -368,7 +388,7 @@ class Workloads:
             if previous is not None:
                 self._forget(previous)
                 del registry[name]
-            executable = self._spawn(key, command, description, uid, gid, namespaces)
+            executable = self._spawn(key, command, description, uid, gid, namespaces, container)
             registry[name] = executable
         log.info(
             "executable started",
@@ -453,7 +473,8 @@ class Workloads:
         return cell.namespaces
 
     def _spawn(self, key: ExecutableKey, command: str, description: str, uid: int, gid: int,
-               namespaces: NamespaceSet | None) -> Executable:
+               namespaces: NamespaceSet | None,
+               container: ContainerSpec | None = None) -> Executable:
         log_dir = self._log_dir(key)
         stdout = OutputLog(log_dir, "stdout", segment_bytes=self._log_segment_bytes,
                            max_segments=self._log_segments)
@@ -466,7 +487,10 @@ class Workloads:
         started_at = time.time()
         try:
             spec = SpawnSpec(
-                command=command,
+                command=container.argv if container else command,
+                env=container.env if container else default_env(),
+                cwd=container.cwd if container else "/",
+                rootfs=container.rootfs if container else None,
                 uid=uid,
                 gid=gid,
                 stdout_fd=out_write,
@@ -500,6 +524,8 @@ class Workloads:
             key=key, command=command, description=description, uid=uid, gid=gid,
             process=process, stdout=stdout, stderr=stderr, log_dir=log_dir, started_at=started_at,
         )
+        if container is not None:
+            executable.release = container.release
         self._pump.watch(out_read, stdout)
         self._pump.watch(err_read, stderr)
         with self._pids_lock:
@@ -523,6 +549,7 @@ class Workloads:
         with self._pids_lock:
             if self._by_host_pid.get(executable.process.host_pid) is executable:
                 del self._by_host_pid[executable.process.host_pid]
+        executable.release()  # a container's writable layer and its hold on the image
         if executable.stdout.complete and executable.stderr.complete:
             executable.stdout.remove()
             executable.stderr.remove()

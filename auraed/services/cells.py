@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import shlex
 from typing import Any
 
 import grpc
 from google.protobuf.message import Message
 
 from aurae_sdk.wire.generated.pb.cells import cells_pb2 as pb
-from auraed.errors import InvalidArgument
+from auraed.errors import InvalidArgument, Unimplemented
 from auraed.generated.cells import CellServiceBase
 from auraed.kernel.cgroups import CgroupLimits
+from auraed.runtime.containers import Containers, ContainerSpec
 from auraed.runtime.executables import Executable
 from auraed.runtime.names import CellName, parse_executable_name
 from auraed.runtime.workloads import CellSpec, Workloads
@@ -91,8 +93,9 @@ def _optional_cell(request: pb.CellServiceStartRequest | pb.CellServiceStopReque
 
 
 class CellService(CellServiceBase):
-    def __init__(self, workloads: Workloads) -> None:
+    def __init__(self, workloads: Workloads, containers: Containers | None = None) -> None:
         self.workloads = workloads
+        self.containers = containers
 
     def allocate(self, request: pb.CellServiceAllocateRequest,
                  context: grpc.ServicerContext) -> pb.CellServiceAllocateResponse:
@@ -116,13 +119,17 @@ class CellService(CellServiceBase):
               context: grpc.ServicerContext) -> pb.CellServiceStartResponse:
         cell = _optional_cell(request)
         name = parse_executable_name(request.executable.name, field="executable.name")
+        uid = request.uid if request.HasField("uid") else None
+        gid = request.gid if request.HasField("gid") else None
+        container = self._container(request, uid, gid)
         executable = self.workloads.start_executable(
             cell,
             name,
-            request.executable.command,
+            container.command if container else request.executable.command,
             description=request.executable.description,
-            uid=request.uid if request.HasField("uid") else None,
-            gid=request.gid if request.HasField("gid") else None,
+            uid=uid,
+            gid=gid,
+            container=container,
         )
         return pb.CellServiceStartResponse(
             pid=executable.process.ns_pid,
@@ -130,6 +137,24 @@ class CellService(CellServiceBase):
             gid=executable.gid,
             host_pid=executable.process.host_pid,
         )
+
+    def _container(self, request: pb.CellServiceStartRequest, uid: int | None,
+                   gid: int | None) -> ContainerSpec | None:
+        """The container to run, when the executable names an image."""
+        executable = request.executable
+        if not executable.HasField("image"):
+            if executable.read_only_rootfs:
+                raise InvalidArgument("read_only_rootfs needs an image",
+                                      field="executable.read_only_rootfs")
+            return None
+        if self.containers is None:
+            raise Unimplemented("this daemon runs no containers")
+        try:
+            args = shlex.split(executable.command) if executable.command.strip() else None
+        except ValueError as error:
+            raise InvalidArgument(f"command: {error}", field="executable.command") from None
+        return self.containers.prepare(executable.image, args=args, uid=uid, gid=gid,
+                                       read_only=executable.read_only_rootfs)
 
     def stop(self, request: pb.CellServiceStopRequest,
              context: grpc.ServicerContext) -> pb.CellServiceStopResponse:

@@ -449,24 +449,43 @@ class Executable(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     COMMAND_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
+    IMAGE_FIELD_NUMBER: _builtins.int
+    READ_ONLY_ROOTFS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Name of the executable, unique within its cell."""
     command: _builtins.str
     """Shell command line, run with "sh -c"."""
     description: _builtins.str
     """Free text saying what the executable is for."""
+    image: _builtins.str
+    """aurae-py addition: run a container of this image (a reference or an id
+    from the image service) instead of a host command: its root filesystem
+    is the image's layers under a writable overlay, entered with pivot_root
+    in a mount namespace of its own, with /proc, a minimal /dev and a
+    read-only /sys. The image config's entrypoint, cmd, env, working
+    directory and user apply; a command, split like a shell would, replaces
+    the image's cmd; uid and gid of the request replace the image's user.
+    """
+    read_only_rootfs: _builtins.bool
+    """aurae-py addition: with image, mount the container's root filesystem
+    read-only.
+    """
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         command: _builtins.str = ...,
         description: _builtins.str = ...,
+        image: _builtins.str | None = ...,
+        read_only_rootfs: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_image", b"_image", "image", b"image"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "description", b"description", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_image", b"_image", "command", b"command", "description", b"description", "image", b"image", "name", b"name", "read_only_rootfs", b"read_only_rootfs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__image: _TypeAlias = _typing.Literal["image"]  # noqa: Y015
+    _WhichOneofArgType__image: _TypeAlias = _typing.Literal["_image", b"_image"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__image) -> _WhichOneofReturnType__image | None: ...
 
 Global___Executable: _TypeAlias = Executable  # noqa: Y015
 
