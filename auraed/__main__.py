@@ -61,6 +61,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--long-lived-operators", type=_positive, default=Budget.operators,
                         metavar="N", help="long-lived calls operators together may have "
                                           "running at once (default: %(default)s)")
+    parser.add_argument("--cri-socket", type=Path, metavar="PATH",
+                        help="also serve the Kubernetes CRI (runtime.v1 RuntimeService and "
+                             "ImageService) for kubelet, plaintext on this Unix socket of mode "
+                             "0600 (see docs/cri.md)")
     return parser.parse_args(argv)
 
 
@@ -97,6 +101,7 @@ def main(argv: list[str] | None = None) -> None:
         budget=Budget(per_peer=args.long_lived_per_peer, total=args.long_lived_total,
                       operators=args.long_lived_operators),
         **({"operators": tuple(args.operator)} if args.operator else {}),
+        cri_socket=args.cri_socket,
     )
     sys.exit(Daemon(settings).run())
 

@@ -21,6 +21,7 @@ from concurrent import futures
 from dataclasses import dataclass, field
 from importlib import import_module
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from google.protobuf import descriptor_pool
@@ -45,6 +46,9 @@ from auraed.services.discovery import DiscoveryService
 from auraed.services.health import HealthService
 from auraed.services.images import ImageService
 from auraed.services.observe import ObserveService
+
+if TYPE_CHECKING:
+    from auraed.cri.pods import Pods
 
 log = logging.getLogger("auraed")
 
@@ -96,6 +100,7 @@ class Settings:
     # Long-lived calls (streams, Wait, Stop) at once: see auraed/admission.py.
     budget: Budget = field(default_factory=Budget)
     operators: tuple[str, ...] = DEFAULT_OPERATORS
+    cri_socket: Path | None = None
 
 
 def _read_pki(settings: Settings) -> tuple[bytes, bytes, bytes]:
@@ -232,6 +237,8 @@ class Daemon:
         self._exit_status = 0
         self._images: ImageStore | None = None
         self._containers: Containers | None = None
+        self._cri_server: grpc.Server | None = None
+        self._pods: Pods | None = None
 
     def request_stop(self, signum: int | None = None) -> None:
         self._stop.set()
@@ -301,6 +308,7 @@ class Daemon:
         self._workloads.start()
 
         self._open_images()
+        self._serve_cri()
         self._health = HealthService(SERVICE_NAMES)
         services = assemble_servicers(self._servicers(self._workloads, self._health))
 
@@ -378,6 +386,35 @@ class Daemon:
         assert self._images is not None
         return [ImageService(self._images)]
 
+    def _serve_cri(self) -> None:
+        """kubelet's runtime.v1 services on --cri-socket, when given."""
+        if self.settings.cri_socket is None:
+            return
+        from auraed.cri.pods import Pods
+        from auraed.cri.server import CriSocketError, serve_cri
+        from auraed.cri.service import CriImageService, CriRuntimeService
+
+        assert self._workloads is not None and self._containers is not None
+        assert self._images is not None
+        self._pods = Pods(self._workloads, self._containers, self._images)
+        try:
+            self._cri_server = serve_cri(
+                self.settings.cri_socket,
+                CriRuntimeService(self._pods, ready=lambda: not self._shutting_down),
+                CriImageService(self._images))
+        except CriSocketError as error:
+            raise StartupError(str(error)) from None
+        log.info("CRI serving", extra={"cri_socket": str(self.settings.cri_socket)})
+
+    def _stop_cri(self) -> None:
+        if self._cri_server is not None:
+            self._cri_server.stop(SHUTDOWN_RPC_GRACE).wait()
+            self._cri_server = None
+            assert self.settings.cri_socket is not None
+            self.settings.cri_socket.unlink(missing_ok=True)
+        if self._pods is not None:
+            self._pods.shutdown()
+
     def shutdown(self) -> None:
         """Health NOT_SERVING, stop taking RPCs, stop every workload, remove our cgroups."""
         if self._shutting_down:
@@ -388,6 +425,7 @@ class Daemon:
             self._health.shutting_down()
         if self._server is not None:
             self._server.stop(SHUTDOWN_RPC_GRACE).wait()
+        self._stop_cri()
         self.daemon_log.close()
         if self._workloads is not None:
             self._workloads.shutdown()

@@ -396,9 +396,11 @@ class Workloads:
         )
         return executable
 
-    def stop_executable(self, cell_name: CellName | None, name: str, grace: float | None = None) -> Executable:
+    def stop_executable(self, cell_name: CellName | None, name: str, grace: float | None = None,
+                        *, forget: bool = True) -> Executable:
         """End an executable (SIGTERM to its group, SIGKILL after the grace
-        period) and forget it. Returns it with its exit status."""
+        period) and forget it (unless `forget` is False: the CRI keeps stopped
+        containers until they are removed). Returns it with its exit status."""
         with self._lock:
             registry = self._registry(cell_name, field="cell_name", for_change=False)
             executable = registry.get(name)
@@ -407,6 +409,8 @@ class Workloads:
                     f"no executable {name} in {_where(cell_name)}", field="executable_name"
                 )
         self._stop_all([executable], self._grace(grace))
+        if not forget:
+            return executable
         with self._lock:
             if registry.get(name) is executable:
                 del registry[name]

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 import aurae_sdk
-from auraed.testing import DaemonProcess
+from tests.support.daemon import DaemonProcess
 
 pytestmark = pytest.mark.daemon
 
