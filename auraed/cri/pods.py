@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import re
 import secrets
 import shlex
@@ -454,6 +455,28 @@ class Pods:
         finally:
             self.workloads.stop_executable(container.cell, name, grace=0)
         return output[0], output[1], code
+
+    def usage(self, container: CriContainer) -> tuple[int, int | None, int, int]:
+        """CPU µs and memory bytes of the container's cell, and bytes and inodes of its
+        writable layer."""
+        from auraed.kernel.cgroups import CgroupError
+
+        try:
+            used = self.workloads.backend.usage(container.cell.path)
+        except CgroupError as error:
+            raise NotFound(f"container {container.id} has no cgroup: {error}",
+                           field="container_id") from None
+        size = inodes = 0
+        upper = container.spec.directory / "upper" if container.spec.directory else None
+        if upper is not None:
+            for directory, subdirectories, files in os.walk(upper):
+                inodes += len(files) + len(subdirectories)
+                for name in files:
+                    try:
+                        size += os.lstat(os.path.join(directory, name)).st_size
+                    except OSError:
+                        pass
+        return used.cpu_usec, used.memory_bytes, size, inodes
 
     def shutdown(self) -> None:
         """Remove every sandbox (the daemon is stopping)."""

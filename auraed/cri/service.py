@@ -293,6 +293,49 @@ class CriRuntimeService:
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(error))
         return cri.ExecSyncResponse(stdout=stdout, stderr=stderr, exit_code=code)
 
+    def ContainerStats(self, request: cri.ContainerStatsRequest,
+                       context: grpc.ServicerContext) -> cri.ContainerStatsResponse:
+        return cri.ContainerStatsResponse(stats=self._stats(
+            self.pods.container(request.container_id)))
+
+    def ListContainerStats(self, request: cri.ListContainerStatsRequest,
+                           context: grpc.ServicerContext) -> cri.ListContainerStatsResponse:
+        wanted = request.filter
+        stats = []
+        for container in self.pods.list_containers(
+                container_id=wanted.id, sandbox_id=wanted.pod_sandbox_id, state="RUNNING",
+                labels=dict(wanted.label_selector)):
+            try:
+                stats.append(self._stats(container))
+            except NotFound:
+                pass  # removed meanwhile
+        return cri.ListContainerStatsResponse(stats=stats)
+
+    def _stats(self, container: CriContainer) -> cri.ContainerStats:
+        cpu_usec, memory, layer_bytes, layer_inodes = self.pods.usage(container)
+        now = time.time_ns()
+        config = container.config
+        stats = cri.ContainerStats(
+            attributes=cri.ContainerAttributes(
+                id=container.id,
+                metadata=cri.ContainerMetadata(name=config.name, attempt=config.attempt),
+                labels=dict(config.labels), annotations=dict(config.annotations)),
+            cpu=cri.CpuUsage(timestamp=now, usage_core_nano_seconds=cri.UInt64Value(
+                value=cpu_usec * 1000)),
+            writable_layer=cri.FilesystemUsage(
+                timestamp=now, fs_id=cri.FilesystemIdentifier(
+                    mountpoint=str(container.spec.directory or "")),
+                used_bytes=cri.UInt64Value(value=layer_bytes),
+                inodes_used=cri.UInt64Value(value=layer_inodes)),
+        )
+        if memory is not None:
+            # The cgroup's whole usage (page cache included): kubelet's working set would
+            # subtract inactive file pages, which the backend does not read yet.
+            stats.memory.CopyFrom(cri.MemoryUsage(
+                timestamp=now, working_set_bytes=cri.UInt64Value(value=memory),
+                usage_bytes=cri.UInt64Value(value=memory)))
+        return stats
+
     def RuntimeConfig(self, request: cri.RuntimeConfigRequest,
                       context: grpc.ServicerContext) -> cri.RuntimeConfigResponse:
         return cri.RuntimeConfigResponse(linux=cri.LinuxRuntimeConfiguration(

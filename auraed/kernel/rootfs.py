@@ -61,6 +61,9 @@ def enter_rootfs(spec: dict[str, Any], at: Step) -> None:
     """In the container's process: make and enter its root filesystem (see the module doc).
     `at(stage, detail)` names the step, so that a failure is reported as it."""
     target = spec["target"]
+    # What we create in the container (/mnt for a mount point, /dev's nodes) must be usable by
+    # its users: not the daemon's private umask.
+    os.umask(0o022)
     at("unshare", "mnt")
     unshare(CLONE_NEWNS)
     at("mount", "/ private")

@@ -165,6 +165,14 @@ def test_core_flow(crid: Cri, tmp_path: Path) -> None:
         container_id=container_id, cmd=["sleep", "30"], timeout=1)) == \
         grpc.StatusCode.DEADLINE_EXCEEDED
 
+    stats = runtime.ContainerStats(cri.ContainerStatsRequest(container_id=container_id),
+                                   timeout=10).stats
+    assert stats.attributes.id == container_id and stats.memory.usage_bytes.value > 0
+    assert stats.cpu.usage_core_nano_seconds.value > 0
+    listed_stats = runtime.ListContainerStats(cri.ListContainerStatsRequest(
+        filter=cri.ContainerStatsFilter(pod_sandbox_id=sandbox_id)), timeout=10).stats
+    assert [s.attributes.id for s in listed_stats] == [container_id]
+
     log_file = logs / "main" / "0.log"
     _wait_for(lambda: log_file.exists() and len(log_file.read_bytes().splitlines()) >= 4)
     records = [CRI_LINE.match(line) for line in log_file.read_bytes().splitlines()]
@@ -259,8 +267,6 @@ def test_bad_requests_and_unimplemented(crid: Cri, tmp_path: Path) -> None:
         (runtime.Exec, cri.ExecRequest(container_id="x")),
         (runtime.PortForward, cri.PortForwardRequest()),
         (runtime.UpdateContainerResources, cri.UpdateContainerResourcesRequest()),
-        (runtime.ContainerStats, cri.ContainerStatsRequest()),
-        (runtime.ListContainerStats, cri.ListContainerStatsRequest()),
         (runtime.CheckpointContainer, cri.CheckpointContainerRequest()),
         (runtime.StreamPodSandboxes, cri.StreamPodSandboxesRequest()),
         (runtime.GetContainerEvents, cri.GetEventsRequest()),
@@ -270,3 +276,43 @@ def test_bad_requests_and_unimplemented(crid: Cri, tmp_path: Path) -> None:
     # Still serving after all that.
     assert crid.runtime.Version(cri.VersionRequest(), timeout=10).runtime_name == "aurae-py"
     assert "Traceback" not in crid.daemon.log()
+
+
+def test_mounts_user_and_read_only_rootfs(crid: Cri, tmp_path: Path) -> None:
+    runtime = crid.runtime
+    shared = tmp_path / "volume"
+    shared.mkdir()
+    (shared / "file").write_text("from the host\n")
+    config = _sandbox_config("vol", tmp_path / "logs")
+    sandbox_id = runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=config),
+                                       timeout=30).pod_sandbox_id
+    try:
+        container_id = runtime.CreateContainer(cri.CreateContainerRequest(
+            pod_sandbox_id=sandbox_id, sandbox_config=config, config=cri.ContainerConfig(
+                metadata=cri.ContainerMetadata(name="reader"), image=cri.ImageSpec(image=IMAGE),
+                command=["sleep", "300"], working_dir="/tmp",
+                mounts=[cri.Mount(container_path="/mnt/volume", host_path=str(shared),
+                                  readonly=True)],
+                linux=cri.LinuxContainerConfig(security_context=cri.LinuxContainerSecurityContext(
+                    run_as_user=cri.Int64Value(value=65534), readonly_rootfs=True)))),
+            timeout=30).container_id
+        runtime.StartContainer(cri.StartContainerRequest(container_id=container_id), timeout=30)
+
+        def run(*argv: str) -> cri.ExecSyncResponse:
+            return runtime.ExecSync(cri.ExecSyncRequest(container_id=container_id, cmd=argv),
+                                    timeout=60)
+
+        read = run("cat", "/mnt/volume/file")
+        assert read.stdout == b"from the host\n", read.stderr
+        assert run("id", "-u").stdout == b"65534\n"
+        assert run("pwd").stdout == b"/tmp\n"
+        assert run("touch", "/mnt/volume/new").exit_code != 0
+        assert run("sh", "-c", "echo x > /rootfs-write").exit_code != 0
+        assert not (shared / "new").exists()
+        status = runtime.ContainerStatus(cri.ContainerStatusRequest(container_id=container_id),
+                                         timeout=10).status
+        assert status.user.linux.uid == 65534
+        assert [(m.container_path, m.readonly) for m in status.mounts] == [("/mnt/volume", True)]
+    finally:
+        runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=sandbox_id),
+                                 timeout=60)
