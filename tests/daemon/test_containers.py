@@ -147,3 +147,13 @@ def test_bad_requests_change_nothing(daemon: DaemonProcess, client: aurae_sdk.Cl
     with pytest.raises(aurae_sdk.FailedPrecondition):
         client.images.remove(image_name=IMAGE)
     client.cells.stop(cell_name=cell, executable_name="holds", grace_period_ms=2000)
+
+
+def test_cli_starts_a_container(daemon: DaemonProcess, client: aurae_sdk.Client, imported: str,
+                                cell: str) -> None:
+    started = daemon.cli("cells", "start", cell, "cli", "--image", IMAGE, "--read-only-rootfs",
+                         "--command", "sh -c 'cat /etc/motd; touch /x'")
+    assert started.returncode == 0, started.stderr
+    status = client.cells.wait(cell_name=cell, executable_name="cli", timeout=60).status
+    assert status.exit_code == 1
+    assert _stdout(daemon, cell, "cli") == ["aurae-py test image"]
