@@ -196,6 +196,9 @@ class Pods:
             raise InvalidArgument("namespace mode TARGET is for containers, not sandboxes",
                                   field="config.linux.security_context.namespace_options")
         isolate_process = NODE not in (config.pid, config.ipc)
+        if config.log_directory and not os.path.isabs(config.log_directory):
+            raise InvalidArgument("log_directory must be an absolute path",
+                                  field="config.log_directory")
         if config.hostname and not _HOSTNAME.fullmatch(config.hostname):
             raise InvalidArgument(f"invalid hostname {config.hostname!r}", field="config.hostname")
         with self._lock:
@@ -307,6 +310,10 @@ class Pods:
                     raise AlreadyExists(f"container {config.name} attempt {config.attempt} "
                                         f"exists in the sandbox: {other.id}",
                                         field="config.metadata")
+        if config.log_path and (os.path.isabs(config.log_path)
+                                or ".." in config.log_path.split("/")):
+            raise InvalidArgument("log_path must be relative to the sandbox's log directory",
+                                  field="config.log_path")
         if config.run_as_user is not None and config.run_as_username:
             raise InvalidArgument("run_as_user and run_as_username exclude each other",
                                   field="config.linux.security_context")

@@ -31,8 +31,8 @@ class Cri:
     def __init__(self, daemon: DaemonProcess, socket: Path, channel: grpc.Channel) -> None:
         self.daemon = daemon
         self.socket = socket
-        self.runtime = cri_grpc.RuntimeServiceStub(channel)  # type: ignore[no-untyped-call]
-        self.images = cri_grpc.ImageServiceStub(channel)  # type: ignore[no-untyped-call]
+        self.runtime = cri_grpc.RuntimeServiceStub(channel)
+        self.images = cri_grpc.ImageServiceStub(channel)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def _code(call: Any, request: Any) -> grpc.StatusCode:
         response = call(request, timeout=30)
         if hasattr(response, "__iter__") and not hasattr(response, "ListFields"):
             list(response)
-    return raised.value.code()  # type: ignore[no-any-return]
+    return raised.value.code()
 
 
 def test_socket_is_private_and_answers_version(crid: Cri) -> None:
@@ -254,6 +254,14 @@ def test_bad_requests_and_unimplemented(crid: Cri, tmp_path: Path) -> None:
         pod_sandbox_id="0" * 64, config=cri.ContainerConfig(
             metadata=cri.ContainerMetadata(name="x"), image=cri.ImageSpec(image=IMAGE)))
         ) == grpc.StatusCode.NOT_FOUND
+    sandbox_id = runtime.RunPodSandbox(cri.RunPodSandboxRequest(
+        config=_sandbox_config("bad", tmp_path)), timeout=30).pod_sandbox_id
+    for log_path in ("../../escape.log", "/etc/escape.log"):
+        assert _code(runtime.CreateContainer, cri.CreateContainerRequest(
+            pod_sandbox_id=sandbox_id, config=cri.ContainerConfig(
+                metadata=cri.ContainerMetadata(name="x"), image=cri.ImageSpec(image=IMAGE),
+                log_path=log_path))) == invalid
+    runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=sandbox_id), timeout=30)
     assert _code(runtime.StartContainer, cri.StartContainerRequest(
         container_id="nope")) == grpc.StatusCode.NOT_FOUND
     # Stop and remove of what never existed are not errors.
