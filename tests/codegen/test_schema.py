@@ -65,6 +65,7 @@ def test_packages_and_services(api: Api) -> None:
     assert set(services) == {
         "aurae.cells.v0.CellService",
         "aurae.discovery.v0.DiscoveryService",
+        "aurae.images.v0.ImageService",
         "aurae.observe.v0.ObserveService",
         "aurae.vms.v0.VmService",
         "grpc.health.v1.Health",
