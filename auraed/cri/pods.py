@@ -6,7 +6,7 @@ container is a nested cell `p<id>/c<id>` (its own cgroup and limits, the pod's n
 running one executable, `main`, in the image's root filesystem (auraed.runtime.containers).
 The CRI's lifecycle maps so:
 
-  RunPodSandbox    allocate the pod cell (then set its hostname)
+  RunPodSandbox    allocate the pod cell, named with the pod's hostname
   CreateContainer  prepare the container's filesystem, allocate its cell   -> CREATED
   StartContainer   start `main` in it, copy its output to the CRI log     -> RUNNING
   (exit)                                                                   -> EXITED
@@ -213,10 +213,9 @@ class Pods:
             cell = CellName(f"p{sandbox_id[:24]}")
         self.workloads.allocate(cell, CellSpec(limits=config.limits,
                                                isolate_process=isolate_process,
-                                               isolate_network=config.network != NODE))
+                                               isolate_network=config.network != NODE,
+                                               hostname=config.hostname or None))
         try:
-            if config.hostname and isolate_process:
-                self._set_hostname(cell, config.hostname)
             if config.log_directory:
                 Path(config.log_directory).mkdir(mode=0o755, parents=True, exist_ok=True)
         except BaseException:
@@ -228,20 +227,6 @@ class Pods:
         log.info("pod sandbox running", extra={"sandbox": sandbox_id, "cell": cell.path,
                                                "pod": f"{config.namespace}/{config.name}"})
         return sandbox
-
-    def _set_hostname(self, cell: CellName, hostname: str) -> None:
-        """The pod's hostname, set in its uts namespace (the cell's holder named it after
-        the cell)."""
-        name = "set-hostname"
-        executable = self.workloads.start_executable(cell, name, f"hostname {hostname}",
-                                                     uid=0, gid=0)
-        try:
-            executable.wait(30)
-            status = executable.exit_status
-        finally:
-            self.workloads.stop_executable(cell, name, grace=0)
-        if status is None or status.exit_code != 0:
-            raise FailedPrecondition(f"could not set the pod's hostname {hostname!r}")
 
     def sandbox(self, sandbox_id: str) -> Sandbox:
         with self._lock:
@@ -283,16 +268,20 @@ class Pods:
         except NotFound:
             return
         self.stop_sandbox(sandbox.id)
-        with self._lock:
-            members = list(sandbox.containers.values())
-        for container in members:
-            self.remove_container(container.id)
+        # One free of the pod cell removes the containers' cells with it.
         try:
             self.workloads.free(sandbox.cell, grace=0)
         except NotFound:
             pass  # freed already (a concurrent remove)
         with self._lock:
+            members = list(sandbox.containers.values())
             self._sandboxes.pop(sandbox.id, None)
+            for container in members:
+                self._by_container.pop(container.id, None)
+        for container in members:
+            container.spec.release()
+            if container.log is not None:
+                container.log.close()
         log.info("pod sandbox removed", extra={"sandbox": sandbox.id})
 
     # ------------------------------------------------------------------ containers

@@ -86,6 +86,8 @@ class CellSpec:
     limits: CgroupLimits
     isolate_process: bool = False
     isolate_network: bool = False
+    # The hostname in the cell's own uts namespace; None names it after the cell.
+    hostname: str | None = None
 
     @property
     def unshared(self) -> frozenset[str]:
@@ -248,7 +250,7 @@ class Workloads:
         try:
             holder = self._spawner.spawn_holder(HolderSpec(
                 unshare=cell.spec.unshared,
-                hostname=cell.name.leaf,
+                hostname=cell.spec.hostname or cell.name.leaf,
                 stdout_fd=self._devnull,
                 stderr_fd=self._devnull,
                 cgroup_join=self.backend.join_files(cell.name.path),
