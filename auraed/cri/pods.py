@@ -35,7 +35,7 @@ import shlex
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from auraed.cri.logs import CriLog
@@ -418,6 +418,27 @@ class Pods:
             if sandbox is not None:
                 sandbox.containers.pop(container.id, None)
         log.info("container removed", extra={"container": container.id})
+
+    def update_resources(self, container_id: str, limits: CgroupLimits) -> None:
+        """Write new limits to a container's cell (those set; the rest stay)."""
+        from auraed.kernel.cgroups import CgroupError, InvalidLimit, LimitRefused, UnsupportedLimit
+
+        container = self.container(container_id)
+        if container.state == "EXITED":
+            raise FailedPrecondition(f"container {container.id} has exited",
+                                     field="container_id")
+        try:
+            self.workloads.backend.update(container.cell.path, limits)
+        except InvalidLimit as error:
+            raise InvalidArgument(str(error), field=f"linux.{error.field}") from None
+        except (UnsupportedLimit, LimitRefused) as error:
+            raise FailedPrecondition(str(error), field=f"linux.{error.field}") from None
+        except CgroupError as error:
+            raise NotFound(f"container {container.id}: {error}", field="container_id") from None
+        with self._lock:
+            merged = {name: value for name, value in vars(limits).items() if value is not None}
+            container.config = replace(container.config,
+                                       limits=replace(container.config.limits, **merged))
 
     def reopen_log(self, container_id: str) -> None:
         container = self.container(container_id)

@@ -276,6 +276,12 @@ class CriRuntimeService:
             info["info"] = f'{{"pid": {container.executable.process.host_pid}}}'
         return cri.ContainerStatusResponse(status=_container_status(container), info=info)
 
+    def UpdateContainerResources(self, request: cri.UpdateContainerResourcesRequest,
+                                 context: grpc.ServicerContext
+                                 ) -> cri.UpdateContainerResourcesResponse:
+        self.pods.update_resources(request.container_id, limits_of(request.linux))
+        return cri.UpdateContainerResourcesResponse()
+
     def ReopenContainerLog(self, request: cri.ReopenContainerLogRequest,
                            context: grpc.ServicerContext) -> cri.ReopenContainerLogResponse:
         self.pods.reopen_log(request.container_id)

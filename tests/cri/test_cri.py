@@ -173,6 +173,24 @@ def test_core_flow(crid: Cri, tmp_path: Path) -> None:
         filter=cri.ContainerStatsFilter(pod_sandbox_id=sandbox_id)), timeout=10).stats
     assert [s.attributes.id for s in listed_stats] == [container_id]
 
+    runtime.UpdateContainerResources(cri.UpdateContainerResourcesRequest(
+        container_id=container_id, linux=cri.LinuxContainerResources(
+            memory_limit_in_bytes=96 * 1024 * 1024, cpu_quota=50000, cpu_period=100000)),
+        timeout=10)
+    cell = f"p{sandbox_id[:24]}/c{container_id[:24]}"
+    tops = {d.parent.name: d for d in cgroup_dirs(crid.daemon.cgroup_root)}
+    if "memory" in tops:  # cgroup v1
+        assert (tops["memory"] / cell / "memory.limit_in_bytes").read_text().strip() == str(
+            96 << 20)
+        assert (tops["cpu"] / cell / "cpu.cfs_quota_us").read_text().strip() == "50000"
+    else:
+        unified = Path("/sys/fs/cgroup") / crid.daemon.cgroup_root / cell
+        assert (unified / "memory.max").read_text().strip() == str(96 << 20)
+        assert (unified / "cpu.max").read_text().split()[0] == "50000"
+    updated = runtime.ContainerStatus(cri.ContainerStatusRequest(container_id=container_id),
+                                      timeout=10).status.resources.linux
+    assert (updated.memory_limit_in_bytes, updated.cpu_quota) == (96 << 20, 50000)
+
     log_file = logs / "main" / "0.log"
     _wait_for(lambda: log_file.exists() and len(log_file.read_bytes().splitlines()) >= 4)
     records = [CRI_LINE.match(line) for line in log_file.read_bytes().splitlines()]
@@ -274,7 +292,6 @@ def test_bad_requests_and_unimplemented(crid: Cri, tmp_path: Path) -> None:
         (runtime.Attach, cri.AttachRequest(container_id="x")),
         (runtime.Exec, cri.ExecRequest(container_id="x")),
         (runtime.PortForward, cri.PortForwardRequest()),
-        (runtime.UpdateContainerResources, cri.UpdateContainerResourcesRequest()),
         (runtime.CheckpointContainer, cri.CheckpointContainerRequest()),
         (runtime.StreamPodSandboxes, cri.StreamPodSandboxesRequest()),
         (runtime.GetContainerEvents, cri.GetEventsRequest()),

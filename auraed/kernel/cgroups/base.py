@@ -190,6 +190,21 @@ class CgroupBackend(ABC):
             self._undo(made, cell)
             raise
 
+    def update(self, cell_path: str, limits: CgroupLimits) -> None:
+        """Write the limits set in `limits` to an existing cell; the others stay as they are.
+
+        Written one file at a time: a refusal (LimitRefused) leaves the earlier ones written.
+        """
+        cell = cell_components(cell_path)
+        validate(limits)
+        self._check_supported(limits)
+        for write in self._limit_files(limits):
+            try:
+                with self._open(write.hierarchy, cell) as fd:
+                    self._write_limit(fd, write)
+            except FileNotFoundError:
+                raise CgroupNotFound(self._name(cell)) from None
+
     def remove(self, cell_path: str, timeout: float = DEFAULT_TIMEOUT) -> None:
         """Kill the cell's processes, then remove its cgroups and its child cells'."""
         cell = cell_components(cell_path)
