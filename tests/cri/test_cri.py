@@ -341,3 +341,35 @@ def test_mounts_user_and_read_only_rootfs(crid: Cri, tmp_path: Path) -> None:
     finally:
         runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=sandbox_id),
                                  timeout=60)
+
+
+def test_daemon_stop_with_a_running_pod_leaves_nothing(busybox_image: tuple[Path, Path],
+                                                       tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("auraed needs root")
+    socket = Path(tempfile.mkdtemp(prefix="aurae-cri-", dir="/tmp")) / "cri.sock"
+    try:
+        with running_daemon("--cri-socket", str(socket)) as daemon:
+            assert daemon.cli("images", "import", str(busybox_image[1])).returncode == 0
+            with grpc.insecure_channel(f"unix:{socket}") as channel:
+                runtime = cri_grpc.RuntimeServiceStub(channel)
+                config = _sandbox_config("left", tmp_path)
+                sandbox_id = runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=config),
+                                                   timeout=30).pod_sandbox_id
+                container_id = runtime.CreateContainer(cri.CreateContainerRequest(
+                    pod_sandbox_id=sandbox_id, sandbox_config=config, config=cri.ContainerConfig(
+                        metadata=cri.ContainerMetadata(name="sleeper"),
+                        image=cri.ImageSpec(image=IMAGE), command=["sleep", "300"])),
+                    timeout=30).container_id
+                runtime.StartContainer(cri.StartContainerRequest(container_id=container_id),
+                                       timeout=30)
+                pid = int(re.search(r'"pid": (\d+)', runtime.ContainerStatus(
+                    cri.ContainerStatusRequest(container_id=container_id, verbose=True),
+                    timeout=10).info["info"]).group(1))  # type: ignore[union-attr]
+            assert daemon.stop() == 0
+            assert not Path(f"/proc/{pid}").exists()
+            assert not socket.exists()
+            assert not (daemon.runtime_dir / "containers").exists()
+        # running_daemon has checked that no cgroup of the daemon is left.
+    finally:
+        shutil.rmtree(socket.parent, ignore_errors=True)
