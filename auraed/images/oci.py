@@ -25,6 +25,7 @@ LAYERS: dict[str, str] = {
     "application/vnd.oci.image.layer.v1.tar+gzip": "gzip",
     "application/vnd.oci.image.layer.v1.tar+zstd": "zstd",
     "application/vnd.docker.image.rootfs.diff.tar.gzip": "gzip",
+    "application/vnd.docker.image.rootfs.diff.tar": "",
     "application/vnd.oci.image.layer.nondistributable.v1.tar": "",
     "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip": "gzip",
 }

@@ -9,6 +9,9 @@ implements the same two calls (resolve: GET /v2/<name>/manifests/<tag>; fetch: G
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import os
 import tarfile
 from pathlib import Path
@@ -16,6 +19,8 @@ from typing import IO, Protocol
 
 from auraed.errors import FailedPrecondition, InvalidArgument, NotFound
 from auraed.images.oci import (
+    DOCKER_CONFIG,
+    DOCKER_MANIFEST,
     MAX_DOCUMENT_BYTES,
     REF_NAME,
     Descriptor,
@@ -25,6 +30,7 @@ from auraed.images.oci import (
 )
 
 LAYOUT_FILE = "oci-layout"
+DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar"
 INDEX_FILE = "index.json"
 
 
@@ -60,9 +66,8 @@ class _Layout:
                                     f"{LAYOUT_FILE}")
         except FileNotFoundError:
             raise InvalidArgument(f"{self.description} has no {LAYOUT_FILE} file: not an OCI "
-                                  "image layout (docker-archive tars of old Docker versions "
-                                  "are not read; `skopeo copy docker-archive:F oci-archive:G` "
-                                  "converts one)", field="file_name") from None
+                                  "image layout (nor a docker-archive)",
+                                  field="file_name") from None
         if not str(layout.get("imageLayoutVersion", "")).startswith("1."):
             raise InvalidArgument(f"{self.description}: unsupported imageLayoutVersion "
                                   f"{layout.get('imageLayoutVersion')!r}", field="file_name")
@@ -116,6 +121,99 @@ class LayoutSource(_Layout):
         pass
 
 
+class DockerArchiveSource:
+    """A tar that `docker save` wrote before Docker 25: manifest.json naming a config file and
+    uncompressed layer tars per image. Served as OCI: each image gets a manifest made here
+    (deterministically, so importing twice gives one image), whose descriptors carry the
+    digests of the archive's own files; the store verifies them like any blob."""
+
+    def __init__(self, tar: tarfile.TarFile, members: dict[str, tarfile.TarInfo],
+                 path: Path) -> None:
+        self._tar = tar
+        self._members = members
+        self.description = f"docker archive {path}"
+        self._made: dict[str, bytes] = {}
+        self._files: dict[str, str] = {}  # digest -> member name
+
+    def _member_bytes(self, name: str, limit: int) -> bytes:
+        member = self._members.get(os.path.normpath(name).lstrip("/"))
+        if member is None:
+            raise InvalidArgument(f"{self.description} lacks {name}", field="file_name")
+        if member.size > limit:
+            raise InvalidArgument(f"{self.description}: {name} is too large", field="file_name")
+        stream = self._tar.extractfile(member)
+        assert stream is not None
+        return stream.read()
+
+    def _digest_of(self, name: str) -> tuple[str, int]:
+        member = self._members.get(os.path.normpath(name).lstrip("/"))
+        if member is None:
+            raise InvalidArgument(f"{self.description} lacks {name}", field="file_name")
+        stream = self._tar.extractfile(member)
+        assert stream is not None
+        sha256 = hashlib.sha256()
+        while chunk := stream.read(1024 * 1024):
+            sha256.update(chunk)
+        digest = "sha256:" + sha256.hexdigest()
+        self._files[digest] = member.name
+        return digest, member.size
+
+    def resolve(self, reference: str | None) -> list[tuple[str | None, Descriptor]]:
+        entries = parse_json_list(self._member_bytes("manifest.json", MAX_DOCUMENT_BYTES),
+                                  what=f"{self.description} manifest.json")
+        found: list[tuple[str | None, Descriptor]] = []
+        for entry in entries:
+            config_name, layers = entry.get("Config"), entry.get("Layers")
+            if not isinstance(config_name, str) or not isinstance(layers, list):
+                raise InvalidArgument(f"{self.description}: manifest.json entries need Config "
+                                      "and Layers", field="file_name")
+            config_digest, config_size = self._digest_of(config_name)
+            layer_descriptors = []
+            for layer in layers:
+                digest, size = self._digest_of(str(layer))
+                layer_descriptors.append({"mediaType": DOCKER_LAYER, "digest": digest,
+                                          "size": size})
+            manifest = json.dumps({
+                "schemaVersion": 2, "mediaType": DOCKER_MANIFEST,
+                "config": {"mediaType": DOCKER_CONFIG, "digest": config_digest,
+                           "size": config_size},
+                "layers": layer_descriptors}, sort_keys=True, separators=(",", ":")).encode()
+            digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
+            self._made[digest] = manifest
+            descriptor = Descriptor(DOCKER_MANIFEST, digest, len(manifest))
+            tags = entry.get("RepoTags") or [None]
+            for tag in tags if isinstance(tags, list) else [None]:
+                if reference is None or tag == reference:
+                    found.append((str(tag) if tag else None, descriptor))
+        if reference is not None and not found:
+            raise NotFound(f"{self.description} holds no image named {reference!r}")
+        return found
+
+    def fetch(self, descriptor: Descriptor) -> IO[bytes]:
+        if descriptor.digest in self._made:
+            return io.BytesIO(self._made[descriptor.digest])
+        name = self._files.get(descriptor.digest)
+        if name is None:
+            raise InvalidArgument(f"{self.description} lacks blob {descriptor.digest}",
+                                  field="file_name")
+        stream = self._tar.extractfile(self._members[os.path.normpath(name).lstrip("/")])
+        assert stream is not None
+        return stream
+
+    def close(self) -> None:
+        self._tar.close()
+
+
+def parse_json_list(data: bytes, *, what: str) -> list[dict[str, object]]:
+    try:
+        document = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidArgument(f"{what} is not valid JSON", field="file_name") from None
+    if not isinstance(document, list) or not all(isinstance(e, dict) for e in document):
+        raise InvalidArgument(f"{what} is not a list of objects", field="file_name")
+    return document
+
+
 class ArchiveSource(_Layout):
     """A tar (optionally compressed) of an OCI image layout: oci-archive, or `docker save`
     of Docker 25 and later."""
@@ -130,6 +228,12 @@ class ArchiveSource(_Layout):
             raise InvalidArgument(f"{self.description} is not a readable tar archive: "
                                   f"{error}", field="file_name") from None
         self._members = {os.path.normpath(m.name).lstrip("/"): m for m in members if m.isfile()}
+        # docker save links a layer shared by two images to its first copy.
+        for link in (m for m in members if m.issym()):
+            name = os.path.normpath(link.name).lstrip("/")
+            target = os.path.normpath(os.path.join(os.path.dirname(name), link.linkname))
+            if target in self._members:
+                self._members[name] = self._members[target]
 
     def _read(self, name: str) -> bytes:
         member = self._members.get(name)
@@ -151,6 +255,12 @@ class ArchiveSource(_Layout):
     def close(self) -> None:
         self._tar.close()
 
+    def names(self) -> set[str]:
+        return set(self._members)
+
+    def as_docker_archive(self) -> DockerArchiveSource:
+        return DockerArchiveSource(self._tar, self._members, self.path)
+
 
 def open_source(path: str) -> ImageSource:
     """The source at `path` on this host: a layout directory or an archive file."""
@@ -161,7 +271,10 @@ def open_source(path: str) -> ImageSource:
     if location.is_dir():
         return LayoutSource(location)
     if location.is_file():
-        return ArchiveSource(location)
+        archive = ArchiveSource(location)
+        if LAYOUT_FILE not in archive.names() and "manifest.json" in archive.names():
+            return archive.as_docker_archive()
+        return archive
     if location.exists():
         raise FailedPrecondition(f"{path} is neither a directory nor a file", field="file_name")
     raise NotFound(f"{path} does not exist on the daemon's host", field="file_name")

@@ -217,3 +217,57 @@ def test_references_normalize(text: str, full: str) -> None:
 def test_bad_references(text: str) -> None:
     with pytest.raises(InvalidArgument):
         normalize_reference(text)
+
+
+def _docker_archive(layout: Path, out: Path, *, corrupt: bool = False) -> Path:
+    """What `docker save` of Docker before 25 writes for the test image: manifest.json, the
+    config as <hex>.json, uncompressed layers as <dir>/layer.tar (one of them a symlink)."""
+    import gzip
+
+    manifest, _ = _manifest(layout)
+    blobs = layout / "blobs" / "sha256"
+    config_hex = manifest["config"]["digest"].removeprefix("sha256:")
+    files: dict[str, bytes] = {f"{config_hex}.json": (blobs / config_hex).read_bytes()}
+    names = []
+    for number, layer in enumerate(manifest["layers"]):
+        raw = gzip.decompress((blobs / layer["digest"].removeprefix("sha256:")).read_bytes())
+        if corrupt and number == 0:
+            raw = raw[:1000] + bytes([raw[1000] ^ 0xFF]) + raw[1001:]
+        files[f"layer{number}/layer.tar"] = raw
+        names.append(f"layer{number}/layer.tar")
+    files["manifest.json"] = json.dumps([{"Config": f"{config_hex}.json",
+                                          "RepoTags": ["busybox:docker"],
+                                          # the second layer through the symlink
+                                          "Layers": [names[0], "alias/layer.tar"]}]).encode()
+    with tarfile.open(out, "w") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        alias = tarfile.TarInfo("alias/layer.tar")
+        alias.type, alias.linkname = tarfile.SYMTYPE, "../layer1/layer.tar"
+        tar.addfile(alias)
+    return out
+
+
+def test_import_docker_archive(store: ImageStore, busybox_image: tuple[Path, Path],
+                               tmp_path: Path) -> None:
+    layout = busybox_image[0]
+    [image] = store.pull(open_source(str(_docker_archive(layout, tmp_path / "docker.tar"))))
+    assert image.references == ("docker.io/library/busybox:docker",)
+    config_digest = _manifest(layout)[0]["config"]["digest"]
+    assert image.id == config_digest  # the same image as the OCI layout holds
+    base, top = store.layer_dirs(image)
+    assert os.access(base / "bin" / "busybox", os.X_OK)
+    assert stat.S_ISCHR(os.lstat(top / "etc" / "removed").st_mode)
+
+
+def test_corrupt_docker_archive_layer_is_refused(store: ImageStore,
+                                                 busybox_image: tuple[Path, Path],
+                                                 tmp_path: Path) -> None:
+    archive = _docker_archive(busybox_image[0], tmp_path / "bad.tar", corrupt=True)
+    with pytest.raises(InvalidArgument):
+        store.pull(open_source(str(archive)))
+    assert store.list() == []
+    assert list((store.root / "blobs" / "sha256").iterdir()) == []
+    assert list((store.root / "layers" / "sha256").iterdir()) == []
