@@ -168,6 +168,12 @@ class DockerArchiveSource:
                 raise InvalidArgument(f"{self.description}: manifest.json entries need Config "
                                       "and Layers", field="file_name")
             config_digest, config_size = self._digest_of(config_name)
+            # docker save names the config by its digest: the one check of the config's bytes.
+            named = os.path.basename(config_name).removesuffix(".json")
+            if len(named) == 64 and named != config_digest.removeprefix("sha256:"):
+                raise InvalidArgument(f"{self.description}: config {config_name} does not "
+                                      f"match its name (sha256 {config_digest})",
+                                      field="file_name")
             layer_descriptors = []
             for layer in layers:
                 digest, size = self._digest_of(str(layer))
