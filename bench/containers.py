@@ -23,8 +23,8 @@ import aurae_sdk
 from auraed.cri.generated import api_pb2 as cri
 from auraed.cri.generated import api_pb2_grpc as cri_grpc
 from auraed.kernel.libc import MNT_DETACH, MS_RDONLY, mount_with_data, umount2
-from auraed.testing import running_daemon
 from bench.core import Comparison, Result, Series, interleave
+from tests.support.daemon import running_daemon
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = "localhost/aurae/busybox:latest"
