@@ -373,6 +373,10 @@ class Workloads:
             _check_identity(uid, gid)  # a container's users are the image's, not the host's
         else:
             uid, gid = container.uid, container.gid
+            refusal = exec_refusal(container.argv, container.env)
+            if refusal is not None:
+                raise InvalidArgument(f"the command is too long for exec: {refusal}",
+                                      field="executable.command")
         key = ExecutableKey(cell_name, name)
         with self._lock:
             self._check_open()

@@ -157,3 +157,12 @@ def test_cli_starts_a_container(daemon: DaemonProcess, client: aurae_sdk.Client,
     status = client.cells.wait(cell_name=cell, executable_name="cli", timeout=60).status
     assert status.exit_code == 1
     assert _stdout(daemon, cell, "cli") == ["aurae-py test image"]
+
+
+def test_an_argv_exec_would_refuse_is_refused(daemon: DaemonProcess, client: aurae_sdk.Client,
+                                              imported: str, cell: str) -> None:
+    with pytest.raises(aurae_sdk.InvalidArgument) as refused:
+        client.cells.start(cell_name=cell, executable={"name": "big", "image": IMAGE,
+                                                       "command": "echo " + "x" * 200_000})
+    assert "too long for exec" in refused.value.message
+    assert list((daemon.runtime_dir / "containers").iterdir()) == []
