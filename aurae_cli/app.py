@@ -5,6 +5,7 @@
     aurae-py cells allocate web   call one RPC
     aurae-py describe cells       show the API from the embedded schema
     aurae-py doctor               check config, certificates and the daemon
+    aurae-py events -f            follow the node's lifecycle events
     aurae-py pki init DIR         make a development PKI
 
 Command groups load on first use, so `aurae-py discovery discover` imports
@@ -31,6 +32,8 @@ BUILTIN_COMMANDS = {
                  "Show services, RPCs and messages from the embedded schema."),
     "doctor": ("aurae_cli.doctor", "doctor_command",
                "Check the config, certificates and daemon, and say what to fix."),
+    "events": ("aurae_cli.events", "events_command",
+               "Print the node's lifecycle events in order; -f follows them."),
 }
 
 # The environment variable click's shell completion answers to.

@@ -36,6 +36,7 @@ from auraed.interceptors import Admission, AuditTrail, Authorization, FaultTrans
 from auraed.kernel.cgroups import CgroupError, detect_backend
 from auraed.logs import configure as configure_logging
 from auraed.output import LogRing
+from auraed.runtime.events import EventJournal
 from auraed.runtime.workloads import Workloads
 from auraed.services.cells import CellService
 from auraed.services.discovery import DiscoveryService
@@ -53,6 +54,8 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 SHUTDOWN_RPC_GRACE = 2.0
 # In the library dir: an audit trail must outlive a reboot (the runtime dir is often tmpfs).
 AUDIT_LOG = "audit.log"
+# In the library dir too: clients resume the event stream across daemon restarts.
+EVENTS_DIR = "events"
 # Exit status after the spawner died under us (EX_SOFTWARE): a service
 # manager restarts the daemon, which then cleans up what was left.
 SPAWNER_LOST_EXIT = 70
@@ -221,6 +224,7 @@ class Daemon:
         self._health: HealthService | None = None
         self._unix_socket: str | None = None
         self._audit: AuditLog | None = None
+        self._events: EventJournal | None = None
         self._exit_status = 0
 
     def request_stop(self, signum: int | None = None) -> None:
@@ -285,8 +289,13 @@ class Daemon:
                                      mount_root=settings.cgroup_mount)
         except CgroupError as error:
             raise StartupError(f"cgroups: {error}") from None
+        self._events = EventJournal(settings.library_dir / EVENTS_DIR)
+        try:
+            self._events.open()
+        except OSError as error:
+            raise StartupError(f"event journal {self._events.directory}: {error}") from None
         self._workloads = Workloads(backend, settings.runtime_dir / "logs",
-                                    default_grace=settings.grace_period)
+                                    default_grace=settings.grace_period, events=self._events)
         self._workloads.on_spawner_lost = self._spawner_lost
         self._workloads.start()
 
@@ -363,10 +372,14 @@ class Daemon:
         self.daemon_log.close()
         if self._workloads is not None:
             self._workloads.shutdown()
+        if self._events is not None:
+            self._events.daemon_stopped()
         self._cleanup()
         log.info("auraed stopped")
 
     def _cleanup(self) -> None:
+        if self._events is not None:
+            self._events.close()
         if self._audit is not None:
             self._audit.close()
         if self._unix_socket is not None:

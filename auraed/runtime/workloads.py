@@ -59,6 +59,7 @@ from auraed.kernel.processes import (
     signal_group,
 )
 from auraed.output import OutputLog, OutputPump, output_pipe
+from auraed.runtime.events import EventJournal
 from auraed.runtime.executables import Executable, ExecutableKey
 from auraed.runtime.names import CellName
 from auraed.runtime.signals import SignalEvent, SignalFeed
@@ -136,9 +137,11 @@ class Workloads:
         default_grace: float = DEFAULT_GRACE_PERIOD,
         log_segment_bytes: int = 8 * 1024 * 1024,
         log_segments: int = 8,
+        events: EventJournal | None = None,
     ) -> None:
         self.backend = backend
         self.signals = SignalFeed()
+        self.events = events if events is not None else EventJournal.in_memory()
         self._log_root = log_root
         self._default_grace = default_grace
         self._log_segment_bytes = log_segment_bytes
@@ -171,6 +174,7 @@ class Workloads:
             # daemon lost their output pipes and supervisor; see docs/daemon.md.
             log.warning("removing cells left by a previous run", extra={"cells": ",".join(stale)})
         self.backend.cleanup_stale()
+        self.events.daemon_started(cleaned_cells=stale)
         if self._log_root.exists():
             shutil.rmtree(self._log_root)
         self._log_root.mkdir(parents=True)
@@ -234,6 +238,7 @@ class Workloads:
             self._cells[name] = cell
             if parent is not None:
                 parent.children[name.leaf] = cell
+            self.events.cell_allocated(name)
         log.info("cell allocated", extra={"cell": name.path,
                                           "namespaces": ",".join(sorted(spec.unshared))})
         return cell
@@ -303,6 +308,7 @@ class Workloads:
                 _remove_directory(self._log_root / member.name.path, only_if_empty=True)
             if name.parent is not None and name.parent in self._cells:
                 self._cells[name.parent].children.pop(name.leaf, None)
+            self.events.cell_freed(name)
         log.info("cell freed", extra={"cell": name.path})
 
     def _end_holders(self, cells: list[Cell]) -> None:
@@ -391,6 +397,7 @@ class Workloads:
             if registry.get(name) is executable:
                 del registry[name]
                 self._forget(executable)
+                self.events.executable_stopped(executable)
         log.info("executable stopped", extra={"cell": str(cell_name or ""), "executable": name})
         return executable
 
@@ -502,6 +509,7 @@ class Workloads:
         )
         self._pump.watch(out_read, stdout)
         self._pump.watch(err_read, stderr)
+        self.events.executable_started(executable)  # before an exit can be recorded
         with self._pids_lock:
             self._by_host_pid[process.host_pid] = executable
             early = self._early_exits.pop(process.host_pid, None)
@@ -557,6 +565,7 @@ class Workloads:
     def _record_exit(self, executable: Executable, status: ExitStatus, when: float) -> None:
         if status.signal == signal.SIGKILL and executable.cell is not None:
             executable.oom_killed = self._oom_killed_in(executable.cell)
+        self.events.executable_exited(executable, status)  # before Stop or Free can see the end
         executable.mark_exited(status, when)
         if status.signal is not None:
             self._publish_signal(executable, status.signal, delivered_by_daemon=False)
@@ -585,6 +594,7 @@ class Workloads:
         if count is None or count <= cell.oom_kills_seen:
             return False
         cell.oom_kills_seen = count
+        self.events.cell_oom_kill(cell_name, count)
         return True
 
     def _publish_signal(self, executable: Executable, signum: int, *, delivered_by_daemon: bool) -> None:
