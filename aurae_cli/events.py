@@ -19,7 +19,7 @@ from aurae_cli.rpc_command import BROKEN_PIPE_EXIT, INTERRUPTED_EXIT, RPC_EXIT_B
 
 def event_line(event: Any) -> str:
     """One event as `SEQ TIME KIND WHO DETAILS`."""
-    from aurae_sdk.generated.pb.observe import observe_pb2 as pb
+    from aurae_sdk.wire.generated.pb.observe import observe_pb2 as pb
 
     when = datetime.datetime.fromtimestamp(event.timestamp, datetime.UTC)
     kind = pb.EventKind.Name(event.kind).removeprefix("EVENT_KIND_").lower().replace("_", "-")

@@ -36,6 +36,12 @@ from auraed.interceptors import Admission, AuditTrail, Authorization, FaultTrans
 from auraed.kernel.cgroups import CgroupError, detect_backend
 from auraed.logs import configure as configure_logging
 from auraed.output import LogRing
+from auraed.prometheus import (
+    MetricsAddress,
+    MetricsAddressError,
+    MetricsEndpoint,
+    parse_metrics_address,
+)
 from auraed.runtime.events import EventJournal
 from auraed.runtime.workloads import Workloads
 from auraed.services.cells import CellService
@@ -91,6 +97,8 @@ class Settings:
     # Long-lived calls (streams, Wait, Stop) at once: see auraed/admission.py.
     budget: Budget = field(default_factory=Budget)
     operators: tuple[str, ...] = DEFAULT_OPERATORS
+    metrics_address: str | None = None
+    metrics_allow_remote: bool = False
 
 
 def _read_pki(settings: Settings) -> tuple[bytes, bytes, bytes]:
@@ -225,6 +233,7 @@ class Daemon:
         self._unix_socket: str | None = None
         self._audit: AuditLog | None = None
         self._events: EventJournal | None = None
+        self._metrics: MetricsEndpoint | None = None
         self._exit_status = 0
 
     def request_stop(self, signum: int | None = None) -> None:
@@ -269,6 +278,13 @@ class Daemon:
         ca, certificate, key = _read_pki(settings)
         policy = _load_policy(settings.authz_policy)
         operators = _operators(settings.operators)
+        metrics_address = None
+        if settings.metrics_address is not None:
+            try:
+                metrics_address = parse_metrics_address(
+                    settings.metrics_address, allow_remote=settings.metrics_allow_remote)
+            except MetricsAddressError as error:
+                raise StartupError(f"--metrics-address {error}") from None
         try:
             target = parse_target(settings.socket)
         except TargetError as error:
@@ -298,6 +314,8 @@ class Daemon:
                                     default_grace=settings.grace_period, events=self._events)
         self._workloads.on_spawner_lost = self._spawner_lost
         self._workloads.start()
+        if metrics_address is not None:
+            self._start_metrics(metrics_address)
 
         self._health = HealthService(SERVICE_NAMES)
         services = assemble_servicers(self._servicers(self._workloads, self._health))
@@ -359,6 +377,21 @@ class Daemon:
             health,
         ]
 
+    def _start_metrics(self, address: MetricsAddress) -> None:
+        assert self._workloads is not None
+        if address.kind == "unix":
+            _prepare_unix_socket(address.path)
+        # Born 0600, like the API socket (bind applies the umask).
+        previous = os.umask(0o177)
+        try:
+            self._metrics = MetricsEndpoint(address, self._workloads)
+        except OSError as error:
+            raise StartupError(f"--metrics-address {address}: cannot listen: "
+                               f"{error.strerror}") from None
+        finally:
+            os.umask(previous)
+        self._metrics.start()
+
     def shutdown(self) -> None:
         """Health NOT_SERVING, stop taking RPCs, stop every workload, remove our cgroups."""
         if self._shutting_down:
@@ -369,6 +402,9 @@ class Daemon:
             self._health.shutting_down()
         if self._server is not None:
             self._server.stop(SHUTDOWN_RPC_GRACE).wait()
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
         self.daemon_log.close()
         if self._workloads is not None:
             self._workloads.shutdown()
@@ -378,6 +414,8 @@ class Daemon:
         log.info("auraed stopped")
 
     def _cleanup(self) -> None:
+        if self._metrics is not None:
+            self._metrics.close()
         if self._events is not None:
             self._events.close()
         if self._audit is not None:

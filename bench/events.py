@@ -16,10 +16,10 @@ from pathlib import Path
 from threading import Thread
 
 import aurae_sdk
-from aurae_sdk.generated.pb.observe import observe_pb2 as pb
+from aurae_sdk.wire.generated.pb.observe import observe_pb2 as pb
 from auraed.runtime.events import EventJournal, EventKind
-from auraed.testing import running_daemon
 from bench.core import Comparison, Figure, Result, Series, interleave
+from tests.support.daemon import running_daemon
 
 BATCH = 1000
 

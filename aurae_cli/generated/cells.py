@@ -304,3 +304,36 @@ def wait_command(**params: Any) -> None:
         server_streaming=False,
         positionals=_WAIT_POSITIONALS,
     )
+
+
+# Click parameter -> dotted path of the request field it sets.
+_METRICS_FIELDS: dict[str, str] = {
+    "cell_name": "cell_name",
+    "exclude_children": "exclude_children",
+}
+# Positional parameters in order, and whether each may be left out.
+_METRICS_POSITIONALS: tuple[tuple[str, bool], ...] = (("cell_name", False),)
+
+
+@group.command(
+    "metrics",
+    help="aurae-py addition: what cells use, read from their cgroups at the call:\nCPU time and throttling, memory now and at its peak, processes, OOM kills.",
+    short_help="aurae-py addition: what cells use, read from their cgroups at the call: CPU time and throttling, memory now and at its peak, processes, OOM kills.",
+)
+@click.argument("cell_name", metavar="CELL_NAME", type=str, required=False)
+@click.option(
+    "--exclude-children/--no-exclude-children",
+    "exclude_children",
+    default=None,
+    help="With a cell name, leave out the cells nested in it.",
+)
+@rpc_options
+def metrics_command(**params: Any) -> None:
+    invoke(
+        "cells",
+        "metrics",
+        params,
+        _METRICS_FIELDS,
+        server_streaming=False,
+        positionals=_METRICS_POSITIONALS,
+    )

@@ -39,6 +39,9 @@ MemoryController = _cells_pb2.MemoryController
 ExecutableStatus = _cells_pb2.ExecutableStatus
 CellServiceWaitRequest = _cells_pb2.CellServiceWaitRequest
 CellServiceWaitResponse = _cells_pb2.CellServiceWaitResponse
+CellServiceMetricsRequest = _cells_pb2.CellServiceMetricsRequest
+CellServiceMetricsResponse = _cells_pb2.CellServiceMetricsResponse
+CellMetrics = _cells_pb2.CellMetrics
 ExecutableState = _cells_pb2.ExecutableState
 EXECUTABLE_STATE_UNSPECIFIED = _cells_pb2.EXECUTABLE_STATE_UNSPECIFIED
 EXECUTABLE_STATE_RUNNING = _cells_pb2.EXECUTABLE_STATE_RUNNING
@@ -88,6 +91,15 @@ _CELL_SERVICE_WAIT: MethodSpec[CellServiceWaitRequest, CellServiceWaitResponse] 
     server_streaming=False,
     idempotent=False,
 )
+_CELL_SERVICE_METRICS: MethodSpec[CellServiceMetricsRequest, CellServiceMetricsResponse] = (
+    MethodSpec(
+        path="/aurae.cells.v0.CellService/Metrics",
+        request_type=CellServiceMetricsRequest,
+        response_type=CellServiceMetricsResponse,
+        server_streaming=False,
+        idempotent=True,
+    )
+)
 
 
 class CellService(ServiceClient):
@@ -103,6 +115,7 @@ class CellService(ServiceClient):
         _CELL_SERVICE_STOP,
         _CELL_SERVICE_LIST,
         _CELL_SERVICE_WAIT,
+        _CELL_SERVICE_METRICS,
     )
 
     def allocate(
@@ -222,6 +235,27 @@ class CellService(ServiceClient):
             metadata,
         )
 
+    def metrics(
+        self,
+        request: CellServiceMetricsRequest | Mapping[str, Any] | None = None,
+        /,
+        *,
+        cell_name: str | None = None,
+        exclude_children: bool | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> CellServiceMetricsResponse:
+        """aurae-py addition: what cells use, read from their cgroups at the call:
+        CPU time and throttling, memory now and at its peak, processes, OOM kills.
+        """
+        return self._unary(
+            _CELL_SERVICE_METRICS,
+            request,
+            {"cell_name": cell_name, "exclude_children": exclude_children},
+            timeout,
+            metadata,
+        )
+
 
 class AsyncCellService(AsyncServiceClient):
     """CellService owns cells (resource-limited groups of processes, optionally
@@ -238,6 +272,7 @@ class AsyncCellService(AsyncServiceClient):
         _CELL_SERVICE_STOP,
         _CELL_SERVICE_LIST,
         _CELL_SERVICE_WAIT,
+        _CELL_SERVICE_METRICS,
     )
 
     async def allocate(
@@ -359,6 +394,27 @@ class AsyncCellService(AsyncServiceClient):
             metadata,
         )
 
+    async def metrics(
+        self,
+        request: CellServiceMetricsRequest | Mapping[str, Any] | None = None,
+        /,
+        *,
+        cell_name: str | None = None,
+        exclude_children: bool | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> CellServiceMetricsResponse:
+        """aurae-py addition: what cells use, read from their cgroups at the call:
+        CPU time and throttling, memory now and at its peak, processes, OOM kills.
+        """
+        return await self._unary(
+            _CELL_SERVICE_METRICS,
+            request,
+            {"cell_name": cell_name, "exclude_children": exclude_children},
+            timeout,
+            metadata,
+        )
+
 
 __all__ = [
     "CellServiceAllocateRequest",
@@ -380,6 +436,9 @@ __all__ = [
     "ExecutableStatus",
     "CellServiceWaitRequest",
     "CellServiceWaitResponse",
+    "CellServiceMetricsRequest",
+    "CellServiceMetricsResponse",
+    "CellMetrics",
     "ExecutableState",
     "EXECUTABLE_STATE_UNSPECIFIED",
     "EXECUTABLE_STATE_RUNNING",

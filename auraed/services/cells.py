@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import grpc
@@ -12,6 +13,7 @@ from auraed.errors import InvalidArgument
 from auraed.generated.cells import CellServiceBase
 from auraed.kernel.cgroups import CgroupLimits
 from auraed.runtime.executables import Executable
+from auraed.runtime.metrics import CellUsage, cell_usage
 from auraed.runtime.names import CellName, parse_executable_name
 from auraed.runtime.workloads import CellSpec, Workloads
 from auraed.services.cell_pages import list_page
@@ -79,6 +81,19 @@ def executable_status(executable: Executable) -> pb.ExecutableStatus:
         if executable.exit_status.signal is not None:
             status.signal = executable.exit_status.signal
     return status
+
+
+def metrics_message(usage: CellUsage) -> pb.CellMetrics:
+    metrics = usage.metrics
+    message = pb.CellMetrics(cell_name=usage.name.path, cpu_usage_usec=metrics.cpu_usage_usec,
+                             executables_running=usage.executables_running)
+    for field in ("cpu_user_usec", "cpu_system_usec", "cpu_periods", "cpu_throttled_periods",
+                  "cpu_throttled_usec", "memory_current_bytes", "memory_peak_bytes",
+                  "memory_max_bytes", "pids_current", "oom_kills"):
+        value = getattr(metrics, field)
+        if value is not None:
+            setattr(message, field, value)
+    return message
 
 
 def _optional_cell(request: pb.CellServiceStartRequest | pb.CellServiceStopRequest
@@ -164,3 +179,14 @@ class CellService(CellServiceBase):
                 break
         context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"{name} is still running")
         raise AssertionError("unreachable: abort raises")
+
+    def metrics(self, request: pb.CellServiceMetricsRequest,
+                context: grpc.ServicerContext) -> pb.CellServiceMetricsResponse:
+        cell = CellName.parse(request.cell_name, field="cell_name") if request.cell_name else None
+        if cell is None and request.exclude_children:
+            raise InvalidArgument("exclude_children needs a cell name", field="exclude_children")
+        read_at = time.time()
+        usage = cell_usage(self.workloads, cell, recursive=not request.exclude_children)
+        return pb.CellServiceMetricsResponse(cells=[metrics_message(u) for u in usage],
+                                             timestamp=read_at,
+                                             cgroup_v2=self.workloads.backend.version == 2)

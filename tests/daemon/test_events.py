@@ -14,8 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 import aurae_sdk
-from aurae_sdk.generated.pb.observe import observe_pb2 as pb
-from auraed.testing import DaemonProcess, running_daemon
+from aurae_sdk.wire.generated.pb.observe import observe_pb2 as pb
+from tests.support.daemon import DaemonProcess, running_daemon
 
 KIND = {value: name.removeprefix("EVENT_KIND_") for name, value in pb.EventKind.items()}
 DEADLINE = 120.0

@@ -713,3 +713,172 @@ class CellServiceWaitResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CellServiceWaitResponse: _TypeAlias = CellServiceWaitResponse  # noqa: Y015
+
+@_typing.final
+class CellServiceMetricsRequest(_message.Message):
+    """aurae-py addition: input of Metrics."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CELL_NAME_FIELD_NUMBER: _builtins.int
+    EXCLUDE_CHILDREN_FIELD_NUMBER: _builtins.int
+    cell_name: _builtins.str
+    """The cell to report; empty reports every cell."""
+    exclude_children: _builtins.bool
+    """With a cell name, leave out the cells nested in it."""
+    def __init__(
+        self,
+        *,
+        cell_name: _builtins.str = ...,
+        exclude_children: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cell_name", b"cell_name", "exclude_children", b"exclude_children"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CellServiceMetricsRequest: _TypeAlias = CellServiceMetricsRequest  # noqa: Y015
+
+@_typing.final
+class CellServiceMetricsResponse(_message.Message):
+    """aurae-py addition: result of Metrics."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CELLS_FIELD_NUMBER: _builtins.int
+    TIMESTAMP_FIELD_NUMBER: _builtins.int
+    CGROUP_V2_FIELD_NUMBER: _builtins.int
+    timestamp: _builtins.float
+    """When the cgroups were read, in Unix seconds."""
+    cgroup_v2: _builtins.bool
+    """True when the host runs the unified (v2) cgroup hierarchy."""
+    @_builtins.property
+    def cells(self) -> _containers.RepeatedCompositeFieldContainer[Global___CellMetrics]:
+        """One entry per cell, parents before their children."""
+
+    def __init__(
+        self,
+        *,
+        cells: _abc.Iterable[Global___CellMetrics] | None = ...,
+        timestamp: _builtins.float = ...,
+        cgroup_v2: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cells", b"cells", "cgroup_v2", b"cgroup_v2", "timestamp", b"timestamp"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CellServiceMetricsResponse: _TypeAlias = CellServiceMetricsResponse  # noqa: Y015
+
+@_typing.final
+class CellMetrics(_message.Message):
+    """aurae-py addition: a cell's resource usage, its child cells included.
+    Unset fields are not accounted on this host.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CELL_NAME_FIELD_NUMBER: _builtins.int
+    CPU_USAGE_USEC_FIELD_NUMBER: _builtins.int
+    CPU_USER_USEC_FIELD_NUMBER: _builtins.int
+    CPU_SYSTEM_USEC_FIELD_NUMBER: _builtins.int
+    CPU_PERIODS_FIELD_NUMBER: _builtins.int
+    CPU_THROTTLED_PERIODS_FIELD_NUMBER: _builtins.int
+    CPU_THROTTLED_USEC_FIELD_NUMBER: _builtins.int
+    MEMORY_CURRENT_BYTES_FIELD_NUMBER: _builtins.int
+    MEMORY_PEAK_BYTES_FIELD_NUMBER: _builtins.int
+    MEMORY_MAX_BYTES_FIELD_NUMBER: _builtins.int
+    PIDS_CURRENT_FIELD_NUMBER: _builtins.int
+    OOM_KILLS_FIELD_NUMBER: _builtins.int
+    EXECUTABLES_RUNNING_FIELD_NUMBER: _builtins.int
+    cell_name: _builtins.str
+    """Path name of the cell."""
+    cpu_usage_usec: _builtins.int
+    """CPU time used since the cell was allocated, in microseconds."""
+    cpu_user_usec: _builtins.int
+    """Of that, in user mode."""
+    cpu_system_usec: _builtins.int
+    """Of that, in kernel mode."""
+    cpu_periods: _builtins.int
+    """Enforcement periods of the cell's cpu.max quota so far."""
+    cpu_throttled_periods: _builtins.int
+    """Periods in which the cell used up its quota and was throttled."""
+    cpu_throttled_usec: _builtins.int
+    """Total time the cell spent throttled, in microseconds."""
+    memory_current_bytes: _builtins.int
+    """Memory in use now, in bytes."""
+    memory_peak_bytes: _builtins.int
+    """The most memory in use at once since the cell was allocated."""
+    memory_max_bytes: _builtins.int
+    """The cell's memory limit (memory.max); unset when unlimited."""
+    pids_current: _builtins.int
+    """Processes (and threads) in the cell now."""
+    oom_kills: _builtins.int
+    """Processes of the cell the kernel's OOM killer killed."""
+    executables_running: _builtins.int
+    """Executables of the cell that are running."""
+    def __init__(
+        self,
+        *,
+        cell_name: _builtins.str = ...,
+        cpu_usage_usec: _builtins.int = ...,
+        cpu_user_usec: _builtins.int | None = ...,
+        cpu_system_usec: _builtins.int | None = ...,
+        cpu_periods: _builtins.int | None = ...,
+        cpu_throttled_periods: _builtins.int | None = ...,
+        cpu_throttled_usec: _builtins.int | None = ...,
+        memory_current_bytes: _builtins.int | None = ...,
+        memory_peak_bytes: _builtins.int | None = ...,
+        memory_max_bytes: _builtins.int | None = ...,
+        pids_current: _builtins.int | None = ...,
+        oom_kills: _builtins.int | None = ...,
+        executables_running: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_cpu_periods", b"_cpu_periods", "_cpu_system_usec", b"_cpu_system_usec", "_cpu_throttled_periods", b"_cpu_throttled_periods", "_cpu_throttled_usec", b"_cpu_throttled_usec", "_cpu_user_usec", b"_cpu_user_usec", "_memory_current_bytes", b"_memory_current_bytes", "_memory_max_bytes", b"_memory_max_bytes", "_memory_peak_bytes", b"_memory_peak_bytes", "_oom_kills", b"_oom_kills", "_pids_current", b"_pids_current", "cpu_periods", b"cpu_periods", "cpu_system_usec", b"cpu_system_usec", "cpu_throttled_periods", b"cpu_throttled_periods", "cpu_throttled_usec", b"cpu_throttled_usec", "cpu_user_usec", b"cpu_user_usec", "memory_current_bytes", b"memory_current_bytes", "memory_max_bytes", b"memory_max_bytes", "memory_peak_bytes", b"memory_peak_bytes", "oom_kills", b"oom_kills", "pids_current", b"pids_current"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cpu_periods", b"_cpu_periods", "_cpu_system_usec", b"_cpu_system_usec", "_cpu_throttled_periods", b"_cpu_throttled_periods", "_cpu_throttled_usec", b"_cpu_throttled_usec", "_cpu_user_usec", b"_cpu_user_usec", "_memory_current_bytes", b"_memory_current_bytes", "_memory_max_bytes", b"_memory_max_bytes", "_memory_peak_bytes", b"_memory_peak_bytes", "_oom_kills", b"_oom_kills", "_pids_current", b"_pids_current", "cell_name", b"cell_name", "cpu_periods", b"cpu_periods", "cpu_system_usec", b"cpu_system_usec", "cpu_throttled_periods", b"cpu_throttled_periods", "cpu_throttled_usec", b"cpu_throttled_usec", "cpu_usage_usec", b"cpu_usage_usec", "cpu_user_usec", b"cpu_user_usec", "executables_running", b"executables_running", "memory_current_bytes", b"memory_current_bytes", "memory_max_bytes", b"memory_max_bytes", "memory_peak_bytes", b"memory_peak_bytes", "oom_kills", b"oom_kills", "pids_current", b"pids_current"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__cpu_periods: _TypeAlias = _typing.Literal["cpu_periods"]  # noqa: Y015
+    _WhichOneofArgType__cpu_periods: _TypeAlias = _typing.Literal["_cpu_periods", b"_cpu_periods"]  # noqa: Y015
+    _WhichOneofReturnType__cpu_system_usec: _TypeAlias = _typing.Literal["cpu_system_usec"]  # noqa: Y015
+    _WhichOneofArgType__cpu_system_usec: _TypeAlias = _typing.Literal["_cpu_system_usec", b"_cpu_system_usec"]  # noqa: Y015
+    _WhichOneofReturnType__cpu_throttled_periods: _TypeAlias = _typing.Literal["cpu_throttled_periods"]  # noqa: Y015
+    _WhichOneofArgType__cpu_throttled_periods: _TypeAlias = _typing.Literal["_cpu_throttled_periods", b"_cpu_throttled_periods"]  # noqa: Y015
+    _WhichOneofReturnType__cpu_throttled_usec: _TypeAlias = _typing.Literal["cpu_throttled_usec"]  # noqa: Y015
+    _WhichOneofArgType__cpu_throttled_usec: _TypeAlias = _typing.Literal["_cpu_throttled_usec", b"_cpu_throttled_usec"]  # noqa: Y015
+    _WhichOneofReturnType__cpu_user_usec: _TypeAlias = _typing.Literal["cpu_user_usec"]  # noqa: Y015
+    _WhichOneofArgType__cpu_user_usec: _TypeAlias = _typing.Literal["_cpu_user_usec", b"_cpu_user_usec"]  # noqa: Y015
+    _WhichOneofReturnType__memory_current_bytes: _TypeAlias = _typing.Literal["memory_current_bytes"]  # noqa: Y015
+    _WhichOneofArgType__memory_current_bytes: _TypeAlias = _typing.Literal["_memory_current_bytes", b"_memory_current_bytes"]  # noqa: Y015
+    _WhichOneofReturnType__memory_max_bytes: _TypeAlias = _typing.Literal["memory_max_bytes"]  # noqa: Y015
+    _WhichOneofArgType__memory_max_bytes: _TypeAlias = _typing.Literal["_memory_max_bytes", b"_memory_max_bytes"]  # noqa: Y015
+    _WhichOneofReturnType__memory_peak_bytes: _TypeAlias = _typing.Literal["memory_peak_bytes"]  # noqa: Y015
+    _WhichOneofArgType__memory_peak_bytes: _TypeAlias = _typing.Literal["_memory_peak_bytes", b"_memory_peak_bytes"]  # noqa: Y015
+    _WhichOneofReturnType__oom_kills: _TypeAlias = _typing.Literal["oom_kills"]  # noqa: Y015
+    _WhichOneofArgType__oom_kills: _TypeAlias = _typing.Literal["_oom_kills", b"_oom_kills"]  # noqa: Y015
+    _WhichOneofReturnType__pids_current: _TypeAlias = _typing.Literal["pids_current"]  # noqa: Y015
+    _WhichOneofArgType__pids_current: _TypeAlias = _typing.Literal["_pids_current", b"_pids_current"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__cpu_periods) -> _WhichOneofReturnType__cpu_periods | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__cpu_system_usec) -> _WhichOneofReturnType__cpu_system_usec | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__cpu_throttled_periods) -> _WhichOneofReturnType__cpu_throttled_periods | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__cpu_throttled_usec) -> _WhichOneofReturnType__cpu_throttled_usec | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__cpu_user_usec) -> _WhichOneofReturnType__cpu_user_usec | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__memory_current_bytes) -> _WhichOneofReturnType__memory_current_bytes | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__memory_max_bytes) -> _WhichOneofReturnType__memory_max_bytes | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__memory_peak_bytes) -> _WhichOneofReturnType__memory_peak_bytes | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__oom_kills) -> _WhichOneofReturnType__oom_kills | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__pids_current) -> _WhichOneofReturnType__pids_current | None: ...
+
+Global___CellMetrics: _TypeAlias = CellMetrics  # noqa: Y015
