@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from aurae_cli.rpc_command import invoke, rpc_options
+from aurae_cli.rpc_command import EnumChoice, invoke, rpc_options
 
 group = click.Group(
     "cells",
@@ -149,6 +149,11 @@ _START_FIELDS: dict[str, str] = {
     "name": "executable.name",
     "command": "executable.command",
     "description": "executable.description",
+    "restart_policy": "executable.restart_policy",
+    "restart_delay_ms": "executable.restart_delay_ms",
+    "restart_max_delay_ms": "executable.restart_max_delay_ms",
+    "start_limit_burst": "executable.start_limit.burst",
+    "start_limit_interval_ms": "executable.start_limit.interval_ms",
     "uid": "uid",
     "gid": "gid",
 }
@@ -177,6 +182,42 @@ _START_POSITIONALS: tuple[tuple[str, bool], ...] = (
     "description",
     type=str,
     help="Free text saying what the executable is for.",
+)
+@click.option(
+    "--restart-policy",
+    "restart_policy",
+    type=EnumChoice(
+        {
+            "no": "EXECUTABLE_RESTART_POLICY_NO",
+            "on-failure": "EXECUTABLE_RESTART_POLICY_ON_FAILURE",
+            "always": "EXECUTABLE_RESTART_POLICY_ALWAYS",
+        }
+    ),
+    help="aurae-py addition: whether to start the process again when it ends.\nStop, and Free of its cell, end the policy for good.",
+)
+@click.option(
+    "--restart-delay-ms",
+    "restart_delay_ms",
+    type=click.IntRange(min=0),
+    help="aurae-py addition: how long to wait before the first restart, in\nmilliseconds; each consecutive restart waits twice as long, up to\nrestart_max_delay_ms. Unset: 100. Needs a restart policy.",
+)
+@click.option(
+    "--restart-max-delay-ms",
+    "restart_max_delay_ms",
+    type=click.IntRange(min=0),
+    help="aurae-py addition: the longest wait between restarts, in milliseconds.\nUnset: 30000. Needs a restart policy.",
+)
+@click.option(
+    "--start-limit-burst",
+    "start_limit_burst",
+    type=click.IntRange(min=0),
+    help="Starts (the first one included) allowed within the interval; one more\nand the policy gives up. 0 means no limit.",
+)
+@click.option(
+    "--start-limit-interval-ms",
+    "start_limit_interval_ms",
+    type=click.IntRange(min=0),
+    help="The interval, in milliseconds; 0 means 10000.",
 )
 @click.option(
     "--uid",

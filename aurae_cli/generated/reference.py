@@ -610,6 +610,55 @@ MESSAGES: tuple[MessageInfo, ...] = (
                 "",
                 "Free text saying what the executable is for.",
             ),
+            FieldInfo(
+                10,
+                "restart_policy",
+                "aurae.cells.v0.ExecutableRestartPolicy",
+                "",
+                "aurae-py addition: whether to start the process again when it ends.\nStop, and Free of its cell, end the policy for good.",
+            ),
+            FieldInfo(
+                15,
+                "restart_delay_ms",
+                "uint32",
+                "optional",
+                "aurae-py addition: how long to wait before the first restart, in\nmilliseconds; each consecutive restart waits twice as long, up to\nrestart_max_delay_ms. Unset: 100. Needs a restart policy.",
+            ),
+            FieldInfo(
+                16,
+                "restart_max_delay_ms",
+                "uint32",
+                "optional",
+                "aurae-py addition: the longest wait between restarts, in milliseconds.\nUnset: 30000. Needs a restart policy.",
+            ),
+            FieldInfo(
+                17,
+                "start_limit",
+                "aurae.cells.v0.ExecutableStartLimit",
+                "",
+                "aurae-py addition: when the policy gives up. Unset: after 5 starts\nwithin 10 seconds, as systemd's StartLimitBurst and\nStartLimitIntervalSec default to. Needs a restart policy.",
+            ),
+        ),
+    ),
+    MessageInfo(
+        full_name="aurae.cells.v0.ExecutableStartLimit",
+        name="ExecutableStartLimit",
+        doc="aurae-py addition: how often a restart policy may start an executable.",
+        fields=(
+            FieldInfo(
+                1,
+                "burst",
+                "uint32",
+                "",
+                "Starts (the first one included) allowed within the interval; one more\nand the policy gives up. 0 means no limit.",
+            ),
+            FieldInfo(
+                2,
+                "interval_ms",
+                "uint32",
+                "",
+                "The interval, in milliseconds; 0 means 10000.",
+            ),
         ),
     ),
     MessageInfo(
@@ -777,6 +826,34 @@ MESSAGES: tuple[MessageInfo, ...] = (
                 "bool",
                 "",
                 "True when the kernel's OOM killer ended it: its cell hit its memory limit.",
+            ),
+            FieldInfo(
+                30,
+                "restart_policy",
+                "aurae.cells.v0.ExecutableRestartPolicy",
+                "",
+                "aurae-py addition: the executable's restart policy.",
+            ),
+            FieldInfo(
+                31,
+                "restart_count",
+                "uint32",
+                "",
+                "aurae-py addition: how many times the policy has started it again.",
+            ),
+            FieldInfo(
+                32,
+                "next_restart_at",
+                "double",
+                "",
+                "aurae-py addition: when the policy starts it again, in Unix seconds;\n0 when no restart is pending.",
+            ),
+            FieldInfo(
+                33,
+                "start_limit_hit",
+                "bool",
+                "",
+                "aurae-py addition: the policy gave up: the executable started too often\nwithin its start-limit interval.",
             ),
         ),
     ),
@@ -1716,6 +1793,22 @@ MESSAGES: tuple[MessageInfo, ...] = (
 )
 
 ENUMS: tuple[EnumInfo, ...] = (
+    EnumInfo(
+        full_name="aurae.cells.v0.ExecutableRestartPolicy",
+        name="ExecutableRestartPolicy",
+        doc="aurae-py addition: when an executable's process is started again after it\nends, as systemd's Restart= decides.",
+        values=(
+            EnumValueInfo("EXECUTABLE_RESTART_POLICY_NO", 0, "Never (the default)."),
+            EnumValueInfo(
+                "EXECUTABLE_RESTART_POLICY_ON_FAILURE",
+                1,
+                "When it exits with a non-zero code, or a signal other than SIGHUP,\nSIGINT, SIGTERM or SIGPIPE ends it.",
+            ),
+            EnumValueInfo(
+                "EXECUTABLE_RESTART_POLICY_ALWAYS", 2, "Whenever it ends, however it ended."
+            ),
+        ),
+    ),
     EnumInfo(
         full_name="aurae.cells.v0.ExecutableState",
         name="ExecutableState",

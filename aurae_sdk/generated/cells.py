@@ -33,6 +33,7 @@ CellServiceListResponse = _cells_pb2.CellServiceListResponse
 CellGraphNode = _cells_pb2.CellGraphNode
 Cell = _cells_pb2.Cell
 Executable = _cells_pb2.Executable
+ExecutableStartLimit = _cells_pb2.ExecutableStartLimit
 CpuController = _cells_pb2.CpuController
 CpusetController = _cells_pb2.CpusetController
 MemoryController = _cells_pb2.MemoryController
@@ -42,6 +43,10 @@ CellServiceWaitResponse = _cells_pb2.CellServiceWaitResponse
 CellServiceMetricsRequest = _cells_pb2.CellServiceMetricsRequest
 CellServiceMetricsResponse = _cells_pb2.CellServiceMetricsResponse
 CellMetrics = _cells_pb2.CellMetrics
+ExecutableRestartPolicy = _cells_pb2.ExecutableRestartPolicy
+EXECUTABLE_RESTART_POLICY_NO = _cells_pb2.EXECUTABLE_RESTART_POLICY_NO
+EXECUTABLE_RESTART_POLICY_ON_FAILURE = _cells_pb2.EXECUTABLE_RESTART_POLICY_ON_FAILURE
+EXECUTABLE_RESTART_POLICY_ALWAYS = _cells_pb2.EXECUTABLE_RESTART_POLICY_ALWAYS
 ExecutableState = _cells_pb2.ExecutableState
 EXECUTABLE_STATE_UNSPECIFIED = _cells_pb2.EXECUTABLE_STATE_UNSPECIFIED
 EXECUTABLE_STATE_RUNNING = _cells_pb2.EXECUTABLE_STATE_RUNNING
@@ -430,6 +435,7 @@ __all__ = [
     "CellGraphNode",
     "Cell",
     "Executable",
+    "ExecutableStartLimit",
     "CpuController",
     "CpusetController",
     "MemoryController",
@@ -439,7 +445,11 @@ __all__ = [
     "CellServiceMetricsRequest",
     "CellServiceMetricsResponse",
     "CellMetrics",
+    "ExecutableRestartPolicy",
     "ExecutableState",
+    "EXECUTABLE_RESTART_POLICY_NO",
+    "EXECUTABLE_RESTART_POLICY_ON_FAILURE",
+    "EXECUTABLE_RESTART_POLICY_ALWAYS",
     "EXECUTABLE_STATE_UNSPECIFIED",
     "EXECUTABLE_STATE_RUNNING",
     "EXECUTABLE_STATE_EXITED",

@@ -349,15 +349,24 @@ class EventJournal:
         self.publish(EventKind.CELL_OOM_KILL, cell=cell.path, oom_kills=oom_kills)
 
     def executable_started(self, executable: Executable) -> None:
-        self.publish(EventKind.EXECUTABLE_STARTED, **_executable_fields(executable))
+        """STARTED, or RESTARTED when its restart policy started it again."""
+        restart = executable.restart
+        kind = EventKind.EXECUTABLE_RESTARTED if restart.count else EventKind.EXECUTABLE_STARTED
+        self.publish(kind, **_executable_fields(executable), restart_count=restart.count,
+                     restart_delay_ms=round(restart.last_delay * 1000) if restart.count else 0)
 
     def executable_exited(self, executable: Executable, status: ExitStatus) -> None:
         self.publish(EventKind.EXECUTABLE_EXITED, **_executable_fields(executable),
                      exit_code=status.exit_code, signal=status.signal,
-                     oom_killed=executable.oom_killed)
+                     oom_killed=executable.oom_killed, restart_count=executable.restart.count)
 
     def executable_stopped(self, executable: Executable) -> None:
-        self.publish(EventKind.EXECUTABLE_STOPPED, **_executable_fields(executable))
+        self.publish(EventKind.EXECUTABLE_STOPPED, **_executable_fields(executable),
+                     restart_count=executable.restart.count)
+
+    def start_limit_hit(self, executable: Executable) -> None:
+        self.publish(EventKind.EXECUTABLE_START_LIMIT_HIT, **_executable_fields(executable),
+                     restart_count=executable.restart.count)
 
     def daemon_started(self, cleaned_cells: Iterable[str] = (), *,
                        adopted_cells: Iterable[str] = (),

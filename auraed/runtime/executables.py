@@ -10,6 +10,7 @@ from pathlib import Path
 from auraed.kernel.processes import ExitStatus, SpawnedProcess
 from auraed.output import OutputLog
 from auraed.runtime.names import CellName
+from auraed.runtime.restarts import RestartState
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class Executable:
     exit_status: ExitStatus | None = None
     exited_at: float = 0.0
     oom_killed: bool = False
+    restart: RestartState = field(default_factory=RestartState)
     _exited: threading.Event = field(default_factory=threading.Event, repr=False)
 
     @property

@@ -62,6 +62,7 @@ from auraed.output import OutputLog, OutputPump, output_pipe
 from auraed.runtime.events import EventJournal
 from auraed.runtime.executables import Executable, ExecutableKey
 from auraed.runtime.names import CellName
+from auraed.runtime.restarts import NO_RESTART, RestartPolicy, RestartState, RestartTimer
 from auraed.runtime.signals import SignalEvent, SignalFeed
 
 log = logging.getLogger("auraed.workloads")
@@ -161,6 +162,7 @@ class Workloads:
         self._holders: dict[int, Cell] = {}
         # Exits reported before the starting thread recorded the pid.
         self._early_exits: dict[int, tuple[ExitStatus, float]] = {}
+        self._restarts = RestartTimer(self._restart, self.events.start_limit_hit)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -180,6 +182,7 @@ class Workloads:
         self._log_root.mkdir(parents=True)
         self._spawner.start()
         self._pump.start()
+        self._restarts.start()
         self._devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
 
     def shutdown(self, grace: float | None = None) -> None:
@@ -188,6 +191,7 @@ class Workloads:
             self._closing = True
             top = [cell.name for cell in self._cells.values() if cell.name.parent is None]
             host = list(self._host_executables.values())
+        self._restarts.close()
         self._stop_all(host, self._grace(grace))
         for name in top:
             try:
@@ -354,6 +358,7 @@ class Workloads:
         description: str = "",
         uid: int | None = None,
         gid: int | None = None,
+        restart: RestartPolicy = NO_RESTART,
     ) -> Executable:
         _check_command(command)
         uid = os.getuid() if uid is None else uid
@@ -374,7 +379,8 @@ class Workloads:
             if previous is not None:
                 self._forget(previous)
                 del registry[name]
-            executable = self._spawn(key, command, description, uid, gid, namespaces)
+            executable = self._spawn(key, command, description, uid, gid, namespaces,
+                                     RestartState(restart))
             registry[name] = executable
         log.info(
             "executable started",
@@ -392,6 +398,7 @@ class Workloads:
                 raise NotFound(
                     f"no executable {name} in {_where(cell_name)}", field="executable_name"
                 )
+            executable.restart.ended = True  # under _lock: no restart can slip in after this
         self._stop_all([executable], self._grace(grace))
         with self._lock:
             if registry.get(name) is executable:
@@ -460,7 +467,7 @@ class Workloads:
         return cell.namespaces
 
     def _spawn(self, key: ExecutableKey, command: str, description: str, uid: int, gid: int,
-               namespaces: NamespaceSet | None) -> Executable:
+               namespaces: NamespaceSet | None, restart: RestartState) -> Executable:
         log_dir = self._log_dir(key)
         stdout = OutputLog(log_dir, "stdout", segment_bytes=self._log_segment_bytes,
                            max_segments=self._log_segments)
@@ -471,6 +478,7 @@ class Workloads:
         # Before the fork: a process that ends at once must not seem to have
         # exited before it started.
         started_at = time.time()
+        restart.record_start()  # an attempt counts towards the start limit
         try:
             spec = SpawnSpec(
                 command=command,
@@ -506,6 +514,7 @@ class Workloads:
         executable = Executable(
             key=key, command=command, description=description, uid=uid, gid=gid,
             process=process, stdout=stdout, stderr=stderr, log_dir=log_dir, started_at=started_at,
+            restart=restart,
         )
         self._pump.watch(out_read, stdout)
         self._pump.watch(err_read, stderr)
@@ -555,6 +564,43 @@ class Workloads:
         assert executable is not None
         self._record_exit(executable, status, when)
 
+    def _restart(self, previous: Executable) -> None:
+        """Start an executable again for its restart policy (on the RestartTimer's thread),
+        unless Stop, Free or shutdown ended the policy, or the name was reused, meanwhile."""
+        state = previous.restart
+        cell = previous.cell
+        with self._lock:
+            state.next_at = 0.0
+            if state.ended or self._closing:
+                return
+            if cell is not None and (cell not in self._cells or self._cells[cell].freeing):
+                return
+            registry = self._host_executables if cell is None else self._cells[cell].executables
+            if registry.get(previous.name) is not previous:
+                return
+            try:
+                namespaces = self._namespaces_for_start(cell)
+                state.count += 1
+                executable = self._spawn(previous.key, previous.command, previous.description,
+                                         previous.uid, previous.gid, namespaces, state)
+            except Unavailable:
+                return  # no spawner: nothing starts any more
+            except FailedPrecondition as error:
+                failed: FailedPrecondition | None = error
+            else:
+                failed = None
+                self._forget(previous)
+                registry[previous.name] = executable
+        if failed is not None:
+            # A failed start: the policy tries again later, within its start limit.
+            log.warning("restart failed", extra={"executable": str(previous.key),
+                                                 "error": failed.message})
+            self._restarts.exited(previous)
+            return
+        log.info("executable restarted", extra={
+            "cell": str(cell or ""), "executable": previous.name,
+            "pid": executable.process.host_pid, "restarts": state.count})
+
     def _on_spawner_lost(self) -> None:
         """The spawner is gone: no exit will be reported from now on, so stop
         waiting for reports and let the daemon decide what to do."""
@@ -567,6 +613,7 @@ class Workloads:
             executable.oom_killed = self._oom_killed_in(executable.cell)
         self.events.executable_exited(executable, status)  # before Stop or Free can see the end
         executable.mark_exited(status, when)
+        self._restarts.exited(executable)
         if status.signal is not None:
             self._publish_signal(executable, status.signal, delivered_by_daemon=False)
         log.info(

@@ -15,12 +15,21 @@ from auraed.kernel.cgroups import CgroupLimits
 from auraed.runtime.executables import Executable
 from auraed.runtime.metrics import CellUsage, cell_usage
 from auraed.runtime.names import CellName, parse_executable_name
+from auraed.runtime.restarts import NO_RESTART, RestartMode, RestartPolicy
 from auraed.runtime.workloads import CellSpec, Workloads
 from auraed.services.cell_pages import list_page
 
 # Wait polls the caller's liveness this often, so an abandoned Wait ends.
 _WAIT_SLICE = 0.5
 MAX_GRACE_MS = 10 * 60 * 1000
+MAX_RESTART_DELAY_MS = 60 * 60 * 1000
+MAX_START_LIMIT_INTERVAL_MS = 24 * 60 * 60 * 1000
+RESTART_MODES = {
+    pb.EXECUTABLE_RESTART_POLICY_NO: RestartMode.NO,
+    pb.EXECUTABLE_RESTART_POLICY_ON_FAILURE: RestartMode.ON_FAILURE,
+    pb.EXECUTABLE_RESTART_POLICY_ALWAYS: RestartMode.ALWAYS,
+}
+RESTART_POLICIES = {mode: value for value, mode in RESTART_MODES.items()}
 
 
 def _optional(message: Message, name: str) -> Any:
@@ -63,6 +72,50 @@ def cell_message(name: CellName, spec: CellSpec) -> pb.Cell:
     return cell
 
 
+def restart_policy(executable: pb.Executable) -> RestartPolicy:
+    """The restart policy a Start request asks for, checked field by field."""
+    mode = RESTART_MODES.get(executable.restart_policy)
+    if mode is None:
+        raise InvalidArgument(f"unknown restart policy {executable.restart_policy}",
+                              field="executable.restart_policy")
+    tuning = [name for name in ("restart_delay_ms", "restart_max_delay_ms", "start_limit")
+              if executable.HasField(name)]
+    if mode is RestartMode.NO:
+        if tuning:
+            raise InvalidArgument(f"{tuning[0]} needs a restart policy (on-failure or always)",
+                                  field=f"executable.{tuning[0]}")
+        return NO_RESTART
+    first = NO_RESTART.first_delay
+    ceiling = NO_RESTART.max_delay
+    if executable.HasField("restart_delay_ms"):
+        if not 1 <= executable.restart_delay_ms <= MAX_RESTART_DELAY_MS:
+            raise InvalidArgument(f"the restart delay must be 1 to {MAX_RESTART_DELAY_MS} ms",
+                                  field="executable.restart_delay_ms")
+        first = executable.restart_delay_ms / 1000
+        ceiling = max(ceiling, first)
+    if executable.HasField("restart_max_delay_ms"):
+        if not first * 1000 <= executable.restart_max_delay_ms <= MAX_RESTART_DELAY_MS:
+            raise InvalidArgument(
+                f"the longest restart delay must be at least the first "
+                f"({round(first * 1000)} ms) and at most {MAX_RESTART_DELAY_MS} ms",
+                field="executable.restart_max_delay_ms")
+        ceiling = executable.restart_max_delay_ms / 1000
+    burst, interval = NO_RESTART.burst, NO_RESTART.interval
+    if executable.HasField("start_limit"):
+        limit = executable.start_limit
+        if limit.interval_ms > MAX_START_LIMIT_INTERVAL_MS:
+            raise InvalidArgument(f"the start-limit interval is at most "
+                                  f"{MAX_START_LIMIT_INTERVAL_MS} ms",
+                                  field="executable.start_limit.interval_ms")
+        if limit.burst > 10_000:
+            raise InvalidArgument("the start-limit burst is at most 10000",
+                                  field="executable.start_limit.burst")
+        burst = limit.burst
+        interval = limit.interval_ms / 1000 if limit.interval_ms else interval
+    return RestartPolicy(mode, first_delay=first, max_delay=ceiling, burst=burst,
+                         interval=interval)
+
+
 def executable_status(executable: Executable) -> pb.ExecutableStatus:
     status = pb.ExecutableStatus(
         name=executable.name,
@@ -74,6 +127,10 @@ def executable_status(executable: Executable) -> pb.ExecutableStatus:
         started_at=executable.started_at,
         exited_at=executable.exited_at,
         oom_killed=executable.oom_killed,
+        restart_policy=RESTART_POLICIES[executable.restart.policy.mode],
+        restart_count=executable.restart.count,
+        next_restart_at=0.0 if executable.restart.ended else executable.restart.next_at,
+        start_limit_hit=executable.restart.gave_up,
     )
     if executable.exit_status is not None:
         if executable.exit_status.exit_code is not None:
@@ -131,6 +188,7 @@ class CellService(CellServiceBase):
               context: grpc.ServicerContext) -> pb.CellServiceStartResponse:
         cell = _optional_cell(request)
         name = parse_executable_name(request.executable.name, field="executable.name")
+        restart = restart_policy(request.executable)
         executable = self.workloads.start_executable(
             cell,
             name,
@@ -138,6 +196,7 @@ class CellService(CellServiceBase):
             description=request.executable.description,
             uid=request.uid if request.HasField("uid") else None,
             gid=request.gid if request.HasField("gid") else None,
+            restart=restart,
         )
         return pb.CellServiceStartResponse(
             pid=executable.process.ns_pid,

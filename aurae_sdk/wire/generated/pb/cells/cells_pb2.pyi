@@ -24,6 +24,36 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _ExecutableRestartPolicy:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ExecutableRestartPolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ExecutableRestartPolicy.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    EXECUTABLE_RESTART_POLICY_NO: _ExecutableRestartPolicy.ValueType  # 0
+    """Never (the default)."""
+    EXECUTABLE_RESTART_POLICY_ON_FAILURE: _ExecutableRestartPolicy.ValueType  # 1
+    """When it exits with a non-zero code, or a signal other than SIGHUP,
+    SIGINT, SIGTERM or SIGPIPE ends it.
+    """
+    EXECUTABLE_RESTART_POLICY_ALWAYS: _ExecutableRestartPolicy.ValueType  # 2
+    """Whenever it ends, however it ended."""
+
+class ExecutableRestartPolicy(_ExecutableRestartPolicy, metaclass=_ExecutableRestartPolicyEnumTypeWrapper):
+    """aurae-py addition: when an executable's process is started again after it
+    ends, as systemd's Restart= decides.
+    """
+
+EXECUTABLE_RESTART_POLICY_NO: ExecutableRestartPolicy.ValueType  # 0
+"""Never (the default)."""
+EXECUTABLE_RESTART_POLICY_ON_FAILURE: ExecutableRestartPolicy.ValueType  # 1
+"""When it exits with a non-zero code, or a signal other than SIGHUP,
+SIGINT, SIGTERM or SIGPIPE ends it.
+"""
+EXECUTABLE_RESTART_POLICY_ALWAYS: ExecutableRestartPolicy.ValueType  # 2
+"""Whenever it ends, however it ended."""
+Global___ExecutableRestartPolicy: _TypeAlias = ExecutableRestartPolicy  # noqa: Y015
+
 class _ExecutableState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -449,26 +479,89 @@ class Executable(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     COMMAND_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
+    RESTART_POLICY_FIELD_NUMBER: _builtins.int
+    RESTART_DELAY_MS_FIELD_NUMBER: _builtins.int
+    RESTART_MAX_DELAY_MS_FIELD_NUMBER: _builtins.int
+    START_LIMIT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Name of the executable, unique within its cell."""
     command: _builtins.str
     """Shell command line, run with "sh -c"."""
     description: _builtins.str
     """Free text saying what the executable is for."""
+    restart_policy: Global___ExecutableRestartPolicy.ValueType
+    """aurae-py addition: whether to start the process again when it ends.
+    Stop, and Free of its cell, end the policy for good.
+    """
+    restart_delay_ms: _builtins.int
+    """aurae-py addition: how long to wait before the first restart, in
+    milliseconds; each consecutive restart waits twice as long, up to
+    restart_max_delay_ms. Unset: 100. Needs a restart policy.
+    """
+    restart_max_delay_ms: _builtins.int
+    """aurae-py addition: the longest wait between restarts, in milliseconds.
+    Unset: 30000. Needs a restart policy.
+    """
+    @_builtins.property
+    def start_limit(self) -> Global___ExecutableStartLimit:
+        """aurae-py addition: when the policy gives up. Unset: after 5 starts
+        within 10 seconds, as systemd's StartLimitBurst and
+        StartLimitIntervalSec default to. Needs a restart policy.
+        """
+
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         command: _builtins.str = ...,
         description: _builtins.str = ...,
+        restart_policy: Global___ExecutableRestartPolicy.ValueType = ...,
+        restart_delay_ms: _builtins.int | None = ...,
+        restart_max_delay_ms: _builtins.int | None = ...,
+        start_limit: Global___ExecutableStartLimit | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_restart_delay_ms", b"_restart_delay_ms", "_restart_max_delay_ms", b"_restart_max_delay_ms", "restart_delay_ms", b"restart_delay_ms", "restart_max_delay_ms", b"restart_max_delay_ms", "start_limit", b"start_limit"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_restart_delay_ms", b"_restart_delay_ms", "_restart_max_delay_ms", b"_restart_max_delay_ms", "command", b"command", "description", b"description", "name", b"name", "restart_delay_ms", b"restart_delay_ms", "restart_max_delay_ms", b"restart_max_delay_ms", "restart_policy", b"restart_policy", "start_limit", b"start_limit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__restart_delay_ms: _TypeAlias = _typing.Literal["restart_delay_ms"]  # noqa: Y015
+    _WhichOneofArgType__restart_delay_ms: _TypeAlias = _typing.Literal["_restart_delay_ms", b"_restart_delay_ms"]  # noqa: Y015
+    _WhichOneofReturnType__restart_max_delay_ms: _TypeAlias = _typing.Literal["restart_max_delay_ms"]  # noqa: Y015
+    _WhichOneofArgType__restart_max_delay_ms: _TypeAlias = _typing.Literal["_restart_max_delay_ms", b"_restart_max_delay_ms"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__restart_delay_ms) -> _WhichOneofReturnType__restart_delay_ms | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__restart_max_delay_ms) -> _WhichOneofReturnType__restart_max_delay_ms | None: ...
+
+Global___Executable: _TypeAlias = Executable  # noqa: Y015
+
+@_typing.final
+class ExecutableStartLimit(_message.Message):
+    """aurae-py addition: how often a restart policy may start an executable."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BURST_FIELD_NUMBER: _builtins.int
+    INTERVAL_MS_FIELD_NUMBER: _builtins.int
+    burst: _builtins.int
+    """Starts (the first one included) allowed within the interval; one more
+    and the policy gives up. 0 means no limit.
+    """
+    interval_ms: _builtins.int
+    """The interval, in milliseconds; 0 means 10000."""
+    def __init__(
+        self,
+        *,
+        burst: _builtins.int = ...,
+        interval_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "description", b"description", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["burst", b"burst", "interval_ms", b"interval_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___Executable: _TypeAlias = Executable  # noqa: Y015
+Global___ExecutableStartLimit: _TypeAlias = ExecutableStartLimit  # noqa: Y015
 
 @_typing.final
 class CpuController(_message.Message):
@@ -610,6 +703,10 @@ class ExecutableStatus(_message.Message):
     STARTED_AT_FIELD_NUMBER: _builtins.int
     EXITED_AT_FIELD_NUMBER: _builtins.int
     OOM_KILLED_FIELD_NUMBER: _builtins.int
+    RESTART_POLICY_FIELD_NUMBER: _builtins.int
+    RESTART_COUNT_FIELD_NUMBER: _builtins.int
+    NEXT_RESTART_AT_FIELD_NUMBER: _builtins.int
+    START_LIMIT_HIT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Name the executable was started with."""
     cell_name: _builtins.str
@@ -632,6 +729,18 @@ class ExecutableStatus(_message.Message):
     """When the process ended, in Unix seconds; 0 while it runs."""
     oom_killed: _builtins.bool
     """True when the kernel's OOM killer ended it: its cell hit its memory limit."""
+    restart_policy: Global___ExecutableRestartPolicy.ValueType
+    """aurae-py addition: the executable's restart policy."""
+    restart_count: _builtins.int
+    """aurae-py addition: how many times the policy has started it again."""
+    next_restart_at: _builtins.float
+    """aurae-py addition: when the policy starts it again, in Unix seconds;
+    0 when no restart is pending.
+    """
+    start_limit_hit: _builtins.bool
+    """aurae-py addition: the policy gave up: the executable started too often
+    within its start-limit interval.
+    """
     def __init__(
         self,
         *,
@@ -646,10 +755,14 @@ class ExecutableStatus(_message.Message):
         started_at: _builtins.float = ...,
         exited_at: _builtins.float = ...,
         oom_killed: _builtins.bool = ...,
+        restart_policy: Global___ExecutableRestartPolicy.ValueType = ...,
+        restart_count: _builtins.int = ...,
+        next_restart_at: _builtins.float = ...,
+        start_limit_hit: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "_signal", b"_signal", "exit_code", b"exit_code", "signal", b"signal"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "_signal", b"_signal", "cell_name", b"cell_name", "command", b"command", "exit_code", b"exit_code", "exited_at", b"exited_at", "host_pid", b"host_pid", "name", b"name", "oom_killed", b"oom_killed", "pid", b"pid", "signal", b"signal", "started_at", b"started_at", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "_signal", b"_signal", "cell_name", b"cell_name", "command", b"command", "exit_code", b"exit_code", "exited_at", b"exited_at", "host_pid", b"host_pid", "name", b"name", "next_restart_at", b"next_restart_at", "oom_killed", b"oom_killed", "pid", b"pid", "restart_count", b"restart_count", "restart_policy", b"restart_policy", "signal", b"signal", "start_limit_hit", b"start_limit_hit", "started_at", b"started_at", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__exit_code: _TypeAlias = _typing.Literal["exit_code"]  # noqa: Y015
     _WhichOneofArgType__exit_code: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code"]  # noqa: Y015
