@@ -314,6 +314,8 @@ class Daemon:
                                     default_grace=settings.grace_period, events=self._events)
         self._workloads.on_spawner_lost = self._spawner_lost
         self._workloads.start()
+        # What the start reported (cleaned up, adopted) is readable once we serve.
+        self._events.flush()
         if metrics_address is not None:
             self._start_metrics(metrics_address)
 

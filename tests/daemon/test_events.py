@@ -275,3 +275,71 @@ def test_resume_across_sigkill_and_clean_restart_of_the_daemon() -> None:
         last = everything[-1]
         assert last.daemon.previous_stopped_cleanly
         assert not last.daemon.cleaned_cells and not last.daemon.cleaned_executables
+
+
+@pytest.mark.slow
+def test_order_holds_when_the_daemon_is_killed_in_the_middle_of_lifecycles() -> None:
+    import threading
+
+    with running_daemon() as first:
+        stop = threading.Event()
+        seen: list[pb.Event] = []
+
+        def worker(index: int) -> None:
+            with first.client(timeout=10) as own:
+                for round_ in range(10_000):
+                    if stop.is_set():
+                        return
+                    try:
+                        lifecycle(own, f"k-{index}-{round_}")
+                    except aurae_sdk.AuraeError:
+                        return  # the daemon died under us
+
+        def follower() -> None:
+            with first.client() as own:
+                try:
+                    for response in own.observe.get_event_stream(follow=True, timeout=DEADLINE):
+                        seen.extend(response.events)
+                        if sum(KIND[e.kind] == "CELL_FREED" for e in seen) >= 40:
+                            stop.set()
+                except aurae_sdk.AuraeError:
+                    return  # ended by the daemon's death
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+        following = threading.Thread(target=follower)
+        following.start()
+        for thread in threads:
+            thread.start()
+        assert stop.wait(DEADLINE)
+        first.stop(signal.SIGKILL)  # lifecycles are in flight
+        for thread in [*threads, following]:
+            thread.join(DEADLINE)
+        resume_at = seen[-1].sequence
+        with (running_daemon(library_dir=first.workdir / "lib", cgroup_root=first.cgroup_root)
+              as second, second.client() as client):
+            after, lost = collect_until(client, resume_at, lambda evs: any(
+                KIND[e.kind] == "DAEMON_RESTARTED" for e in evs) and client.cells.list().cells == [])
+            # Everything the restart closed is there once it reports itself: read to the end.
+            for response in client.observe.get_event_stream(after_sequence=after[-1].sequence,
+                                                            timeout=30):
+                after.extend(response.events)
+        assert lost == 0
+        everything = [*seen, *after]
+        assert_contiguous(everything, 0)
+        assert_ordered_per_workload(everything)
+        # Nothing stays open: every cell allocated is freed, every process started has exited.
+        open_cells: set[str] = set()
+        running: set[tuple[str, str]] = set()
+        for event in everything:
+            key = (event.cell_name, event.executable_name)
+            if KIND[event.kind] == "CELL_ALLOCATED":
+                open_cells.add(event.cell_name)
+            elif KIND[event.kind] == "CELL_FREED":
+                open_cells.discard(event.cell_name)
+            elif KIND[event.kind] == "EXECUTABLE_STARTED":
+                running.add(key)
+            elif KIND[event.kind] == "EXECUTABLE_EXITED":
+                running.discard(key)
+        assert open_cells == set() and running == set()
+        restart = next(e for e in after if KIND[e.kind] == "DAEMON_RESTARTED")
+        assert not restart.daemon.previous_stopped_cleanly
