@@ -382,6 +382,10 @@ class EventJournal:
         kept = set(adopted_executables)
         lost = [e for e in previous.running if _key(e) not in kept]
         lost_cells = [c for c in previous.open_cells if c not in kept_cells]
+        if lost or lost_cells:
+            log.warning("the previous run did not stop cleanly; its workloads were cleaned up",
+                        extra={"cells": ",".join(lost_cells),
+                               "executables": ",".join(_key(e) for e in lost)})
         self.publish(EventKind.DAEMON_RESTARTED, daemon=DaemonReport(
             __version__,
             previous_stopped_cleanly=previous.stopped_cleanly,
