@@ -137,22 +137,30 @@ def _payload(event: Event) -> bytes:
     return json.dumps(fields, separators=(",", ":")).encode()
 
 
-def _decode(sequence: int, kind: int, payload: bytes) -> Event | None:
-    """The event of a record; None for a kind this daemon does not know (a newer one wrote it)."""
-    try:
-        known_kind = EventKind(kind)
-    except ValueError:
-        return None
-    fields = json.loads(payload)
-    # Fields a newer daemon added are dropped, not fatal.
-    values = {k: v for k, v in fields.items() if k in _EVENT_FIELDS}
-    daemon = values.pop("daemon", None)
+_KINDS = {kind.value: kind for kind in EventKind}
+
+
+def _event(sequence: int, kind: EventKind, fields: dict[str, Any]) -> Event:
+    if not fields.keys() <= _EVENT_FIELDS.keys():
+        # Fields a newer daemon added are dropped, not fatal.
+        fields = {k: v for k, v in fields.items() if k in _EVENT_FIELDS}
+    daemon = fields.pop("daemon", None)
     report = None
     if isinstance(daemon, dict):
         known: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v
                                  for k, v in daemon.items() if k in _DAEMON_FIELDS}
         report = DaemonReport(**known)
-    return Event(sequence=sequence, kind=known_kind, daemon=report, **values)
+    return Event(sequence=sequence, kind=kind, daemon=report, **fields)
+
+
+def _decode(records: list[_Record], data: bytes) -> list[Event]:
+    """The events of records in `data`, decoded with one JSON parse; records of a kind this
+    daemon does not know (a newer one wrote them) are left out."""
+    known = [r for r in records if r.kind in _KINDS]
+    payloads = b",".join(data[r.offset:r.offset + r.length] for r in known)
+    values = json.loads(b"[" + payloads + b"]")
+    return [_event(r.sequence, _KINDS[r.kind], fields)
+            for r, fields in zip(known, values, strict=True)]
 
 
 def _record(event: Event) -> bytes:
@@ -169,10 +177,11 @@ class _Record:
     length: int
 
 
-def _scan(data: bytes, expected: int | None) -> tuple[list[_Record], int]:
+def _scan(data: bytes, expected: int | None, *, check_after: int = 0) -> tuple[list[_Record], int]:
     """The valid records of a segment's bytes, and where the valid part ends.
 
-    `expected` is the sequence number the first record must carry (None: any)."""
+    `expected` is the sequence number the first record must carry (None: any). CRCs are
+    checked only for records after `check_after` (a reader skipping to its position)."""
     records: list[_Record] = []
     position = 0
     while position + _HEADER.size <= len(data):
@@ -182,8 +191,8 @@ def _scan(data: bytes, expected: int | None) -> tuple[list[_Record], int]:
             break
         if expected is not None and sequence != expected:
             break
-        body = data[start:start + length]
-        if zlib.crc32(body, zlib.crc32(struct.pack("<QH", sequence, kind))) != crc:
+        if sequence > check_after and zlib.crc32(
+                data[start:start + length], zlib.crc32(struct.pack("<QH", sequence, kind))) != crc:
             break
         records.append(_Record(sequence, kind, start, length))
         expected = sequence + 1
@@ -453,30 +462,16 @@ class EventJournal:
                 data = path.read_bytes()
             except FileNotFoundError:  # the oldest, deleted as we went: counted as lost
                 continue
-            records, _ = _scan(data, None)
-            chunk: list[Event] = []
-            for record in records:
-                if record.sequence <= cursor:
-                    continue
-                if record.sequence > upto:
-                    upto = cursor  # the rest is in memory
-                    break
-                event = _decode(record.sequence, record.kind,
-                                data[record.offset:record.offset + record.length])
-                if event is None:
-                    continue
-                chunk.append(event)
-                if len(chunk) >= batch:
+            records, _ = _scan(data, None, check_after=cursor)
+            wanted = [r for r in records if cursor < r.sequence <= upto]
+            for start in range(0, len(wanted), batch):
+                chunk = _decode(wanted[start:start + batch], data)
+                if chunk:
                     lost = max(0, chunk[0].sequence - cursor - 1)
                     cursor = chunk[-1].sequence
                     yield lost, chunk
-                    chunk = []
-            if chunk:
-                lost = max(0, chunk[0].sequence - cursor - 1)
-                cursor = chunk[-1].sequence
-                yield lost, chunk
-            if cursor >= upto:
-                return
+            if records and records[-1].sequence >= upto:
+                return  # the rest is in memory
 
     # ------------------------------------------------------------------ disk
 
@@ -529,11 +524,8 @@ class EventJournal:
         segment_index, record_index = start or (0, 0)
         for index in range(segment_index, len(segments)):
             data = segments[index][1].read_bytes()
-            for record in records[index][record_index if index == segment_index else 0:]:
-                event = _decode(record.sequence, record.kind,
-                                data[record.offset:record.offset + record.length])
-                if event is not None:
-                    yield event
+            yield from _decode(records[index][record_index if index == segment_index else 0:],
+                               data)
 
     def _write_loop(self) -> None:
         while True:
