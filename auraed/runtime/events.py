@@ -537,7 +537,10 @@ class EventJournal:
                 batch = self._pending[:MAX_WRITE_EVENTS]
                 del self._pending[:MAX_WRITE_EVENTS]
             if self.directory is not None:
-                self._append(batch)
+                try:
+                    self._append(batch)
+                except Exception:  # a bug must not stall every reader and flush()
+                    log.exception("event journal: writing a batch failed")
             with self._lock:
                 self._ring.extend(batch)
                 if len(self._ring) > 2 * self._ring_events:
