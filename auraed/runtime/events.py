@@ -126,15 +126,21 @@ _EVENT_FIELDS = {f.name: f for f in dataclasses.fields(Event)}
 _DAEMON_FIELDS = {f.name for f in dataclasses.fields(DaemonReport)}
 
 
+# (name, default) of what a record's payload holds: every field but those in its header.
+_PAYLOAD_FIELDS = tuple((f.name, f.default) for f in dataclasses.fields(Event)
+                        if f.name not in ("sequence", "kind"))
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
+
+
 def _payload(event: Event) -> bytes:
     fields: dict[str, Any] = {}
-    for name, spec in _EVENT_FIELDS.items():
-        if name in ("sequence", "kind"):
-            continue
+    for name, default in _PAYLOAD_FIELDS:
         value = getattr(event, name)
-        if value != spec.default:
-            fields[name] = dataclasses.asdict(value) if name == "daemon" else value
-    return json.dumps(fields, separators=(",", ":")).encode()
+        if value != default:
+            fields[name] = value
+    if event.daemon is not None:
+        fields["daemon"] = dataclasses.asdict(event.daemon)
+    return _ENCODER.encode(fields).encode()
 
 
 _KINDS = {kind.value: kind for kind in EventKind}
