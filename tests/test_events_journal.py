@@ -4,6 +4,7 @@ following, and what a restarted daemon reports of the run before."""
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -179,3 +180,29 @@ def test_adopted_workloads_stay_open(tmp_path: Path) -> None:
     assert third.previous.open_cells == ("kept",)
     assert [(e.cell, e.executable) for e in third.previous.running] == [("kept", "w")]
     third.close()
+
+
+def test_a_failed_write_keeps_events_visible_and_counts_them_lost_after_a_restart(
+        tmp_path: Path) -> None:
+    journal = _open(tmp_path)
+    for i in range(3):
+        journal.publish(EventKind.CELL_ALLOCATED, cell=f"c{i}")
+    journal.flush()
+    # The disk goes away under the writer (as EIO or a full disk would): its fd stops working.
+    assert journal._fd is not None
+    os.close(journal._fd)
+    journal._fd = os.open(os.devnull, os.O_RDONLY)
+    for i in range(3, 6):
+        journal.publish(EventKind.CELL_ALLOCATED, cell=f"c{i}")
+    journal.flush()
+    lost, events = _all(journal)
+    assert lost == 0 and [e.sequence for e in events] == [1, 2, 3, 4, 5, 6]  # from memory
+    # The writer recovers with a new segment.
+    journal.publish(EventKind.CELL_FREED, cell="c0")
+    journal.close()
+    again = _open(tmp_path)
+    lost, events = _all(again)
+    assert [e.sequence for e in events] == [1, 2, 3, 7]
+    assert lost == 3  # 4-6 never reached the disk, and the reader is told
+    assert again.publish(EventKind.CELL_FREED, cell="c1") == 8
+    again.close()

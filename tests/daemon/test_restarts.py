@@ -146,7 +146,8 @@ def test_stop_during_a_backoff_cancels_the_restart(client: aurae_sdk.Client) -> 
         assert status.next_restart_at > time.time()
         client.cells.stop(cell_name="r-backoff", executable_name="crash")
         time.sleep(2.5)
-        kinds = [kind(e) for _, e in _after(client, before) if e.cell_name == "r-backoff"]
+        kinds = [kind(e) for _, e in _after(client, before) if e.executable_name == "crash"
+                 and e.cell_name == "r-backoff"]
         assert kinds == ["EXECUTABLE_STARTED", "EXECUTABLE_EXITED", "EXECUTABLE_STOPPED"]
     finally:
         client.cells.free(cell_name="r-backoff")
