@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 import aurae_sdk
-from aurae_sdk.generated.pb.observe import observe_pb2 as observe_pb
+from aurae_sdk.wire.generated.pb.observe import observe_pb2 as observe_pb
 
 DEADLINE = 60.0
 
