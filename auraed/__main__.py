@@ -65,6 +65,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="also serve the Kubernetes CRI (runtime.v1 RuntimeService and "
                              "ImageService) for kubelet, plaintext on this Unix socket of mode "
                              "0600 (see docs/cri.md)")
+    parser.add_argument("--metrics-address", metavar="ADDRESS",
+                        help="serve Prometheus metrics (per-cell CPU, memory, pids, OOM kills) "
+                             "over plain HTTP on a Unix socket path or a loopback HOST:PORT; "
+                             "off by default")
+    parser.add_argument("--metrics-allow-remote", action="store_true",
+                        help="allow --metrics-address on a non-loopback TCP address (the "
+                             "endpoint has no authentication)")
     return parser.parse_args(argv)
 
 
@@ -102,6 +109,8 @@ def main(argv: list[str] | None = None) -> None:
                       operators=args.long_lived_operators),
         **({"operators": tuple(args.operator)} if args.operator else {}),
         cri_socket=args.cri_socket,
+        metrics_address=args.metrics_address,
+        metrics_allow_remote=args.metrics_allow_remote,
     )
     sys.exit(Daemon(settings).run())
 

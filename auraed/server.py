@@ -39,7 +39,14 @@ from auraed.interceptors import Admission, AuditTrail, Authorization, FaultTrans
 from auraed.kernel.cgroups import CgroupError, detect_backend
 from auraed.logs import configure as configure_logging
 from auraed.output import LogRing
+from auraed.prometheus import (
+    MetricsAddress,
+    MetricsAddressError,
+    MetricsEndpoint,
+    parse_metrics_address,
+)
 from auraed.runtime.containers import Containers
+from auraed.runtime.events import EventJournal
 from auraed.runtime.workloads import Workloads
 from auraed.services.cells import CellService
 from auraed.services.discovery import DiscoveryService
@@ -65,6 +72,8 @@ AUDIT_LOG = "audit.log"
 IMAGES_DIR = "images"
 # In the runtime dir: each container's writable layer and mount point.
 CONTAINERS_DIR = "containers"
+# In the library dir too: clients resume the event stream across daemon restarts.
+EVENTS_DIR = "events"
 # Exit status after the spawner died under us (EX_SOFTWARE): a service
 # manager restarts the daemon, which then cleans up what was left.
 SPAWNER_LOST_EXIT = 70
@@ -101,6 +110,8 @@ class Settings:
     budget: Budget = field(default_factory=Budget)
     operators: tuple[str, ...] = DEFAULT_OPERATORS
     cri_socket: Path | None = None
+    metrics_address: str | None = None
+    metrics_allow_remote: bool = False
 
 
 def _read_pki(settings: Settings) -> tuple[bytes, bytes, bytes]:
@@ -234,6 +245,8 @@ class Daemon:
         self._health: HealthService | None = None
         self._unix_socket: str | None = None
         self._audit: AuditLog | None = None
+        self._events: EventJournal | None = None
+        self._metrics: MetricsEndpoint | None = None
         self._exit_status = 0
         self._images: ImageStore | None = None
         self._containers: Containers | None = None
@@ -282,6 +295,13 @@ class Daemon:
         ca, certificate, key = _read_pki(settings)
         policy = _load_policy(settings.authz_policy)
         operators = _operators(settings.operators)
+        metrics_address = None
+        if settings.metrics_address is not None:
+            try:
+                metrics_address = parse_metrics_address(
+                    settings.metrics_address, allow_remote=settings.metrics_allow_remote)
+            except MetricsAddressError as error:
+                raise StartupError(f"--metrics-address {error}") from None
         try:
             target = parse_target(settings.socket)
         except TargetError as error:
@@ -302,10 +322,19 @@ class Daemon:
                                      mount_root=settings.cgroup_mount)
         except CgroupError as error:
             raise StartupError(f"cgroups: {error}") from None
+        self._events = EventJournal(settings.library_dir / EVENTS_DIR)
+        try:
+            self._events.open()
+        except OSError as error:
+            raise StartupError(f"event journal {self._events.directory}: {error}") from None
         self._workloads = Workloads(backend, settings.runtime_dir / "logs",
-                                    default_grace=settings.grace_period)
+                                    default_grace=settings.grace_period, events=self._events)
         self._workloads.on_spawner_lost = self._spawner_lost
         self._workloads.start()
+        # What the start reported (cleaned up, adopted) is readable once we serve.
+        self._events.flush()
+        if metrics_address is not None:
+            self._start_metrics(metrics_address)
 
         self._open_images()
         self._serve_cri()
@@ -415,6 +444,21 @@ class Daemon:
         if self._pods is not None:
             self._pods.shutdown()
 
+    def _start_metrics(self, address: MetricsAddress) -> None:
+        assert self._workloads is not None
+        if address.kind == "unix":
+            _prepare_unix_socket(address.path)
+        # Born 0600, like the API socket (bind applies the umask).
+        previous = os.umask(0o177)
+        try:
+            self._metrics = MetricsEndpoint(address, self._workloads)
+        except OSError as error:
+            raise StartupError(f"--metrics-address {address}: cannot listen: "
+                               f"{error.strerror}") from None
+        finally:
+            os.umask(previous)
+        self._metrics.start()
+
     def shutdown(self) -> None:
         """Health NOT_SERVING, stop taking RPCs, stop every workload, remove our cgroups."""
         if self._shutting_down:
@@ -426,15 +470,24 @@ class Daemon:
         if self._server is not None:
             self._server.stop(SHUTDOWN_RPC_GRACE).wait()
         self._stop_cri()
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
         self.daemon_log.close()
         if self._workloads is not None:
             self._workloads.shutdown()
         if self._containers is not None:
             shutil.rmtree(self._containers.root, ignore_errors=True)
+        if self._events is not None:
+            self._events.daemon_stopped()
         self._cleanup()
         log.info("auraed stopped")
 
     def _cleanup(self) -> None:
+        if self._metrics is not None:
+            self._metrics.close()
+        if self._events is not None:
+            self._events.close()
         if self._audit is not None:
             self._audit.close()
         if self._unix_socket is not None:

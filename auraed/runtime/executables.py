@@ -11,6 +11,7 @@ from pathlib import Path
 from auraed.kernel.processes import ExitStatus, SpawnedProcess
 from auraed.output import OutputLog
 from auraed.runtime.names import CellName
+from auraed.runtime.restarts import RestartState
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class Executable:
     oom_killed: bool = False
     # Called once the executable is forgotten: a container releases its filesystem.
     release: Callable[[], None] = field(default=lambda: None, repr=False)
+    restart: RestartState = field(default_factory=RestartState)
     _exited: threading.Event = field(default_factory=threading.Event, repr=False)
 
     @property

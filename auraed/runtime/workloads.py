@@ -60,8 +60,16 @@ from auraed.kernel.processes import (
 )
 from auraed.output import OutputLog, OutputPump, output_pipe
 from auraed.runtime.containers import ContainerSpec
+from auraed.runtime.events import EventJournal
 from auraed.runtime.executables import Executable, ExecutableKey
 from auraed.runtime.names import CellName
+from auraed.runtime.restarts import (
+    NO_RESTART,
+    RestartMode,
+    RestartPolicy,
+    RestartState,
+    RestartTimer,
+)
 from auraed.runtime.signals import SignalEvent, SignalFeed
 
 log = logging.getLogger("auraed.workloads")
@@ -139,9 +147,11 @@ class Workloads:
         default_grace: float = DEFAULT_GRACE_PERIOD,
         log_segment_bytes: int = 8 * 1024 * 1024,
         log_segments: int = 8,
+        events: EventJournal | None = None,
     ) -> None:
         self.backend = backend
         self.signals = SignalFeed()
+        self.events = events if events is not None else EventJournal.in_memory()
         self._log_root = log_root
         self._default_grace = default_grace
         self._log_segment_bytes = log_segment_bytes
@@ -161,6 +171,7 @@ class Workloads:
         self._holders: dict[int, Cell] = {}
         # Exits reported before the starting thread recorded the pid.
         self._early_exits: dict[int, tuple[ExitStatus, float]] = {}
+        self._restarts = RestartTimer(self._restart, self.events.start_limit_hit)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -174,11 +185,13 @@ class Workloads:
             # daemon lost their output pipes and supervisor; see docs/daemon.md.
             log.warning("removing cells left by a previous run", extra={"cells": ",".join(stale)})
         self.backend.cleanup_stale()
+        self.events.daemon_started(cleaned_cells=stale)
         if self._log_root.exists():
             shutil.rmtree(self._log_root)
         self._log_root.mkdir(parents=True)
         self._spawner.start()
         self._pump.start()
+        self._restarts.start()
         self._devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
 
     def shutdown(self, grace: float | None = None) -> None:
@@ -187,6 +200,7 @@ class Workloads:
             self._closing = True
             top = [cell.name for cell in self._cells.values() if cell.name.parent is None]
             host = list(self._host_executables.values())
+        self._restarts.close()
         self._stop_all(host, self._grace(grace))
         for name in top:
             try:
@@ -237,6 +251,7 @@ class Workloads:
             self._cells[name] = cell
             if parent is not None:
                 parent.children[name.leaf] = cell
+            self.events.cell_allocated(name)
         log.info("cell allocated", extra={"cell": name.path,
                                           "namespaces": ",".join(sorted(spec.unshared))})
         return cell
@@ -306,6 +321,7 @@ class Workloads:
                 _remove_directory(self._log_root / member.name.path, only_if_empty=True)
             if name.parent is not None and name.parent in self._cells:
                 self._cells[name.parent].children.pop(name.leaf, None)
+            self.events.cell_freed(name)
         log.info("cell freed", extra={"cell": name.path})
 
     def _end_holders(self, cells: list[Cell]) -> None:
@@ -352,12 +368,16 @@ class Workloads:
         uid: int | None = None,
         gid: int | None = None,
         container: ContainerSpec | None = None,
+        restart: RestartPolicy = NO_RESTART,
     ) -> Executable:
         """With `container`, run its argv in its filesystem as its user; the caller's
         `command` is then only what listings show. The container is released if this fails."""
         try:
+            if container is not None and restart.mode is not RestartMode.NO:
+                raise InvalidArgument("a restart policy cannot be combined with an image yet",
+                                      field="executable.restart_policy")
             return self._start_executable(cell_name, name, command, description=description,
-                                          uid=uid, gid=gid, container=container)
+                                          uid=uid, gid=gid, container=container, restart=restart)
         except BaseException:
             if container is not None:
                 container.release()
@@ -365,7 +385,8 @@ class Workloads:
 
     def _start_executable(self, cell_name: CellName | None, name: str, command: str, *,
                           description: str, uid: int | None, gid: int | None,
-                          container: ContainerSpec | None) -> Executable:
+                          container: ContainerSpec | None,
+                          restart: RestartPolicy) -> Executable:
         if container is None:
             _check_command(command)
             uid = os.getuid() if uid is None else uid
@@ -394,7 +415,8 @@ class Workloads:
             if previous is not None:
                 self._forget(previous)
                 del registry[name]
-            executable = self._spawn(key, command, description, uid, gid, namespaces, container)
+            executable = self._spawn(key, command, description, uid, gid, namespaces,
+                                     RestartState(restart), container)
             registry[name] = executable
         log.info(
             "executable started",
@@ -414,6 +436,7 @@ class Workloads:
                 raise NotFound(
                     f"no executable {name} in {_where(cell_name)}", field="executable_name"
                 )
+            executable.restart.ended = True  # under _lock: no restart can slip in after this
         self._stop_all([executable], self._grace(grace))
         if not forget:
             return executable
@@ -421,6 +444,7 @@ class Workloads:
             if registry.get(name) is executable:
                 del registry[name]
                 self._forget(executable)
+                self.events.executable_stopped(executable)
         log.info("executable stopped", extra={"cell": str(cell_name or ""), "executable": name})
         return executable
 
@@ -483,7 +507,7 @@ class Workloads:
         return cell.namespaces
 
     def _spawn(self, key: ExecutableKey, command: str, description: str, uid: int, gid: int,
-               namespaces: NamespaceSet | None,
+               namespaces: NamespaceSet | None, restart: RestartState,
                container: ContainerSpec | None = None) -> Executable:
         log_dir = self._log_dir(key)
         stdout = OutputLog(log_dir, "stdout", segment_bytes=self._log_segment_bytes,
@@ -495,6 +519,7 @@ class Workloads:
         # Before the fork: a process that ends at once must not seem to have
         # exited before it started.
         started_at = time.time()
+        restart.record_start()  # an attempt counts towards the start limit
         try:
             spec = SpawnSpec(
                 command=container.argv if container else command,
@@ -533,11 +558,13 @@ class Workloads:
         executable = Executable(
             key=key, command=command, description=description, uid=uid, gid=gid,
             process=process, stdout=stdout, stderr=stderr, log_dir=log_dir, started_at=started_at,
+            restart=restart,
         )
         if container is not None:
             executable.release = container.release
         self._pump.watch(out_read, stdout)
         self._pump.watch(err_read, stderr)
+        self.events.executable_started(executable)  # before an exit can be recorded
         with self._pids_lock:
             self._by_host_pid[process.host_pid] = executable
             early = self._early_exits.pop(process.host_pid, None)
@@ -584,6 +611,43 @@ class Workloads:
         assert executable is not None
         self._record_exit(executable, status, when)
 
+    def _restart(self, previous: Executable) -> None:
+        """Start an executable again for its restart policy (on the RestartTimer's thread),
+        unless Stop, Free or shutdown ended the policy, or the name was reused, meanwhile."""
+        state = previous.restart
+        cell = previous.cell
+        with self._lock:
+            state.next_at = 0.0
+            if state.ended or self._closing:
+                return
+            if cell is not None and (cell not in self._cells or self._cells[cell].freeing):
+                return
+            registry = self._host_executables if cell is None else self._cells[cell].executables
+            if registry.get(previous.name) is not previous:
+                return
+            try:
+                namespaces = self._namespaces_for_start(cell)
+                state.count += 1
+                executable = self._spawn(previous.key, previous.command, previous.description,
+                                         previous.uid, previous.gid, namespaces, state)
+            except Unavailable:
+                return  # no spawner: nothing starts any more
+            except FailedPrecondition as error:
+                failed: FailedPrecondition | None = error
+            else:
+                failed = None
+                self._forget(previous)
+                registry[previous.name] = executable
+        if failed is not None:
+            # A failed start: the policy tries again later, within its start limit.
+            log.warning("restart failed", extra={"executable": str(previous.key),
+                                                 "error": failed.message})
+            self._restarts.exited(previous)
+            return
+        log.info("executable restarted", extra={
+            "cell": str(cell or ""), "executable": previous.name,
+            "pid": executable.process.host_pid, "restarts": state.count})
+
     def _on_spawner_lost(self) -> None:
         """The spawner is gone: no exit will be reported from now on, so stop
         waiting for reports and let the daemon decide what to do."""
@@ -594,7 +658,9 @@ class Workloads:
     def _record_exit(self, executable: Executable, status: ExitStatus, when: float) -> None:
         if status.signal == signal.SIGKILL and executable.cell is not None:
             executable.oom_killed = self._oom_killed_in(executable.cell)
+        self.events.executable_exited(executable, status)  # before Stop or Free can see the end
         executable.mark_exited(status, when)
+        self._restarts.exited(executable)
         if status.signal is not None:
             self._publish_signal(executable, status.signal, delivered_by_daemon=False)
         log.info(
@@ -622,6 +688,7 @@ class Workloads:
         if count is None or count <= cell.oom_kills_seen:
             return False
         cell.oom_kills_seen = count
+        self.events.cell_oom_kill(cell_name, count)
         return True
 
     def _publish_signal(self, executable: Executable, signum: int, *, delivered_by_daemon: bool) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+import time
 from typing import Any
 
 import grpc
@@ -14,13 +15,23 @@ from auraed.generated.cells import CellServiceBase
 from auraed.kernel.cgroups import CgroupLimits
 from auraed.runtime.containers import Containers, ContainerSpec
 from auraed.runtime.executables import Executable
+from auraed.runtime.metrics import CellUsage, cell_usage
 from auraed.runtime.names import CellName, parse_executable_name
+from auraed.runtime.restarts import NO_RESTART, RestartMode, RestartPolicy
 from auraed.runtime.workloads import CellSpec, Workloads
 from auraed.services.cell_pages import list_page
 
 # Wait polls the caller's liveness this often, so an abandoned Wait ends.
 _WAIT_SLICE = 0.5
 MAX_GRACE_MS = 10 * 60 * 1000
+MAX_RESTART_DELAY_MS = 60 * 60 * 1000
+MAX_START_LIMIT_INTERVAL_MS = 24 * 60 * 60 * 1000
+RESTART_MODES = {
+    pb.EXECUTABLE_RESTART_POLICY_NO: RestartMode.NO,
+    pb.EXECUTABLE_RESTART_POLICY_ON_FAILURE: RestartMode.ON_FAILURE,
+    pb.EXECUTABLE_RESTART_POLICY_ALWAYS: RestartMode.ALWAYS,
+}
+RESTART_POLICIES = {mode: value for value, mode in RESTART_MODES.items()}
 
 
 def _optional(message: Message, name: str) -> Any:
@@ -63,6 +74,50 @@ def cell_message(name: CellName, spec: CellSpec) -> pb.Cell:
     return cell
 
 
+def restart_policy(executable: pb.Executable) -> RestartPolicy:
+    """The restart policy a Start request asks for, checked field by field."""
+    mode = RESTART_MODES.get(executable.restart_policy)
+    if mode is None:
+        raise InvalidArgument(f"unknown restart policy {executable.restart_policy}",
+                              field="executable.restart_policy")
+    tuning = [name for name in ("restart_delay_ms", "restart_max_delay_ms", "start_limit")
+              if executable.HasField(name)]
+    if mode is RestartMode.NO:
+        if tuning:
+            raise InvalidArgument(f"{tuning[0]} needs a restart policy (on-failure or always)",
+                                  field=f"executable.{tuning[0]}")
+        return NO_RESTART
+    first = NO_RESTART.first_delay
+    ceiling = NO_RESTART.max_delay
+    if executable.HasField("restart_delay_ms"):
+        if not 1 <= executable.restart_delay_ms <= MAX_RESTART_DELAY_MS:
+            raise InvalidArgument(f"the restart delay must be 1 to {MAX_RESTART_DELAY_MS} ms",
+                                  field="executable.restart_delay_ms")
+        first = executable.restart_delay_ms / 1000
+        ceiling = max(ceiling, first)
+    if executable.HasField("restart_max_delay_ms"):
+        if not first * 1000 <= executable.restart_max_delay_ms <= MAX_RESTART_DELAY_MS:
+            raise InvalidArgument(
+                f"the longest restart delay must be at least the first "
+                f"({round(first * 1000)} ms) and at most {MAX_RESTART_DELAY_MS} ms",
+                field="executable.restart_max_delay_ms")
+        ceiling = executable.restart_max_delay_ms / 1000
+    burst, interval = NO_RESTART.burst, NO_RESTART.interval
+    if executable.HasField("start_limit"):
+        limit = executable.start_limit
+        if limit.interval_ms > MAX_START_LIMIT_INTERVAL_MS:
+            raise InvalidArgument(f"the start-limit interval is at most "
+                                  f"{MAX_START_LIMIT_INTERVAL_MS} ms",
+                                  field="executable.start_limit.interval_ms")
+        if limit.burst > 10_000:
+            raise InvalidArgument("the start-limit burst is at most 10000",
+                                  field="executable.start_limit.burst")
+        burst = limit.burst
+        interval = limit.interval_ms / 1000 if limit.interval_ms else interval
+    return RestartPolicy(mode, first_delay=first, max_delay=ceiling, burst=burst,
+                         interval=interval)
+
+
 def executable_status(executable: Executable) -> pb.ExecutableStatus:
     status = pb.ExecutableStatus(
         name=executable.name,
@@ -74,6 +129,10 @@ def executable_status(executable: Executable) -> pb.ExecutableStatus:
         started_at=executable.started_at,
         exited_at=executable.exited_at,
         oom_killed=executable.oom_killed,
+        restart_policy=RESTART_POLICIES[executable.restart.policy.mode],
+        restart_count=executable.restart.count,
+        next_restart_at=0.0 if executable.restart.ended else executable.restart.next_at,
+        start_limit_hit=executable.restart.gave_up,
     )
     if executable.exit_status is not None:
         if executable.exit_status.exit_code is not None:
@@ -81,6 +140,19 @@ def executable_status(executable: Executable) -> pb.ExecutableStatus:
         if executable.exit_status.signal is not None:
             status.signal = executable.exit_status.signal
     return status
+
+
+def metrics_message(usage: CellUsage) -> pb.CellMetrics:
+    metrics = usage.metrics
+    message = pb.CellMetrics(cell_name=usage.name.path, cpu_usage_usec=metrics.cpu_usage_usec,
+                             executables_running=usage.executables_running)
+    for field in ("cpu_user_usec", "cpu_system_usec", "cpu_periods", "cpu_throttled_periods",
+                  "cpu_throttled_usec", "memory_current_bytes", "memory_peak_bytes",
+                  "memory_max_bytes", "pids_current", "oom_kills"):
+        value = getattr(metrics, field)
+        if value is not None:
+            setattr(message, field, value)
+    return message
 
 
 def _optional_cell(request: pb.CellServiceStartRequest | pb.CellServiceStopRequest
@@ -121,6 +193,7 @@ class CellService(CellServiceBase):
         name = parse_executable_name(request.executable.name, field="executable.name")
         uid = request.uid if request.HasField("uid") else None
         gid = request.gid if request.HasField("gid") else None
+        restart = restart_policy(request.executable)  # validated before a container is prepared
         container = self._container(request, uid, gid)
         executable = self.workloads.start_executable(
             cell,
@@ -130,6 +203,7 @@ class CellService(CellServiceBase):
             uid=uid,
             gid=gid,
             container=container,
+            restart=restart,
         )
         return pb.CellServiceStartResponse(
             pid=executable.process.ns_pid,
@@ -189,3 +263,14 @@ class CellService(CellServiceBase):
                 break
         context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"{name} is still running")
         raise AssertionError("unreachable: abort raises")
+
+    def metrics(self, request: pb.CellServiceMetricsRequest,
+                context: grpc.ServicerContext) -> pb.CellServiceMetricsResponse:
+        cell = CellName.parse(request.cell_name, field="cell_name") if request.cell_name else None
+        if cell is None and request.exclude_children:
+            raise InvalidArgument("exclude_children needs a cell name", field="exclude_children")
+        read_at = time.time()
+        usage = cell_usage(self.workloads, cell, recursive=not request.exclude_children)
+        return pb.CellServiceMetricsResponse(cells=[metrics_message(u) for u in usage],
+                                             timestamp=read_at,
+                                             cgroup_v2=self.workloads.backend.version == 2)

@@ -10,6 +10,7 @@ from aurae_sdk.wire.generated.pb.observe import observe_pb2 as pb
 from auraed.errors import FailedPrecondition, InvalidArgument, NotFound, Unimplemented
 from auraed.generated.observe import ObserveServiceBase
 from auraed.output import Line, LogRing, follow_all
+from auraed.runtime.events import Event
 from auraed.runtime.executables import Executable
 from auraed.runtime.names import CellName
 from auraed.runtime.workloads import Workloads
@@ -18,12 +19,61 @@ DAEMON_CHANNEL = "auraed"
 MAX_BATCH_LINES = 10_000
 # Lines read from the files per turn when the client takes one line per message.
 LINES_PER_READ = 1024
+DEFAULT_BATCH_EVENTS = 512
+MAX_BATCH_EVENTS = 10_000
 
 
 def _item(channel: str, line: Line) -> pb.LogItem:
     timestamp, text = line
     # LogItem.line is a proto string: it must be valid UTF-8.
     return pb.LogItem(channel=channel, line=text.decode("utf-8", "replace"), timestamp=int(timestamp))
+
+
+def event_message(event: Event) -> pb.Event:
+    message = pb.Event(
+        sequence=event.sequence,
+        timestamp=event.timestamp,
+        kind=pb.EventKind.Value(f"EVENT_KIND_{event.kind.name}"),
+        cell_name=event.cell,
+        executable_name=event.executable,
+        pid=event.pid,
+        host_pid=event.host_pid,
+        oom_killed=event.oom_killed,
+        restart_count=event.restart_count,
+        restart_delay_ms=event.restart_delay_ms,
+        oom_kills=event.oom_kills,
+        cleaned_up=event.cleaned_up,
+    )
+    if event.exit_code is not None:
+        message.exit_code = event.exit_code
+    if event.signal is not None:
+        message.signal = event.signal
+    if event.daemon is not None:
+        report = event.daemon
+        message.daemon.CopyFrom(pb.DaemonEvent(
+            version=report.version,
+            previous_stopped_cleanly=report.previous_stopped_cleanly,
+            cleaned_cells=report.cleaned_cells,
+            cleaned_executables=report.cleaned_executables,
+            adopted_cells=report.adopted_cells,
+            adopted_executables=report.adopted_executables,
+        ))
+    return message
+
+
+def _cell_filter(workload: pb.Workload) -> CellName | None:
+    """The cell a request's workload names; None for no filter."""
+    if workload.workload_type == pb.WORKLOAD_TYPE_CELL:
+        return CellName.parse(workload.id, field="workload.id")
+    if workload.workload_type in (pb.WORKLOAD_TYPE_POD_SANDBOX, pb.WORKLOAD_TYPE_VM):
+        raise Unimplemented("this daemon runs no pod sandboxes or virtual machines yet",
+                            field="workload.workload_type")
+    if workload.workload_type != pb.WORKLOAD_TYPE_UNSPECIFIED:
+        raise InvalidArgument(f"unknown workload type {workload.workload_type}",
+                              field="workload.workload_type")
+    if workload.id:
+        raise InvalidArgument("an id needs a workload type", field="workload.workload_type")
+    return None
 
 
 class ObserveService(ObserveServiceBase):
@@ -87,18 +137,7 @@ class ObserveService(ObserveServiceBase):
     def get_posix_signals_stream(
         self, request: pb.GetPosixSignalsStreamRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.GetPosixSignalsStreamResponse]:
-        workload = request.workload
-        cell: CellName | None = None
-        if workload.workload_type == pb.WORKLOAD_TYPE_CELL:
-            cell = CellName.parse(workload.id, field="workload.id")
-        elif workload.workload_type in (pb.WORKLOAD_TYPE_POD_SANDBOX, pb.WORKLOAD_TYPE_VM):
-            raise Unimplemented("this daemon runs no pod sandboxes or virtual machines yet",
-                                field="workload.workload_type")
-        elif workload.workload_type != pb.WORKLOAD_TYPE_UNSPECIFIED:
-            raise InvalidArgument(f"unknown workload type {workload.workload_type}",
-                                  field="workload.workload_type")
-        elif workload.id:
-            raise InvalidArgument("an id needs a workload type", field="workload.workload_type")
+        cell = _cell_filter(request.workload)
         for event in self.workloads.signals.follow(lambda: not context.is_active(), cell):
             yield pb.GetPosixSignalsStreamResponse(
                 signal=pb.Signal(
@@ -109,3 +148,26 @@ class ObserveService(ObserveServiceBase):
                     timestamp=int(event.timestamp),
                 )
             )
+
+    def get_event_stream(
+        self, request: pb.GetEventStreamRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.GetEventStreamResponse]:
+        if request.max_batch_events > MAX_BATCH_EVENTS:
+            raise InvalidArgument(f"at most {MAX_BATCH_EVENTS} events per batch",
+                                  field="max_batch_events")
+        cell = _cell_filter(request.workload)
+        journal = self.workloads.events
+        newest = journal.last_sequence
+        if request.after_sequence > newest:
+            raise FailedPrecondition(
+                f"sequence {request.after_sequence} is past the newest event ({newest}): "
+                "this daemon's event journal was reset since; resume from 0",
+                field="after_sequence")
+        batch = request.max_batch_events or DEFAULT_BATCH_EVENTS
+        for lost, events in journal.read(request.after_sequence, lambda: not context.is_active(),
+                                         follow=request.follow, batch=batch):
+            if cell is not None:
+                events = [e for e in events if e.daemon is not None or e.within(cell.path)]
+                if not events and not lost:
+                    continue
+            yield pb.GetEventStreamResponse(events=[event_message(e) for e in events], lost=lost)

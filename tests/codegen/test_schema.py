@@ -97,6 +97,7 @@ def test_streaming_kind_and_idempotency(api: Api) -> None:
     idempotent = {m.full_name for s in api.services for m in s.methods if m.idempotent}
     assert idempotent == {
         "aurae.cells.v0.CellService.List",
+        "aurae.cells.v0.CellService.Metrics",
         "aurae.discovery.v0.DiscoveryService.Discover",
         "aurae.images.v0.ImageService.Inspect",
         "aurae.images.v0.ImageService.List",

@@ -10,6 +10,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -386,3 +387,32 @@ def test_planted_symlink_as_the_root_is_refused(tmp_path: Path) -> None:
     with pytest.raises(UnsafePath):
         backend.setup()
     assert list(outside.iterdir()) == []
+
+
+def test_metrics_read_every_counter_from_the_v1_files(
+    backend: CgroupV1Backend, spawn_into: SpawnInto
+) -> None:
+    # 10 % of a CPU, and a process that wants all of it: throttled in most periods.
+    backend.create("m", CgroupLimits(cpu_max=10_000, cpu_period=100_000, memory_max=256 << 20))
+    backend.create("m/inner", CgroupLimits())
+    burner = spawn_into(backend.join_files("m/inner"), "sh", "-c", "while :; do :; done")
+    spawn_into(backend.join_files("m"))
+    deadline = time.monotonic() + 60
+    while (metrics := backend.metrics("m")).cpu_throttled_periods in (None, 0) \
+            or metrics.cpu_usage_usec < 20_000:
+        assert time.monotonic() < deadline, metrics
+        time.sleep(0.05)
+    assert metrics.cpu_periods is not None and metrics.cpu_periods >= metrics.cpu_throttled_periods
+    assert metrics.cpu_throttled_usec is not None and metrics.cpu_throttled_usec > 0
+    assert metrics.cpu_user_usec is not None and metrics.cpu_system_usec is not None
+    # Hierarchical: the child's burner counts in its parent; two processes, one each.
+    assert metrics.pids_current == 2
+    assert metrics.memory_current_bytes is not None and metrics.memory_current_bytes > 0
+    assert metrics.memory_peak_bytes is not None
+    assert metrics.memory_peak_bytes >= metrics.memory_current_bytes
+    assert metrics.memory_max_bytes == 256 << 20
+    assert metrics.oom_kills == 0
+    inner = backend.metrics("m/inner")
+    assert inner.pids_current == 1 and inner.memory_max_bytes is None
+    burner.kill()
+    burner.wait()

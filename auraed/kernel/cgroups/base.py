@@ -77,6 +77,29 @@ class CgroupUsage:
 
 
 @dataclass(frozen=True)
+class CgroupMetrics:
+    """A cell's resource usage as its cgroups count it (the cell and its child cells together).
+
+    Counters (CPU time, periods, OOM kills) only grow; None where the host's cgroups do not
+    account that resource (a v2 controller not enabled, a kernel without memory.peak).
+    """
+
+    cpu_usage_usec: int
+    cpu_user_usec: int | None
+    cpu_system_usec: int | None
+    # Under a cpu.max quota: enforcement periods, those in which the cell was throttled, and
+    # the total time it spent throttled.
+    cpu_periods: int | None
+    cpu_throttled_periods: int | None
+    cpu_throttled_usec: int | None
+    memory_current_bytes: int | None
+    memory_peak_bytes: int | None  # since the cell was created: v1 max_usage, v2 memory.peak
+    memory_max_bytes: int | None  # the limit; None when unlimited or not accounted
+    pids_current: int | None
+    oom_kills: int | None
+
+
+@dataclass(frozen=True)
 class LimitFile:
     """One interface-file write that sets (part of) a limit."""
 
@@ -258,6 +281,10 @@ class CgroupBackend(ABC):
     @abstractmethod
     def oom_kills(self, cell_path: str) -> int | None:
         """How many of the cell's processes the OOM killer killed; None if not accounted."""
+
+    @abstractmethod
+    def metrics(self, cell_path: str) -> CgroupMetrics:
+        """What the cell (with its child cells) has used and uses now, from its cgroup files."""
 
     # --- what each cgroup version does its own way ---
 
