@@ -9,7 +9,8 @@ import tempfile
 import threading
 import time
 
-from auraed.kernel.processes import ExitStatus, Spawner, SpawnSpec
+from auraed.kernel.processes import ExitStatus, SpawnSpec
+from auraed.kernel.spawner.client import Spawner
 from auraed.output import OutputLog, OutputPump, output_pipe
 from bench.core import Comparison, Result, Series, interleave
 

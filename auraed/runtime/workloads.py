@@ -50,14 +50,12 @@ from auraed.kernel.processes import (
     HolderSpec,
     NamespaceSet,
     SpawnedProcess,
-    Spawner,
-    SpawnerClosed,
-    SpawnError,
     SpawnSpec,
     default_env,
     exec_refusal,
     signal_group,
 )
+from auraed.kernel.spawner.client import Spawner, SpawnerClosed, SpawnError
 from auraed.output import OutputLog, OutputPump, output_pipe
 from auraed.runtime.containers import ContainerSpec
 from auraed.runtime.events import EventJournal
@@ -501,10 +499,17 @@ class Workloads:
         # a dead holder's /proc paths could name a recycled pid.
         for ancestor in [*cell_name.ancestors(), cell_name]:
             if self._cells[ancestor].holder_gone:
-                raise FailedPrecondition(
-                    f"the namespaces of cell {ancestor} are gone (its init was killed); "
-                    "free the cell and allocate it again", field="cell_name")
+                raise _namespaces_gone(ancestor)
         return cell.namespaces
+
+    def _dead_holder_of(self, cell_name: CellName) -> CellName | None:
+        """The cell (this one or an ancestor) whose holder has died, even if its exit has not
+        been reported yet: a spawn that found no namespace to join asks this."""
+        for ancestor in [*cell_name.ancestors(), cell_name]:
+            holder = self._cells[ancestor].holder
+            if holder is not None and not os.path.exists(f"/proc/{holder.host_pid}/ns/pid"):
+                return ancestor
+        return None
 
     def _spawn(self, key: ExecutableKey, command: str, description: str, uid: int, gid: int,
                namespaces: NamespaceSet | None, restart: RestartState,
@@ -544,6 +549,11 @@ class Workloads:
             shutil.rmtree(log_dir, ignore_errors=True)
             if not isinstance(error, SpawnError):
                 raise _spawner_unavailable(error) from None
+            if error.stage == "namespace" and key.cell is not None:
+                # The holder died a moment ago; its exit is on its way from the spawner.
+                dead = self._dead_holder_of(key.cell)
+                if dead is not None:
+                    raise _namespaces_gone(dead) from None
             raise FailedPrecondition(
                 f"could not start {key}: {error.message} (at {error.stage})", field="executable.command"
             ) from None
@@ -764,6 +774,11 @@ def _spawner_unavailable(error: Exception) -> Unavailable:
     # Every workload starts through the spawner: without it nothing can, until a restart.
     return Unavailable(f"the daemon cannot start processes ({error}); see the daemon log "
                        "and restart auraed")
+
+
+def _namespaces_gone(cell_name: CellName) -> FailedPrecondition:
+    return FailedPrecondition(f"the namespaces of cell {cell_name} are gone (its init was "
+                              "killed); free the cell and allocate it again", field="cell_name")
 
 
 def _where(cell_name: CellName | None) -> str:

@@ -25,13 +25,11 @@ from auraed.kernel.processes import (
     HolderSpec,
     NamespaceSet,
     SpawnedProcess,
-    Spawner,
-    SpawnerClosed,
-    SpawnError,
     SpawnSpec,
     signal_group,
 )
-from auraed.kernel.spawner import SPARE_NAME
+from auraed.kernel.spawner.client import Spawner, SpawnerClosed, SpawnError
+from auraed.kernel.spawner.server import SPARE_NAME
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
@@ -305,7 +303,8 @@ def test_closing_the_spawner_kills_every_workload_and_ends_it(devnull: int) -> N
 DAEMON_THAT_DIES = textwrap.dedent(
     """
     import os, sys, time
-    from auraed.kernel.processes import Spawner, SpawnSpec
+    from auraed.kernel.processes import SpawnSpec
+    from auraed.kernel.spawner.client import Spawner
     spawner = Spawner(lambda pid, status: None)
     spawner.start()
     devnull = os.open(os.devnull, os.O_WRONLY)

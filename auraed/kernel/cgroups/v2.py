@@ -176,7 +176,7 @@ class CgroupV2Backend(CgroupBackend):
             pids = self._pids(components)
             # Nothing to kill, no write: a cgroup.kill marks the cgroups it covers, and on some
             # kernels a child later born into a marked cgroup (CLONE_INTO_CGROUP) is killed at
-            # birth (see ForkServer._fork_workload).
+            # birth (see the fork server's _fork_workload).
             if pids:
                 cgroupfs.write_file(fd, "cgroup.kill", "1")
             return pids

@@ -2,25 +2,16 @@
 
 The daemon runs many gRPC threads, and running Python between fork and exec in a threaded process
 is unsafe. This process runs nothing but its request loop, so its forked children can safely place
-themselves in cgroups and namespaces, drop privileges and close stray fds before exec. It also owns
-every wait: it is a child subreaper, reaps all children and reports the exits of the workloads it
-started. Standard library only, so that it starts fast.
+themselves in cgroups and namespaces, drop privileges and close stray fds before exec (the steps
+are in auraed.kernel.spawner.child). It also owns every wait: it is a child subreaper, reaps all
+children and reports the exits of the workloads it started. Standard library only, so that it
+starts fast.
 
-The daemon runs it as `python -m auraed.kernel.spawner --socket-fd N`. Wire protocol: one JSON
-object per message on the inherited AF_UNIX SOCK_SEQPACKET socket.
-
-  daemon -> spawner  {"op": "spawn", "id", "argv", "uid", "gid", "cgroup_join", "env", "cwd",
-                      "namespaces": {kind: "/proc/<pid>/ns/<kind>"} | null}
-                     {"op": "holder", ... the same, plus "unshare": [kind, ...], "hostname"}
-                     with SCM_RIGHTS [stdout fd, stderr fd]
-  spawner -> daemon  {"event": "ready", "pid"}                       once, at start
-                     {"id", "pid", "ns_pid", "start_time"}           spawned, running its argv
-                     {"id", "error": {"stage", "errno", "message"}}  nothing left running
-                     {"event": "exit", "pid", "status"}              a spawned workload ended;
-                                                                     status is the raw wait status
+The daemon runs it as `python -m auraed.kernel.spawner --socket-fd N`; the messages on that
+socket are auraed.kernel.spawner.protocol's.
 
 A holder is the process that owns a cell's namespaces: it joins the given
-namespaces, unshares the kinds in "unshare" and runs argv (a pause-and-reap
+namespaces, unshares the kinds in `unshare` and runs argv (a pause-and-reap
 init such as `catatonit -P`) as pid 1 of the new pid namespace, with a fresh
 /proc, the hostname, and loopback up in a new network namespace. Its reply
 comes once the namespaces are complete, just before that exec when the init
@@ -31,12 +22,11 @@ namespace, which the next holder request with a new pid namespace of ours is
 handed to, so that Allocate does not wait for a fork. A used spare is replaced
 once the spawner has been idle a few milliseconds.
 
-A spawn reply always precedes the exit event of its pid. End of file on the socket (or SIGTERM)
-means the daemon is gone: every workload is killed and reaped, then the spawner exits.
+End of file on the socket (or SIGTERM) means the daemon is gone: every workload is killed and
+reaped, then the spawner exits.
 """
 
 import errno
-import fcntl
 import json
 import os
 import select
@@ -47,59 +37,43 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
-from typing import Any, NoReturn, TypeVar
+from typing import NoReturn, TypeVar
 
 from auraed.kernel.libc import (
     CLONE_NEWPID,
-    MS_NODEV,
-    MS_NOEXEC,
-    MS_NOSUID,
-    MS_PRIVATE,
-    MS_REC,
     NAMESPACE_FLAGS,
     fork_into_cgroup,
-    mount,
     set_child_subreaper,
     setns,
     unignore_reserved_signals,
     unshare,
 )
-from auraed.kernel.rootfs import enter_rootfs
+from auraed.kernel.spawner.child import (
+    HOLDER_ALIVE,
+    HOLDER_READY,
+    become_holder,
+    become_workload,
+    write_file,
+)
+from auraed.kernel.spawner.protocol import (
+    MAX_MESSAGE_BYTES,
+    Exited,
+    Failed,
+    HolderRequest,
+    Message,
+    Ready,
+    Spawned,
+    SpawnError,
+    SpawnRequest,
+    decode,
+)
 
-# Room for the longest command exec takes (MAX_ARG_STRLEN, 128 KiB) even when JSON spells each
-# of its bytes as a six-byte \u escape (control characters), with its environment.
-MAX_MESSAGE_BYTES = 1024 * 1024
 _T = TypeVar("_T")
 _FD_SIZE = struct.calcsize("i")
 # The name (/proc/<pid>/comm) of the spare: a child forked ahead of time, pid 1 of a fresh pid
 # namespace, that becomes the next top-level cell's holder.
 SPARE_NAME = "aurae-spare"
 SPARE_IDLE_MS = 5
-# What a holder's pid 1 reports once its namespaces are ready, just before it execs its init.
-_HOLDER_READY = b"ready"
-# What a holder's child says first, before any step: it runs.
-_HOLDER_ALIVE = b"alive"
-
-# The order a child joins namespaces in. The mount namespace comes last so that nothing resolved
-# by path before it is looked up in the workload's filesystem. The pid namespace is not here: a
-# process cannot change its own, so the spawner enters it before fork and the child is born in it.
-_CHILD_NAMESPACES = ("net", "ipc", "uts", "mnt")
-
-
-class SpawnFailed(Exception):
-    """A spawn that left nothing running; stage names the step that failed."""
-
-    def __init__(self, stage: str, errno_code: int, detail: str = "") -> None:
-        super().__init__(stage, errno_code, detail)
-        self.stage = stage
-        self.errno = errno_code
-        self.detail = detail
-
-    def as_wire(self) -> dict[str, Any]:
-        message = os.strerror(self.errno) if self.errno else "failed"
-        if self.detail:
-            message = f"{self.detail}: {message}"
-        return {"stage": self.stage, "errno": self.errno, "message": message}
 
 
 class _Spare:
@@ -148,7 +122,7 @@ class ForkServer:
         poller.register(self._wake_r, select.POLLIN)
         try:
             self._keep_a_spare()  # before "ready": from then on the spawner is as it stays
-            self._send({"event": "ready", "pid": os.getpid()})
+            self._send(Ready(pid=os.getpid()))
             while True:
                 # A used spare is replaced once the spawner has been idle a moment, so that the
                 # fork and the new child's start delay no request (typically the Start that
@@ -169,10 +143,10 @@ class ForkServer:
         finally:
             self._kill_everything()
 
-    def _send(self, message: dict[str, Any]) -> None:
+    def _send(self, message: Message) -> None:
         try:
             # No SIGPIPE: it is not ignored here (see _leave_no_signal_ignored_or_blocked).
-            self._sock.send(json.dumps(message).encode(), socket.MSG_NOSIGNAL)
+            self._sock.send(message.encode(), socket.MSG_NOSIGNAL)
         except (BrokenPipeError, ConnectionResetError):
             raise DaemonGone from None
 
@@ -190,13 +164,7 @@ class ForkServer:
         try:
             if not data:
                 raise DaemonGone
-            try:
-                request = json.loads(data)
-            except ValueError:
-                request = None
-            if not isinstance(request, dict):
-                request = {}  # answered as malformed
-            self._send(self._answer(request, fds, truncated=bool(flags & socket.MSG_TRUNC)))
+            self._send(self._answer(data, fds, truncated=bool(flags & socket.MSG_TRUNC)))
         finally:
             for fd in fds:
                 os.close(fd)
@@ -214,63 +182,63 @@ class ForkServer:
                 fds.extend(struct.unpack(f"{usable // _FD_SIZE}i", payload[:usable]))
         return bytes(self._buffer[:size]), fds, flags
 
-    def _answer(self, request: dict[str, Any], fds: list[int], truncated: bool) -> dict[str, Any]:
-        request_id = request.get("id")
+    def _answer(self, data: bytes, fds: list[int], truncated: bool) -> Spawned | Failed:
+        request: Message | None = None
         try:
-            if truncated or request.get("op") not in ("spawn", "holder") or len(fds) != 2:
-                raise SpawnFailed("request", errno.EINVAL, "malformed request")
-            if request["op"] == "holder":
+            if truncated:
+                raise SpawnError.malformed("request over MAX_MESSAGE_BYTES")
+            request = decode(data)
+            if not isinstance(request, SpawnRequest) or len(fds) != 2:
+                raise SpawnError.malformed("malformed request")
+            if isinstance(request, HolderRequest):
                 pid, ns_pid = self._fork_holder(request, stdout=fds[0], stderr=fds[1])
             else:
                 pid, ns_pid = self._fork_workload(request, stdout=fds[0], stderr=fds[1])
-        except SpawnFailed as failure:
-            return {"id": request_id, "error": failure.as_wire()}
-        except (LookupError, TypeError, ValueError) as bad:
-            return {
-                "id": request_id,
-                "error": SpawnFailed("request", errno.EINVAL, repr(bad)).as_wire(),
-            }
+        except SpawnError as failure:
+            return Failed.of(getattr(request, "id", None), failure)
+        except (LookupError, TypeError, ValueError, AttributeError) as bad:
+            return Failed.of(getattr(request, "id", None), SpawnError.malformed(repr(bad)))
         self._workloads.add(pid)
-        return {"id": request_id, "pid": pid, "ns_pid": ns_pid, "start_time": _start_time(pid)}
+        return Spawned(id=request.id, pid=pid, ns_pid=ns_pid, start_time=_start_time(pid))
 
-    def _open_namespaces(self, request: dict[str, Any]) -> dict[str, int]:
+    def _open_namespaces(self, request: SpawnRequest) -> dict[str, int]:
         namespace_fds: dict[str, int] = {}
         try:
-            for kind, path in (request["namespaces"] or {}).items():
+            for kind, path in request.namespaces.items():
                 if kind not in NAMESPACE_FLAGS:
-                    raise SpawnFailed("namespace", errno.EINVAL, f"unknown namespace {kind!r}")
+                    raise SpawnError.at("namespace", errno.EINVAL, f"unknown namespace {kind!r}")
                 try:
                     namespace_fds[kind] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
                 except OSError as error:
-                    raise SpawnFailed("namespace", error.errno or 0, path) from None
-        except SpawnFailed:
+                    raise SpawnError.at("namespace", error.errno or 0, path) from None
+        except SpawnError:
             for fd in namespace_fds.values():
                 os.close(fd)
             raise
         return namespace_fds
 
-    def _fork_holder(self, request: dict[str, Any], stdout: int, stderr: int) -> tuple[int, int]:
+    def _fork_holder(self, request: HolderRequest, stdout: int, stderr: int) -> tuple[int, int]:
         """Start a namespace holder; returns its pid, here and in its own pid namespace.
 
         With a new pid namespace the first child unshares and forks pid 1, hands
         us a pidfd for it (its pid as the first child sees it may be a nested
         namespace's) and exits; pid 1, orphaned, comes to us as subreaper.
         """
-        kinds = request["unshare"]
+        kinds = request.unshare
         if not kinds or any(kind not in NAMESPACE_FLAGS for kind in kinds):
-            raise SpawnFailed("request", errno.EINVAL, f"bad namespace kinds {kinds!r}")
+            raise SpawnError.at("request", errno.EINVAL, f"bad namespace kinds {kinds!r}")
         self._spare_refused = False  # worth another try once this one is answered
         namespace_fds = self._open_namespaces(request)
         try:
             executables = _executables(
-                request["argv"][0], request["env"], in_our_filesystem="mnt" not in namespace_fds
+                request.argv[0], request.env, in_our_filesystem="mnt" not in namespace_fds
             )
             init_checked = "mnt" not in namespace_fds
             if init_checked and not any(os.access(e, os.X_OK) for e in executables):
                 # Refused here: the holder answers before its exec (see _hold_namespaces).
                 missing = not executables
-                raise SpawnFailed("exec", errno.ENOENT if missing else errno.EACCES,
-                                  request["argv"][0])
+                raise SpawnError.at("exec", errno.ENOENT if missing else errno.EACCES,
+                                  request.argv[0])
             # In our own pid namespace we can make the new one ourselves and fork
             # its pid 1 directly (or take the spare, made so); inside a cell's, the
             # kernel refuses (unshare of CLONE_NEWPID needs pid_for_children to be
@@ -289,7 +257,7 @@ class ForkServer:
                 request, executables, namespace_fds, stdout, stderr, direct=direct,
                 birth_cgroup=cgroup))
             if holder is None:
-                raise SpawnFailed("holder", errno.ESRCH, "ended before its namespaces were ready")
+                raise SpawnError.at("holder", errno.ESRCH, "ended before its namespaces were ready")
             if "pid" in kinds:
                 return holder, 1  # the init of its new pid namespace
             return holder, _innermost_pid(holder) if "pid" in namespace_fds else holder
@@ -297,12 +265,12 @@ class ForkServer:
             for fd in namespace_fds.values():
                 os.close(fd)
 
-    def _launch_holder(self, request: dict[str, Any], executables: list[str],
+    def _launch_holder(self, request: HolderRequest, executables: list[str],
                        namespace_fds: dict[str, int], stdout: int, stderr: int, *,
                        direct: bool, use_spare: bool = False,
                        birth_cgroup: str | None = None) -> int | None:
         """One try at a holder: its pid, or None if it ended without a word (killed)."""
-        kinds = request["unshare"]
+        kinds = request.unshare
         init_checked = "mnt" not in namespace_fds
         # SEQPACKET: a failure report, a pidfd and "ready" arrive as separate messages.
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -318,7 +286,7 @@ class ForkServer:
                                                      new_pid_namespace=direct, cgroup_fd=cgroup_fd)
                 if pid == 0:
                     ours.close()
-                    _become_holder(request, executables, (self._devnull, stdout, stderr),
+                    become_holder(request, executables, (self._devnull, stdout, stderr),
                                    namespace_fds, theirs.fileno(), self._max_fd, is_pid_one=direct,
                                    join_cgroups=not born_in_cgroup)
             theirs.close()
@@ -328,16 +296,16 @@ class ForkServer:
                 data, fds, _, _ = socket.recv_fds(ours, 4096, 1, socket.MSG_CMSG_CLOEXEC)
                 if not data:
                     break
-                if data == _HOLDER_ALIVE:
+                if data == HOLDER_ALIVE:
                     alive = True
                 elif fds:
                     holder, holder_known = _pid_of_pidfd(fds[0]), True
                     for fd in fds:
                         os.close(fd)
-                elif data == _HOLDER_READY:
+                elif data == HOLDER_READY:
                     ready = True
                 elif failure is None:
-                    failure = json.loads(data)
+                    failure = _reported_failure(data)
         finally:
             ours.close()
             theirs.close()
@@ -347,18 +315,18 @@ class ForkServer:
         if ("pid" in kinds and not direct) or failure is not None or silent_end:
             os.waitpid(pid, 0)  # the first child, or one that failed or ended before exec
         if failure is not None:
-            raise SpawnFailed(failure["stage"], failure["errno"], failure["detail"])
+            raise failure
         return None if silent_end else holder
 
-    def _fork_workload(self, request: dict[str, Any], stdout: int, stderr: int) -> tuple[int, int]:
+    def _fork_workload(self, request: SpawnRequest, stdout: int, stderr: int) -> tuple[int, int]:
         """Start a workload; returns its pid, here and in its pid namespace (the same if it
         joined none)."""
         namespace_fds = self._open_namespaces(request)
         try:
             # A container's argv is looked up in its own root filesystem, after the pivot.
             executables = _executables(
-                request["argv"][0], request["env"],
-                in_our_filesystem="mnt" not in namespace_fds and not request.get("rootfs"),
+                request.argv[0], request.env,
+                in_our_filesystem="mnt" not in namespace_fds and not request.rootfs,
             )
             started = self._with_birth_fallback(
                 self._birth_cgroup(request), lambda cgroup: self._start_workload(
@@ -367,12 +335,12 @@ class ForkServer:
             for fd in namespace_fds.values():
                 os.close(fd)
         if started is None:
-            raise SpawnFailed("fork", errno.ECHILD, "the child ended before it ran")
+            raise SpawnError.at("fork", errno.ECHILD, "the child ended before it ran")
         return started
 
-    def _birth_cgroup(self, request: dict[str, Any]) -> str | None:
+    def _birth_cgroup(self, request: SpawnRequest) -> str | None:
         """The cgroup2 directory the request's child is to be born in, if births are on."""
-        return request.get("cgroup_birth") or None if self._births_in_cgroup else None
+        return request.cgroup_birth or None if self._births_in_cgroup else None
 
     def _with_birth_fallback(self, birth_cgroup: str | None,
                              attempt: Callable[[str | None], _T | None]) -> _T | None:
@@ -384,7 +352,7 @@ class ForkServer:
             started = attempt(None)
         return started
 
-    def _start_workload(self, request: dict[str, Any], executables: list[str],
+    def _start_workload(self, request: SpawnRequest, executables: list[str],
                         namespace_fds: dict[str, int], stdout: int, stderr: int, *,
                         birth_cgroup: str | None) -> tuple[int, int] | None:
         """One try at a workload: its pid here and in its pid namespace, or None if the child
@@ -397,7 +365,7 @@ class ForkServer:
             with _open_birth_cgroup(birth_cgroup) as cgroup_fd:
                 pid, born_in_cgroup = self._fork(namespace_fds.get("pid"), cgroup_fd=cgroup_fd)
             if pid == 0:
-                _become_workload(
+                become_workload(
                     request,
                     executables=executables,
                     stdio=(self._devnull, stdout, stderr),
@@ -422,8 +390,7 @@ class ForkServer:
             ns_pid = int(line)
         if report:
             os.waitpid(pid, 0)
-            failure = json.loads(report)
-            raise SpawnFailed(failure["stage"], failure["errno"], failure["detail"])
+            raise _reported_failure(report)
         return pid, ns_pid
 
     def _keep_a_spare(self) -> None:
@@ -432,7 +399,7 @@ class ForkServer:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
             pid, _ = self._fork(new_pid_namespace=True)
-        except SpawnFailed:
+        except SpawnError:
             ours.close()
             theirs.close()
             self._spare_refused = True
@@ -455,27 +422,30 @@ class ForkServer:
             for fd in (self._wake_r, self._wake_w):
                 os.close(fd)
             # What ps shows for it until it execs the holder's init.
-            _write_file("/proc/self/comm", SPARE_NAME.encode())
+            write_file("/proc/self/comm", SPARE_NAME.encode())
             data, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE_BYTES, 3, socket.MSG_CMSG_CLOEXEC)
+            if not data or len(fds) != 3:
+                os._exit(0)
+            request = decode(data)
+            executables = json.loads(sock.recv(MAX_MESSAGE_BYTES))
+            sock.close()
         except BaseException:  # noqa: BLE001 - nothing to report to: the spare just ends
             os._exit(127)
-        if not data or len(fds) != 3:
-            os._exit(0)
-        sock.close()
-        request, executables = json.loads(data)
+        assert isinstance(request, HolderRequest)
         stdout, stderr, report_fd = fds
-        _become_holder(request, executables, (self._devnull, stdout, stderr), {}, report_fd,
+        become_holder(request, executables, (self._devnull, stdout, stderr), {}, report_fd,
                        self._max_fd, is_pid_one=True, join_cgroups=True)
 
-    def _hand_to_spare(self, request: dict[str, Any], executables: list[str],
+    def _hand_to_spare(self, request: HolderRequest, executables: list[str],
                        fds: tuple[int, int, int]) -> int:
         """Pass a holder request to the spare, which becomes the holder: its pid, or -1 if the
         spare died meanwhile (_reap collects it; the caller forks instead)."""
         spare, self._spare = self._spare, None
         assert spare is not None
         try:
-            message = json.dumps([request, executables]).encode()
-            socket.send_fds(spare.sock, [message], list(fds), socket.MSG_NOSIGNAL)
+            # Two messages: the request as the daemon sent it, then where its init was found.
+            socket.send_fds(spare.sock, [request.encode()], list(fds), socket.MSG_NOSIGNAL)
+            spare.sock.send(json.dumps(executables).encode(), socket.MSG_NOSIGNAL)
         except OSError:
             return -1
         finally:
@@ -496,7 +466,7 @@ class ForkServer:
                 setns(pid_namespace, CLONE_NEWPID)
         except OSError as error:
             stage = "unshare" if new_pid_namespace else "setns"
-            raise SpawnFailed(stage, error.errno or 0, "pid") from None
+            raise SpawnError.at(stage, error.errno or 0, "pid") from None
         pid, born_in_cgroup = -1, False
         try:
             if cgroup_fd is not None:
@@ -507,7 +477,7 @@ class ForkServer:
             if pid < 0:
                 pid = os.fork()
         except OSError as error:
-            raise SpawnFailed("fork", error.errno or 0) from None
+            raise SpawnError.at("fork", error.errno or 0) from None
         finally:
             # Back to our own, so that later workloads without a pid namespace are born in ours
             # (if even that fails, the spawner must not go on: the error ends it). Not in the
@@ -530,7 +500,7 @@ class ForkServer:
             # Orphaned descendants come to us too (subreaper); they are only reaped.
             if pid in self._workloads:
                 self._workloads.discard(pid)
-                self._send({"event": "exit", "pid": pid, "status": status})
+                self._send(Exited(pid=pid, status=status))
 
     def _kill_everything(self) -> None:
         for pid in self._workloads:
@@ -553,203 +523,20 @@ class ForkServer:
                 return
 
 
-class _Step:
-    """The step a forked child is on, so that a failure is reported as that step."""
-
-    def __init__(self) -> None:
-        self.stage = "setup"
-        self.detail = ""
-
-    def at(self, stage: str, detail: str = "") -> None:
-        self.stage, self.detail = stage, detail
-
-
-def _run_in_child(report_fd: int, steps: Callable[[_Step], None]) -> NoReturn:
-    """Run a forked child's steps; any failure is written to report_fd as
-    {stage, errno, detail}, then the child exits 127. Never returns: the last
-    step of a successful child is exec."""
-    step = _Step()
-    try:
-        signal.set_wakeup_fd(-1)
-        steps(step)
-    except OSError as error:
-        _report_failure(report_fd, step.stage, error.errno or 0, step.detail)
-    except BaseException as error:  # noqa: BLE001 - the child must report, then _exit, whatever it was
-        _report_failure(report_fd, step.stage, 0, f"{step.detail} {error!r}".strip())
-    finally:
-        os._exit(127)
-
-
-def _join_cell(step: _Step, request: dict[str, Any], namespace_fds: dict[str, int],
-               join_cgroups: bool) -> None:
-    # Cgroups first, while the cgroup paths are still the host's (before any
-    # mount namespace is joined); not at all for a child born in its cgroup.
-    for path in request["cgroup_join"] if join_cgroups else ():
-        step.at("cgroup", path)
-        _write_file(path, b"0")
-    for kind in _CHILD_NAMESPACES:
-        if kind in namespace_fds:
-            step.at("setns", kind)
-            setns(namespace_fds[kind], NAMESPACE_FLAGS[kind])
-
-
-def _exec_with_stdio(
-    step: _Step,
-    request: dict[str, Any],
-    executables: list[str],
-    stdio: tuple[int, int, int],
-    report_fd: int,
-    max_fd: int,
-) -> None:
-    """Only fds 0-2 (and the report fd, closed by exec) survive into argv."""
-    step.at("stdio")
-    for target, fd in enumerate(stdio):
-        os.dup2(fd, target)
-    os.closerange(3, report_fd)
-    os.closerange(report_fd + 1, max_fd)
-    step.at("exec", request["argv"][0])
-    _exec(executables, request["argv"], request["env"])
-
-
-def _become_workload(
-    request: dict[str, Any],
-    executables: list[str],
-    stdio: tuple[int, int, int],
-    namespace_fds: dict[str, int],
-    report_fd: int,
-    max_fd: int,
-    join_cgroups: bool,
-) -> NoReturn:
-    """In the forked child: set up the workload's process and exec it. Never returns.
-
-    Every Python object touched here costs a copied page, so the work is prepared in the parent.
-    Signals need no work: the spawner has none ignored or blocked, and exec resets caught ones.
-    """
-
-    def steps(step: _Step) -> None:
-        # First sign of life; born in its pid namespace, so getpid() is the pid the cell sees.
-        os.write(report_fd, b"%d\n" % os.getpid())
-        _join_cell(step, request, namespace_fds, join_cgroups)
-        if request.get("rootfs"):
-            enter_rootfs(request["rootfs"], step.at)
-        step.at("setsid")
-        os.setsid()
-        os.umask(0o022)
-        step.at("setgroups")
-        os.setgroups([])
-        step.at("setgid")
-        os.setgid(request["gid"])
-        step.at("setuid")
-        os.setuid(request["uid"])
-        step.at("chdir", request["cwd"])
-        os.chdir(request["cwd"])
-        _exec_with_stdio(step, request, executables, stdio, report_fd, max_fd)
-
-    _run_in_child(report_fd, steps)
-
-
-def _become_holder(
-    request: dict[str, Any],
-    executables: list[str],
-    stdio: tuple[int, int, int],
-    namespace_fds: dict[str, int],
-    report_fd: int,
-    max_fd: int,
-    is_pid_one: bool,
-    join_cgroups: bool,
-) -> NoReturn:
-    """In the forked child: make the cell's namespaces and become (or fork) their holder.
-
-    `is_pid_one`: the spawner already made the pid namespace and we are its pid 1.
-    """
-    kinds = request["unshare"]
-
-    def steps(step: _Step) -> None:
-        os.write(report_fd, _HOLDER_ALIVE)
-        _join_cell(step, request, namespace_fds, join_cgroups)
-        step.at("unshare", ",".join(kinds))
-        flags = 0
-        for kind in kinds:
-            if not (is_pid_one and kind == "pid"):
-                flags |= NAMESPACE_FLAGS[kind]
-        unshare(flags)
-        if "mnt" in kinds:
-            # Nothing mounted in the cell may propagate to the host.
-            step.at("mount", "/ private")
-            mount("none", "/", None, MS_REC | MS_PRIVATE)
-        if "pid" in kinds and not is_pid_one:
-            step.at("fork")
-            if (pid_one := os.fork()) != 0:
-                pidfd = os.pidfd_open(pid_one)
-                socket.send_fds(socket.socket(fileno=report_fd), [b"pid"], [pidfd])
-                os._exit(0)
-        # Looked up in our filesystem, which is the one a new mount namespace copies.
-        _hold_namespaces(request, executables, stdio, report_fd, max_fd,
-                         init_checked="mnt" not in namespace_fds)
-
-    _run_in_child(report_fd, steps)
-
-
-def _hold_namespaces(
-    request: dict[str, Any],
-    executables: list[str],
-    stdio: tuple[int, int, int],
-    report_fd: int,
-    max_fd: int,
-    init_checked: bool,
-) -> NoReturn:
-    """Inside the new namespaces: fill them in, then exec the holder's init.
-
-    `init_checked`: the init was found in the filesystem it will be exec'd from.
-    """
-    kinds = request["unshare"]
-
-    def steps(step: _Step) -> None:
-        if "pid" in kinds and "mnt" in kinds:
-            step.at("mount", "/proc")
-            mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-        if "uts" in kinds and request.get("hostname"):
-            step.at("sethostname", request["hostname"])
-            socket.sethostname(request["hostname"])
-        if "net" in kinds:
-            step.at("loopback", "lo")
-            _loopback_up()
-        step.at("setsid")
-        os.setsid()
-        if init_checked:
-            # The namespaces are complete: the daemon may answer now rather than after the
-            # exec. An exec failing after this (the init was found when the request came) ends
-            # the holder, and the daemon learns of it as of any holder that dies.
-            os.write(report_fd, _HOLDER_READY)
-        _exec_with_stdio(step, request, executables, stdio, report_fd, max_fd)
-
-    _run_in_child(report_fd, steps)
-
-
-_SIOCGIFFLAGS = 0x8913
-_SIOCSIFFLAGS = 0x8914
-_IFF_UP = 0x1
-
-
-def _loopback_up() -> None:
-    """Bring lo up; the kernel then gives it 127.0.0.1 and ::1 by itself."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        request = struct.pack("16sH", b"lo", 0)
-        flags = struct.unpack("16sH", fcntl.ioctl(sock, _SIOCGIFFLAGS, request)[:18])[1]
-        fcntl.ioctl(sock, _SIOCSIFFLAGS, struct.pack("16sH", b"lo", flags | _IFF_UP))
-
-
 def _pid_of_pidfd(pidfd: int) -> int:
     """The pid a pidfd refers to, in our own pid namespace."""
     for line in _read_small_file(f"/proc/self/fdinfo/{pidfd}").splitlines():
         if line.startswith(b"Pid:"):
             return int(line.split()[1])
-    raise SpawnFailed("holder", errno.ESRCH, "pidfd without a pid")
+    raise SpawnError.at("holder", errno.ESRCH, "pidfd without a pid")
 
 
-def _report_failure(report_fd: int, stage: str, errno_code: int, detail: str) -> None:
-    report = {"stage": stage, "errno": errno_code, "detail": detail}
-    os.write(report_fd, json.dumps(report).encode())
+def _reported_failure(report: bytes) -> SpawnError:
+    """The SpawnError a child reported (as a Failed message) before it exited."""
+    failed = decode(report)
+    if not isinstance(failed, Failed):
+        return SpawnError.malformed(f"unexpected report from a child: {report[:80]!r}")
+    return failed.error()
 
 
 def _leave_no_signal_ignored_or_blocked() -> None:
@@ -776,19 +563,6 @@ def _executables(command: str, env: dict[str, str], in_our_filesystem: bool) -> 
     return candidates
 
 
-def _exec(executables: list[str], argv: list[str], env: dict[str, str]) -> NoReturn:
-    """execvp's search: the first error other than a missing file is the one that counts."""
-    failure: OSError = FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
-    for executable in executables:
-        try:
-            os.execve(executable, argv, env)
-        except OSError as error:
-            missing = error.errno in (errno.ENOENT, errno.ENOTDIR)
-            if not missing and failure.errno == errno.ENOENT:
-                failure = error
-    raise failure
-
-
 @contextmanager
 def _open_birth_cgroup(path: str | None) -> Iterator[int | None]:
     """The cgroup2 directory to be born in, open for the fork (None for none)."""
@@ -798,17 +572,9 @@ def _open_birth_cgroup(path: str | None) -> Iterator[int | None]:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as error:
-        raise SpawnFailed("cgroup", error.errno or 0, path) from None
+        raise SpawnError.at("cgroup", error.errno or 0, path) from None
     try:
         yield fd
-    finally:
-        os.close(fd)
-
-
-def _write_file(path: str, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        os.write(fd, data)
     finally:
         os.close(fd)
 
@@ -865,6 +631,3 @@ def main(argv: list[str]) -> int:
     ForkServer(socket.socket(fileno=int(argv[1]))).serve()
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

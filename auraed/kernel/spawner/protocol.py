@@ -1,0 +1,182 @@
+"""The spawner's wire protocol: the messages the daemon and the fork server exchange.
+
+Both sides import these classes; nothing else spells a message. Each message is one JSON object on
+an AF_UNIX SOCK_SEQPACKET socket (one sendmsg, one message), tagged by its `kind`:
+
+  daemon -> spawner  SpawnRequest   start a workload; SCM_RIGHTS [stdout fd, stderr fd]
+                     HolderRequest  start a cell's namespace holder; the same fds
+  spawner -> daemon  Ready          once, at start: the spawner's pid and PROTOCOL_VERSION
+                     Spawned        a request's process runs its argv
+                     Failed         a request left nothing running; carries a SpawnError
+                     Exited         a spawned process ended (raw wait status)
+
+A reply (Spawned or Failed) always precedes the Exited of its pid.
+
+Extending it: a new field gets a default and an older peer ignores fields it does not know
+(decode drops them), so a field can be added without a version change. A new message kind, or a
+field whose absence would mislead, bumps PROTOCOL_VERSION; a peer that speaks another version is
+refused at Ready with both versions named (see check_version).
+
+Standard library only: the fork server imports this and must start fast.
+"""
+
+import errno as errno_codes
+import json
+import os
+from dataclasses import dataclass, field, fields
+from typing import ClassVar
+
+PROTOCOL_VERSION = 1
+# Room for the longest command exec takes (MAX_ARG_STRLEN, 128 KiB) even when JSON spells each
+# of its bytes as a six-byte \u escape (control characters), with its environment.
+MAX_MESSAGE_BYTES = 1024 * 1024
+
+
+@dataclass
+class SpawnError(Exception):
+    """A spawn that left nothing running; nothing of it is left to clean up.
+
+    stage is the step that failed: request, namespace, unshare, setns, fork, cgroup, holder,
+    setsid, setgroups, setgid, setuid, chdir, stdio, mount, sethostname, loopback, exec, or
+    setup for anything else in the child. message is for people (strerror and the subject).
+    """
+
+    stage: str
+    errno: int
+    message: str
+
+    def __str__(self) -> str:
+        return f"spawn failed at {self.stage}: {self.message}"
+
+    @classmethod
+    def at(cls, stage: str, errno: int, subject: str = "") -> "SpawnError":
+        """The error of a step on `subject` (a path, a name) that failed with `errno`."""
+        reason = os.strerror(errno) if errno else "failed"
+        return cls(stage, errno, f"{subject}: {reason}" if subject else reason)
+
+    @classmethod
+    def malformed(cls, what: str) -> "SpawnError":
+        return cls.at("request", errno_codes.EINVAL, what)
+
+
+class ProtocolMismatch(Exception):
+    """The peer speaks a protocol version this side cannot."""
+
+
+class Message:
+    """Base of every message: `kind` on the wire is the class's KIND."""
+
+    KIND: ClassVar[str]
+    _FIELDS: ClassVar[frozenset[str]]
+
+    def encode(self) -> bytes:
+        # Not ensure_ascii: non-ASCII goes as UTF-8, not as six-byte escapes.
+        return json.dumps({"kind": self.KIND, **vars(self)}, ensure_ascii=False).encode()
+
+
+_KINDS: dict[str, type[Message]] = {}
+
+
+def _message(cls: type[Message]) -> type[Message]:
+    """Register a message dataclass under its KIND."""
+    cls._FIELDS = frozenset(f.name for f in fields(cls))  # type: ignore[arg-type]
+    _KINDS[cls.KIND] = cls
+    return cls
+
+
+def decode(data: bytes | bytearray) -> Message:
+    """The message in `data`; SpawnError (stage "request") if it is none."""
+    try:
+        raw = json.loads(data)
+        cls = _KINDS[raw.pop("kind")]
+        return cls(**{name: value for name, value in raw.items() if name in cls._FIELDS})
+    except (ValueError, TypeError, KeyError, AttributeError) as error:
+        raise SpawnError.malformed(f"malformed message ({error!r})") from None
+
+
+def check_version(theirs: int, who: str) -> None:
+    """Refuse a peer of another protocol version, naming both."""
+    if theirs != PROTOCOL_VERSION:
+        raise ProtocolMismatch(f"{who} speaks spawner protocol version {theirs}; this side "
+                               f"speaks {PROTOCOL_VERSION}")
+
+
+@_message
+@dataclass(kw_only=True)
+class Ready(Message):
+    KIND = "ready"
+    pid: int
+    version: int = PROTOCOL_VERSION
+
+
+@_message
+@dataclass(kw_only=True)
+class SpawnRequest(Message):
+    """Start argv as uid:gid in cwd with env, after joining `cgroup_join` (files to write "0"
+    to) or being born in `cgroup_birth` (a cgroup2 directory), and `namespaces` ({kind: path})."""
+
+    KIND = "spawn"
+    id: int
+    argv: list[str]
+    uid: int
+    gid: int
+    env: dict[str, str]
+    cwd: str = "/"
+    cgroup_join: list[str] = field(default_factory=list)
+    cgroup_birth: str | None = None
+    namespaces: dict[str, str] = field(default_factory=dict)
+    # A container's root filesystem, made and entered by the child (auraed.kernel.rootfs);
+    # cwd and argv are then the container's.
+    rootfs: dict[str, object] | None = None
+
+
+@_message
+@dataclass(kw_only=True)
+class HolderRequest(SpawnRequest):
+    """Start a cell's namespace holder: like a spawn, then unshare the kinds in `unshare` and
+    run argv as pid 1 of the new pid namespace, named `hostname`."""
+
+    KIND = "holder"
+    unshare: list[str]
+    hostname: str = ""
+
+
+@_message
+@dataclass(kw_only=True)
+class Spawned(Message):
+    """The request's process runs: its pid here, in its own pid namespace, and its start time
+    (clock ticks since boot, /proc/<pid>/stat field 22)."""
+
+    KIND = "spawned"
+    id: int
+    pid: int
+    ns_pid: int
+    start_time: int
+
+
+@_message
+@dataclass(kw_only=True)
+class Failed(Message):
+    KIND = "failed"
+    id: int | None
+    stage: str
+    errno: int
+    message: str
+
+    @classmethod
+    def of(cls, request_id: int | None, error: SpawnError) -> "Failed":
+        return cls(id=request_id, stage=error.stage, errno=error.errno, message=error.message)
+
+    def error(self) -> SpawnError:
+        return SpawnError(self.stage, self.errno, self.message)
+
+
+@_message
+@dataclass(kw_only=True)
+class Exited(Message):
+    """A spawned process ended; status is the raw wait status."""
+
+    KIND = "exited"
+    pid: int
+    status: int
+
