@@ -72,6 +72,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--metrics-allow-remote", action="store_true",
                         help="allow --metrics-address on a non-loopback TCP address (the "
                              "endpoint has no authentication)")
+    parser.add_argument("--live-restore", action="store_true",
+                        help="on SIGTERM/SIGINT leave every cell and executable running for the "
+                             "next auraed to adopt (a planned restart or upgrade); without it "
+                             "they are stopped with grace. A crashed auraed always leaves them "
+                             "running (see docs/daemon.md)")
     return parser.parse_args(argv)
 
 
@@ -111,6 +116,7 @@ def main(argv: list[str] | None = None) -> None:
         cri_socket=args.cri_socket,
         metrics_address=args.metrics_address,
         metrics_allow_remote=args.metrics_allow_remote,
+        live_restore=args.live_restore,
     )
     sys.exit(Daemon(settings).run())
 

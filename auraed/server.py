@@ -37,6 +37,7 @@ from auraed.generated.registry import SERVICE_NAMES, SERVICES, ServiceEntry, Ser
 from auraed.images import ImageStore
 from auraed.interceptors import Admission, AuditTrail, Authorization, FaultTranslation
 from auraed.kernel.cgroups import CgroupError, detect_backend
+from auraed.kernel.spawner.client import SpawnerRefused
 from auraed.logs import configure as configure_logging
 from auraed.output import LogRing
 from auraed.prometheus import (
@@ -74,6 +75,8 @@ IMAGES_DIR = "images"
 CONTAINERS_DIR = "containers"
 # In the library dir too: clients resume the event stream across daemon restarts.
 EVENTS_DIR = "events"
+# In the runtime dir: where the spawner, which outlives the daemon, waits for the next one.
+SPAWNER_SOCKET = "spawner.sock"
 # Exit status after the spawner died under us (EX_SOFTWARE): a service
 # manager restarts the daemon, which then cleans up what was left.
 SPAWNER_LOST_EXIT = 70
@@ -112,6 +115,8 @@ class Settings:
     cri_socket: Path | None = None
     metrics_address: str | None = None
     metrics_allow_remote: bool = False
+    # SIGTERM/SIGINT leave the workloads running for the next daemon to adopt.
+    live_restore: bool = False
 
 
 def _read_pki(settings: Settings) -> tuple[bytes, bytes, bytes]:
@@ -328,9 +333,14 @@ class Daemon:
         except OSError as error:
             raise StartupError(f"event journal {self._events.directory}: {error}") from None
         self._workloads = Workloads(backend, settings.runtime_dir / "logs",
-                                    default_grace=settings.grace_period, events=self._events)
+                                    default_grace=settings.grace_period, events=self._events,
+                                    spawner_socket=settings.runtime_dir / SPAWNER_SOCKET)
         self._workloads.on_spawner_lost = self._spawner_lost
-        self._workloads.start()
+        try:
+            self._workloads.start()
+        except SpawnerRefused as refused:
+            self._workloads = None
+            raise StartupError(f"{refused}. The workloads it holds were left alone.") from None
         # What the start reported (cleaned up, adopted) is readable once we serve.
         self._events.flush()
         if metrics_address is not None:
@@ -475,9 +485,12 @@ class Daemon:
             self._metrics = None
         self.daemon_log.close()
         if self._workloads is not None:
-            self._workloads.shutdown()
-        if self._containers is not None:
-            shutil.rmtree(self._containers.root, ignore_errors=True)
+            if self.settings.live_restore and self._exit_status != SPAWNER_LOST_EXIT:
+                self._workloads.detach()
+            else:
+                self._workloads.shutdown()
+                if self._containers is not None:
+                    shutil.rmtree(self._containers.root, ignore_errors=True)
         if self._events is not None:
             self._events.daemon_stopped()
         self._cleanup()

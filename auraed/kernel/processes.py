@@ -10,6 +10,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from auraed.output.log import OutputLog
+
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -89,8 +91,13 @@ class SpawnSpec:
     command: str | Sequence[str]
     uid: int
     gid: int
-    stdout_fd: int
-    stderr_fd: int
+    stdout_fd: int = -1
+    stderr_fd: int = -1
+    # Instead of the fds: the spawner makes the pipes and writes these logs itself (they are
+    # mirrors here: OutputLog.mirror), so output is captured while no daemon runs too.
+    capture: tuple[OutputLog, OutputLog] | None = None
+    # Kept by the spawner with the process, for a daemon that adopts it later.
+    label: dict[str, object] | None = None
     cgroup_join: Sequence[str] = ()
     cgroup_birth: str | None = None
     env: Mapping[str, str] = field(default_factory=default_env)
@@ -103,6 +110,8 @@ class SpawnSpec:
     def __post_init__(self) -> None:
         if not self.command:
             raise ValueError("a workload needs a command")
+        if (self.capture is None) == (self.stdout_fd < 0 or self.stderr_fd < 0):
+            raise ValueError("a workload needs either stdout_fd and stderr_fd or a capture")
 
     @property
     def argv(self) -> list[str]:
@@ -130,6 +139,7 @@ class HolderSpec:
     cgroup_birth: str | None = None
     namespaces: NamespaceSet | None = None
     argv: Sequence[str] = ("catatonit", "-P")
+    label: dict[str, object] | None = None
 
 
 @dataclass(frozen=True)

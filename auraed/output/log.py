@@ -8,8 +8,13 @@ A reader holds no more than it hands on: it takes one bounded read of a file at 
 when its consumer asks for the next batch. A follower that stops consuming (a client that stalls)
 therefore costs one batch of memory, whatever the workload writes meanwhile; the rest stays in the
 files. Several logs are followed on the caller's thread (follow_all), woken by their writers.
+
+The writer may be another process (the spawner writes the daemon's captured output, so that it
+goes on while no daemon runs): the reading side then holds a mirror (OutputLog.mirror) that the
+writer's reports of its position advance.
 """
 
+import fcntl
 import itertools
 import os
 import threading
@@ -24,6 +29,9 @@ DEFAULT_MAX_SEGMENTS = 8
 # Longer lines are stored in pieces of this size (see LineAssembler).
 MAX_LINE_BYTES = 64 * 1024
 
+# Room in an output pipe for a burst while its reader is busy elsewhere (the default is 64 KiB).
+_PIPE_BYTES = 1024 * 1024
+
 # How often a waiting reader looks at its cancellation.
 _POLL_SECONDS = 0.2
 # Bytes a reader takes from a file at once: one record at most (a line, its timestamp and its
@@ -37,12 +45,56 @@ def as_predicate(cancelled: Cancelled) -> Callable[[], bool]:
     return cancelled
 
 
+def output_pipe() -> tuple[int, int]:
+    """A pipe for one output channel: (read end for the pump, write end for the workload).
+
+    Both ends are close-on-exec; the write end goes to the workload explicitly.
+    """
+    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+    try:
+        fcntl.fcntl(read_fd, fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
+    except PermissionError:
+        pass  # over fs.pipe-max-size without CAP_SYS_RESOURCE: the default size still works
+    return read_fd, write_fd
+
+
+class LineAssembler:
+    """Cuts a byte stream into lines without their newline. A partial line waits for the next
+    chunk; a line longer than max_line_bytes comes out in pieces of that size."""
+
+    def __init__(self, max_line_bytes: int = MAX_LINE_BYTES) -> None:
+        self._max = max_line_bytes
+        self._partial = b""
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        lines = (self._partial + chunk if self._partial else chunk).split(b"\n")
+        partial = lines.pop()
+        if lines and max(map(len, lines)) > self._max:
+            lines = [piece for line in lines for piece in self._pieces(line)]
+        # Only while strictly longer: a line of exactly max bytes may still be ended by a newline.
+        while len(partial) > self._max:
+            lines.append(partial[: self._max])
+            partial = partial[self._max :]
+        self._partial = partial
+        return lines
+
+    def flush(self) -> list[bytes]:
+        """The unterminated last line, at end of stream."""
+        rest, self._partial = self._partial, b""
+        return [rest] if rest else []
+
+    def _pieces(self, line: bytes) -> list[bytes]:
+        return [line[start : start + self._max] for start in range(0, len(line), self._max)] or [
+            b""
+        ]
+
+
 class OutputLog:
     """The lines of one channel (stdout or stderr) of one executable.
 
     Segment files `<channel>.<number>.log` in directory; a segment is closed once it holds
     segment_bytes or more, and only the newest max_segments are kept. One thread writes (append,
-    finish); any number of threads follow.
+    finish), or another process does and advance() tells a mirror; any number of threads follow.
     """
 
     def __init__(
@@ -80,6 +132,43 @@ class OutputLog:
         # The first segment is created by the first append: most short-lived executables write
         # nothing, and starting one should not cost two file creations.
         self._fd: int | None = None
+
+    @classmethod
+    def mirror(cls, directory: str | os.PathLike[str], channel: str, *, segment_bytes: int,
+               max_segments: int, position: tuple[int, int, int, bool] = (1, 1, 0, False),
+               ) -> "OutputLog":
+        """The reading side of a log another process writes, as far as `position` (see
+        position()); nothing on disk is touched."""
+        log = cls.__new__(cls)
+        log.directory = Path(directory)
+        log.channel = channel
+        log._segment_bytes = segment_bytes
+        log._max_segments = max_segments
+        log._changed = threading.Condition()
+        log._first, log._last, log._committed, log._complete = position
+        log._watchers = set()
+        log._fd = None
+        return log
+
+    @property
+    def segment_bytes(self) -> int:
+        return self._segment_bytes
+
+    @property
+    def max_segments(self) -> int:
+        return self._max_segments
+
+    def position(self) -> tuple[int, int, int, bool]:
+        """(first segment, last segment, bytes of whole records in the last, complete)."""
+        with self._changed:
+            return self._first, self._last, self._committed, self._complete
+
+    def advance(self, first: int, last: int, committed: int, complete: bool) -> None:
+        """A mirror's writer (another process) reports its position."""
+        with self._changed:
+            self._first, self._last, self._committed = first, last, committed
+            self._complete = self._complete or complete
+            self._notify()
 
     def segment_path(self, number: int) -> Path:
         return self.directory / f"{self.channel}.{number:06d}.log"

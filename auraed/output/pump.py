@@ -4,7 +4,6 @@ Reading promptly matters more than anything here: a workload whose pipe is full 
 So the pump only reads, cuts lines and appends to files; readers are served from the files.
 """
 
-import fcntl
 import logging
 import os
 import selectors
@@ -14,57 +13,13 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Self
 
-from auraed.output.log import MAX_LINE_BYTES, OutputLog
+from auraed.output.log import LineAssembler, OutputLog, output_pipe
+
+__all__ = ["LineAssembler", "OutputPump", "output_pipe"]
 
 _log = logging.getLogger(__name__)
 
 _READ_BYTES = 64 * 1024
-# Room for a burst while the pump is busy elsewhere (the default is 64 KiB).
-_PIPE_BYTES = 1024 * 1024
-
-
-def output_pipe() -> tuple[int, int]:
-    """A pipe for one output channel: (read end for the pump, write end for the workload).
-
-    Both ends are close-on-exec; the spawner hands the write end to the workload explicitly.
-    """
-    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
-    try:
-        fcntl.fcntl(read_fd, fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
-    except PermissionError:
-        pass  # over fs.pipe-max-size without CAP_SYS_RESOURCE: the default size still works
-    return read_fd, write_fd
-
-
-class LineAssembler:
-    """Cuts a byte stream into lines without their newline. A partial line waits for the next
-    chunk; a line longer than max_line_bytes comes out in pieces of that size."""
-
-    def __init__(self, max_line_bytes: int = MAX_LINE_BYTES) -> None:
-        self._max = max_line_bytes
-        self._partial = b""
-
-    def feed(self, chunk: bytes) -> list[bytes]:
-        lines = (self._partial + chunk if self._partial else chunk).split(b"\n")
-        partial = lines.pop()
-        if lines and max(map(len, lines)) > self._max:
-            lines = [piece for line in lines for piece in self._pieces(line)]
-        # Only while strictly longer: a line of exactly max bytes may still be ended by a newline.
-        while len(partial) > self._max:
-            lines.append(partial[: self._max])
-            partial = partial[self._max :]
-        self._partial = partial
-        return lines
-
-    def flush(self) -> list[bytes]:
-        """The unterminated last line, at end of stream."""
-        rest, self._partial = self._partial, b""
-        return [rest] if rest else []
-
-    def _pieces(self, line: bytes) -> list[bytes]:
-        return [line[start : start + self._max] for start in range(0, len(line), self._max)] or [
-            b""
-        ]
 
 
 @dataclass

@@ -11,6 +11,11 @@ kernel, so changes happen one at a time and in order. Waiting — grace
 periods, exits — happens outside it. Exit reports arrive on the spawner's
 reader thread, which must never wait for `_lock` (it would stall the spawn
 reply a lock holder waits for), so they go through the small `_pids_lock`.
+
+Live restore: the spawner outlives the daemon (it holds every process, pipe and exit status,
+and writes captured output itself). It keeps a record of each cell and a label on each process
+(auraed.runtime.restore), so start() adopts whatever a previous daemon left running, and
+detach() leaves everything running for the next one.
 """
 
 from __future__ import annotations
@@ -55,8 +60,9 @@ from auraed.kernel.processes import (
     exec_refusal,
     signal_group,
 )
-from auraed.kernel.spawner.client import Spawner, SpawnerClosed, SpawnError
-from auraed.output import OutputLog, OutputPump, output_pipe
+from auraed.kernel.spawner.client import Adoption, Spawner, SpawnerClosed, SpawnError
+from auraed.output import OutputLog
+from auraed.runtime import restore
 from auraed.runtime.containers import ContainerSpec
 from auraed.runtime.events import EventJournal
 from auraed.runtime.executables import Executable, ExecutableKey
@@ -146,7 +152,10 @@ class Workloads:
         log_segment_bytes: int = 8 * 1024 * 1024,
         log_segments: int = 8,
         events: EventJournal | None = None,
+        spawner_socket: Path | None = None,
     ) -> None:
+        """spawner_socket: where the spawner listens for the next daemon (in the runtime
+        directory); with it the workloads outlive this daemon and the next one adopts them."""
         self.backend = backend
         self.signals = SignalFeed()
         self.events = events if events is not None else EventJournal.in_memory()
@@ -154,12 +163,14 @@ class Workloads:
         self._default_grace = default_grace
         self._log_segment_bytes = log_segment_bytes
         self._log_segments = log_segments
-        self._spawner = Spawner(self._on_exit, on_lost=self._on_spawner_lost)
+        self._spawner_socket = spawner_socket
+        self._spawner = Spawner(self._on_exit, on_lost=self._on_spawner_lost,
+                                listen=str(spawner_socket) if spawner_socket else None,
+                                cgroup_join=backend.join_files(None))
         # Set by the daemon: what to do when workloads can no longer be
         # supervised (the spawner died).
         self.on_spawner_lost: Callable[[], None] | None = None
         self._spawner_lost = False
-        self._pump = OutputPump()
         self._lock = threading.RLock()
         self._cells: dict[CellName, Cell] = {}
         self._host_executables: dict[str, Executable] = {}
@@ -174,23 +185,197 @@ class Workloads:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        """Prepare the cgroup subtree (clearing what a previous run left) and
-        start the spawner and the output pump."""
+        """Prepare the cgroup subtree and the spawner: adopt the workloads of a spawner that
+        outlived the previous daemon, or, with none, clear what a previous run left and start
+        one. SpawnerRefused: a spawner runs that cannot be adopted (nothing was touched)."""
         self.backend.setup()
+        self._devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+        self._restarts.start()
+        adoption = self._spawner.attach() if self._spawner_socket is not None else None
+        if adoption is not None:
+            self._adopt(adoption)
+            return
         stale = self.backend.existing_cells()
         if stale:
-            # Policy after a crash: clean up, never adopt. Processes of a dead
-            # daemon lost their output pipes and supervisor; see docs/daemon.md.
-            log.warning("removing cells left by a previous run", extra={"cells": ",".join(stale)})
+            # Without a spawner to adopt from, their supervisor, pipes and exit statuses are
+            # gone (both were killed): clean up; see docs/daemon.md.
+            log.warning("removing cells left by a previous run", extra={
+                "cells": ",".join(stale), "processes_killed": self._count_processes(stale)})
         self.backend.cleanup_stale()
         self.events.daemon_started(cleaned_cells=stale)
         if self._log_root.exists():
             shutil.rmtree(self._log_root)
         self._log_root.mkdir(parents=True)
         self._spawner.start()
-        self._pump.start()
-        self._restarts.start()
-        self._devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+
+    def _count_processes(self, cells: list[str]) -> int:
+        count = 0
+        for cell in cells:
+            if "/" not in cell:
+                try:
+                    count += len(self.backend.pids(cell))
+                except CgroupError:
+                    pass
+        return count
+
+    def _adopt(self, adoption: Adoption) -> None:
+        """Take over what the spawner kept of the previous daemon's cells and processes. What
+        cannot be matched up (a cgroup with no record, a process whose cell is gone, a record
+        that does not parse) is cleaned up and logged."""
+        cleaned: list[str] = []
+        exited_while_away: list[tuple[Executable, ExitStatus, float]] = []
+        on_disk = set(self.backend.existing_cells())
+        records: list[restore.CellRecord] = []
+        for key, value in adoption.records.items():
+            if not key.startswith(restore.CELL_RECORD_PREFIX):
+                continue
+            try:
+                record = restore.read_cell_record(value)
+            except restore.BadRecord as error:
+                log.error("dropping a record the spawner kept", extra={"error": str(error)})
+                self._spawner.forget(key)
+                continue
+            if record.name.path not in on_disk:
+                cleaned.append(f"record of cell {record.name} (its cgroup is gone)")
+                self._spawner.forget(key)
+                continue
+            records.append(record)
+        # Parents before children: a child's namespaces start from its parent's.
+        records.sort(key=lambda r: len(r.name.labels))
+        with self._lock:
+            for record in records:
+                parent = self._cells.get(record.name.parent) if record.name.parent else None
+                if record.name.parent is not None and parent is None:
+                    cleaned.append(f"record of cell {record.name} (its parent has none)")
+                    self._spawner.forget(restore.cell_key(record.name))
+                    continue
+                spec = CellSpec(record.limits, record.isolate_process, record.isolate_network)
+                cell = Cell(record.name, spec, namespaces=parent.namespaces if parent else None)
+                try:
+                    cell.oom_kills_seen = self.backend.oom_kills(record.name.path) or 0
+                except CgroupError:
+                    pass
+                self._cells[record.name] = cell
+                if parent is not None:
+                    parent.children[record.name.leaf] = cell
+            holders = [p for p in adoption.processes if p.kind == "holder"]
+            spawned = [p for p in adoption.processes if p.kind != "holder"]
+            for adopted in holders:
+                try:
+                    owner = self._cells.get(restore.read_holder_label(adopted.label))
+                except restore.BadRecord:
+                    owner = None
+                if owner is None or owner.holder is not None:
+                    cleaned.append(f"namespace holder pid {adopted.process.host_pid}")
+                    self._end_unclaimed(adopted.process, adopted.status is None)
+                    continue
+                owner.holder = adopted.process
+                if adopted.status is not None:
+                    owner.holder_ended.set()
+                else:
+                    with self._pids_lock:
+                        self._holders[adopted.process.host_pid] = owner
+            for cell in sorted(self._cells.values(), key=lambda c: len(c.name.labels)):
+                paths = cell.namespaces.paths() if cell.namespaces else {}
+                if cell.holder is not None:
+                    for kind in cell.spec.unshared:
+                        paths[kind] = f"/proc/{cell.holder.host_pid}/ns/{kind}"
+                    cell.namespaces = NamespaceSet(**paths)
+                for child in cell.children.values():
+                    child.namespaces = cell.namespaces
+            for adopted in spawned:
+                try:
+                    label = restore.read_executable_label(adopted.label)
+                except restore.BadRecord:
+                    label = None
+                registry = (None if label is None else self._host_executables
+                            if label.cell is None else getattr(self._cells.get(label.cell),
+                                                               "executables", None))
+                if label is None or registry is None or label.name in registry:
+                    cleaned.append(f"process {adopted.process.host_pid}")
+                    self._end_unclaimed(adopted.process, adopted.status is None)
+                    continue
+                outputs = [adopted.outputs.get(channel) or OutputLog.mirror(
+                    label.log_dir, channel, segment_bytes=self._log_segment_bytes,
+                    max_segments=self._log_segments, position=(1, 1, 0, True))
+                    for channel in ("stdout", "stderr")]
+                executable = Executable(
+                    key=ExecutableKey(label.cell, label.name), command=label.command,
+                    description=label.description, uid=label.uid, gid=label.gid,
+                    process=adopted.process, stdout=outputs[0], stderr=outputs[1],
+                    log_dir=label.log_dir, started_at=label.started_at)
+                registry[label.name] = executable
+                if adopted.status is not None:
+                    exited_while_away.append((executable, adopted.status, adopted.exited_at))
+                    continue
+                with self._pids_lock:
+                    self._by_host_pid[adopted.process.host_pid] = executable
+                    early = self._early_exits.pop(adopted.process.host_pid, None)
+                if early is not None:
+                    self._record_exit(executable, *early)
+            # Exits of adopted holders reported before they were registered.
+            with self._pids_lock:
+                early_holders = [(pid, cell) for pid, cell in self._holders.items()
+                                 if pid in self._early_exits]
+                for pid, cell in early_holders:
+                    del self._early_exits[pid]
+                    del self._holders[pid]
+            for _, cell in early_holders:
+                cell.holder_ended.set()
+            adopted_cells = set(self._cells)
+            executables = len(self._host_executables) + sum(
+                len(cell.executables) for cell in self._cells.values())
+            exited = sum(1 for e in [*self._host_executables.values(),
+                                     *(x for c in self._cells.values()
+                                       for x in c.executables.values())] if not e.running)
+        for path in sorted(on_disk, key=lambda p: p.count("/")):
+            name = CellName(path)
+            if name not in adopted_cells and (name.parent is None or name.parent in adopted_cells):
+                cleaned.append(f"cgroup of cell {path} (no record)")
+                try:
+                    self.backend.remove(path)
+                except CgroupError as error:
+                    log.error("could not remove a cgroup nobody owns",
+                              extra={"cell": path, "error": str(error)})
+        self._log_root.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            keys = [str(e.key) for e in self._host_executables.values()] + [
+                str(e.key) for c in self._cells.values() for e in c.executables.values()]
+        self.events.daemon_started(adopted_cells=[name.path for name in adopted_cells],
+                                   adopted_executables=keys)
+        for executable, status, when in exited_while_away:
+            self._record_exit(executable, status, when)  # its exit event, after the restart's
+        log.info("adopted the workloads of the previous daemon", extra={
+            "spawner_pid": adoption.spawner_pid, "cells": len(adopted_cells),
+            "executables": executables, "exited_while_away": exited})
+        if cleaned:
+            log.warning("cleaned up what could not be adopted", extra={"cleaned": "; ".join(cleaned)})
+
+    def _end_unclaimed(self, process: SpawnedProcess, running: bool) -> None:
+        """A process the spawner kept that no cell or executable claims: it goes."""
+        if running:
+            for kill in (os.killpg, os.kill):
+                try:
+                    kill(process.host_pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        self._spawner.release(process)
+
+    def detach(self) -> None:
+        """Leave every workload running, supervised by the spawner, for the next daemon to
+        adopt (a planned restart with --live-restore): nothing is stopped or removed."""
+        with self._lock:
+            self._closing = True
+            cells = len(self._cells)
+            executables = len(self._host_executables) + sum(
+                len(cell.executables) for cell in self._cells.values())
+        self._restarts.close()
+        self._spawner.detach()
+        os.close(self._devnull)
+        self.backend.close()
+        log.info("detached from the spawner; workloads keep running",
+                 extra={"cells": cells, "executables": executables,
+                        "spawner_pid": self._spawner.pid})
 
     def shutdown(self, grace: float | None = None) -> None:
         """Stop every executable, free every cell, remove our cgroups."""
@@ -208,7 +393,6 @@ class Workloads:
         with self._lock:
             self._host_executables.clear()
         self._spawner.close()
-        self._pump.close()
         os.close(self._devnull)
         self.backend.teardown()
         shutil.rmtree(self._log_root, ignore_errors=True)
@@ -250,6 +434,8 @@ class Workloads:
             if parent is not None:
                 parent.children[name.leaf] = cell
             self.events.cell_allocated(name)
+            self._spawner.keep(restore.cell_key(name), restore.cell_record(restore.CellRecord(
+                name, spec.limits, spec.isolate_process, spec.isolate_network)))
         log.info("cell allocated", extra={"cell": name.path,
                                           "namespaces": ",".join(sorted(spec.unshared))})
         return cell
@@ -269,6 +455,7 @@ class Workloads:
                 cgroup_join=self.backend.join_files(cell.name.path),
                 cgroup_birth=self.backend.birth_cgroup(cell.name.path),
                 namespaces=parent.namespaces if parent else None,
+                label=restore.holder_label(cell.name),
             ))
         except SpawnError as error:
             raise FailedPrecondition(
@@ -312,7 +499,9 @@ class Workloads:
                 if member.holder is not None:
                     with self._pids_lock:
                         self._holders.pop(member.holder.host_pid, None)
+                    self._spawner.release(member.holder)
                 self._cells.pop(member.name, None)
+                self._spawner.forget(restore.cell_key(member.name))
                 for executable in member.executables.values():
                     self._forget(executable)
                 # Emptied by _forget unless output is still being written (see there).
@@ -506,8 +695,11 @@ class Workloads:
         """The cell (this one or an ancestor) whose holder has died, even if its exit has not
         been reported yet: a spawn that found no namespace to join asks this."""
         for ancestor in [*cell_name.ancestors(), cell_name]:
-            holder = self._cells[ancestor].holder
-            if holder is not None and not os.path.exists(f"/proc/{holder.host_pid}/ns/pid"):
+            cell = self._cells[ancestor]
+            # A dying process loses its namespaces one by one before it is a zombie.
+            if cell.holder is not None and not all(
+                    os.path.exists(f"/proc/{cell.holder.host_pid}/ns/{kind}")
+                    for kind in cell.spec.unshared):
                 return ancestor
         return None
 
@@ -515,16 +707,18 @@ class Workloads:
                namespaces: NamespaceSet | None, restart: RestartState,
                container: ContainerSpec | None = None) -> Executable:
         log_dir = self._log_dir(key)
-        stdout = OutputLog(log_dir, "stdout", segment_bytes=self._log_segment_bytes,
-                           max_segments=self._log_segments)
-        stderr = OutputLog(log_dir, "stderr", segment_bytes=self._log_segment_bytes,
-                           max_segments=self._log_segments)
-        out_read, out_write = output_pipe()
-        err_read, err_write = output_pipe()
+        # Written by the spawner, which makes the pipes: output is captured while no daemon
+        # runs too. These follow it.
+        stdout = OutputLog.mirror(log_dir, "stdout", segment_bytes=self._log_segment_bytes,
+                                  max_segments=self._log_segments)
+        stderr = OutputLog.mirror(log_dir, "stderr", segment_bytes=self._log_segment_bytes,
+                                  max_segments=self._log_segments)
         # Before the fork: a process that ends at once must not seem to have
         # exited before it started.
         started_at = time.time()
         restart.record_start()  # an attempt counts towards the start limit
+        label = restore.executable_label(restore.ExecutableLabel(
+            key.cell, key.name, command, description, uid, gid, log_dir, started_at))
         try:
             spec = SpawnSpec(
                 command=container.argv if container else command,
@@ -533,19 +727,14 @@ class Workloads:
                 rootfs=container.rootfs if container else None,
                 uid=uid,
                 gid=gid,
-                stdout_fd=out_write,
-                stderr_fd=err_write,
+                capture=(stdout, stderr),
+                label=label,
                 cgroup_join=self.backend.join_files(key.cell.path if key.cell else None),
                 cgroup_birth=self.backend.birth_cgroup(key.cell.path if key.cell else None),
                 namespaces=namespaces,
             )
             process = self._spawner.spawn(spec)
         except (SpawnError, SpawnerClosed, TimeoutError) as error:
-            for fd in (out_read, err_read):
-                os.close(fd)
-            for output in (stdout, stderr):
-                output.finish()
-                output.remove()
             shutil.rmtree(log_dir, ignore_errors=True)
             if not isinstance(error, SpawnError):
                 raise _spawner_unavailable(error) from None
@@ -557,14 +746,6 @@ class Workloads:
             raise FailedPrecondition(
                 f"could not start {key}: {error.message} (at {error.stage})", field="executable.command"
             ) from None
-        except BaseException:
-            for fd in (out_read, err_read):
-                os.close(fd)
-            raise
-        finally:
-            # The workload holds its own copies now; ours would keep the pipes open forever.
-            os.close(out_write)
-            os.close(err_write)
         executable = Executable(
             key=key, command=command, description=description, uid=uid, gid=gid,
             process=process, stdout=stdout, stderr=stderr, log_dir=log_dir, started_at=started_at,
@@ -572,8 +753,6 @@ class Workloads:
         )
         if container is not None:
             executable.release = container.release
-        self._pump.watch(out_read, stdout)
-        self._pump.watch(err_read, stderr)
         self.events.executable_started(executable)  # before an exit can be recorded
         with self._pids_lock:
             self._by_host_pid[process.host_pid] = executable
@@ -597,6 +776,7 @@ class Workloads:
             if self._by_host_pid.get(executable.process.host_pid) is executable:
                 del self._by_host_pid[executable.process.host_pid]
         executable.release()  # a container's writable layer and its hold on the image
+        self._spawner.release(executable.process)
         if executable.stdout.complete and executable.stderr.complete:
             executable.stdout.remove()
             executable.stderr.remove()

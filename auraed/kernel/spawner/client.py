@@ -1,16 +1,24 @@
 """The daemon side of the spawner: `Spawner` runs the fork server and starts workloads through it.
 
 Everything here is safe to call from many threads. The messages are auraed.kernel.spawner.protocol's.
+
+Started with `listen` (a socket path in the runtime directory), the fork server outlives this
+daemon: detach() (or the daemon's death) leaves it running with every workload, and the next
+daemon's attach() connects to the same path and adopts what it holds (an Adoption).
 """
 
 import itertools
 import logging
+import os
 import select
+import signal
 import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -18,20 +26,39 @@ from typing import Self
 from auraed.kernel.processes import ExitStatus, HolderSpec, SpawnedProcess, SpawnSpec, default_env
 from auraed.kernel.spawner.protocol import (
     MAX_MESSAGE_BYTES,
+    PROTOCOL_VERSION,
+    Adopt,
+    Adopted,
     Exited,
     Failed,
+    Forget,
     HolderRequest,
+    Keep,
     Message,
+    Output,
     ProtocolMismatch,
     Ready,
+    Release,
     Spawned,
     SpawnError,
     SpawnRequest,
+    Stop,
     check_version,
     decode,
 )
+from auraed.kernel.spawner.state import StateTorn, read_state
+from auraed.output.log import OutputLog
 
-__all__ = ["ExitCallback", "SpawnError", "Spawner", "SpawnerClosed"]
+__all__ = [
+    "AdoptedProcess",
+    "Adoption",
+    "ExitCallback",
+    "SpawnError",
+    "Spawner",
+    "SpawnerClosed",
+    "SpawnerRefused",
+    "StateTorn",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -46,13 +73,39 @@ class SpawnerClosed(Exception):
     """The spawner is not running: never started, closed, or it died."""
 
 
+class SpawnerRefused(Exception):
+    """A running spawner cannot be adopted: another protocol version, another daemon attached,
+    or its state file is torn. The message says which and what to do."""
+
+
+@dataclass(frozen=True)
+class AdoptedProcess:
+    """A process a previous daemon started, as the spawner kept it."""
+
+    process: SpawnedProcess
+    kind: str  # "spawn" or "holder"
+    label: dict[str, object] | None
+    status: ExitStatus | None  # how it ended, if it did
+    exited_at: float
+    outputs: dict[str, OutputLog]  # channel -> its log, followed from where the writer is
+
+
+@dataclass(frozen=True)
+class Adoption:
+    spawner_pid: int
+    records: dict[str, dict[str, object]]
+    processes: list[AdoptedProcess]
+
+
 
 
 ExitCallback = Callable[[int, ExitStatus], None]
 
 
 class _PendingReply:
-    def __init__(self) -> None:
+    def __init__(self, outputs: tuple[OutputLog, OutputLog] | None = None) -> None:
+        # Followed from the reply on: the spawner writes them.
+        self.outputs = outputs
         self._done = threading.Event()
         self._reply: Spawned | Failed | None = None
 
@@ -79,10 +132,18 @@ class Spawner:
     """
 
     def __init__(self, on_exit: ExitCallback, *, reply_timeout: float = 30.0,
-                 on_lost: Callable[[], None] | None = None) -> None:
+                 on_lost: Callable[[], None] | None = None, listen: str | None = None,
+                 cgroup_join: Sequence[str] = ()) -> None:
         """on_lost: called once, on the reader thread, if the spawner ends
-        without close() — its workloads are then unsupervised."""
+        without close() — its workloads are then unsupervised. listen: the socket path a
+        later daemon attaches through (then the spawner outlives this one). cgroup_join: the
+        files (CgroupBackend.join_files) the spawner joins its cgroups through at start."""
         self._on_exit = on_exit
+        self._listen = listen
+        self._cgroup_join = tuple(cgroup_join)
+        self._spawner_pid: int | None = None
+        # Captured output the spawner writes, by (pid, channel): advanced by Output.
+        self._outputs: dict[tuple[int, str], OutputLog] = {}
         self._on_lost = on_lost
         self._reply_timeout = reply_timeout
         self._lock = threading.Lock()
@@ -96,26 +157,24 @@ class Spawner:
     @property
     def pid(self) -> int:
         """The spawner's own pid: the parent of every workload."""
-        if self._process is None:
+        if self._spawner_pid is None:
             raise SpawnerClosed("the spawner was not started")
-        return self._process.pid
+        return self._spawner_pid
 
     def start(self, ready_timeout: float = 10.0) -> None:
         """Launch the spawner and wait until it is ready."""
-        if self._process is not None:
+        if self._spawner_pid is not None:
             raise RuntimeError("the spawner was already started")
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         _room_for_the_largest_request(ours)
+        options = ["--socket-fd", str(theirs.fileno())]
+        if self._listen is not None:
+            options += ["--listen", self._listen]
+        for path in self._cgroup_join:
+            options += ["--join", path]
         try:
             self._process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-S",
-                    "-m",
-                    "auraed.kernel.spawner",
-                    "--socket-fd",
-                    str(theirs.fileno()),
-                ],
+                [sys.executable, "-S", "-m", "auraed.kernel.spawner", *options],
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
@@ -133,13 +192,124 @@ class Spawner:
             self._process.kill()
             self._process.wait()
             raise
-        self._sock = ours
+        self._spawner_pid = self._process.pid
+        self._serve(ours)
+
+    def _serve(self, sock: socket.socket) -> None:
+        self._sock = sock
         self._reader = threading.Thread(
-            target=self._read_messages, args=(ours,), name="spawner-reader", daemon=True
+            target=self._read_messages, args=(sock,), name="spawner-reader", daemon=True
         )
         self._reader.start()
 
-    def _await_ready(self, sock: socket.socket, timeout: float) -> None:
+    def attach(self, timeout: float = 10.0) -> Adoption | None:
+        """Connect to a spawner that outlived its daemon, at `listen`, and adopt what it holds;
+        None if no spawner listens there (a stale socket file is removed). SpawnerRefused if
+        one does that cannot be adopted."""
+        if self._spawner_pid is not None or self._listen is None:
+            raise RuntimeError("attach() needs a listen path and no spawner yet")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            sock.connect(self._listen)
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+            try:
+                os.unlink(self._listen)  # left by a spawner that died
+            except FileNotFoundError:
+                pass
+            return None
+        try:
+            try:
+                ready = self._await_ready(sock, timeout)
+            except SpawnerClosed as error:
+                raise SpawnerRefused(f"the spawner at {self._listen} cannot be adopted: "
+                                     f"{error}") from None
+            if ready.busy:
+                raise SpawnerRefused(f"the spawner at {self._listen} (pid {ready.pid}) serves "
+                                     "another auraed; stop that one first")
+            sock.send(Adopt().encode())
+            adopted = self._await_adopted(sock, timeout)
+            try:
+                state = read_state(adopted.path, PROTOCOL_VERSION, adopted.digest)
+            except StateTorn as torn:
+                raise SpawnerRefused(f"the spawner's state cannot be adopted: {torn}") from None
+        except BaseException:
+            sock.close()
+            raise
+        adoption = self._adoption(ready.pid, state)
+        self._spawner_pid = ready.pid
+        self._serve(sock)
+        return adoption
+
+    def _await_adopted(self, sock: socket.socket, timeout: float) -> Adopted:
+        """The answer to Adopt. Exits and output reported before it are in the state."""
+        deadline = time.monotonic() + timeout
+        while True:
+            readable, _, _ = select.select([sock], [], [], max(0.0, deadline - time.monotonic()))
+            data = sock.recv(MAX_MESSAGE_BYTES) if readable else b""
+            if not data:
+                raise SpawnerRefused("the spawner did not answer Adopt")
+            message = decode(data)
+            if isinstance(message, Adopted):
+                return message
+            if isinstance(message, Failed):
+                raise SpawnerRefused(f"the spawner could not write its state: {message.message}")
+
+    def _adoption(self, spawner_pid: int, state: dict[str, object]) -> Adoption:
+        try:
+            records = state["records"]
+            entries = state["processes"]
+            assert isinstance(records, dict) and isinstance(entries, list)
+            processes = [self._adopted_process(entry) for entry in entries]
+        except (KeyError, TypeError, ValueError, AssertionError) as error:
+            raise SpawnerRefused(f"the spawner's state is not understood: {error!r}") from None
+        return Adoption(spawner_pid, records, processes)
+
+    def _adopted_process(self, entry: dict[str, object]) -> AdoptedProcess:
+        pid, ns_pid, start_time = (int(entry[name]) for name in ("pid", "ns_pid", "start_time"))  # type: ignore[call-overload]
+        outputs: dict[str, OutputLog] = {}
+        for output in entry["outputs"]:  # type: ignore[attr-defined]
+            log = OutputLog.mirror(
+                output["directory"], output["channel"], segment_bytes=output["segment_bytes"],
+                max_segments=output["max_segments"],
+                position=(output["first"], output["last"], output["committed"],
+                          output["complete"]))
+            outputs[log.channel] = log
+            if not output["complete"]:
+                self._outputs[pid, log.channel] = log
+        status = entry["status"]
+        label = entry["label"]
+        return AdoptedProcess(
+            process=SpawnedProcess(host_pid=pid, ns_pid=ns_pid, pgid=pid, start_time=start_time),
+            kind=str(entry["kind"]),
+            label=label if isinstance(label, dict) else None,
+            status=None if status is None else ExitStatus.from_wait_status(int(status)),  # type: ignore[call-overload]
+            exited_at=float(entry["exited_at"]),  # type: ignore[arg-type]
+            outputs=outputs,
+        )
+
+    def keep(self, key: str, value: dict[str, object]) -> None:
+        """Have the spawner hold `value` under `key` for a later daemon (see Adoption.records)."""
+        self._send_control(Keep(key=key, value=value))
+
+    def forget(self, key: str) -> None:
+        self._send_control(Forget(key=key))
+
+    def release(self, process: SpawnedProcess) -> None:
+        """The spawner may drop what it keeps of this (exited) process."""
+        self._send_control(Release(pid=process.host_pid, start_time=process.start_time))
+
+    def _send_control(self, message: Message) -> None:
+        with self._lock:
+            sock = self._sock
+        if sock is None:
+            return
+        try:
+            sock.send(message.encode())
+        except OSError:
+            pass  # the spawner is gone: on_lost tells
+
+    def _await_ready(self, sock: socket.socket, timeout: float) -> Ready:
         readable, _, _ = select.select([sock], [], [], timeout)
         data = sock.recv(MAX_MESSAGE_BYTES) if readable else b""
         try:
@@ -152,6 +322,7 @@ class Spawner:
             check_version(ready.version, f"the spawner (pid {ready.pid})")
         except ProtocolMismatch as mismatch:
             raise SpawnerClosed(str(mismatch)) from None
+        return ready
 
     def spawn(self, spec: SpawnSpec) -> SpawnedProcess:
         """Start a workload; returns once it runs its argv (it was exec'd)."""
@@ -167,8 +338,15 @@ class Spawner:
                 cgroup_birth=spec.cgroup_birth,
                 namespaces=spec.namespaces.paths() if spec.namespaces else {},
                 rootfs=dict(spec.rootfs) if spec.rootfs else None,
+                label=spec.label,
+                capture=None if spec.capture is None else {
+                    "directory": str(spec.capture[0].directory),
+                    "segment_bytes": spec.capture[0].segment_bytes,
+                    "max_segments": spec.capture[0].max_segments,
+                },
             ),
-            (spec.stdout_fd, spec.stderr_fd),
+            () if spec.capture is not None else (spec.stdout_fd, spec.stderr_fd),
+            spec.capture,
         )
 
     def spawn_holder(self, spec: HolderSpec) -> SpawnedProcess:
@@ -185,16 +363,18 @@ class Spawner:
                 namespaces=spec.namespaces.paths() if spec.namespaces else {},
                 unshare=sorted(spec.unshare),
                 hostname=spec.hostname,
+                label=spec.label,
             ),
             (spec.stdout_fd, spec.stderr_fd),
         )
 
-    def _request(self, request: SpawnRequest, fds: tuple[int, int]) -> SpawnedProcess:
+    def _request(self, request: SpawnRequest, fds: tuple[int, ...],
+                 outputs: tuple[OutputLog, OutputLog] | None = None) -> SpawnedProcess:
         request_id = request.id
         message = request.encode()
         if len(message) > MAX_MESSAGE_BYTES:
             raise ValueError(f"spawn request of {len(message)} bytes is over {MAX_MESSAGE_BYTES}")
-        pending = _PendingReply()
+        pending = _PendingReply(outputs)
         with self._lock:
             if self._closed or self._sock is None:
                 raise SpawnerClosed("the spawner is not running")
@@ -241,6 +421,15 @@ class Spawner:
                     self._on_lost()
 
     def _dispatch(self, message: Message) -> None:
+        if isinstance(message, Output):
+            for pid, channel, first, last, committed, complete in message.logs:
+                key = (int(pid), str(channel))  # type: ignore[call-overload]
+                log = self._outputs.get(key)
+                if log is not None:
+                    log.advance(first, last, committed, complete)  # type: ignore[arg-type]
+                    if complete:
+                        del self._outputs[key]
+            return
         if isinstance(message, Exited):
             try:
                 self._on_exit(message.pid, ExitStatus.from_wait_status(message.status))
@@ -254,30 +443,71 @@ class Spawner:
             pending = self._pending.get(message.id)
         # None: its caller timed out and left; the workload runs on, reported by its exit event.
         if pending is not None:
+            if isinstance(message, Spawned) and pending.outputs is not None:
+                stdout, stderr = pending.outputs
+                self._outputs[message.pid, "stdout"] = stdout
+                self._outputs[message.pid, "stderr"] = stderr
             pending.resolve(message)
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the spawner: it kills every workload still running, reaps them, and exits."""
+        sock = self._let_go(Stop())
+        if sock is None:
+            return
+        if self._process is not None:
+            try:
+                self._process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                _log.error("the spawner did not exit within %s s; killing it", timeout)
+                self._process.kill()
+                self._process.wait()
+            return
+        # Adopted: not our child, so watched by its pid.
+        assert self._spawner_pid is not None
+        deadline = time.monotonic() + timeout
+        while _running(self._spawner_pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if _running(self._spawner_pid):
+            _log.error("the spawner did not exit within %s s; killing it", timeout)
+            try:
+                os.kill(self._spawner_pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def detach(self) -> None:
+        """Let go of the spawner and leave it running with every workload, for the next
+        daemon's attach(). Only for a spawner started with `listen`."""
+        if self._listen is None:
+            raise RuntimeError("a spawner without a listen path ends when it is let go")
+        self._let_go(None)
+
+    def _let_go(self, last: Message | None) -> socket.socket | None:
+        """Send `last`, close the connection and wait for the reader; the socket, or None if
+        there was none."""
         with self._lock:
             sock, self._sock = self._sock, None
             self._closed = True
-        if sock is None or self._process is None:
-            return
+        if sock is None:
+            return None
+        if last is not None:
+            try:
+                sock.send(last.encode())
+            except OSError:
+                pass
         try:
             # Wakes our reader and shows the spawner end of file; close() alone would do neither
             # while the reader is blocked in recv.
-            sock.shutdown(socket.SHUT_RDWR)
+            sock.shutdown(socket.SHUT_WR if last is not None else socket.SHUT_RDWR)
         except OSError:
             pass
         if self._reader is not None and self._reader is not threading.current_thread():
-            self._reader.join()
+            if last is None:
+                self._reader.join()
+            else:
+                # The reader ends at the spawner's exit (its end of file); bounded all the same.
+                self._reader.join(30)
         sock.close()
-        try:
-            self._process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            _log.error("the spawner did not exit within %s s; killing it", timeout)
-            self._process.kill()
-            self._process.wait()
+        return sock
 
     def __enter__(self) -> Self:
         """Starts the spawner."""
@@ -300,3 +530,12 @@ def _room_for_the_largest_request(sock: socket.socket) -> None:
         sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, 2 * MAX_MESSAGE_BYTES)
     except PermissionError:  # without CAP_NET_ADMIN: as much as wmem_max allows
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 2 * MAX_MESSAGE_BYTES)
+
+
+def _running(pid: int) -> bool:
+    """Whether pid is alive (not a zombie, not gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False

@@ -3,14 +3,30 @@
 Both sides import these classes; nothing else spells a message. Each message is one JSON object on
 an AF_UNIX SOCK_SEQPACKET socket (one sendmsg, one message), tagged by its `kind`:
 
-  daemon -> spawner  SpawnRequest   start a workload; SCM_RIGHTS [stdout fd, stderr fd]
+  daemon -> spawner  SpawnRequest   start a workload; SCM_RIGHTS [stdout fd, stderr fd], or
+                                    none with `capture`: the spawner makes the pipes and
+                                    writes the output to files itself
                      HolderRequest  start a cell's namespace holder; the same fds
-  spawner -> daemon  Ready          once, at start: the spawner's pid and PROTOCOL_VERSION
+                     Keep, Forget   hold (or drop) a record of the daemon's under a key
+                     Release        the daemon is done with a process's entry (it exited)
+                     Adopt          write the state file; answered by Adopted
+                     Stop           kill every workload and exit
+  spawner -> daemon  Ready          first on every connection: pid, PROTOCOL_VERSION, and
+                                    whether another daemon is attached already
                      Spawned        a request's process runs its argv
                      Failed         a request left nothing running; carries a SpawnError
                      Exited         a spawned process ended (raw wait status)
+                     Output         how far captured output files are written
+                     Adopted        where the state file is, and its digest
 
-A reply (Spawned or Failed) always precedes the Exited of its pid.
+A reply (Spawned or Failed) always precedes the Exited and Output of its pid.
+
+The first daemon hands the spawner one end of a socketpair. With a listening socket
+(`--listen PATH`, in the daemon's runtime directory) the spawner outlives its daemon: end of
+file on the connection only detaches it. Processes run on, their exits are kept with their
+labels, output still lands in the files, and the next daemon connects to PATH and adopts
+everything through the state file (see auraed.kernel.spawner.state). Without one, end of
+file means the daemon is gone for good: every workload is killed, then the spawner exits.
 
 Extending it: a new field gets a default and an older peer ignores fields it does not know
 (decode drops them), so a field can be added without a version change. A new message kind, or a
@@ -104,9 +120,22 @@ def check_version(theirs: int, who: str) -> None:
 @_message
 @dataclass(kw_only=True)
 class Ready(Message):
+    """busy: another daemon is attached; this connection is closed after Ready."""
+
     KIND = "ready"
     pid: int
     version: int = PROTOCOL_VERSION
+    busy: bool = False
+
+
+@dataclass(kw_only=True)
+class Capture:
+    """Output capture done by the spawner: lines of stdout and stderr, timestamped, to
+    size-rotated segment files in `directory` (the format of auraed.output.log)."""
+
+    directory: str
+    segment_bytes: int
+    max_segments: int
 
 
 @_message
@@ -128,6 +157,10 @@ class SpawnRequest(Message):
     # A container's root filesystem, made and entered by the child (auraed.kernel.rootfs);
     # cwd and argv are then the container's.
     rootfs: dict[str, object] | None = None
+    # What the daemon wants back on adoption (names, command, ...); opaque here.
+    label: dict[str, object] | None = None
+    # {"directory", "segment_bytes", "max_segments"} of a Capture; then no fds are passed.
+    capture: dict[str, object] | None = None
 
 
 @_message
@@ -180,3 +213,64 @@ class Exited(Message):
     pid: int
     status: int
 
+
+
+@_message
+@dataclass(kw_only=True)
+class Output(Message):
+    """Captured output written since the last Output: per channel [pid, channel, first
+    segment, last segment, bytes of whole records in the last, complete]."""
+
+    KIND = "output"
+    logs: list[list[object]]
+
+
+@_message
+@dataclass(kw_only=True)
+class Keep(Message):
+    """Hold `value` under `key` until Forget: state of the daemon's that must outlive it
+    (a cell's name and limits, say). Not answered."""
+
+    KIND = "keep"
+    key: str
+    value: dict[str, object]
+
+
+@_message
+@dataclass(kw_only=True)
+class Forget(Message):
+    KIND = "forget"
+    key: str
+
+
+@_message
+@dataclass(kw_only=True)
+class Release(Message):
+    """The daemon no longer needs the entry of this exited (or holder) process. Not answered."""
+
+    KIND = "release"
+    pid: int
+    start_time: int
+
+
+@_message
+@dataclass(kw_only=True)
+class Adopt(Message):
+    KIND = "adopt"
+
+
+@_message
+@dataclass(kw_only=True)
+class Adopted(Message):
+    """The spawner's state is in `path` (see auraed.kernel.spawner.state), `digest` its
+    SHA-256; from now on this connection is the attached daemon's."""
+
+    KIND = "adopted"
+    path: str
+    digest: str
+
+
+@_message
+@dataclass(kw_only=True)
+class Stop(Message):
+    KIND = "stop"

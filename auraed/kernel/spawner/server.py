@@ -34,6 +34,7 @@ import signal
 import socket
 import struct
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
@@ -57,16 +58,27 @@ from auraed.kernel.spawner.child import (
 )
 from auraed.kernel.spawner.protocol import (
     MAX_MESSAGE_BYTES,
+    PROTOCOL_VERSION,
+    Adopt,
+    Adopted,
+    Capture,
     Exited,
     Failed,
+    Forget,
     HolderRequest,
+    Keep,
     Message,
+    Output,
     Ready,
+    Release,
     Spawned,
     SpawnError,
     SpawnRequest,
+    Stop,
     decode,
 )
+from auraed.kernel.spawner.state import write_state
+from auraed.output.log import LineAssembler, OutputLog, output_pipe
 
 _T = TypeVar("_T")
 _FD_SIZE = struct.calcsize("i")
@@ -85,14 +97,84 @@ class _Spare:
 
 
 class DaemonGone(Exception):
-    """The daemon closed its end of the socket."""
+    """The daemon closed its end of the socket, and no other can attach: the end."""
+
+
+class _Stopping(Exception):
+    """The daemon asked for everything to end (Stop)."""
+
+
+# Bytes read from an output pipe at once.
+_READ_BYTES = 64 * 1024
+STATE_FILE = "spawner.state"
+
+
+class _Capture:
+    """One captured output channel of one process: the pipe's read end and its log."""
+
+    def __init__(self, channel: str, fd: int, log: OutputLog) -> None:
+        self.channel = channel
+        self.fd = fd
+        self.log = log
+        self.lines = LineAssembler()
+        # After a write error (a full disk) the pipe is still drained, so the workload never
+        # blocks, but its output is dropped.
+        self.failed = False
+
+    def store(self, lines: list[bytes]) -> None:
+        if self.failed or not lines:
+            return
+        try:
+            self.log.append(lines, time.time())
+        except OSError:
+            self.failed = True
+
+    def as_state(self) -> dict[str, object]:
+        first, last, committed, complete = self.log.position()
+        return {"channel": self.channel, "directory": str(self.log.directory),
+                "segment_bytes": self.log.segment_bytes, "max_segments": self.log.max_segments,
+                "first": first, "last": last, "committed": committed, "complete": complete}
+
+
+class _Entry:
+    """A process the spawner started, kept until it is reaped, and, if the daemon labelled it,
+    until the daemon releases it (so that a daemon adopting later still learns how it ended)."""
+
+    __slots__ = ("captures", "exited_at", "kind", "label", "ns_pid", "pid", "start_time",
+                 "status")
+
+    def __init__(self, pid: int, ns_pid: int, start_time: int, kind: str,
+                 label: dict[str, object] | None, captures: list[_Capture]) -> None:
+        self.pid, self.ns_pid, self.start_time = pid, ns_pid, start_time
+        self.kind, self.label, self.captures = kind, label, captures
+        self.status: int | None = None
+        self.exited_at = 0.0
+
+    def as_state(self) -> dict[str, object]:
+        return {"pid": self.pid, "ns_pid": self.ns_pid, "start_time": self.start_time,
+                "kind": self.kind, "label": self.label, "status": self.status,
+                "exited_at": self.exited_at,
+                "outputs": [capture.as_state() for capture in self.captures]}
 
 
 class ForkServer:
-    def __init__(self, sock: socket.socket) -> None:
-        self._sock = sock
-        # Started workloads not yet reaped. Each leads its own process group (setsid).
-        self._workloads: set[int] = set()
+    def __init__(self, sock: socket.socket, listener: socket.socket | None = None) -> None:
+        """sock: the first daemon's connection. listener: where later daemons connect; with
+        it the spawner outlives a daemon that goes away."""
+        self._sock: socket.socket | None = sock
+        self._listener = listener
+        self._state_path = (os.path.join(os.path.dirname(listener.getsockname()), STATE_FILE)
+                            if listener is not None else None)
+        # Started workloads not yet reaped, by pid. Each leads its own process group (setsid).
+        self._processes: dict[int, _Entry] = {}
+        # Reaped but labelled: kept until the daemon releases them, by (pid, start time).
+        self._ended: dict[tuple[int, int], _Entry] = {}
+        # The daemon's records (Keep), kept across daemons.
+        self._records: dict[str, dict[str, object]] = {}
+        # Captured output, by the read end of its pipe; those written since the last Output.
+        self._captures: dict[int, tuple[_Entry, _Capture]] = {}
+        self._written: dict[int, tuple[_Entry, _Capture]] = {}
+        self._poller = select.poll()
         # Opened here, not in the child: after joining a mount namespace /dev/null may not exist.
         self._devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
         self._own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
@@ -111,15 +193,19 @@ class ForkServer:
         self._births_in_cgroup = True
 
     def serve(self) -> None:
-        """Answer requests and report exits until the daemon goes away, then kill everything."""
+        """Answer requests, report exits and write captured output until the daemon goes away
+        for good (or asks to Stop, or SIGTERM comes), then kill everything."""
         set_child_subreaper()
         _leave_no_signal_ignored_or_blocked()
         for signum in (signal.SIGCHLD, signal.SIGTERM):
             signal.signal(signum, _wake)
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
-        poller = select.poll()
+        poller = self._poller
+        assert self._sock is not None
         poller.register(self._sock, select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
+        if self._listener is not None:
+            poller.register(self._listener, select.POLLIN)
         try:
             self._keep_a_spare()  # before "ready": from then on the spawner is as it stays
             self._send(Ready(pid=os.getpid()))
@@ -136,19 +222,59 @@ class ForkServer:
                         if signal.SIGTERM in self._drain_wakeups():
                             return
                         self._reap()
-                    else:
+                    elif fd in self._captures:
+                        self._pump(fd)
+                    elif self._listener is not None and fd == self._listener.fileno():
+                        self._accept()
+                    elif self._sock is not None and fd == self._sock.fileno():
                         self._handle_message()
-        except DaemonGone:
+                if self._written:
+                    self._report_output()
+        except (DaemonGone, _Stopping):
             return
         finally:
             self._kill_everything()
 
     def _send(self, message: Message) -> None:
+        """To the attached daemon, if any. A daemon that went away is detached from (or, with
+        no listener for another to come, ends everything: DaemonGone)."""
+        if self._sock is None:
+            return
         try:
             # No SIGPIPE: it is not ignored here (see _leave_no_signal_ignored_or_blocked).
             self._sock.send(message.encode(), socket.MSG_NOSIGNAL)
         except (BrokenPipeError, ConnectionResetError):
-            raise DaemonGone from None
+            self._detach()
+
+    def _detach(self) -> None:
+        if self._listener is None:
+            raise DaemonGone
+        if self._sock is not None:
+            self._poller.unregister(self._sock)
+            self._sock.close()
+            self._sock = None
+
+    def _accept(self) -> None:
+        assert self._listener is not None
+        try:
+            connection, _ = self._listener.accept()
+        except OSError:
+            return
+        connection.setblocking(True)
+        if self._sock is not None and _hung_up(self._sock):
+            # The old daemon is gone but its last messages are still to be read: first those.
+            while self._sock is not None:
+                self._handle_message()
+        if self._sock is not None:
+            try:
+                connection.send(Ready(pid=os.getpid(), busy=True).encode(), socket.MSG_NOSIGNAL)
+            except OSError:
+                pass
+            connection.close()
+            return
+        self._sock = connection
+        self._poller.register(connection, select.POLLIN)
+        self._send(Ready(pid=os.getpid()))
 
     def _drain_wakeups(self) -> bytes:
         signals = b""
@@ -160,18 +286,64 @@ class ForkServer:
         return signals
 
     def _handle_message(self) -> None:
-        data, fds, flags = self._receive()
+        try:
+            data, fds, flags = self._receive()
+        except (ConnectionResetError, BrokenPipeError):
+            data, fds, flags = b"", [], 0
         try:
             if not data:
-                raise DaemonGone
-            self._send(self._answer(data, fds, truncated=bool(flags & socket.MSG_TRUNC)))
+                self._detach()
+                return
+            try:
+                if flags & socket.MSG_TRUNC:
+                    raise SpawnError.malformed("request over MAX_MESSAGE_BYTES")
+                message = decode(data)
+            except SpawnError as error:
+                self._send(Failed.of(None, error))
+                return
+            if isinstance(message, SpawnRequest):
+                self._send(self._answer(message, fds))
+            else:
+                self._handle_control(message)
         finally:
             for fd in fds:
                 os.close(fd)
 
+    def _handle_control(self, message: Message) -> None:
+        """The messages that are not spawn requests; none but Adopt is answered."""
+        if isinstance(message, Keep):
+            self._records[message.key] = message.value
+        elif isinstance(message, Forget):
+            self._records.pop(message.key, None)
+        elif isinstance(message, Release):
+            self._ended.pop((message.pid, message.start_time), None)
+            running = self._processes.get(message.pid)
+            if running is not None and running.start_time == message.start_time:
+                running.label = None  # not kept once it ends
+        elif isinstance(message, Adopt):
+            self._send(self._write_state())
+        elif isinstance(message, Stop):
+            raise _Stopping
+        else:
+            self._send(Failed.of(None, SpawnError.malformed(f"unexpected {message.KIND}")))
+
+    def _write_state(self) -> Adopted | Failed:
+        if self._state_path is None:
+            return Failed.of(None, SpawnError.malformed("adopt from a spawner without --listen"))
+        # Output read so far is in the files and in the state, before the daemon follows it.
+        self._written.clear()
+        entries = [*self._processes.values(), *self._ended.values()]
+        state = {"records": self._records, "processes": [e.as_state() for e in entries]}
+        try:
+            digest = write_state(self._state_path, PROTOCOL_VERSION, state)
+        except OSError as error:
+            return Failed.of(None, SpawnError.at("state", error.errno or 0, self._state_path))
+        return Adopted(path=self._state_path, digest=digest)
+
     def _receive(self) -> tuple[bytes, list[int], int]:
         """One request, the fds passed with it (at most two), and the message flags; like
         socket.recv_fds, into one buffer kept for every message."""
+        assert self._sock is not None
         size, ancillary, flags, _ = self._sock.recvmsg_into(
             [self._buffer], socket.CMSG_SPACE(2 * _FD_SIZE), socket.MSG_CMSG_CLOEXEC
         )
@@ -182,24 +354,64 @@ class ForkServer:
                 fds.extend(struct.unpack(f"{usable // _FD_SIZE}i", payload[:usable]))
         return bytes(self._buffer[:size]), fds, flags
 
-    def _answer(self, data: bytes, fds: list[int], truncated: bool) -> Spawned | Failed:
-        request: Message | None = None
+    def _answer(self, request: SpawnRequest, fds: list[int]) -> Spawned | Failed:
+        captures: list[_Capture] = []
         try:
-            if truncated:
-                raise SpawnError.malformed("request over MAX_MESSAGE_BYTES")
-            request = decode(data)
-            if not isinstance(request, SpawnRequest) or len(fds) != 2:
+            if request.capture is not None:
+                if fds:
+                    raise SpawnError.malformed("fds passed with a capture")
+                captures, stdio = _open_captures(Capture(**request.capture))  # type: ignore[arg-type]
+            elif len(fds) != 2:
                 raise SpawnError.malformed("malformed request")
-            if isinstance(request, HolderRequest):
-                pid, ns_pid = self._fork_holder(request, stdout=fds[0], stderr=fds[1])
             else:
-                pid, ns_pid = self._fork_workload(request, stdout=fds[0], stderr=fds[1])
+                stdio = (fds[0], fds[1])
+            try:
+                if isinstance(request, HolderRequest):
+                    pid, ns_pid = self._fork_holder(request, stdout=stdio[0], stderr=stdio[1])
+                else:
+                    pid, ns_pid = self._fork_workload(request, stdout=stdio[0], stderr=stdio[1])
+            finally:
+                if captures:
+                    for fd in stdio:  # the write ends: the workload has its own now
+                        os.close(fd)
         except SpawnError as failure:
-            return Failed.of(getattr(request, "id", None), failure)
+            _close_captures(captures)
+            return Failed.of(request.id, failure)
         except (LookupError, TypeError, ValueError, AttributeError) as bad:
-            return Failed.of(getattr(request, "id", None), SpawnError.malformed(repr(bad)))
-        self._workloads.add(pid)
-        return Spawned(id=request.id, pid=pid, ns_pid=ns_pid, start_time=_start_time(pid))
+            _close_captures(captures)
+            return Failed.of(request.id, SpawnError.malformed(repr(bad)))
+        entry = _Entry(pid, ns_pid, _start_time(pid), request.KIND, request.label, captures)
+        self._processes[pid] = entry
+        for capture in captures:
+            # Read from the next poll on: the reply goes out before any Output of this pid.
+            self._captures[capture.fd] = (entry, capture)
+            self._poller.register(capture.fd, select.POLLIN)
+        return Spawned(id=request.id, pid=pid, ns_pid=ns_pid, start_time=entry.start_time)
+
+    def _pump(self, fd: int) -> None:
+        entry, capture = self._captures[fd]
+        try:
+            chunk = os.read(fd, _READ_BYTES)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        if chunk:
+            capture.store(capture.lines.feed(chunk))
+        else:
+            self._poller.unregister(fd)
+            del self._captures[fd]
+            os.close(fd)
+            capture.store(capture.lines.flush())
+            capture.log.finish()
+        self._written[fd] = (entry, capture)
+
+    def _report_output(self) -> None:
+        logs: list[list[object]] = []
+        for entry, capture in self._written.values():
+            logs.append([entry.pid, capture.channel, *capture.log.position()])
+        self._written.clear()
+        self._send(Output(logs=logs))
 
     def _open_namespaces(self, request: SpawnRequest) -> dict[str, int]:
         namespace_fds: dict[str, int] = {}
@@ -417,8 +629,11 @@ class ForkServer:
             signal.set_wakeup_fd(-1)
             for signum in (signal.SIGCHLD, signal.SIGTERM):
                 signal.signal(signum, signal.SIG_DFL)
-            # The daemon must see end of file on its socket when the spawner ends, spare or not.
-            self._sock.close()
+            # The daemon must see end of file on its socket when the spawner ends, spare or not,
+            # and a later daemon must not connect to a listener only a spare holds.
+            for inherited in (self._sock, self._listener):
+                if inherited is not None:
+                    inherited.close()
             for fd in (self._wake_r, self._wake_w):
                 os.close(fd)
             # What ps shows for it until it execs the holder's init.
@@ -498,12 +713,15 @@ class ForkServer:
                 self._spare.sock.close()
                 self._spare = None
             # Orphaned descendants come to us too (subreaper); they are only reaped.
-            if pid in self._workloads:
-                self._workloads.discard(pid)
+            entry = self._processes.pop(pid, None)
+            if entry is not None:
+                entry.status, entry.exited_at = status, time.time()
+                if entry.label is not None:
+                    self._ended[pid, entry.start_time] = entry
                 self._send(Exited(pid=pid, status=status))
 
     def _kill_everything(self) -> None:
-        for pid in self._workloads:
+        for pid in self._processes:
             # The group reaches the workload's children; the pid, a workload that left its group.
             for kill in (os.killpg, os.kill):
                 try:
@@ -621,13 +839,72 @@ def _wake(signum: int, frame: FrameType | None) -> None:
     """Nothing to do: set_wakeup_fd already woke the loop, which does the work."""
 
 
+def _hung_up(sock: socket.socket) -> bool:
+    probe = select.poll()
+    probe.register(sock, select.POLLIN)
+    return any(events & select.POLLHUP for _, events in probe.poll(0))
+
+
+def _open_captures(capture: Capture) -> tuple[list[_Capture], tuple[int, int]]:
+    """Pipes and logs for stdout and stderr; the write ends for the workload."""
+    captures: list[_Capture] = []
+    write_ends: list[int] = []
+    try:
+        for channel in ("stdout", "stderr"):
+            read_fd, write_fd = output_pipe()
+            write_ends.append(write_fd)
+            os.set_blocking(read_fd, False)
+            captures.append(_Capture(channel, read_fd, OutputLog(
+                capture.directory, channel, segment_bytes=capture.segment_bytes,
+                max_segments=capture.max_segments)))
+    except OSError as error:
+        for fd in write_ends:
+            os.close(fd)
+        _close_captures(captures)
+        raise SpawnError.at("capture", error.errno or 0, capture.directory) from None
+    return captures, (write_ends[0], write_ends[1])
+
+
+def _close_captures(captures: list[_Capture]) -> None:
+    for capture in captures:
+        os.close(capture.fd)
+        capture.log.finish()
+
+
 def main(argv: list[str]) -> int:
     # Parsed by hand: argparse would add to the memory that every fork copies.
-    if len(argv) != 2 or argv[0] != "--socket-fd" or not argv[1].isdigit():
-        print("usage: python -m auraed.kernel.spawner --socket-fd N", file=sys.stderr)
+    #   --socket-fd N [--listen PATH] [--join FILE]...
+    usage = "usage: python -m auraed.kernel.spawner --socket-fd N [--listen PATH] [--join FILE]..."
+    options: dict[str, list[str]] = {"--socket-fd": [], "--listen": [], "--join": []}
+    pairs = iter(argv)
+    for option in pairs:
+        value = next(pairs, None)
+        if option not in options or value is None:
+            print(usage, file=sys.stderr)
+            return 2
+        options[option].append(value)
+    if len(options["--socket-fd"]) != 1 or not options["--socket-fd"][0].isdigit() or len(
+            options["--listen"]) > 1:
+        print(usage, file=sys.stderr)
         return 2
     # Hold no directory of the daemon's busy (a mount it may want to unmount).
     os.chdir("/")
-    ForkServer(socket.socket(fileno=int(argv[1]))).serve()
+    # Into the daemon's cgroups (its host leaf): a daemon that finds no spawner to adopt
+    # cleans its subtree, and so ends a spawner that outlived a lost runtime directory too.
+    for path in options["--join"]:
+        write_file(path, b"0")
+    listener = None
+    for path in options["--listen"]:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        previous = os.umask(0o177)  # only root may connect
+        try:
+            listener.bind(path)
+        finally:
+            os.umask(previous)
+        listener.listen(4)
+    ForkServer(socket.socket(fileno=int(options["--socket-fd"][0])), listener).serve()
     return 0
-
