@@ -257,8 +257,12 @@ class Daemon:
         self._containers: Containers | None = None
         self._cri_server: grpc.Server | None = None
         self._pods: Pods | None = None
+        self._detach = False
 
     def request_stop(self, signum: int | None = None) -> None:
+        # With --live-restore SIGTERM (a service manager's restart) leaves the workloads
+        # running for the next daemon; SIGINT (^C, or an operator's "stop everything") never.
+        self._detach = signum == signal.SIGTERM and self.settings.live_restore
         self._stop.set()
 
     def _spawner_lost(self) -> None:
@@ -485,7 +489,7 @@ class Daemon:
             self._metrics = None
         self.daemon_log.close()
         if self._workloads is not None:
-            if self.settings.live_restore and self._exit_status != SPAWNER_LOST_EXIT:
+            if self._detach:
                 self._workloads.detach()
             else:
                 self._workloads.shutdown()

@@ -96,7 +96,7 @@ class DaemonProcess:
             capture_output=True, text=True, timeout=timeout, input=input, check=False,
         )
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 30) -> int:
         if self.process.poll() is None:
             self.process.send_signal(sig)
             try:
@@ -132,17 +132,25 @@ def wait_until_serving(daemon: DaemonProcess, timeout: float = 20) -> None:
 def running_daemon(*extra_args: str, grace_period: float = 2.0,
                    cgroup_root: str | None = None,
                    cgroup_mount: str = str(CGROUP_MOUNT),
-                   library_dir: Path | None = None) -> Iterator[DaemonProcess]:
-    """Start auraed; on exit stop it with SIGTERM and check it left nothing behind.
+                   library_dir: Path | None = None,
+                   after: DaemonProcess | None = None) -> Iterator[DaemonProcess]:
+    """Start auraed; on exit stop it with SIGINT and check it left nothing behind.
 
     cgroup_mount: where it finds cgroups (a hybrid host's unified mount gives it the v2
     backend). library_dir: an earlier daemon's (`workdir / "lib"`), to start as its
-    successor; the caller owns it then."""
-    # Unix socket paths must stay short (108 bytes), so not under pytest's tmp_path.
-    workdir = Path(tempfile.mkdtemp(prefix="aurae-test-", dir="/tmp"))
-    pki = init_pki(workdir / "pki", clients=("admin", "other"), socket=str(workdir / "aurae.sock"))
+    successor; the caller owns it then. after: a daemon (stopped or killed) whose place this
+    one takes: the same PKI, socket, runtime and library directories and cgroup root, so it
+    adopts what that one left running."""
+    if after is not None:
+        workdir, pki, cgroup_root = after.workdir, after.pki, after.cgroup_root
+        log_path = workdir / f"auraed.{time.monotonic_ns()}.log"
+    else:
+        # Unix socket paths must stay short (108 bytes), so not under pytest's tmp_path.
+        workdir = Path(tempfile.mkdtemp(prefix="aurae-test-", dir="/tmp"))
+        pki = init_pki(workdir / "pki", clients=("admin", "other"),
+                       socket=str(workdir / "aurae.sock"))
+        log_path = workdir / "auraed.log"
     cgroup_root = cgroup_root or f"aurae-test-{secrets.token_hex(4)}"
-    log_path = workdir / "auraed.log"
     command = [
         sys.executable, "-m", "auraed",
         "--socket", str(workdir / "aurae.sock"),
@@ -165,7 +173,8 @@ def running_daemon(*extra_args: str, grace_period: float = 2.0,
         wait_until_serving(daemon)
         yield daemon
     finally:
-        daemon.stop()
+        # SIGINT stops everything even with --live-restore (SIGTERM would leave it running).
+        daemon.stop(signal.SIGINT)
         leftovers = force_cleanup(cgroup_root, cgroup_mount)
         shutil.rmtree(workdir, ignore_errors=True)
     assert not leftovers, f"auraed left cgroups under {cgroup_root}"

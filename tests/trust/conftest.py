@@ -86,10 +86,18 @@ def secure_channel(daemon: DaemonProcess, credential: Credential | None) -> grpc
 
 
 def host_state(daemon: DaemonProcess) -> tuple[list[Path], set[int]]:
-    """Every cgroup directory under the daemon's root, and every process in them."""
+    """Every cgroup directory under the daemon's root, and every process in them but the
+    spawner's own (it lives in the host leaf, with its spare)."""
     dirs = sorted(p for top in cgroup_dirs(daemon.cgroup_root)
                   for p in [top, *top.rglob("*")] if p.is_dir())
-    return dirs, cgroup_pids(daemon.cgroup_root)
+    return dirs, {pid for pid in cgroup_pids(daemon.cgroup_root) if not _is_spawner(pid)}
+
+
+def _is_spawner(pid: int) -> bool:
+    try:
+        return b"auraed.kernel.spawner" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
 
 
 def audit_lines(daemon: DaemonProcess) -> list[str]:

@@ -1,0 +1,251 @@
+"""Live restore against real daemons: the spawner outlives auraed (SIGKILL, or SIGTERM with
+--live-restore), and the next auraed on the same runtime directory adopts every cell,
+executable, exit status and output stream before it serves. Nothing is lost, nothing leaks.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+
+import aurae_sdk
+from auraed.kernel.spawner.protocol import Ready
+from auraed.kernel.spawner.state import StateTorn, read_state, write_state
+from auraed.testing import DaemonProcess, running_daemon
+
+from .conftest import host_state, record_figure
+
+pytestmark = pytest.mark.slow
+
+CELLS = [
+    {"name": "web", "cpu": {"weight": 50}, "memory": {"max": 128 << 20}},
+    {"name": "web/api", "cpu": {"max": 50000}},  # nested
+    {"name": "iso", "isolate_process": True, "isolate_network": True},  # isolated
+]
+# A numbered line every millisecond, flushed each time.
+COUNTER = ("exec python3 -u -c 'import itertools, time\n"
+           "for i in itertools.count(): print(i); time.sleep(0.001)'")
+SHORT_EXIT = 7
+WORKLOADS = [
+    ("web", "counter", COUNTER),
+    ("web", "short", f"sleep 1; exit {SHORT_EXIT}"),  # ends while no daemon runs
+    ("web", "sleeper", "sleep 300"),
+    ("web/api", "api", "sleep 300"),
+    ("web/api", "stubborn", "trap '' TERM; sleep 300 & wait"),
+    ("iso", "inside", "sleep 300"),
+    ("iso", "inside2", "sleep 300"),
+    (None, "host1", "sleep 300"),
+    (None, "host2", "sleep 300"),
+    (None, "host3", "echo hello; sleep 300"),
+]
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def alive(pid: int) -> bool:
+    # A zombie has no cmdline: it is dead, only not yet reaped.
+    try:
+        return bool(Path(f"/proc/{pid}/cmdline").read_bytes())
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def populate(daemon: DaemonProcess) -> dict[str, int]:
+    """Allocate CELLS, start WORKLOADS; name -> host pid."""
+    pids = {}
+    with daemon.client() as client:
+        for cell in CELLS:
+            client.cells.allocate(cell=cell)
+        for cell, name, command in WORKLOADS:
+            pids[name] = client.cells.start(
+                cell_name=cell, executable={"name": name, "command": command}).host_pid
+    return pids
+
+
+def cell_tree(client: aurae_sdk.Client) -> list[tuple[object, ...]]:
+    """List, as comparable values: each cell as allocated, its nesting, its executables."""
+    def node(n: object) -> tuple[object, ...]:
+        executables = sorted((e.name, e.pid, e.host_pid, e.command)  # type: ignore[attr-defined]
+                             for e in n.executables)  # type: ignore[attr-defined]
+        children = sorted(node(c) for c in n.children)  # type: ignore[attr-defined]
+        return (n.cell.SerializeToString(deterministic=True),  # type: ignore[attr-defined]
+                tuple(children), tuple(executables))
+    return sorted(node(n) for n in client.cells.list().cells)
+
+
+def counted_lines(client: aurae_sdk.Client, pid: int) -> list[str]:
+    """Every stdout line of the counter, once it has been ended."""
+    return [r.item.line for r in client.observe.get_sub_process_stream(
+        process_id=pid, channel_type="LOG_CHANNEL_TYPE_STDOUT", timeout=60)]
+
+
+def assert_counted_once(lines: list[str]) -> None:
+    assert lines, "the counter wrote nothing"
+    expected = [str(i) for i in range(len(lines))]
+    if lines != expected:
+        missing = sorted(set(expected) - set(lines), key=int)[:10]
+        doubled = sorted({line for line in lines if lines.count(line) > 1}, key=int)[:10]
+        pytest.fail(f"{len(lines)} lines: missing {missing}, doubled {doubled}")
+
+
+def free_everything(daemon: DaemonProcess, baseline: list[Path]) -> None:
+    """Free leaves nothing on the host: no cgroup of a cell, no process but the spawner's."""
+    with daemon.client() as client:
+        for cell, name, _ in WORKLOADS:
+            if cell is None:
+                client.cells.stop(executable_name=name, grace_period_ms=0)
+        for cell in ("web", "iso"):
+            client.cells.free(cell_name=cell)
+        assert list(client.cells.list().cells) == []
+    assert host_state(daemon) == (baseline, set())
+
+
+def check_adoption(first: DaemonProcess, second: DaemonProcess, pids: dict[str, int],
+                   before: list[tuple[object, ...]], baseline: list[Path]) -> None:
+    with second.client(timeout=30) as client:
+        # The same cells, limits, nesting, executables and pids.
+        after = cell_tree(client)
+        assert after == before
+        # Exited while no daemon ran: Wait reports it.
+        short = client.cells.wait(cell_name="web", executable_name="short", timeout=10)
+        assert short.status.exit_code == SHORT_EXIT
+        # Every process still runs, but the short one.
+        for name, pid in pids.items():
+            assert alive(pid) == (name != "short"), name
+        # The isolated cell's namespaces are still its own, and a new executable joins them.
+        hostname = client.cells.start(cell_name="iso", executable={
+            "name": "hostname", "command": "hostname"})
+        client.cells.wait(cell_name="iso", executable_name="hostname", timeout=10)
+        assert [r.item.line for r in client.observe.get_sub_process_stream(
+            process_id=hostname.pid, channel_type="LOG_CHANNEL_TYPE_STDOUT", timeout=10)] == ["iso"]
+        # Output across the restart: every number exactly once.
+        os.kill(pids["counter"], signal.SIGTERM)
+        client.cells.wait(cell_name="web", executable_name="counter", timeout=10)
+        assert_counted_once(counted_lines(client, pids["counter"]))
+    assert "adopted the workloads of the previous daemon" in second.log()
+    free_everything(second, baseline)
+
+
+@pytest.mark.parametrize("planned", [False, True], ids=["sigkill", "planned-restart"])
+def test_the_next_daemon_adopts_every_workload(planned: bool) -> None:
+    flags = ("--live-restore",) if planned else ()
+    with running_daemon(*flags) as first:
+        baseline, _ = host_state(first)
+        pids = populate(first)
+        with first.client() as client:
+            before = cell_tree(client)
+        # A while of output before the restart.
+        time.sleep(0.5)
+        if planned:
+            assert first.stop(signal.SIGTERM) == 0
+            assert "detached from the spawner; workloads keep running" in first.log()
+        else:
+            first.stop(signal.SIGKILL)
+        # Long enough for "short" to end while no daemon runs.
+        time.sleep(1.5)
+        assert all(alive(pid) for name, pid in pids.items() if name != "short")
+        with running_daemon(*flags, after=first) as second:
+            check_adoption(first, second, pids, before, baseline)
+
+
+def test_twenty_restarts_in_a_row_lose_no_line() -> None:
+    with ExitStack() as stack:
+        daemon = stack.enter_context(running_daemon("--live-restore"))
+        with daemon.client() as client:
+            client.cells.allocate(cell={"name": "steady", "memory": {"max": 64 << 20}})
+            counter = client.cells.start(cell_name="steady",
+                                         executable={"name": "counter", "command": COUNTER})
+        serving_in = []
+        for restart in range(20):
+            if restart % 2:
+                assert daemon.stop(signal.SIGTERM) == 0
+            else:
+                daemon.stop(signal.SIGKILL)
+            assert alive(counter.host_pid)
+            started = time.monotonic()
+            daemon = stack.enter_context(running_daemon("--live-restore", after=daemon))
+            serving_in.append(time.monotonic() - started)
+            with daemon.client() as client:
+                (node,) = client.cells.list().cells
+                (executable,) = node.executables
+                assert (executable.name, executable.host_pid) == ("counter", counter.host_pid)
+        with daemon.client(timeout=60) as client:
+            os.kill(counter.host_pid, signal.SIGTERM)
+            client.cells.wait(cell_name="steady", executable_name="counter", timeout=10)
+            lines = counted_lines(client, counter.host_pid)
+            assert_counted_once(lines)
+            client.cells.free(cell_name="steady")
+    record_figure("20 restarts in a row (SIGKILL and --live-restore SIGTERM alternating)",
+                  f"{len(lines)} numbered lines, each exactly once; next daemon serving in "
+                  f"{min(serving_in):.2f}-{max(serving_in):.2f} s")
+
+
+def test_a_spawner_of_another_protocol_version_is_refused_and_left_alone() -> None:
+    with running_daemon() as first:
+        spawner = spawner_of(first)
+        os.kill(spawner, signal.SIGKILL)
+        first.stop(signal.SIGKILL)
+        wait_for(lambda: not alive(spawner), 10, "the spawner to die")
+        # In its place, what a spawner of another protocol version says first: its pid and
+        # version. The daemon must refuse it clearly and touch nothing.
+        path = first.runtime_dir / "spawner.sock"
+        path.unlink()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        listener.bind(str(path))
+        listener.listen(1)
+
+        def other_spawner() -> None:
+            connection, _ = listener.accept()
+            connection.send(Ready(pid=os.getpid(), version=0).encode())
+            connection.recv(4096)  # until the daemon hangs up
+            connection.close()
+
+        thread = threading.Thread(target=other_spawner, daemon=True)
+        thread.start()
+        try:
+            with pytest.raises(RuntimeError) as refused, running_daemon(after=first):
+                pass
+        finally:
+            listener.close()
+            thread.join(10)
+        message = str(refused.value)  # the refused daemon's exit status and log
+        assert "auraed exited with 2" in message
+        assert "speaks spawner protocol version 0; this side speaks 1" in message
+        assert "The workloads it holds were left alone" in message
+        assert "removing cells" not in message
+
+
+def spawner_of(daemon: DaemonProcess) -> int:
+    children = Path(f"/proc/{daemon.process.pid}/task/{daemon.process.pid}/children")
+    (spawner,) = [int(pid) for pid in children.read_text().split()
+                  if b"auraed.kernel.spawner" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    return spawner
+
+
+def test_a_torn_state_file_is_refused(tmp_path: Path) -> None:
+    path = str(tmp_path / "spawner.state")
+    digest = write_state(path, 1, {"records": {"cell a": {"name": "a"}}, "processes": []})
+    assert read_state(path, 1, digest)["records"] == {"cell a": {"name": "a"}}
+    whole = Path(path).read_bytes()
+    for torn in (whole[:-5], whole + b"x", whole.replace(b'"a"', b'"b"', 1)):
+        Path(path).write_bytes(torn)
+        with pytest.raises(StateTorn):
+            read_state(path, 1)
+    Path(path).write_bytes(whole)
+    with pytest.raises(StateTorn, match="protocol version 1, not 2"):
+        read_state(path, 2)
+    with pytest.raises(StateTorn, match="not the state the spawner just wrote"):
+        read_state(path, 1, "0" * 64)
