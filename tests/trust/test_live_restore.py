@@ -6,6 +6,7 @@ executable, exit status and output stream before it serves. Nothing is lost, not
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import threading
@@ -226,6 +227,28 @@ def test_a_spawner_of_another_protocol_version_is_refused_and_left_alone() -> No
         assert "speaks spawner protocol version 0; this side speaks 1" in message
         assert "The workloads it holds were left alone" in message
         assert "removing cells" not in message
+
+
+def test_with_the_spawner_gone_too_the_next_daemon_cleans_up_and_says_what() -> None:
+    with running_daemon() as first:
+        baseline, _ = host_state(first)
+        pids = populate(first)
+        spawner = spawner_of(first)
+        os.kill(spawner, signal.SIGKILL)
+        first.stop(signal.SIGKILL)
+        wait_for(lambda: not alive(spawner), 10, "the spawner to die")
+        orphans = {name for name, pid in pids.items() if alive(pid)}
+        assert orphans, "expected workloads to outlive both"
+        # The same runtime directory: the spawner's socket is stale; nothing can be adopted.
+        with running_daemon(after=first) as second:
+            assert not any(alive(pid) for pid in pids.values())
+            assert host_state(second) == (baseline, set())
+            log = second.log()
+            assert "adopted" not in log
+            assert re.search(r'removing cells left by a previous run" '
+                             r'cells="?iso,web,web/api"? processes_killed=\d+', log), log
+            with second.client() as client:
+                assert list(client.cells.list().cells) == []
 
 
 def spawner_of(daemon: DaemonProcess) -> int:
