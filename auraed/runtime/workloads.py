@@ -191,9 +191,10 @@ class Workloads:
         self.backend.setup()
         self._devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
         self._restarts.start()
+        began = time.monotonic()
         adoption = self._spawner.attach() if self._spawner_socket is not None else None
         if adoption is not None:
-            self._adopt(adoption)
+            self._adopt(adoption, began)
             return
         stale = self.backend.existing_cells()
         if stale:
@@ -218,7 +219,7 @@ class Workloads:
                     pass
         return count
 
-    def _adopt(self, adoption: Adoption) -> None:
+    def _adopt(self, adoption: Adoption, began: float) -> None:
         """Take over what the spawner kept of the previous daemon's cells and processes. What
         cannot be matched up (a cgroup with no record, a process whose cell is gone, a record
         that does not parse) is cleaned up and logged."""
@@ -347,7 +348,8 @@ class Workloads:
             self._record_exit(executable, status, when)  # its exit event, after the restart's
         log.info("adopted the workloads of the previous daemon", extra={
             "spawner_pid": adoption.spawner_pid, "cells": len(adopted_cells),
-            "executables": executables, "exited_while_away": exited})
+            "executables": executables, "exited_while_away": exited,
+            "milliseconds": round((time.monotonic() - began) * 1000, 1)})
         if cleaned:
             log.warning("cleaned up what could not be adopted", extra={"cleaned": "; ".join(cleaned)})
 

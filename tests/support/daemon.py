@@ -116,7 +116,9 @@ def wait_until_serving(daemon: DaemonProcess, timeout: float = 20) -> None:
     while time.monotonic() < deadline:
         if daemon.process.poll() is not None:
             raise RuntimeError(f"auraed exited with {daemon.process.returncode}:\n{daemon.log()}")
-        if os.path.exists(daemon.socket):
+        # A plain connect first: a socket file left by a killed daemon refuses it at once,
+        # where a gRPC channel would back off for a second.
+        if os.path.exists(daemon.socket) and _accepting(daemon.socket):
             try:
                 with aurae_sdk.Client(daemon.config, timeout=2) as client:
                     status = client.health.check(service="")
@@ -124,8 +126,21 @@ def wait_until_serving(daemon: DaemonProcess, timeout: float = 20) -> None:
                     return
             except (aurae_sdk.AuraeError, grpc.RpcError):
                 pass
-        time.sleep(0.05)
+        time.sleep(0.01)
     raise RuntimeError(f"auraed did not start serving in {timeout} s:\n{daemon.log()}")
+
+
+def _accepting(path: str) -> bool:
+    import socket
+
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
 
 
 @contextmanager
