@@ -118,8 +118,9 @@ class OutputLog:
         except FileExistsError:
             # A log starts empty: segments of an earlier run under this name would never be
             # rotated, and a reader would take them for ours.
-            for stale in self.directory.glob(f"{channel}.*.log"):
-                stale.unlink()
+            for name in os.listdir(self.directory):
+                if name.startswith(f"{channel}.") and name.endswith(".log"):
+                    os.unlink(self.directory / name)
         self._changed = threading.Condition()
         # Guarded by _changed: the retained segments are first.._last, and _last holds _committed
         # bytes of whole records.

@@ -67,13 +67,15 @@ class OutputPump:
                 raise RuntimeError("the output pump is closed")
             # Registered by the pump thread itself: selectors are not thread-safe.
             self._incoming.append((read_fd, _Stream(log)))
-        self._wake()
+            # Under the lock: the pump thread sees "stopping" only then, so it cannot have
+            # closed the wake pipe yet.
+            self._wake()
 
     def close(self) -> None:
         with self._lock:
             already_stopping, self._stopping = self._stopping, True
-        if not already_stopping:
-            self._wake()
+            if not already_stopping:
+                self._wake()
         self._thread.join()
 
     def __enter__(self) -> Self:
