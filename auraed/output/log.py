@@ -104,7 +104,11 @@ class OutputLog:
         *,
         segment_bytes: int = DEFAULT_SEGMENT_BYTES,
         max_segments: int = DEFAULT_MAX_SEGMENTS,
+        fresh: bool = False,
     ) -> None:
+        """fresh: the caller knows no log was ever in `directory` (its name is new); then it
+        is created with the first segment, not now (a mkdir costs more than the start of a
+        short-lived executable that writes nothing)."""
         if segment_bytes < 1 or max_segments < 1:
             raise ValueError("segment_bytes and max_segments must be positive")
         self.directory = Path(directory)
@@ -112,7 +116,8 @@ class OutputLog:
         self._segment_bytes = segment_bytes
         self._max_segments = max_segments
         try:
-            os.mkdir(self.directory)
+            if not fresh:
+                os.mkdir(self.directory)
         except FileNotFoundError:
             os.makedirs(self.directory, exist_ok=True)
         except FileExistsError:
@@ -159,6 +164,10 @@ class OutputLog:
     def max_segments(self) -> int:
         return self._max_segments
 
+    def fileno(self) -> int | None:
+        """The segment being written, if one is open."""
+        return self._fd
+
     def position(self) -> tuple[int, int, int, bool]:
         """(first segment, last segment, bytes of whole records in the last, complete)."""
         with self._changed:
@@ -176,7 +185,11 @@ class OutputLog:
 
     def _create_segment(self, number: int) -> int:
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
-        return os.open(self.segment_path(number), flags, 0o640)
+        try:
+            return os.open(self.segment_path(number), flags, 0o640)
+        except FileNotFoundError:
+            os.makedirs(self.directory, exist_ok=True)  # a fresh log's first segment
+            return os.open(self.segment_path(number), flags, 0o640)
 
     @property
     def complete(self) -> bool:

@@ -131,7 +131,8 @@ class Ready(Message):
 @dataclass(kw_only=True)
 class Capture:
     """Output capture done by the spawner: lines of stdout and stderr, timestamped, to
-    size-rotated segment files in `directory` (the format of auraed.output.log)."""
+    size-rotated segment files in `directory` (the format of auraed.output.log). The
+    directory is new (named for this start) and made with the first line."""
 
     directory: str
     segment_bytes: int

@@ -636,6 +636,12 @@ class ForkServer:
                     inherited.close()
             for fd in (self._wake_r, self._wake_w):
                 os.close(fd)
+            # Nor may it hold captured output's pipes and log files (deleted segments would
+            # keep their space) while it waits, perhaps for hours.
+            for read_fd, (_, capture) in self._captures.items():
+                os.close(read_fd)
+                if (segment := capture.log.fileno()) is not None:
+                    os.close(segment)
             # What ps shows for it until it execs the holder's init.
             write_file("/proc/self/comm", SPARE_NAME.encode())
             data, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE_BYTES, 3, socket.MSG_CMSG_CLOEXEC)
@@ -856,7 +862,7 @@ def _open_captures(capture: Capture) -> tuple[list[_Capture], tuple[int, int]]:
             os.set_blocking(read_fd, False)
             captures.append(_Capture(channel, read_fd, OutputLog(
                 capture.directory, channel, segment_bytes=capture.segment_bytes,
-                max_segments=capture.max_segments)))
+                max_segments=capture.max_segments, fresh=True)))
     except OSError as error:
         for fd in write_ends:
             os.close(fd)
