@@ -46,6 +46,7 @@ from auraed.kernel.libc import (
     fork_into_cgroup,
     set_child_subreaper,
     setns,
+    spawn_in_new_session,
     unignore_reserved_signals,
     unshare,
 )
@@ -158,10 +159,17 @@ class _Entry:
 
 
 class ForkServer:
-    def __init__(self, sock: socket.socket, listener: socket.socket | None = None) -> None:
+    def __init__(self, sock: socket.socket, listener: socket.socket | None = None,
+                 joined: list[str] | None = None) -> None:
         """sock: the first daemon's connection. listener: where later daemons connect; with
-        it the spawner outlives a daemon that goes away."""
+        it the spawner outlives a daemon that goes away. joined: the cgroup files the
+        spawner joined its own cgroups through (a workload asking for those is spawned
+        directly)."""
         self._sock: socket.socket | None = sock
+        self._joined = joined or []
+        if os.geteuid() == 0:
+            os.setgroups([])  # what every workload gets: then most can be spawned directly
+        self._uid, self._gid, self._groups = os.getuid(), os.getgid(), os.getgroups()
         self._listener = listener
         self._state_path = (os.path.join(os.path.dirname(listener.getsockname()), STATE_FILE)
                             if listener is not None else None)
@@ -540,6 +548,9 @@ class ForkServer:
                 request.argv[0], request.env,
                 in_our_filesystem="mnt" not in namespace_fds and not request.rootfs,
             )
+            if not namespace_fds and self._spawns_as_it_is(request):
+                pid = self._spawn_directly(request, executables, stdout, stderr)
+                return pid, pid
             started = self._with_birth_fallback(
                 self._birth_cgroup(request), lambda cgroup: self._start_workload(
                     request, executables, namespace_fds, stdout, stderr, birth_cgroup=cgroup))
@@ -549,6 +560,36 @@ class ForkServer:
         if started is None:
             raise SpawnError.at("fork", errno.ECHILD, "the child ended before it ran")
         return started
+
+    def _spawns_as_it_is(self, request: SpawnRequest) -> bool:
+        """Whether the workload needs nothing the spawner lacks: its cgroups (the host leaf,
+        where the spawner lives), uid, gid, no supplementary groups, and the working
+        directory "/" are the spawner's own."""
+        own_cgroup = request.cgroup_birth is None or (bool(self._joined) and all(
+            os.path.dirname(path) == request.cgroup_birth.rstrip("/") for path in self._joined))
+        return (request.cgroup_join == self._joined and own_cgroup and request.uid == self._uid
+                and request.gid == self._gid and not self._groups and request.cwd == "/"
+                and not request.rootfs)
+
+    def _spawn_directly(self, request: SpawnRequest, executables: list[str], stdout: int,
+                        stderr: int) -> int:
+        """posix_spawn (a vfork: no copy of this process's memory, no Python in the child)
+        for a workload that differs from the spawner only in its session, stdio and umask.
+        Every fd of ours is close-on-exec, so only 0-2 reach it."""
+        failure: OSError = FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
+        previous = os.umask(0o022)  # the workload's; single-threaded, so no one else sees it
+        try:
+            for executable in executables:
+                try:
+                    return spawn_in_new_session(executable, request.argv, request.env,
+                                                (self._devnull, stdout, stderr))
+                except OSError as error:
+                    missing = error.errno in (errno.ENOENT, errno.ENOTDIR)
+                    if not missing and failure.errno == errno.ENOENT:
+                        failure = error
+        finally:
+            os.umask(previous)
+        raise SpawnError.at("exec", failure.errno or 0, request.argv[0])
 
     def _birth_cgroup(self, request: SpawnRequest) -> str | None:
         """The cgroup2 directory the request's child is to be born in, if births are on."""
@@ -912,5 +953,7 @@ def main(argv: list[str]) -> int:
         finally:
             os.umask(previous)
         listener.listen(4)
-    ForkServer(socket.socket(fileno=int(options["--socket-fd"][0])), listener).serve()
+    first = int(options["--socket-fd"][0])
+    os.set_inheritable(first, False)  # passed to us, it was inheritable; no workload may get it
+    ForkServer(socket.socket(fileno=first), listener, options["--join"]).serve()
     return 0
