@@ -9,8 +9,8 @@ import signal
 import time
 from contextlib import ExitStack
 
-from auraed.testing import DaemonProcess, running_daemon
 from bench.core import Comparison, Figure, Result, Series
+from tests.support.daemon import DaemonProcess, running_daemon
 
 # A numbered line every millisecond.
 COUNTER = ("exec python3 -u -c 'import itertools, time\n"

@@ -20,7 +20,7 @@ import pytest
 import aurae_sdk
 from auraed.kernel.spawner.protocol import Ready
 from auraed.kernel.spawner.state import StateTorn, read_state, write_state
-from auraed.testing import DaemonProcess, running_daemon
+from tests.support.daemon import DaemonProcess, running_daemon
 
 from .conftest import host_state, record_figure
 
