@@ -103,7 +103,8 @@ def test_a_detached_spawner_keeps_everything_and_the_next_client_adopts_it(runti
     first.detach()
 
     # No client: the workloads run on, output still lands in the files, exits are kept.
-    wait_until(lambda: not alive(short.host_pid))
+    # Reaped (not only a zombie): the spawner has its status.
+    wait_until(lambda: not Path(f"/proc/{short.host_pid}").exists())
     written = len(lines_on_disk(runtime / "counter"))
     wait_until(lambda: len(lines_on_disk(runtime / "counter")) > written + 5)
     assert alive(counter.host_pid) and alive(spawner_pid)
