@@ -209,6 +209,7 @@ class Spawner:
         if self._spawner_pid is not None or self._listen is None:
             raise RuntimeError("attach() needs a listen path and no spawner yet")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        _room_for_the_largest_request(sock)
         try:
             sock.connect(self._listen)
         except (FileNotFoundError, ConnectionRefusedError):
