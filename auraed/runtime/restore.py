@@ -57,8 +57,10 @@ def holder_label(cell: CellName) -> dict[str, object]:
 
 
 def executable_label(label: ExecutableLabel) -> dict[str, object]:
+    # Not the command: the spawner keeps the argv (`/bin/sh -c COMMAND`) anyway, and a
+    # command can take most of a request on its own.
     return {"cell": label.cell.path if label.cell else None, "name": label.name,
-            "command": label.command, "description": label.description, "uid": label.uid,
+            "description": label.description, "uid": label.uid,
             "gid": label.gid, "log_dir": str(label.log_dir), "started_at": label.started_at}
 
 
@@ -82,14 +84,16 @@ def read_holder_label(label: dict[str, object] | None) -> CellName:
     return _cell_name(label["holder_of"])
 
 
-def read_executable_label(label: dict[str, object] | None) -> ExecutableLabel:
+def read_executable_label(label: dict[str, object] | None, argv: list[str]) -> ExecutableLabel:
+    """`argv`: the process's, as the spawner kept it."""
     try:
         assert label is not None
+        assert len(argv) == 3 and argv[:2] == ["/bin/sh", "-c"], f"argv {argv!r}"
         cell = label["cell"]
         return ExecutableLabel(
             cell=None if cell is None else _cell_name(cell),
             name=str(label["name"]),
-            command=str(label["command"]),
+            command=argv[2],
             description=str(label["description"]),
             uid=int(label["uid"]),  # type: ignore[call-overload]
             gid=int(label["gid"]),  # type: ignore[call-overload]

@@ -286,7 +286,7 @@ class Workloads:
                     child.namespaces = cell.namespaces
             for adopted in spawned:
                 try:
-                    label = restore.read_executable_label(adopted.label)
+                    label = restore.read_executable_label(adopted.label, adopted.argv)
                 except restore.BadRecord:
                     label = None
                 registry = (None if label is None else self._host_executables

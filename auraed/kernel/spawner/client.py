@@ -84,6 +84,7 @@ class AdoptedProcess:
 
     process: SpawnedProcess
     kind: str  # "spawn" or "holder"
+    argv: list[str]
     label: dict[str, object] | None
     status: ExitStatus | None  # how it ended, if it did
     exited_at: float
@@ -283,6 +284,7 @@ class Spawner:
         return AdoptedProcess(
             process=SpawnedProcess(host_pid=pid, ns_pid=ns_pid, pgid=pid, start_time=start_time),
             kind=str(entry["kind"]),
+            argv=[str(arg) for arg in entry["argv"]],  # type: ignore[attr-defined]
             label=label if isinstance(label, dict) else None,
             status=None if status is None else ExitStatus.from_wait_status(int(status)),  # type: ignore[call-overload]
             exited_at=float(entry["exited_at"]),  # type: ignore[arg-type]

@@ -141,19 +141,20 @@ class _Entry:
     """A process the spawner started, kept until it is reaped, and, if the daemon labelled it,
     until the daemon releases it (so that a daemon adopting later still learns how it ended)."""
 
-    __slots__ = ("captures", "exited_at", "kind", "label", "ns_pid", "pid", "start_time",
-                 "status")
+    __slots__ = ("argv", "captures", "exited_at", "kind", "label", "ns_pid", "pid",
+                 "start_time", "status")
 
-    def __init__(self, pid: int, ns_pid: int, start_time: int, kind: str,
+    def __init__(self, pid: int, ns_pid: int, start_time: int, kind: str, argv: list[str],
                  label: dict[str, object] | None, captures: list[_Capture]) -> None:
-        self.pid, self.ns_pid, self.start_time = pid, ns_pid, start_time
+        self.pid, self.ns_pid, self.start_time, self.argv = pid, ns_pid, start_time, argv
         self.kind, self.label, self.captures = kind, label, captures
         self.status: int | None = None
         self.exited_at = 0.0
 
     def as_state(self) -> dict[str, object]:
         return {"pid": self.pid, "ns_pid": self.ns_pid, "start_time": self.start_time,
-                "kind": self.kind, "label": self.label, "status": self.status,
+                "kind": self.kind, "argv": self.argv, "label": self.label,
+                "status": self.status,
                 "exited_at": self.exited_at,
                 "outputs": [capture.as_state() for capture in self.captures]}
 
@@ -388,7 +389,8 @@ class ForkServer:
         except (LookupError, TypeError, ValueError, AttributeError) as bad:
             _close_captures(captures)
             return Failed.of(request.id, SpawnError.malformed(repr(bad)))
-        entry = _Entry(pid, ns_pid, _start_time(pid), request.KIND, request.label, captures)
+        entry = _Entry(pid, ns_pid, _start_time(pid), request.KIND, request.argv, request.label,
+                       captures)
         self._processes[pid] = entry
         for capture in captures:
             # Read from the next poll on: the reply goes out before any Output of this pid.

@@ -9,7 +9,7 @@ instead of adopted half-way:
   aurae-spawner-state <version> <sha256 hex> <length>\\n
   {"records": {key: value}, "processes": [entry, ...]}
 
-An entry: pid, ns_pid, start_time, kind ("spawn" | "holder"), label (the daemon's, opaque),
+An entry: pid, ns_pid, start_time, kind ("spawn" | "holder"), argv, label (the daemon's, opaque),
 status (raw wait status, or null while it runs), exited_at (unix seconds), outputs (per
 captured channel: channel, directory, segment_bytes, max_segments, first, last, committed,
 complete).
