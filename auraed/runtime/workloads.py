@@ -3,7 +3,9 @@
 This is the daemon's domain layer. It turns requests (already validated names,
 limits in cgroup terms) into kernel actions through `CgroupBackend` and the
 `Spawner`, and keeps the registry that List, Stop, Wait and Observe read.
-It knows nothing of gRPC or protobuf; it raises `auraed.errors` faults.
+It knows nothing of gRPC or protobuf; it raises `auraed.errors` faults about
+a subject (a cell, an executable, a limit), never naming a request field: the
+service edge (auraed/validation) does that.
 
 Locking: `_lock` guards the cell tree and the executable registry and is held
 while a structural change (allocate, start, free's bookkeeping) talks to the
@@ -15,10 +17,8 @@ reply a lock holder waits for), so they go through the small `_pids_lock`.
 
 from __future__ import annotations
 
-import grp
 import logging
 import os
-import pwd
 import shutil
 import signal
 import threading
@@ -32,6 +32,7 @@ from auraed.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    Subject,
     Unavailable,
 )
 from auraed.kernel.cgroups import (
@@ -44,7 +45,6 @@ from auraed.kernel.cgroups import (
     UnsafePath,
     UnsupportedLimit,
 )
-from auraed.kernel.cgroups import validate as validate_limits
 from auraed.kernel.processes import (
     ExitStatus,
     HolderSpec,
@@ -54,8 +54,6 @@ from auraed.kernel.processes import (
     SpawnerClosed,
     SpawnError,
     SpawnSpec,
-    default_env,
-    exec_refusal,
     signal_group,
 )
 from auraed.output import OutputLog, OutputPump, output_pipe
@@ -201,28 +199,27 @@ class Workloads:
     # ------------------------------------------------------------------ cells
 
     def allocate(self, name: CellName, spec: CellSpec) -> Cell:
-        try:
-            validate_limits(spec.limits)
-        except InvalidLimit as error:
-            raise InvalidArgument(str(error), field=_limit_field(error.field)) from None
+        """Create a cell with limits already validated (see auraed.kernel.cgroups.validate)."""
         with self._lock:
             self._check_open()
-            parent = self._cell_for_change(name.parent, field="cell.name") if name.parent else None
+            parent = self._cell_for_change(name.parent) if name.parent else None
             if name in self._cells:
-                raise AlreadyExists(f"cell {name} already exists", field="cell.name")
+                raise AlreadyExists(f"cell {name} already exists", subject=Subject.CELL)
             try:
                 self.backend.create(name.path, spec.limits)
+            except InvalidLimit as error:
+                raise InvalidArgument(str(error), subject=error.field) from None
             except (UnsupportedLimit, LimitRefused) as error:
-                raise FailedPrecondition(str(error), field=_limit_field(error.field)) from None
+                raise FailedPrecondition(str(error), subject=error.field) from None
             except UnsafePath as error:
                 raise FailedPrecondition(
-                    f"refusing to create cell {name}: {error}", field="cell.name"
+                    f"refusing to create cell {name}: {error}", subject=Subject.CELL
                 ) from None
             except CgroupExists:
                 # Not ours (we know no such cell): made by someone else; never adopt or remove it.
                 raise FailedPrecondition(
                     f"a cgroup for cell {name} exists that this daemon did not create; "
-                    "remove it or choose another name", field="cell.name"
+                    "remove it or choose another name", subject=Subject.CELL
                 ) from None
             cell = Cell(name, spec, namespaces=parent.namespaces if parent else None)
             if spec.unshared:
@@ -243,7 +240,7 @@ class Workloads:
         parent's, so a nested cell isolates further from there)."""
         if parent is not None and parent.holder_gone:
             raise FailedPrecondition(f"the namespaces of cell {parent.name} are gone",
-                                     field="cell.name")
+                                     subject=Subject.CELL)
         try:
             holder = self._spawner.spawn_holder(HolderSpec(
                 unshare=cell.spec.unshared,
@@ -257,7 +254,7 @@ class Workloads:
         except SpawnError as error:
             raise FailedPrecondition(
                 f"could not create the namespaces of cell {cell.name}: {error.message} "
-                f"(at {error.stage})", field="cell.name") from None
+                f"(at {error.stage})", subject=Subject.CELL) from None
         except (SpawnerClosed, TimeoutError) as error:
             raise _spawner_unavailable(error) from None
         paths = cell.namespaces.paths() if cell.namespaces else {}
@@ -275,9 +272,10 @@ class Workloads:
                 self._check_open()
             cell = self._cells.get(name)
             if cell is None:
-                raise NotFound(f"cell {name} does not exist", field="cell_name")
+                raise NotFound(f"cell {name} does not exist", subject=Subject.CELL)
             if cell.freeing:
-                raise FailedPrecondition(f"cell {name} is already being freed", field="cell_name")
+                raise FailedPrecondition(f"cell {name} is already being freed",
+                                         subject=Subject.CELL)
             subtree = [c for c in self._cells.values() if c.name.is_within(name)]
             for member in subtree:
                 member.freeing = True
@@ -290,7 +288,8 @@ class Workloads:
             with self._lock:
                 for member in subtree:
                     member.freeing = False
-            raise FailedPrecondition(f"could not remove cell {name}: {error}", field="cell_name") from None
+            raise FailedPrecondition(f"could not remove cell {name}: {error}",
+                                     subject=Subject.CELL) from None
         with self._lock:
             for member in sorted(subtree, key=lambda c: len(c.name.labels), reverse=True):
                 if member.holder is not None:
@@ -349,21 +348,20 @@ class Workloads:
         uid: int | None = None,
         gid: int | None = None,
     ) -> Executable:
-        _check_command(command)
+        """Start a (validated) command line; uid/gid None: the daemon's own."""
         uid = os.getuid() if uid is None else uid
         gid = os.getgid() if gid is None else gid
-        _check_identity(uid, gid)
         key = ExecutableKey(cell_name, name)
         with self._lock:
             self._check_open()
-            registry = self._registry(cell_name, field="cell_name", for_change=True)
+            registry = self._registry(cell_name, for_change=True)
             namespaces = self._namespaces_for_start(cell_name)
             previous = registry.get(name)
             # A name is free again once its process group is gone, not just its leader.
             if previous is not None and not self._ended(previous):
                 raise AlreadyExists(
                     f"executable {name} is already running in {_where(cell_name)}",
-                    field="executable.name",
+                    subject=Subject.EXECUTABLE,
                 )
             if previous is not None:
                 self._forget(previous)
@@ -380,11 +378,11 @@ class Workloads:
         """End an executable (SIGTERM to its group, SIGKILL after the grace
         period) and forget it. Returns it with its exit status."""
         with self._lock:
-            registry = self._registry(cell_name, field="cell_name", for_change=False)
+            registry = self._registry(cell_name, for_change=False)
             executable = registry.get(name)
             if executable is None:
                 raise NotFound(
-                    f"no executable {name} in {_where(cell_name)}", field="executable_name"
+                    f"no executable {name} in {_where(cell_name)}", subject=Subject.EXECUTABLE
                 )
         self._stop_all([executable], self._grace(grace))
         with self._lock:
@@ -397,10 +395,11 @@ class Workloads:
     def wait_executable(self, cell_name: CellName | None, name: str, timeout: float | None) -> Executable | None:
         """The executable once it has exited, or None if `timeout` passed first."""
         with self._lock:
-            registry = self._registry(cell_name, field="cell_name", for_change=False)
+            registry = self._registry(cell_name, for_change=False)
             executable = registry.get(name)
             if executable is None:
-                raise NotFound(f"no executable {name} in {_where(cell_name)}", field="executable_name")
+                raise NotFound(f"no executable {name} in {_where(cell_name)}",
+                               subject=Subject.EXECUTABLE)
         return executable if executable.wait(timeout) else None
 
     def executables_with_pid(self, pid: int) -> list[Executable]:
@@ -421,22 +420,22 @@ class Workloads:
         if self._closing:
             raise Unavailable("the daemon is shutting down")
 
-    def _cell_for_change(self, name: CellName, *, field: str) -> Cell:
+    def _cell_for_change(self, name: CellName) -> Cell:
         cell = self._cells.get(name)
         if cell is None:
-            raise NotFound(f"cell {name} does not exist", field=field)
+            raise NotFound(f"cell {name} does not exist", subject=Subject.CELL)
         if cell.freeing:
-            raise FailedPrecondition(f"cell {name} is being freed", field=field)
+            raise FailedPrecondition(f"cell {name} is being freed", subject=Subject.CELL)
         return cell
 
-    def _registry(self, cell_name: CellName | None, *, field: str, for_change: bool) -> dict[str, Executable]:
+    def _registry(self, cell_name: CellName | None, *, for_change: bool) -> dict[str, Executable]:
         if cell_name is None:
             return self._host_executables
         if for_change:
-            return self._cell_for_change(cell_name, field=field).executables
+            return self._cell_for_change(cell_name).executables
         cell = self._cells.get(cell_name)
         if cell is None:
-            raise NotFound(f"cell {cell_name} does not exist", field=field)
+            raise NotFound(f"cell {cell_name} does not exist", subject=Subject.CELL)
         return cell.executables
 
     def _namespaces_for_start(self, cell_name: CellName | None) -> NamespaceSet | None:
@@ -449,7 +448,7 @@ class Workloads:
             if self._cells[ancestor].holder_gone:
                 raise FailedPrecondition(
                     f"the namespaces of cell {ancestor} are gone (its init was killed); "
-                    "free the cell and allocate it again", field="cell_name")
+                    "free the cell and allocate it again", subject=Subject.CELL)
         return cell.namespaces
 
     def _spawn(self, key: ExecutableKey, command: str, description: str, uid: int, gid: int,
@@ -486,7 +485,8 @@ class Workloads:
             if not isinstance(error, SpawnError):
                 raise _spawner_unavailable(error) from None
             raise FailedPrecondition(
-                f"could not start {key}: {error.message} (at {error.stage})", field="executable.command"
+                f"could not start {key}: {error.message} (at {error.stage})",
+                subject=Subject.COMMAND,
             ) from None
         except BaseException:
             for fd in (out_read, err_read):
@@ -664,31 +664,3 @@ def _spawner_unavailable(error: Exception) -> Unavailable:
 
 def _where(cell_name: CellName | None) -> str:
     return f"cell {cell_name}" if cell_name else "the host"
-
-
-def _limit_field(name: str | None) -> str | None:
-    """The API field of a cgroup limit: "cpu.weight" -> "cell.cpu.weight"."""
-    return f"cell.{name}" if name else None
-
-
-def _check_command(command: str) -> None:
-    if not command.strip():
-        raise InvalidArgument("a command is required", field="executable.command")
-    if "\0" in command:
-        raise InvalidArgument("the command must not contain NUL bytes", field="executable.command")
-    # Refuse exactly what exec would: `sh -c COMMAND` makes the command one argv string.
-    refusal = exec_refusal(["/bin/sh", "-c", command], default_env())
-    if refusal is not None:
-        raise InvalidArgument(f"the command is too long for exec: {refusal}",
-                              field="executable.command")
-
-
-def _check_identity(uid: int, gid: int) -> None:
-    try:
-        pwd.getpwuid(uid)
-    except KeyError:
-        raise InvalidArgument(f"no user with uid {uid} on this host", field="uid") from None
-    try:
-        grp.getgrgid(gid)
-    except KeyError:
-        raise InvalidArgument(f"no group with gid {gid} on this host", field="gid") from None

@@ -2,62 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import grpc
-from google.protobuf.message import Message
 
 from aurae_sdk.wire.generated.pb.cells import cells_pb2 as pb
-from auraed.errors import InvalidArgument
 from auraed.generated.cells import CellServiceBase
-from auraed.kernel.cgroups import CgroupLimits
 from auraed.runtime.executables import Executable
-from auraed.runtime.names import CellName, parse_executable_name
+from auraed.runtime.names import CellName
 from auraed.runtime.workloads import CellSpec, Workloads
 from auraed.services.cell_pages import list_page
+from auraed.validation import blaming
+from auraed.validation import cells as valid
 
 # Wait polls the caller's liveness this often, so an abandoned Wait ends.
 _WAIT_SLICE = 0.5
-MAX_GRACE_MS = 10 * 60 * 1000
-
-
-def _optional(message: Message, name: str) -> Any:
-    """A proto3 optional field's value, or None when it is not set."""
-    return getattr(message, name) if message.HasField(name) else None
-
-
-def limits_from_cell(cell: pb.Cell) -> CgroupLimits:
-    return CgroupLimits(
-        cpu_weight=_optional(cell.cpu, "weight"),
-        cpu_max=_optional(cell.cpu, "max"),
-        cpu_period=_optional(cell.cpu, "period"),
-        cpuset_cpus=_optional(cell.cpuset, "cpus"),
-        cpuset_mems=_optional(cell.cpuset, "mems"),
-        memory_min=_optional(cell.memory, "min"),
-        memory_low=_optional(cell.memory, "low"),
-        memory_high=_optional(cell.memory, "high"),
-        memory_max=_optional(cell.memory, "max"),
-    )
 
 
 def cell_message(name: CellName, spec: CellSpec) -> pb.Cell:
     """The cell as it was allocated."""
-    limits = spec.limits
     cell = pb.Cell(name=name.path, isolate_process=spec.isolate_process,
                    isolate_network=spec.isolate_network)
-    for target, field, value in (
-        (cell.cpu, "weight", limits.cpu_weight),
-        (cell.cpu, "max", limits.cpu_max),
-        (cell.cpu, "period", limits.cpu_period),
-        (cell.cpuset, "cpus", limits.cpuset_cpus),
-        (cell.cpuset, "mems", limits.cpuset_mems),
-        (cell.memory, "min", limits.memory_min),
-        (cell.memory, "low", limits.memory_low),
-        (cell.memory, "high", limits.memory_high),
-        (cell.memory, "max", limits.memory_max),
-    ):
-        if value is not None:
-            setattr(target, field, value)
+    valid.set_limits(cell, spec.limits)
     return cell
 
 
@@ -81,13 +45,6 @@ def executable_status(executable: Executable) -> pb.ExecutableStatus:
     return status
 
 
-def _optional_cell(request: pb.CellServiceStartRequest | pb.CellServiceStopRequest
-                   | pb.CellServiceWaitRequest) -> CellName | None:
-    # Unset and "" both mean host level: proto3 clients that cannot express
-    # presence send "".
-    if not request.HasField("cell_name") or not request.cell_name:
-        return None
-    return CellName.parse(request.cell_name, field="cell_name")
 
 
 class CellService(CellServiceBase):
@@ -96,34 +53,28 @@ class CellService(CellServiceBase):
 
     def allocate(self, request: pb.CellServiceAllocateRequest,
                  context: grpc.ServicerContext) -> pb.CellServiceAllocateResponse:
-        name = CellName.parse(request.cell.name, field="cell.name")
-        spec = CellSpec(
-            limits=limits_from_cell(request.cell),
-            isolate_process=request.cell.isolate_process,
-            isolate_network=request.cell.isolate_network,
-        )
-        self.workloads.allocate(name, spec)
+        allocation = valid.allocation(request)
+        with blaming(valid.ALLOCATE_FIELDS):
+            self.workloads.allocate(allocation.name, allocation.spec)
         return pb.CellServiceAllocateResponse(
-            cell_name=name.path, cgroup_v2=self.workloads.backend.version == 2
+            cell_name=allocation.name.path, cgroup_v2=self.workloads.backend.version == 2
         )
 
     def free(self, request: pb.CellServiceFreeRequest,
              context: grpc.ServicerContext) -> pb.CellServiceFreeResponse:
-        self.workloads.free(CellName.parse(request.cell_name, field="cell_name"))
+        name = valid.cell_to_free(request)
+        with blaming(valid.FREE_FIELDS):
+            self.workloads.free(name)
         return pb.CellServiceFreeResponse()
 
     def start(self, request: pb.CellServiceStartRequest,
               context: grpc.ServicerContext) -> pb.CellServiceStartResponse:
-        cell = _optional_cell(request)
-        name = parse_executable_name(request.executable.name, field="executable.name")
-        executable = self.workloads.start_executable(
-            cell,
-            name,
-            request.executable.command,
-            description=request.executable.description,
-            uid=request.uid if request.HasField("uid") else None,
-            gid=request.gid if request.HasField("gid") else None,
-        )
+        start = valid.executable_start(request)
+        with blaming(valid.START_FIELDS):
+            executable = self.workloads.start_executable(
+                start.cell, start.name, start.command,
+                description=start.description, uid=start.uid, gid=start.gid,
+            )
         return pb.CellServiceStartResponse(
             pid=executable.process.ns_pid,
             uid=executable.uid,
@@ -133,16 +84,10 @@ class CellService(CellServiceBase):
 
     def stop(self, request: pb.CellServiceStopRequest,
              context: grpc.ServicerContext) -> pb.CellServiceStopResponse:
-        cell = _optional_cell(request)
-        name = parse_executable_name(request.executable_name, field="executable_name")
-        grace = None
-        if request.HasField("grace_period_ms"):
-            if request.grace_period_ms > MAX_GRACE_MS:
-                raise InvalidArgument(
-                    f"grace period over {MAX_GRACE_MS} ms", field="grace_period_ms"
-                )
-            grace = request.grace_period_ms / 1000
-        executable = self.workloads.stop_executable(cell, name, grace)
+        stop = valid.executable_stop(request)
+        with blaming(valid.STOP_FIELDS):
+            executable = self.workloads.stop_executable(
+                stop.executable.cell, stop.executable.name, stop.grace)
         return pb.CellServiceStopResponse(status=executable_status(executable))
 
     def list(self, request: pb.CellServiceListRequest,
@@ -152,15 +97,15 @@ class CellService(CellServiceBase):
 
     def wait(self, request: pb.CellServiceWaitRequest,
              context: grpc.ServicerContext) -> pb.CellServiceWaitResponse:
-        cell = _optional_cell(request)
-        name = parse_executable_name(request.executable_name, field="executable_name")
+        ref = valid.executable_ref(request)
         while context.is_active():
             remaining = context.time_remaining()
             timeout = _WAIT_SLICE if remaining is None else max(0.0, min(_WAIT_SLICE, remaining))
-            executable = self.workloads.wait_executable(cell, name, timeout)
+            with blaming(valid.WAIT_FIELDS):
+                executable = self.workloads.wait_executable(ref.cell, ref.name, timeout)
             if executable is not None:
                 return pb.CellServiceWaitResponse(status=executable_status(executable))
             if remaining is not None and remaining <= _WAIT_SLICE:
                 break
-        context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"{name} is still running")
+        context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"{ref.name} is still running")
         raise AssertionError("unreachable: abort raises")
