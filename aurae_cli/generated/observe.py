@@ -39,9 +39,15 @@ _GET_SUB_PROCESS_STREAM_FIELDS: dict[str, str] = {
     "channel_type": "channel_type",
     "process_id": "process_id",
     "max_batch_lines": "max_batch_lines",
+    "cell_name": "cell_name",
+    "executable_name": "executable_name",
 }
 # Positional parameters in order, and whether each may be left out.
-_GET_SUB_PROCESS_STREAM_POSITIONALS: tuple[tuple[str, bool], ...] = (("process_id", False),)
+_GET_SUB_PROCESS_STREAM_POSITIONALS: tuple[tuple[str, bool], ...] = (
+    ("process_id", False),
+    ("cell_name", True),
+    ("executable_name", False),
+)
 
 
 @group.command(
@@ -50,6 +56,8 @@ _GET_SUB_PROCESS_STREAM_POSITIONALS: tuple[tuple[str, bool], ...] = (("process_i
     short_help="Follow the stdout or stderr of a process started through CellService.",
 )
 @click.argument("process_id", metavar="PROCESS_ID", type=int, required=False)
+@click.argument("cell_name", metavar="[CELL_NAME]", type=str, required=False)
+@click.argument("executable_name", metavar="EXECUTABLE_NAME", type=str, required=False)
 @click.option(
     "--channel-type",
     "channel_type",

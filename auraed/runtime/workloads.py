@@ -23,6 +23,7 @@ import shutil
 import signal
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,7 @@ from auraed.kernel.cgroups import (
     CgroupError,
     CgroupExists,
     CgroupLimits,
+    CgroupNotFound,
     InvalidLimit,
     LimitRefused,
     UnsafePath,
@@ -71,6 +73,10 @@ HOST_LOG_DIR = "_host"
 # Exits of pids nobody recorded (a spawn whose caller timed out) are kept this
 # long at most, so the table cannot grow without bound.
 MAX_EARLY_EXITS = 1024
+# Executables Stop ended are remembered (their last status, for a Wait that
+# comes after the Stop) until their name starts again, their cell is freed, or
+# this many newer ones push them out.
+MAX_STOPPED_RECORDS = 1024
 
 PROCESS_NAMESPACES = frozenset({"pid", "mnt", "ipc", "uts"})
 NETWORK_NAMESPACES = frozenset({"net"})
@@ -102,6 +108,9 @@ class Cell:
     children: dict[str, Cell] = field(default_factory=dict)
     executables: dict[str, Executable] = field(default_factory=dict)
     freeing: bool = False
+    # Set when the Free in progress (if any) has finished, whichever way: a
+    # Free of an ancestor waits for it (see free()).
+    freed: threading.Event = field(default_factory=threading.Event)
     # The pid 1 (or pause process) holding the namespaces this cell made, and
     # the namespaces its processes join: its own, else its nearest ancestor's.
     holder: SpawnedProcess | None = None
@@ -112,17 +121,28 @@ class Cell:
 
     @property
     def holder_gone(self) -> bool:
-        return self.holder is not None and self.holder_ended.is_set()
+        """Whether the cell made namespaces whose holder has ended: reported by
+        the spawner, or already dead (a zombie, or gone) before the report came."""
+        if self.holder is None:
+            return False
+        return self.holder_ended.is_set() or not _holds_namespaces(self.holder, self.spec.unshared)
 
 
 @dataclass(frozen=True)
 class CellView:
-    """A read-only snapshot of one cell and its subtree, for List."""
+    """A read-only snapshot of one cell and its subtree, for List.
+
+    Drift — the host no longer matching the daemon's state — is shown, not
+    hidden: `missing_cgroups` are the cell's cgroup directories that are gone
+    from the host, `namespaces_lost` says the holder of its namespaces ended.
+    """
 
     name: CellName
     spec: CellSpec
     children: tuple[CellView, ...]
     executables: tuple[Executable, ...]
+    missing_cgroups: tuple[str, ...] = ()
+    namespaces_lost: bool = False
 
 
 class Workloads:
@@ -150,6 +170,7 @@ class Workloads:
         self._lock = threading.RLock()
         self._cells: dict[CellName, Cell] = {}
         self._host_executables: dict[str, Executable] = {}
+        self._stopped: OrderedDict[ExecutableKey, Executable] = OrderedDict()
         self._closing = False
         self._pids_lock = threading.Lock()
         self._by_host_pid: dict[int, Executable] = {}
@@ -205,6 +226,9 @@ class Workloads:
             parent = self._cell_for_change(name.parent) if name.parent else None
             if name in self._cells:
                 raise AlreadyExists(f"cell {name} already exists", subject=Subject.CELL)
+            # A child would join its ancestors' namespaces: refused now if they are
+            # gone, not later at its first Start.
+            self._check_namespaces_alive(name.ancestors())
             try:
                 self.backend.create(name.path, spec.limits)
             except InvalidLimit as error:
@@ -238,9 +262,6 @@ class Workloads:
     def _hold_namespaces(self, cell: Cell, parent: Cell | None) -> None:
         """Start the process owning the cell's new namespaces (inside its
         parent's, so a nested cell isolates further from there)."""
-        if parent is not None and parent.holder_gone:
-            raise FailedPrecondition(f"the namespaces of cell {parent.name} are gone",
-                                     subject=Subject.CELL)
         try:
             holder = self._spawner.spawn_holder(HolderSpec(
                 unshare=cell.spec.unshared,
@@ -266,42 +287,64 @@ class Workloads:
             self._holders[holder.host_pid] = cell
 
     def free(self, name: CellName, *, grace: float | None = None, _shutting_down: bool = False) -> None:
-        """Stop everything in the cell and its descendants, then remove them."""
-        with self._lock:
-            if not _shutting_down:
-                self._check_open()
-            cell = self._cells.get(name)
-            if cell is None:
-                raise NotFound(f"cell {name} does not exist", subject=Subject.CELL)
-            if cell.freeing:
-                raise FailedPrecondition(f"cell {name} is already being freed",
-                                         subject=Subject.CELL)
-            subtree = [c for c in self._cells.values() if c.name.is_within(name)]
-            for member in subtree:
-                member.freeing = True
-            executables = [e for c in subtree for e in c.executables.values()]
-        self._stop_all(executables, self._grace(grace))
-        self._end_holders([member for member in subtree if member.holder is not None])
-        try:
-            self.backend.remove(name.path)
-        except CgroupError as error:
+        """Stop everything in the cell and its descendants, then remove them.
+
+        Frees of overlapping cells run one after the other: a Free of a cell
+        whose descendant is being freed waits for that Free to finish, and a
+        Free of a cell being freed (itself or by an ancestor's Free) is
+        refused. Cgroups removed behind the daemon's back (drift) are no
+        obstacle: the cell's state is cleaned all the same.
+        """
+        while True:
             with self._lock:
-                for member in subtree:
-                    member.freeing = False
-            raise FailedPrecondition(f"could not remove cell {name}: {error}",
-                                     subject=Subject.CELL) from None
-        with self._lock:
-            for member in sorted(subtree, key=lambda c: len(c.name.labels), reverse=True):
-                if member.holder is not None:
-                    with self._pids_lock:
-                        self._holders.pop(member.holder.host_pid, None)
-                self._cells.pop(member.name, None)
-                for executable in member.executables.values():
-                    self._forget(executable)
-                # Emptied by _forget unless output is still being written (see there).
-                _remove_directory(self._log_root / member.name.path, only_if_empty=True)
-            if name.parent is not None and name.parent in self._cells:
-                self._cells[name.parent].children.pop(name.leaf, None)
+                if not _shutting_down:
+                    self._check_open()
+                cell = self._cells.get(name)
+                if cell is None:
+                    raise NotFound(f"cell {name} does not exist", subject=Subject.CELL)
+                if cell.freeing:
+                    raise FailedPrecondition(f"cell {name} is already being freed",
+                                             subject=Subject.CELL)
+                subtree = [c for c in self._cells.values() if c.name.is_within(name)]
+                in_progress = [c.freed for c in subtree if c.freeing]
+                if not in_progress:
+                    for member in subtree:
+                        member.freeing = True
+                        member.freed = threading.Event()
+                    executables = [e for c in subtree for e in c.executables.values()]
+                    break
+            for done in in_progress:
+                done.wait()
+        try:
+            self._stop_all(executables, self._grace(grace))
+            self._end_holders([member for member in subtree if member.holder is not None])
+            try:
+                self.backend.remove(name.path)
+            except CgroupNotFound:
+                log.warning("the cell's cgroups were already gone from the host; forgetting it",
+                            extra={"cell": name.path})
+            except CgroupError as error:
+                with self._lock:
+                    for member in subtree:
+                        member.freeing = False
+                raise FailedPrecondition(f"could not remove cell {name}: {error}",
+                                         subject=Subject.CELL) from None
+            with self._lock:
+                for member in sorted(subtree, key=lambda c: len(c.name.labels), reverse=True):
+                    if member.holder is not None:
+                        with self._pids_lock:
+                            self._holders.pop(member.holder.host_pid, None)
+                    self._cells.pop(member.name, None)
+                    for executable in member.executables.values():
+                        self._forget(executable)
+                    self._drop_records(member.name)
+                    # Emptied by _forget unless output is still being written (see there).
+                    _remove_directory(self._log_root / member.name.path, only_if_empty=True)
+                if name.parent is not None and name.parent in self._cells:
+                    self._cells[name.parent].children.pop(name.leaf, None)
+        finally:
+            for member in subtree:
+                member.freed.set()
         log.info("cell freed", extra={"cell": name.path})
 
     def _end_holders(self, cells: list[Cell]) -> None:
@@ -321,16 +364,19 @@ class Workloads:
 
     def tree(self) -> list[CellView]:
         with self._lock:
-            def view(cell: Cell) -> CellView:
-                return CellView(
-                    cell.name,
-                    cell.spec,
-                    tuple(view(child) for child in sorted(cell.children.values(), key=lambda c: c.name)),
-                    tuple(cell.executables.values()),
-                )
+            cells = {c.name: (c.spec, sorted(c.children.values(), key=lambda child: child.name),
+                              tuple(c.executables.values()), c.holder_gone)
+                     for c in self._cells.values()}
+        # Outside the lock: a look at the host per cell and hierarchy.
+        missing = {name: tuple(self.backend.missing(name.path)) for name in cells}
 
-            return [view(c) for c in sorted(self._cells.values(), key=lambda c: c.name)
-                    if c.name.parent is None]
+        def view(name: CellName) -> CellView:
+            spec, children, executables, lost = cells[name]
+            return CellView(name, spec, tuple(view(child.name) for child in children
+                                              if child.name in cells),
+                            executables, missing[name], lost)
+
+        return [view(name) for name in sorted(cells) if name.parent is None]
 
     def host_executables(self) -> list[Executable]:
         with self._lock:
@@ -368,6 +414,7 @@ class Workloads:
                 del registry[name]
             executable = self._spawn(key, command, description, uid, gid, namespaces)
             registry[name] = executable
+            self._stopped.pop(key, None)
         log.info(
             "executable started",
             extra={"cell": str(cell_name or ""), "executable": name, "pid": executable.process.host_pid},
@@ -389,14 +436,19 @@ class Workloads:
             if registry.get(name) is executable:
                 del registry[name]
                 self._forget(executable)
+                self._stopped[executable.key] = executable
+                self._stopped.move_to_end(executable.key)
+                while len(self._stopped) > MAX_STOPPED_RECORDS:
+                    self._stopped.popitem(last=False)
         log.info("executable stopped", extra={"cell": str(cell_name or ""), "executable": name})
         return executable
 
     def wait_executable(self, cell_name: CellName | None, name: str, timeout: float | None) -> Executable | None:
-        """The executable once it has exited, or None if `timeout` passed first."""
+        """The executable once it has exited, or None if `timeout` passed first.
+        One that Stop ended is answered with the status recorded then."""
         with self._lock:
             registry = self._registry(cell_name, for_change=False)
-            executable = registry.get(name)
+            executable = registry.get(name) or self._stopped.get(ExecutableKey(cell_name, name))
             if executable is None:
                 raise NotFound(f"no executable {name} in {_where(cell_name)}",
                                subject=Subject.EXECUTABLE)
@@ -441,15 +493,17 @@ class Workloads:
     def _namespaces_for_start(self, cell_name: CellName | None) -> NamespaceSet | None:
         if cell_name is None:
             return None
-        cell = self._cells[cell_name]
         # Every holder whose namespaces this cell uses must still be alive:
         # a dead holder's /proc paths could name a recycled pid.
-        for ancestor in [*cell_name.ancestors(), cell_name]:
-            if self._cells[ancestor].holder_gone:
+        self._check_namespaces_alive([*cell_name.ancestors(), cell_name])
+        return self._cells[cell_name].namespaces
+
+    def _check_namespaces_alive(self, cells: Iterable[CellName]) -> None:
+        for name in cells:
+            if self._cells[name].holder_gone:
                 raise FailedPrecondition(
-                    f"the namespaces of cell {ancestor} are gone (its init was killed); "
+                    f"the namespaces of cell {name} are gone (its init was killed); "
                     "free the cell and allocate it again", subject=Subject.CELL)
-        return cell.namespaces
 
     def _spawn(self, key: ExecutableKey, command: str, description: str, uid: int, gid: int,
                namespaces: NamespaceSet | None) -> Executable:
@@ -484,6 +538,10 @@ class Workloads:
             shutil.rmtree(log_dir, ignore_errors=True)
             if not isinstance(error, SpawnError):
                 raise _spawner_unavailable(error) from None
+            if key.cell is not None and error.stage in ("namespace", "setns"):
+                # The holder may have died after the check in start_executable:
+                # say so rather than pass on a raw /proc path error.
+                self._check_namespaces_alive([*key.cell.ancestors(), key.cell])
             raise FailedPrecondition(
                 f"could not start {key}: {error.message} (at {error.stage})",
                 subject=Subject.COMMAND,
@@ -508,6 +566,11 @@ class Workloads:
         if early is not None:
             self._record_exit(executable, *early)
         return executable
+
+    def _drop_records(self, cell_name: CellName) -> None:
+        """Forget the stopped executables of a cell that is freed (call under _lock)."""
+        for key in [key for key in self._stopped if key.cell == cell_name]:
+            del self._stopped[key]
 
     def _log_dir(self, key: ExecutableKey) -> Path:
         base = self._log_root / (key.cell.path if key.cell else HOST_LOG_DIR)
@@ -638,6 +701,34 @@ def _remove_directory(path: Path, *, only_if_empty: bool = False) -> None:
     except OSError:
         if not only_if_empty:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def _holds_namespaces(holder: SpawnedProcess, kinds: Iterable[str]) -> bool:
+    """Whether a namespace holder still runs and holds its namespaces.
+
+    Dying is enough to be gone: a SIGKILL pending, or (pid 1 of a namespace
+    waits for the rest of it to end before it turns zombie) namespaces already
+    released, or a zombie, or its pid reused.
+    """
+    pid = holder.host_pid
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        with open(f"/proc/{pid}/status", "rb") as f:
+            status = f.read()
+        for kind in kinds:
+            os.readlink(f"/proc/{pid}/ns/{kind}")
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    # Fields after the command name (which may hold spaces): state, ..., starttime (22nd).
+    fields = stat[stat.rindex(b")") + 2:].split()
+    if fields[0] in (b"Z", b"X") or int(fields[19]) != holder.start_time:
+        return False
+    kill = 1 << (signal.SIGKILL - 1)
+    for line in status.splitlines():
+        if line.startswith((b"SigPnd:", b"ShdPnd:")) and int(line.split()[1], 16) & kill:
+            return False
+    return True
 
 
 def _group_alive(pgid: int) -> bool:

@@ -123,13 +123,21 @@ def test_free_leaves_nothing_of_the_cell_on_the_host(daemon: DaemonProcess, clie
     client.cells.allocate(cell={"name": "ephemeral", "isolate_process": True, "isolate_network": True})
     started = client.cells.start(cell_name="ephemeral", executable={"name": "s", "command": "sleep 300"})
     assert started.pid != started.host_pid
-    # The holder, the workload's shell and its sleep, all in the cell's cgroup.
-    members = {int(p) for d in cgroup_dirs(daemon.cgroup_root)
-               for p in (d / "ephemeral" / "_procs" / "cgroup.procs").read_text().split()}
-    assert started.host_pid in members and len(members) == 3
+
+    def members() -> set[int]:
+        return {int(p) for d in cgroup_dirs(daemon.cgroup_root)
+                for p in (d / "ephemeral" / "_procs" / "cgroup.procs").read_text().split()}
+
+    # The holder, the workload's shell and its sleep, all in the cell's cgroup. Start returns
+    # once the shell runs; it forks sleep a moment later (much later on a loaded machine).
+    deadline = time.monotonic() + 30
+    while len(members()) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    found = members()
+    assert started.host_pid in found and len(found) == 3
     assert host_mounts() == mounts_before  # the cell's /proc never reached the host
     client.cells.free(cell_name="ephemeral")
-    for pid in members:
+    for pid in found:
         assert not Path(f"/proc/{pid}").exists()
     assert not any((d / "ephemeral").exists() for d in cgroup_dirs(daemon.cgroup_root))
     assert host_mounts() == mounts_before and socket.gethostname() == hostname_before

@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import signal
+import stat
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
@@ -198,6 +199,28 @@ class CgroupBackend(ABC):
         # killed then, without a search of every hierarchy for pids in the common case.
         if not self._remove(cell, time.monotonic() + timeout):
             raise CgroupNotFound(self._name(cell))
+
+    def missing(self, cell_path: str) -> list[str]:
+        """The cell's cgroup directories (the cell's or its process leaf's) that are gone from the
+        host, one per hierarchy where it is: drift, when the daemon still knows the cell."""
+        cell = cell_components(cell_path)
+        gone = []
+        for hierarchy in self._hierarchies:
+            if self._exists(hierarchy, (*cell, PROCS_LEAF)):
+                continue  # the common case: one stat
+            where = (*cell, PROCS_LEAF) if self._exists(hierarchy, cell) else cell
+            gone.append(hierarchy.path((self.root_name, *where)))
+        return gone
+
+    def _exists(self, hierarchy: Hierarchy, components: Components) -> bool:
+        root_fd = self._root_fds.get(hierarchy)
+        try:
+            if root_fd is None:
+                return os.path.isdir(hierarchy.path((self.root_name, *components)))
+            return stat.S_ISDIR(os.stat("/".join(components), dir_fd=root_fd,
+                                        follow_symlinks=False).st_mode)
+        except FileNotFoundError:
+            return False
 
     def join_files(self, cell_path: str | None) -> list[str]:
         """The files a new process writes "0" to, in this order, to join the cell's leaf (None:
