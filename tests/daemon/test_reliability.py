@@ -3,6 +3,7 @@ Stop, dead namespaces refused at Allocate."""
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
@@ -86,13 +87,14 @@ def test_wait_after_stop_returns_the_recorded_status(
         assert missing.value.field == "cell_name"
 
 
-def test_wait_has_no_deadline_of_its_own(client: aurae_sdk.Client) -> None:
+def test_wait_has_no_deadline_of_its_own(daemon: DaemonProcess, client: aurae_sdk.Client) -> None:
     client.cells.start(executable={"name": "slow", "command": "sleep 3"})
     try:
-        # No timeout: the call waits as long as the process runs (here beyond the 0.5 s slices).
-        started = time.monotonic()
-        status = client.cells.wait(executable_name="slow", timeout=None).status
-        assert status.exit_code == 0 and time.monotonic() - started > 1
+        # The daemon waits as long as the process runs; math.inf asks the SDK for no deadline
+        # (here beyond a client default of 1 s).
+        with daemon.client(timeout=1) as impatient:
+            status = impatient.cells.wait(executable_name="slow", timeout=math.inf).status
+        assert status.exit_code == 0 and status.exited_at - status.started_at > 2
     finally:
         client.cells.stop(executable_name="slow")
 
