@@ -39,15 +39,11 @@ _GET_SUB_PROCESS_STREAM_FIELDS: dict[str, str] = {
     "channel_type": "channel_type",
     "process_id": "process_id",
     "max_batch_lines": "max_batch_lines",
-    "cell_name": "cell_name",
-    "executable_name": "executable_name",
+    "cell_name": "executable.cell_name",
+    "executable_name": "executable.executable_name",
 }
 # Positional parameters in order, and whether each may be left out.
-_GET_SUB_PROCESS_STREAM_POSITIONALS: tuple[tuple[str, bool], ...] = (
-    ("process_id", False),
-    ("cell_name", True),
-    ("executable_name", False),
-)
+_GET_SUB_PROCESS_STREAM_POSITIONALS: tuple[tuple[str, bool], ...] = (("process_id", False),)
 
 
 @group.command(
@@ -56,8 +52,6 @@ _GET_SUB_PROCESS_STREAM_POSITIONALS: tuple[tuple[str, bool], ...] = (
     short_help="Follow the stdout or stderr of a process started through CellService.",
 )
 @click.argument("process_id", metavar="PROCESS_ID", type=int, required=False)
-@click.argument("cell_name", metavar="[CELL_NAME]", type=str, required=False)
-@click.argument("executable_name", metavar="EXECUTABLE_NAME", type=str, required=False)
 @click.option(
     "--channel-type",
     "channel_type",
@@ -75,6 +69,18 @@ _GET_SUB_PROCESS_STREAM_POSITIONALS: tuple[tuple[str, bool], ...] = (
     "max_batch_lines",
     type=click.IntRange(min=0),
     help="aurae-py addition: pack up to this many lines into each response's\nitems field instead of one line per response. 0 keeps one line per\nresponse, as public Aurae clients expect.",
+)
+@click.option(
+    "--cell-name",
+    "cell_name",
+    type=str,
+    help='The executable\'s cell; unset or "" for host level.',
+)
+@click.option(
+    "--executable-name",
+    "executable_name",
+    type=str,
+    help="The executable's name within that cell.",
 )
 @rpc_options
 def get_sub_process_stream_command(**params: Any) -> None:

@@ -25,6 +25,7 @@ from aurae_sdk.wire.generated.pb.observe import observe_pb2 as _observe_pb2
 GetAuraeDaemonLogStreamRequest = _observe_pb2.GetAuraeDaemonLogStreamRequest
 GetAuraeDaemonLogStreamResponse = _observe_pb2.GetAuraeDaemonLogStreamResponse
 GetSubProcessStreamRequest = _observe_pb2.GetSubProcessStreamRequest
+ExecutableSelector = _observe_pb2.ExecutableSelector
 GetSubProcessStreamResponse = _observe_pb2.GetSubProcessStreamResponse
 GetPosixSignalsStreamRequest = _observe_pb2.GetPosixSignalsStreamRequest
 GetPosixSignalsStreamResponse = _observe_pb2.GetPosixSignalsStreamResponse
@@ -103,8 +104,7 @@ class ObserveService(ServiceClient):
         channel_type: LogChannelType.ValueType | str | None = None,
         process_id: int | None = None,
         max_batch_lines: int | None = None,
-        cell_name: str | None = None,
-        executable_name: str | None = None,
+        executable: ExecutableSelector | Mapping[str, Any] | None = None,
         timeout: float | None = None,
         metadata: Metadata | None = None,
     ) -> Stream[GetSubProcessStreamResponse]:
@@ -119,8 +119,7 @@ class ObserveService(ServiceClient):
                 "channel_type": channel_type,
                 "process_id": process_id,
                 "max_batch_lines": max_batch_lines,
-                "cell_name": cell_name,
-                "executable_name": executable_name,
+                "executable": executable,
             },
             timeout,
             metadata,
@@ -180,8 +179,7 @@ class AsyncObserveService(AsyncServiceClient):
         channel_type: LogChannelType.ValueType | str | None = None,
         process_id: int | None = None,
         max_batch_lines: int | None = None,
-        cell_name: str | None = None,
-        executable_name: str | None = None,
+        executable: ExecutableSelector | Mapping[str, Any] | None = None,
         timeout: float | None = None,
         metadata: Metadata | None = None,
     ) -> AsyncStream[GetSubProcessStreamResponse]:
@@ -196,8 +194,7 @@ class AsyncObserveService(AsyncServiceClient):
                 "channel_type": channel_type,
                 "process_id": process_id,
                 "max_batch_lines": max_batch_lines,
-                "cell_name": cell_name,
-                "executable_name": executable_name,
+                "executable": executable,
             },
             timeout,
             metadata,
@@ -226,6 +223,7 @@ __all__ = [
     "GetAuraeDaemonLogStreamRequest",
     "GetAuraeDaemonLogStreamResponse",
     "GetSubProcessStreamRequest",
+    "ExecutableSelector",
     "GetSubProcessStreamResponse",
     "GetPosixSignalsStreamRequest",
     "GetPosixSignalsStreamResponse",

@@ -38,6 +38,15 @@ class Executable:
     exit_status: ExitStatus | None = None
     exited_at: float = 0.0
     oom_killed: bool = False
+    # Host level: the executable's own cgroup (a scope, see CgroupBackend.create_scope).
+    scope: str | None = None
+    # The OOM kill counter of its cgroup (its cell's, or its scope's) when it started, and how
+    # many OOM kills that counter gained while it ran (its own death among them, or not).
+    oom_kills_at_start: int = 0
+    cell_oom_kills: int = 0
+    # Whether the daemon sent it SIGKILL (Stop after the grace period): then its SIGKILL
+    # death is not the OOM killer's.
+    killed_by_daemon: bool = False
     _exited: threading.Event = field(default_factory=threading.Event, repr=False)
 
     @property

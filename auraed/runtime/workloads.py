@@ -17,6 +17,7 @@ reply a lock holder waits for), so they go through the small `_pids_lock`.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import shutil
@@ -171,6 +172,7 @@ class Workloads:
         self._cells: dict[CellName, Cell] = {}
         self._host_executables: dict[str, Executable] = {}
         self._stopped: OrderedDict[ExecutableKey, Executable] = OrderedDict()
+        self._scope_numbers = itertools.count(1)
         self._closing = False
         self._pids_lock = threading.Lock()
         self._by_host_pid: dict[int, Executable] = {}
@@ -454,14 +456,48 @@ class Workloads:
                                subject=Subject.EXECUTABLE)
         return executable if executable.wait(timeout) else None
 
-    def executables_with_pid(self, pid: int) -> list[Executable]:
-        """Known executables whose pid (as Start reported it) or host pid is `pid`."""
+    def find_executable(self, *, pid: int | None = None, cell_name: CellName | None = None,
+                        name: str | None = None) -> Executable:
+        """One known executable: by name (in `cell_name`, None for host level), or by pid.
+
+        A pid is looked up as a host pid first — unique on the host — and only then as a pid
+        inside a cell's pid namespace, where several cells may each have it; `cell_name`
+        (without a name) narrows a pid lookup to that cell. Running executables are preferred
+        to exited ones that still hold a (since reused) pid. A pid that still names several is
+        refused: FailedPrecondition.
+        """
         with self._lock:
-            everything = [*self._host_executables.values()]
-            for cell in self._cells.values():
-                everything.extend(cell.executables.values())
-        exact = [e for e in everything if e.process.ns_pid == pid]
-        return exact or [e for e in everything if e.process.host_pid == pid]
+            if name is not None:
+                registry = self._registry(cell_name, for_change=False)
+                executable = registry.get(name) or self._stopped.get(ExecutableKey(cell_name, name))
+                if executable is None:
+                    raise NotFound(f"no executable {name} in {_where(cell_name)}",
+                                   subject=Subject.EXECUTABLE)
+                if pid is not None and pid not in (executable.process.host_pid,
+                                                   executable.process.ns_pid):
+                    raise NotFound(f"executable {name} in {_where(cell_name)} does not have "
+                                   f"process id {pid}", subject=Subject.PROCESS)
+                return executable
+            if cell_name is not None:
+                candidates = list(self._registry(cell_name, for_change=False).values())
+            else:
+                candidates = [*self._host_executables.values()]
+                for cell in self._cells.values():
+                    candidates.extend(cell.executables.values())
+        assert pid is not None
+        for matches in ([e for e in candidates if e.process.host_pid == pid],
+                        [e for e in candidates if e.process.ns_pid == pid]):
+            running = [e for e in matches if e.running]
+            if len(running or matches) == 1:
+                return (running or matches)[0]
+            if len(matches) > 1:
+                names = ", ".join(sorted(str(e.key) for e in matches))
+                raise FailedPrecondition(
+                    f"process id {pid} names several executables ({names}); use the host pid "
+                    "Start reported, or select by cell_name and executable_name",
+                    subject=Subject.PROCESS)
+        raise NotFound(f"no executable with process id {pid}" +
+                       (f" in cell {cell_name}" if cell_name else ""), subject=Subject.PROCESS)
 
     # ------------------------------------------------------------------ internals
 
@@ -517,25 +553,36 @@ class Workloads:
         # Before the fork: a process that ends at once must not seem to have
         # exited before it started.
         started_at = time.time()
+        cell_path = key.cell.path if key.cell else None
+        # Host level: a cgroup of its own, so that Stop reaches whatever it starts, even in
+        # sessions of their own (setsid) that its process group does not hold.
+        scope = None if key.cell else f"{key.name}.{next(self._scope_numbers)}"
         try:
+            if scope is not None:
+                self._create_scope(key, scope)
             spec = SpawnSpec(
                 command=command,
                 uid=uid,
                 gid=gid,
                 stdout_fd=out_write,
                 stderr_fd=err_write,
-                cgroup_join=self.backend.join_files(key.cell.path if key.cell else None),
-                cgroup_birth=self.backend.birth_cgroup(key.cell.path if key.cell else None),
+                cgroup_join=self.backend.join_files(cell_path, scope),
+                cgroup_birth=self.backend.birth_cgroup(cell_path, scope),
                 namespaces=namespaces,
             )
+            oom_kills_at_start = self._oom_count(key.cell, scope) or 0
             process = self._spawner.spawn(spec)
-        except (SpawnError, SpawnerClosed, TimeoutError) as error:
+        except (SpawnError, SpawnerClosed, TimeoutError, FailedPrecondition) as error:
             for fd in (out_read, err_read):
                 os.close(fd)
             for output in (stdout, stderr):
                 output.finish()
                 output.remove()
             shutil.rmtree(log_dir, ignore_errors=True)
+            if scope is not None:
+                self._remove_scope(scope)
+            if isinstance(error, FailedPrecondition):
+                raise
             if not isinstance(error, SpawnError):
                 raise _spawner_unavailable(error) from None
             if key.cell is not None and error.stage in ("namespace", "setns"):
@@ -549,6 +596,8 @@ class Workloads:
         except BaseException:
             for fd in (out_read, err_read):
                 os.close(fd)
+            if scope is not None:
+                self._remove_scope(scope)
             raise
         finally:
             # The workload holds its own copies now; ours would keep the pipes open forever.
@@ -557,6 +606,7 @@ class Workloads:
         executable = Executable(
             key=key, command=command, description=description, uid=uid, gid=gid,
             process=process, stdout=stdout, stderr=stderr, log_dir=log_dir, started_at=started_at,
+            scope=scope, oom_kills_at_start=oom_kills_at_start,
         )
         self._pump.watch(out_read, stdout)
         self._pump.watch(err_read, stderr)
@@ -566,6 +616,19 @@ class Workloads:
         if early is not None:
             self._record_exit(executable, *early)
         return executable
+
+    def _create_scope(self, key: ExecutableKey, scope: str) -> None:
+        try:
+            self.backend.create_scope(scope)
+        except (CgroupError, OSError) as error:
+            raise FailedPrecondition(f"could not make a cgroup for {key}: {error}",
+                                     subject=Subject.EXECUTABLE) from None
+
+    def _remove_scope(self, scope: str) -> None:
+        try:
+            self.backend.remove_scope(scope)
+        except (CgroupError, OSError):
+            log.exception("could not remove a host executable's cgroup", extra={"scope": scope})
 
     def _drop_records(self, cell_name: CellName) -> None:
         """Forget the stopped executables of a cell that is freed (call under _lock)."""
@@ -586,6 +649,8 @@ class Workloads:
         with self._pids_lock:
             if self._by_host_pid.get(executable.process.host_pid) is executable:
                 del self._by_host_pid[executable.process.host_pid]
+        if executable.scope is not None:
+            self._remove_scope(executable.scope)
         if executable.stdout.complete and executable.stderr.complete:
             executable.stdout.remove()
             executable.stderr.remove()
@@ -618,8 +683,7 @@ class Workloads:
             self.on_spawner_lost()
 
     def _record_exit(self, executable: Executable, status: ExitStatus, when: float) -> None:
-        if status.signal == signal.SIGKILL and executable.cell is not None:
-            executable.oom_killed = self._oom_killed_in(executable.cell)
+        self._attribute_oom_kills(executable, status)
         executable.mark_exited(status, when)
         if status.signal is not None:
             self._publish_signal(executable, status.signal, delivered_by_daemon=False)
@@ -632,23 +696,53 @@ class Workloads:
                 "exit_code": "" if status.exit_code is None else status.exit_code,
                 "signal": "" if status.signal is None else signal.Signals(status.signal).name,
                 "oom_killed": executable.oom_killed,
+                "cell_oom_kills": executable.cell_oom_kills,
             },
         )
 
-    def _oom_killed_in(self, cell_name: CellName) -> bool:
-        """Whether the cell's OOM-kill counter moved since last asked: a
-        SIGKILL seen together with it was the OOM killer's."""
-        cell = self._cells.get(cell_name)
-        if cell is None:
-            return False
+    def _oom_count(self, cell_name: CellName | None, scope: str | None) -> int | None:
+        """The OOM kill counter of a cell's cgroups, or of a host scope; None if unknown."""
         try:
-            count = self.backend.oom_kills(cell_name.path)
-        except CgroupError:
-            return False
-        if count is None or count <= cell.oom_kills_seen:
-            return False
-        cell.oom_kills_seen = count
-        return True
+            if cell_name is not None:
+                return self.backend.oom_kills(cell_name.path)
+            if scope is not None:
+                return self.backend.scope_oom_kills(scope)
+        except (CgroupError, OSError, KeyError):
+            pass
+        return None
+
+    def _attribute_oom_kills(self, executable: Executable, status: ExitStatus) -> None:
+        """Read the kernel's OOM kill counter of the executable's cgroup after its exit and
+        compare it with the counter at its start.
+
+        `cell_oom_kills` is what the counter gained while it ran. `oom_killed` — its own death
+        was the OOM killer's — needs a SIGKILL the daemon did not send and a kill no other exit
+        has accounted for: every exit in a cell takes the kills seen since the last one, except
+        those left for another of the cell's executables already dying of SIGKILL, so a later
+        `kill -9` from outside is not mistaken for an OOM kill that ended a child long ago.
+        """
+        now = self._oom_count(executable.cell, executable.scope)
+        if now is None:
+            return
+        executable.cell_oom_kills = max(0, now - executable.oom_kills_at_start)
+        killed = status.signal == signal.SIGKILL and not executable.killed_by_daemon
+        if executable.scope is not None:  # its own cgroup: every kill there was of its processes
+            executable.oom_killed = killed and executable.cell_oom_kills > 0
+            return
+        assert executable.cell is not None
+        cell = self._cells.get(executable.cell)
+        if cell is None:
+            return
+        unaccounted = now - max(cell.oom_kills_seen, executable.oom_kills_at_start)
+        if killed and unaccounted > 0:
+            executable.oom_killed = True
+            cell.oom_kills_seen = max(cell.oom_kills_seen, executable.oom_kills_at_start) + 1
+            return
+        # Not its own: left for peers dying of SIGKILL right now (their reports are on the
+        # way), the rest counted as kills of descendants.
+        dying = sum(1 for peer in list(cell.executables.values())
+                    if peer is not executable and peer.running and _dying_of_sigkill(peer.process))
+        cell.oom_kills_seen = max(cell.oom_kills_seen, now - min(dying, max(0, unaccounted)))
 
     def _publish_signal(self, executable: Executable, signum: int, *, delivered_by_daemon: bool) -> None:
         self.signals.publish(
@@ -665,14 +759,36 @@ class Workloads:
 
     def _signal(self, executables: Iterable[Executable], signum: int) -> None:
         for executable in executables:
+            if signum == signal.SIGKILL:
+                executable.killed_by_daemon = True
+            delivered = False
             if _group_alive(executable.process.pgid):
                 signal_group(executable.process.pgid, signum)
+                delivered = True
+            if executable.scope is not None and self._scope_populated(executable):
+                # Its other sessions (setsid) too: everything in its cgroup.
+                try:
+                    self.backend.signal_scope(executable.scope, signum)
+                    delivered = True
+                except (CgroupError, OSError):
+                    log.exception("signalling a host executable's cgroup failed",
+                                  extra={"executable": str(executable.key)})
+            if delivered:
                 self._publish_signal(executable, signum, delivered_by_daemon=True)
 
+    def _scope_populated(self, executable: Executable) -> bool:
+        if executable.scope is None:
+            return False
+        try:
+            return bool(self.backend.scope_pids(executable.scope))
+        except CgroupNotFound:
+            return False
+
     def _stop_all(self, executables: list[Executable], grace: float) -> None:
-        """SIGTERM every process group, wait up to `grace` for the leaders to
-        exit and the groups to empty, SIGKILL what is left, wait for the exits."""
-        live = [e for e in executables if e.running or _group_alive(e.process.pgid)]
+        """SIGTERM every process group (and host scope), wait up to `grace` for
+        the leaders to exit and the groups to empty, SIGKILL what is left, wait
+        for the exits."""
+        live = [e for e in executables if not self._ended(e)]
         if not live:
             return
         self._signal(live, signal.SIGTERM)
@@ -689,7 +805,8 @@ class Workloads:
     def _ended(self, executable: Executable) -> bool:
         # Without a spawner no exit is reported: the group's absence has to do.
         reported = not executable.running or self._spawner_lost
-        return reported and not _group_alive(executable.process.pgid)
+        return (reported and not _group_alive(executable.process.pgid)
+                and not self._scope_populated(executable))
 
 
 def _remove_directory(path: Path, *, only_if_empty: bool = False) -> None:
@@ -729,6 +846,26 @@ def _holds_namespaces(holder: SpawnedProcess, kinds: Iterable[str]) -> bool:
         if line.startswith((b"SigPnd:", b"ShdPnd:")) and int(line.split()[1], 16) & kill:
             return False
     return True
+
+
+def _dying_of_sigkill(process: SpawnedProcess) -> bool:
+    """Whether the process has a SIGKILL pending or is a zombie a SIGKILL ended."""
+    try:
+        with open(f"/proc/{process.host_pid}/stat", "rb") as f:
+            stat = f.read()
+        with open(f"/proc/{process.host_pid}/status", "rb") as f:
+            status = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    fields = stat[stat.rindex(b")") + 2:].split()
+    if int(fields[19]) != process.start_time:
+        return False
+    if fields[0] == b"Z":
+        # exit_code (field 52), in waitpid's encoding: the low 7 bits are the signal.
+        return len(fields) > 49 and int(fields[49]) & 0x7F == signal.SIGKILL
+    kill = 1 << (signal.SIGKILL - 1)
+    return any(line.startswith((b"SigPnd:", b"ShdPnd:")) and int(line.split()[1], 16) & kill
+               for line in status.splitlines())
 
 
 def _group_alive(pgid: int) -> bool:

@@ -36,6 +36,7 @@ def executable_status(executable: Executable) -> pb.ExecutableStatus:
         started_at=executable.started_at,
         exited_at=executable.exited_at,
         oom_killed=executable.oom_killed,
+        cell_oom_kills=executable.cell_oom_kills,
     )
     if executable.exit_status is not None:
         if executable.exit_status.exit_code is not None:

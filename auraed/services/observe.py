@@ -7,10 +7,8 @@ from collections.abc import Iterator
 import grpc
 
 from aurae_sdk.wire.generated.pb.observe import observe_pb2 as pb
-from auraed.errors import FailedPrecondition, NotFound, Subject
 from auraed.generated.observe import ObserveServiceBase
 from auraed.output import Line, LogRing, follow_all
-from auraed.runtime.executables import Executable
 from auraed.runtime.workloads import Workloads
 from auraed.validation import blaming
 from auraed.validation import observe as valid
@@ -42,7 +40,8 @@ class ObserveService(ObserveServiceBase):
     ) -> Iterator[pb.GetSubProcessStreamResponse]:
         follow = valid.output_follow(request)
         with blaming(valid.SUB_PROCESS_FIELDS):
-            executable = self._executable(follow.process_id)
+            executable = self.workloads.find_executable(
+                pid=follow.process_id, cell_name=follow.cell, name=follow.executable)
         names = [executable.channel_name(c) for c in follow.channels]
         logs = [getattr(executable, c) for c in follow.channels]
         # Read on this thread as the client takes messages, never ahead of it: a client that
@@ -55,19 +54,6 @@ class ObserveService(ObserveServiceBase):
             else:
                 for line in lines:
                     yield pb.GetSubProcessStreamResponse(item=_item(names[index], line))
-
-    def _executable(self, pid: int) -> Executable:
-        found = self.workloads.executables_with_pid(pid)
-        if not found:
-            raise NotFound(f"no executable with process id {pid}", subject=Subject.PROCESS)
-        if len(found) > 1:
-            names = ", ".join(sorted(str(e.key) for e in found))
-            raise FailedPrecondition(
-                f"process id {pid} names several executables in isolated cells ({names}); "
-                "use the host pid Start reported",
-                subject=Subject.PROCESS,
-            )
-        return found[0]
 
     def get_posix_signals_stream(
         self, request: pb.GetPosixSignalsStreamRequest, context: grpc.ServicerContext

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
 import aurae_sdk
-from auraed.testing import DaemonProcess, cgroup_dirs
+from tests.support.daemon import DaemonProcess, cgroup_dirs
 
 
 def cell_dirs(daemon: DaemonProcess, cell: str) -> list[Path]:
@@ -128,3 +129,149 @@ def test_a_child_under_dead_namespaces_is_refused_at_allocate(
         assert node_of(client, "orphaned").namespaces_lost
     finally:
         client.cells.free(cell_name="orphaned")
+
+
+def scope_dirs(daemon: DaemonProcess, name: str) -> list[Path]:
+    return [scope for top in cgroup_dirs(daemon.cgroup_root)
+            for scope in (top / "_host").glob(f"{name}.*")]
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def wait_for(condition, timeout: float = 30) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_stop_reaches_descendants_in_sessions_of_their_own(
+        daemon: DaemonProcess, client: aurae_sdk.Client) -> None:
+    # A warm-up round, so that the fds a first Start opens for good (log directory, pump) count
+    # in the baseline.
+    rounds = 6
+    baseline = 0
+    for round_number in range(rounds):
+        started = client.cells.start(executable={
+            "name": "escapee",
+            "command": "setsid sleep 300 & setsid sh -c 'sleep 300 & wait' & echo up; wait"})
+        (procs,) = [scope / "cgroup.procs" for scope in scope_dirs(daemon, "escapee")
+                    if scope.parents[2].name == "pids"]
+        # The shell, two sleeps and the second session's shell.
+        assert wait_for(lambda procs=procs: len(procs.read_text().split()) >= 4), procs.read_text()
+        members = [int(p) for p in procs.read_text().split()]
+        sessions = {os.getsid(pid) for pid in members if alive(pid)}
+        assert len(sessions) >= 3  # beyond the reach of the executable's process group
+        stopped = client.cells.stop(executable_name="escapee", grace_period_ms=0).status
+        assert stopped.host_pid == started.host_pid
+        assert wait_for(lambda members=members: not any(alive(pid) for pid in members)), \
+            [pid for pid in members if alive(pid)]
+        assert scope_dirs(daemon, "escapee") == []
+        if round_number == 0:
+            assert wait_for(lambda: open_fds(daemon.process.pid) < 10_000)
+            baseline = open_fds(daemon.process.pid)
+    # The output pipes the descendants held are closed: no fd is left per round.
+    assert wait_for(lambda: open_fds(daemon.process.pid) <= baseline), \
+        (open_fds(daemon.process.pid), baseline)
+
+
+def test_oom_kills_are_attributed_to_the_process_killed(client: aurae_sdk.Client) -> None:
+    client.cells.allocate(cell={"name": "tight", "memory": {"max": 32 * 1024 * 1024}})
+    try:
+        bystander = client.cells.start(cell_name="tight",
+                                       executable={"name": "bystander", "command": "sleep 300"})
+        # tail holds the whole line in memory; the OOM killer ends it, not the shell.
+        client.cells.start(cell_name="tight", executable={
+            "name": "pipeline", "command": "head -c 300000000 /dev/zero | tail"})
+        piped = client.cells.wait(cell_name="tight", executable_name="pipeline", timeout=60).status
+        assert (piped.exit_code, piped.oom_killed) == (137, False)
+        assert piped.cell_oom_kills >= 1
+        # A later kill -9 from outside is not the OOM killer's.
+        os.kill(bystander.host_pid, 9)
+        killed = client.cells.wait(cell_name="tight", executable_name="bystander", timeout=60).status
+        assert (killed.signal, killed.oom_killed) == (9, False)
+        assert killed.cell_oom_kills >= 1  # it saw the pipeline's, in its cell
+        # The executable's own process killed by the OOM killer.
+        client.cells.start(cell_name="tight",
+                           executable={"name": "hog", "command": "exec tail /dev/zero"})
+        hog = client.cells.wait(cell_name="tight", executable_name="hog", timeout=60).status
+        assert (hog.signal, hog.oom_killed, hog.cell_oom_kills) == (9, True, 1)
+        # A Stop's SIGKILL is not the OOM killer's either.
+        client.cells.start(cell_name="tight", executable={
+            "name": "stubborn", "command": "trap '' TERM; sleep 300 & wait"})
+        time.sleep(0.2)  # the trap is set
+        stubborn = client.cells.stop(cell_name="tight", executable_name="stubborn",
+                                     grace_period_ms=100).status
+        assert (stubborn.signal, stubborn.oom_killed) == (9, False)
+    finally:
+        client.cells.free(cell_name="tight")
+
+
+def set_next_pid(holder: int, next_pid: int) -> None:
+    """Make `next_pid` the next pid the holder's pid namespace hands out."""
+    subprocess.run(["nsenter", "-t", str(holder), "-p", "-m", "sh", "-c",
+                    f"echo {next_pid - 1} > /proc/sys/kernel/ns_last_pid"], check=True)
+
+
+def first_line(client: aurae_sdk.Client, **selector: object) -> str:
+    with client.observe.get_sub_process_stream(channel_type="LOG_CHANNEL_TYPE_STDOUT",
+                                               timeout=30, **selector) as stream:
+        for response in stream:
+            return str(response.item.line)
+    raise AssertionError("the stream ended without a line")
+
+
+def test_pid_lookups_never_cross_cells(daemon: DaemonProcess, client: aurae_sdk.Client) -> None:
+    host = client.cells.start(executable={"name": "hostside",
+                                          "command": "echo from-host; exec sleep 300"})
+    cells = ("pidns-a", "pidns-b")
+    for cell in cells:
+        client.cells.allocate(cell={"name": cell, "isolate_process": True})
+    try:
+        # A pid inside cell a that is the host pid of the host-level executable.
+        set_next_pid(holder_of(daemon, "pidns-a"), host.host_pid)
+        inner = client.cells.start(cell_name="pidns-a", executable={
+            "name": "inner", "command": "echo from-a; exec sleep 300"})
+        assert inner.pid == host.host_pid != inner.host_pid
+        assert first_line(client, process_id=host.host_pid) == "from-host"  # host pids first
+        assert first_line(client, process_id=inner.pid, executable={"cell_name": "pidns-a"}) == "from-a"
+        assert first_line(client, process_id=inner.host_pid) == "from-a"
+        # By name: in a cell, and (no cell_name) at host level.
+        assert first_line(client, executable={"cell_name": "pidns-a", "executable_name": "inner"}) == "from-a"
+        assert first_line(client, executable={"executable_name": "hostside"}) == "from-host"
+        # The same namespace pid in two cells, and no host pid: ambiguous, refused.
+        shared = max(host.host_pid, inner.host_pid) + 5000
+        for cell in cells:
+            set_next_pid(holder_of(daemon, cell), shared)
+            started = client.cells.start(cell_name=cell, executable={
+                "name": "twin", "command": f"echo twin-{cell}; exec sleep 300"})
+            assert started.pid == shared
+        with pytest.raises(aurae_sdk.FailedPrecondition) as ambiguous:
+            first_line(client, process_id=shared)
+        assert ambiguous.value.field == "process_id"
+        assert "pidns-a/twin" in ambiguous.value.message
+        assert "pidns-b/twin" in ambiguous.value.message
+        assert first_line(client, process_id=shared, executable={"cell_name": "pidns-b"}) == "twin-pidns-b"
+        # A selector that names nothing.
+        with pytest.raises(aurae_sdk.NotFound) as missing:
+            first_line(client, executable={"cell_name": "pidns-b", "executable_name": "nobody"})
+        assert missing.value.field == "executable.executable_name"
+        with pytest.raises(aurae_sdk.NotFound) as missing:
+            first_line(client, process_id=shared, executable={"cell_name": "ghost"})
+        assert missing.value.field == "executable.cell_name"
+    finally:
+        client.cells.stop(executable_name="hostside", grace_period_ms=0)
+        for cell in cells:
+            client.cells.free(cell_name=cell)

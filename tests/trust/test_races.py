@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 import aurae_sdk
-from auraed.testing import DaemonProcess, cgroup_dirs, running_daemon
+from tests.support.daemon import DaemonProcess, cgroup_dirs, running_daemon
 
 from .conftest import needs_root, record_figure
 

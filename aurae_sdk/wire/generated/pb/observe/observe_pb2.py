@@ -25,35 +25,37 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15observe/observe.proto\x12\x10\x61urae.observe.v0\" \n\x1eGetAuraeDaemonLogStreamRequest\"J\n\x1fGetAuraeDaemonLogStreamResponse\x12\'\n\x04item\x18\x01 \x01(\x0b\x32\x19.aurae.observe.v0.LogItem\"\xc0\x01\n\x1aGetSubProcessStreamRequest\x12\x36\n\x0c\x63hannel_type\x18\x01 \x01(\x0e\x32 .aurae.observe.v0.LogChannelType\x12\x12\n\nprocess_id\x18\x02 \x01(\x05\x12\x17\n\x0fmax_batch_lines\x18\x03 \x01(\r\x12\x16\n\tcell_name\x18\n \x01(\tH\x00\x88\x01\x01\x12\x17\n\x0f\x65xecutable_name\x18\x0b \x01(\tB\x0c\n\n_cell_name\"p\n\x1bGetSubProcessStreamResponse\x12\'\n\x04item\x18\x01 \x01(\x0b\x32\x19.aurae.observe.v0.LogItem\x12(\n\x05items\x18\x02 \x03(\x0b\x32\x19.aurae.observe.v0.LogItem\"L\n\x1cGetPosixSignalsStreamRequest\x12,\n\x08workload\x18\x01 \x01(\x0b\x32\x1a.aurae.observe.v0.Workload\"I\n\x1dGetPosixSignalsStreamResponse\x12(\n\x06signal\x18\x01 \x01(\x0b\x32\x18.aurae.observe.v0.Signal\"M\n\x08Workload\x12\x35\n\rworkload_type\x18\x01 \x01(\x0e\x32\x1e.aurae.observe.v0.WorkloadType\x12\n\n\x02id\x18\x02 \x01(\t\"k\n\x06Signal\x12\x0e\n\x06signal\x18\x01 \x01(\x05\x12\x12\n\nprocess_id\x18\x02 \x01(\x05\x12\x11\n\tcell_name\x18\x03 \x01(\t\x12\x17\n\x0f\x65xecutable_name\x18\x04 \x01(\t\x12\x11\n\ttimestamp\x18\x05 \x01(\x03\";\n\x07LogItem\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\x12\x0c\n\x04line\x18\x02 \x01(\t\x12\x11\n\ttimestamp\x18\x03 \x01(\x03*l\n\x0eLogChannelType\x12 \n\x1cLOG_CHANNEL_TYPE_UNSPECIFIED\x10\x00\x12\x1b\n\x17LOG_CHANNEL_TYPE_STDOUT\x10\x01\x12\x1b\n\x17LOG_CHANNEL_TYPE_STDERR\x10\x02*z\n\x0cWorkloadType\x12\x1d\n\x19WORKLOAD_TYPE_UNSPECIFIED\x10\x00\x12\x16\n\x12WORKLOAD_TYPE_CELL\x10\x01\x12\x1d\n\x19WORKLOAD_TYPE_POD_SANDBOX\x10\x02\x12\x14\n\x10WORKLOAD_TYPE_VM\x10\x03\x32\x85\x03\n\x0eObserveService\x12\x80\x01\n\x17GetAuraeDaemonLogStream\x12\x30.aurae.observe.v0.GetAuraeDaemonLogStreamRequest\x1a\x31.aurae.observe.v0.GetAuraeDaemonLogStreamResponse0\x01\x12t\n\x13GetSubProcessStream\x12,.aurae.observe.v0.GetSubProcessStreamRequest\x1a-.aurae.observe.v0.GetSubProcessStreamResponse0\x01\x12z\n\x15GetPosixSignalsStream\x12..aurae.observe.v0.GetPosixSignalsStreamRequest\x1a/.aurae.observe.v0.GetPosixSignalsStreamResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15observe/observe.proto\x12\x10\x61urae.observe.v0\" \n\x1eGetAuraeDaemonLogStreamRequest\"J\n\x1fGetAuraeDaemonLogStreamResponse\x12\'\n\x04item\x18\x01 \x01(\x0b\x32\x19.aurae.observe.v0.LogItem\"\xbb\x01\n\x1aGetSubProcessStreamRequest\x12\x36\n\x0c\x63hannel_type\x18\x01 \x01(\x0e\x32 .aurae.observe.v0.LogChannelType\x12\x12\n\nprocess_id\x18\x02 \x01(\x05\x12\x17\n\x0fmax_batch_lines\x18\x03 \x01(\r\x12\x38\n\nexecutable\x18\n \x01(\x0b\x32$.aurae.observe.v0.ExecutableSelector\"S\n\x12\x45xecutableSelector\x12\x16\n\tcell_name\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x17\n\x0f\x65xecutable_name\x18\x02 \x01(\tB\x0c\n\n_cell_name\"p\n\x1bGetSubProcessStreamResponse\x12\'\n\x04item\x18\x01 \x01(\x0b\x32\x19.aurae.observe.v0.LogItem\x12(\n\x05items\x18\x02 \x03(\x0b\x32\x19.aurae.observe.v0.LogItem\"L\n\x1cGetPosixSignalsStreamRequest\x12,\n\x08workload\x18\x01 \x01(\x0b\x32\x1a.aurae.observe.v0.Workload\"I\n\x1dGetPosixSignalsStreamResponse\x12(\n\x06signal\x18\x01 \x01(\x0b\x32\x18.aurae.observe.v0.Signal\"M\n\x08Workload\x12\x35\n\rworkload_type\x18\x01 \x01(\x0e\x32\x1e.aurae.observe.v0.WorkloadType\x12\n\n\x02id\x18\x02 \x01(\t\"k\n\x06Signal\x12\x0e\n\x06signal\x18\x01 \x01(\x05\x12\x12\n\nprocess_id\x18\x02 \x01(\x05\x12\x11\n\tcell_name\x18\x03 \x01(\t\x12\x17\n\x0f\x65xecutable_name\x18\x04 \x01(\t\x12\x11\n\ttimestamp\x18\x05 \x01(\x03\";\n\x07LogItem\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\x12\x0c\n\x04line\x18\x02 \x01(\t\x12\x11\n\ttimestamp\x18\x03 \x01(\x03*l\n\x0eLogChannelType\x12 \n\x1cLOG_CHANNEL_TYPE_UNSPECIFIED\x10\x00\x12\x1b\n\x17LOG_CHANNEL_TYPE_STDOUT\x10\x01\x12\x1b\n\x17LOG_CHANNEL_TYPE_STDERR\x10\x02*z\n\x0cWorkloadType\x12\x1d\n\x19WORKLOAD_TYPE_UNSPECIFIED\x10\x00\x12\x16\n\x12WORKLOAD_TYPE_CELL\x10\x01\x12\x1d\n\x19WORKLOAD_TYPE_POD_SANDBOX\x10\x02\x12\x14\n\x10WORKLOAD_TYPE_VM\x10\x03\x32\x85\x03\n\x0eObserveService\x12\x80\x01\n\x17GetAuraeDaemonLogStream\x12\x30.aurae.observe.v0.GetAuraeDaemonLogStreamRequest\x1a\x31.aurae.observe.v0.GetAuraeDaemonLogStreamResponse0\x01\x12t\n\x13GetSubProcessStream\x12,.aurae.observe.v0.GetSubProcessStreamRequest\x1a-.aurae.observe.v0.GetSubProcessStreamResponse0\x01\x12z\n\x15GetPosixSignalsStream\x12..aurae.observe.v0.GetPosixSignalsStreamRequest\x1a/.aurae.observe.v0.GetPosixSignalsStreamResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'aurae_sdk.wire.generated.pb.observe.observe_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LOGCHANNELTYPE']._serialized_start=864
-  _globals['_LOGCHANNELTYPE']._serialized_end=972
-  _globals['_WORKLOADTYPE']._serialized_start=974
-  _globals['_WORKLOADTYPE']._serialized_end=1096
+  _globals['_LOGCHANNELTYPE']._serialized_start=944
+  _globals['_LOGCHANNELTYPE']._serialized_end=1052
+  _globals['_WORKLOADTYPE']._serialized_start=1054
+  _globals['_WORKLOADTYPE']._serialized_end=1176
   _globals['_GETAURAEDAEMONLOGSTREAMREQUEST']._serialized_start=43
   _globals['_GETAURAEDAEMONLOGSTREAMREQUEST']._serialized_end=75
   _globals['_GETAURAEDAEMONLOGSTREAMRESPONSE']._serialized_start=77
   _globals['_GETAURAEDAEMONLOGSTREAMRESPONSE']._serialized_end=151
   _globals['_GETSUBPROCESSSTREAMREQUEST']._serialized_start=154
-  _globals['_GETSUBPROCESSSTREAMREQUEST']._serialized_end=346
-  _globals['_GETSUBPROCESSSTREAMRESPONSE']._serialized_start=348
-  _globals['_GETSUBPROCESSSTREAMRESPONSE']._serialized_end=460
-  _globals['_GETPOSIXSIGNALSSTREAMREQUEST']._serialized_start=462
-  _globals['_GETPOSIXSIGNALSSTREAMREQUEST']._serialized_end=538
-  _globals['_GETPOSIXSIGNALSSTREAMRESPONSE']._serialized_start=540
-  _globals['_GETPOSIXSIGNALSSTREAMRESPONSE']._serialized_end=613
-  _globals['_WORKLOAD']._serialized_start=615
-  _globals['_WORKLOAD']._serialized_end=692
-  _globals['_SIGNAL']._serialized_start=694
-  _globals['_SIGNAL']._serialized_end=801
-  _globals['_LOGITEM']._serialized_start=803
-  _globals['_LOGITEM']._serialized_end=862
-  _globals['_OBSERVESERVICE']._serialized_start=1099
-  _globals['_OBSERVESERVICE']._serialized_end=1488
+  _globals['_GETSUBPROCESSSTREAMREQUEST']._serialized_end=341
+  _globals['_EXECUTABLESELECTOR']._serialized_start=343
+  _globals['_EXECUTABLESELECTOR']._serialized_end=426
+  _globals['_GETSUBPROCESSSTREAMRESPONSE']._serialized_start=428
+  _globals['_GETSUBPROCESSSTREAMRESPONSE']._serialized_end=540
+  _globals['_GETPOSIXSIGNALSSTREAMREQUEST']._serialized_start=542
+  _globals['_GETPOSIXSIGNALSSTREAMREQUEST']._serialized_end=618
+  _globals['_GETPOSIXSIGNALSSTREAMRESPONSE']._serialized_start=620
+  _globals['_GETPOSIXSIGNALSSTREAMRESPONSE']._serialized_end=693
+  _globals['_WORKLOAD']._serialized_start=695
+  _globals['_WORKLOAD']._serialized_end=772
+  _globals['_SIGNAL']._serialized_start=774
+  _globals['_SIGNAL']._serialized_end=881
+  _globals['_LOGITEM']._serialized_start=883
+  _globals['_LOGITEM']._serialized_end=942
+  _globals['_OBSERVESERVICE']._serialized_start=1179
+  _globals['_OBSERVESERVICE']._serialized_end=1568
 # @@protoc_insertion_point(module_scope)
