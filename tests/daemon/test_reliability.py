@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 import subprocess
 import time
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import aurae_sdk
-from tests.support.daemon import DaemonProcess, cgroup_dirs
+from tests.support.daemon import DaemonProcess, cgroup_dirs, running_daemon
 
 
 def cell_dirs(daemon: DaemonProcess, cell: str) -> list[Path]:
@@ -275,3 +276,26 @@ def test_pid_lookups_never_cross_cells(daemon: DaemonProcess, client: aurae_sdk.
         client.cells.stop(executable_name="hostside", grace_period_ms=0)
         for cell in cells:
             client.cells.free(cell_name=cell)
+
+
+def test_broad_directories_are_tightened_and_foreign_ones_refused(tmp_path: Path) -> None:
+    runtime, library = tmp_path / "run", tmp_path / "lib"
+    runtime.mkdir(mode=0o755)
+    library.mkdir()
+    os.chmod(runtime, 0o777)
+    os.chmod(library, 0o750)
+    with running_daemon("--runtime-dir", str(runtime), "--library-dir", str(library)) as daemon:
+        assert stat.S_IMODE(runtime.stat().st_mode) == 0o700
+        assert stat.S_IMODE(library.stat().st_mode) == 0o700
+        assert "tightening an existing directory to mode 0700" in daemon.log()
+    foreign = tmp_path / "foreign"
+    foreign.mkdir(mode=0o700)
+    os.chown(foreign, 65534, 65534)
+    swapped = tmp_path / "swapped"
+    swapped.symlink_to(runtime)
+    for flag, path, message in (("--library-dir", foreign, "owned by uid 65534"),
+                                ("--runtime-dir", swapped, "not a directory")):
+        with pytest.raises(RuntimeError) as refused, running_daemon(flag, str(path)):
+            pass
+        assert "exited with 2" in str(refused.value)
+        assert f"{flag} {path}: {message}" in str(refused.value)
