@@ -13,6 +13,9 @@ kernel, so changes happen one at a time and in order. Waiting — grace
 periods, exits — happens outside it. Exit reports arrive on the spawner's
 reader thread, which must never wait for `_lock` (it would stall the spawn
 reply a lock holder waits for), so they go through the small `_pids_lock`.
+Frees of overlapping cells do not run side by side: a Free marks its whole
+subtree `freeing` under `_lock`, and one that finds a descendant already being
+freed waits (outside the lock) for that Free to finish before it marks its own.
 """
 
 from __future__ import annotations
