@@ -369,17 +369,17 @@ class Workloads:
 
     def tree(self) -> list[CellView]:
         with self._lock:
-            cells = {c.name: (c.spec, sorted(c.children.values(), key=lambda child: child.name),
-                              tuple(c.executables.values()), c.holder_gone)
+            cells = {c.name: (c, sorted(c.children.values(), key=lambda child: child.name),
+                              tuple(c.executables.values()))
                      for c in self._cells.values()}
-        # Outside the lock: a look at the host per cell and hierarchy.
+        # Outside the lock: a look at the host (cgroupfs, /proc) per cell.
         missing = {name: tuple(self.backend.missing(name.path)) for name in cells}
 
         def view(name: CellName) -> CellView:
-            spec, children, executables, lost = cells[name]
-            return CellView(name, spec, tuple(view(child.name) for child in children
-                                              if child.name in cells),
-                            executables, missing[name], lost)
+            cell, children, executables = cells[name]
+            return CellView(name, cell.spec, tuple(view(child.name) for child in children
+                                                   if child.name in cells),
+                            executables, missing[name], cell.holder_gone)
 
         return [view(name) for name in sorted(cells) if name.parent is None]
 

@@ -170,11 +170,21 @@ def test_stop_reaches_descendants_in_sessions_of_their_own(
             "command": "setsid sleep 300 & setsid sh -c 'sleep 300 & wait' & echo up; wait"})
         (procs,) = [scope / "cgroup.procs" for scope in scope_dirs(daemon, "escapee")
                     if scope.parents[2].name == "pids"]
-        # The shell, two sleeps and the second session's shell.
-        assert wait_for(lambda procs=procs: len(procs.read_text().split()) >= 4), procs.read_text()
+
+        def sessions(procs: Path = procs) -> set[int]:
+            found = set()
+            for pid in procs.read_text().split():
+                try:
+                    found.add(os.getsid(int(pid)))
+                except ProcessLookupError:
+                    continue
+            return found
+
+        # The shell, two sleeps and the second session's shell, in three sessions: two beyond
+        # the reach of the executable's process group (a fork calls setsid a moment later).
+        assert wait_for(lambda procs=procs: len(sessions()) >= 3 and len(procs.read_text().split()) >= 4), \
+            procs.read_text()
         members = [int(p) for p in procs.read_text().split()]
-        sessions = {os.getsid(pid) for pid in members if alive(pid)}
-        assert len(sessions) >= 3  # beyond the reach of the executable's process group
         stopped = client.cells.stop(executable_name="escapee", grace_period_ms=0).status
         assert stopped.host_pid == started.host_pid
         assert wait_for(lambda members=members: not any(alive(pid) for pid in members)), \
