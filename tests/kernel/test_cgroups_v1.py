@@ -401,7 +401,7 @@ def test_a_host_scope_holds_and_reaches_a_whole_process_tree(
         backend.create_scope("../web.7")
     # A shell whose child starts a session of its own: out of reach of the shell's group.
     process = spawn_into(backend.join_files(None, "web.7"), "sh", "-c",
-                         "setsid sleep 100 & echo $!; wait")
+                         "setsid sh -c 'echo $$; exec sleep 100' & wait")
     assert process.stdout is not None
     escaped = int(process.stdout.readline())
     assert os.getsid(escaped) != os.getsid(process.pid)

@@ -182,7 +182,7 @@ def test_overlapping_operations_keep_host_and_list_consistent(racing_daemon: Dae
         OverlappingCells.client = client
         test_case = OverlappingCells.TestCase
         test_case.settings = settings(
-            max_examples=40, stateful_step_count=15, deadline=None, derandomize=True,
+            max_examples=30, stateful_step_count=15, deadline=None, derandomize=True,
             database=None, suppress_health_check=list(HealthCheck),
         )
         test_case().runTest()
