@@ -245,7 +245,8 @@ def test_an_optional_cell_name_may_be_left_out_for_host_level(
     pid = json.loads(started.stdout)["pid"]
     try:
         cgroups = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
-        assert any(line.endswith(f":/{daemon.cgroup_root}/_host") for line in cgroups), cgroups
+        # At host level: a cgroup of its own below _host.
+        assert any(f":/{daemon.cgroup_root}/_host/cli-host." in line for line in cgroups), cgroups
     finally:
         stopped = daemon.cli("cells", "stop", "cli-host", "--grace-period-ms", "0", "-o", "json")
     assert stopped.returncode == 0, stopped.stderr
