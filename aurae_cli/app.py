@@ -3,8 +3,10 @@
     aurae-py                      open the REPL
     aurae-py script.py [ARGS]     run a script with a connected client
     aurae-py cells allocate web   call one RPC
+    aurae-py cells top            a live table of what each cell uses
     aurae-py describe cells       show the API from the embedded schema
     aurae-py doctor               check config, certificates and the daemon
+    aurae-py events -f            follow the node's lifecycle events
     aurae-py pki init DIR         make a development PKI
 
 Command groups load on first use, so `aurae-py discovery discover` imports
@@ -31,6 +33,13 @@ BUILTIN_COMMANDS = {
                  "Show services, RPCs and messages from the embedded schema."),
     "doctor": ("aurae_cli.doctor", "doctor_command",
                "Check the config, certificates and daemon, and say what to fix."),
+    "events": ("aurae_cli.events", "events_command",
+               "Print the node's lifecycle events in order; -f follows them."),
+}
+
+# Hand-written commands inside a generated group: group -> name -> (module, attribute).
+GROUP_COMMANDS = {
+    "cells": {"top": ("aurae_cli.top", "top_command")},
 }
 
 # The environment variable click's shell completion answers to.
@@ -67,7 +76,11 @@ class LazyGroup(click.Group):
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name in GROUPS:
-            return import_module(GROUPS[name][0]).group  # type: ignore[no-any-return]
+            group: click.Group = import_module(GROUPS[name][0]).group
+            for command, (module, attribute) in GROUP_COMMANDS.get(name, {}).items():
+                if command not in group.commands:
+                    group.add_command(getattr(import_module(module), attribute), command)
+            return group
         if name in BUILTIN_COMMANDS:
             module, attribute, _ = BUILTIN_COMMANDS[name]
             return getattr(import_module(module), attribute)  # type: ignore[no-any-return]

@@ -61,6 +61,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--long-lived-operators", type=_positive, default=Budget.operators,
                         metavar="N", help="long-lived calls operators together may have "
                                           "running at once (default: %(default)s)")
+    parser.add_argument("--cri-socket", type=Path, metavar="PATH",
+                        help="also serve the Kubernetes CRI (runtime.v1 RuntimeService and "
+                             "ImageService) for kubelet, plaintext on this Unix socket of mode "
+                             "0600 (see docs/cri.md)")
+    parser.add_argument("--metrics-address", metavar="ADDRESS",
+                        help="serve Prometheus metrics (per-cell CPU, memory, pids, OOM kills) "
+                             "over plain HTTP on a Unix socket path or a loopback HOST:PORT; "
+                             "off by default")
+    parser.add_argument("--metrics-allow-remote", action="store_true",
+                        help="allow --metrics-address on a non-loopback TCP address (the "
+                             "endpoint has no authentication)")
     return parser.parse_args(argv)
 
 
@@ -97,6 +108,9 @@ def main(argv: list[str] | None = None) -> None:
         budget=Budget(per_peer=args.long_lived_per_peer, total=args.long_lived_total,
                       operators=args.long_lived_operators),
         **({"operators": tuple(args.operator)} if args.operator else {}),
+        cri_socket=args.cri_socket,
+        metrics_address=args.metrics_address,
+        metrics_allow_remote=args.metrics_allow_remote,
     )
     sys.exit(Daemon(settings).run())
 

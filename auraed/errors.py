@@ -35,6 +35,7 @@ class Subject(StrEnum):
     USER = "user"
     GROUP = "group"
     PROCESS = "process"
+    RESTART_POLICY = "restart_policy"
 
 
 class RuntimeFault(Exception):

@@ -11,6 +11,7 @@ import gc
 import inspect
 import logging
 import os
+import shutil
 import signal
 import socket
 import stat
@@ -20,6 +21,7 @@ from concurrent import futures
 from dataclasses import dataclass, field
 from importlib import import_module
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from google.protobuf import descriptor_pool
@@ -32,15 +34,28 @@ from auraed.admission import Budget, LongLivedCalls
 from auraed.audit import AuditLog
 from auraed.authz import Policy, PolicyError, PrincipalPattern, load_policy
 from auraed.generated.registry import SERVICE_NAMES, SERVICES, ServiceEntry, Servicer
+from auraed.images import ImageStore
 from auraed.interceptors import Admission, AuditTrail, Authorization, FaultTranslation
 from auraed.kernel.cgroups import CgroupError, detect_backend
 from auraed.logs import configure as configure_logging
 from auraed.output import LogRing
+from auraed.prometheus import (
+    MetricsAddress,
+    MetricsAddressError,
+    MetricsEndpoint,
+    parse_metrics_address,
+)
+from auraed.runtime.containers import Containers
+from auraed.runtime.events import EventJournal
 from auraed.runtime.workloads import Workloads
 from auraed.services.cells import CellService
 from auraed.services.discovery import DiscoveryService
 from auraed.services.health import HealthService
+from auraed.services.images import ImageService
 from auraed.services.observe import ObserveService
+
+if TYPE_CHECKING:
+    from auraed.cri.pods import Pods
 
 log = logging.getLogger("auraed")
 
@@ -53,6 +68,12 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 SHUTDOWN_RPC_GRACE = 2.0
 # In the library dir: an audit trail must outlive a reboot (the runtime dir is often tmpfs).
 AUDIT_LOG = "audit.log"
+# In the library dir too: imported images outlive a reboot.
+IMAGES_DIR = "images"
+# In the runtime dir: each container's writable layer and mount point.
+CONTAINERS_DIR = "containers"
+# In the library dir too: clients resume the event stream across daemon restarts.
+EVENTS_DIR = "events"
 # Exit status after the spawner died under us (EX_SOFTWARE): a service
 # manager restarts the daemon, which then cleans up what was left.
 SPAWNER_LOST_EXIT = 70
@@ -88,6 +109,9 @@ class Settings:
     # Long-lived calls (streams, Wait, Stop) at once: see auraed/admission.py.
     budget: Budget = field(default_factory=Budget)
     operators: tuple[str, ...] = DEFAULT_OPERATORS
+    cri_socket: Path | None = None
+    metrics_address: str | None = None
+    metrics_allow_remote: bool = False
 
 
 def _read_pki(settings: Settings) -> tuple[bytes, bytes, bytes]:
@@ -238,7 +262,13 @@ class Daemon:
         self._health: HealthService | None = None
         self._unix_socket: str | None = None
         self._audit: AuditLog | None = None
+        self._events: EventJournal | None = None
+        self._metrics: MetricsEndpoint | None = None
         self._exit_status = 0
+        self._images: ImageStore | None = None
+        self._containers: Containers | None = None
+        self._cri_server: grpc.Server | None = None
+        self._pods: Pods | None = None
 
     def request_stop(self, signum: int | None = None) -> None:
         self._stop.set()
@@ -282,6 +312,13 @@ class Daemon:
         ca, certificate, key = _read_pki(settings)
         policy = _load_policy(settings.authz_policy)
         operators = _operators(settings.operators)
+        metrics_address = None
+        if settings.metrics_address is not None:
+            try:
+                metrics_address = parse_metrics_address(
+                    settings.metrics_address, allow_remote=settings.metrics_allow_remote)
+            except MetricsAddressError as error:
+                raise StartupError(f"--metrics-address {error}") from None
         try:
             target = parse_target(settings.socket)
         except TargetError as error:
@@ -302,11 +339,22 @@ class Daemon:
                                      mount_root=settings.cgroup_mount)
         except CgroupError as error:
             raise StartupError(f"cgroups: {error}") from None
+        self._events = EventJournal(settings.library_dir / EVENTS_DIR)
+        try:
+            self._events.open()
+        except OSError as error:
+            raise StartupError(f"event journal {self._events.directory}: {error}") from None
         self._workloads = Workloads(backend, settings.runtime_dir / "logs",
-                                    default_grace=settings.grace_period)
+                                    default_grace=settings.grace_period, events=self._events)
         self._workloads.on_spawner_lost = self._spawner_lost
         self._workloads.start()
+        # What the start reported (cleaned up, adopted) is readable once we serve.
+        self._events.flush()
+        if metrics_address is not None:
+            self._start_metrics(metrics_address)
 
+        self._open_images()
+        self._serve_cri()
         self._health = HealthService(SERVICE_NAMES)
         services = assemble_servicers(self._servicers(self._workloads, self._health))
 
@@ -361,11 +409,72 @@ class Daemon:
         """The servicers that need the daemon's parts: one line each, and the only place a
         service is named by hand. Every other service gets its default (assemble_servicers)."""
         return [
-            CellService(workloads),
+            CellService(workloads, self._containers),
             DiscoveryService(healthy=lambda: not self._shutting_down),
             ObserveService(workloads, self.daemon_log),
             health,
+            *self._image_servicers(),
         ]
+
+    # ------------------------------------------------------------ images (issue 14)
+    def _open_images(self) -> None:
+        """The image store under the library dir, and the containers that run its images."""
+        store = ImageStore(self.settings.library_dir / IMAGES_DIR)
+        try:
+            store.open()
+        except OSError as error:
+            raise StartupError(f"image store {store.root}: {error.strerror}") from None
+        self._images = store
+        self._containers = Containers(store, self.settings.runtime_dir / CONTAINERS_DIR)
+        self._containers.start()
+
+    def _image_servicers(self) -> list[Servicer]:
+        assert self._images is not None
+        return [ImageService(self._images)]
+
+    def _serve_cri(self) -> None:
+        """kubelet's runtime.v1 services on --cri-socket, when given."""
+        if self.settings.cri_socket is None:
+            return
+        from auraed.cri.pods import Pods
+        from auraed.cri.server import CriSocketError, serve_cri
+        from auraed.cri.service import CriImageService, CriRuntimeService
+
+        assert self._workloads is not None and self._containers is not None
+        assert self._images is not None
+        self._pods = Pods(self._workloads, self._containers, self._images)
+        try:
+            self._cri_server = serve_cri(
+                self.settings.cri_socket,
+                CriRuntimeService(self._pods, ready=lambda: not self._shutting_down),
+                CriImageService(self._images))
+        except CriSocketError as error:
+            raise StartupError(str(error)) from None
+        log.info("CRI serving", extra={"cri_socket": str(self.settings.cri_socket)})
+
+    def _stop_cri(self) -> None:
+        if self._cri_server is not None:
+            self._cri_server.stop(SHUTDOWN_RPC_GRACE).wait()
+            self._cri_server = None
+            assert self.settings.cri_socket is not None
+            self.settings.cri_socket.unlink(missing_ok=True)
+        if self._pods is not None:
+            self._pods.shutdown()
+
+    def _start_metrics(self, address: MetricsAddress) -> None:
+        assert self._workloads is not None
+        if address.kind == "unix":
+            _prepare_unix_socket(address.path)
+        # Born 0600, like the API socket (bind applies the umask).
+        previous = os.umask(0o177)
+        try:
+            self._metrics = MetricsEndpoint(address, self._workloads)
+        except OSError as error:
+            raise StartupError(f"--metrics-address {address}: cannot listen: "
+                               f"{error.strerror}") from None
+        finally:
+            os.umask(previous)
+        self._metrics.start()
 
     def shutdown(self) -> None:
         """Health NOT_SERVING, stop taking RPCs, stop every workload, remove our cgroups."""
@@ -377,13 +486,25 @@ class Daemon:
             self._health.shutting_down()
         if self._server is not None:
             self._server.stop(SHUTDOWN_RPC_GRACE).wait()
+        self._stop_cri()
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
         self.daemon_log.close()
         if self._workloads is not None:
             self._workloads.shutdown()
+        if self._containers is not None:
+            shutil.rmtree(self._containers.root, ignore_errors=True)
+        if self._events is not None:
+            self._events.daemon_stopped()
         self._cleanup()
         log.info("auraed stopped")
 
     def _cleanup(self) -> None:
+        if self._metrics is not None:
+            self._metrics.close()
+        if self._events is not None:
+            self._events.close()
         if self._audit is not None:
             self._audit.close()
         if self._unix_socket is not None:

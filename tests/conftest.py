@@ -25,3 +25,17 @@ def daemon() -> Iterator[DaemonProcess]:
 def client(daemon: DaemonProcess):  # type: ignore[no-untyped-def]
     with daemon.client() as connected:
         yield connected
+
+
+@pytest.fixture(scope="session")
+def busybox_image(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """The project's test image (scripts/busybox_image.py): (layout dir, archive file)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path_factory.mktemp("busybox-image")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "busybox_image.py"
+    subprocess.run([sys.executable, str(script), str(out / "layout"),
+                    "--archive", str(out / "busybox.tar")], check=True, capture_output=True)
+    return out / "layout", out / "busybox.tar"

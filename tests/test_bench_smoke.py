@@ -24,6 +24,7 @@ def test_every_benchmark_runs_in_quick_mode(tmp_path: Path) -> None:
     document = json.loads(results.read_text())
     assert document["failures"] == {}
     ran = {entry["benchmark"] for entry in document["results"]}
-    assert ran == {"rpc", "start", "spawn", "logs", "streams", "cells", "scale", "cli", "codegen"}
+    assert ran == {"rpc", "start", "spawn", "logs", "streams", "events", "cells", "containers",
+                   "scale", "cli", "codegen"}
     assert "| Benchmark |" in report.read_text()
     assert (tmp_path / "benchmarks" / "ratios.png").stat().st_size > 0

@@ -15,6 +15,10 @@ GROUPS = {
         "aurae_cli.generated.discovery",
         "DiscoveryService tells a client whether an Aurae daemon answers here and which version it runs.",
     ),
+    "images": (
+        "aurae_cli.generated.images",
+        "ImageService keeps the daemon's local store of container images: OCI image layouts and archives imported from the daemon's host, verified blob by blob, that cells run as containers.",
+    ),
     "observe": (
         "aurae_cli.generated.observe",
         "ObserveService streams what happens on the node: the daemon's own log, the output of workloads and the signals that reach them.",

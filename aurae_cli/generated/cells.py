@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from aurae_cli.rpc_command import invoke, rpc_options
+from aurae_cli.rpc_command import EnumChoice, invoke, rpc_options
 
 group = click.Group(
     "cells",
@@ -149,6 +149,13 @@ _START_FIELDS: dict[str, str] = {
     "name": "executable.name",
     "command": "executable.command",
     "description": "executable.description",
+    "image": "executable.image",
+    "read_only_rootfs": "executable.read_only_rootfs",
+    "restart_policy": "executable.restart_policy",
+    "restart_delay_ms": "executable.restart_delay_ms",
+    "restart_max_delay_ms": "executable.restart_max_delay_ms",
+    "start_limit_burst": "executable.start_limit.burst",
+    "start_limit_interval_ms": "executable.start_limit.interval_ms",
     "uid": "uid",
     "gid": "gid",
 }
@@ -177,6 +184,54 @@ _START_POSITIONALS: tuple[tuple[str, bool], ...] = (
     "description",
     type=str,
     help="Free text saying what the executable is for.",
+)
+@click.option(
+    "--image",
+    "image",
+    type=str,
+    help="aurae-py addition: run a container of this image (a reference or an id\nfrom the image service) instead of a host command: its root filesystem\nis the image's layers under a writable overlay, entered with pivot_root\nin a mount namespace of its own, with /proc, a minimal /dev and a\nread-only /sys. The image config's entrypoint, cmd, env, working\ndirectory and user apply; a command, split like a shell would, replaces\nthe image's cmd; uid and gid of the request replace the image's user.",
+)
+@click.option(
+    "--read-only-rootfs/--no-read-only-rootfs",
+    "read_only_rootfs",
+    default=None,
+    help="aurae-py addition: with image, mount the container's root filesystem\nread-only.",
+)
+@click.option(
+    "--restart-policy",
+    "restart_policy",
+    type=EnumChoice(
+        {
+            "no": "EXECUTABLE_RESTART_POLICY_NO",
+            "on-failure": "EXECUTABLE_RESTART_POLICY_ON_FAILURE",
+            "always": "EXECUTABLE_RESTART_POLICY_ALWAYS",
+        }
+    ),
+    help="aurae-py addition: whether to start the process again when it ends.\nStop, and Free of its cell, end the policy for good.",
+)
+@click.option(
+    "--restart-delay-ms",
+    "restart_delay_ms",
+    type=click.IntRange(min=0),
+    help="aurae-py addition: how long to wait before the first restart, in\nmilliseconds; each consecutive restart waits twice as long, up to\nrestart_max_delay_ms. Unset: 100. Needs a restart policy.",
+)
+@click.option(
+    "--restart-max-delay-ms",
+    "restart_max_delay_ms",
+    type=click.IntRange(min=0),
+    help="aurae-py addition: the longest wait between restarts, in milliseconds.\nUnset: 30000. Needs a restart policy.",
+)
+@click.option(
+    "--start-limit-burst",
+    "start_limit_burst",
+    type=click.IntRange(min=0),
+    help="Starts (the first one included) allowed within the interval; one more\nand the policy gives up. 0 means no limit.",
+)
+@click.option(
+    "--start-limit-interval-ms",
+    "start_limit_interval_ms",
+    type=click.IntRange(min=0),
+    help="The interval, in milliseconds; 0 means 10000.",
 )
 @click.option(
     "--uid",
@@ -303,4 +358,37 @@ def wait_command(**params: Any) -> None:
         _WAIT_FIELDS,
         server_streaming=False,
         positionals=_WAIT_POSITIONALS,
+    )
+
+
+# Click parameter -> dotted path of the request field it sets.
+_METRICS_FIELDS: dict[str, str] = {
+    "cell_name": "cell_name",
+    "exclude_children": "exclude_children",
+}
+# Positional parameters in order, and whether each may be left out.
+_METRICS_POSITIONALS: tuple[tuple[str, bool], ...] = (("cell_name", False),)
+
+
+@group.command(
+    "metrics",
+    help="aurae-py addition: what cells use, read from their cgroups at the call:\nCPU time and throttling, memory now and at its peak, processes, OOM kills.",
+    short_help="aurae-py addition: what cells use, read from their cgroups at the call: CPU time and throttling, memory now and at its peak, processes, OOM kills.",
+)
+@click.argument("cell_name", metavar="CELL_NAME", type=str, required=False)
+@click.option(
+    "--exclude-children/--no-exclude-children",
+    "exclude_children",
+    default=None,
+    help="With a cell name, leave out the cells nested in it.",
+)
+@rpc_options
+def metrics_command(**params: Any) -> None:
+    invoke(
+        "cells",
+        "metrics",
+        params,
+        _METRICS_FIELDS,
+        server_streaming=False,
+        positionals=_METRICS_POSITIONALS,
     )

@@ -13,6 +13,7 @@ from types import ModuleType
 SERVICE_MODULES = {
     "cells": "aurae_sdk.generated.cells",
     "discovery": "aurae_sdk.generated.discovery",
+    "images": "aurae_sdk.generated.images",
     "observe": "aurae_sdk.generated.observe",
     "vms": "aurae_sdk.generated.vms",
     "health": "aurae_sdk.generated.health",

@@ -134,3 +134,66 @@ def get_posix_signals_stream_command(**params: Any) -> None:
         _GET_POSIX_SIGNALS_STREAM_FIELDS,
         server_streaming=True,
     )
+
+
+# Click parameter -> dotted path of the request field it sets.
+_GET_EVENT_STREAM_FIELDS: dict[str, str] = {
+    "after_sequence": "after_sequence",
+    "follow": "follow",
+    "max_batch_events": "max_batch_events",
+    "workload_type": "workload.workload_type",
+    "id": "workload.id",
+}
+
+
+@group.command(
+    "get-event-stream",
+    help="aurae-py addition: the node's lifecycle events in order, each with a\nsequence number. Events the daemon still keeps (its journal outlives\nrestarts, bounded in size) are sent first, then, when following, new\nones as they happen. Per workload the order is allocated/started, then\nexited, then stopped/freed.",
+    short_help="aurae-py addition: the node's lifecycle events in order, each with a sequence number.",
+)
+@click.option(
+    "--after-sequence",
+    "after_sequence",
+    type=click.IntRange(min=0),
+    help="Send the events after this sequence number: the last one the client has\nseen, to resume; 0 sends every event the daemon still keeps.",
+)
+@click.option(
+    "--follow/--no-follow",
+    "follow",
+    default=None,
+    help="Keep the stream open and send new events as they happen; otherwise the\nstream ends after the events kept so far.",
+)
+@click.option(
+    "--max-batch-events",
+    "max_batch_events",
+    type=click.IntRange(min=0),
+    help="Pack up to this many events into each response; 0 means the daemon's\ndefault (512).",
+)
+@click.option(
+    "--workload-type",
+    "workload_type",
+    type=EnumChoice(
+        {
+            "unspecified": "WORKLOAD_TYPE_UNSPECIFIED",
+            "cell": "WORKLOAD_TYPE_CELL",
+            "pod-sandbox": "WORKLOAD_TYPE_POD_SANDBOX",
+            "vm": "WORKLOAD_TYPE_VM",
+        }
+    ),
+    help="What kind of workload it is.",
+)
+@click.option(
+    "--id",
+    "id",
+    type=str,
+    help="Its identifier; for a cell, the cell's path name.",
+)
+@rpc_options
+def get_event_stream_command(**params: Any) -> None:
+    invoke(
+        "observe",
+        "get_event_stream",
+        params,
+        _GET_EVENT_STREAM_FIELDS,
+        server_streaming=True,
+    )

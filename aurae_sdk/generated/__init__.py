@@ -9,6 +9,7 @@ enums and defines a sync and an asyncio client per service.
 PACKAGES = {
     "cells": "aurae.cells.v0",
     "discovery": "aurae.discovery.v0",
+    "images": "aurae.images.v0",
     "observe": "aurae.observe.v0",
     "vms": "aurae.vms.v0",
     "health": "grpc.health.v1",

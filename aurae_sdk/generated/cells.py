@@ -33,12 +33,20 @@ CellServiceListResponse = _cells_pb2.CellServiceListResponse
 CellGraphNode = _cells_pb2.CellGraphNode
 Cell = _cells_pb2.Cell
 Executable = _cells_pb2.Executable
+ExecutableStartLimit = _cells_pb2.ExecutableStartLimit
 CpuController = _cells_pb2.CpuController
 CpusetController = _cells_pb2.CpusetController
 MemoryController = _cells_pb2.MemoryController
 ExecutableStatus = _cells_pb2.ExecutableStatus
 CellServiceWaitRequest = _cells_pb2.CellServiceWaitRequest
 CellServiceWaitResponse = _cells_pb2.CellServiceWaitResponse
+CellServiceMetricsRequest = _cells_pb2.CellServiceMetricsRequest
+CellServiceMetricsResponse = _cells_pb2.CellServiceMetricsResponse
+CellMetrics = _cells_pb2.CellMetrics
+ExecutableRestartPolicy = _cells_pb2.ExecutableRestartPolicy
+EXECUTABLE_RESTART_POLICY_NO = _cells_pb2.EXECUTABLE_RESTART_POLICY_NO
+EXECUTABLE_RESTART_POLICY_ON_FAILURE = _cells_pb2.EXECUTABLE_RESTART_POLICY_ON_FAILURE
+EXECUTABLE_RESTART_POLICY_ALWAYS = _cells_pb2.EXECUTABLE_RESTART_POLICY_ALWAYS
 ExecutableState = _cells_pb2.ExecutableState
 EXECUTABLE_STATE_UNSPECIFIED = _cells_pb2.EXECUTABLE_STATE_UNSPECIFIED
 EXECUTABLE_STATE_RUNNING = _cells_pb2.EXECUTABLE_STATE_RUNNING
@@ -88,6 +96,15 @@ _CELL_SERVICE_WAIT: MethodSpec[CellServiceWaitRequest, CellServiceWaitResponse] 
     server_streaming=False,
     idempotent=False,
 )
+_CELL_SERVICE_METRICS: MethodSpec[CellServiceMetricsRequest, CellServiceMetricsResponse] = (
+    MethodSpec(
+        path="/aurae.cells.v0.CellService/Metrics",
+        request_type=CellServiceMetricsRequest,
+        response_type=CellServiceMetricsResponse,
+        server_streaming=False,
+        idempotent=True,
+    )
+)
 
 
 class CellService(ServiceClient):
@@ -103,6 +120,7 @@ class CellService(ServiceClient):
         _CELL_SERVICE_STOP,
         _CELL_SERVICE_LIST,
         _CELL_SERVICE_WAIT,
+        _CELL_SERVICE_METRICS,
     )
 
     def allocate(
@@ -222,6 +240,27 @@ class CellService(ServiceClient):
             metadata,
         )
 
+    def metrics(
+        self,
+        request: CellServiceMetricsRequest | Mapping[str, Any] | None = None,
+        /,
+        *,
+        cell_name: str | None = None,
+        exclude_children: bool | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> CellServiceMetricsResponse:
+        """aurae-py addition: what cells use, read from their cgroups at the call:
+        CPU time and throttling, memory now and at its peak, processes, OOM kills.
+        """
+        return self._unary(
+            _CELL_SERVICE_METRICS,
+            request,
+            {"cell_name": cell_name, "exclude_children": exclude_children},
+            timeout,
+            metadata,
+        )
+
 
 class AsyncCellService(AsyncServiceClient):
     """CellService owns cells (resource-limited groups of processes, optionally
@@ -238,6 +277,7 @@ class AsyncCellService(AsyncServiceClient):
         _CELL_SERVICE_STOP,
         _CELL_SERVICE_LIST,
         _CELL_SERVICE_WAIT,
+        _CELL_SERVICE_METRICS,
     )
 
     async def allocate(
@@ -359,6 +399,27 @@ class AsyncCellService(AsyncServiceClient):
             metadata,
         )
 
+    async def metrics(
+        self,
+        request: CellServiceMetricsRequest | Mapping[str, Any] | None = None,
+        /,
+        *,
+        cell_name: str | None = None,
+        exclude_children: bool | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> CellServiceMetricsResponse:
+        """aurae-py addition: what cells use, read from their cgroups at the call:
+        CPU time and throttling, memory now and at its peak, processes, OOM kills.
+        """
+        return await self._unary(
+            _CELL_SERVICE_METRICS,
+            request,
+            {"cell_name": cell_name, "exclude_children": exclude_children},
+            timeout,
+            metadata,
+        )
+
 
 __all__ = [
     "CellServiceAllocateRequest",
@@ -374,13 +435,21 @@ __all__ = [
     "CellGraphNode",
     "Cell",
     "Executable",
+    "ExecutableStartLimit",
     "CpuController",
     "CpusetController",
     "MemoryController",
     "ExecutableStatus",
     "CellServiceWaitRequest",
     "CellServiceWaitResponse",
+    "CellServiceMetricsRequest",
+    "CellServiceMetricsResponse",
+    "CellMetrics",
+    "ExecutableRestartPolicy",
     "ExecutableState",
+    "EXECUTABLE_RESTART_POLICY_NO",
+    "EXECUTABLE_RESTART_POLICY_ON_FAILURE",
+    "EXECUTABLE_RESTART_POLICY_ALWAYS",
     "EXECUTABLE_STATE_UNSPECIFIED",
     "EXECUTABLE_STATE_RUNNING",
     "EXECUTABLE_STATE_EXITED",

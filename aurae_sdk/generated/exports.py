@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from aurae_sdk.generated import cells as cells
 from aurae_sdk.generated import discovery as discovery
+from aurae_sdk.generated import images as images
 from aurae_sdk.generated import observe as observe
 from aurae_sdk.generated import vms as vms
 from aurae_sdk.generated import health as health
@@ -16,6 +17,7 @@ from aurae_sdk.generated import health as health
 __all__ = [
     "cells",
     "discovery",
+    "images",
     "observe",
     "vms",
     "health",

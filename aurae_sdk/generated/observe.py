@@ -32,6 +32,10 @@ GetPosixSignalsStreamResponse = _observe_pb2.GetPosixSignalsStreamResponse
 Workload = _observe_pb2.Workload
 Signal = _observe_pb2.Signal
 LogItem = _observe_pb2.LogItem
+GetEventStreamRequest = _observe_pb2.GetEventStreamRequest
+GetEventStreamResponse = _observe_pb2.GetEventStreamResponse
+Event = _observe_pb2.Event
+DaemonEvent = _observe_pb2.DaemonEvent
 LogChannelType = _observe_pb2.LogChannelType
 LOG_CHANNEL_TYPE_UNSPECIFIED = _observe_pb2.LOG_CHANNEL_TYPE_UNSPECIFIED
 LOG_CHANNEL_TYPE_STDOUT = _observe_pb2.LOG_CHANNEL_TYPE_STDOUT
@@ -41,6 +45,19 @@ WORKLOAD_TYPE_UNSPECIFIED = _observe_pb2.WORKLOAD_TYPE_UNSPECIFIED
 WORKLOAD_TYPE_CELL = _observe_pb2.WORKLOAD_TYPE_CELL
 WORKLOAD_TYPE_POD_SANDBOX = _observe_pb2.WORKLOAD_TYPE_POD_SANDBOX
 WORKLOAD_TYPE_VM = _observe_pb2.WORKLOAD_TYPE_VM
+EventKind = _observe_pb2.EventKind
+EVENT_KIND_UNSPECIFIED = _observe_pb2.EVENT_KIND_UNSPECIFIED
+EVENT_KIND_DAEMON_STARTED = _observe_pb2.EVENT_KIND_DAEMON_STARTED
+EVENT_KIND_DAEMON_RESTARTED = _observe_pb2.EVENT_KIND_DAEMON_RESTARTED
+EVENT_KIND_DAEMON_STOPPED = _observe_pb2.EVENT_KIND_DAEMON_STOPPED
+EVENT_KIND_CELL_ALLOCATED = _observe_pb2.EVENT_KIND_CELL_ALLOCATED
+EVENT_KIND_CELL_FREED = _observe_pb2.EVENT_KIND_CELL_FREED
+EVENT_KIND_CELL_OOM_KILL = _observe_pb2.EVENT_KIND_CELL_OOM_KILL
+EVENT_KIND_EXECUTABLE_STARTED = _observe_pb2.EVENT_KIND_EXECUTABLE_STARTED
+EVENT_KIND_EXECUTABLE_EXITED = _observe_pb2.EVENT_KIND_EXECUTABLE_EXITED
+EVENT_KIND_EXECUTABLE_STOPPED = _observe_pb2.EVENT_KIND_EXECUTABLE_STOPPED
+EVENT_KIND_EXECUTABLE_RESTARTED = _observe_pb2.EVENT_KIND_EXECUTABLE_RESTARTED
+EVENT_KIND_EXECUTABLE_START_LIMIT_HIT = _observe_pb2.EVENT_KIND_EXECUTABLE_START_LIMIT_HIT
 
 _OBSERVE_SERVICE_GET_AURAE_DAEMON_LOG_STREAM: MethodSpec[
     GetAuraeDaemonLogStreamRequest, GetAuraeDaemonLogStreamResponse
@@ -69,6 +86,15 @@ _OBSERVE_SERVICE_GET_POSIX_SIGNALS_STREAM: MethodSpec[
     server_streaming=True,
     idempotent=False,
 )
+_OBSERVE_SERVICE_GET_EVENT_STREAM: MethodSpec[GetEventStreamRequest, GetEventStreamResponse] = (
+    MethodSpec(
+        path="/aurae.observe.v0.ObserveService/GetEventStream",
+        request_type=GetEventStreamRequest,
+        response_type=GetEventStreamResponse,
+        server_streaming=True,
+        idempotent=False,
+    )
+)
 
 
 class ObserveService(ServiceClient):
@@ -81,6 +107,7 @@ class ObserveService(ServiceClient):
         _OBSERVE_SERVICE_GET_AURAE_DAEMON_LOG_STREAM,
         _OBSERVE_SERVICE_GET_SUB_PROCESS_STREAM,
         _OBSERVE_SERVICE_GET_POSIX_SIGNALS_STREAM,
+        _OBSERVE_SERVICE_GET_EVENT_STREAM,
     )
 
     def get_aurae_daemon_log_stream(
@@ -143,6 +170,37 @@ class ObserveService(ServiceClient):
             metadata,
         )
 
+    def get_event_stream(
+        self,
+        request: GetEventStreamRequest | Mapping[str, Any] | None = None,
+        /,
+        *,
+        after_sequence: int | None = None,
+        follow: bool | None = None,
+        max_batch_events: int | None = None,
+        workload: Workload | Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> Stream[GetEventStreamResponse]:
+        """aurae-py addition: the node's lifecycle events in order, each with a
+        sequence number. Events the daemon still keeps (its journal outlives
+        restarts, bounded in size) are sent first, then, when following, new
+        ones as they happen. Per workload the order is allocated/started, then
+        exited, then stopped/freed.
+        """
+        return self._stream(
+            _OBSERVE_SERVICE_GET_EVENT_STREAM,
+            request,
+            {
+                "after_sequence": after_sequence,
+                "follow": follow,
+                "max_batch_events": max_batch_events,
+                "workload": workload,
+            },
+            timeout,
+            metadata,
+        )
+
 
 class AsyncObserveService(AsyncServiceClient):
     """ObserveService streams what happens on the node: the daemon's own log,
@@ -156,6 +214,7 @@ class AsyncObserveService(AsyncServiceClient):
         _OBSERVE_SERVICE_GET_AURAE_DAEMON_LOG_STREAM,
         _OBSERVE_SERVICE_GET_SUB_PROCESS_STREAM,
         _OBSERVE_SERVICE_GET_POSIX_SIGNALS_STREAM,
+        _OBSERVE_SERVICE_GET_EVENT_STREAM,
     )
 
     def get_aurae_daemon_log_stream(
@@ -218,6 +277,37 @@ class AsyncObserveService(AsyncServiceClient):
             metadata,
         )
 
+    def get_event_stream(
+        self,
+        request: GetEventStreamRequest | Mapping[str, Any] | None = None,
+        /,
+        *,
+        after_sequence: int | None = None,
+        follow: bool | None = None,
+        max_batch_events: int | None = None,
+        workload: Workload | Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> AsyncStream[GetEventStreamResponse]:
+        """aurae-py addition: the node's lifecycle events in order, each with a
+        sequence number. Events the daemon still keeps (its journal outlives
+        restarts, bounded in size) are sent first, then, when following, new
+        ones as they happen. Per workload the order is allocated/started, then
+        exited, then stopped/freed.
+        """
+        return self._stream(
+            _OBSERVE_SERVICE_GET_EVENT_STREAM,
+            request,
+            {
+                "after_sequence": after_sequence,
+                "follow": follow,
+                "max_batch_events": max_batch_events,
+                "workload": workload,
+            },
+            timeout,
+            metadata,
+        )
+
 
 __all__ = [
     "GetAuraeDaemonLogStreamRequest",
@@ -230,8 +320,13 @@ __all__ = [
     "Workload",
     "Signal",
     "LogItem",
+    "GetEventStreamRequest",
+    "GetEventStreamResponse",
+    "Event",
+    "DaemonEvent",
     "LogChannelType",
     "WorkloadType",
+    "EventKind",
     "LOG_CHANNEL_TYPE_UNSPECIFIED",
     "LOG_CHANNEL_TYPE_STDOUT",
     "LOG_CHANNEL_TYPE_STDERR",
@@ -239,6 +334,18 @@ __all__ = [
     "WORKLOAD_TYPE_CELL",
     "WORKLOAD_TYPE_POD_SANDBOX",
     "WORKLOAD_TYPE_VM",
+    "EVENT_KIND_UNSPECIFIED",
+    "EVENT_KIND_DAEMON_STARTED",
+    "EVENT_KIND_DAEMON_RESTARTED",
+    "EVENT_KIND_DAEMON_STOPPED",
+    "EVENT_KIND_CELL_ALLOCATED",
+    "EVENT_KIND_CELL_FREED",
+    "EVENT_KIND_CELL_OOM_KILL",
+    "EVENT_KIND_EXECUTABLE_STARTED",
+    "EVENT_KIND_EXECUTABLE_EXITED",
+    "EVENT_KIND_EXECUTABLE_STOPPED",
+    "EVENT_KIND_EXECUTABLE_RESTARTED",
+    "EVENT_KIND_EXECUTABLE_START_LIMIT_HIT",
     "ObserveService",
     "AsyncObserveService",
 ]

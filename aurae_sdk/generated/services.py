@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from aurae_sdk.rpc import Transport
     from aurae_sdk.generated import cells
     from aurae_sdk.generated import discovery
+    from aurae_sdk.generated import images
     from aurae_sdk.generated import observe
     from aurae_sdk.generated import vms
     from aurae_sdk.generated import health
@@ -32,6 +33,12 @@ SERVICES = {
         "DiscoveryService",
         "AsyncDiscoveryService",
         "aurae.discovery.v0.DiscoveryService",
+    ),
+    "images": (
+        "aurae_sdk.generated.images",
+        "ImageService",
+        "AsyncImageService",
+        "aurae.images.v0.ImageService",
     ),
     "observe": (
         "aurae_sdk.generated.observe",
@@ -76,6 +83,11 @@ class SyncServices(_Services):
         return self._service("discovery", 0)  # type: ignore[return-value]
 
     @cached_property
+    def images(self) -> images.ImageService:
+        """ImageService keeps the daemon's local store of container images: OCI image layouts and archives imported from the daemon's host, verified blob by blob, that cells run as containers."""
+        return self._service("images", 0)  # type: ignore[return-value]
+
+    @cached_property
     def observe(self) -> observe.ObserveService:
         """ObserveService streams what happens on the node: the daemon's own log, the output of workloads and the signals that reach them."""
         return self._service("observe", 0)  # type: ignore[return-value]
@@ -103,6 +115,11 @@ class AsyncServices(_Services):
     def discovery(self) -> discovery.AsyncDiscoveryService:
         """DiscoveryService tells a client whether an Aurae daemon answers here and which version it runs."""
         return self._service("discovery", 1)  # type: ignore[return-value]
+
+    @cached_property
+    def images(self) -> images.AsyncImageService:
+        """ImageService keeps the daemon's local store of container images: OCI image layouts and archives imported from the daemon's host, verified blob by blob, that cells run as containers."""
+        return self._service("images", 1)  # type: ignore[return-value]
 
     @cached_property
     def observe(self) -> observe.AsyncObserveService:

@@ -105,6 +105,20 @@ class CellServiceBase:
         )
         raise AssertionError("unreachable: abort raises")
 
+    def metrics(
+        self,
+        request: _cells_pb2.CellServiceMetricsRequest,
+        context: grpc.ServicerContext,
+    ) -> _cells_pb2.CellServiceMetricsResponse:
+        """aurae-py addition: what cells use, read from their cgroups at the call:
+        CPU time and throttling, memory now and at its peak, processes, OOM kills.
+        """
+        context.abort(
+            grpc.StatusCode.UNIMPLEMENTED,
+            "aurae.cells.v0.CellService.Metrics is not implemented by this daemon",
+        )
+        raise AssertionError("unreachable: abort raises")
+
     def register(self, server: grpc.Server) -> None:
         """Serve this service's RPCs on `server`."""
         handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
@@ -137,6 +151,11 @@ class CellServiceBase:
                 self.wait,
                 request_deserializer=_cells_pb2.CellServiceWaitRequest.FromString,
                 response_serializer=_cells_pb2.CellServiceWaitResponse.SerializeToString,
+            ),
+            "Metrics": grpc.unary_unary_rpc_method_handler(
+                self.metrics,
+                request_deserializer=_cells_pb2.CellServiceMetricsRequest.FromString,
+                response_serializer=_cells_pb2.CellServiceMetricsResponse.SerializeToString,
             ),
         }
         server.add_generic_rpc_handlers(

@@ -64,6 +64,23 @@ class ObserveServiceBase:
         )
         raise AssertionError("unreachable: abort raises")
 
+    def get_event_stream(
+        self,
+        request: _observe_pb2.GetEventStreamRequest,
+        context: grpc.ServicerContext,
+    ) -> Iterator[_observe_pb2.GetEventStreamResponse]:
+        """aurae-py addition: the node's lifecycle events in order, each with a
+        sequence number. Events the daemon still keeps (its journal outlives
+        restarts, bounded in size) are sent first, then, when following, new
+        ones as they happen. Per workload the order is allocated/started, then
+        exited, then stopped/freed.
+        """
+        context.abort(
+            grpc.StatusCode.UNIMPLEMENTED,
+            "aurae.observe.v0.ObserveService.GetEventStream is not implemented by this daemon",
+        )
+        raise AssertionError("unreachable: abort raises")
+
     def register(self, server: grpc.Server) -> None:
         """Serve this service's RPCs on `server`."""
         handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
@@ -81,6 +98,11 @@ class ObserveServiceBase:
                 self.get_posix_signals_stream,
                 request_deserializer=_observe_pb2.GetPosixSignalsStreamRequest.FromString,
                 response_serializer=_observe_pb2.GetPosixSignalsStreamResponse.SerializeToString,
+            ),
+            "GetEventStream": grpc.unary_stream_rpc_method_handler(
+                self.get_event_stream,
+                request_deserializer=_observe_pb2.GetEventStreamRequest.FromString,
+                response_serializer=_observe_pb2.GetEventStreamResponse.SerializeToString,
             ),
         }
         server.add_generic_rpc_handlers(

@@ -16,6 +16,7 @@ import grpc
 
 from auraed.generated.cells import CellServiceBase
 from auraed.generated.discovery import DiscoveryServiceBase
+from auraed.generated.images import ImageServiceBase
 from auraed.generated.observe import ObserveServiceBase
 from auraed.generated.vms import VmServiceBase
 from auraed.generated.health import HealthBase
@@ -46,6 +47,11 @@ SERVICES: tuple[ServiceEntry, ...] = (
         "aurae.discovery.v0.DiscoveryService",
         DiscoveryServiceBase,
         "auraed.services.discovery",
+    ),
+    ServiceEntry(
+        "aurae.images.v0.ImageService",
+        ImageServiceBase,
+        "auraed.services.images",
     ),
     ServiceEntry(
         "aurae.observe.v0.ObserveService",

@@ -145,3 +145,31 @@ def fork_into_cgroup(cgroup_fd: int) -> int:
     if pid < 0:
         raise OSError(error, os.strerror(error))
     return int(pid)
+
+
+# --- mounts for container root filesystems (auraed/kernel/rootfs.py) ---
+MS_RDONLY = 0x1
+MS_REMOUNT = 0x20
+MS_BIND = 0x1000
+MNT_DETACH = 0x2
+_SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217}
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.umount2.restype = ctypes.c_int
+
+
+def mount_with_data(source: str, target: str, fstype: str | None, flags: int, data: str) -> None:
+    """mount(2) with filesystem options, such as overlayfs's lowerdir=...,upperdir=..."""
+    _check(_libc.mount(source.encode(), target.encode(), fstype.encode() if fstype else None,
+                       flags, data.encode()))
+
+
+def umount2(target: str, flags: int) -> None:
+    _check(_libc.umount2(target.encode(), flags))
+
+
+def pivot_root(new_root: str, put_old: str) -> None:
+    """pivot_root(2), which glibc does not wrap."""
+    number = _SYS_PIVOT_ROOT.get(os.uname().machine)
+    if number is None:
+        raise OSError(38, "pivot_root: unknown system call number on this architecture")
+    _check(_libc.syscall(number, new_root.encode(), put_old.encode()))

@@ -115,6 +115,9 @@ class SpawnSpec:
     env: Mapping[str, str] = field(default_factory=default_env)
     cwd: str = "/"
     namespaces: NamespaceSet | None = None
+    # A container's root filesystem, made and entered by the child (auraed.kernel.rootfs);
+    # cwd and argv are then the container's.
+    rootfs: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not self.command:
@@ -318,6 +321,7 @@ class Spawner:
                 "env": dict(spec.env),
                 "cwd": spec.cwd,
                 "namespaces": spec.namespaces.paths() if spec.namespaces else None,
+                **({"rootfs": dict(spec.rootfs)} if spec.rootfs else {}),
             },
             (spec.stdout_fd, spec.stderr_fd),
         )

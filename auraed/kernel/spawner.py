@@ -64,6 +64,7 @@ from auraed.kernel.libc import (
     unignore_reserved_signals,
     unshare,
 )
+from auraed.kernel.rootfs import enter_rootfs
 
 # Room for the longest command exec takes (MAX_ARG_STRLEN, 128 KiB) even when JSON spells each
 # of its bytes as a six-byte \u escape (control characters), with its environment.
@@ -354,8 +355,10 @@ class ForkServer:
         joined none)."""
         namespace_fds = self._open_namespaces(request)
         try:
+            # A container's argv is looked up in its own root filesystem, after the pivot.
             executables = _executables(
-                request["argv"][0], request["env"], in_our_filesystem="mnt" not in namespace_fds
+                request["argv"][0], request["env"],
+                in_our_filesystem="mnt" not in namespace_fds and not request.get("rootfs"),
             )
             started = self._with_birth_fallback(
                 self._birth_cgroup(request), lambda cgroup: self._start_workload(
@@ -627,6 +630,8 @@ def _become_workload(
         # First sign of life; born in its pid namespace, so getpid() is the pid the cell sees.
         os.write(report_fd, b"%d\n" % os.getpid())
         _join_cell(step, request, namespace_fds, join_cgroups)
+        if request.get("rootfs"):
+            enter_rootfs(request["rootfs"], step.at)
         step.at("setsid")
         os.setsid()
         os.umask(0o022)

@@ -29,7 +29,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from auraed.errors import (
@@ -60,11 +60,22 @@ from auraed.kernel.processes import (
     SpawnerClosed,
     SpawnError,
     SpawnSpec,
+    default_env,
+    exec_refusal,
     signal_group,
 )
 from auraed.output import OutputLog, OutputPump, output_pipe
-from auraed.runtime.executables import Executable, ExecutableKey
+from auraed.runtime.containers import ContainerSpec
+from auraed.runtime.events import EventJournal
+from auraed.runtime.executables import Executable, ExecutableKey, check_command, check_identity
 from auraed.runtime.names import CellName
+from auraed.runtime.restarts import (
+    NO_RESTART,
+    RestartMode,
+    RestartPolicy,
+    RestartState,
+    RestartTimer,
+)
 from auraed.runtime.signals import SignalEvent, SignalFeed
 
 log = logging.getLogger("auraed.workloads")
@@ -93,6 +104,8 @@ class CellSpec:
     limits: CgroupLimits
     isolate_process: bool = False
     isolate_network: bool = False
+    # The hostname in the cell's own uts namespace; None names it after the cell.
+    hostname: str | None = None
 
     @property
     def unshared(self) -> frozenset[str]:
@@ -158,9 +171,11 @@ class Workloads:
         default_grace: float = DEFAULT_GRACE_PERIOD,
         log_segment_bytes: int = 8 * 1024 * 1024,
         log_segments: int = 8,
+        events: EventJournal | None = None,
     ) -> None:
         self.backend = backend
         self.signals = SignalFeed()
+        self.events = events if events is not None else EventJournal.in_memory()
         self._log_root = log_root
         self._default_grace = default_grace
         self._log_segment_bytes = log_segment_bytes
@@ -182,6 +197,7 @@ class Workloads:
         self._holders: dict[int, Cell] = {}
         # Exits reported before the starting thread recorded the pid.
         self._early_exits: dict[int, tuple[ExitStatus, float]] = {}
+        self._restarts = RestartTimer(self._restart, self.events.start_limit_hit)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -195,11 +211,13 @@ class Workloads:
             # daemon lost their output pipes and supervisor; see docs/daemon.md.
             log.warning("removing cells left by a previous run", extra={"cells": ",".join(stale)})
         self.backend.cleanup_stale()
+        self.events.daemon_started(cleaned_cells=stale)
         if self._log_root.exists():
             shutil.rmtree(self._log_root)
         self._log_root.mkdir(parents=True)
         self._spawner.start()
         self._pump.start()
+        self._restarts.start()
         self._devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
 
     def shutdown(self, grace: float | None = None) -> None:
@@ -208,6 +226,7 @@ class Workloads:
             self._closing = True
             top = [cell.name for cell in self._cells.values() if cell.name.parent is None]
             host = list(self._host_executables.values())
+        self._restarts.close()
         self._stop_all(host, self._grace(grace))
         for name in top:
             try:
@@ -260,6 +279,7 @@ class Workloads:
             self._cells[name] = cell
             if parent is not None:
                 parent.children[name.leaf] = cell
+            self.events.cell_allocated(name)
         log.info("cell allocated", extra={"cell": name.path,
                                           "namespaces": ",".join(sorted(spec.unshared))})
         return cell
@@ -270,7 +290,7 @@ class Workloads:
         try:
             holder = self._spawner.spawn_holder(HolderSpec(
                 unshare=cell.spec.unshared,
-                hostname=cell.name.leaf,
+                hostname=cell.spec.hostname or cell.name.leaf,
                 stdout_fd=self._devnull,
                 stderr_fd=self._devnull,
                 cgroup_join=self.backend.join_files(cell.name.path),
@@ -347,6 +367,7 @@ class Workloads:
                     _remove_directory(self._log_root / member.name.path, only_if_empty=True)
                 if name.parent is not None and name.parent in self._cells:
                     self._cells[name.parent].children.pop(name.leaf, None)
+                self.events.cell_freed(name)
         finally:
             for member in subtree:
                 member.freed.set()
@@ -398,15 +419,45 @@ class Workloads:
         description: str = "",
         uid: int | None = None,
         gid: int | None = None,
+        container: ContainerSpec | None = None,
+        restart: RestartPolicy = NO_RESTART,
     ) -> Executable:
-        """Start a (validated) command line; uid/gid None: the daemon's own."""
-        uid = os.getuid() if uid is None else uid
-        gid = os.getgid() if gid is None else gid
+        """With `container`, run its argv in its filesystem as its user; the caller's
+        `command` is then only what listings show. The container is released if this fails."""
+        try:
+            if container is not None and restart.mode is not RestartMode.NO:
+                raise InvalidArgument("a restart policy cannot be combined with an image yet",
+                                      subject=Subject.RESTART_POLICY)
+            return self._start_executable(cell_name, name, command, description=description,
+                                          uid=uid, gid=gid, container=container, restart=restart)
+        except BaseException:
+            if container is not None:
+                container.release()
+            raise
+
+    def _start_executable(self, cell_name: CellName | None, name: str, command: str, *,
+                          description: str, uid: int | None, gid: int | None,
+                          container: ContainerSpec | None,
+                          restart: RestartPolicy) -> Executable:
+        if container is None:
+            # Checked at each service's edge too, which names the field; here for any caller.
+            check_command(command)
+            uid = os.getuid() if uid is None else uid
+            gid = os.getgid() if gid is None else gid
+            check_identity(uid, gid)  # a container's users are the image's, not the host's
+        else:
+            uid, gid = container.uid, container.gid
+            refusal = exec_refusal(container.argv, container.env)
+            if refusal is not None:
+                raise InvalidArgument(f"the command is too long for exec: {refusal}",
+                                      subject=Subject.COMMAND)
         key = ExecutableKey(cell_name, name)
         with self._lock:
             self._check_open()
             registry = self._registry(cell_name, for_change=True)
             namespaces = self._namespaces_for_start(cell_name)
+            if container is not None and container.mount_namespace is not None:
+                namespaces = replace(namespaces or NamespaceSet(), mnt=container.mount_namespace)
             previous = registry.get(name)
             # A name is free again once its process group is gone, not just its leader.
             if previous is not None and not self._ended(previous):
@@ -417,7 +468,8 @@ class Workloads:
             if previous is not None:
                 self._forget(previous)
                 del registry[name]
-            executable = self._spawn(key, command, description, uid, gid, namespaces)
+            executable = self._spawn(key, command, description, uid, gid, namespaces,
+                                     RestartState(restart), container)
             registry[name] = executable
             self._stopped.pop(key, None)
         log.info(
@@ -426,9 +478,11 @@ class Workloads:
         )
         return executable
 
-    def stop_executable(self, cell_name: CellName | None, name: str, grace: float | None = None) -> Executable:
+    def stop_executable(self, cell_name: CellName | None, name: str, grace: float | None = None,
+                        *, forget: bool = True) -> Executable:
         """End an executable (SIGTERM to its group, SIGKILL after the grace
-        period) and forget it. Returns it with its exit status."""
+        period) and forget it (unless `forget` is False: the CRI keeps stopped
+        containers until they are removed). Returns it with its exit status."""
         with self._lock:
             registry = self._registry(cell_name, for_change=False)
             executable = registry.get(name)
@@ -436,7 +490,10 @@ class Workloads:
                 raise NotFound(
                     f"no executable {name} in {_where(cell_name)}", subject=Subject.EXECUTABLE
                 )
+            executable.restart.ended = True  # under _lock: no restart can slip in after this
         self._stop_all([executable], self._grace(grace))
+        if not forget:
+            return executable
         with self._lock:
             if registry.get(name) is executable:
                 del registry[name]
@@ -445,6 +502,7 @@ class Workloads:
                 self._stopped.move_to_end(executable.key)
                 while len(self._stopped) > MAX_STOPPED_RECORDS:
                     self._stopped.popitem(last=False)
+                self.events.executable_stopped(executable)
         log.info("executable stopped", extra={"cell": str(cell_name or ""), "executable": name})
         return executable
 
@@ -545,7 +603,8 @@ class Workloads:
                     "free the cell and allocate it again", subject=Subject.CELL)
 
     def _spawn(self, key: ExecutableKey, command: str, description: str, uid: int, gid: int,
-               namespaces: NamespaceSet | None) -> Executable:
+               namespaces: NamespaceSet | None, restart: RestartState,
+               container: ContainerSpec | None = None) -> Executable:
         log_dir = self._log_dir(key)
         stdout = OutputLog(log_dir, "stdout", segment_bytes=self._log_segment_bytes,
                            max_segments=self._log_segments)
@@ -560,11 +619,15 @@ class Workloads:
         # Host level: a cgroup of its own, so that Stop reaches whatever it starts, even in
         # sessions of their own (setsid) that its process group does not hold.
         scope = None if key.cell else f"{key.name}.{next(self._scope_numbers)}"
+        restart.record_start()  # an attempt counts towards the start limit
         try:
             if scope is not None:
                 self._create_scope(key, scope)
             spec = SpawnSpec(
-                command=command,
+                command=container.argv if container else command,
+                env=container.env if container else default_env(),
+                cwd=container.cwd if container else "/",
+                rootfs=container.rootfs if container else None,
                 uid=uid,
                 gid=gid,
                 stdout_fd=out_write,
@@ -610,9 +673,13 @@ class Workloads:
             key=key, command=command, description=description, uid=uid, gid=gid,
             process=process, stdout=stdout, stderr=stderr, log_dir=log_dir, started_at=started_at,
             scope=scope, oom_kills_at_start=oom_kills_at_start,
+            restart=restart,
         )
+        if container is not None:
+            executable.release = container.release
         self._pump.watch(out_read, stdout)
         self._pump.watch(err_read, stderr)
+        self.events.executable_started(executable)  # before an exit can be recorded
         with self._pids_lock:
             self._by_host_pid[process.host_pid] = executable
             early = self._early_exits.pop(process.host_pid, None)
@@ -654,6 +721,7 @@ class Workloads:
                 del self._by_host_pid[executable.process.host_pid]
         if executable.scope is not None:
             self._remove_scope(executable.scope)
+        executable.release()  # a container's writable layer and its hold on the image
         if executable.stdout.complete and executable.stderr.complete:
             executable.stdout.remove()
             executable.stderr.remove()
@@ -678,6 +746,43 @@ class Workloads:
         assert executable is not None
         self._record_exit(executable, status, when)
 
+    def _restart(self, previous: Executable) -> None:
+        """Start an executable again for its restart policy (on the RestartTimer's thread),
+        unless Stop, Free or shutdown ended the policy, or the name was reused, meanwhile."""
+        state = previous.restart
+        cell = previous.cell
+        with self._lock:
+            state.next_at = 0.0
+            if state.ended or self._closing:
+                return
+            if cell is not None and (cell not in self._cells or self._cells[cell].freeing):
+                return
+            registry = self._host_executables if cell is None else self._cells[cell].executables
+            if registry.get(previous.name) is not previous:
+                return
+            try:
+                namespaces = self._namespaces_for_start(cell)
+                state.count += 1
+                executable = self._spawn(previous.key, previous.command, previous.description,
+                                         previous.uid, previous.gid, namespaces, state)
+            except Unavailable:
+                return  # no spawner: nothing starts any more
+            except FailedPrecondition as error:
+                failed: FailedPrecondition | None = error
+            else:
+                failed = None
+                self._forget(previous)
+                registry[previous.name] = executable
+        if failed is not None:
+            # A failed start: the policy tries again later, within its start limit.
+            log.warning("restart failed", extra={"executable": str(previous.key),
+                                                 "error": failed.message})
+            self._restarts.exited(previous)
+            return
+        log.info("executable restarted", extra={
+            "cell": str(cell or ""), "executable": previous.name,
+            "pid": executable.process.host_pid, "restarts": state.count})
+
     def _on_spawner_lost(self) -> None:
         """The spawner is gone: no exit will be reported from now on, so stop
         waiting for reports and let the daemon decide what to do."""
@@ -687,7 +792,9 @@ class Workloads:
 
     def _record_exit(self, executable: Executable, status: ExitStatus, when: float) -> None:
         self._attribute_oom_kills(executable, status)
+        self.events.executable_exited(executable, status)  # before Stop or Free can see the end
         executable.mark_exited(status, when)
+        self._restarts.exited(executable)
         if status.signal is not None:
             self._publish_signal(executable, status.signal, delivered_by_daemon=False)
         log.info(
@@ -736,6 +843,8 @@ class Workloads:
         cell = self._cells.get(executable.cell)
         if cell is None:
             return
+        if now > cell.oom_kills_seen:
+            self.events.cell_oom_kill(executable.cell, now)
         unaccounted = now - max(cell.oom_kills_seen, executable.oom_kills_at_start)
         if killed and unaccounted > 0:
             executable.oom_killed = True

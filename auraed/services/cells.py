@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import shlex
+import time
+
 import grpc
 
 from aurae_sdk.wire.generated.pb.cells import cells_pb2 as pb
+from auraed.errors import InvalidArgument, Unimplemented
 from auraed.generated.cells import CellServiceBase
+from auraed.runtime.containers import Containers, ContainerSpec
 from auraed.runtime.executables import Executable
+from auraed.runtime.metrics import CellUsage, cell_usage
 from auraed.runtime.names import CellName
 from auraed.runtime.workloads import CellSpec, Workloads
 from auraed.services.cell_pages import list_page
-from auraed.validation import blaming
+from auraed.validation import blamed, blaming
 from auraed.validation import cells as valid
 
 # Wait polls the caller's liveness this often, so an abandoned Wait ends.
@@ -36,7 +42,11 @@ def executable_status(executable: Executable) -> pb.ExecutableStatus:
         started_at=executable.started_at,
         exited_at=executable.exited_at,
         oom_killed=executable.oom_killed,
+        restart_policy=valid.RESTART_POLICIES[executable.restart.policy.mode],
         cell_oom_kills=executable.cell_oom_kills,
+        restart_count=executable.restart.count,
+        next_restart_at=0.0 if executable.restart.ended else executable.restart.next_at,
+        start_limit_hit=executable.restart.gave_up,
     )
     if executable.exit_status is not None:
         if executable.exit_status.exit_code is not None:
@@ -46,11 +56,23 @@ def executable_status(executable: Executable) -> pb.ExecutableStatus:
     return status
 
 
+def metrics_message(usage: CellUsage) -> pb.CellMetrics:
+    metrics = usage.metrics
+    message = pb.CellMetrics(cell_name=usage.name.path, cpu_usage_usec=metrics.cpu_usage_usec,
+                             executables_running=usage.executables_running)
+    for field in ("cpu_user_usec", "cpu_system_usec", "cpu_periods", "cpu_throttled_periods",
+                  "cpu_throttled_usec", "memory_current_bytes", "memory_peak_bytes",
+                  "memory_max_bytes", "pids_current", "oom_kills"):
+        value = getattr(metrics, field)
+        if value is not None:
+            setattr(message, field, value)
+    return message
 
 
 class CellService(CellServiceBase):
-    def __init__(self, workloads: Workloads) -> None:
+    def __init__(self, workloads: Workloads, containers: Containers | None = None) -> None:
         self.workloads = workloads
+        self.containers = containers
 
     def allocate(self, request: pb.CellServiceAllocateRequest,
                  context: grpc.ServicerContext) -> pb.CellServiceAllocateResponse:
@@ -71,10 +93,18 @@ class CellService(CellServiceBase):
     def start(self, request: pb.CellServiceStartRequest,
               context: grpc.ServicerContext) -> pb.CellServiceStartResponse:
         start = valid.executable_start(request)
+        # validated before a container is prepared
+        container = self._container(request, start.uid, start.gid)
         with blaming(valid.START_FIELDS):
             executable = self.workloads.start_executable(
-                start.cell, start.name, start.command,
-                description=start.description, uid=start.uid, gid=start.gid,
+                start.cell,
+                start.name,
+                container.command if container else start.command,
+                description=start.description,
+                uid=start.uid,
+                gid=start.gid,
+                container=container,
+                restart=start.restart,
             )
         return pb.CellServiceStartResponse(
             pid=executable.process.ns_pid,
@@ -82,6 +112,24 @@ class CellService(CellServiceBase):
             gid=executable.gid,
             host_pid=executable.process.host_pid,
         )
+
+    def _container(self, request: pb.CellServiceStartRequest, uid: int | None,
+                   gid: int | None) -> ContainerSpec | None:
+        """The container to run, when the executable names an image."""
+        executable = request.executable
+        if not executable.HasField("image"):
+            if executable.read_only_rootfs:
+                raise InvalidArgument("read_only_rootfs needs an image",
+                                      field="executable.read_only_rootfs")
+            return None
+        if self.containers is None:
+            raise Unimplemented("this daemon runs no containers")
+        try:
+            args = shlex.split(executable.command) if executable.command.strip() else None
+        except ValueError as error:
+            raise InvalidArgument(f"command: {error}", field="executable.command") from None
+        return self.containers.prepare(executable.image, args=args, uid=uid, gid=gid,
+                                       read_only=executable.read_only_rootfs)
 
     def stop(self, request: pb.CellServiceStopRequest,
              context: grpc.ServicerContext) -> pb.CellServiceStopResponse:
@@ -110,3 +158,18 @@ class CellService(CellServiceBase):
                 break
         context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"{ref.name} is still running")
         raise AssertionError("unreachable: abort raises")
+
+    def metrics(self, request: pb.CellServiceMetricsRequest,
+                context: grpc.ServicerContext) -> pb.CellServiceMetricsResponse:
+        cell = None
+        if request.cell_name:
+            with blamed("cell_name"):
+                cell = CellName.parse(request.cell_name)
+        if cell is None and request.exclude_children:
+            raise InvalidArgument("exclude_children needs a cell name", field="exclude_children")
+        read_at = time.time()
+        with blaming(valid.FREE_FIELDS):  # the request's cell is its cell_name, as in Free
+            usage = cell_usage(self.workloads, cell, recursive=not request.exclude_children)
+        return pb.CellServiceMetricsResponse(cells=[metrics_message(u) for u in usage],
+                                             timestamp=read_at,
+                                             cgroup_v2=self.workloads.backend.version == 2)

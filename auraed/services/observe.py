@@ -7,19 +7,55 @@ from collections.abc import Iterator
 import grpc
 
 from aurae_sdk.wire.generated.pb.observe import observe_pb2 as pb
+from auraed.errors import FailedPrecondition, InvalidArgument
 from auraed.generated.observe import ObserveServiceBase
 from auraed.output import Line, LogRing, follow_all
+from auraed.runtime.events import Event
 from auraed.runtime.workloads import Workloads
 from auraed.validation import blaming
 from auraed.validation import observe as valid
 
 DAEMON_CHANNEL = "auraed"
+DEFAULT_BATCH_EVENTS = 512
+MAX_BATCH_EVENTS = 10_000
 
 
 def _item(channel: str, line: Line) -> pb.LogItem:
     timestamp, text = line
     # LogItem.line is a proto string: it must be valid UTF-8.
     return pb.LogItem(channel=channel, line=text.decode("utf-8", "replace"), timestamp=int(timestamp))
+
+
+def event_message(event: Event) -> pb.Event:
+    message = pb.Event(
+        sequence=event.sequence,
+        timestamp=event.timestamp,
+        kind=pb.EventKind.Value(f"EVENT_KIND_{event.kind.name}"),
+        cell_name=event.cell,
+        executable_name=event.executable,
+        pid=event.pid,
+        host_pid=event.host_pid,
+        oom_killed=event.oom_killed,
+        restart_count=event.restart_count,
+        restart_delay_ms=event.restart_delay_ms,
+        oom_kills=event.oom_kills,
+        cleaned_up=event.cleaned_up,
+    )
+    if event.exit_code is not None:
+        message.exit_code = event.exit_code
+    if event.signal is not None:
+        message.signal = event.signal
+    if event.daemon is not None:
+        report = event.daemon
+        message.daemon.CopyFrom(pb.DaemonEvent(
+            version=report.version,
+            previous_stopped_cleanly=report.previous_stopped_cleanly,
+            cleaned_cells=report.cleaned_cells,
+            cleaned_executables=report.cleaned_executables,
+            adopted_cells=report.adopted_cells,
+            adopted_executables=report.adopted_executables,
+        ))
+    return message
 
 
 class ObserveService(ObserveServiceBase):
@@ -58,7 +94,7 @@ class ObserveService(ObserveServiceBase):
     def get_posix_signals_stream(
         self, request: pb.GetPosixSignalsStreamRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.GetPosixSignalsStreamResponse]:
-        cell = valid.signals_of(request)
+        cell = valid.workload_filter(request.workload)
         for event in self.workloads.signals.follow(lambda: not context.is_active(), cell):
             yield pb.GetPosixSignalsStreamResponse(
                 signal=pb.Signal(
@@ -69,3 +105,26 @@ class ObserveService(ObserveServiceBase):
                     timestamp=int(event.timestamp),
                 )
             )
+
+    def get_event_stream(
+        self, request: pb.GetEventStreamRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.GetEventStreamResponse]:
+        if request.max_batch_events > MAX_BATCH_EVENTS:
+            raise InvalidArgument(f"at most {MAX_BATCH_EVENTS} events per batch",
+                                  field="max_batch_events")
+        cell = valid.workload_filter(request.workload)
+        journal = self.workloads.events
+        newest = journal.last_sequence
+        if request.after_sequence > newest:
+            raise FailedPrecondition(
+                f"sequence {request.after_sequence} is past the newest event ({newest}): "
+                "this daemon's event journal was reset since; resume from 0",
+                field="after_sequence")
+        batch = request.max_batch_events or DEFAULT_BATCH_EVENTS
+        for lost, events in journal.read(request.after_sequence, lambda: not context.is_active(),
+                                         follow=request.follow, batch=batch):
+            if cell is not None:
+                events = [e for e in events if e.daemon is not None or e.within(cell.path)]
+                if not events and not lost:
+                    continue
+            yield pb.GetEventStreamResponse(events=[event_message(e) for e in events], lost=lost)

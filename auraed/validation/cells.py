@@ -22,10 +22,19 @@ from auraed.kernel.cgroups import CgroupLimits, InvalidLimit
 from auraed.kernel.cgroups import validate as validate_limits
 from auraed.kernel.processes import default_env, exec_refusal
 from auraed.runtime.names import CellName, parse_executable_name
+from auraed.runtime.restarts import NO_RESTART, RestartMode, RestartPolicy
 from auraed.runtime.workloads import CellSpec
 from auraed.validation import FieldsBySubject, blamed
 
 MAX_GRACE_MS = 10 * 60 * 1000
+MAX_RESTART_DELAY_MS = 60 * 60 * 1000
+MAX_START_LIMIT_INTERVAL_MS = 24 * 60 * 60 * 1000
+RESTART_MODES = {
+    pb.EXECUTABLE_RESTART_POLICY_NO: RestartMode.NO,
+    pb.EXECUTABLE_RESTART_POLICY_ON_FAILURE: RestartMode.ON_FAILURE,
+    pb.EXECUTABLE_RESTART_POLICY_ALWAYS: RestartMode.ALWAYS,
+}
+RESTART_POLICIES = {mode: value for value, mode in RESTART_MODES.items()}
 
 # The nine limits a Cell carries, by their cgroup v2 names. Each is the Cell's
 # field <controller>.<name> and the CgroupLimits attribute <controller>_<name>;
@@ -57,6 +66,7 @@ START_FIELDS: FieldsBySubject = {
     Subject.COMMAND: "executable.command",
     Subject.USER: "uid",
     Subject.GROUP: "gid",
+    Subject.RESTART_POLICY: "executable.restart_policy",
 }
 STOP_FIELDS: FieldsBySubject = {Subject.CELL: "cell_name", Subject.EXECUTABLE: "executable_name"}
 WAIT_FIELDS: FieldsBySubject = STOP_FIELDS
@@ -72,10 +82,11 @@ class Allocation:
 class ExecutableStart:
     cell: CellName | None
     name: str
-    command: str
+    command: str  # with an image: its arguments, or "" for the image's own
     description: str
-    uid: int
-    gid: int
+    uid: int | None  # None: the daemon's, or an image's own user
+    gid: int | None
+    restart: RestartPolicy
 
 
 @dataclass(frozen=True)
@@ -151,11 +162,58 @@ def executable_start(request: pb.CellServiceStartRequest) -> ExecutableStart:
     with blamed("executable.name"):
         name = parse_executable_name(request.executable.name)
     command = request.executable.command
-    _check_command(command)
-    uid = request.uid if request.HasField("uid") else os.getuid()
-    gid = request.gid if request.HasField("gid") else os.getgid()
-    _check_identity(uid, gid)
-    return ExecutableStart(cell, name, command, request.executable.description, uid, gid)
+    uid = request.uid if request.HasField("uid") else None
+    gid = request.gid if request.HasField("gid") else None
+    if not request.executable.HasField("image"):
+        # An image's command and users are checked against the image, when it is prepared.
+        _check_command(command)
+        _check_identity(os.getuid() if uid is None else uid, os.getgid() if gid is None else gid)
+    restart = restart_policy(request.executable)
+    return ExecutableStart(cell, name, command, request.executable.description, uid, gid, restart)
+
+
+def restart_policy(executable: pb.Executable) -> RestartPolicy:
+    """The restart policy a Start request asks for, checked field by field."""
+    mode = RESTART_MODES.get(executable.restart_policy)
+    if mode is None:
+        raise InvalidArgument(f"unknown restart policy {executable.restart_policy}",
+                              field="executable.restart_policy")
+    tuning = [name for name in ("restart_delay_ms", "restart_max_delay_ms", "start_limit")
+              if executable.HasField(name)]
+    if mode is RestartMode.NO:
+        if tuning:
+            raise InvalidArgument(f"{tuning[0]} needs a restart policy (on-failure or always)",
+                                  field=f"executable.{tuning[0]}")
+        return NO_RESTART
+    first = NO_RESTART.first_delay
+    ceiling = NO_RESTART.max_delay
+    if executable.HasField("restart_delay_ms"):
+        if not 1 <= executable.restart_delay_ms <= MAX_RESTART_DELAY_MS:
+            raise InvalidArgument(f"the restart delay must be 1 to {MAX_RESTART_DELAY_MS} ms",
+                                  field="executable.restart_delay_ms")
+        first = executable.restart_delay_ms / 1000
+        ceiling = max(ceiling, first)
+    if executable.HasField("restart_max_delay_ms"):
+        if not first * 1000 <= executable.restart_max_delay_ms <= MAX_RESTART_DELAY_MS:
+            raise InvalidArgument(
+                f"the longest restart delay must be at least the first "
+                f"({round(first * 1000)} ms) and at most {MAX_RESTART_DELAY_MS} ms",
+                field="executable.restart_max_delay_ms")
+        ceiling = executable.restart_max_delay_ms / 1000
+    burst, interval = NO_RESTART.burst, NO_RESTART.interval
+    if executable.HasField("start_limit"):
+        limit = executable.start_limit
+        if limit.interval_ms > MAX_START_LIMIT_INTERVAL_MS:
+            raise InvalidArgument(f"the start-limit interval is at most "
+                                  f"{MAX_START_LIMIT_INTERVAL_MS} ms",
+                                  field="executable.start_limit.interval_ms")
+        if limit.burst > 10_000:
+            raise InvalidArgument("the start-limit burst is at most 10000",
+                                  field="executable.start_limit.burst")
+        burst = limit.burst
+        interval = limit.interval_ms / 1000 if limit.interval_ms else interval
+    return RestartPolicy(mode, first_delay=first, max_delay=ceiling, burst=burst,
+                         interval=interval)
 
 
 def executable_ref(request: pb.CellServiceStopRequest | pb.CellServiceWaitRequest) -> ExecutableRef:

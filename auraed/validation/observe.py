@@ -64,9 +64,8 @@ def output_follow(request: pb.GetSubProcessStreamRequest) -> OutputFollow:
                         request.max_batch_lines > 0)
 
 
-def signals_of(request: pb.GetPosixSignalsStreamRequest) -> CellName | None:
-    """The cell whose signals to report; None for every workload's."""
-    workload = request.workload
+def workload_filter(workload: pb.Workload) -> CellName | None:
+    """The cell a signals or events request's workload names; None for no filter."""
     if workload.workload_type == pb.WORKLOAD_TYPE_CELL:
         with blamed("workload.id"):
             return CellName.parse(workload.id)

@@ -425,3 +425,32 @@ def test_cleanup_stale_removes_host_scopes(
     backend.cleanup_stale()
     assert glob.glob(f"{MOUNT_ROOT}/*/{root_name}/_host/old.1") == []
     assert glob.glob(f"{MOUNT_ROOT}/*/{root_name}/_host") != []
+
+
+def test_metrics_read_every_counter_from_the_v1_files(
+    backend: CgroupV1Backend, spawn_into: SpawnInto
+) -> None:
+    # 10 % of a CPU, and a process that wants all of it: throttled in most periods.
+    backend.create("m", CgroupLimits(cpu_max=10_000, cpu_period=100_000, memory_max=256 << 20))
+    backend.create("m/inner", CgroupLimits())
+    burner = spawn_into(backend.join_files("m/inner"), "sh", "-c", "while :; do :; done")
+    spawn_into(backend.join_files("m"))
+    deadline = time.monotonic() + 60
+    while (metrics := backend.metrics("m")).cpu_throttled_periods in (None, 0) \
+            or metrics.cpu_usage_usec < 20_000:
+        assert time.monotonic() < deadline, metrics
+        time.sleep(0.05)
+    assert metrics.cpu_periods is not None and metrics.cpu_periods >= metrics.cpu_throttled_periods
+    assert metrics.cpu_throttled_usec is not None and metrics.cpu_throttled_usec > 0
+    assert metrics.cpu_user_usec is not None and metrics.cpu_system_usec is not None
+    # Hierarchical: the child's burner counts in its parent; two processes, one each.
+    assert metrics.pids_current == 2
+    assert metrics.memory_current_bytes is not None and metrics.memory_current_bytes > 0
+    assert metrics.memory_peak_bytes is not None
+    assert metrics.memory_peak_bytes >= metrics.memory_current_bytes
+    assert metrics.memory_max_bytes == 256 << 20
+    assert metrics.oom_kills == 0
+    inner = backend.metrics("m/inner")
+    assert inner.pids_current == 1 and inner.memory_max_bytes is None
+    burner.kill()
+    burner.wait()

@@ -12,6 +12,7 @@ import pytest
 from auraed.kernel.cgroups import (
     CgroupExists,
     CgroupLimits,
+    CgroupMetrics,
     CgroupNotFound,
     CgroupUsage,
     CgroupV2Backend,
@@ -187,3 +188,27 @@ def test_usage_oom_kills_and_populated(mount: Path, backend: CgroupV2Backend) ->
     assert backend.usage("a") == CgroupUsage(cpu_usec=1234, memory_bytes=8192)
     assert backend.oom_kills("a") == 1
     assert backend.is_populated("a")
+
+
+def test_metrics_read_the_v2_files(mount: Path, backend: CgroupV2Backend) -> None:
+    backend.create("a", CgroupLimits(memory_max=1 << 30))
+    cell = mount / "aurae-test" / "a"
+    (cell / "cpu.stat").write_text(
+        "usage_usec 5000\nuser_usec 4000\nsystem_usec 1000\nnr_periods 50\nnr_throttled 7\n"
+        "throttled_usec 900\n")
+    (cell / "memory.current").write_text("8192\n")
+    (cell / "memory.peak").write_text("16384\n")
+    (cell / "memory.max").write_text(f"{1 << 30}\n")
+    (cell / "memory.events").write_text("low 0\nhigh 0\nmax 1\noom 1\noom_kill 1\n")
+    (cell / "pids.current").write_text("3\n")
+    assert backend.metrics("a") == CgroupMetrics(
+        cpu_usage_usec=5000, cpu_user_usec=4000, cpu_system_usec=1000, cpu_periods=50,
+        cpu_throttled_periods=7, cpu_throttled_usec=900, memory_current_bytes=8192,
+        memory_peak_bytes=16384, memory_max_bytes=1 << 30, pids_current=3, oom_kills=1)
+    # Before Linux 5.19 there is no memory.peak; without the cpu controller, no throttling.
+    (cell / "memory.peak").unlink()
+    (cell / "memory.max").write_text("max\n")
+    (cell / "cpu.stat").write_text("usage_usec 5000\nuser_usec 4000\nsystem_usec 1000\n")
+    metrics = backend.metrics("a")
+    assert metrics.memory_peak_bytes is None and metrics.memory_max_bytes is None
+    assert metrics.cpu_periods is None and metrics.cpu_throttled_usec is None

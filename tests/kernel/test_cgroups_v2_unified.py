@@ -9,6 +9,7 @@ import os
 import secrets
 import signal
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -126,3 +127,21 @@ def test_host_leaf_and_cleanup(backend: CgroupV2Backend, spawn_into: SpawnInto) 
     assert host_process.wait(timeout=1) == -signal.SIGKILL
     assert backend.existing_cells() == []
     assert Path(MOUNT or "", backend.root_name, "_host").is_dir()
+
+
+def test_metrics_on_a_real_cgroup2_mount(backend: CgroupV2Backend, spawn_into: SpawnInto) -> None:
+    backend.create("a", CgroupLimits())
+    burner = spawn_into(backend.join_files("a"), "sh", "-c", "while :; do :; done")
+    first = backend.metrics("a").cpu_usage_usec
+    deadline = time.monotonic() + 60
+    while (metrics := backend.metrics("a")).cpu_usage_usec < first + 50_000:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert metrics.cpu_user_usec is not None and metrics.cpu_user_usec > 0
+    # Controllers this mount does not bind are not accounted, and say so.
+    if "memory" not in backend.controllers:
+        assert metrics.memory_current_bytes is None and metrics.oom_kills is None
+    if "pids" not in backend.controllers:
+        assert metrics.pids_current is None
+    burner.kill()
+    burner.wait()

@@ -131,11 +131,13 @@ def wait_until_serving(daemon: DaemonProcess, timeout: float = 20) -> None:
 @contextmanager
 def running_daemon(*extra_args: str, grace_period: float = 2.0,
                    cgroup_root: str | None = None,
-                   cgroup_mount: str = str(CGROUP_MOUNT)) -> Iterator[DaemonProcess]:
+                   cgroup_mount: str = str(CGROUP_MOUNT),
+                   library_dir: Path | None = None) -> Iterator[DaemonProcess]:
     """Start auraed; on exit stop it with SIGTERM and check it left nothing behind.
 
     cgroup_mount: where it finds cgroups (a hybrid host's unified mount gives it the v2
-    backend)."""
+    backend). library_dir: an earlier daemon's (`workdir / "lib"`), to start as its
+    successor; the caller owns it then."""
     # Unix socket paths must stay short (108 bytes), so not under pytest's tmp_path.
     workdir = Path(tempfile.mkdtemp(prefix="aurae-test-", dir="/tmp"))
     pki = init_pki(workdir / "pki", clients=("admin", "other"), socket=str(workdir / "aurae.sock"))
@@ -148,7 +150,7 @@ def running_daemon(*extra_args: str, grace_period: float = 2.0,
         "--server-crt", str(pki.server_crt),
         "--server-key", str(pki.server_key),
         "--runtime-dir", str(workdir / "run"),
-        "--library-dir", str(workdir / "lib"),
+        "--library-dir", str(library_dir or workdir / "lib"),
         "--cgroup-root", cgroup_root,
         "--grace-period", str(grace_period),
         "--cgroup-mount", cgroup_mount,

@@ -4,7 +4,7 @@ Knows nothing of gRPC: services translate API messages into CgroupLimits and the
 status codes.
 """
 
-from auraed.kernel.cgroups.base import CgroupBackend, CgroupUsage
+from auraed.kernel.cgroups.base import CgroupBackend, CgroupMetrics, CgroupUsage
 from auraed.kernel.cgroups.detect import detect_backend
 from auraed.kernel.cgroups.errors import (
     CgroupBusy,
@@ -31,6 +31,7 @@ __all__ = [
     "CgroupError",
     "CgroupExists",
     "CgroupLimits",
+    "CgroupMetrics",
     "CgroupNotFound",
     "CgroupUsage",
     "CgroupV1Backend",

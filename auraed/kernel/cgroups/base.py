@@ -81,6 +81,29 @@ class CgroupUsage:
 
 
 @dataclass(frozen=True)
+class CgroupMetrics:
+    """A cell's resource usage as its cgroups count it (the cell and its child cells together).
+
+    Counters (CPU time, periods, OOM kills) only grow; None where the host's cgroups do not
+    account that resource (a v2 controller not enabled, a kernel without memory.peak).
+    """
+
+    cpu_usage_usec: int
+    cpu_user_usec: int | None
+    cpu_system_usec: int | None
+    # Under a cpu.max quota: enforcement periods, those in which the cell was throttled, and
+    # the total time it spent throttled.
+    cpu_periods: int | None
+    cpu_throttled_periods: int | None
+    cpu_throttled_usec: int | None
+    memory_current_bytes: int | None
+    memory_peak_bytes: int | None  # since the cell was created: v1 max_usage, v2 memory.peak
+    memory_max_bytes: int | None  # the limit; None when unlimited or not accounted
+    pids_current: int | None
+    oom_kills: int | None
+
+
+@dataclass(frozen=True)
 class LimitFile:
     """One interface-file write that sets (part of) a limit."""
 
@@ -196,6 +219,21 @@ class CgroupBackend(ABC):
         except BaseException:
             self._undo(made, cell)
             raise
+
+    def update(self, cell_path: str, limits: CgroupLimits) -> None:
+        """Write the limits set in `limits` to an existing cell; the others stay as they are.
+
+        Written one file at a time: a refusal (LimitRefused) leaves the earlier ones written.
+        """
+        cell = cell_components(cell_path)
+        validate(limits)
+        self._check_supported(limits)
+        for write in self._limit_files(limits):
+            try:
+                with self._open(write.hierarchy, cell) as fd:
+                    self._write_limit(fd, write)
+            except FileNotFoundError:
+                raise CgroupNotFound(self._name(cell)) from None
 
     def remove(self, cell_path: str, timeout: float = DEFAULT_TIMEOUT) -> None:
         """Kill the cell's processes, then remove its cgroups and its child cells'."""
@@ -332,6 +370,10 @@ class CgroupBackend(ABC):
     @abstractmethod
     def _oom_kills(self, components: Components) -> int | None:
         """The OOM kill counter of the cgroup at `components` (with all below it)."""
+
+    @abstractmethod
+    def metrics(self, cell_path: str) -> CgroupMetrics:
+        """What the cell (with its child cells) has used and uses now, from its cgroup files."""
 
     # --- what each cgroup version does its own way ---
 

@@ -8,6 +8,7 @@ from auraed.kernel.cgroups import cgroupfs
 from auraed.kernel.cgroups.base import (
     Backoff,
     CgroupBackend,
+    CgroupMetrics,
     CgroupUsage,
     Components,
     LimitFile,
@@ -28,6 +29,8 @@ _KNOWN_CONTROLLERS = frozenset(
 # What v1 memory files read when unlimited: the largest page-aligned signed 64-bit value.
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 UNLIMITED_BYTES = (2**63 - 1) // _PAGE_SIZE * _PAGE_SIZE
+# cpuacct.stat counts in USER_HZ ticks.
+_TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
 
 
 class CgroupV1Backend(CgroupBackend):
@@ -93,6 +96,34 @@ class CgroupV1Backend(CgroupBackend):
                 cgroupfs.read_keyed(cgroup_fd, "memory.oom_control")["oom_kill"]
                 for _, cgroup_fd in cgroupfs.walk(fd)
             )
+
+    def metrics(self, cell_path: str) -> CgroupMetrics:
+        cell = cell_components(cell_path)
+        with self._open(self._by_controller["cpuacct"], cell) as fd:
+            usage_ns = int(cgroupfs.read_file(fd, "cpuacct.usage"))
+            ticks = cgroupfs.read_keyed(fd, "cpuacct.stat")
+        with self._open(self._by_controller["cpu"], cell) as fd:
+            # Throttling is counted where the quota is: the cell's own cgroup.
+            cpu = cgroupfs.read_keyed(fd, "cpu.stat")
+        with self._open(self._by_controller["memory"], cell) as fd:
+            current = int(cgroupfs.read_file(fd, "memory.usage_in_bytes"))
+            peak = int(cgroupfs.read_file(fd, "memory.max_usage_in_bytes"))
+            limit = _bytes(cgroupfs.read_file(fd, "memory.limit_in_bytes"))
+        with self._open(self._by_controller["pids"], cell) as fd:
+            pids = int(cgroupfs.read_file(fd, "pids.current"))
+        return CgroupMetrics(
+            cpu_usage_usec=usage_ns // 1000,
+            cpu_user_usec=ticks["user"] * 1_000_000 // _TICKS_PER_SECOND,
+            cpu_system_usec=ticks["system"] * 1_000_000 // _TICKS_PER_SECOND,
+            cpu_periods=cpu["nr_periods"],
+            cpu_throttled_periods=cpu["nr_throttled"],
+            cpu_throttled_usec=cpu["throttled_time"] // 1000,
+            memory_current_bytes=current,
+            memory_peak_bytes=peak,
+            memory_max_bytes=limit,
+            pids_current=pids,
+            oom_kills=self.oom_kills(cell_path),
+        )
 
     def _check_supported(self, limits: CgroupLimits) -> None:
         if limits.memory_min is not None:

@@ -7,6 +7,7 @@ from auraed.kernel.cgroups import cgroupfs
 from auraed.kernel.cgroups.base import (
     Backoff,
     CgroupBackend,
+    CgroupMetrics,
     CgroupUsage,
     Components,
     LimitFile,
@@ -97,6 +98,34 @@ class CgroupV2Backend(CgroupBackend):
             if not cgroupfs.has_file(fd, "memory.events"):
                 return None  # memory not handed down this far
             return cgroupfs.read_keyed(fd, "memory.events")["oom_kill"]
+
+    def metrics(self, cell_path: str) -> CgroupMetrics:
+        with self._open(self._unified, cell_components(cell_path)) as fd:
+            # usage/user/system are in cpu.stat even without the cpu controller; the
+            # throttling counters only with it.
+            cpu = cgroupfs.read_keyed(fd, "cpu.stat")
+            current = peak = limit = oom_kills = pids = None
+            if "memory" in self.controllers:
+                current = int(cgroupfs.read_file(fd, "memory.current"))
+                if cgroupfs.has_file(fd, "memory.peak"):  # Linux 5.19+
+                    peak = int(cgroupfs.read_file(fd, "memory.peak"))
+                limit = cgroupfs.parse_max(cgroupfs.read_file(fd, "memory.max"))
+                oom_kills = cgroupfs.read_keyed(fd, "memory.events")["oom_kill"]
+            if "pids" in self.controllers:
+                pids = int(cgroupfs.read_file(fd, "pids.current"))
+        return CgroupMetrics(
+            cpu_usage_usec=cpu["usage_usec"],
+            cpu_user_usec=cpu.get("user_usec"),
+            cpu_system_usec=cpu.get("system_usec"),
+            cpu_periods=cpu.get("nr_periods"),
+            cpu_throttled_periods=cpu.get("nr_throttled"),
+            cpu_throttled_usec=cpu.get("throttled_usec"),
+            memory_current_bytes=current,
+            memory_peak_bytes=peak,
+            memory_max_bytes=limit,
+            pids_current=pids,
+            oom_kills=oom_kills,
+        )
 
     def _check_supported(self, limits: CgroupLimits) -> None:
         for field in limits.set_fields():

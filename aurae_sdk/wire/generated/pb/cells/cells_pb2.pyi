@@ -24,6 +24,36 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _ExecutableRestartPolicy:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ExecutableRestartPolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ExecutableRestartPolicy.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    EXECUTABLE_RESTART_POLICY_NO: _ExecutableRestartPolicy.ValueType  # 0
+    """Never (the default)."""
+    EXECUTABLE_RESTART_POLICY_ON_FAILURE: _ExecutableRestartPolicy.ValueType  # 1
+    """When it exits with a non-zero code, or a signal other than SIGHUP,
+    SIGINT, SIGTERM or SIGPIPE ends it.
+    """
+    EXECUTABLE_RESTART_POLICY_ALWAYS: _ExecutableRestartPolicy.ValueType  # 2
+    """Whenever it ends, however it ended."""
+
+class ExecutableRestartPolicy(_ExecutableRestartPolicy, metaclass=_ExecutableRestartPolicyEnumTypeWrapper):
+    """aurae-py addition: when an executable's process is started again after it
+    ends, as systemd's Restart= decides.
+    """
+
+EXECUTABLE_RESTART_POLICY_NO: ExecutableRestartPolicy.ValueType  # 0
+"""Never (the default)."""
+EXECUTABLE_RESTART_POLICY_ON_FAILURE: ExecutableRestartPolicy.ValueType  # 1
+"""When it exits with a non-zero code, or a signal other than SIGHUP,
+SIGINT, SIGTERM or SIGPIPE ends it.
+"""
+EXECUTABLE_RESTART_POLICY_ALWAYS: ExecutableRestartPolicy.ValueType  # 2
+"""Whenever it ends, however it ended."""
+Global___ExecutableRestartPolicy: _TypeAlias = ExecutableRestartPolicy  # noqa: Y015
+
 class _ExecutableState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -465,26 +495,110 @@ class Executable(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     COMMAND_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
+    IMAGE_FIELD_NUMBER: _builtins.int
+    READ_ONLY_ROOTFS_FIELD_NUMBER: _builtins.int
+    RESTART_POLICY_FIELD_NUMBER: _builtins.int
+    RESTART_DELAY_MS_FIELD_NUMBER: _builtins.int
+    RESTART_MAX_DELAY_MS_FIELD_NUMBER: _builtins.int
+    START_LIMIT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Name of the executable, unique within its cell."""
     command: _builtins.str
     """Shell command line, run with "sh -c"."""
     description: _builtins.str
     """Free text saying what the executable is for."""
+    image: _builtins.str
+    """aurae-py addition: run a container of this image (a reference or an id
+    from the image service) instead of a host command: its root filesystem
+    is the image's layers under a writable overlay, entered with pivot_root
+    in a mount namespace of its own, with /proc, a minimal /dev and a
+    read-only /sys. The image config's entrypoint, cmd, env, working
+    directory and user apply; a command, split like a shell would, replaces
+    the image's cmd; uid and gid of the request replace the image's user.
+    """
+    read_only_rootfs: _builtins.bool
+    """aurae-py addition: with image, mount the container's root filesystem
+    read-only.
+    """
+    restart_policy: Global___ExecutableRestartPolicy.ValueType
+    """aurae-py addition: whether to start the process again when it ends.
+    Stop, and Free of its cell, end the policy for good.
+    """
+    restart_delay_ms: _builtins.int
+    """aurae-py addition: how long to wait before the first restart, in
+    milliseconds; each consecutive restart waits twice as long, up to
+    restart_max_delay_ms. Unset: 100. Needs a restart policy.
+    """
+    restart_max_delay_ms: _builtins.int
+    """aurae-py addition: the longest wait between restarts, in milliseconds.
+    Unset: 30000. Needs a restart policy.
+    """
+    @_builtins.property
+    def start_limit(self) -> Global___ExecutableStartLimit:
+        """aurae-py addition: when the policy gives up. Unset: after 5 starts
+        within 10 seconds, as systemd's StartLimitBurst and
+        StartLimitIntervalSec default to. Needs a restart policy.
+        """
+
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         command: _builtins.str = ...,
         description: _builtins.str = ...,
+        image: _builtins.str | None = ...,
+        read_only_rootfs: _builtins.bool = ...,
+        restart_policy: Global___ExecutableRestartPolicy.ValueType = ...,
+        restart_delay_ms: _builtins.int | None = ...,
+        restart_max_delay_ms: _builtins.int | None = ...,
+        start_limit: Global___ExecutableStartLimit | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_image", b"_image", "_restart_delay_ms", b"_restart_delay_ms", "_restart_max_delay_ms", b"_restart_max_delay_ms", "image", b"image", "restart_delay_ms", b"restart_delay_ms", "restart_max_delay_ms", b"restart_max_delay_ms", "start_limit", b"start_limit"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_image", b"_image", "_restart_delay_ms", b"_restart_delay_ms", "_restart_max_delay_ms", b"_restart_max_delay_ms", "command", b"command", "description", b"description", "image", b"image", "name", b"name", "read_only_rootfs", b"read_only_rootfs", "restart_delay_ms", b"restart_delay_ms", "restart_max_delay_ms", b"restart_max_delay_ms", "restart_policy", b"restart_policy", "start_limit", b"start_limit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__image: _TypeAlias = _typing.Literal["image"]  # noqa: Y015
+    _WhichOneofArgType__image: _TypeAlias = _typing.Literal["_image", b"_image"]  # noqa: Y015
+    _WhichOneofReturnType__restart_delay_ms: _TypeAlias = _typing.Literal["restart_delay_ms"]  # noqa: Y015
+    _WhichOneofArgType__restart_delay_ms: _TypeAlias = _typing.Literal["_restart_delay_ms", b"_restart_delay_ms"]  # noqa: Y015
+    _WhichOneofReturnType__restart_max_delay_ms: _TypeAlias = _typing.Literal["restart_max_delay_ms"]  # noqa: Y015
+    _WhichOneofArgType__restart_max_delay_ms: _TypeAlias = _typing.Literal["_restart_max_delay_ms", b"_restart_max_delay_ms"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__image) -> _WhichOneofReturnType__image | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__restart_delay_ms) -> _WhichOneofReturnType__restart_delay_ms | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__restart_max_delay_ms) -> _WhichOneofReturnType__restart_max_delay_ms | None: ...
+
+Global___Executable: _TypeAlias = Executable  # noqa: Y015
+
+@_typing.final
+class ExecutableStartLimit(_message.Message):
+    """aurae-py addition: how often a restart policy may start an executable."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BURST_FIELD_NUMBER: _builtins.int
+    INTERVAL_MS_FIELD_NUMBER: _builtins.int
+    burst: _builtins.int
+    """Starts (the first one included) allowed within the interval; one more
+    and the policy gives up. 0 means no limit.
+    """
+    interval_ms: _builtins.int
+    """The interval, in milliseconds; 0 means 10000."""
+    def __init__(
+        self,
+        *,
+        burst: _builtins.int = ...,
+        interval_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "description", b"description", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["burst", b"burst", "interval_ms", b"interval_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___Executable: _TypeAlias = Executable  # noqa: Y015
+Global___ExecutableStartLimit: _TypeAlias = ExecutableStartLimit  # noqa: Y015
 
 @_typing.final
 class CpuController(_message.Message):
@@ -627,6 +741,10 @@ class ExecutableStatus(_message.Message):
     EXITED_AT_FIELD_NUMBER: _builtins.int
     OOM_KILLED_FIELD_NUMBER: _builtins.int
     CELL_OOM_KILLS_FIELD_NUMBER: _builtins.int
+    RESTART_POLICY_FIELD_NUMBER: _builtins.int
+    RESTART_COUNT_FIELD_NUMBER: _builtins.int
+    NEXT_RESTART_AT_FIELD_NUMBER: _builtins.int
+    START_LIMIT_HIT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Name the executable was started with."""
     cell_name: _builtins.str
@@ -655,6 +773,18 @@ class ExecutableStatus(_message.Message):
     by the kernel's per-cgroup counter; a child of the executable killed so
     counts here while oom_killed stays false.
     """
+    restart_policy: Global___ExecutableRestartPolicy.ValueType
+    """aurae-py addition: the executable's restart policy."""
+    restart_count: _builtins.int
+    """aurae-py addition: how many times the policy has started it again."""
+    next_restart_at: _builtins.float
+    """aurae-py addition: when the policy starts it again, in Unix seconds;
+    0 when no restart is pending.
+    """
+    start_limit_hit: _builtins.bool
+    """aurae-py addition: the policy gave up: the executable started too often
+    within its start-limit interval.
+    """
     def __init__(
         self,
         *,
@@ -670,10 +800,14 @@ class ExecutableStatus(_message.Message):
         exited_at: _builtins.float = ...,
         oom_killed: _builtins.bool = ...,
         cell_oom_kills: _builtins.int = ...,
+        restart_policy: Global___ExecutableRestartPolicy.ValueType = ...,
+        restart_count: _builtins.int = ...,
+        next_restart_at: _builtins.float = ...,
+        start_limit_hit: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "_signal", b"_signal", "exit_code", b"exit_code", "signal", b"signal"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "_signal", b"_signal", "cell_name", b"cell_name", "cell_oom_kills", b"cell_oom_kills", "command", b"command", "exit_code", b"exit_code", "exited_at", b"exited_at", "host_pid", b"host_pid", "name", b"name", "oom_killed", b"oom_killed", "pid", b"pid", "signal", b"signal", "started_at", b"started_at", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "_signal", b"_signal", "cell_name", b"cell_name", "cell_oom_kills", b"cell_oom_kills", "command", b"command", "exit_code", b"exit_code", "exited_at", b"exited_at", "host_pid", b"host_pid", "name", b"name", "next_restart_at", b"next_restart_at", "oom_killed", b"oom_killed", "pid", b"pid", "restart_count", b"restart_count", "restart_policy", b"restart_policy", "signal", b"signal", "start_limit_hit", b"start_limit_hit", "started_at", b"started_at", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__exit_code: _TypeAlias = _typing.Literal["exit_code"]  # noqa: Y015
     _WhichOneofArgType__exit_code: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code"]  # noqa: Y015
@@ -737,3 +871,172 @@ class CellServiceWaitResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CellServiceWaitResponse: _TypeAlias = CellServiceWaitResponse  # noqa: Y015
+
+@_typing.final
+class CellServiceMetricsRequest(_message.Message):
+    """aurae-py addition: input of Metrics."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CELL_NAME_FIELD_NUMBER: _builtins.int
+    EXCLUDE_CHILDREN_FIELD_NUMBER: _builtins.int
+    cell_name: _builtins.str
+    """The cell to report; empty reports every cell."""
+    exclude_children: _builtins.bool
+    """With a cell name, leave out the cells nested in it."""
+    def __init__(
+        self,
+        *,
+        cell_name: _builtins.str = ...,
+        exclude_children: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cell_name", b"cell_name", "exclude_children", b"exclude_children"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CellServiceMetricsRequest: _TypeAlias = CellServiceMetricsRequest  # noqa: Y015
+
+@_typing.final
+class CellServiceMetricsResponse(_message.Message):
+    """aurae-py addition: result of Metrics."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CELLS_FIELD_NUMBER: _builtins.int
+    TIMESTAMP_FIELD_NUMBER: _builtins.int
+    CGROUP_V2_FIELD_NUMBER: _builtins.int
+    timestamp: _builtins.float
+    """When the cgroups were read, in Unix seconds."""
+    cgroup_v2: _builtins.bool
+    """True when the host runs the unified (v2) cgroup hierarchy."""
+    @_builtins.property
+    def cells(self) -> _containers.RepeatedCompositeFieldContainer[Global___CellMetrics]:
+        """One entry per cell, parents before their children."""
+
+    def __init__(
+        self,
+        *,
+        cells: _abc.Iterable[Global___CellMetrics] | None = ...,
+        timestamp: _builtins.float = ...,
+        cgroup_v2: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cells", b"cells", "cgroup_v2", b"cgroup_v2", "timestamp", b"timestamp"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CellServiceMetricsResponse: _TypeAlias = CellServiceMetricsResponse  # noqa: Y015
+
+@_typing.final
+class CellMetrics(_message.Message):
+    """aurae-py addition: a cell's resource usage, its child cells included.
+    Unset fields are not accounted on this host.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CELL_NAME_FIELD_NUMBER: _builtins.int
+    CPU_USAGE_USEC_FIELD_NUMBER: _builtins.int
+    CPU_USER_USEC_FIELD_NUMBER: _builtins.int
+    CPU_SYSTEM_USEC_FIELD_NUMBER: _builtins.int
+    CPU_PERIODS_FIELD_NUMBER: _builtins.int
+    CPU_THROTTLED_PERIODS_FIELD_NUMBER: _builtins.int
+    CPU_THROTTLED_USEC_FIELD_NUMBER: _builtins.int
+    MEMORY_CURRENT_BYTES_FIELD_NUMBER: _builtins.int
+    MEMORY_PEAK_BYTES_FIELD_NUMBER: _builtins.int
+    MEMORY_MAX_BYTES_FIELD_NUMBER: _builtins.int
+    PIDS_CURRENT_FIELD_NUMBER: _builtins.int
+    OOM_KILLS_FIELD_NUMBER: _builtins.int
+    EXECUTABLES_RUNNING_FIELD_NUMBER: _builtins.int
+    cell_name: _builtins.str
+    """Path name of the cell."""
+    cpu_usage_usec: _builtins.int
+    """CPU time used since the cell was allocated, in microseconds."""
+    cpu_user_usec: _builtins.int
+    """Of that, in user mode."""
+    cpu_system_usec: _builtins.int
+    """Of that, in kernel mode."""
+    cpu_periods: _builtins.int
+    """Enforcement periods of the cell's cpu.max quota so far."""
+    cpu_throttled_periods: _builtins.int
+    """Periods in which the cell used up its quota and was throttled."""
+    cpu_throttled_usec: _builtins.int
+    """Total time the cell spent throttled, in microseconds."""
+    memory_current_bytes: _builtins.int
+    """Memory in use now, in bytes."""
+    memory_peak_bytes: _builtins.int
+    """The most memory in use at once since the cell was allocated."""
+    memory_max_bytes: _builtins.int
+    """The cell's memory limit (memory.max); unset when unlimited."""
+    pids_current: _builtins.int
+    """Processes (and threads) in the cell now."""
+    oom_kills: _builtins.int
+    """Processes of the cell the kernel's OOM killer killed."""
+    executables_running: _builtins.int
+    """Executables of the cell that are running."""
+    def __init__(
+        self,
+        *,
+        cell_name: _builtins.str = ...,
+        cpu_usage_usec: _builtins.int = ...,
+        cpu_user_usec: _builtins.int | None = ...,
+        cpu_system_usec: _builtins.int | None = ...,
+        cpu_periods: _builtins.int | None = ...,
+        cpu_throttled_periods: _builtins.int | None = ...,
+        cpu_throttled_usec: _builtins.int | None = ...,
+        memory_current_bytes: _builtins.int | None = ...,
+        memory_peak_bytes: _builtins.int | None = ...,
+        memory_max_bytes: _builtins.int | None = ...,
+        pids_current: _builtins.int | None = ...,
+        oom_kills: _builtins.int | None = ...,
+        executables_running: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_cpu_periods", b"_cpu_periods", "_cpu_system_usec", b"_cpu_system_usec", "_cpu_throttled_periods", b"_cpu_throttled_periods", "_cpu_throttled_usec", b"_cpu_throttled_usec", "_cpu_user_usec", b"_cpu_user_usec", "_memory_current_bytes", b"_memory_current_bytes", "_memory_max_bytes", b"_memory_max_bytes", "_memory_peak_bytes", b"_memory_peak_bytes", "_oom_kills", b"_oom_kills", "_pids_current", b"_pids_current", "cpu_periods", b"cpu_periods", "cpu_system_usec", b"cpu_system_usec", "cpu_throttled_periods", b"cpu_throttled_periods", "cpu_throttled_usec", b"cpu_throttled_usec", "cpu_user_usec", b"cpu_user_usec", "memory_current_bytes", b"memory_current_bytes", "memory_max_bytes", b"memory_max_bytes", "memory_peak_bytes", b"memory_peak_bytes", "oom_kills", b"oom_kills", "pids_current", b"pids_current"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cpu_periods", b"_cpu_periods", "_cpu_system_usec", b"_cpu_system_usec", "_cpu_throttled_periods", b"_cpu_throttled_periods", "_cpu_throttled_usec", b"_cpu_throttled_usec", "_cpu_user_usec", b"_cpu_user_usec", "_memory_current_bytes", b"_memory_current_bytes", "_memory_max_bytes", b"_memory_max_bytes", "_memory_peak_bytes", b"_memory_peak_bytes", "_oom_kills", b"_oom_kills", "_pids_current", b"_pids_current", "cell_name", b"cell_name", "cpu_periods", b"cpu_periods", "cpu_system_usec", b"cpu_system_usec", "cpu_throttled_periods", b"cpu_throttled_periods", "cpu_throttled_usec", b"cpu_throttled_usec", "cpu_usage_usec", b"cpu_usage_usec", "cpu_user_usec", b"cpu_user_usec", "executables_running", b"executables_running", "memory_current_bytes", b"memory_current_bytes", "memory_max_bytes", b"memory_max_bytes", "memory_peak_bytes", b"memory_peak_bytes", "oom_kills", b"oom_kills", "pids_current", b"pids_current"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__cpu_periods: _TypeAlias = _typing.Literal["cpu_periods"]  # noqa: Y015
+    _WhichOneofArgType__cpu_periods: _TypeAlias = _typing.Literal["_cpu_periods", b"_cpu_periods"]  # noqa: Y015
+    _WhichOneofReturnType__cpu_system_usec: _TypeAlias = _typing.Literal["cpu_system_usec"]  # noqa: Y015
+    _WhichOneofArgType__cpu_system_usec: _TypeAlias = _typing.Literal["_cpu_system_usec", b"_cpu_system_usec"]  # noqa: Y015
+    _WhichOneofReturnType__cpu_throttled_periods: _TypeAlias = _typing.Literal["cpu_throttled_periods"]  # noqa: Y015
+    _WhichOneofArgType__cpu_throttled_periods: _TypeAlias = _typing.Literal["_cpu_throttled_periods", b"_cpu_throttled_periods"]  # noqa: Y015
+    _WhichOneofReturnType__cpu_throttled_usec: _TypeAlias = _typing.Literal["cpu_throttled_usec"]  # noqa: Y015
+    _WhichOneofArgType__cpu_throttled_usec: _TypeAlias = _typing.Literal["_cpu_throttled_usec", b"_cpu_throttled_usec"]  # noqa: Y015
+    _WhichOneofReturnType__cpu_user_usec: _TypeAlias = _typing.Literal["cpu_user_usec"]  # noqa: Y015
+    _WhichOneofArgType__cpu_user_usec: _TypeAlias = _typing.Literal["_cpu_user_usec", b"_cpu_user_usec"]  # noqa: Y015
+    _WhichOneofReturnType__memory_current_bytes: _TypeAlias = _typing.Literal["memory_current_bytes"]  # noqa: Y015
+    _WhichOneofArgType__memory_current_bytes: _TypeAlias = _typing.Literal["_memory_current_bytes", b"_memory_current_bytes"]  # noqa: Y015
+    _WhichOneofReturnType__memory_max_bytes: _TypeAlias = _typing.Literal["memory_max_bytes"]  # noqa: Y015
+    _WhichOneofArgType__memory_max_bytes: _TypeAlias = _typing.Literal["_memory_max_bytes", b"_memory_max_bytes"]  # noqa: Y015
+    _WhichOneofReturnType__memory_peak_bytes: _TypeAlias = _typing.Literal["memory_peak_bytes"]  # noqa: Y015
+    _WhichOneofArgType__memory_peak_bytes: _TypeAlias = _typing.Literal["_memory_peak_bytes", b"_memory_peak_bytes"]  # noqa: Y015
+    _WhichOneofReturnType__oom_kills: _TypeAlias = _typing.Literal["oom_kills"]  # noqa: Y015
+    _WhichOneofArgType__oom_kills: _TypeAlias = _typing.Literal["_oom_kills", b"_oom_kills"]  # noqa: Y015
+    _WhichOneofReturnType__pids_current: _TypeAlias = _typing.Literal["pids_current"]  # noqa: Y015
+    _WhichOneofArgType__pids_current: _TypeAlias = _typing.Literal["_pids_current", b"_pids_current"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__cpu_periods) -> _WhichOneofReturnType__cpu_periods | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__cpu_system_usec) -> _WhichOneofReturnType__cpu_system_usec | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__cpu_throttled_periods) -> _WhichOneofReturnType__cpu_throttled_periods | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__cpu_throttled_usec) -> _WhichOneofReturnType__cpu_throttled_usec | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__cpu_user_usec) -> _WhichOneofReturnType__cpu_user_usec | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__memory_current_bytes) -> _WhichOneofReturnType__memory_current_bytes | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__memory_max_bytes) -> _WhichOneofReturnType__memory_max_bytes | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__memory_peak_bytes) -> _WhichOneofReturnType__memory_peak_bytes | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__oom_kills) -> _WhichOneofReturnType__oom_kills | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__pids_current) -> _WhichOneofReturnType__pids_current | None: ...
+
+Global___CellMetrics: _TypeAlias = CellMetrics  # noqa: Y015

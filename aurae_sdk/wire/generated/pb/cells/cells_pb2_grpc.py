@@ -67,6 +67,11 @@ class CellServiceStub:
                 request_serializer=cells_dot_cells__pb2.CellServiceWaitRequest.SerializeToString,
                 response_deserializer=cells_dot_cells__pb2.CellServiceWaitResponse.FromString,
                 _registered_method=True)
+        self.Metrics = channel.unary_unary(
+                '/aurae.cells.v0.CellService/Metrics',
+                request_serializer=cells_dot_cells__pb2.CellServiceMetricsRequest.SerializeToString,
+                response_deserializer=cells_dot_cells__pb2.CellServiceMetricsResponse.FromString,
+                _registered_method=True)
 
 
 class CellServiceServicer:
@@ -121,6 +126,14 @@ class CellServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Metrics(self, request, context):
+        """aurae-py addition: what cells use, read from their cgroups at the call:
+        CPU time and throttling, memory now and at its peak, processes, OOM kills.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CellServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -153,6 +166,11 @@ def add_CellServiceServicer_to_server(servicer, server):
                     servicer.Wait,
                     request_deserializer=cells_dot_cells__pb2.CellServiceWaitRequest.FromString,
                     response_serializer=cells_dot_cells__pb2.CellServiceWaitResponse.SerializeToString,
+            ),
+            'Metrics': grpc.unary_unary_rpc_method_handler(
+                    servicer.Metrics,
+                    request_deserializer=cells_dot_cells__pb2.CellServiceMetricsRequest.FromString,
+                    response_serializer=cells_dot_cells__pb2.CellServiceMetricsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -319,6 +337,33 @@ class CellService:
             '/aurae.cells.v0.CellService/Wait',
             cells_dot_cells__pb2.CellServiceWaitRequest.SerializeToString,
             cells_dot_cells__pb2.CellServiceWaitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Metrics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aurae.cells.v0.CellService/Metrics',
+            cells_dot_cells__pb2.CellServiceMetricsRequest.SerializeToString,
+            cells_dot_cells__pb2.CellServiceMetricsResponse.FromString,
             options,
             channel_credentials,
             insecure,

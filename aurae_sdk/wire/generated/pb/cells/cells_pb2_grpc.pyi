@@ -62,6 +62,10 @@ class CellServiceStub:
     """aurae-py addition: block until an executable has exited (or the call's
     deadline passes) and report how it ended.
     """
+    Metrics: _grpc.UnaryUnaryMultiCallable[_cells_pb2.CellServiceMetricsRequest, _cells_pb2.CellServiceMetricsResponse]
+    """aurae-py addition: what cells use, read from their cgroups at the call:
+    CPU time and throttling, memory now and at its peak, processes, OOM kills.
+    """
 
 @_typing.type_check_only
 class CellServiceAsyncStub(CellServiceStub):
@@ -91,6 +95,10 @@ class CellServiceAsyncStub(CellServiceStub):
     Wait: _aio.UnaryUnaryMultiCallable[_cells_pb2.CellServiceWaitRequest, _cells_pb2.CellServiceWaitResponse]  # type: ignore[assignment]
     """aurae-py addition: block until an executable has exited (or the call's
     deadline passes) and report how it ended.
+    """
+    Metrics: _aio.UnaryUnaryMultiCallable[_cells_pb2.CellServiceMetricsRequest, _cells_pb2.CellServiceMetricsResponse]  # type: ignore[assignment]
+    """aurae-py addition: what cells use, read from their cgroups at the call:
+    CPU time and throttling, memory now and at its peak, processes, OOM kills.
     """
 
 class CellServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -154,6 +162,16 @@ class CellServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_cells_pb2.CellServiceWaitResponse, _abc.Awaitable[_cells_pb2.CellServiceWaitResponse]]:
         """aurae-py addition: block until an executable has exited (or the call's
         deadline passes) and report how it ended.
+        """
+
+    @_abc_1.abstractmethod
+    def Metrics(
+        self,
+        request: _cells_pb2.CellServiceMetricsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_cells_pb2.CellServiceMetricsResponse, _abc.Awaitable[_cells_pb2.CellServiceMetricsResponse]]:
+        """aurae-py addition: what cells use, read from their cgroups at the call:
+        CPU time and throttling, memory now and at its peak, processes, OOM kills.
         """
 
 def add_CellServiceServicer_to_server(servicer: CellServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

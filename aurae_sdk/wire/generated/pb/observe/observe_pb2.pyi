@@ -76,6 +76,82 @@ WORKLOAD_TYPE_VM: WorkloadType.ValueType  # 3
 """A virtual machine."""
 Global___WorkloadType: _TypeAlias = WorkloadType  # noqa: Y015
 
+class _EventKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _EventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    EVENT_KIND_UNSPECIFIED: _EventKind.ValueType  # 0
+    """Never sent by the daemon."""
+    EVENT_KIND_DAEMON_STARTED: _EventKind.ValueType  # 1
+    """The daemon started with an empty journal."""
+    EVENT_KIND_DAEMON_RESTARTED: _EventKind.ValueType  # 2
+    """The daemon started after an earlier run; daemon says what it cleaned
+    up or adopted.
+    """
+    EVENT_KIND_DAEMON_STOPPED: _EventKind.ValueType  # 3
+    """The daemon stopped every workload and is shutting down cleanly."""
+    EVENT_KIND_CELL_ALLOCATED: _EventKind.ValueType  # 10
+    """A cell was allocated."""
+    EVENT_KIND_CELL_FREED: _EventKind.ValueType  # 11
+    """A cell was freed: nothing runs in it any more and it is gone."""
+    EVENT_KIND_CELL_OOM_KILL: _EventKind.ValueType  # 12
+    """The kernel's OOM killer killed a process of the cell (oom_kills is the
+    cell's count so far).
+    """
+    EVENT_KIND_EXECUTABLE_STARTED: _EventKind.ValueType  # 20
+    """An executable's process started."""
+    EVENT_KIND_EXECUTABLE_EXITED: _EventKind.ValueType  # 21
+    """An executable's process ended; exit_code or signal says how."""
+    EVENT_KIND_EXECUTABLE_STOPPED: _EventKind.ValueType  # 22
+    """Stop ended the executable and the daemon forgot it."""
+    EVENT_KIND_EXECUTABLE_RESTARTED: _EventKind.ValueType  # 23
+    """The restart policy started the executable again (restart_count says
+    the how-manyth time, restart_delay_ms how long it waited).
+    """
+    EVENT_KIND_EXECUTABLE_START_LIMIT_HIT: _EventKind.ValueType  # 24
+    """The restart policy gave up: the executable started too often within
+    its start-limit interval.
+    """
+
+class EventKind(_EventKind, metaclass=_EventKindEnumTypeWrapper):
+    """aurae-py addition: what an event reports."""
+
+EVENT_KIND_UNSPECIFIED: EventKind.ValueType  # 0
+"""Never sent by the daemon."""
+EVENT_KIND_DAEMON_STARTED: EventKind.ValueType  # 1
+"""The daemon started with an empty journal."""
+EVENT_KIND_DAEMON_RESTARTED: EventKind.ValueType  # 2
+"""The daemon started after an earlier run; daemon says what it cleaned
+up or adopted.
+"""
+EVENT_KIND_DAEMON_STOPPED: EventKind.ValueType  # 3
+"""The daemon stopped every workload and is shutting down cleanly."""
+EVENT_KIND_CELL_ALLOCATED: EventKind.ValueType  # 10
+"""A cell was allocated."""
+EVENT_KIND_CELL_FREED: EventKind.ValueType  # 11
+"""A cell was freed: nothing runs in it any more and it is gone."""
+EVENT_KIND_CELL_OOM_KILL: EventKind.ValueType  # 12
+"""The kernel's OOM killer killed a process of the cell (oom_kills is the
+cell's count so far).
+"""
+EVENT_KIND_EXECUTABLE_STARTED: EventKind.ValueType  # 20
+"""An executable's process started."""
+EVENT_KIND_EXECUTABLE_EXITED: EventKind.ValueType  # 21
+"""An executable's process ended; exit_code or signal says how."""
+EVENT_KIND_EXECUTABLE_STOPPED: EventKind.ValueType  # 22
+"""Stop ended the executable and the daemon forgot it."""
+EVENT_KIND_EXECUTABLE_RESTARTED: EventKind.ValueType  # 23
+"""The restart policy started the executable again (restart_count says
+the how-manyth time, restart_delay_ms how long it waited).
+"""
+EVENT_KIND_EXECUTABLE_START_LIMIT_HIT: EventKind.ValueType  # 24
+"""The restart policy gave up: the executable started too often within
+its start-limit interval.
+"""
+Global___EventKind: _TypeAlias = EventKind  # noqa: Y015
+
 @_typing.final
 class GetAuraeDaemonLogStreamRequest(_message.Message):
     """Input of GetAuraeDaemonLogStream; takes no arguments."""
@@ -363,3 +439,220 @@ class LogItem(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___LogItem: _TypeAlias = LogItem  # noqa: Y015
+
+@_typing.final
+class GetEventStreamRequest(_message.Message):
+    """aurae-py addition: input of GetEventStream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AFTER_SEQUENCE_FIELD_NUMBER: _builtins.int
+    FOLLOW_FIELD_NUMBER: _builtins.int
+    MAX_BATCH_EVENTS_FIELD_NUMBER: _builtins.int
+    WORKLOAD_FIELD_NUMBER: _builtins.int
+    after_sequence: _builtins.int
+    """Send the events after this sequence number: the last one the client has
+    seen, to resume; 0 sends every event the daemon still keeps.
+    """
+    follow: _builtins.bool
+    """Keep the stream open and send new events as they happen; otherwise the
+    stream ends after the events kept so far.
+    """
+    max_batch_events: _builtins.int
+    """Pack up to this many events into each response; 0 means the daemon's
+    default (512).
+    """
+    @_builtins.property
+    def workload(self) -> Global___Workload:
+        """Only events of this cell and the cells nested in it (daemon events are
+        always sent); unset sends every event.
+        """
+
+    def __init__(
+        self,
+        *,
+        after_sequence: _builtins.int = ...,
+        follow: _builtins.bool = ...,
+        max_batch_events: _builtins.int = ...,
+        workload: Global___Workload | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["workload", b"workload"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_sequence", b"after_sequence", "follow", b"follow", "max_batch_events", b"max_batch_events", "workload", b"workload"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetEventStreamRequest: _TypeAlias = GetEventStreamRequest  # noqa: Y015
+
+@_typing.final
+class GetEventStreamResponse(_message.Message):
+    """aurae-py addition: a batch of events, in sequence order."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    LOST_FIELD_NUMBER: _builtins.int
+    lost: _builtins.int
+    """How many events right before the first one here the daemon no longer
+    keeps (its journal is bounded): the client missed them.
+    """
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___Event]:
+        """The events, oldest first."""
+
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[Global___Event] | None = ...,
+        lost: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "lost", b"lost"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetEventStreamResponse: _TypeAlias = GetEventStreamResponse  # noqa: Y015
+
+@_typing.final
+class Event(_message.Message):
+    """aurae-py addition: one thing that happened on the node."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    TIMESTAMP_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    CELL_NAME_FIELD_NUMBER: _builtins.int
+    EXECUTABLE_NAME_FIELD_NUMBER: _builtins.int
+    PID_FIELD_NUMBER: _builtins.int
+    HOST_PID_FIELD_NUMBER: _builtins.int
+    EXIT_CODE_FIELD_NUMBER: _builtins.int
+    SIGNAL_FIELD_NUMBER: _builtins.int
+    OOM_KILLED_FIELD_NUMBER: _builtins.int
+    RESTART_COUNT_FIELD_NUMBER: _builtins.int
+    RESTART_DELAY_MS_FIELD_NUMBER: _builtins.int
+    OOM_KILLS_FIELD_NUMBER: _builtins.int
+    CLEANED_UP_FIELD_NUMBER: _builtins.int
+    DAEMON_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    """Position in the node's event order: increases by one per event, across
+    daemon restarts.
+    """
+    timestamp: _builtins.float
+    """When it happened, in Unix seconds."""
+    kind: Global___EventKind.ValueType
+    """What happened."""
+    cell_name: _builtins.str
+    """The cell concerned; empty for host-level executables and daemon events."""
+    executable_name: _builtins.str
+    """The executable concerned, for executable events."""
+    pid: _builtins.int
+    """Process id as seen from inside the cell."""
+    host_pid: _builtins.int
+    """Process id as the host sees it."""
+    exit_code: _builtins.int
+    """Exit code, when the process exited by itself."""
+    signal: _builtins.int
+    """Number of the signal that ended the process, when one did."""
+    oom_killed: _builtins.bool
+    """True when the kernel's OOM killer ended the process."""
+    restart_count: _builtins.int
+    """How many times the restart policy has restarted the executable."""
+    restart_delay_ms: _builtins.int
+    """How long the restart policy waited before this restart."""
+    oom_kills: _builtins.int
+    """The cell's OOM kills so far, for CELL_OOM_KILL."""
+    cleaned_up: _builtins.bool
+    """True when the daemon ended the workload while cleaning up after an
+    earlier run that did not stop cleanly; how it ended is unknown.
+    """
+    @_builtins.property
+    def daemon(self) -> Global___DaemonEvent:
+        """For daemon events: the daemon's version and what it found."""
+
+    def __init__(
+        self,
+        *,
+        sequence: _builtins.int = ...,
+        timestamp: _builtins.float = ...,
+        kind: Global___EventKind.ValueType = ...,
+        cell_name: _builtins.str = ...,
+        executable_name: _builtins.str = ...,
+        pid: _builtins.int = ...,
+        host_pid: _builtins.int = ...,
+        exit_code: _builtins.int | None = ...,
+        signal: _builtins.int | None = ...,
+        oom_killed: _builtins.bool = ...,
+        restart_count: _builtins.int = ...,
+        restart_delay_ms: _builtins.int = ...,
+        oom_kills: _builtins.int = ...,
+        cleaned_up: _builtins.bool = ...,
+        daemon: Global___DaemonEvent | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "_signal", b"_signal", "daemon", b"daemon", "exit_code", b"exit_code", "signal", b"signal"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "_signal", b"_signal", "cell_name", b"cell_name", "cleaned_up", b"cleaned_up", "daemon", b"daemon", "executable_name", b"executable_name", "exit_code", b"exit_code", "host_pid", b"host_pid", "kind", b"kind", "oom_killed", b"oom_killed", "oom_kills", b"oom_kills", "pid", b"pid", "restart_count", b"restart_count", "restart_delay_ms", b"restart_delay_ms", "sequence", b"sequence", "signal", b"signal", "timestamp", b"timestamp"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__exit_code: _TypeAlias = _typing.Literal["exit_code"]  # noqa: Y015
+    _WhichOneofArgType__exit_code: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code"]  # noqa: Y015
+    _WhichOneofReturnType__signal: _TypeAlias = _typing.Literal["signal"]  # noqa: Y015
+    _WhichOneofArgType__signal: _TypeAlias = _typing.Literal["_signal", b"_signal"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__exit_code) -> _WhichOneofReturnType__exit_code | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__signal) -> _WhichOneofReturnType__signal | None: ...
+
+Global___Event: _TypeAlias = Event  # noqa: Y015
+
+@_typing.final
+class DaemonEvent(_message.Message):
+    """aurae-py addition: what a daemon found when it started."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    PREVIOUS_STOPPED_CLEANLY_FIELD_NUMBER: _builtins.int
+    CLEANED_CELLS_FIELD_NUMBER: _builtins.int
+    CLEANED_EXECUTABLES_FIELD_NUMBER: _builtins.int
+    ADOPTED_CELLS_FIELD_NUMBER: _builtins.int
+    ADOPTED_EXECUTABLES_FIELD_NUMBER: _builtins.int
+    version: _builtins.str
+    """Version of auraed."""
+    previous_stopped_cleanly: _builtins.bool
+    """For a restart: whether the earlier run stopped cleanly."""
+    @_builtins.property
+    def cleaned_cells(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Cells of the earlier run the daemon removed."""
+
+    @_builtins.property
+    def cleaned_executables(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Executables ("cell/name", or "name" at host level) of the earlier run
+        that were still running and were killed.
+        """
+
+    @_builtins.property
+    def adopted_cells(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Cells of the earlier run the daemon took over, still running."""
+
+    @_builtins.property
+    def adopted_executables(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Executables of the earlier run the daemon took over, still running."""
+
+    def __init__(
+        self,
+        *,
+        version: _builtins.str = ...,
+        previous_stopped_cleanly: _builtins.bool = ...,
+        cleaned_cells: _abc.Iterable[_builtins.str] | None = ...,
+        cleaned_executables: _abc.Iterable[_builtins.str] | None = ...,
+        adopted_cells: _abc.Iterable[_builtins.str] | None = ...,
+        adopted_executables: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adopted_cells", b"adopted_cells", "adopted_executables", b"adopted_executables", "cleaned_cells", b"cleaned_cells", "cleaned_executables", b"cleaned_executables", "previous_stopped_cleanly", b"previous_stopped_cleanly", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DaemonEvent: _TypeAlias = DaemonEvent  # noqa: Y015

@@ -52,6 +52,11 @@ class ObserveServiceStub:
                 request_serializer=observe_dot_observe__pb2.GetPosixSignalsStreamRequest.SerializeToString,
                 response_deserializer=observe_dot_observe__pb2.GetPosixSignalsStreamResponse.FromString,
                 _registered_method=True)
+        self.GetEventStream = channel.unary_stream(
+                '/aurae.observe.v0.ObserveService/GetEventStream',
+                request_serializer=observe_dot_observe__pb2.GetEventStreamRequest.SerializeToString,
+                response_deserializer=observe_dot_observe__pb2.GetEventStreamResponse.FromString,
+                _registered_method=True)
 
 
 class ObserveServiceServicer:
@@ -82,6 +87,17 @@ class ObserveServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetEventStream(self, request, context):
+        """aurae-py addition: the node's lifecycle events in order, each with a
+        sequence number. Events the daemon still keeps (its journal outlives
+        restarts, bounded in size) are sent first, then, when following, new
+        ones as they happen. Per workload the order is allocated/started, then
+        exited, then stopped/freed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ObserveServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -99,6 +115,11 @@ def add_ObserveServiceServicer_to_server(servicer, server):
                     servicer.GetPosixSignalsStream,
                     request_deserializer=observe_dot_observe__pb2.GetPosixSignalsStreamRequest.FromString,
                     response_serializer=observe_dot_observe__pb2.GetPosixSignalsStreamResponse.SerializeToString,
+            ),
+            'GetEventStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetEventStream,
+                    request_deserializer=observe_dot_observe__pb2.GetEventStreamRequest.FromString,
+                    response_serializer=observe_dot_observe__pb2.GetEventStreamResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -184,6 +205,33 @@ class ObserveService:
             '/aurae.observe.v0.ObserveService/GetPosixSignalsStream',
             observe_dot_observe__pb2.GetPosixSignalsStreamRequest.SerializeToString,
             observe_dot_observe__pb2.GetPosixSignalsStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetEventStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/aurae.observe.v0.ObserveService/GetEventStream',
+            observe_dot_observe__pb2.GetEventStreamRequest.SerializeToString,
+            observe_dot_observe__pb2.GetEventStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

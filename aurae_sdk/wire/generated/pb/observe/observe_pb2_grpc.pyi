@@ -49,6 +49,13 @@ class ObserveServiceStub:
     """
     GetPosixSignalsStream: _grpc.UnaryStreamMultiCallable[_observe_pb2.GetPosixSignalsStreamRequest, _observe_pb2.GetPosixSignalsStreamResponse]
     """Follow the signals delivered to workloads, optionally of one cell only."""
+    GetEventStream: _grpc.UnaryStreamMultiCallable[_observe_pb2.GetEventStreamRequest, _observe_pb2.GetEventStreamResponse]
+    """aurae-py addition: the node's lifecycle events in order, each with a
+    sequence number. Events the daemon still keeps (its journal outlives
+    restarts, bounded in size) are sent first, then, when following, new
+    ones as they happen. Per workload the order is allocated/started, then
+    exited, then stopped/freed.
+    """
 
 @_typing.type_check_only
 class ObserveServiceAsyncStub(ObserveServiceStub):
@@ -66,6 +73,13 @@ class ObserveServiceAsyncStub(ObserveServiceStub):
     """
     GetPosixSignalsStream: _aio.UnaryStreamMultiCallable[_observe_pb2.GetPosixSignalsStreamRequest, _observe_pb2.GetPosixSignalsStreamResponse]  # type: ignore[assignment]
     """Follow the signals delivered to workloads, optionally of one cell only."""
+    GetEventStream: _aio.UnaryStreamMultiCallable[_observe_pb2.GetEventStreamRequest, _observe_pb2.GetEventStreamResponse]  # type: ignore[assignment]
+    """aurae-py addition: the node's lifecycle events in order, each with a
+    sequence number. Events the daemon still keeps (its journal outlives
+    restarts, bounded in size) are sent first, then, when following, new
+    ones as they happen. Per workload the order is allocated/started, then
+    exited, then stopped/freed.
+    """
 
 class ObserveServiceServicer(metaclass=_abc_1.ABCMeta):
     """ObserveService streams what happens on the node: the daemon's own log,
@@ -98,5 +112,18 @@ class ObserveServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_observe_pb2.GetPosixSignalsStreamResponse], _abc.AsyncIterator[_observe_pb2.GetPosixSignalsStreamResponse]]:
         """Follow the signals delivered to workloads, optionally of one cell only."""
+
+    @_abc_1.abstractmethod
+    def GetEventStream(
+        self,
+        request: _observe_pb2.GetEventStreamRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_observe_pb2.GetEventStreamResponse], _abc.AsyncIterator[_observe_pb2.GetEventStreamResponse]]:
+        """aurae-py addition: the node's lifecycle events in order, each with a
+        sequence number. Events the daemon still keeps (its journal outlives
+        restarts, bounded in size) are sent first, then, when following, new
+        ones as they happen. Per workload the order is allocated/started, then
+        exited, then stopped/freed.
+        """
 
 def add_ObserveServiceServicer_to_server(servicer: ObserveServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

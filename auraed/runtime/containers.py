@@ -1,0 +1,202 @@
+"""Containers: executables that run an image's root filesystem inside a cell.
+
+`Containers.prepare` turns an image from the store and the caller's overrides into a
+`ContainerSpec` — argv, environment, working directory and user from the image config, and the
+rootfs the spawned child mounts and pivots into (auraed.kernel.rootfs). Each container gets a
+directory of its own under the runtime dir holding overlayfs's upper and work directories and
+the mount point; `ContainerSpec.release` removes it and lets go of the image, once the
+executable is forgotten (stopped, its name reused, or its cell freed). The overlay mount itself
+lives only in the container's own mount namespace, so it goes with the container's last
+process and never appears in the host's mount table.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from auraed.errors import FailedPrecondition, InvalidArgument
+from auraed.images import Image, ImageStore
+from auraed.kernel.processes import DEFAULT_PATH
+
+DEFAULT_ENV = {"PATH": DEFAULT_PATH}
+
+
+@dataclass(frozen=True)
+class Mount:
+    """A host path bound into the container."""
+
+    source: str
+    destination: str
+    read_only: bool = False
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    """What the spawner needs to run a process in a container's filesystem."""
+
+    argv: tuple[str, ...]
+    env: dict[str, str]
+    cwd: str
+    uid: int
+    gid: int
+    # The rootfs to make (a new container), or None to join `mount_namespace` (an exec).
+    rootfs: dict[str, Any] | None = None
+    mount_namespace: str | None = None
+    image: Image | None = None
+    directory: Path | None = None
+    release: Callable[[], None] = field(default=lambda: None, compare=False)
+
+    @property
+    def command(self) -> str:
+        """The argv as one line, for listings."""
+        import shlex
+
+        return shlex.join(self.argv)
+
+
+class Containers:
+    def __init__(self, store: ImageStore, root: Path) -> None:
+        self.store = store
+        self.root = root
+
+    def start(self) -> None:
+        """Clear what a previous run left (its mounts went with its processes)."""
+        shutil.rmtree(self.root, ignore_errors=True)
+        self.root.mkdir(mode=0o700, parents=True)
+
+    def prepare(
+        self,
+        image_name: str,
+        *,
+        command: Sequence[str] | None = None,
+        args: Sequence[str] | None = None,
+        env: Mapping[str, str] | None = None,
+        working_dir: str | None = None,
+        user: str | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        read_only: bool = False,
+        mounts: Sequence[Mount] = (),
+        field_prefix: str = "executable",
+    ) -> ContainerSpec:
+        """A new container of `image_name`. command replaces the image's entrypoint (and then
+        its cmd too), args its cmd; env adds to the image's; uid/gid win over user, which wins
+        over the image's user."""
+        image = self.store.get(image_name, field=f"{field_prefix}.image")
+        config = image.config
+        if command:
+            argv = [*command, *(args or ())]
+        else:
+            argv = [*config.entrypoint, *(args if args else config.cmd)]
+        if not argv:
+            raise InvalidArgument(f"image {image_name} has no entrypoint or cmd: give a "
+                                  "command", field=f"{field_prefix}.command")
+        if any("\0" in a for a in argv):
+            raise InvalidArgument("arguments must not contain NUL bytes",
+                                  field=f"{field_prefix}.command")
+        environment = dict(DEFAULT_ENV)
+        for entry in config.env:
+            key, _, value = entry.partition("=")
+            environment[key] = value
+        environment.update(env or {})
+        cwd = working_dir or config.working_dir or "/"
+        if not cwd.startswith("/"):
+            raise InvalidArgument(f"working directory {cwd!r} is not absolute",
+                                  field=f"{field_prefix}.working_dir")
+        layers = self.store.layer_dirs(image)
+        resolved_uid, resolved_gid = resolve_user(user if user is not None else config.user,
+                                                  layers, field=f"{field_prefix}.user")
+        for mount in mounts:
+            if not os.path.isabs(mount.source) or not os.path.exists(mount.source):
+                raise InvalidArgument(f"mount source {mount.source!r} does not exist on the host",
+                                      field=f"{field_prefix}.mounts")
+        self.store.acquire(image)
+        directory = self.root / uuid.uuid4().hex
+        try:
+            for name in ("upper", "work", "rootfs"):
+                (directory / name).mkdir(parents=True)
+            # The container's "/" is the upper directory's: open to its users like any root.
+            (directory / "upper").chmod(0o755)
+        except OSError as error:
+            shutil.rmtree(directory, ignore_errors=True)
+            self.store.release(image)
+            raise FailedPrecondition(f"cannot prepare the container's directories: "
+                                     f"{error.strerror}") from None
+        released = threading.Event()
+
+        def release() -> None:
+            if not released.is_set():
+                released.set()
+                shutil.rmtree(directory, ignore_errors=True)
+                self.store.release(image)
+
+        return ContainerSpec(
+            argv=tuple(argv), env=environment, cwd=cwd,
+            uid=resolved_uid if uid is None else uid,
+            gid=resolved_gid if gid is None else gid,
+            rootfs={"lower": [str(p) for p in layers], "upper": str(directory / "upper"),
+                    "work": str(directory / "work"), "target": str(directory / "rootfs"),
+                    "read_only": read_only,
+                    "mounts": [{"source": m.source, "destination": m.destination,
+                                "read_only": m.read_only} for m in mounts]},
+            image=image, directory=directory, release=release,
+        )
+
+    def exec_in(self, container_pid: int, argv: Sequence[str], *, env: Mapping[str, str],
+                cwd: str, uid: int, gid: int) -> ContainerSpec:
+        """A process joining the filesystem of the container whose process is `container_pid`
+        (a host pid)."""
+        if not argv:
+            raise InvalidArgument("a command is required", field="cmd")
+        return ContainerSpec(argv=tuple(argv), env=dict(env), cwd=cwd, uid=uid, gid=gid,
+                             mount_namespace=f"/proc/{container_pid}/ns/mnt")
+
+
+def resolve_user(user: str, layers: Sequence[Path], *, field: str) -> tuple[int, int]:
+    """uid and gid of an image's "user[:group]", names looked up in the image's own
+    /etc/passwd and /etc/group (as a container runtime must: the host's mean nothing)."""
+    if not user:
+        return 0, 0
+    name, _, group = user.partition(":")
+    passwd = _image_file(layers, "etc/passwd")
+    uid: int | None = int(name) if name.isdigit() else None
+    gid: int | None = None
+    for line in passwd.splitlines():
+        parts = line.split(":")
+        if len(parts) >= 4 and parts[2].isdigit() and parts[3].isdigit() and (
+                parts[0] == name or (uid is not None and int(parts[2]) == uid)):
+            uid, gid = int(parts[2]), int(parts[3])
+            break
+    if uid is None:
+        raise InvalidArgument(f"user {name!r} is not in the image's /etc/passwd", field=field)
+    if group:
+        if group.isdigit():
+            gid = int(group)
+        else:
+            for line in _image_file(layers, "etc/group").splitlines():
+                parts = line.split(":")
+                if len(parts) >= 3 and parts[0] == group and parts[2].isdigit():
+                    gid = int(parts[2])
+                    break
+            else:
+                raise InvalidArgument(f"group {group!r} is not in the image's /etc/group",
+                                      field=field)
+    return uid, 0 if gid is None else gid
+
+
+def _image_file(layers: Sequence[Path], relative: str) -> str:
+    """A small file of the image as the stacked layers show it ("" when absent or deleted)."""
+    for layer in reversed(layers):
+        path = layer / relative
+        if os.path.lexists(path):
+            if not path.is_file() or path.is_symlink():
+                return ""  # a whiteout (a character device) or something we will not follow
+            return path.read_text(errors="replace")[:1024 * 1024]
+    return ""

@@ -1,0 +1,192 @@
+"""Restart policies with real processes: on-failure restarts with doubling delays until the
+start limit, always restarts after exit 0, Stop ends a policy for good (even in the middle of
+a backoff), Free of the cell ends it, and bad policies are refused."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+import aurae_sdk
+from aurae_sdk.wire.generated.pb.observe import observe_pb2 as observe_pb
+
+DEADLINE = 60.0
+
+
+def kind(event: Any) -> str:
+    return observe_pb.EventKind.Name(event.kind).removeprefix("EVENT_KIND_")
+
+
+def newest(client: aurae_sdk.Client) -> int:
+    last = 0
+    for response in client.observe.get_event_stream(timeout=30):
+        last = response.events[-1].sequence if response.events else last
+    return last
+
+
+def events_until(client: aurae_sdk.Client, after: int,
+                 done: Callable[[list[Any]], bool]) -> list[Any]:
+    events: list[Any] = []
+    stream = client.observe.get_event_stream(after_sequence=after, follow=True, timeout=DEADLINE)
+    for response in stream:
+        events.extend(response.events)
+        if done(events):
+            stream.cancel()
+            break
+    return events
+
+
+def status_of(client: aurae_sdk.Client, cell: str | None, name: str) -> Any:
+    if cell is None:
+        # Host-level executables are not in List; Wait answers at once for an exited one.
+        return client.cells.wait(executable_name=name, timeout=30).status
+    (node,) = [n for n in client.cells.list().cells if n.cell.name == cell]
+    (found,) = [e for e in node.executables if e.name == name]
+    return found
+
+
+def test_on_failure_restarts_with_growing_delays_until_the_start_limit(
+        client: aurae_sdk.Client) -> None:
+    client.cells.allocate(cell={"name": "r-fail"})
+    try:
+        before = newest(client)
+        client.cells.start(cell_name="r-fail", executable={
+            "name": "crash", "command": "exit 1", "restart_policy": "EXECUTABLE_RESTART_POLICY_ON_FAILURE",
+            "restart_delay_ms": 100})
+        events = events_until(client, before, lambda evs: any(
+            kind(e) == "EXECUTABLE_START_LIMIT_HIT" for e in evs))
+        mine = [e for e in events if e.executable_name == "crash"]
+        assert [kind(e) for e in mine] == [
+            "EXECUTABLE_STARTED", "EXECUTABLE_EXITED",
+            *["EXECUTABLE_RESTARTED", "EXECUTABLE_EXITED"] * 4,
+            "EXECUTABLE_START_LIMIT_HIT"]  # 5 starts within 10 s, systemd's default limit
+        restarts = [e for e in mine if kind(e) == "EXECUTABLE_RESTARTED"]
+        assert [e.restart_delay_ms for e in restarts] == [100, 200, 400, 800]
+        assert [e.restart_count for e in restarts] == [1, 2, 3, 4]
+        exits = [e for e in mine if kind(e) == "EXECUTABLE_EXITED"]
+        assert all(e.exit_code == 1 for e in exits)
+        # Each restart really waited its delay after the exit before it.
+        for exited, restarted in zip(exits, restarts, strict=False):
+            assert restarted.timestamp - exited.timestamp >= restarted.restart_delay_ms / 1000 * 0.95
+        # Five real processes, one after the other.
+        assert len({e.host_pid for e in mine if kind(e).endswith("STARTED")}) == 5
+        status = status_of(client, "r-fail", "crash")
+        assert status.restart_count == 4 and status.start_limit_hit
+        assert status.exit_code == 1 and status.next_restart_at == 0
+        assert status.restart_policy == 1  # ON_FAILURE
+        # Given up for good: the next delay (1.6 s) passes without a restart.
+        time.sleep(2.5)
+        assert status_of(client, "r-fail", "crash").restart_count == 4
+    finally:
+        client.cells.free(cell_name="r-fail")
+
+
+def test_on_failure_leaves_a_clean_exit_alone(client: aurae_sdk.Client) -> None:
+    before = newest(client)
+    client.cells.start(executable={"name": "r-clean", "command": "exit 0",
+                                   "restart_policy": "EXECUTABLE_RESTART_POLICY_ON_FAILURE",
+                                   "restart_delay_ms": 50})
+    try:
+        assert client.cells.wait(executable_name="r-clean", timeout=30).status.exit_code == 0
+        time.sleep(1.0)  # twenty times the delay
+        status = status_of(client, None, "r-clean")
+        assert status.restart_count == 0 and status.next_restart_at == 0
+        events = [e for _, e in _after(client, before) if e.executable_name == "r-clean"]
+        assert [kind(e) for e in events] == ["EXECUTABLE_STARTED", "EXECUTABLE_EXITED"]
+    finally:
+        client.cells.stop(executable_name="r-clean")
+
+
+def _after(client: aurae_sdk.Client, sequence: int) -> list[tuple[int, Any]]:
+    return [(e.sequence, e) for r in client.observe.get_event_stream(
+        after_sequence=sequence, timeout=30) for e in r.events]
+
+
+def test_always_restarts_after_exit_zero_and_stop_ends_it_for_good(
+        client: aurae_sdk.Client) -> None:
+    client.cells.allocate(cell={"name": "r-always"})
+    try:
+        before = newest(client)
+        client.cells.start(cell_name="r-always", executable={
+            "name": "tick", "command": "exit 0", "restart_policy": "EXECUTABLE_RESTART_POLICY_ALWAYS",
+            "restart_delay_ms": 20, "restart_max_delay_ms": 100, "start_limit": {"burst": 0}})
+        events_until(client, before, lambda evs: sum(
+            kind(e) == "EXECUTABLE_RESTARTED" for e in evs) >= 5)
+        stopped = client.cells.stop(cell_name="r-always", executable_name="tick").status
+        assert stopped.restart_count >= 5 and stopped.next_restart_at == 0
+        stop_seen = events_until(client, before, lambda evs: any(
+            kind(e) == "EXECUTABLE_STOPPED" for e in evs))[-1].sequence
+        time.sleep(1.0)  # ten times the longest delay
+        after = [e for _, e in _after(client, stop_seen) if e.cell_name == "r-always"]
+        assert after == []
+        (node,) = [n for n in client.cells.list().cells if n.cell.name == "r-always"]
+        assert list(node.executables) == []
+        assert client.cells.metrics(cell_name="r-always").cells[0].pids_current == 0
+        exits = [e for _, e in _after(client, before)
+                 if e.executable_name == "tick" and kind(e) == "EXECUTABLE_EXITED"]
+        assert all(e.exit_code == 0 for e in exits)
+    finally:
+        client.cells.free(cell_name="r-always")
+
+
+def test_stop_during_a_backoff_cancels_the_restart(client: aurae_sdk.Client) -> None:
+    client.cells.allocate(cell={"name": "r-backoff"})
+    try:
+        before = newest(client)
+        client.cells.start(cell_name="r-backoff", executable={
+            "name": "crash", "command": "exit 2",
+            "restart_policy": "EXECUTABLE_RESTART_POLICY_ON_FAILURE", "restart_delay_ms": 1500})
+        deadline = time.monotonic() + DEADLINE
+        while (status := status_of(client, "r-backoff", "crash")).next_restart_at == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert status.next_restart_at > time.time()
+        client.cells.stop(cell_name="r-backoff", executable_name="crash")
+        time.sleep(2.5)
+        kinds = [kind(e) for _, e in _after(client, before) if e.executable_name == "crash"
+                 and e.cell_name == "r-backoff"]
+        assert kinds == ["EXECUTABLE_STARTED", "EXECUTABLE_EXITED", "EXECUTABLE_STOPPED"]
+    finally:
+        client.cells.free(cell_name="r-backoff")
+
+
+def test_free_of_the_cell_ends_the_policy(client: aurae_sdk.Client) -> None:
+    client.cells.allocate(cell={"name": "r-free"})
+    before = newest(client)
+    client.cells.start(cell_name="r-free", executable={
+        "name": "loop", "command": "sleep 0.05", "restart_policy": "EXECUTABLE_RESTART_POLICY_ALWAYS",
+        "restart_delay_ms": 10, "restart_max_delay_ms": 50, "start_limit": {"burst": 0}})
+    events_until(client, before, lambda evs: sum(
+        kind(e) == "EXECUTABLE_RESTARTED" for e in evs) >= 3)
+    client.cells.free(cell_name="r-free")
+    freed = events_until(client, before, lambda evs: any(
+        kind(e) == "CELL_FREED" and e.cell_name == "r-free" for e in evs))[-1].sequence
+    time.sleep(1.0)
+    assert [e for _, e in _after(client, freed) if e.cell_name == "r-free"] == []
+    with pytest.raises(aurae_sdk.NotFound):
+        client.cells.metrics(cell_name="r-free")
+    mine = [kind(e) for _, e in _after(client, before) if e.cell_name == "r-free"]
+    assert mine[-1] == "CELL_FREED" and mine[-2] == "EXECUTABLE_EXITED"
+
+
+@pytest.mark.parametrize(("executable", "field"), [
+    ({"restart_delay_ms": 100}, "executable.restart_delay_ms"),
+    ({"start_limit": {"burst": 3}}, "executable.start_limit"),
+    ({"restart_policy": 7}, "executable.restart_policy"),
+    ({"restart_policy": "EXECUTABLE_RESTART_POLICY_ALWAYS", "restart_delay_ms": 0},
+     "executable.restart_delay_ms"),
+    ({"restart_policy": "EXECUTABLE_RESTART_POLICY_ALWAYS", "restart_delay_ms": 500,
+      "restart_max_delay_ms": 100}, "executable.restart_max_delay_ms"),
+    ({"restart_policy": "EXECUTABLE_RESTART_POLICY_ALWAYS",
+      "start_limit": {"interval_ms": 10**9}}, "executable.start_limit.interval_ms"),
+])
+def test_bad_policies_are_refused_and_start_nothing(
+        client: aurae_sdk.Client, executable: dict[str, Any], field: str) -> None:
+    with pytest.raises(aurae_sdk.InvalidArgument) as error:
+        client.cells.start(executable={"name": "r-bad", "command": "sleep 60", **executable})
+    assert error.value.field == field
+    with pytest.raises(aurae_sdk.NotFound):
+        client.cells.stop(executable_name="r-bad")
