@@ -7,6 +7,7 @@ as text, JSON or YAML, and exits with a status that reflects the gRPC status.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -67,11 +68,37 @@ class KeyValue(click.ParamType[tuple[str, str]]):
         return key, item
 
 
+class Seconds(click.ParamType[float]):
+    """A call's timeout: seconds, or "forever" (also "inf", "none") for no deadline."""
+
+    name = "seconds"
+    FOREVER = ("forever", "inf", "none")
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        if isinstance(value, float):
+            return value
+        text = str(value).strip().lower()
+        if text in self.FOREVER:
+            return math.inf
+        try:
+            seconds = float(text)
+        except ValueError:
+            self.fail(f"{value!r} is not a number of seconds or 'forever'", param, ctx)
+        if math.isnan(seconds) or seconds < 0:
+            self.fail(f"{value!r} is not a number of seconds or 'forever'", param, ctx)
+        return seconds
+
+
+# Calls that last as long as what they wait for: no deadline unless --timeout sets one.
+_WAITS_FOREVER = frozenset({("cells", "wait")})
+
+
 def rpc_options(command: F) -> F:
     """The options every RPC command has besides its fields."""
     command = click.option(
-        "--timeout", type=float, default=None, metavar="SECONDS",
-        help="Deadline for the call (default 30 s for unary calls, none for streams).",
+        "--timeout", type=Seconds(), default=None, metavar="SECONDS",
+        help="Deadline for the call, or 'forever' (default 30 s for unary calls; none for "
+             "streams and `cells wait`).",
     )(command)
     command = click.option(
         "-o", "--output", type=click.Choice(["text", "json", "yaml"]), default="text",
@@ -171,6 +198,8 @@ def invoke(attribute: str, method: str, params: dict[str, Any], fields: Mapping[
     ctx = click.get_current_context()
     output = params.pop("output")
     timeout = params.pop("timeout")
+    if timeout is None and (attribute, method) in _WAITS_FOREVER:
+        timeout = math.inf
     request_file = params.pop("request_file")
     place_positionals(params, positionals, request_given=request_file is not None)
     request = request_dict(params, fields, request_file.read() if request_file else None)

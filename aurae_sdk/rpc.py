@@ -9,6 +9,7 @@ and in how a call is awaited.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ Resp = TypeVar("Resp", bound=Message)
 Metadata = Sequence[tuple[str, str | bytes]]
 
 DEFAULT_TIMEOUT = 30.0
+# A timeout of math.inf means no deadline at all (e.g. a Wait that lasts as long as its process).
 # Only failures that mean "the request never took effect" are retried, and
 # only for methods the protos declare free of side effects.
 RETRYABLE_STATUSES = frozenset({grpc.StatusCode.UNAVAILABLE})
@@ -71,6 +73,13 @@ class RetryPolicy:
 
 
 NO_RETRY = RetryPolicy(attempts=1)
+
+
+def _remaining(deadline: float) -> float | None:
+    """The timeout to give grpc for `deadline` (monotonic); None (no deadline) for math.inf."""
+    if math.isinf(deadline):
+        return None
+    return max(0.0, deadline - time.monotonic())
 
 
 def build_request(method: MethodSpec[Req, Any], request: Any, fields: Mapping[str, Any]) -> Req:
@@ -138,8 +147,7 @@ class ServiceClient:
         attempt = 1
         while True:
             try:
-                response: Resp = call(message, timeout=max(0.0, deadline - time.monotonic()),
-                                      metadata=metadata)
+                response: Resp = call(message, timeout=_remaining(deadline), metadata=metadata)
                 return response
             except grpc.RpcError as error:
                 delay = self._transport.retry.delay(method, error, attempt, deadline)
@@ -172,9 +180,8 @@ class AsyncServiceClient:
         attempt = 1
         while True:
             try:
-                response: Resp = await call(
-                    message, timeout=max(0.0, deadline - time.monotonic()), metadata=metadata
-                )
+                response: Resp = await call(message, timeout=_remaining(deadline),
+                                            metadata=metadata)
                 return response
             except grpc.RpcError as error:
                 delay = self._transport.retry.delay(method, error, attempt, deadline)

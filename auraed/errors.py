@@ -1,8 +1,12 @@
 """Errors the runtime raises, each tied to the gRPC status it means.
 
-The runtime and services raise these; `services/status.py` is the one place
-that turns them into gRPC statuses. Kernel-facing modules raise their own
-errors, which the runtime translates.
+The runtime raises these about a `subject` — the domain thing at fault (a
+cell, an executable, a limit such as "memory.max") — and never names an API
+field: the services' validation modules (auraed/validation) know which
+request field each subject came from and set `field` at the edge.
+`auraed.interceptors.FaultTranslation` is the one place they become gRPC
+statuses. Kernel-facing modules raise their own errors, which the runtime
+translates.
 
 | Error               | gRPC status          | When                                                   |
 |---------------------|----------------------|--------------------------------------------------------|
@@ -18,16 +22,34 @@ errors, which the runtime translates.
 
 from __future__ import annotations
 
+from enum import StrEnum
+
+
+class Subject(StrEnum):
+    """What a runtime error is about, in the runtime's own words. A cgroup
+    limit is its own subject, by its v2 name ("cpu.weight")."""
+
+    CELL = "cell"
+    EXECUTABLE = "executable"
+    COMMAND = "command"
+    USER = "user"
+    GROUP = "group"
+    PROCESS = "process"
+    RESTART_POLICY = "restart_policy"
+
 
 class RuntimeFault(Exception):
-    """Base of the errors a caller can act on. `field` is the dotted request
-    field to blame, when there is one."""
+    """Base of the errors a caller can act on. `subject` is what the runtime
+    blames; `field` is the dotted request field to blame, set at the service
+    edge."""
 
     status = "UNKNOWN"
 
-    def __init__(self, message: str, *, field: str | None = None) -> None:
+    def __init__(self, message: str, *, subject: str | None = None,
+                 field: str | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.subject = subject
         self.field = field
 
 

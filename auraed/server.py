@@ -141,6 +141,23 @@ def _read_pki(settings: Settings) -> tuple[bytes, bytes, bytes]:
     return contents[0], contents[1], contents[2]
 
 
+def _private_directory(flag: str, path: Path) -> None:
+    """Make `path` a directory only root can enter: created 0700, or an existing one of ours
+    tightened to 0700 (its sockets, logs and audit trail are nobody else's business). A symlink,
+    a non-directory, or a directory someone else owns is refused: it could be swapped under us."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode):
+        raise StartupError(f"{flag} {path}: not a directory (a symlink or file is in its place)")
+    if info.st_uid != os.geteuid():
+        raise StartupError(f"{flag} {path}: owned by uid {info.st_uid}, not by the daemon's "
+                           f"uid {os.geteuid()}; remove it or choose another directory")
+    if stat.S_IMODE(info.st_mode) & 0o077:
+        log.warning("tightening an existing directory to mode 0700",
+                    extra={"path": str(path), "mode": oct(stat.S_IMODE(info.st_mode))})
+        os.chmod(path, 0o700, follow_symlinks=False)
+
+
 def _prepare_unix_socket(path: str) -> None:
     """Refuse to start beside a live daemon; remove a stale socket file."""
     try:
@@ -315,8 +332,8 @@ class Daemon:
             target = parse_target(settings.socket)
         except TargetError as error:
             raise StartupError(f"--socket {settings.socket}: {error}") from None
-        settings.runtime_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        settings.library_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _private_directory("--runtime-dir", settings.runtime_dir)
+        _private_directory("--library-dir", settings.library_dir)
         self._audit = AuditLog(settings.library_dir / AUDIT_LOG)
         try:
             self._audit.start()

@@ -39,6 +39,8 @@ _GET_SUB_PROCESS_STREAM_FIELDS: dict[str, str] = {
     "channel_type": "channel_type",
     "process_id": "process_id",
     "max_batch_lines": "max_batch_lines",
+    "cell_name": "executable.cell_name",
+    "executable_name": "executable.executable_name",
 }
 # Positional parameters in order, and whether each may be left out.
 _GET_SUB_PROCESS_STREAM_POSITIONALS: tuple[tuple[str, bool], ...] = (("process_id", False),)
@@ -67,6 +69,18 @@ _GET_SUB_PROCESS_STREAM_POSITIONALS: tuple[tuple[str, bool], ...] = (("process_i
     "max_batch_lines",
     type=click.IntRange(min=0),
     help="aurae-py addition: pack up to this many lines into each response's\nitems field instead of one line per response. 0 keeps one line per\nresponse, as public Aurae clients expect.",
+)
+@click.option(
+    "--cell-name",
+    "cell_name",
+    type=str,
+    help='The executable\'s cell; unset or "" for host level.',
+)
+@click.option(
+    "--executable-name",
+    "executable_name",
+    type=str,
+    help="The executable's name within that cell.",
 )
 @rpc_options
 def get_sub_process_stream_command(**params: Any) -> None:

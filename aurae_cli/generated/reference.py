@@ -590,6 +590,20 @@ MESSAGES: tuple[MessageInfo, ...] = (
                 "repeated",
                 "aurae-py addition: the executables this cell knows about, running or\nexited but not yet stopped.",
             ),
+            FieldInfo(
+                10,
+                "missing_cgroups",
+                "string",
+                "repeated",
+                "aurae-py addition: drift. The cell's cgroup directories that are gone\nfrom the host although the daemon still holds the cell (removed behind\nits back); Free of such a cell succeeds and forgets it.",
+            ),
+            FieldInfo(
+                11,
+                "namespaces_lost",
+                "bool",
+                "",
+                "aurae-py addition: drift. The process holding the cell's namespaces has\nended; nothing can start in the cell (or a new child cell) again until\nit is freed and allocated anew.",
+            ),
         ),
     ),
     MessageInfo(
@@ -897,6 +911,13 @@ MESSAGES: tuple[MessageInfo, ...] = (
                 "bool",
                 "",
                 "True when the kernel's OOM killer ended it: its cell hit its memory limit.",
+            ),
+            FieldInfo(
+                12,
+                "cell_oom_kills",
+                "uint32",
+                "",
+                "aurae-py addition: how many processes the OOM killer killed in the\nexecutable's cgroup (its cell's, or its own at host level) while it ran,\nby the kernel's per-cgroup counter; a child of the executable killed so\ncounts here while oom_killed stays false.",
             ),
             FieldInfo(
                 30,
@@ -1439,7 +1460,7 @@ MESSAGES: tuple[MessageInfo, ...] = (
                 "process_id",
                 "int32",
                 "",
-                "Process id of the executable, as Start returned it.",
+                "Process id of the executable, as Start returned it. A host pid is\nlooked up first; a pid inside an isolated cell's namespace is taken only\nwhen no executable has it as host pid, and refused when it is ambiguous.",
             ),
             FieldInfo(
                 3,
@@ -1447,6 +1468,34 @@ MESSAGES: tuple[MessageInfo, ...] = (
                 "uint32",
                 "",
                 "aurae-py addition: pack up to this many lines into each response's\nitems field instead of one line per response. 0 keeps one line per\nresponse, as public Aurae clients expect.",
+            ),
+            FieldInfo(
+                10,
+                "executable",
+                "aurae.observe.v0.ExecutableSelector",
+                "",
+                "aurae-py addition: the executable by its cell and name, instead of by\nprocess_id; with only its cell_name set, it narrows a process_id lookup\nto that cell.",
+            ),
+        ),
+    ),
+    MessageInfo(
+        full_name="aurae.observe.v0.ExecutableSelector",
+        name="ExecutableSelector",
+        doc="aurae-py addition: an executable by name.",
+        fields=(
+            FieldInfo(
+                1,
+                "cell_name",
+                "string",
+                "optional",
+                'The executable\'s cell; unset or "" for host level.',
+            ),
+            FieldInfo(
+                2,
+                "executable_name",
+                "string",
+                "",
+                "The executable's name within that cell.",
             ),
         ),
     ),

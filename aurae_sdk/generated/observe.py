@@ -25,6 +25,7 @@ from aurae_sdk.wire.generated.pb.observe import observe_pb2 as _observe_pb2
 GetAuraeDaemonLogStreamRequest = _observe_pb2.GetAuraeDaemonLogStreamRequest
 GetAuraeDaemonLogStreamResponse = _observe_pb2.GetAuraeDaemonLogStreamResponse
 GetSubProcessStreamRequest = _observe_pb2.GetSubProcessStreamRequest
+ExecutableSelector = _observe_pb2.ExecutableSelector
 GetSubProcessStreamResponse = _observe_pb2.GetSubProcessStreamResponse
 GetPosixSignalsStreamRequest = _observe_pb2.GetPosixSignalsStreamRequest
 GetPosixSignalsStreamResponse = _observe_pb2.GetPosixSignalsStreamResponse
@@ -130,6 +131,7 @@ class ObserveService(ServiceClient):
         channel_type: LogChannelType.ValueType | str | None = None,
         process_id: int | None = None,
         max_batch_lines: int | None = None,
+        executable: ExecutableSelector | Mapping[str, Any] | None = None,
         timeout: float | None = None,
         metadata: Metadata | None = None,
     ) -> Stream[GetSubProcessStreamResponse]:
@@ -144,6 +146,7 @@ class ObserveService(ServiceClient):
                 "channel_type": channel_type,
                 "process_id": process_id,
                 "max_batch_lines": max_batch_lines,
+                "executable": executable,
             },
             timeout,
             metadata,
@@ -235,6 +238,7 @@ class AsyncObserveService(AsyncServiceClient):
         channel_type: LogChannelType.ValueType | str | None = None,
         process_id: int | None = None,
         max_batch_lines: int | None = None,
+        executable: ExecutableSelector | Mapping[str, Any] | None = None,
         timeout: float | None = None,
         metadata: Metadata | None = None,
     ) -> AsyncStream[GetSubProcessStreamResponse]:
@@ -249,6 +253,7 @@ class AsyncObserveService(AsyncServiceClient):
                 "channel_type": channel_type,
                 "process_id": process_id,
                 "max_batch_lines": max_batch_lines,
+                "executable": executable,
             },
             timeout,
             metadata,
@@ -308,6 +313,7 @@ __all__ = [
     "GetAuraeDaemonLogStreamRequest",
     "GetAuraeDaemonLogStreamResponse",
     "GetSubProcessStreamRequest",
+    "ExecutableSelector",
     "GetSubProcessStreamResponse",
     "GetPosixSignalsStreamRequest",
     "GetPosixSignalsStreamResponse",

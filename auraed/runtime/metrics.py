@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from auraed.errors import NotFound
+from auraed.errors import NotFound, Subject
 from auraed.kernel.cgroups import CgroupError, CgroupMetrics
 from auraed.runtime.names import CellName
 from auraed.runtime.workloads import CellView, Workloads
@@ -40,7 +40,7 @@ def cell_usage(workloads: Workloads, cell: CellName | None = None, *,
     else:
         found = _find(tree, cell)
         if found is None:
-            raise NotFound(f"cell {cell} does not exist", field="cell_name")
+            raise NotFound(f"cell {cell} does not exist", subject=Subject.CELL)
         add(found, recursive)
     usage = []
     for view in views:

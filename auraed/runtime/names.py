@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from auraed.errors import InvalidArgument
+from auraed.errors import InvalidArgument, Subject
 
 _LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 # The one cgroup control file whose name is a valid label: v1's "tasks" sits in
@@ -47,18 +47,19 @@ class CellName:
     path: str
 
     @classmethod
-    def parse(cls, text: str, *, field: str) -> CellName:
+    def parse(cls, text: str) -> CellName:
+        subject = Subject.CELL
         if not text:
-            raise InvalidArgument("a cell name is required", field=field)
+            raise InvalidArgument("a cell name is required", subject=subject)
         if len(text) > MAX_NAME_LENGTH:
             raise InvalidArgument(
                 f"cell name is {len(text)} characters long; the limit is {MAX_NAME_LENGTH}",
-                field=field,
+                subject=subject,
             )
         labels = text.split("/")
         if len(labels) > MAX_DEPTH:
             raise InvalidArgument(
-                f"cell name nests {len(labels)} deep; the limit is {MAX_DEPTH}", field=field
+                f"cell name nests {len(labels)} deep; the limit is {MAX_DEPTH}", subject=subject
             )
         for label in labels:
             problem = _label_problem(label)
@@ -67,7 +68,7 @@ class CellName:
             if not problem and label in _RESERVED_CELL_LABELS:
                 problem = f"component {label!r} is the name of a cgroup control file"
             if problem:
-                raise InvalidArgument(f"invalid cell name {text!r}: {problem}", field=field)
+                raise InvalidArgument(f"invalid cell name {text!r}: {problem}", subject=subject)
         return cls(text)
 
     @property
@@ -96,11 +97,12 @@ class CellName:
         return self.path
 
 
-def parse_executable_name(text: str, *, field: str) -> str:
+def parse_executable_name(text: str) -> str:
     """An executable name: one DNS label, unique within its cell."""
     if not text:
-        raise InvalidArgument("an executable name is required", field=field)
+        raise InvalidArgument("an executable name is required", subject=Subject.EXECUTABLE)
     problem = _label_problem(text) if "/" not in text else "must not contain '/'"
     if problem:
-        raise InvalidArgument(f"invalid executable name {text!r}: {problem}", field=field)
+        raise InvalidArgument(f"invalid executable name {text!r}: {problem}",
+                              subject=Subject.EXECUTABLE)
     return text

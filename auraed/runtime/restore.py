@@ -40,6 +40,8 @@ class ExecutableLabel:
     gid: int
     log_dir: Path
     started_at: float
+    # Host level: the executable's own cgroup (None in a cell, and in labels of older daemons).
+    scope: str | None = None
 
 
 def cell_key(name: CellName) -> str:
@@ -61,7 +63,8 @@ def executable_label(label: ExecutableLabel) -> dict[str, object]:
     # command can take most of a request on its own.
     return {"cell": label.cell.path if label.cell else None, "name": label.name,
             "description": label.description, "uid": label.uid,
-            "gid": label.gid, "log_dir": str(label.log_dir), "started_at": label.started_at}
+            "gid": label.gid, "log_dir": str(label.log_dir), "started_at": label.started_at,
+            "scope": label.scope}
 
 
 def read_cell_record(value: dict[str, object]) -> CellRecord:
@@ -99,6 +102,7 @@ def read_executable_label(label: dict[str, object] | None, argv: list[str]) -> E
             gid=int(label["gid"]),  # type: ignore[call-overload]
             log_dir=Path(str(label["log_dir"])),
             started_at=float(label["started_at"]),  # type: ignore[arg-type]
+            scope=None if label.get("scope") is None else str(label["scope"]),
         )
     except (KeyError, TypeError, AssertionError, ValueError) as error:
         raise BadRecord(f"executable label {label!r}: {error!r}") from None
@@ -108,6 +112,6 @@ def _cell_name(value: object) -> CellName:
     if not isinstance(value, str):
         raise BadRecord(f"cell name {value!r}")
     try:
-        return CellName.parse(value, field="cell.name")
+        return CellName.parse(value)
     except Exception as error:  # noqa: BLE001 - whatever the grammar raises, the record is bad
         raise BadRecord(f"cell name {value!r}: {error}") from None

@@ -3,7 +3,9 @@
 This is the daemon's domain layer. It turns requests (already validated names,
 limits in cgroup terms) into kernel actions through `CgroupBackend` and the
 `Spawner`, and keeps the registry that List, Stop, Wait and Observe read.
-It knows nothing of gRPC or protobuf; it raises `auraed.errors` faults.
+It knows nothing of gRPC or protobuf; it raises `auraed.errors` faults about
+a subject (a cell, an executable, a limit), never naming a request field: the
+service edge (auraed/validation) does that.
 
 Locking: `_lock` guards the cell tree and the executable registry and is held
 while a structural change (allocate, start, free's bookkeeping) talks to the
@@ -11,6 +13,9 @@ kernel, so changes happen one at a time and in order. Waiting — grace
 periods, exits — happens outside it. Exit reports arrive on the spawner's
 reader thread, which must never wait for `_lock` (it would stall the spawn
 reply a lock holder waits for), so they go through the small `_pids_lock`.
+Frees of overlapping cells do not run side by side: a Free marks its whole
+subtree `freeing` under `_lock`, and one that finds a descendant already being
+freed waits (outside the lock) for that Free to finish before it marks its own.
 
 Live restore: the spawner outlives the daemon (it holds every process, pipe and exit status,
 and writes captured output itself). It keeps a record of each cell and a label on each process
@@ -20,14 +25,14 @@ detach() leaves everything running for the next one.
 
 from __future__ import annotations
 
-import grp
+import itertools
 import logging
 import os
-import pwd
 import shutil
 import signal
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -37,6 +42,7 @@ from auraed.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    Subject,
     Unavailable,
 )
 from auraed.kernel.cgroups import (
@@ -44,12 +50,12 @@ from auraed.kernel.cgroups import (
     CgroupError,
     CgroupExists,
     CgroupLimits,
+    CgroupNotFound,
     InvalidLimit,
     LimitRefused,
     UnsafePath,
     UnsupportedLimit,
 )
-from auraed.kernel.cgroups import validate as validate_limits
 from auraed.kernel.processes import (
     ExitStatus,
     HolderSpec,
@@ -65,7 +71,7 @@ from auraed.output import OutputLog
 from auraed.runtime import restore
 from auraed.runtime.containers import ContainerSpec
 from auraed.runtime.events import EventJournal
-from auraed.runtime.executables import Executable, ExecutableKey
+from auraed.runtime.executables import Executable, ExecutableKey, check_command, check_identity
 from auraed.runtime.names import CellName
 from auraed.runtime.restarts import (
     NO_RESTART,
@@ -86,6 +92,10 @@ HOST_LOG_DIR = "_host"
 # Exits of pids nobody recorded (a spawn whose caller timed out) are kept this
 # long at most, so the table cannot grow without bound.
 MAX_EARLY_EXITS = 1024
+# Executables Stop ended are remembered (their last status, for a Wait that
+# comes after the Stop) until their name starts again, their cell is freed, or
+# this many newer ones push them out.
+MAX_STOPPED_RECORDS = 1024
 
 PROCESS_NAMESPACES = frozenset({"pid", "mnt", "ipc", "uts"})
 NETWORK_NAMESPACES = frozenset({"net"})
@@ -119,6 +129,9 @@ class Cell:
     children: dict[str, Cell] = field(default_factory=dict)
     executables: dict[str, Executable] = field(default_factory=dict)
     freeing: bool = False
+    # Set when the Free in progress (if any) has finished, whichever way: a
+    # Free of an ancestor waits for it (see free()).
+    freed: threading.Event = field(default_factory=threading.Event)
     # The pid 1 (or pause process) holding the namespaces this cell made, and
     # the namespaces its processes join: its own, else its nearest ancestor's.
     holder: SpawnedProcess | None = None
@@ -129,17 +142,28 @@ class Cell:
 
     @property
     def holder_gone(self) -> bool:
-        return self.holder is not None and self.holder_ended.is_set()
+        """Whether the cell made namespaces whose holder has ended: reported by
+        the spawner, or already dead (a zombie, or gone) before the report came."""
+        if self.holder is None:
+            return False
+        return self.holder_ended.is_set() or not _holds_namespaces(self.holder, self.spec.unshared)
 
 
 @dataclass(frozen=True)
 class CellView:
-    """A read-only snapshot of one cell and its subtree, for List."""
+    """A read-only snapshot of one cell and its subtree, for List.
+
+    Drift — the host no longer matching the daemon's state — is shown, not
+    hidden: `missing_cgroups` are the cell's cgroup directories that are gone
+    from the host, `namespaces_lost` says the holder of its namespaces ended.
+    """
 
     name: CellName
     spec: CellSpec
     children: tuple[CellView, ...]
     executables: tuple[Executable, ...]
+    missing_cgroups: tuple[str, ...] = ()
+    namespaces_lost: bool = False
 
 
 class Workloads:
@@ -174,6 +198,8 @@ class Workloads:
         self._lock = threading.RLock()
         self._cells: dict[CellName, Cell] = {}
         self._host_executables: dict[str, Executable] = {}
+        self._stopped: OrderedDict[ExecutableKey, Executable] = OrderedDict()
+        self._scope_numbers = itertools.count(1)
         self._closing = False
         self._pids_lock = threading.Lock()
         self._by_host_pid: dict[int, Executable] = {}
@@ -304,7 +330,12 @@ class Workloads:
                     key=ExecutableKey(label.cell, label.name), command=label.command,
                     description=label.description, uid=label.uid, gid=label.gid,
                     process=adopted.process, stdout=outputs[0], stderr=outputs[1],
-                    log_dir=label.log_dir, started_at=label.started_at)
+                    log_dir=label.log_dir, started_at=label.started_at, scope=label.scope)
+                if label.scope is not None:
+                    # New scopes are numbered past the adopted ones: names never collide.
+                    number = int(label.scope.rsplit(".", 1)[1])
+                    self._scope_numbers = itertools.count(max(number + 1,
+                                                              next(self._scope_numbers)))
                 registry[label.name] = executable
                 if adopted.status is not None:
                     exited_while_away.append((executable, adopted.status, adopted.exited_at))
@@ -402,28 +433,30 @@ class Workloads:
     # ------------------------------------------------------------------ cells
 
     def allocate(self, name: CellName, spec: CellSpec) -> Cell:
-        try:
-            validate_limits(spec.limits)
-        except InvalidLimit as error:
-            raise InvalidArgument(str(error), field=_limit_field(error.field)) from None
+        """Create a cell with limits already validated (see auraed.kernel.cgroups.validate)."""
         with self._lock:
             self._check_open()
-            parent = self._cell_for_change(name.parent, field="cell.name") if name.parent else None
+            parent = self._cell_for_change(name.parent) if name.parent else None
             if name in self._cells:
-                raise AlreadyExists(f"cell {name} already exists", field="cell.name")
+                raise AlreadyExists(f"cell {name} already exists", subject=Subject.CELL)
+            # A child would join its ancestors' namespaces: refused now if they are
+            # gone, not later at its first Start.
+            self._check_namespaces_alive(name.ancestors())
             try:
                 self.backend.create(name.path, spec.limits)
+            except InvalidLimit as error:
+                raise InvalidArgument(str(error), subject=error.field) from None
             except (UnsupportedLimit, LimitRefused) as error:
-                raise FailedPrecondition(str(error), field=_limit_field(error.field)) from None
+                raise FailedPrecondition(str(error), subject=error.field) from None
             except UnsafePath as error:
                 raise FailedPrecondition(
-                    f"refusing to create cell {name}: {error}", field="cell.name"
+                    f"refusing to create cell {name}: {error}", subject=Subject.CELL
                 ) from None
             except CgroupExists:
                 # Not ours (we know no such cell): made by someone else; never adopt or remove it.
                 raise FailedPrecondition(
                     f"a cgroup for cell {name} exists that this daemon did not create; "
-                    "remove it or choose another name", field="cell.name"
+                    "remove it or choose another name", subject=Subject.CELL
                 ) from None
             cell = Cell(name, spec, namespaces=parent.namespaces if parent else None)
             if spec.unshared:
@@ -445,9 +478,6 @@ class Workloads:
     def _hold_namespaces(self, cell: Cell, parent: Cell | None) -> None:
         """Start the process owning the cell's new namespaces (inside its
         parent's, so a nested cell isolates further from there)."""
-        if parent is not None and parent.holder_gone:
-            raise FailedPrecondition(f"the namespaces of cell {parent.name} are gone",
-                                     field="cell.name")
         try:
             holder = self._spawner.spawn_holder(HolderSpec(
                 unshare=cell.spec.unshared,
@@ -462,7 +492,7 @@ class Workloads:
         except SpawnError as error:
             raise FailedPrecondition(
                 f"could not create the namespaces of cell {cell.name}: {error.message} "
-                f"(at {error.stage})", field="cell.name") from None
+                f"(at {error.stage})", subject=Subject.CELL) from None
         except (SpawnerClosed, TimeoutError) as error:
             raise _spawner_unavailable(error) from None
         paths = cell.namespaces.paths() if cell.namespaces else {}
@@ -474,43 +504,67 @@ class Workloads:
             self._holders[holder.host_pid] = cell
 
     def free(self, name: CellName, *, grace: float | None = None, _shutting_down: bool = False) -> None:
-        """Stop everything in the cell and its descendants, then remove them."""
-        with self._lock:
-            if not _shutting_down:
-                self._check_open()
-            cell = self._cells.get(name)
-            if cell is None:
-                raise NotFound(f"cell {name} does not exist", field="cell_name")
-            if cell.freeing:
-                raise FailedPrecondition(f"cell {name} is already being freed", field="cell_name")
-            subtree = [c for c in self._cells.values() if c.name.is_within(name)]
-            for member in subtree:
-                member.freeing = True
-            executables = [e for c in subtree for e in c.executables.values()]
-        self._stop_all(executables, self._grace(grace))
-        self._end_holders([member for member in subtree if member.holder is not None])
-        try:
-            self.backend.remove(name.path)
-        except CgroupError as error:
+        """Stop everything in the cell and its descendants, then remove them.
+
+        Frees of overlapping cells run one after the other: a Free of a cell
+        whose descendant is being freed waits for that Free to finish, and a
+        Free of a cell being freed (itself or by an ancestor's Free) is
+        refused. Cgroups removed behind the daemon's back (drift) are no
+        obstacle: the cell's state is cleaned all the same.
+        """
+        while True:
             with self._lock:
-                for member in subtree:
-                    member.freeing = False
-            raise FailedPrecondition(f"could not remove cell {name}: {error}", field="cell_name") from None
-        with self._lock:
-            for member in sorted(subtree, key=lambda c: len(c.name.labels), reverse=True):
-                if member.holder is not None:
-                    with self._pids_lock:
-                        self._holders.pop(member.holder.host_pid, None)
-                    self._spawner.release(member.holder)
-                self._cells.pop(member.name, None)
-                self._spawner.forget(restore.cell_key(member.name))
-                for executable in member.executables.values():
-                    self._forget(executable)
-                # Emptied by _forget unless output is still being written (see there).
-                _remove_directory(self._log_root / member.name.path, only_if_empty=True)
-            if name.parent is not None and name.parent in self._cells:
-                self._cells[name.parent].children.pop(name.leaf, None)
-            self.events.cell_freed(name)
+                if not _shutting_down:
+                    self._check_open()
+                cell = self._cells.get(name)
+                if cell is None:
+                    raise NotFound(f"cell {name} does not exist", subject=Subject.CELL)
+                if cell.freeing:
+                    raise FailedPrecondition(f"cell {name} is already being freed",
+                                             subject=Subject.CELL)
+                subtree = [c for c in self._cells.values() if c.name.is_within(name)]
+                in_progress = [c.freed for c in subtree if c.freeing]
+                if not in_progress:
+                    for member in subtree:
+                        member.freeing = True
+                        member.freed = threading.Event()
+                    executables = [e for c in subtree for e in c.executables.values()]
+                    break
+            for done in in_progress:
+                done.wait()
+        try:
+            self._stop_all(executables, self._grace(grace))
+            self._end_holders([member for member in subtree if member.holder is not None])
+            try:
+                self.backend.remove(name.path)
+            except CgroupNotFound:
+                log.warning("the cell's cgroups were already gone from the host; forgetting it",
+                            extra={"cell": name.path})
+            except CgroupError as error:
+                with self._lock:
+                    for member in subtree:
+                        member.freeing = False
+                raise FailedPrecondition(f"could not remove cell {name}: {error}",
+                                         subject=Subject.CELL) from None
+            with self._lock:
+                for member in sorted(subtree, key=lambda c: len(c.name.labels), reverse=True):
+                    if member.holder is not None:
+                        with self._pids_lock:
+                            self._holders.pop(member.holder.host_pid, None)
+                        self._spawner.release(member.holder)
+                    self._cells.pop(member.name, None)
+                    self._spawner.forget(restore.cell_key(member.name))
+                    for executable in member.executables.values():
+                        self._forget(executable)
+                    self._drop_records(member.name)
+                    # Emptied by _forget unless output is still being written (see there).
+                    _remove_directory(self._log_root / member.name.path, only_if_empty=True)
+                if name.parent is not None and name.parent in self._cells:
+                    self._cells[name.parent].children.pop(name.leaf, None)
+                self.events.cell_freed(name)
+        finally:
+            for member in subtree:
+                member.freed.set()
         log.info("cell freed", extra={"cell": name.path})
 
     def _end_holders(self, cells: list[Cell]) -> None:
@@ -530,16 +584,19 @@ class Workloads:
 
     def tree(self) -> list[CellView]:
         with self._lock:
-            def view(cell: Cell) -> CellView:
-                return CellView(
-                    cell.name,
-                    cell.spec,
-                    tuple(view(child) for child in sorted(cell.children.values(), key=lambda c: c.name)),
-                    tuple(cell.executables.values()),
-                )
+            cells = {c.name: (c, sorted(c.children.values(), key=lambda child: child.name),
+                              tuple(c.executables.values()))
+                     for c in self._cells.values()}
+        # Outside the lock: a look at the host (cgroupfs, /proc) per cell.
+        missing = {name: tuple(self.backend.missing(name.path)) for name in cells}
 
-            return [view(c) for c in sorted(self._cells.values(), key=lambda c: c.name)
-                    if c.name.parent is None]
+        def view(name: CellName) -> CellView:
+            cell, children, executables = cells[name]
+            return CellView(name, cell.spec, tuple(view(child.name) for child in children
+                                                   if child.name in cells),
+                            executables, missing[name], cell.holder_gone)
+
+        return [view(name) for name in sorted(cells) if name.parent is None]
 
     def host_executables(self) -> list[Executable]:
         with self._lock:
@@ -564,7 +621,7 @@ class Workloads:
         try:
             if container is not None and restart.mode is not RestartMode.NO:
                 raise InvalidArgument("a restart policy cannot be combined with an image yet",
-                                      field="executable.restart_policy")
+                                      subject=Subject.RESTART_POLICY)
             return self._start_executable(cell_name, name, command, description=description,
                                           uid=uid, gid=gid, container=container, restart=restart)
         except BaseException:
@@ -577,20 +634,21 @@ class Workloads:
                           container: ContainerSpec | None,
                           restart: RestartPolicy) -> Executable:
         if container is None:
-            _check_command(command)
+            # Checked at each service's edge too, which names the field; here for any caller.
+            check_command(command)
             uid = os.getuid() if uid is None else uid
             gid = os.getgid() if gid is None else gid
-            _check_identity(uid, gid)  # a container's users are the image's, not the host's
+            check_identity(uid, gid)  # a container's users are the image's, not the host's
         else:
             uid, gid = container.uid, container.gid
             refusal = exec_refusal(container.argv, container.env)
             if refusal is not None:
                 raise InvalidArgument(f"the command is too long for exec: {refusal}",
-                                      field="executable.command")
+                                      subject=Subject.COMMAND)
         key = ExecutableKey(cell_name, name)
         with self._lock:
             self._check_open()
-            registry = self._registry(cell_name, field="cell_name", for_change=True)
+            registry = self._registry(cell_name, for_change=True)
             namespaces = self._namespaces_for_start(cell_name)
             if container is not None and container.mount_namespace is not None:
                 namespaces = replace(namespaces or NamespaceSet(), mnt=container.mount_namespace)
@@ -599,7 +657,7 @@ class Workloads:
             if previous is not None and not self._ended(previous):
                 raise AlreadyExists(
                     f"executable {name} is already running in {_where(cell_name)}",
-                    field="executable.name",
+                    subject=Subject.EXECUTABLE,
                 )
             if previous is not None:
                 self._forget(previous)
@@ -607,6 +665,7 @@ class Workloads:
             executable = self._spawn(key, command, description, uid, gid, namespaces,
                                      RestartState(restart), container)
             registry[name] = executable
+            self._stopped.pop(key, None)
         log.info(
             "executable started",
             extra={"cell": str(cell_name or ""), "executable": name, "pid": executable.process.host_pid},
@@ -619,11 +678,11 @@ class Workloads:
         period) and forget it (unless `forget` is False: the CRI keeps stopped
         containers until they are removed). Returns it with its exit status."""
         with self._lock:
-            registry = self._registry(cell_name, field="cell_name", for_change=False)
+            registry = self._registry(cell_name, for_change=False)
             executable = registry.get(name)
             if executable is None:
                 raise NotFound(
-                    f"no executable {name} in {_where(cell_name)}", field="executable_name"
+                    f"no executable {name} in {_where(cell_name)}", subject=Subject.EXECUTABLE
                 )
             executable.restart.ended = True  # under _lock: no restart can slip in after this
         self._stop_all([executable], self._grace(grace))
@@ -633,27 +692,67 @@ class Workloads:
             if registry.get(name) is executable:
                 del registry[name]
                 self._forget(executable)
+                self._stopped[executable.key] = executable
+                self._stopped.move_to_end(executable.key)
+                while len(self._stopped) > MAX_STOPPED_RECORDS:
+                    self._stopped.popitem(last=False)
                 self.events.executable_stopped(executable)
         log.info("executable stopped", extra={"cell": str(cell_name or ""), "executable": name})
         return executable
 
     def wait_executable(self, cell_name: CellName | None, name: str, timeout: float | None) -> Executable | None:
-        """The executable once it has exited, or None if `timeout` passed first."""
+        """The executable once it has exited, or None if `timeout` passed first.
+        One that Stop ended is answered with the status recorded then."""
         with self._lock:
-            registry = self._registry(cell_name, field="cell_name", for_change=False)
-            executable = registry.get(name)
+            registry = self._registry(cell_name, for_change=False)
+            executable = registry.get(name) or self._stopped.get(ExecutableKey(cell_name, name))
             if executable is None:
-                raise NotFound(f"no executable {name} in {_where(cell_name)}", field="executable_name")
+                raise NotFound(f"no executable {name} in {_where(cell_name)}",
+                               subject=Subject.EXECUTABLE)
         return executable if executable.wait(timeout) else None
 
-    def executables_with_pid(self, pid: int) -> list[Executable]:
-        """Known executables whose pid (as Start reported it) or host pid is `pid`."""
+    def find_executable(self, *, pid: int | None = None, cell_name: CellName | None = None,
+                        name: str | None = None) -> Executable:
+        """One known executable: by name (in `cell_name`, None for host level), or by pid.
+
+        A pid is looked up as a host pid first — unique on the host — and only then as a pid
+        inside a cell's pid namespace, where several cells may each have it; `cell_name`
+        (without a name) narrows a pid lookup to that cell. Running executables are preferred
+        to exited ones that still hold a (since reused) pid. A pid that still names several is
+        refused: FailedPrecondition.
+        """
         with self._lock:
-            everything = [*self._host_executables.values()]
-            for cell in self._cells.values():
-                everything.extend(cell.executables.values())
-        exact = [e for e in everything if e.process.ns_pid == pid]
-        return exact or [e for e in everything if e.process.host_pid == pid]
+            if name is not None:
+                registry = self._registry(cell_name, for_change=False)
+                executable = registry.get(name) or self._stopped.get(ExecutableKey(cell_name, name))
+                if executable is None:
+                    raise NotFound(f"no executable {name} in {_where(cell_name)}",
+                                   subject=Subject.EXECUTABLE)
+                if pid is not None and pid not in (executable.process.host_pid,
+                                                   executable.process.ns_pid):
+                    raise NotFound(f"executable {name} in {_where(cell_name)} does not have "
+                                   f"process id {pid}", subject=Subject.PROCESS)
+                return executable
+            if cell_name is not None:
+                candidates = list(self._registry(cell_name, for_change=False).values())
+            else:
+                candidates = [*self._host_executables.values()]
+                for cell in self._cells.values():
+                    candidates.extend(cell.executables.values())
+        assert pid is not None
+        for matches in ([e for e in candidates if e.process.host_pid == pid],
+                        [e for e in candidates if e.process.ns_pid == pid]):
+            running = [e for e in matches if e.running]
+            if len(running or matches) == 1:
+                return (running or matches)[0]
+            if len(matches) > 1:
+                names = ", ".join(sorted(str(e.key) for e in matches))
+                raise FailedPrecondition(
+                    f"process id {pid} names several executables ({names}); use the host pid "
+                    "Start reported, or select by cell_name and executable_name",
+                    subject=Subject.PROCESS)
+        raise NotFound(f"no executable with process id {pid}" +
+                       (f" in cell {cell_name}" if cell_name else ""), subject=Subject.PROCESS)
 
     # ------------------------------------------------------------------ internals
 
@@ -664,46 +763,38 @@ class Workloads:
         if self._closing:
             raise Unavailable("the daemon is shutting down")
 
-    def _cell_for_change(self, name: CellName, *, field: str) -> Cell:
+    def _cell_for_change(self, name: CellName) -> Cell:
         cell = self._cells.get(name)
         if cell is None:
-            raise NotFound(f"cell {name} does not exist", field=field)
+            raise NotFound(f"cell {name} does not exist", subject=Subject.CELL)
         if cell.freeing:
-            raise FailedPrecondition(f"cell {name} is being freed", field=field)
+            raise FailedPrecondition(f"cell {name} is being freed", subject=Subject.CELL)
         return cell
 
-    def _registry(self, cell_name: CellName | None, *, field: str, for_change: bool) -> dict[str, Executable]:
+    def _registry(self, cell_name: CellName | None, *, for_change: bool) -> dict[str, Executable]:
         if cell_name is None:
             return self._host_executables
         if for_change:
-            return self._cell_for_change(cell_name, field=field).executables
+            return self._cell_for_change(cell_name).executables
         cell = self._cells.get(cell_name)
         if cell is None:
-            raise NotFound(f"cell {cell_name} does not exist", field=field)
+            raise NotFound(f"cell {cell_name} does not exist", subject=Subject.CELL)
         return cell.executables
 
     def _namespaces_for_start(self, cell_name: CellName | None) -> NamespaceSet | None:
         if cell_name is None:
             return None
-        cell = self._cells[cell_name]
         # Every holder whose namespaces this cell uses must still be alive:
         # a dead holder's /proc paths could name a recycled pid.
-        for ancestor in [*cell_name.ancestors(), cell_name]:
-            if self._cells[ancestor].holder_gone:
-                raise _namespaces_gone(ancestor)
-        return cell.namespaces
+        self._check_namespaces_alive([*cell_name.ancestors(), cell_name])
+        return self._cells[cell_name].namespaces
 
-    def _dead_holder_of(self, cell_name: CellName) -> CellName | None:
-        """The cell (this one or an ancestor) whose holder has died, even if its exit has not
-        been reported yet: a spawn that found no namespace to join asks this."""
-        for ancestor in [*cell_name.ancestors(), cell_name]:
-            cell = self._cells[ancestor]
-            # A dying process loses its namespaces one by one before it is a zombie.
-            if cell.holder is not None and not all(
-                    os.path.exists(f"/proc/{cell.holder.host_pid}/ns/{kind}")
-                    for kind in cell.spec.unshared):
-                return ancestor
-        return None
+    def _check_namespaces_alive(self, cells: Iterable[CellName]) -> None:
+        for name in cells:
+            if self._cells[name].holder_gone:
+                raise FailedPrecondition(
+                    f"the namespaces of cell {name} are gone (its init was killed); "
+                    "free the cell and allocate it again", subject=Subject.CELL)
 
     def _spawn(self, key: ExecutableKey, command: str, description: str, uid: int, gid: int,
                namespaces: NamespaceSet | None, restart: RestartState,
@@ -718,10 +809,16 @@ class Workloads:
         # Before the fork: a process that ends at once must not seem to have
         # exited before it started.
         started_at = time.time()
+        cell_path = key.cell.path if key.cell else None
+        # Host level: a cgroup of its own, so that Stop reaches whatever it starts, even in
+        # sessions of their own (setsid) that its process group does not hold.
+        scope = None if key.cell else f"{key.name}.{next(self._scope_numbers)}"
         restart.record_start()  # an attempt counts towards the start limit
         label = restore.executable_label(restore.ExecutableLabel(
-            key.cell, key.name, command, description, uid, gid, log_dir, started_at))
+            key.cell, key.name, command, description, uid, gid, log_dir, started_at, scope))
         try:
+            if scope is not None:
+                self._create_scope(key, scope)
             spec = SpawnSpec(
                 command=container.argv if container else command,
                 env=container.env if container else default_env(),
@@ -731,26 +828,36 @@ class Workloads:
                 gid=gid,
                 capture=(stdout, stderr),
                 label=label,
-                cgroup_join=self.backend.join_files(key.cell.path if key.cell else None),
-                cgroup_birth=self.backend.birth_cgroup(key.cell.path if key.cell else None),
+                cgroup_join=self.backend.join_files(cell_path, scope),
+                cgroup_birth=self.backend.birth_cgroup(cell_path, scope),
                 namespaces=namespaces,
             )
+            oom_kills_at_start = self._oom_count(key.cell, scope) or 0
             process = self._spawner.spawn(spec)
-        except (SpawnError, SpawnerClosed, TimeoutError) as error:
+        except (SpawnError, SpawnerClosed, TimeoutError, FailedPrecondition) as error:
             shutil.rmtree(log_dir, ignore_errors=True)
+            if scope is not None:
+                self._remove_scope(scope)
+            if isinstance(error, FailedPrecondition):
+                raise
             if not isinstance(error, SpawnError):
                 raise _spawner_unavailable(error) from None
-            if error.stage == "namespace" and key.cell is not None:
-                # The holder died a moment ago; its exit is on its way from the spawner.
-                dead = self._dead_holder_of(key.cell)
-                if dead is not None:
-                    raise _namespaces_gone(dead) from None
+            if key.cell is not None and error.stage in ("namespace", "setns"):
+                # The holder may have died after the check in start_executable:
+                # say so rather than pass on a raw /proc path error.
+                self._check_namespaces_alive([*key.cell.ancestors(), key.cell])
             raise FailedPrecondition(
-                f"could not start {key}: {error.message} (at {error.stage})", field="executable.command"
+                f"could not start {key}: {error.message} (at {error.stage})",
+                subject=Subject.COMMAND,
             ) from None
+        except BaseException:
+            if scope is not None:
+                self._remove_scope(scope)
+            raise
         executable = Executable(
             key=key, command=command, description=description, uid=uid, gid=gid,
             process=process, stdout=stdout, stderr=stderr, log_dir=log_dir, started_at=started_at,
+            scope=scope, oom_kills_at_start=oom_kills_at_start,
             restart=restart,
         )
         if container is not None:
@@ -762,6 +869,24 @@ class Workloads:
         if early is not None:
             self._record_exit(executable, *early)
         return executable
+
+    def _create_scope(self, key: ExecutableKey, scope: str) -> None:
+        try:
+            self.backend.create_scope(scope)
+        except (CgroupError, OSError) as error:
+            raise FailedPrecondition(f"could not make a cgroup for {key}: {error}",
+                                     subject=Subject.EXECUTABLE) from None
+
+    def _remove_scope(self, scope: str) -> None:
+        try:
+            self.backend.remove_scope(scope)
+        except (CgroupError, OSError):
+            log.exception("could not remove a host executable's cgroup", extra={"scope": scope})
+
+    def _drop_records(self, cell_name: CellName) -> None:
+        """Forget the stopped executables of a cell that is freed (call under _lock)."""
+        for key in [key for key in self._stopped if key.cell == cell_name]:
+            del self._stopped[key]
 
     def _log_dir(self, key: ExecutableKey) -> Path:
         base = self._log_root / (key.cell.path if key.cell else HOST_LOG_DIR)
@@ -777,6 +902,8 @@ class Workloads:
         with self._pids_lock:
             if self._by_host_pid.get(executable.process.host_pid) is executable:
                 del self._by_host_pid[executable.process.host_pid]
+        if executable.scope is not None:
+            self._remove_scope(executable.scope)
         executable.release()  # a container's writable layer and its hold on the image
         self._spawner.release(executable.process)
         if executable.stdout.complete and executable.stderr.complete:
@@ -848,8 +975,7 @@ class Workloads:
             self.on_spawner_lost()
 
     def _record_exit(self, executable: Executable, status: ExitStatus, when: float) -> None:
-        if status.signal == signal.SIGKILL and executable.cell is not None:
-            executable.oom_killed = self._oom_killed_in(executable.cell)
+        self._attribute_oom_kills(executable, status)
         self.events.executable_exited(executable, status)  # before Stop or Free can see the end
         executable.mark_exited(status, when)
         self._restarts.exited(executable)
@@ -864,24 +990,55 @@ class Workloads:
                 "exit_code": "" if status.exit_code is None else status.exit_code,
                 "signal": "" if status.signal is None else signal.Signals(status.signal).name,
                 "oom_killed": executable.oom_killed,
+                "cell_oom_kills": executable.cell_oom_kills,
             },
         )
 
-    def _oom_killed_in(self, cell_name: CellName) -> bool:
-        """Whether the cell's OOM-kill counter moved since last asked: a
-        SIGKILL seen together with it was the OOM killer's."""
-        cell = self._cells.get(cell_name)
-        if cell is None:
-            return False
+    def _oom_count(self, cell_name: CellName | None, scope: str | None) -> int | None:
+        """The OOM kill counter of a cell's cgroups, or of a host scope; None if unknown."""
         try:
-            count = self.backend.oom_kills(cell_name.path)
-        except CgroupError:
-            return False
-        if count is None or count <= cell.oom_kills_seen:
-            return False
-        cell.oom_kills_seen = count
-        self.events.cell_oom_kill(cell_name, count)
-        return True
+            if cell_name is not None:
+                return self.backend.oom_kills(cell_name.path)
+            if scope is not None:
+                return self.backend.scope_oom_kills(scope)
+        except (CgroupError, OSError, KeyError):
+            pass
+        return None
+
+    def _attribute_oom_kills(self, executable: Executable, status: ExitStatus) -> None:
+        """Read the kernel's OOM kill counter of the executable's cgroup after its exit and
+        compare it with the counter at its start.
+
+        `cell_oom_kills` is what the counter gained while it ran. `oom_killed` — its own death
+        was the OOM killer's — needs a SIGKILL the daemon did not send and a kill no other exit
+        has accounted for: every exit in a cell takes the kills seen since the last one, except
+        those left for another of the cell's executables already dying of SIGKILL, so a later
+        `kill -9` from outside is not mistaken for an OOM kill that ended a child long ago.
+        """
+        now = self._oom_count(executable.cell, executable.scope)
+        if now is None:
+            return
+        executable.cell_oom_kills = max(0, now - executable.oom_kills_at_start)
+        killed = status.signal == signal.SIGKILL and not executable.killed_by_daemon
+        if executable.scope is not None:  # its own cgroup: every kill there was of its processes
+            executable.oom_killed = killed and executable.cell_oom_kills > 0
+            return
+        assert executable.cell is not None
+        cell = self._cells.get(executable.cell)
+        if cell is None:
+            return
+        if now > cell.oom_kills_seen:
+            self.events.cell_oom_kill(executable.cell, now)
+        unaccounted = now - max(cell.oom_kills_seen, executable.oom_kills_at_start)
+        if killed and unaccounted > 0:
+            executable.oom_killed = True
+            cell.oom_kills_seen = max(cell.oom_kills_seen, executable.oom_kills_at_start) + 1
+            return
+        # Not its own: left for peers dying of SIGKILL right now (their reports are on the
+        # way), the rest counted as kills of descendants.
+        dying = sum(1 for peer in list(cell.executables.values())
+                    if peer is not executable and peer.running and _dying_of_sigkill(peer.process))
+        cell.oom_kills_seen = max(cell.oom_kills_seen, now - min(dying, max(0, unaccounted)))
 
     def _publish_signal(self, executable: Executable, signum: int, *, delivered_by_daemon: bool) -> None:
         self.signals.publish(
@@ -898,14 +1055,36 @@ class Workloads:
 
     def _signal(self, executables: Iterable[Executable], signum: int) -> None:
         for executable in executables:
+            if signum == signal.SIGKILL:
+                executable.killed_by_daemon = True
+            delivered = False
             if _group_alive(executable.process.pgid):
                 signal_group(executable.process.pgid, signum)
+                delivered = True
+            if executable.scope is not None and self._scope_populated(executable):
+                # Its other sessions (setsid) too: everything in its cgroup.
+                try:
+                    self.backend.signal_scope(executable.scope, signum)
+                    delivered = True
+                except (CgroupError, OSError):
+                    log.exception("signalling a host executable's cgroup failed",
+                                  extra={"executable": str(executable.key)})
+            if delivered:
                 self._publish_signal(executable, signum, delivered_by_daemon=True)
 
+    def _scope_populated(self, executable: Executable) -> bool:
+        if executable.scope is None:
+            return False
+        try:
+            return bool(self.backend.scope_pids(executable.scope))
+        except CgroupNotFound:
+            return False
+
     def _stop_all(self, executables: list[Executable], grace: float) -> None:
-        """SIGTERM every process group, wait up to `grace` for the leaders to
-        exit and the groups to empty, SIGKILL what is left, wait for the exits."""
-        live = [e for e in executables if e.running or _group_alive(e.process.pgid)]
+        """SIGTERM every process group (and host scope), wait up to `grace` for
+        the leaders to exit and the groups to empty, SIGKILL what is left, wait
+        for the exits."""
+        live = [e for e in executables if not self._ended(e)]
         if not live:
             return
         self._signal(live, signal.SIGTERM)
@@ -922,7 +1101,8 @@ class Workloads:
     def _ended(self, executable: Executable) -> bool:
         # Without a spawner no exit is reported: the group's absence has to do.
         reported = not executable.running or self._spawner_lost
-        return reported and not _group_alive(executable.process.pgid)
+        return (reported and not _group_alive(executable.process.pgid)
+                and not self._scope_populated(executable))
 
 
 def _remove_directory(path: Path, *, only_if_empty: bool = False) -> None:
@@ -934,6 +1114,54 @@ def _remove_directory(path: Path, *, only_if_empty: bool = False) -> None:
     except OSError:
         if not only_if_empty:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def _holds_namespaces(holder: SpawnedProcess, kinds: Iterable[str]) -> bool:
+    """Whether a namespace holder still runs and holds its namespaces.
+
+    Dying is enough to be gone: a SIGKILL pending, or (pid 1 of a namespace
+    waits for the rest of it to end before it turns zombie) namespaces already
+    released, or a zombie, or its pid reused.
+    """
+    pid = holder.host_pid
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        with open(f"/proc/{pid}/status", "rb") as f:
+            status = f.read()
+        for kind in kinds:
+            os.readlink(f"/proc/{pid}/ns/{kind}")
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    # Fields after the command name (which may hold spaces): state, ..., starttime (22nd).
+    fields = stat[stat.rindex(b")") + 2:].split()
+    if fields[0] in (b"Z", b"X") or int(fields[19]) != holder.start_time:
+        return False
+    kill = 1 << (signal.SIGKILL - 1)
+    for line in status.splitlines():
+        if line.startswith((b"SigPnd:", b"ShdPnd:")) and int(line.split()[1], 16) & kill:
+            return False
+    return True
+
+
+def _dying_of_sigkill(process: SpawnedProcess) -> bool:
+    """Whether the process has a SIGKILL pending or is a zombie a SIGKILL ended."""
+    try:
+        with open(f"/proc/{process.host_pid}/stat", "rb") as f:
+            stat = f.read()
+        with open(f"/proc/{process.host_pid}/status", "rb") as f:
+            status = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    fields = stat[stat.rindex(b")") + 2:].split()
+    if int(fields[19]) != process.start_time:
+        return False
+    if fields[0] == b"Z":
+        # exit_code (field 52), in waitpid's encoding: the low 7 bits are the signal.
+        return len(fields) > 49 and int(fields[49]) & 0x7F == signal.SIGKILL
+    kill = 1 << (signal.SIGKILL - 1)
+    return any(line.startswith((b"SigPnd:", b"ShdPnd:")) and int(line.split()[1], 16) & kill
+               for line in status.splitlines())
 
 
 def _group_alive(pgid: int) -> bool:
@@ -958,38 +1186,5 @@ def _spawner_unavailable(error: Exception) -> Unavailable:
                        "and restart auraed")
 
 
-def _namespaces_gone(cell_name: CellName) -> FailedPrecondition:
-    return FailedPrecondition(f"the namespaces of cell {cell_name} are gone (its init was "
-                              "killed); free the cell and allocate it again", field="cell_name")
-
-
 def _where(cell_name: CellName | None) -> str:
     return f"cell {cell_name}" if cell_name else "the host"
-
-
-def _limit_field(name: str | None) -> str | None:
-    """The API field of a cgroup limit: "cpu.weight" -> "cell.cpu.weight"."""
-    return f"cell.{name}" if name else None
-
-
-def _check_command(command: str) -> None:
-    if not command.strip():
-        raise InvalidArgument("a command is required", field="executable.command")
-    if "\0" in command:
-        raise InvalidArgument("the command must not contain NUL bytes", field="executable.command")
-    # Refuse exactly what exec would: `sh -c COMMAND` makes the command one argv string.
-    refusal = exec_refusal(["/bin/sh", "-c", command], default_env())
-    if refusal is not None:
-        raise InvalidArgument(f"the command is too long for exec: {refusal}",
-                              field="executable.command")
-
-
-def _check_identity(uid: int, gid: int) -> None:
-    try:
-        pwd.getpwuid(uid)
-    except KeyError:
-        raise InvalidArgument(f"no user with uid {uid} on this host", field="uid") from None
-    try:
-        grp.getgrgid(gid)
-    except KeyError:
-        raise InvalidArgument(f"no group with gid {gid} on this host", field="gid") from None

@@ -90,6 +90,8 @@ def list_page(
         cell = cell_message(view.name, view.spec) if new_node else None
         status = executable_status(executable) if executable is not None else None
         cost = sum(m.ByteSize() + _FRAMING_BYTES for m in (cell, status) if m is not None)
+        if cell is not None:
+            cost += sum(len(path) + _FRAMING_BYTES for path in view.missing_cgroups)
         if last is not None and size + cost > PAGE_BYTES:
             break
         if cell is not None:
@@ -98,6 +100,9 @@ def list_page(
                 else response.cells
             node = nodes[view.name.path] = container.add()  # a reference into the response
             node.cell.CopyFrom(cell)
+            # Drift, on the cell's first appearance (auraed.runtime.workloads.CellView).
+            node.missing_cgroups.extend(view.missing_cgroups)
+            node.namespaces_lost = view.namespaces_lost
         if status is not None:
             nodes[view.name.path].executables.append(status)
         size += cost

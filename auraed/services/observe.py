@@ -7,18 +7,15 @@ from collections.abc import Iterator
 import grpc
 
 from aurae_sdk.wire.generated.pb.observe import observe_pb2 as pb
-from auraed.errors import FailedPrecondition, InvalidArgument, NotFound, Unimplemented
+from auraed.errors import FailedPrecondition, InvalidArgument
 from auraed.generated.observe import ObserveServiceBase
 from auraed.output import Line, LogRing, follow_all
 from auraed.runtime.events import Event
-from auraed.runtime.executables import Executable
-from auraed.runtime.names import CellName
 from auraed.runtime.workloads import Workloads
+from auraed.validation import blaming
+from auraed.validation import observe as valid
 
 DAEMON_CHANNEL = "auraed"
-MAX_BATCH_LINES = 10_000
-# Lines read from the files per turn when the client takes one line per message.
-LINES_PER_READ = 1024
 DEFAULT_BATCH_EVENTS = 512
 MAX_BATCH_EVENTS = 10_000
 
@@ -61,21 +58,6 @@ def event_message(event: Event) -> pb.Event:
     return message
 
 
-def _cell_filter(workload: pb.Workload) -> CellName | None:
-    """The cell a request's workload names; None for no filter."""
-    if workload.workload_type == pb.WORKLOAD_TYPE_CELL:
-        return CellName.parse(workload.id, field="workload.id")
-    if workload.workload_type in (pb.WORKLOAD_TYPE_POD_SANDBOX, pb.WORKLOAD_TYPE_VM):
-        raise Unimplemented("this daemon runs no pod sandboxes or virtual machines yet",
-                            field="workload.workload_type")
-    if workload.workload_type != pb.WORKLOAD_TYPE_UNSPECIFIED:
-        raise InvalidArgument(f"unknown workload type {workload.workload_type}",
-                              field="workload.workload_type")
-    if workload.id:
-        raise InvalidArgument("an id needs a workload type", field="workload.workload_type")
-    return None
-
-
 class ObserveService(ObserveServiceBase):
     def __init__(self, workloads: Workloads, daemon_log: LogRing) -> None:
         self.workloads = workloads
@@ -92,52 +74,27 @@ class ObserveService(ObserveServiceBase):
     def get_sub_process_stream(
         self, request: pb.GetSubProcessStreamRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.GetSubProcessStreamResponse]:
-        # Validate the whole request before looking anything up.
-        if request.process_id <= 0:
-            raise InvalidArgument("a process id is required", field="process_id")
-        if request.max_batch_lines > MAX_BATCH_LINES:
-            raise InvalidArgument(f"at most {MAX_BATCH_LINES} lines per batch",
-                                  field="max_batch_lines")
-        channels = {
-            pb.LOG_CHANNEL_TYPE_STDOUT: ["stdout"],
-            pb.LOG_CHANNEL_TYPE_STDERR: ["stderr"],
-            pb.LOG_CHANNEL_TYPE_UNSPECIFIED: ["stdout", "stderr"],
-        }.get(request.channel_type)
-        if channels is None:
-            raise InvalidArgument(f"unknown channel type {request.channel_type}",
-                                  field="channel_type")
-        executable = self._executable(request.process_id)
-        names = [executable.channel_name(c) for c in channels]
-        logs = [getattr(executable, c) for c in channels]
-        batch = request.max_batch_lines
+        follow = valid.output_follow(request)
+        with blaming(valid.SUB_PROCESS_FIELDS):
+            executable = self.workloads.find_executable(
+                pid=follow.process_id, cell_name=follow.cell, name=follow.executable)
+        names = [executable.channel_name(c) for c in follow.channels]
+        logs = [getattr(executable, c) for c in follow.channels]
         # Read on this thread as the client takes messages, never ahead of it: a client that
         # stalls holds one batch here, and the rest of the output waits in the files.
         for index, lines in follow_all(logs, lambda: not context.is_active(),
-                                       batch or LINES_PER_READ):
-            if batch:
+                                       follow.batch_lines):
+            if follow.batched:
                 yield pb.GetSubProcessStreamResponse(items=[_item(names[index], line)
                                                             for line in lines])
             else:
                 for line in lines:
                     yield pb.GetSubProcessStreamResponse(item=_item(names[index], line))
 
-    def _executable(self, pid: int) -> Executable:
-        found = self.workloads.executables_with_pid(pid)
-        if not found:
-            raise NotFound(f"no executable with process id {pid}", field="process_id")
-        if len(found) > 1:
-            names = ", ".join(sorted(str(e.key) for e in found))
-            raise FailedPrecondition(
-                f"process id {pid} names several executables in isolated cells ({names}); "
-                "use the host pid Start reported",
-                field="process_id",
-            )
-        return found[0]
-
     def get_posix_signals_stream(
         self, request: pb.GetPosixSignalsStreamRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.GetPosixSignalsStreamResponse]:
-        cell = _cell_filter(request.workload)
+        cell = valid.workload_filter(request.workload)
         for event in self.workloads.signals.follow(lambda: not context.is_active(), cell):
             yield pb.GetPosixSignalsStreamResponse(
                 signal=pb.Signal(
@@ -155,7 +112,7 @@ class ObserveService(ObserveServiceBase):
         if request.max_batch_events > MAX_BATCH_EVENTS:
             raise InvalidArgument(f"at most {MAX_BATCH_EVENTS} events per batch",
                                   field="max_batch_events")
-        cell = _cell_filter(request.workload)
+        cell = valid.workload_filter(request.workload)
         journal = self.workloads.events
         newest = journal.last_sequence
         if request.after_sequence > newest:

@@ -245,7 +245,8 @@ def test_an_optional_cell_name_may_be_left_out_for_host_level(
     pid = json.loads(started.stdout)["pid"]
     try:
         cgroups = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
-        assert any(line.endswith(f":/{daemon.cgroup_root}/_host") for line in cgroups), cgroups
+        # At host level: a cgroup of its own below _host.
+        assert any(f":/{daemon.cgroup_root}/_host/cli-host." in line for line in cgroups), cgroups
     finally:
         stopped = daemon.cli("cells", "stop", "cli-host", "--grace-period-ms", "0", "-o", "json")
     assert stopped.returncode == 0, stopped.stderr
@@ -263,3 +264,39 @@ def test_an_optional_cell_name_may_be_left_out_for_host_level(
     assert "Missing argument 'NAME'" in missing.stderr
     help_text = daemon.cli("cells", "start", "--help").stdout
     assert "[OPTIONS] [CELL_NAME] NAME" in help_text
+
+
+# The CLI with the client's default deadline cut to 1 s: what `cells wait` does by default shows
+# in seconds rather than the 30 s of the real default.
+_SHORT_DEFAULT = (
+    "import functools, runpy, sys, aurae_sdk.client as c; "
+    "c.Client = functools.partial(c.Client, timeout=1); "
+    "sys.argv = ['aurae-py', *sys.argv[1:]]; runpy.run_module('aurae_cli', run_name='__main__')"
+)
+
+
+def _cli_short_default(daemon: DaemonProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", _SHORT_DEFAULT, *args],
+                          env={**os.environ, "AURAE_CONFIG": daemon.config},
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_cells_wait_has_no_deadline_unless_asked(daemon: DaemonProcess) -> None:
+    for timeout in ((), ("--timeout", "forever")):
+        assert daemon.cli("cells", "start", "", "nap", "--command", "sleep 3").returncode == 0
+        try:
+            waited = _cli_short_default(daemon, "cells", "wait", "", "nap", *timeout, "-o", "json")
+            assert waited.returncode == 0, waited.stderr
+            status = json.loads(waited.stdout)["status"]
+            assert status["state"] == "EXECUTABLE_STATE_EXITED", status
+        finally:
+            daemon.cli("cells", "stop", "", "nap")
+    # A deadline the caller sets still counts.
+    assert daemon.cli("cells", "start", "", "nap", "--command", "sleep 60").returncode == 0
+    try:
+        waited = daemon.cli("cells", "wait", "", "nap", "--timeout", "0.5")
+        assert "DEADLINE_EXCEEDED" in waited.stderr
+        refused = daemon.cli("cells", "wait", "", "nap", "--timeout", "soon")
+        assert refused.returncode == 2 and "not a number of seconds or 'forever'" in refused.stderr
+    finally:
+        daemon.cli("cells", "stop", "", "nap", "--grace-period-ms", "0")

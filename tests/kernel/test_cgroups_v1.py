@@ -389,6 +389,44 @@ def test_planted_symlink_as_the_root_is_refused(tmp_path: Path) -> None:
     assert list(outside.iterdir()) == []
 
 
+def test_a_host_scope_holds_and_reaches_a_whole_process_tree(
+    backend: CgroupV1Backend, root_name: str, spawn_into: SpawnInto
+) -> None:
+    backend.create_scope("web.7")
+    scope_dirs = glob.glob(f"{MOUNT_ROOT}/*/{root_name}/_host/web.7")
+    assert len(scope_dirs) == len({os.path.realpath(p) for p in scope_dirs}) >= 5
+    with pytest.raises(CgroupExists):
+        backend.create_scope("web.7")
+    with pytest.raises(ValueError):
+        backend.create_scope("../web.7")
+    # A shell whose child starts a session of its own: out of reach of the shell's group.
+    process = spawn_into(backend.join_files(None, "web.7"), "sh", "-c",
+                         "setsid sh -c 'echo $$; exec sleep 100' & wait")
+    assert process.stdout is not None
+    escaped = int(process.stdout.readline())
+    assert os.getsid(escaped) != os.getsid(process.pid)
+    assert backend.scope_pids("web.7") == {process.pid, escaped}
+    backend.signal_scope("web.7", signal.SIGKILL)
+    assert process.wait(timeout=30) == -signal.SIGKILL
+    deadline = time.monotonic() + 30
+    while backend.scope_pids("web.7") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert backend.scope_pids("web.7") == set()
+    backend.remove_scope("web.7")
+    backend.remove_scope("web.7")  # gone already: no error
+    assert glob.glob(f"{MOUNT_ROOT}/*/{root_name}/_host/web.7") == []
+
+
+def test_cleanup_stale_removes_host_scopes(
+    backend: CgroupV1Backend, root_name: str, spawn_into: SpawnInto
+) -> None:
+    backend.create_scope("old.1")
+    spawn_into(backend.join_files(None, "old.1"))
+    backend.cleanup_stale()
+    assert glob.glob(f"{MOUNT_ROOT}/*/{root_name}/_host/old.1") == []
+    assert glob.glob(f"{MOUNT_ROOT}/*/{root_name}/_host") != []
+
+
 def test_metrics_read_every_counter_from_the_v1_files(
     backend: CgroupV1Backend, spawn_into: SpawnInto
 ) -> None:

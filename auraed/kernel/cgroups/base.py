@@ -3,7 +3,8 @@
 Layout below each hierarchy's mount (v2 has one hierarchy, v1 one per controller):
 
     <root>/                 the daemon's subtree; nothing outside it is ever written
-    <root>/_host/           leaf for executables that run outside any cell
+    <root>/_host/<scope>/   one leaf per executable that runs outside any cell (as systemd gives
+                            a transient scope), so that everything it starts can be reached
     <root>/<cell>/          one cgroup per cell, holding its limits
     <root>/<cell>/_procs/   leaf for the cell's own processes
     <root>/<cell>/<child>/  nested cells, same shape
@@ -18,6 +19,7 @@ import logging
 import os
 import re
 import signal
+import stat
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
@@ -60,6 +62,8 @@ class Backoff:
 FREEZE_WAIT = 1.0
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+# A host-level executable's scope: its name and a number, "web.12" (no interface file is named so).
+_SCOPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,62}\.[0-9]{1,20}")
 _ROOT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 log = logging.getLogger(__name__)
@@ -140,7 +144,8 @@ class CgroupBackend(ABC):
         """Create the daemon's root and host leaf in every hierarchy; keep them if they exist."""
         for hierarchy in self._hierarchies:
             self._ensure(hierarchy, ())
-            self._ensure(hierarchy, (HOST_LEAF,), holds_processes=True)
+            # Processes live in its scopes, not in it: on v2 it hands controllers down to them.
+            self._ensure(hierarchy, (HOST_LEAF,), holds_processes=False)
             if hierarchy not in self._root_fds:
                 self._root_fds[hierarchy] = cgroupfs.open_cgroup(hierarchy, (self.root_name,))
 
@@ -161,12 +166,14 @@ class CgroupBackend(ABC):
             os.close(self._root_fds.popitem()[1])
 
     def cleanup_stale(self, timeout: float = DEFAULT_TIMEOUT) -> None:
-        """Kill every process below the root and remove every cell; for a daemon (re)start,
-        after setup() and before any workload runs. The root and host leaf stay."""
+        """Kill every process below the root and remove every cell and host scope; for a daemon
+        (re)start, after setup() and before any workload runs. The root and host leaf stay."""
         deadline = time.monotonic() + timeout
         self._kill((), signal.SIGKILL, deadline)
         for cell in self._top_level_cells():
             self._remove((cell,), deadline)
+        for scope in self._scopes():
+            self._remove((HOST_LEAF, scope), deadline)
 
     def existing_cells(self) -> list[str]:
         """Paths ("a", "a/b") of the cells found below the root, parents before children."""
@@ -237,21 +244,95 @@ class CgroupBackend(ABC):
         if not self._remove(cell, time.monotonic() + timeout):
             raise CgroupNotFound(self._name(cell))
 
-    def join_files(self, cell_path: str | None) -> list[str]:
+    def missing(self, cell_path: str) -> list[str]:
+        """The cell's cgroup directories (the cell's or its process leaf's) that are gone from the
+        host, one per hierarchy where it is: drift, when the daemon still knows the cell."""
+        cell = cell_components(cell_path)
+        gone = []
+        for hierarchy in self._hierarchies:
+            if self._exists(hierarchy, (*cell, PROCS_LEAF)):
+                continue  # the common case: one stat
+            where = (*cell, PROCS_LEAF) if self._exists(hierarchy, cell) else cell
+            gone.append(hierarchy.path((self.root_name, *where)))
+        return gone
+
+    def _exists(self, hierarchy: Hierarchy, components: Components) -> bool:
+        root_fd = self._root_fds.get(hierarchy)
+        try:
+            if root_fd is None:
+                return os.path.isdir(hierarchy.path((self.root_name, *components)))
+            return stat.S_ISDIR(os.stat("/".join(components), dir_fd=root_fd,
+                                        follow_symlinks=False).st_mode)
+        except FileNotFoundError:
+            return False
+
+    # --- host scopes: one cgroup per host-level executable ---
+
+    def create_scope(self, scope: str) -> None:
+        """Create the host scope `scope` ("<name>.<n>") in every hierarchy; on failure nothing of
+        it is left. CgroupExists if it is there already."""
+        components = _scope_components(scope)
+        made: list[Hierarchy] = []
+        try:
+            for hierarchy in self._hierarchies:
+                self._make(hierarchy, components, holds_processes=True, made=made)
+        except BaseException:
+            self._undo(made, components)
+            raise
+
+    def signal_scope(self, scope: str, sig: int) -> None:
+        """Send `sig` once to every process in the scope (frozen meanwhile, so none escapes by
+        forking), wherever in its process tree or session it is."""
+        components = _scope_components(scope)
+        if not self._pids(components):
+            return
+        self._freeze(components, time.monotonic() + FREEZE_WAIT)
+        try:
+            for pid in self._pids(components):
+                self._signal(pid, components, sig)
+        finally:
+            self._thaw(components)
+
+    def scope_pids(self, scope: str) -> set[int]:
+        """The processes in the scope; CgroupNotFound if it is gone."""
+        return self._pids(_scope_components(scope))
+
+    def remove_scope(self, scope: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+        """Kill what is left in the scope and remove it (no error if it is gone already)."""
+        self._remove(_scope_components(scope), time.monotonic() + timeout)
+
+    def _scopes(self) -> set[str]:
+        scopes: set[str] = set()
+        for hierarchy in self._hierarchies:
+            try:
+                with self._open(hierarchy, (HOST_LEAF,)) as fd:
+                    scopes.update(cgroupfs.subdirs(fd))
+            except CgroupNotFound:
+                continue
+        return scopes
+
+    # --- where a new process goes ---
+
+    def join_files(self, cell_path: str | None, scope: str | None = None) -> list[str]:
         """The files a new process writes "0" to, in this order, to join the cell's leaf (None:
-        the host leaf) in every hierarchy, before it execs.
+        the host leaf, or the host scope `scope`) in every hierarchy, before it execs.
 
         cpuset comes first: it is the one a join can fail on (ENOSPC on an empty v1 cpuset),
         before anything moved. Which file is the backend's choice (see JOIN_FILE).
         """
-        leaf = (HOST_LEAF,) if cell_path is None else (*cell_components(cell_path), PROCS_LEAF)
+        leaf = self._leaf(cell_path, scope)
         return [h.path((self.root_name, *leaf, self.JOIN_FILE)) for h in self._hierarchies]
 
-    def birth_cgroup(self, cell_path: str | None) -> str | None:
-        """The cgroup2 directory of the cell's leaf (None: the host leaf) that a new process can
-        be born in (clone3 with CLONE_INTO_CGROUP) instead of joining through join_files();
-        None where the host has no such hierarchy for us (v1)."""
+    def birth_cgroup(self, cell_path: str | None, scope: str | None = None) -> str | None:
+        """The cgroup2 directory of the cell's leaf (None: the host leaf or scope) that a new
+        process can be born in (clone3 with CLONE_INTO_CGROUP) instead of joining through
+        join_files(); None where the host has no such hierarchy for us (v1)."""
         return None
+
+    def _leaf(self, cell_path: str | None, scope: str | None) -> Components:
+        if cell_path is not None:
+            return (*cell_components(cell_path), PROCS_LEAF)
+        return _scope_components(scope) if scope is not None else (HOST_LEAF,)
 
     def pids(self, cell_path: str, recursive: bool = True) -> set[int]:
         """Processes in the cell; with recursive=False, those of its child cells are left out."""
@@ -278,9 +359,17 @@ class CgroupBackend(ABC):
     def usage(self, cell_path: str) -> CgroupUsage:
         """CPU time and memory the cell (with its child cells) uses."""
 
-    @abstractmethod
     def oom_kills(self, cell_path: str) -> int | None:
         """How many of the cell's processes the OOM killer killed; None if not accounted."""
+        return self._oom_kills(cell_components(cell_path))
+
+    def scope_oom_kills(self, scope: str) -> int | None:
+        """How many processes of the host scope the OOM killer killed; None if not accounted."""
+        return self._oom_kills(_scope_components(scope))
+
+    @abstractmethod
+    def _oom_kills(self, components: Components) -> int | None:
+        """The OOM kill counter of the cgroup at `components` (with all below it)."""
 
     @abstractmethod
     def metrics(self, cell_path: str) -> CgroupMetrics:
@@ -513,6 +602,12 @@ class CgroupBackend(ABC):
 
     def _name(self, components: Components) -> str:
         return "/".join(components) if components else f"(the root {self.root_name!r})"
+
+
+def _scope_components(scope: str) -> Components:
+    if not _SCOPE.fullmatch(scope):
+        raise ValueError(f"{scope!r} is not a host scope name like web.12")
+    return (HOST_LEAF, scope)
 
 
 def _is_cell(components: Components) -> bool:

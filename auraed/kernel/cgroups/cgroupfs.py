@@ -95,7 +95,9 @@ def remove_cgroup_tree(
 
     cgroupfs removes a cgroup's interface files with it; the caller empties it of processes first.
     `usual_children`: the child cgroups it mostly holds, tried first without listing the
-    directory (a cgroup directory lists every interface file too).
+    directory (a cgroup directory lists every interface file too). A cgroup below `name` that
+    someone else removes meanwhile is no error (the rest is still removed); FileNotFoundError
+    means `name` itself is not there.
     """
     fd = open_child(parent_fd, name, path)
     try:
@@ -108,7 +110,10 @@ def remove_cgroup_tree(
             except OSError:
                 pass  # something else is there, or busy: the listing below finds out which
         for child in subdirs(fd):
-            remove_cgroup_tree(fd, child, os.path.join(path, child))
+            try:
+                remove_cgroup_tree(fd, child, os.path.join(path, child))
+            except FileNotFoundError:
+                continue  # removed meanwhile (a concurrent removal of that subtree)
     finally:
         os.close(fd)
     os.rmdir(name, dir_fd=parent_fd)

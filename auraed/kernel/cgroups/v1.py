@@ -89,9 +89,9 @@ class CgroupV1Backend(CgroupBackend):
             memory_bytes=int(self._read_v1("memory", cell, "memory.usage_in_bytes")),
         )
 
-    def oom_kills(self, cell_path: str) -> int:
+    def _oom_kills(self, components: Components) -> int:
         # v1 counts a kill only in the victim's own cgroup (v2 counts it in every ancestor too).
-        with self._open(self._by_controller["memory"], cell_components(cell_path)) as fd:
+        with self._open(self._by_controller["memory"], components) as fd:
             return sum(
                 cgroupfs.read_keyed(cgroup_fd, "memory.oom_control")["oom_kill"]
                 for _, cgroup_fd in cgroupfs.walk(fd)

@@ -49,10 +49,10 @@ class CgroupV2Backend(CgroupBackend):
             os.close(fd)
         super().setup()
 
-    def birth_cgroup(self, cell_path: str | None) -> str | None:
+    def birth_cgroup(self, cell_path: str | None, scope: str | None = None) -> str | None:
         # Born there, a process never migrates: no wait on the kernel's global threadgroup lock,
         # whose write side (cgroup.procs) costs an RCU grace period after a quiet spell.
-        (join_file,) = self.join_files(cell_path)
+        (join_file,) = self.join_files(cell_path, scope)
         return os.path.dirname(join_file)
 
     def is_populated(self, cell_path: str) -> bool:
@@ -91,10 +91,12 @@ class CgroupV2Backend(CgroupBackend):
                 memory = int(cgroupfs.read_file(fd, "memory.current"))
             return CgroupUsage(cpu_usec, memory)
 
-    def oom_kills(self, cell_path: str) -> int | None:
+    def _oom_kills(self, components: Components) -> int | None:
         if "memory" not in self.controllers:
             return None
-        with self._open(self._unified, cell_components(cell_path)) as fd:
+        with self._open(self._unified, components) as fd:
+            if not cgroupfs.has_file(fd, "memory.events"):
+                return None  # memory not handed down this far
             return cgroupfs.read_keyed(fd, "memory.events")["oom_kill"]
 
     def metrics(self, cell_path: str) -> CgroupMetrics:

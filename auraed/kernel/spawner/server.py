@@ -551,7 +551,8 @@ class ForkServer:
                 in_our_filesystem="mnt" not in namespace_fds and not request.rootfs,
             )
             if not namespace_fds and self._spawns_as_it_is(request):
-                pid = self._spawn_directly(request, executables, stdout, stderr)
+                with self._visiting(request.cgroup_join):
+                    pid = self._spawn_directly(request, executables, stdout, stderr)
                 return pid, pid
             started = self._with_birth_fallback(
                 self._birth_cgroup(request), lambda cgroup: self._start_workload(
@@ -564,14 +565,33 @@ class ForkServer:
         return started
 
     def _spawns_as_it_is(self, request: SpawnRequest) -> bool:
-        """Whether the workload needs nothing the spawner lacks: its cgroups (the host leaf,
-        where the spawner lives), uid, gid, no supplementary groups, and the working
-        directory "/" are the spawner's own."""
-        own_cgroup = request.cgroup_birth is None or (bool(self._joined) and all(
-            os.path.dirname(path) == request.cgroup_birth.rstrip("/") for path in self._joined))
-        return (request.cgroup_join == self._joined and own_cgroup and request.uid == self._uid
-                and request.gid == self._gid and not self._groups and request.cwd == "/"
-                and not request.rootfs)
+        """Whether the workload needs nothing the spawner lacks: its uid, gid, no
+        supplementary groups, and the working directory "/" are the spawner's own, and its
+        cgroups are the spawner's (the host leaf) or a host scope the spawner can visit
+        (see _visiting): a host-level executable with default ids."""
+        return (bool(self._joined) and len(request.cgroup_join) == len(self._joined)
+                and request.uid == self._uid and request.gid == self._gid and not self._groups
+                and request.cwd == "/" and not request.rootfs)
+
+    @contextmanager
+    def _visiting(self, join_files: list[str]) -> Iterator[None]:
+        """Move the spawner into another cgroup (a host-level executable's scope) for a
+        posix_spawn, whose child is born where its parent is, then back to its own leaf.
+        Two joins per hierarchy cost far less than the fork posix_spawn avoids; the spawner
+        is single-threaded, so nothing else of it runs meanwhile."""
+        if join_files == self._joined:
+            yield
+            return
+        try:
+            try:
+                for path in join_files:
+                    write_file(path, b"0")
+            except OSError as error:
+                raise SpawnError.at("cgroup", error.errno or 0, str(error)) from None
+            yield
+        finally:
+            for path in self._joined:
+                write_file(path, b"0")
 
     def _spawn_directly(self, request: SpawnRequest, executables: list[str], stdout: int,
                         stderr: int) -> int:

@@ -389,6 +389,13 @@ class CellGraphNode(_message.Message):
     CELL_FIELD_NUMBER: _builtins.int
     CHILDREN_FIELD_NUMBER: _builtins.int
     EXECUTABLES_FIELD_NUMBER: _builtins.int
+    MISSING_CGROUPS_FIELD_NUMBER: _builtins.int
+    NAMESPACES_LOST_FIELD_NUMBER: _builtins.int
+    namespaces_lost: _builtins.bool
+    """aurae-py addition: drift. The process holding the cell's namespaces has
+    ended; nothing can start in the cell (or a new child cell) again until
+    it is freed and allocated anew.
+    """
     @_builtins.property
     def cell(self) -> Global___Cell:
         """The cell as it was allocated."""
@@ -403,16 +410,25 @@ class CellGraphNode(_message.Message):
         exited but not yet stopped.
         """
 
+    @_builtins.property
+    def missing_cgroups(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """aurae-py addition: drift. The cell's cgroup directories that are gone
+        from the host although the daemon still holds the cell (removed behind
+        its back); Free of such a cell succeeds and forgets it.
+        """
+
     def __init__(
         self,
         *,
         cell: Global___Cell | None = ...,
         children: _abc.Iterable[Global___CellGraphNode] | None = ...,
         executables: _abc.Iterable[Global___ExecutableStatus] | None = ...,
+        missing_cgroups: _abc.Iterable[_builtins.str] | None = ...,
+        namespaces_lost: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cell", b"cell"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cell", b"cell", "children", b"children", "executables", b"executables"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cell", b"cell", "children", b"children", "executables", b"executables", "missing_cgroups", b"missing_cgroups", "namespaces_lost", b"namespaces_lost"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -724,6 +740,7 @@ class ExecutableStatus(_message.Message):
     STARTED_AT_FIELD_NUMBER: _builtins.int
     EXITED_AT_FIELD_NUMBER: _builtins.int
     OOM_KILLED_FIELD_NUMBER: _builtins.int
+    CELL_OOM_KILLS_FIELD_NUMBER: _builtins.int
     RESTART_POLICY_FIELD_NUMBER: _builtins.int
     RESTART_COUNT_FIELD_NUMBER: _builtins.int
     NEXT_RESTART_AT_FIELD_NUMBER: _builtins.int
@@ -750,6 +767,12 @@ class ExecutableStatus(_message.Message):
     """When the process ended, in Unix seconds; 0 while it runs."""
     oom_killed: _builtins.bool
     """True when the kernel's OOM killer ended it: its cell hit its memory limit."""
+    cell_oom_kills: _builtins.int
+    """aurae-py addition: how many processes the OOM killer killed in the
+    executable's cgroup (its cell's, or its own at host level) while it ran,
+    by the kernel's per-cgroup counter; a child of the executable killed so
+    counts here while oom_killed stays false.
+    """
     restart_policy: Global___ExecutableRestartPolicy.ValueType
     """aurae-py addition: the executable's restart policy."""
     restart_count: _builtins.int
@@ -776,6 +799,7 @@ class ExecutableStatus(_message.Message):
         started_at: _builtins.float = ...,
         exited_at: _builtins.float = ...,
         oom_killed: _builtins.bool = ...,
+        cell_oom_kills: _builtins.int = ...,
         restart_policy: Global___ExecutableRestartPolicy.ValueType = ...,
         restart_count: _builtins.int = ...,
         next_restart_at: _builtins.float = ...,
@@ -783,7 +807,7 @@ class ExecutableStatus(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "_signal", b"_signal", "exit_code", b"exit_code", "signal", b"signal"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "_signal", b"_signal", "cell_name", b"cell_name", "command", b"command", "exit_code", b"exit_code", "exited_at", b"exited_at", "host_pid", b"host_pid", "name", b"name", "next_restart_at", b"next_restart_at", "oom_killed", b"oom_killed", "pid", b"pid", "restart_count", b"restart_count", "restart_policy", b"restart_policy", "signal", b"signal", "start_limit_hit", b"start_limit_hit", "started_at", b"started_at", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "_signal", b"_signal", "cell_name", b"cell_name", "cell_oom_kills", b"cell_oom_kills", "command", b"command", "exit_code", b"exit_code", "exited_at", b"exited_at", "host_pid", b"host_pid", "name", b"name", "next_restart_at", b"next_restart_at", "oom_killed", b"oom_killed", "pid", b"pid", "restart_count", b"restart_count", "restart_policy", b"restart_policy", "signal", b"signal", "start_limit_hit", b"start_limit_hit", "started_at", b"started_at", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__exit_code: _TypeAlias = _typing.Literal["exit_code"]  # noqa: Y015
     _WhichOneofArgType__exit_code: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code"]  # noqa: Y015

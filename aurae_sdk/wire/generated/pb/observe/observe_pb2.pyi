@@ -202,29 +202,69 @@ class GetSubProcessStreamRequest(_message.Message):
     CHANNEL_TYPE_FIELD_NUMBER: _builtins.int
     PROCESS_ID_FIELD_NUMBER: _builtins.int
     MAX_BATCH_LINES_FIELD_NUMBER: _builtins.int
+    EXECUTABLE_FIELD_NUMBER: _builtins.int
     channel_type: Global___LogChannelType.ValueType
     """Which output to follow; unspecified follows both."""
     process_id: _builtins.int
-    """Process id of the executable, as Start returned it."""
+    """Process id of the executable, as Start returned it. A host pid is
+    looked up first; a pid inside an isolated cell's namespace is taken only
+    when no executable has it as host pid, and refused when it is ambiguous.
+    """
     max_batch_lines: _builtins.int
     """aurae-py addition: pack up to this many lines into each response's
     items field instead of one line per response. 0 keeps one line per
     response, as public Aurae clients expect.
     """
+    @_builtins.property
+    def executable(self) -> Global___ExecutableSelector:
+        """aurae-py addition: the executable by its cell and name, instead of by
+        process_id; with only its cell_name set, it narrows a process_id lookup
+        to that cell.
+        """
+
     def __init__(
         self,
         *,
         channel_type: Global___LogChannelType.ValueType = ...,
         process_id: _builtins.int = ...,
         max_batch_lines: _builtins.int = ...,
+        executable: Global___ExecutableSelector | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["executable", b"executable"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel_type", b"channel_type", "max_batch_lines", b"max_batch_lines", "process_id", b"process_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel_type", b"channel_type", "executable", b"executable", "max_batch_lines", b"max_batch_lines", "process_id", b"process_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetSubProcessStreamRequest: _TypeAlias = GetSubProcessStreamRequest  # noqa: Y015
+
+@_typing.final
+class ExecutableSelector(_message.Message):
+    """aurae-py addition: an executable by name."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CELL_NAME_FIELD_NUMBER: _builtins.int
+    EXECUTABLE_NAME_FIELD_NUMBER: _builtins.int
+    cell_name: _builtins.str
+    """The executable's cell; unset or "" for host level."""
+    executable_name: _builtins.str
+    """The executable's name within that cell."""
+    def __init__(
+        self,
+        *,
+        cell_name: _builtins.str | None = ...,
+        executable_name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_cell_name", b"_cell_name", "cell_name", b"cell_name"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cell_name", b"_cell_name", "cell_name", b"cell_name", "executable_name", b"executable_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__cell_name: _TypeAlias = _typing.Literal["cell_name"]  # noqa: Y015
+    _WhichOneofArgType__cell_name: _TypeAlias = _typing.Literal["_cell_name", b"_cell_name"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__cell_name) -> _WhichOneofReturnType__cell_name | None: ...
+
+Global___ExecutableSelector: _TypeAlias = ExecutableSelector  # noqa: Y015
 
 @_typing.final
 class GetSubProcessStreamResponse(_message.Message):
