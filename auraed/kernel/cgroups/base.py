@@ -60,7 +60,9 @@ class Backoff:
 FREEZE_WAIT = 1.0
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
-_ROOT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# A name, or a path of names below the mount: a spawned instance's daemon roots its subtree
+# inside the cgroup of the host cell that holds it. No component can be "." or "..".
+_ROOT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(?:/[A-Za-z0-9][A-Za-z0-9._-]*)*")
 
 log = logging.getLogger(__name__)
 
