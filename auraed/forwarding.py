@@ -35,6 +35,8 @@ FORWARDED_FOR_KEY = "aurae-forwarded-for"
 _TRANSPORT_KEYS = frozenset({"user-agent", "grpc-accept-encoding", "grpc-encoding",
                              "grpc-timeout", "content-type", "te", "authority"})
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+# A remaining time beyond this (about three years) means the caller set no deadline.
+NO_DEADLINE = 1e8
 
 
 class _Status(grpc.Status):
@@ -149,7 +151,7 @@ class InstanceForwarding(HandlerWrapper):
                 metadata.append((INSTANCE_KEY, rest))
             call: Any = channel.unary_unary(method, request_serializer=None,
                                             response_deserializer=None)
-            future = call.future(request.SerializeToString(), timeout=context.time_remaining(),
+            future = call.future(request.SerializeToString(), timeout=_remaining(context),
                                  metadata=tuple(metadata))
             context.add_callback(lambda: None if future.cancel() else None)
             try:
@@ -172,7 +174,7 @@ class InstanceForwarding(HandlerWrapper):
                 metadata.append((INSTANCE_KEY, rest))
             call: Any = channel.unary_stream(method, request_serializer=None,
                                              response_deserializer=None)
-            responses = call(request.SerializeToString(), timeout=context.time_remaining(),
+            responses = call(request.SerializeToString(), timeout=_remaining(context),
                              metadata=tuple(metadata))
             context.add_callback(lambda: None if responses.cancel() else None)
             try:
@@ -182,6 +184,13 @@ class InstanceForwarding(HandlerWrapper):
                     _relay_status(context, error)
 
         return forward
+
+
+def _remaining(context: grpc.ServicerContext) -> float | None:
+    """The caller's deadline as a timeout; None when it set none (grpc then reports an
+    infinite deadline as a huge number of seconds)."""
+    remaining = context.time_remaining()
+    return None if remaining is None or remaining > NO_DEADLINE else remaining
 
 
 def _passing_bytes(serialize: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
