@@ -66,6 +66,11 @@ class InstanceChannels:
             ("grpc.default_authority", "server.unsafe.aurae.io"),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            # A new instance binds its socket within a fraction of a second: retry the
+            # connection that soon, not after grpc's default first backoff of a second.
+            ("grpc.initial_reconnect_backoff_ms", 10),
+            ("grpc.min_reconnect_backoff_ms", 10),
+            ("grpc.max_reconnect_backoff_ms", 200),
         ])
         with self._lock:
             previous = self._channels.pop(name, None)
@@ -153,7 +158,7 @@ class InstanceForwarding(HandlerWrapper):
                                             response_deserializer=None)
             future = call.future(request.SerializeToString(), timeout=_remaining(context),
                                  metadata=tuple(metadata))
-            context.add_callback(lambda: None if future.cancel() else None)
+            context.add_callback(_canceller(future))
             try:
                 return future.result()
             except grpc.RpcError as error:
@@ -176,7 +181,7 @@ class InstanceForwarding(HandlerWrapper):
                                              response_deserializer=None)
             responses = call(request.SerializeToString(), timeout=_remaining(context),
                              metadata=tuple(metadata))
-            context.add_callback(lambda: None if responses.cancel() else None)
+            context.add_callback(_canceller(responses))
             try:
                 yield from responses
             except grpc.RpcError as error:
@@ -184,6 +189,13 @@ class InstanceForwarding(HandlerWrapper):
                     _relay_status(context, error)
 
         return forward
+
+
+def _canceller(call: Any) -> Callable[[], None]:
+    def cancel() -> None:
+        call.cancel()
+
+    return cancel
 
 
 def _remaining(context: grpc.ServicerContext) -> float | None:

@@ -8,6 +8,11 @@ directories, and the Unix socket it listens on. The cell has its own network
 namespace, so the host reaches the instance only through that socket, which
 is a file on the host's filesystem.
 
+The instance's auraed is not a new interpreter: a warm template process
+(auraed.kernel.template), started at the first Spawn, has imported the daemon
+once; each instance is a fork of it that joined the cell's cgroup and
+namespaces, sharing the template's pages until it writes them.
+
 The instance trusts one CA: an ephemeral one the host makes in memory the first
 time it spawns. The host mints with it the instance's server identity (a
 SPIFFE ID under the host's own, `<host>/instance/<name>`) and its own client
@@ -20,7 +25,10 @@ channel and waits for the instance's first answer.
 from __future__ import annotations
 
 import logging
+import os
+import select
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -35,14 +43,17 @@ from aurae_sdk.wire.pki import CertificateAuthority, Credential, write_credentia
 from aurae_sdk.wire.spiffe import SpiffeId
 from auraed.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from auraed.kernel.cgroups import CgroupLimits
-from auraed.runtime.executables import Executable
+from auraed.kernel.template import Template, TemplateError
 from auraed.runtime.names import CellName
 from auraed.runtime.workloads import CellSpec, Workloads
 
 log = logging.getLogger("auraed.instances")
 
 CELL_PREFIX = "instance-"
-DAEMON_EXECUTABLE = "auraed"
+DAEMON_NAME = "auraed"
+# What the template imports before it forks: the whole daemon.
+TEMPLATE_PRELOAD = ["auraed.server"]
+TEMPLATE_ENTRY = "auraed.__main__:main"
 SOCKET_NAME = "auraed.sock"
 # The nested daemon roots its cgroup subtree here, inside the instance's cell.
 CGROUP_LEAF = "auraed"
@@ -68,7 +79,7 @@ class Instance:
     directory: Path  # credentials, runtime dir and socket
     library: Path
     cell: CellName
-    executable: Executable | None = None
+    process: InstanceProcess | None = None
     started_at: float = 0.0
     freeing: bool = False
     ended: threading.Event = field(default_factory=threading.Event)
@@ -83,7 +94,52 @@ class Instance:
 
     @property
     def host_pid(self) -> int:
-        return self.executable.process.host_pid if self.executable else 0
+        return self.process.host_pid if self.process else 0
+
+    @property
+    def log_path(self) -> Path:
+        return self.directory / "auraed.log"
+
+
+class InstanceProcess:
+    """The instance's daemon, watched through a pidfd: it is not our child (its parent is the
+    cell's init), so a pidfd is how we see it end and signal it without racing pid reuse."""
+
+    def __init__(self, host_pid: int) -> None:
+        self.host_pid = host_pid
+        self._pidfd = os.pidfd_open(host_pid)
+        self.ended = threading.Event()
+        threading.Thread(target=self._watch, name=f"instance-pid-{host_pid}",
+                         daemon=True).start()
+
+    @property
+    def running(self) -> bool:
+        return not self.ended.is_set()
+
+    def _watch(self) -> None:
+        select.select([self._pidfd], [], [])
+        self.ended.set()
+
+    def wait(self, timeout: float | None) -> bool:
+        return self.ended.wait(timeout)
+
+    def stop(self, grace: float) -> None:
+        """SIGTERM, then SIGKILL after `grace` seconds."""
+        for signum, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
+            if self.ended.is_set():
+                break
+            try:
+                signal.pidfd_send_signal(self._pidfd, signum)
+            except ProcessLookupError:
+                break
+            self.ended.wait(wait)
+
+    def close(self) -> None:
+        self.ended.wait(10.0)
+        try:
+            os.close(self._pidfd)
+        except OSError:
+            pass
 
 
 @dataclass(frozen=True)
@@ -146,6 +202,7 @@ class Instances:
         self._authority: CertificateAuthority | None = None
         self._trust: Trust | None = None
         self._closing = False
+        self._template = Template(TEMPLATE_PRELOAD, TEMPLATE_ENTRY, python)
         # Called (outside any lock) once an instance is gone, however it went.
         self.on_ended: Callable[[Instance], None] | None = None
 
@@ -156,7 +213,7 @@ class Instances:
             if self._trust is None:
                 self._authority = CertificateAuthority.create(
                     common_name=f"instances.{dns.AURAE_DOMAIN}")
-                client = self._authority.issue_client(DAEMON_EXECUTABLE,
+                client = self._authority.issue_client(DAEMON_NAME,
                                                       spiffe_ids=[str(self.spiffe_id)])
                 self._trust = Trust(self._authority.certificate_pem(), client)
             return self._trust
@@ -190,9 +247,7 @@ class Instances:
             self._workloads.allocate(instance.cell, CellSpec(spec.limits, isolate_process=True,
                                                              isolate_network=True))
             try:
-                instance.executable = self._workloads.start_executable(
-                    instance.cell, DAEMON_EXECUTABLE, self._command(instance),
-                    description=f"auraed of instance {spec.name}")
+                instance.process = self._start_daemon(instance)
             except BaseException:
                 self._workloads.free(instance.cell, grace=0)
                 raise
@@ -233,13 +288,13 @@ class Instances:
     def get(self, name: str) -> Instance:
         with self._lock:
             instance = self._instances.get(name)
-        if instance is None or instance.executable is None:
+        if instance is None or instance.process is None:
             raise NotFound(f"instance {name} does not exist", field="instance_name")
         return instance
 
-    def list(self) -> list[Instance]:
+    def running(self) -> list[Instance]:
         with self._lock:
-            return sorted((i for i in self._instances.values() if i.executable is not None),
+            return sorted((i for i in self._instances.values() if i.process is not None),
                           key=lambda i: i.name)
 
     def shutdown(self) -> None:
@@ -252,6 +307,7 @@ class Instances:
             thread.start()
         for thread in threads:
             thread.join()
+        self._template.close()
         shutil.rmtree(self._directory, ignore_errors=True)
         shutil.rmtree(self._library, ignore_errors=True)
 
@@ -266,16 +322,14 @@ class Instances:
             log.exception("freeing instance during shutdown failed", extra={"instance": name})
 
     def _end(self, instance: Instance) -> None:
-        if instance.executable is not None and instance.executable.running:
-            try:
-                self._workloads.stop_executable(instance.cell, DAEMON_EXECUTABLE,
-                                                grace=self._grace + SHUTDOWN_ALLOWANCE)
-            except NotFound:
-                pass  # it had ended and was forgotten already
+        if instance.process is not None:
+            instance.process.stop(self._grace + SHUTDOWN_ALLOWANCE)
         try:
             self._workloads.free(instance.cell, grace=0, _shutting_down=self._closing)
         except NotFound:
             pass  # freed through the cell service: nothing of it is left there
+        if instance.process is not None:
+            instance.process.close()
         self._remove_directories(instance)
         self._forget(instance)
 
@@ -291,8 +345,8 @@ class Instances:
     def _watch(self, instance: Instance) -> None:
         """An instance whose daemon died on its own (or whose cell someone freed) is cleaned up
         rather than left half there."""
-        assert instance.executable is not None
-        instance.executable.wait(None)
+        assert instance.process is not None
+        instance.process.wait(None)
         if instance.freeing or instance.ended.is_set():
             return
         with self._lock:
@@ -300,8 +354,7 @@ class Instances:
                 return
             instance.freeing = True
         log.warning("instance daemon ended on its own; removing the instance",
-                    extra={"instance": instance.name,
-                           "exit": str(instance.executable.exit_status)})
+                    extra={"instance": instance.name})
         try:
             self._end(instance)
         except Exception:
@@ -328,11 +381,23 @@ class Instances:
         shutil.rmtree(instance.directory, ignore_errors=True)
         shutil.rmtree(instance.library, ignore_errors=True)
 
-    def _command(self, instance: Instance) -> str:
+    def _start_daemon(self, instance: Instance) -> InstanceProcess:
+        namespaces = self._workloads.namespaces_of(instance.cell)
+        assert namespaces is not None  # the cell isolates everything
+        try:
+            pid = self._template.fork(
+                self._arguments(instance), namespaces=namespaces.paths(),
+                cgroup_join=self._workloads.backend.join_files(instance.cell.path),
+                log_path=str(instance.log_path))
+        except TemplateError as error:
+            raise FailedPrecondition(f"could not start the daemon of instance "
+                                     f"{instance.name}: {error}") from None
+        return InstanceProcess(pid)
+
+    def _arguments(self, instance: Instance) -> list[str]:
         pki = instance.directory / "pki"
         backend = self._workloads.backend
         arguments = [
-            self._python, "-m", "auraed",
             "--socket", instance.socket,
             "--ca-crt", str(pki / "ca.crt"),
             "--server-crt", str(pki / "server.crt"),
@@ -345,13 +410,7 @@ class Instances:
         ]
         if log.isEnabledFor(logging.DEBUG):
             arguments.append("--verbose")
-        return "exec " + " ".join(_quote(argument) for argument in arguments)
-
-
-def _quote(argument: str) -> str:
-    import shlex
-
-    return shlex.quote(argument)
+        return arguments
 
 
 __all__ = ["Instance", "InstanceSpec", "Instances", "Trust", "check_instance_name",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -22,6 +24,7 @@ READY_TIMEOUT = 60.0
 _DISCOVER = "/aurae.discovery.v0.DiscoveryService/Discover"
 # Each readiness attempt waits this long for the socket, then checks the daemon still runs.
 _ATTEMPT = 0.5
+_SOCKET_POLL = 0.003
 
 
 def _optional(message: Message, name: str) -> Any:
@@ -49,6 +52,13 @@ def instance_status(instance: Instance) -> pb.InstanceStatus:
         instance=pb.Instance(name=instance.name, limits=limits),
         spiffe_id=str(instance.spiffe_id), socket=instance.socket,
         host_pid=instance.host_pid, started_at=instance.started_at)
+
+
+def _tail(path: Path, lines: int = 5) -> str:
+    try:
+        return " | ".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
 
 
 class InstanceService(InstanceServiceBase):
@@ -81,12 +91,17 @@ class InstanceService(InstanceServiceBase):
             _DISCOVER, request_serializer=discovery_pb2.DiscoverRequest.SerializeToString,
             response_deserializer=discovery_pb2.DiscoverResponse.FromString)
         deadline = time.monotonic() + min(READY_TIMEOUT, context.time_remaining() or READY_TIMEOUT)
+        # Connect once the socket is there: a refused connection puts the channel in
+        # backoff, which would cost more than this poll.
+        while (not os.path.exists(instance.socket) and time.monotonic() < deadline
+               and instance.process is not None and instance.process.running):
+            time.sleep(_SOCKET_POLL)
         last: grpc.RpcError | None = None
         while time.monotonic() < deadline:
-            if instance.executable is None or not instance.executable.running:
+            if instance.process is None or not instance.process.running:
                 raise FailedPrecondition(
-                    f"the daemon of instance {instance.name} exited before it answered "
-                    f"({instance.executable.exit_status if instance.executable else 'not started'})")
+                    f"the daemon of instance {instance.name} exited before it answered: "
+                    f"{_tail(instance.log_path)}")
             if not context.is_active():
                 raise Unavailable("the caller went away while the instance started")
             try:
@@ -108,4 +123,4 @@ class InstanceService(InstanceServiceBase):
     def list(self, request: pb.InstanceServiceListRequest,
              context: grpc.ServicerContext) -> pb.InstanceServiceListResponse:
         return pb.InstanceServiceListResponse(
-            instances=[instance_status(i) for i in self._instances.list()])
+            instances=[instance_status(i) for i in self._instances.running()])
