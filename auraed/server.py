@@ -343,7 +343,8 @@ class Daemon:
         self._instances = Instances(
             self._workloads, runtime_dir=settings.runtime_dir, library_dir=settings.library_dir,
             cgroup_mount=settings.cgroup_mount, spiffe_id=own_spiffe_id(certificate),
-            grace_period=settings.grace_period)
+            grace_period=settings.grace_period,
+            forwarded_calls=settings.budget.total + settings.budget.operators)
 
         self._open_images()
         self._serve_cri()

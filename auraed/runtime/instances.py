@@ -188,14 +188,20 @@ class Instances:
         cgroup_mount: str,
         spiffe_id: SpiffeId,
         grace_period: float,
+        forwarded_calls: int = 256,
         python: str = sys.executable,
     ) -> None:
+        """forwarded_calls: the long-lived calls the host may relay to one instance at once.
+        Every relayed call reaches the instance as the host's identity, so the instance
+        counts them in an operator reserve that large; the host's own budgets already hold
+        each caller to its share."""
         self._workloads = workloads
         self._directory = runtime_dir / "instances"
         self._library = library_dir / "instances"
         self._cgroup_mount = cgroup_mount
         self.spiffe_id = spiffe_id
         self._grace = grace_period
+        self._forwarded_calls = forwarded_calls
         self._python = python
         self._lock = threading.Lock()
         self._instances: dict[str, Instance] = {}
@@ -407,6 +413,8 @@ class Instances:
             "--cgroup-root", f"{backend.root_name}/{instance.cell.path}/{CGROUP_LEAF}",
             "--cgroup-mount", self._cgroup_mount,
             "--grace-period", str(self._grace),
+            "--operator", str(self.spiffe_id),
+            "--long-lived-operators", str(self._forwarded_calls),
         ]
         if log.isEnabledFor(logging.DEBUG):
             arguments.append("--verbose")

@@ -90,10 +90,10 @@ def test_the_instance_certificate_is_minted_and_the_host_key_stays_out(
     # The instance trusts its own CA, not the host's: the host's clients cannot call it
     # directly, only through the host.
     assert (pki / "ca.crt").read_bytes() != daemon.pki.ca_crt.read_bytes()
-    with aurae_sdk.Client(daemon.config, socket=build.socket, timeout=5,
-                          retry=aurae_sdk.RetryPolicy(attempts=1)) as direct:
-        with pytest.raises(aurae_sdk.Unavailable):
-            direct.discovery.discover()
+    direct = aurae_sdk.Client(daemon.config, socket=build.socket, timeout=5,
+                              retry=aurae_sdk.RetryPolicy(attempts=1))
+    with direct, pytest.raises(aurae_sdk.Unavailable):
+        direct.discovery.discover()
 
 
 def test_a_cell_and_an_executable_inside_driven_through_the_host(
@@ -238,18 +238,43 @@ def test_the_host_policy_decides_forwarded_calls(tmp_path: Path) -> None:
                   "methods": ["/aurae.cells.v0.CellService/Allocate"]}],
         "allow": [{"name": "all", "principals": ["spiffe://unsafe.aurae.io/*"],
                    "methods": ["*"]}]}))
-    with running_daemon("--authz-policy", str(policy)) as daemon:
-        with daemon.client(timeout=120) as admin:
-            admin.instances.spawn(instance={"name": "shared"})
-            (paths,) = [c for c in daemon.pki.clients if c.name == "other"]
-            other = aurae_sdk.Client(daemon.config, client_crt=str(paths.crt),
-                                     client_key=str(paths.key))
-            with other:
-                inside = other.instance("shared")
-                assert inside.cells.list().cells == []
-                with pytest.raises(aurae_sdk.PermissionDenied):
-                    inside.cells.allocate(cell={"name": "x"})
-            assert admin.instance("shared").cells.list().cells == []
-            pid = admin.instances.list().instances[0].host_pid
-        # Stopping the host ends its instances (running_daemon checks no cgroup is left).
+    with running_daemon("--authz-policy", str(policy)) as daemon, \
+            daemon.client(timeout=120) as admin:
+        admin.instances.spawn(instance={"name": "shared"})
+        (paths,) = [c for c in daemon.pki.clients if c.name == "other"]
+        other = aurae_sdk.Client(daemon.config, client_crt=str(paths.crt),
+                                 client_key=str(paths.key))
+        with other:
+            inside = other.instance("shared")
+            assert inside.cells.list().cells == []
+            with pytest.raises(aurae_sdk.PermissionDenied):
+                inside.cells.allocate(cell={"name": "x"})
+        assert admin.instance("shared").cells.list().cells == []
+        pid = admin.instances.list().instances[0].host_pid
+    # Stopping the host ended its instances (running_daemon checks no cgroup is left).
     assert not alive(pid)
+
+
+def test_relayed_streams_of_several_callers_are_not_held_to_one_peer_budget(
+        daemon: DaemonProcess, build: InstanceStatus) -> None:
+    """Every relayed call reaches the instance as the host: 2 x 12 streams (each caller within
+    the host's per-peer budget of 16) all run inside, beyond one peer's budget there."""
+    (other_paths,) = [c for c in daemon.pki.clients if c.name == "other"]
+    admin = daemon.client()
+    other = aurae_sdk.Client(daemon.config, client_crt=str(other_paths.crt),
+                             client_key=str(other_paths.key))
+    streams = []
+    with admin, other:
+        started = admin.instance("build-1").cells.start(executable={
+            "name": "many", "command": "while true; do echo tick; sleep 0.2; done"})
+        try:
+            for client in (admin, other):
+                for _ in range(12):
+                    stream = client.instance("build-1").observe.get_sub_process_stream(
+                        process_id=started.pid)
+                    streams.append(stream)
+                    assert next(iter(stream)).item.line == "tick"
+        finally:
+            for stream in streams:
+                stream.cancel()
+            admin.instance("build-1").cells.stop(executable_name="many", grace_period_ms=0)
