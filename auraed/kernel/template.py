@@ -170,7 +170,6 @@ def _become_copy(request: dict[str, Any], entry: str) -> None:
         os.chdir("/")
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
             signal.signal(signum, signal.SIG_DFL)
-        gc.unfreeze()
         module, _, function = entry.partition(":")
         code = getattr(import_module(module), function)(request["argv"])
     except SystemExit as exit_:
