@@ -345,6 +345,7 @@ class Daemon:
             cgroup_mount=settings.cgroup_mount, spiffe_id=own_spiffe_id(certificate),
             grace_period=settings.grace_period,
             forwarded_calls=settings.budget.total + settings.budget.operators)
+        self._instances.remove_stale()
 
         self._open_images()
         self._serve_cri()

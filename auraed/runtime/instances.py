@@ -212,6 +212,15 @@ class Instances:
         # Called (outside any lock) once an instance is gone, however it went.
         self.on_ended: Callable[[Instance], None] | None = None
 
+    def remove_stale(self) -> None:
+        """Remove what instances of a previous run left in our directories. Call it after
+        Workloads.start, which has ended their cells and everything in them."""
+        for top in (self._directory, self._library):
+            if top.exists():
+                log.warning("removing instance directories left by a previous run",
+                            extra={"directory": str(top)})
+                shutil.rmtree(top, ignore_errors=True)
+
     @property
     def trust(self) -> Trust:
         """Made on first use: a daemon that never spawns pays nothing for it."""

@@ -278,3 +278,37 @@ def test_relayed_streams_of_several_callers_are_not_held_to_one_peer_budget(
             for stream in streams:
                 stream.cancel()
             admin.instance("build-1").cells.stop(executable_name="many", grace_period_ms=0)
+
+
+def test_after_a_host_crash_the_next_start_removes_the_instances(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+
+    cgroup_root = f"aurae-test-crash-{os.getpid()}"
+    with running_daemon(cgroup_root=cgroup_root) as first:
+        with first.client(timeout=120) as client:
+            status = client.instances.spawn(instance={"name": "orphan"}).status
+        template = [int(p) for p in subprocess.run(
+            ["pgrep", "-P", str(first.process.pid), "-f", "auraed.kernel.template"],
+            capture_output=True, text=True, check=False).stdout.split()]
+        first.stop(signal.SIGKILL)
+        assert alive(status.host_pid)  # nothing ended it: its cell outlives the host
+        deadline = time.monotonic() + 30
+        while any(alive(pid) for pid in template) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert template and not any(alive(pid) for pid in template)
+        directory = Path(status.socket).parent
+        assert directory.exists()
+        # The same daemon again, on the same directories and cgroup subtree.
+        with open(tmp_path / "second.log", "wb") as log:
+            second = subprocess.Popen(first.process.args, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 60
+            while (alive(status.host_pid) or directory.exists()) and time.monotonic() < deadline:
+                assert second.poll() is None, (tmp_path / "second.log").read_text()
+                time.sleep(0.05)
+            assert not alive(status.host_pid) and not directory.exists()
+            assert not cgroup_of(cgroup_root, "orphan")
+        finally:
+            second.send_signal(signal.SIGTERM)
+            second.wait(60)
