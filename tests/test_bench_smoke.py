@@ -26,6 +26,5 @@ def test_every_benchmark_runs_in_quick_mode(tmp_path: Path) -> None:
     ran = {entry["benchmark"] for entry in document["results"]}
     assert ran == {"rpc", "start", "spawn", "logs", "streams", "events", "cells", "containers",
                    "instances", "scale", "cli", "codegen"}
-                   "scale", "cli", "codegen"}
     assert "| Benchmark |" in report.read_text()
     assert (tmp_path / "benchmarks" / "ratios.png").stat().st_size > 0
