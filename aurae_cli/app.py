@@ -49,10 +49,13 @@ COMPLETE_VAR = "_AURAE_PY_COMPLETE"
 class Session:
     """Connection settings from the root options; the client opens on first use."""
 
-    def __init__(self, config: str | None, socket: str | None) -> None:
+    def __init__(self, config: str | None, socket: str | None,
+                 instance: str | None = None) -> None:
         self.config = config
         self.socket = socket
+        self.instance = instance
         self._client: Any = None
+        self._connection: Any = None
 
     def client(self) -> Any:
         if self._client is None:
@@ -60,14 +63,19 @@ class Session:
             from aurae_sdk.config import ConfigError
 
             try:
-                self._client = Client(self.config, socket=self.socket)
+                self._connection = Client(self.config, socket=self.socket)
             except ConfigError as error:
                 raise click.ClickException(str(error)) from None
+            try:
+                self._client = (self._connection.instance(self.instance) if self.instance
+                                else self._connection)
+            except ValueError as error:
+                raise click.BadParameter(str(error), param_hint="--instance") from None
         return self._client
 
     def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
+        if self._connection is not None:
+            self._connection.close()
 
 
 class LazyGroup(click.Group):
@@ -114,15 +122,19 @@ def looks_like_script(argument: str) -> bool:
                    "/etc/aurae/config, /var/lib/aurae/config.")
 @click.option("--socket", metavar="TARGET",
               help="Daemon address: a Unix socket path, IP:PORT or [IPv6]:PORT.")
+@click.option("--instance", metavar="NAME",
+              help="Send the command to the spawned instance NAME through the daemon "
+                   "(NAME/CHILD for a nested one).")
 @click.version_option(package_name="aurae-py", prog_name="aurae-py")
 @click.pass_context
-def cli(ctx: click.Context, config: str | None, socket: str | None) -> None:
+def cli(ctx: click.Context, config: str | None, socket: str | None,
+        instance: str | None) -> None:
     """aurae-py: script, explore and drive an Aurae node.
 
     Without a command, opens the REPL (or, when stdin is not a terminal, runs
     it as a script). `aurae-py SCRIPT [ARGS]` runs a Python script.
     """
-    ctx.obj = Session(config, socket)
+    ctx.obj = Session(config, socket, instance)
     ctx.call_on_close(ctx.obj.close)
     if ctx.invoked_subcommand is None:
         if sys.stdin.isatty():

@@ -20,6 +20,19 @@ from aurae_sdk.config import (
 from aurae_sdk.generated.services import AsyncServices, SyncServices
 from aurae_sdk.rpc import DEFAULT_TIMEOUT, RetryPolicy, Transport
 
+# The request metadata key that addresses a call to a spawned instance (see docs/instances.md).
+INSTANCE_KEY = "aurae-instance"
+
+
+def instance_path(metadata: tuple[tuple[str, str], ...], name: str) -> tuple[tuple[str, str], ...]:
+    """`metadata` addressed one instance deeper: "a" then "b" gives "a/b"."""
+    parts = name.split("/")
+    if not name or not all(parts):
+        raise ValueError(f"invalid instance name {name!r}: names joined by '/', none empty")
+    current = dict(metadata).get(INSTANCE_KEY)
+    path = f"{current}/{name}" if current else name
+    return (*((k, v) for k, v in metadata if k != INSTANCE_KEY), (INSTANCE_KEY, path))
+
 
 class _Connection:
     """What Client and AsyncClient share: settings, the channel, the transport.
@@ -49,10 +62,23 @@ class _Connection:
                 target.grpc_target, channel_credentials(self.config), channel_options(target)
             )
         self.channel = channel
+        self._owns_channel = True
         self._transport = Transport(channel, timeout, retry or RetryPolicy())
+
+    @property
+    def instance_name(self) -> str | None:
+        """The spawned instance this client's calls go to ("a/b" when nested), or None."""
+        return dict(self._transport.metadata).get(INSTANCE_KEY)
+
+    def _addressed(self, view: _Connection, name: str) -> None:
+        view.config = self.config
+        view._owns_channel = False
+        view._transport.metadata = instance_path(self._transport.metadata, name)
 
     def __repr__(self) -> str:
         where = self.config.socket if self.config else "custom channel"
+        if self.instance_name:
+            where += f" instance {self.instance_name}"
         return f"<aurae_sdk.{type(self).__name__} {where}>"
 
 
@@ -83,9 +109,19 @@ class Client(_Connection, SyncServices):
                     "client_key": client_key}
         super().__init__(grpc.secure_channel, config, settings, timeout, retry, channel)
 
+    def instance(self, name: str) -> Client:
+        """A client whose calls go to the spawned instance `name` through this daemon, with
+        the same credentials; `client.instance("a").instance("b")` reaches b inside a. It shares
+        this client's channel: close this one, not it."""
+        view = Client(channel=self.channel, timeout=self._transport.timeout,
+                      retry=self._transport.retry)
+        self._addressed(view, name)
+        return view
+
     def close(self) -> None:
         self._transport.closed = True
-        self.channel.close()
+        if self._owns_channel:
+            self.channel.close()
 
     def __enter__(self) -> Self:
         return self
@@ -118,9 +154,17 @@ class AsyncClient(_Connection, AsyncServices):
                     "client_key": client_key}
         super().__init__(grpc.aio.secure_channel, config, settings, timeout, retry, channel)
 
+    def instance(self, name: str) -> AsyncClient:
+        """As Client.instance: an AsyncClient whose calls go to the spawned instance `name`."""
+        view = AsyncClient(channel=self.channel, timeout=self._transport.timeout,
+                           retry=self._transport.retry)
+        self._addressed(view, name)
+        return view
+
     async def close(self) -> None:
         self._transport.closed = True
-        await self.channel.close()
+        if self._owns_channel:
+            await self.channel.close()
 
     async def __aenter__(self) -> Self:
         return self

@@ -110,7 +110,15 @@ class Transport:
     timeout: float = DEFAULT_TIMEOUT
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     closed: bool = False
+    # Sent with every call: e.g. the instance the calls are addressed to (Client.instance).
+    metadata: tuple[tuple[str, str], ...] = ()
     _callables: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def call_metadata(self, metadata: Metadata | None) -> Metadata | None:
+        """The call's own metadata plus the transport's."""
+        if not self.metadata:
+            return metadata
+        return (*self.metadata, *(metadata or ()))
 
     def callable(self, method: MethodSpec[Any, Any]) -> Any:
         """The channel's multicallable for `method`, made once and reused."""
@@ -147,7 +155,8 @@ class ServiceClient:
         attempt = 1
         while True:
             try:
-                response: Resp = call(message, timeout=_remaining(deadline), metadata=metadata)
+                response: Resp = call(message, timeout=_remaining(deadline),
+                                      metadata=self._transport.call_metadata(metadata))
                 return response
             except grpc.RpcError as error:
                 delay = self._transport.retry.delay(method, error, attempt, deadline)
@@ -160,7 +169,7 @@ class ServiceClient:
                 timeout: float | None, metadata: Metadata | None) -> Stream[Resp]:
         message = build_request(method, request, fields)
         # Streams are subscriptions: they get no deadline unless asked for one.
-        call = self._transport.callable(method)(message, timeout=timeout, metadata=metadata)
+        call = self._transport.callable(method)(message, timeout=timeout, metadata=self._transport.call_metadata(metadata))
         return Stream(call, method.path)
 
 
@@ -181,7 +190,7 @@ class AsyncServiceClient:
         while True:
             try:
                 response: Resp = await call(message, timeout=_remaining(deadline),
-                                            metadata=metadata)
+                                            metadata=self._transport.call_metadata(metadata))
                 return response
             except grpc.RpcError as error:
                 delay = self._transport.retry.delay(method, error, attempt, deadline)
@@ -193,7 +202,7 @@ class AsyncServiceClient:
     def _stream(self, method: MethodSpec[Any, Resp], request: Any, fields: Mapping[str, Any],
                 timeout: float | None, metadata: Metadata | None) -> AsyncStream[Resp]:
         message = build_request(method, request, fields)
-        call = self._transport.callable(method)(message, timeout=timeout, metadata=metadata)
+        call = self._transport.callable(method)(message, timeout=timeout, metadata=self._transport.call_metadata(metadata))
         return AsyncStream(call, method.path)
 
 

@@ -90,7 +90,37 @@ def _positive(text: str) -> int:
     return value
 
 
+def spawn_main(argv: list[str]) -> None:
+    """`auraed spawn -o DIR`: write an OCI bundle that boots a nested auraed."""
+    parser = argparse.ArgumentParser(
+        prog="auraed spawn",
+        description="Write an OCI runtime bundle (config.json + rootfs) whose init is auraed; "
+        "`runc run --bundle DIR NAME` boots it, and its socket appears at DIR/run/aurae.sock.")
+    parser.add_argument("-o", "--output", type=Path, required=True, metavar="DIR",
+                        help="the bundle directory to create (empty or missing)")
+    parser.add_argument("--pki", type=Path, required=True, metavar="DIR",
+                        help="a PKI directory with ca.crt and ca.key (`aurae-py pki init`); "
+                        "the bundle gets an identity that CA signs, never its key")
+    parser.add_argument("--name", default="bundle",
+                        help="the bundle's hostname and the last segment of its SPIFFE ID")
+    parser.add_argument("--parent", default="spiffe://unsafe.aurae.io/auraed",
+                        help="the SPIFFE ID the bundle's identity is minted under")
+    args = parser.parse_args(argv)
+    from auraed.runtime.bundle import BundleError, write_bundle
+
+    try:
+        written = write_bundle(args.output, args.pki, name=args.name, parent=args.parent)
+    except BundleError as error:
+        print(f"auraed spawn: {error}", file=sys.stderr)
+        sys.exit(2)
+    print(written)
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["spawn"]:
+        spawn_main(argv[1:])
+        return
     args = parse_args(argv)
     if os.geteuid() != 0:
         print("auraed: must run as root (it manages cgroups and processes)", file=sys.stderr)

@@ -58,6 +58,7 @@ _KINDS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
 # What each mutating call acts on, as the audit log names it.
 _CELLS = "/aurae.cells.v0.CellService/"
 _VMS = "/aurae.vms.v0.VmService/"
+_INSTANCES = "/aurae.instances.v0.InstanceService/"
 AUDITED_TARGETS: dict[str, Callable[[Any], dict[str, str]]] = {
     _CELLS + "Allocate": lambda r: {"cell": r.cell.name},
     _CELLS + "Free": lambda r: {"cell": r.cell_name},
@@ -67,6 +68,8 @@ AUDITED_TARGETS: dict[str, Callable[[Any], dict[str, str]]] = {
     _VMS + "Free": lambda r: {"vm": r.vm_id},
     _VMS + "Start": lambda r: {"vm": r.vm_id},
     _VMS + "Stop": lambda r: {"vm": r.vm_id},
+    _INSTANCES + "Spawn": lambda r: {"instance": r.instance.name},
+    _INSTANCES + "Free": lambda r: {"instance": r.instance_name},
 }
 
 # Unary calls that last as long as a workload lets them: they hold a thread like a stream.

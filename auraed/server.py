@@ -33,6 +33,7 @@ from auraed import __version__
 from auraed.admission import Budget, LongLivedCalls
 from auraed.audit import AuditLog
 from auraed.authz import Policy, PolicyError, PrincipalPattern, load_policy
+from auraed.forwarding import InstanceChannels, InstanceForwarding
 from auraed.generated.registry import SERVICE_NAMES, SERVICES, ServiceEntry, Servicer
 from auraed.images import ImageStore
 from auraed.interceptors import Admission, AuditTrail, Authorization, FaultTranslation
@@ -48,11 +49,13 @@ from auraed.prometheus import (
 )
 from auraed.runtime.containers import Containers
 from auraed.runtime.events import EventJournal
+from auraed.runtime.instances import Instances, own_spiffe_id
 from auraed.runtime.workloads import Workloads
 from auraed.services.cells import CellService
 from auraed.services.discovery import DiscoveryService
 from auraed.services.health import HealthService
 from auraed.services.images import ImageService
+from auraed.services.instances import InstanceService
 from auraed.services.observe import ObserveService
 
 if TYPE_CHECKING:
@@ -264,6 +267,8 @@ class Daemon:
         self._shutting_down = False
         self._server: grpc.Server | None = None
         self._workloads: Workloads | None = None
+        self._instances: Instances | None = None
+        self._channels = InstanceChannels()
         self._health: HealthService | None = None
         self._unix_socket: str | None = None
         self._audit: AuditLog | None = None
@@ -366,6 +371,12 @@ class Daemon:
         self._events.flush()
         if metrics_address is not None:
             self._start_metrics(metrics_address)
+        self._instances = Instances(
+            self._workloads, runtime_dir=settings.runtime_dir, library_dir=settings.library_dir,
+            cgroup_mount=settings.cgroup_mount, spiffe_id=own_spiffe_id(certificate),
+            grace_period=settings.grace_period,
+            forwarded_calls=settings.budget.total + settings.budget.operators)
+        self._instances.remove_stale()
 
         self._open_images()
         self._serve_cri()
@@ -384,6 +395,8 @@ class Daemon:
                 Authorization(policy, self._audit),
                 Admission(LongLivedCalls(budget), operators, self._audit),
                 AuditTrail(self._audit),
+                # After the checks, so a forwarded call is authorized and audited on the host.
+                InstanceForwarding(self._channels),
                 FaultTranslation(),
             ],
             options=[
@@ -422,10 +435,12 @@ class Daemon:
     def _servicers(self, workloads: Workloads, health: HealthService) -> list[Servicer]:
         """The servicers that need the daemon's parts: one line each, and the only place a
         service is named by hand. Every other service gets its default (assemble_servicers)."""
+        assert self._instances is not None
         return [
             CellService(workloads, self._containers),
             DiscoveryService(healthy=lambda: not self._shutting_down),
             ObserveService(workloads, self.daemon_log),
+            InstanceService(self._instances, self._channels),
             health,
             *self._image_servicers(),
         ]
@@ -505,6 +520,9 @@ class Daemon:
             self._metrics.close()
             self._metrics = None
         self.daemon_log.close()
+        if self._instances is not None:
+            self._instances.shutdown()
+        self._channels.close_all()
         if self._workloads is not None:
             if self._detach:
                 self._workloads.detach()

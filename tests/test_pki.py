@@ -592,3 +592,19 @@ def test_a_child_identity_refuses_what_is_no_spiffe_id(
     ca = wire_pki.CertificateAuthority.create()
     with pytest.raises(wire_pki.PkiError, match=complaint):
         ca.issue_child(parent, name)
+
+
+def test_a_child_can_carry_the_server_name_aurae_clients_verify() -> None:
+    from cryptography import x509
+
+    from aurae_sdk.wire.pki import CertificateAuthority, PkiError
+
+    authority = CertificateAuthority.create()
+    child = authority.issue_child("spiffe://unsafe.aurae.io/auraed/instance", "b1",
+                                  dns_names=["server.unsafe.aurae.io"])
+    names = child.certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    assert names.value.get_values_for_type(x509.UniformResourceIdentifier) == [
+        "spiffe://unsafe.aurae.io/auraed/instance/b1"]
+    assert names.value.get_values_for_type(x509.DNSName) == ["server.unsafe.aurae.io"]
+    with pytest.raises(PkiError, match="not a DNS name"):
+        authority.issue_child("spiffe://unsafe.aurae.io/auraed", "b2", dns_names=["bad name"])

@@ -19,6 +19,10 @@ GROUPS = {
         "aurae_cli.generated.images",
         "ImageService keeps the daemon's local store of container images: OCI image layouts and archives imported from the daemon's host, verified blob by blob, that cells run as containers.",
     ),
+    "instances": (
+        "aurae_cli.generated.instances",
+        "InstanceService runs short-lived nested Aurae daemons: each instance is an auraed of its own inside a fresh isolated cell (own pid, mount, network, uts and ipc namespaces, its own cgroup limits and directories) with an mTLS identity the host mints for it.",
+    ),
     "observe": (
         "aurae_cli.generated.observe",
         "ObserveService streams what happens on the node: the daemon's own log, the output of workloads and the signals that reach them.",

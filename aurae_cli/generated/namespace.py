@@ -14,6 +14,7 @@ SERVICE_MODULES = {
     "cells": "aurae_sdk.generated.cells",
     "discovery": "aurae_sdk.generated.discovery",
     "images": "aurae_sdk.generated.images",
+    "instances": "aurae_sdk.generated.instances",
     "observe": "aurae_sdk.generated.observe",
     "vms": "aurae_sdk.generated.vms",
     "health": "aurae_sdk.generated.health",

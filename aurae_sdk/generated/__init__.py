@@ -10,6 +10,7 @@ PACKAGES = {
     "cells": "aurae.cells.v0",
     "discovery": "aurae.discovery.v0",
     "images": "aurae.images.v0",
+    "instances": "aurae.instances.v0",
     "observe": "aurae.observe.v0",
     "vms": "aurae.vms.v0",
     "health": "grpc.health.v1",

@@ -10,6 +10,7 @@ from __future__ import annotations
 from aurae_sdk.generated import cells as cells
 from aurae_sdk.generated import discovery as discovery
 from aurae_sdk.generated import images as images
+from aurae_sdk.generated import instances as instances
 from aurae_sdk.generated import observe as observe
 from aurae_sdk.generated import vms as vms
 from aurae_sdk.generated import health as health
@@ -18,6 +19,7 @@ __all__ = [
     "cells",
     "discovery",
     "images",
+    "instances",
     "observe",
     "vms",
     "health",

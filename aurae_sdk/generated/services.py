@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from aurae_sdk.generated import cells
     from aurae_sdk.generated import discovery
     from aurae_sdk.generated import images
+    from aurae_sdk.generated import instances
     from aurae_sdk.generated import observe
     from aurae_sdk.generated import vms
     from aurae_sdk.generated import health
@@ -39,6 +40,12 @@ SERVICES = {
         "ImageService",
         "AsyncImageService",
         "aurae.images.v0.ImageService",
+    ),
+    "instances": (
+        "aurae_sdk.generated.instances",
+        "InstanceService",
+        "AsyncInstanceService",
+        "aurae.instances.v0.InstanceService",
     ),
     "observe": (
         "aurae_sdk.generated.observe",
@@ -88,6 +95,11 @@ class SyncServices(_Services):
         return self._service("images", 0)  # type: ignore[return-value]
 
     @cached_property
+    def instances(self) -> instances.InstanceService:
+        """InstanceService runs short-lived nested Aurae daemons: each instance is an auraed of its own inside a fresh isolated cell (own pid, mount, network, uts and ipc namespaces, its own cgroup limits and directories) with an mTLS identity the host mints for it."""
+        return self._service("instances", 0)  # type: ignore[return-value]
+
+    @cached_property
     def observe(self) -> observe.ObserveService:
         """ObserveService streams what happens on the node: the daemon's own log, the output of workloads and the signals that reach them."""
         return self._service("observe", 0)  # type: ignore[return-value]
@@ -120,6 +132,11 @@ class AsyncServices(_Services):
     def images(self) -> images.AsyncImageService:
         """ImageService keeps the daemon's local store of container images: OCI image layouts and archives imported from the daemon's host, verified blob by blob, that cells run as containers."""
         return self._service("images", 1)  # type: ignore[return-value]
+
+    @cached_property
+    def instances(self) -> instances.AsyncInstanceService:
+        """InstanceService runs short-lived nested Aurae daemons: each instance is an auraed of its own inside a fresh isolated cell (own pid, mount, network, uts and ipc namespaces, its own cgroup limits and directories) with an mTLS identity the host mints for it."""
+        return self._service("instances", 1)  # type: ignore[return-value]
 
     @cached_property
     def observe(self) -> observe.AsyncObserveService:

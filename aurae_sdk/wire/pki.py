@@ -172,6 +172,7 @@ class CertificateAuthority(Credential):
         parent: SpiffeId | str,
         name: str,
         *,
+        dns_names: Iterable[str] = (),
         not_before: dt.datetime | None = None,
         not_after: dt.datetime | None = None,
     ) -> Credential:
@@ -180,7 +181,8 @@ class CertificateAuthority(Credential):
         The daemon gives each VM guest or spawned instance one of these, so a policy can tell
         its calls from the daemon's own and from other children's. Its only names are the
         SPIFFE ID (the one URI SAN) and that ID as common name; it may act as a TLS client or
-        server, since a guest both calls home and serves its own agent.
+        server, since a guest both calls home and serves its own agent. `dns_names` adds DNS
+        SANs for a child that serves Aurae clients, which verify server.unsafe.aurae.io.
         """
         try:
             parent_id = parent if isinstance(parent, SpiffeId) else SpiffeId.parse(parent)
@@ -191,9 +193,14 @@ class CertificateAuthority(Credential):
             raise PkiError(f"cannot mint a child identity: {error}") from None
         if not_after is None and not_before is None:
             not_after = dt.datetime.now(dt.UTC) + CHILD_VALIDITY
+        alt_names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(str(child))]
+        for dns_name in dns_names:
+            if not dns.is_dns_name(dns_name):
+                raise PkiError(f"not a DNS name: {dns_name!r}")
+            alt_names.append(x509.DNSName(dns_name))
         return self._issue_leaf(
             str(child),
-            [x509.UniformResourceIdentifier(str(child))],
+            alt_names,
             (ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH),
             not_before,
             not_after,

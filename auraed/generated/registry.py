@@ -17,6 +17,7 @@ import grpc
 from auraed.generated.cells import CellServiceBase
 from auraed.generated.discovery import DiscoveryServiceBase
 from auraed.generated.images import ImageServiceBase
+from auraed.generated.instances import InstanceServiceBase
 from auraed.generated.observe import ObserveServiceBase
 from auraed.generated.vms import VmServiceBase
 from auraed.generated.health import HealthBase
@@ -52,6 +53,11 @@ SERVICES: tuple[ServiceEntry, ...] = (
         "aurae.images.v0.ImageService",
         ImageServiceBase,
         "auraed.services.images",
+    ),
+    ServiceEntry(
+        "aurae.instances.v0.InstanceService",
+        InstanceServiceBase,
+        "auraed.services.instances",
     ),
     ServiceEntry(
         "aurae.observe.v0.ObserveService",

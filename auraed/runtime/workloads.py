@@ -598,6 +598,14 @@ class Workloads:
 
         return [view(name) for name in sorted(cells) if name.parent is None]
 
+    def namespaces_of(self, name: CellName) -> NamespaceSet | None:
+        """The namespaces a process started in the cell joins (None: the host's)."""
+        with self._lock:
+            cell = self._cells.get(name)
+            if cell is None:
+                raise NotFound(f"cell {name} does not exist", field="cell_name")
+            return cell.namespaces
+
     def host_executables(self) -> list[Executable]:
         with self._lock:
             return list(self._host_executables.values())

@@ -59,13 +59,14 @@ def test_comments() -> None:
 
 
 def test_packages_and_services(api: Api) -> None:
-    assert [p.module_name for p in api.packages] == ["cells", "discovery", "images", "observe",
-                                                     "vms", "health"]
+    assert [p.module_name for p in api.packages] == ["cells", "discovery", "images", "instances",
+                                                     "observe", "vms", "health"]
     services = {s.full_name: s for s in api.services}
     assert set(services) == {
         "aurae.cells.v0.CellService",
         "aurae.discovery.v0.DiscoveryService",
         "aurae.images.v0.ImageService",
+        "aurae.instances.v0.InstanceService",
         "aurae.observe.v0.ObserveService",
         "aurae.vms.v0.VmService",
         "grpc.health.v1.Health",
@@ -101,6 +102,7 @@ def test_streaming_kind_and_idempotency(api: Api) -> None:
         "aurae.discovery.v0.DiscoveryService.Discover",
         "aurae.images.v0.ImageService.Inspect",
         "aurae.images.v0.ImageService.List",
+        "aurae.instances.v0.InstanceService.List",
         "aurae.vms.v0.VmService.List",
         "grpc.health.v1.Health.Check",
     }

@@ -64,7 +64,9 @@ FREEZE_WAIT = 1.0
 _DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 # A host-level executable's scope: its name and a number, "web.12" (no interface file is named so).
 _SCOPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,62}\.[0-9]{1,20}")
-_ROOT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# A name, or a path of names below the mount: a spawned instance's daemon roots its subtree
+# inside the cgroup of the host cell that holds it. No component can be "." or "..".
+_ROOT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(?:/[A-Za-z0-9][A-Za-z0-9._-]*)*")
 
 log = logging.getLogger(__name__)
 

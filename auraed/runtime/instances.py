@@ -1,0 +1,441 @@
+"""Spawned instances: nested auraed daemons, each in an isolated cell of ours.
+
+An instance is three things the host owns: a top-level cell `instance-<name>`
+(own pid, mount, network, uts and ipc namespaces; the instance's cgroup
+limits), the auraed process running in it, and a directory under the host's
+runtime dir holding the instance's credentials, its runtime and library
+directories, and the Unix socket it listens on. The cell has its own network
+namespace, so the host reaches the instance only through that socket, which
+is a file on the host's filesystem.
+
+The instance's auraed is not a new interpreter: a warm template process
+(auraed.kernel.template), started at the first Spawn, has imported the daemon
+once; each instance is a fork of it that joined the cell's cgroup and
+namespaces, sharing the template's pages until it writes them.
+
+The instance trusts one CA: an ephemeral one the host makes in memory the first
+time it spawns. The host mints with it the instance's server identity (a
+SPIFFE ID under the host's own, `<host>/instance/<name>`) and its own client
+identity for forwarding; the host's server key never enters an instance.
+
+Like Workloads, this module knows nothing of gRPC: the service makes the
+channel and waits for the instance's first answer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import shutil
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography import x509
+
+from aurae_sdk.wire import dns
+from aurae_sdk.wire.pki import CertificateAuthority, Credential, write_credential
+from aurae_sdk.wire.spiffe import SpiffeId
+from auraed.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from auraed.kernel.cgroups import CgroupLimits
+from auraed.kernel.template import Template, TemplateError
+from auraed.runtime.names import CellName
+from auraed.runtime.workloads import CellSpec, Workloads
+
+log = logging.getLogger("auraed.instances")
+
+CELL_PREFIX = "instance-"
+DAEMON_NAME = "auraed"
+# What the template imports before it forks: the whole daemon.
+TEMPLATE_PRELOAD = ["auraed.server"]
+TEMPLATE_ENTRY = "auraed.__main__:main"
+SOCKET_NAME = "auraed.sock"
+# The nested daemon roots its cgroup subtree here, inside the instance's cell.
+CGROUP_LEAF = "auraed"
+# A cell name is a DNS label of at most 63 characters, prefix included.
+MAX_NAME = 63 - len(CELL_PREFIX)
+# sockaddr_un.sun_path holds 108 bytes, the terminating NUL included.
+MAX_SOCKET_PATH = 107
+# How long the nested daemon gets to stop its own workloads on Free, beyond
+# its grace period, before it is killed with everything else in the cell.
+SHUTDOWN_ALLOWANCE = 10.0
+
+
+@dataclass(frozen=True)
+class InstanceSpec:
+    name: str
+    limits: CgroupLimits
+
+
+@dataclass(eq=False)
+class Instance:
+    spec: InstanceSpec
+    spiffe_id: SpiffeId
+    directory: Path  # credentials, runtime dir and socket
+    library: Path
+    cell: CellName
+    process: InstanceProcess | None = None
+    started_at: float = 0.0
+    freeing: bool = False
+    ended: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def socket(self) -> str:
+        return str(self.directory / SOCKET_NAME)
+
+    @property
+    def host_pid(self) -> int:
+        return self.process.host_pid if self.process else 0
+
+    @property
+    def log_path(self) -> Path:
+        return self.directory / "auraed.log"
+
+
+class InstanceProcess:
+    """The instance's daemon, watched through a pidfd: it is not our child (its parent is the
+    cell's init), so a pidfd is how we see it end and signal it without racing pid reuse."""
+
+    def __init__(self, host_pid: int) -> None:
+        self.host_pid = host_pid
+        self._pidfd = os.pidfd_open(host_pid)
+        self.ended = threading.Event()
+        threading.Thread(target=self._watch, name=f"instance-pid-{host_pid}",
+                         daemon=True).start()
+
+    @property
+    def running(self) -> bool:
+        return not self.ended.is_set()
+
+    def _watch(self) -> None:
+        select.select([self._pidfd], [], [])
+        self.ended.set()
+
+    def wait(self, timeout: float | None) -> bool:
+        return self.ended.wait(timeout)
+
+    def stop(self, grace: float) -> None:
+        """SIGTERM, then SIGKILL after `grace` seconds."""
+        for signum, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
+            if self.ended.is_set():
+                break
+            try:
+                signal.pidfd_send_signal(self._pidfd, signum)
+            except ProcessLookupError:
+                break
+            self.ended.wait(wait)
+
+    def close(self) -> None:
+        self.ended.wait(10.0)
+        try:
+            os.close(self._pidfd)
+        except OSError:
+            pass
+
+
+@dataclass(frozen=True)
+class Trust:
+    """What the host needs to talk to its instances: the CA they trust and its own identity
+    for that CA."""
+
+    ca_certificate_pem: bytes
+    client: Credential
+
+
+def own_spiffe_id(server_certificate_pem: bytes, fallback: str = "auraed") -> SpiffeId:
+    """The daemon's SPIFFE ID: its certificate's URI SAN when it has one (an instance's does),
+    else spiffe://<aurae trust domain>/<fallback>."""
+    try:
+        certificate = x509.load_pem_x509_certificate(server_certificate_pem)
+        names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        uris = names.value.get_values_for_type(x509.UniformResourceIdentifier)
+    except (ValueError, x509.ExtensionNotFound):
+        uris = []
+    for uri in uris:
+        try:
+            return SpiffeId.parse(uri)
+        except ValueError:
+            continue
+    return SpiffeId.of_workload(fallback)
+
+
+def check_instance_name(name: str, field_name: str = "instance.name") -> str:
+    if not name:
+        raise InvalidArgument("an instance name is required", field=field_name)
+    if len(name) > MAX_NAME or not dns.is_dns_label(name) or name != name.lower():
+        raise InvalidArgument(
+            f"invalid instance name {name[:70]!r}: use 1-{MAX_NAME} lowercase letters, digits "
+            "and '-', not starting or ending with '-'", field=field_name)
+    return name
+
+
+class Instances:
+    def __init__(
+        self,
+        workloads: Workloads,
+        *,
+        runtime_dir: Path,
+        library_dir: Path,
+        cgroup_mount: str,
+        spiffe_id: SpiffeId,
+        grace_period: float,
+        forwarded_calls: int = 256,
+        python: str = sys.executable,
+    ) -> None:
+        """forwarded_calls: the long-lived calls the host may relay to one instance at once.
+        Every relayed call reaches the instance as the host's identity, so the instance
+        counts them in an operator reserve that large; the host's own budgets already hold
+        each caller to its share."""
+        self._workloads = workloads
+        self._directory = runtime_dir / "instances"
+        self._library = library_dir / "instances"
+        self._cgroup_mount = cgroup_mount
+        self.spiffe_id = spiffe_id
+        self._grace = grace_period
+        self._forwarded_calls = forwarded_calls
+        self._python = python
+        self._lock = threading.Lock()
+        self._instances: dict[str, Instance] = {}
+        self._authority: CertificateAuthority | None = None
+        self._trust: Trust | None = None
+        self._closing = False
+        self._template = Template(TEMPLATE_PRELOAD, TEMPLATE_ENTRY, python)
+        # Called (outside any lock) once an instance is gone, however it went.
+        self.on_ended: Callable[[Instance], None] | None = None
+
+    def remove_stale(self) -> None:
+        """Remove what instances of a previous run left: their cells (Workloads.start adopts
+        cells a previous daemon left running, and an instance is not adopted with its cell:
+        the instance daemon's parent, the template, died with that daemon) and our
+        directories. Call it after Workloads.start."""
+        for view in self._workloads.tree():
+            if view.name.leaf.startswith(CELL_PREFIX) and view.name.parent is None:
+                log.warning("freeing the cell of an instance left by a previous run",
+                            extra={"cell": view.name.path})
+                self._workloads.free(view.name, grace=0.0)
+        for top in (self._directory, self._library):
+            if top.exists():
+                log.warning("removing instance directories left by a previous run",
+                            extra={"directory": str(top)})
+                shutil.rmtree(top, ignore_errors=True)
+
+    @property
+    def trust(self) -> Trust:
+        """Made on first use: a daemon that never spawns pays nothing for it."""
+        with self._lock:
+            if self._trust is None:
+                self._authority = CertificateAuthority.create(
+                    common_name=f"instances.{dns.AURAE_DOMAIN}")
+                client = self._authority.issue_client(DAEMON_NAME,
+                                                      spiffe_ids=[str(self.spiffe_id)])
+                self._trust = Trust(self._authority.certificate_pem(), client)
+            return self._trust
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def spawn(self, spec: InstanceSpec) -> Instance:
+        """Start the instance's daemon; it is not yet known to answer (the caller waits)."""
+        check_instance_name(spec.name)
+        trust = self.trust
+        assert self._authority is not None
+        try:
+            spiffe_id = self.spiffe_id.child("instance").child(spec.name)
+        except ValueError as error:
+            raise FailedPrecondition(f"cannot name the instance: {error}") from None
+        instance = Instance(spec, spiffe_id, self._directory / spec.name,
+                            self._library / spec.name, CellName(CELL_PREFIX + spec.name))
+        if len(instance.socket.encode()) > MAX_SOCKET_PATH:
+            raise FailedPrecondition(
+                f"the instance's socket path {instance.socket} is over {MAX_SOCKET_PATH} bytes; "
+                "use a shorter name or a daemon runtime dir with a shorter path",
+                field="instance.name")
+        with self._lock:
+            if self._closing:
+                raise Unavailable("the daemon is shutting down")
+            if spec.name in self._instances:
+                raise AlreadyExists(f"instance {spec.name} already exists", field="instance.name")
+            self._instances[spec.name] = instance  # reserved while it starts
+        try:
+            self._prepare_directories(instance, trust)
+            self._workloads.allocate(instance.cell, CellSpec(spec.limits, isolate_process=True,
+                                                             isolate_network=True))
+            try:
+                instance.process = self._start_daemon(instance)
+            except BaseException:
+                self._workloads.free(instance.cell, grace=0)
+                raise
+        except BaseException:
+            self._remove_directories(instance)
+            with self._lock:
+                self._instances.pop(spec.name, None)
+            raise
+        threading.Thread(target=self._watch, args=(instance,), name=f"instance-{spec.name}",
+                         daemon=True).start()
+        log.info("instance spawned", extra={"instance": spec.name, "spiffe_id": str(spiffe_id),
+                                            "pid": instance.host_pid})
+        return instance
+
+    def mark_answering(self, instance: Instance) -> None:
+        instance.started_at = time.time()
+
+    def free(self, name: str, *, _shutting_down: bool = False) -> None:
+        """Stop the instance's daemon (it stops its own workloads), then remove its cell with
+        whatever is left in it, and its directories."""
+        with self._lock:
+            if self._closing and not _shutting_down:
+                raise Unavailable("the daemon is shutting down")
+            instance = self._instances.get(name)
+            if instance is None:
+                raise NotFound(f"instance {name} does not exist", field="instance_name")
+            if instance.freeing:
+                raise FailedPrecondition(f"instance {name} is already being freed",
+                                         field="instance_name")
+            instance.freeing = True
+        try:
+            self._end(instance)
+        except BaseException:
+            instance.freeing = False
+            raise
+        log.info("instance freed", extra={"instance": name})
+
+    def get(self, name: str) -> Instance:
+        with self._lock:
+            instance = self._instances.get(name)
+        if instance is None or instance.process is None:
+            raise NotFound(f"instance {name} does not exist", field="instance_name")
+        return instance
+
+    def running(self) -> list[Instance]:
+        with self._lock:
+            return sorted((i for i in self._instances.values() if i.process is not None),
+                          key=lambda i: i.name)
+
+    def shutdown(self) -> None:
+        """End every instance; the daemon calls this before it stops its own workloads."""
+        with self._lock:
+            self._closing = True
+            names = [name for name, i in self._instances.items() if not i.freeing]
+        threads = [threading.Thread(target=self._free_quietly, args=(name,)) for name in names]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        self._template.close()
+        shutil.rmtree(self._directory, ignore_errors=True)
+        shutil.rmtree(self._library, ignore_errors=True)
+
+    # ------------------------------------------------------------------ internals
+
+    def _free_quietly(self, name: str) -> None:
+        try:
+            self.free(name, _shutting_down=True)
+        except NotFound:
+            pass
+        except Exception:
+            log.exception("freeing instance during shutdown failed", extra={"instance": name})
+
+    def _end(self, instance: Instance) -> None:
+        if instance.process is not None:
+            instance.process.stop(self._grace + SHUTDOWN_ALLOWANCE)
+        try:
+            self._workloads.free(instance.cell, grace=0, _shutting_down=self._closing)
+        except NotFound:
+            pass  # freed through the cell service: nothing of it is left there
+        if instance.process is not None:
+            instance.process.close()
+        self._remove_directories(instance)
+        self._forget(instance)
+
+    def _forget(self, instance: Instance) -> None:
+        with self._lock:
+            if self._instances.get(instance.name) is instance:
+                del self._instances[instance.name]
+        if not instance.ended.is_set():
+            instance.ended.set()
+            if self.on_ended is not None:
+                self.on_ended(instance)
+
+    def _watch(self, instance: Instance) -> None:
+        """An instance whose daemon died on its own (or whose cell someone freed) is cleaned up
+        rather than left half there."""
+        assert instance.process is not None
+        instance.process.wait(None)
+        if instance.freeing or instance.ended.is_set():
+            return
+        with self._lock:
+            if instance.freeing or self._closing:
+                return
+            instance.freeing = True
+        log.warning("instance daemon ended on its own; removing the instance",
+                    extra={"instance": instance.name})
+        try:
+            self._end(instance)
+        except Exception:
+            log.exception("cleaning up an ended instance failed",
+                          extra={"instance": instance.name})
+
+    def _prepare_directories(self, instance: Instance, trust: Trust) -> None:
+        assert self._authority is not None
+        for top in (self._directory, self._library):
+            top.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if instance.directory.exists() or instance.library.exists():
+            # Left by a crash of ours: nothing runs there any more (our cells were cleaned).
+            self._remove_directories(instance)
+        pki = instance.directory / "pki"
+        pki.mkdir(mode=0o700, parents=True)
+        (instance.directory / "run").mkdir(mode=0o700)
+        instance.library.mkdir(mode=0o700, parents=True)
+        (pki / "ca.crt").write_bytes(trust.ca_certificate_pem)
+        server = self._authority.issue_child(
+            self.spiffe_id.child("instance"), instance.name, dns_names=[dns.SERVER_NAME])
+        write_credential(server, pki / "server.crt", pki / "server.key")
+
+    def _remove_directories(self, instance: Instance) -> None:
+        shutil.rmtree(instance.directory, ignore_errors=True)
+        shutil.rmtree(instance.library, ignore_errors=True)
+
+    def _start_daemon(self, instance: Instance) -> InstanceProcess:
+        namespaces = self._workloads.namespaces_of(instance.cell)
+        assert namespaces is not None  # the cell isolates everything
+        try:
+            pid = self._template.fork(
+                self._arguments(instance), namespaces=namespaces.paths(),
+                cgroup_join=self._workloads.backend.join_files(instance.cell.path),
+                log_path=str(instance.log_path))
+        except TemplateError as error:
+            raise FailedPrecondition(f"could not start the daemon of instance "
+                                     f"{instance.name}: {error}") from None
+        return InstanceProcess(pid)
+
+    def _arguments(self, instance: Instance) -> list[str]:
+        pki = instance.directory / "pki"
+        backend = self._workloads.backend
+        arguments = [
+            "--socket", instance.socket,
+            "--ca-crt", str(pki / "ca.crt"),
+            "--server-crt", str(pki / "server.crt"),
+            "--server-key", str(pki / "server.key"),
+            "--runtime-dir", str(instance.directory / "run"),
+            "--library-dir", str(instance.library),
+            "--cgroup-root", f"{backend.root_name}/{instance.cell.path}/{CGROUP_LEAF}",
+            "--cgroup-mount", self._cgroup_mount,
+            "--grace-period", str(self._grace),
+            "--operator", str(self.spiffe_id),
+            "--long-lived-operators", str(self._forwarded_calls),
+        ]
+        if log.isEnabledFor(logging.DEBUG):
+            arguments.append("--verbose")
+        return arguments
+
+
+__all__ = ["Instance", "InstanceSpec", "Instances", "Trust", "check_instance_name",
+           "own_spiffe_id"]
