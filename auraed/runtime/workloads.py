@@ -603,7 +603,7 @@ class Workloads:
         with self._lock:
             cell = self._cells.get(name)
             if cell is None:
-                raise NotFound(f"cell {name} does not exist", field="cell_name")
+                raise NotFound(f"cell {name} does not exist", subject=Subject.CELL)
             return cell.namespaces
 
     def host_executables(self) -> list[Executable]:
