@@ -35,6 +35,12 @@ BUILTIN_COMMANDS = {
                "Check the config, certificates and daemon, and say what to fix."),
     "events": ("aurae_cli.events", "events_command",
                "Print the node's lifecycle events in order; -f follows them."),
+    "apply": ("aurae_cli.declared", "apply_command",
+              "Make the node run what a manifest declares."),
+    "diff": ("aurae_cli.declared", "diff_command",
+             "Show what `apply` would change (exit 2 when it would)."),
+    "delete": ("aurae_cli.declared", "delete_command",
+               "Free the cells a manifest declares."),
 }
 
 # Hand-written commands inside a generated group: group -> name -> (module, attribute).

@@ -182,7 +182,9 @@ def invoke(attribute: str, method: str, params: dict[str, Any], fields: Mapping[
         else:
             print_message(call(request, timeout=timeout), output, streaming=False)
     except AuraeError as error:
-        click.echo(f"aurae-py: {error}", err=True)
+        from aurae_cli.hints import with_hint
+
+        click.echo(with_hint(f"aurae-py: {error}", error), err=True)
         finish(RPC_EXIT_BASE + error.status)
     except (TypeError, ValueError) as error:
         raise click.UsageError(str(error)) from None

@@ -195,7 +195,9 @@ def _report(error: Exception, filename: str, display: str) -> int:
         # An expected failure of the node or its config: one line that says
         # what and where, not a traceback through the SDK.
         where = f"{display}:{_last_line(frames)}: " if frames is not None else ""
-        click.echo(f"aurae-py: {where}{error}", err=True)
+        from aurae_cli.hints import with_hint
+
+        click.echo(with_hint(f"aurae-py: {where}{error}", error), err=True)
         return RPC_EXIT_BASE + error.status if isinstance(error, AuraeError) else 1
     traceback.print_exception(type(error), error, frames)
     return 1

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from aurae_cli.rpc_command import EnumChoice, invoke, rpc_options
+from aurae_cli.rpc_command import EnumChoice, KeyValue, invoke, rpc_options
 
 group = click.Group(
     "cells",
@@ -28,6 +28,7 @@ _ALLOCATE_FIELDS: dict[str, str] = {
     "memory_max": "cell.memory.max",
     "isolate_process": "cell.isolate_process",
     "isolate_network": "cell.isolate_network",
+    "labels": "cell.labels",
 }
 # Positional parameters in order, and whether each may be left out.
 _ALLOCATE_POSITIONALS: tuple[tuple[str, bool], ...] = (("name", False),)
@@ -104,6 +105,13 @@ _ALLOCATE_POSITIONALS: tuple[tuple[str, bool], ...] = (("name", False),)
     "isolate_network",
     default=None,
     help="Give the cell its own network namespace with only a loopback device.",
+)
+@click.option(
+    "--labels",
+    "labels",
+    type=KeyValue(),
+    multiple=True,
+    help="aurae-py addition: labels recording who owns the cell and why, such as\n\"aurae-py.io/owner\". A key is a name of 1-63 letters, digits, '-', '_'\nand '.' (starting and ending with a letter or digit), optionally after a\nDNS-name prefix and '/'; a value is empty or such a name. At most 64.",
 )
 @rpc_options
 def allocate_command(**params: Any) -> None:
@@ -391,4 +399,115 @@ def metrics_command(**params: Any) -> None:
         _METRICS_FIELDS,
         server_streaming=False,
         positionals=_METRICS_POSITIONALS,
+    )
+
+
+# Click parameter -> dotted path of the request field it sets.
+_UPDATE_FIELDS: dict[str, str] = {
+    "name": "cell.name",
+    "cpu_weight": "cell.cpu.weight",
+    "cpu_max": "cell.cpu.max",
+    "cpu_period": "cell.cpu.period",
+    "cpuset_cpus": "cell.cpuset.cpus",
+    "cpuset_mems": "cell.cpuset.mems",
+    "memory_min": "cell.memory.min",
+    "memory_low": "cell.memory.low",
+    "memory_high": "cell.memory.high",
+    "memory_max": "cell.memory.max",
+    "isolate_process": "cell.isolate_process",
+    "isolate_network": "cell.isolate_network",
+    "labels": "cell.labels",
+}
+# Positional parameters in order, and whether each may be left out.
+_UPDATE_POSITIONALS: tuple[tuple[str, bool], ...] = (("name", False),)
+
+
+@group.command(
+    "update",
+    help="aurae-py addition: change a cell in place: its limits and its labels.\nLimits given are written to the running cgroup; a limit the cell has but\nthe request leaves unset, or a different isolation, cannot change in\nplace (FAILED_PRECONDITION): free the cell and allocate it again.",
+    short_help="aurae-py addition: change a cell in place: its limits and its labels.",
+)
+@click.argument("name", metavar="NAME", type=str, required=False)
+@click.option(
+    "--cpu-weight",
+    "cpu_weight",
+    type=click.IntRange(min=0),
+    help="Relative share of CPU time, 1 to 10000; 100 is the kernel's default.",
+)
+@click.option(
+    "--cpu-max",
+    "cpu_max",
+    type=int,
+    help="Microseconds of CPU time the cell may use in each period.",
+)
+@click.option(
+    "--cpu-period",
+    "cpu_period",
+    type=click.IntRange(min=0),
+    help="Length of the accounting period in microseconds; 100000 by default.",
+)
+@click.option(
+    "--cpuset-cpus",
+    "cpuset_cpus",
+    type=str,
+    help="CPUs the cell may run on.",
+)
+@click.option(
+    "--cpuset-mems",
+    "cpuset_mems",
+    type=str,
+    help="NUMA memory nodes the cell may allocate from.",
+)
+@click.option(
+    "--memory-min",
+    "memory_min",
+    type=int,
+    help="Memory that is never reclaimed from the cell (cgroup v2 only).",
+)
+@click.option(
+    "--memory-low",
+    "memory_low",
+    type=int,
+    help="Memory that is reclaimed from the cell only under pressure.",
+)
+@click.option(
+    "--memory-high",
+    "memory_high",
+    type=int,
+    help="Above this the cell is throttled and reclaimed hard (cgroup v2 only).",
+)
+@click.option(
+    "--memory-max",
+    "memory_max",
+    type=int,
+    help="Hard limit; above it the kernel's OOM killer acts inside the cell.",
+)
+@click.option(
+    "--isolate-process/--no-isolate-process",
+    "isolate_process",
+    default=None,
+    help="Give the cell its own pid, mount, ipc and uts namespaces: its processes\nsee a fresh /proc and the cell's own name as hostname.",
+)
+@click.option(
+    "--isolate-network/--no-isolate-network",
+    "isolate_network",
+    default=None,
+    help="Give the cell its own network namespace with only a loopback device.",
+)
+@click.option(
+    "--labels",
+    "labels",
+    type=KeyValue(),
+    multiple=True,
+    help="aurae-py addition: labels recording who owns the cell and why, such as\n\"aurae-py.io/owner\". A key is a name of 1-63 letters, digits, '-', '_'\nand '.' (starting and ending with a letter or digit), optionally after a\nDNS-name prefix and '/'; a value is empty or such a name. At most 64.",
+)
+@rpc_options
+def update_command(**params: Any) -> None:
+    invoke(
+        "cells",
+        "update",
+        params,
+        _UPDATE_FIELDS,
+        server_streaming=False,
+        positionals=_UPDATE_POSITIONALS,
     )

@@ -118,6 +118,18 @@ SERVICES: tuple[ServiceInfo, ...] = (
                 sdk="client.cells.metrics",
                 cli="aurae-py cells metrics",
             ),
+            MethodInfo(
+                service="aurae.cells.v0.CellService",
+                name="Update",
+                request="aurae.cells.v0.CellServiceUpdateRequest",
+                response="aurae.cells.v0.CellServiceUpdateResponse",
+                streaming="unary",
+                retried=False,
+                doc="aurae-py addition: change a cell in place: its limits and its labels.\nLimits given are written to the running cgroup; a limit the cell has but\nthe request leaves unset, or a different isolation, cannot change in\nplace (FAILED_PRECONDITION): free the cell and allocate it again.",
+                summary="aurae-py addition: change a cell in place: its limits and its labels.",
+                sdk="client.cells.update",
+                cli="aurae-py cells update",
+            ),
         ),
     ),
     ServiceInfo(
@@ -639,6 +651,13 @@ MESSAGES: tuple[MessageInfo, ...] = (
                 "",
                 "Give the cell its own network namespace with only a loopback device.",
             ),
+            FieldInfo(
+                20,
+                "labels",
+                "map<string, string>",
+                "",
+                "aurae-py addition: labels recording who owns the cell and why, such as\n\"aurae-py.io/owner\". A key is a name of 1-63 letters, digits, '-', '_'\nand '.' (starting and ending with a letter or digit), optionally after a\nDNS-name prefix and '/'; a value is empty or such a name. At most 64.",
+            ),
         ),
     ),
     MessageInfo(
@@ -1107,6 +1126,34 @@ MESSAGES: tuple[MessageInfo, ...] = (
                 "uint32",
                 "",
                 "Executables of the cell that are running.",
+            ),
+        ),
+    ),
+    MessageInfo(
+        full_name="aurae.cells.v0.CellServiceUpdateRequest",
+        name="CellServiceUpdateRequest",
+        doc="aurae-py addition: input of Update.",
+        fields=(
+            FieldInfo(
+                1,
+                "cell",
+                "aurae.cells.v0.Cell",
+                "",
+                "The cell as it should be: its name, the limits it keeps (all of them,\nnew values included), the same isolation, and the labels it now has.",
+            ),
+        ),
+    ),
+    MessageInfo(
+        full_name="aurae.cells.v0.CellServiceUpdateResponse",
+        name="CellServiceUpdateResponse",
+        doc="aurae-py addition: result of Update.",
+        fields=(
+            FieldInfo(
+                1,
+                "cell",
+                "aurae.cells.v0.Cell",
+                "",
+                "The cell as it is now.",
             ),
         ),
     ),

@@ -43,6 +43,8 @@ CellServiceWaitResponse = _cells_pb2.CellServiceWaitResponse
 CellServiceMetricsRequest = _cells_pb2.CellServiceMetricsRequest
 CellServiceMetricsResponse = _cells_pb2.CellServiceMetricsResponse
 CellMetrics = _cells_pb2.CellMetrics
+CellServiceUpdateRequest = _cells_pb2.CellServiceUpdateRequest
+CellServiceUpdateResponse = _cells_pb2.CellServiceUpdateResponse
 ExecutableRestartPolicy = _cells_pb2.ExecutableRestartPolicy
 EXECUTABLE_RESTART_POLICY_NO = _cells_pb2.EXECUTABLE_RESTART_POLICY_NO
 EXECUTABLE_RESTART_POLICY_ON_FAILURE = _cells_pb2.EXECUTABLE_RESTART_POLICY_ON_FAILURE
@@ -105,6 +107,13 @@ _CELL_SERVICE_METRICS: MethodSpec[CellServiceMetricsRequest, CellServiceMetricsR
         idempotent=True,
     )
 )
+_CELL_SERVICE_UPDATE: MethodSpec[CellServiceUpdateRequest, CellServiceUpdateResponse] = MethodSpec(
+    path="/aurae.cells.v0.CellService/Update",
+    request_type=CellServiceUpdateRequest,
+    response_type=CellServiceUpdateResponse,
+    server_streaming=False,
+    idempotent=False,
+)
 
 
 class CellService(ServiceClient):
@@ -121,6 +130,7 @@ class CellService(ServiceClient):
         _CELL_SERVICE_LIST,
         _CELL_SERVICE_WAIT,
         _CELL_SERVICE_METRICS,
+        _CELL_SERVICE_UPDATE,
     )
 
     def allocate(
@@ -261,6 +271,22 @@ class CellService(ServiceClient):
             metadata,
         )
 
+    def update(
+        self,
+        request: CellServiceUpdateRequest | Mapping[str, Any] | None = None,
+        /,
+        *,
+        cell: Cell | Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> CellServiceUpdateResponse:
+        """aurae-py addition: change a cell in place: its limits and its labels.
+        Limits given are written to the running cgroup; a limit the cell has but
+        the request leaves unset, or a different isolation, cannot change in
+        place (FAILED_PRECONDITION): free the cell and allocate it again.
+        """
+        return self._unary(_CELL_SERVICE_UPDATE, request, {"cell": cell}, timeout, metadata)
+
 
 class AsyncCellService(AsyncServiceClient):
     """CellService owns cells (resource-limited groups of processes, optionally
@@ -278,6 +304,7 @@ class AsyncCellService(AsyncServiceClient):
         _CELL_SERVICE_LIST,
         _CELL_SERVICE_WAIT,
         _CELL_SERVICE_METRICS,
+        _CELL_SERVICE_UPDATE,
     )
 
     async def allocate(
@@ -420,6 +447,22 @@ class AsyncCellService(AsyncServiceClient):
             metadata,
         )
 
+    async def update(
+        self,
+        request: CellServiceUpdateRequest | Mapping[str, Any] | None = None,
+        /,
+        *,
+        cell: Cell | Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> CellServiceUpdateResponse:
+        """aurae-py addition: change a cell in place: its limits and its labels.
+        Limits given are written to the running cgroup; a limit the cell has but
+        the request leaves unset, or a different isolation, cannot change in
+        place (FAILED_PRECONDITION): free the cell and allocate it again.
+        """
+        return await self._unary(_CELL_SERVICE_UPDATE, request, {"cell": cell}, timeout, metadata)
+
 
 __all__ = [
     "CellServiceAllocateRequest",
@@ -445,6 +488,8 @@ __all__ = [
     "CellServiceMetricsRequest",
     "CellServiceMetricsResponse",
     "CellMetrics",
+    "CellServiceUpdateRequest",
+    "CellServiceUpdateResponse",
     "ExecutableRestartPolicy",
     "ExecutableState",
     "EXECUTABLE_RESTART_POLICY_NO",

@@ -16,7 +16,7 @@ from auraed.kernel.cgroups import CgroupLimits
 from auraed.runtime.containers import Containers, ContainerSpec
 from auraed.runtime.executables import Executable
 from auraed.runtime.metrics import CellUsage, cell_usage
-from auraed.runtime.names import CellName, parse_executable_name
+from auraed.runtime.names import CellName, parse_executable_name, parse_labels
 from auraed.runtime.restarts import NO_RESTART, RestartMode, RestartPolicy
 from auraed.runtime.workloads import CellSpec, Workloads
 from auraed.services.cell_pages import list_page
@@ -53,11 +53,20 @@ def limits_from_cell(cell: pb.Cell) -> CgroupLimits:
     )
 
 
+def spec_from_cell(cell: pb.Cell) -> CellSpec:
+    return CellSpec(
+        limits=limits_from_cell(cell),
+        isolate_process=cell.isolate_process,
+        isolate_network=cell.isolate_network,
+        labels=parse_labels(dict(cell.labels), field="cell.labels"),
+    )
+
+
 def cell_message(name: CellName, spec: CellSpec) -> pb.Cell:
     """The cell as it was allocated."""
     limits = spec.limits
     cell = pb.Cell(name=name.path, isolate_process=spec.isolate_process,
-                   isolate_network=spec.isolate_network)
+                   isolate_network=spec.isolate_network, labels=dict(spec.labels))
     for target, field, value in (
         (cell.cpu, "weight", limits.cpu_weight),
         (cell.cpu, "max", limits.cpu_max),
@@ -172,15 +181,16 @@ class CellService(CellServiceBase):
     def allocate(self, request: pb.CellServiceAllocateRequest,
                  context: grpc.ServicerContext) -> pb.CellServiceAllocateResponse:
         name = CellName.parse(request.cell.name, field="cell.name")
-        spec = CellSpec(
-            limits=limits_from_cell(request.cell),
-            isolate_process=request.cell.isolate_process,
-            isolate_network=request.cell.isolate_network,
-        )
-        self.workloads.allocate(name, spec)
+        self.workloads.allocate(name, spec_from_cell(request.cell))
         return pb.CellServiceAllocateResponse(
             cell_name=name.path, cgroup_v2=self.workloads.backend.version == 2
         )
+
+    def update(self, request: pb.CellServiceUpdateRequest,
+               context: grpc.ServicerContext) -> pb.CellServiceUpdateResponse:
+        name = CellName.parse(request.cell.name, field="cell.name")
+        spec = self.workloads.update(name, spec_from_cell(request.cell))
+        return pb.CellServiceUpdateResponse(cell=cell_message(name, spec))
 
     def free(self, request: pb.CellServiceFreeRequest,
              context: grpc.ServicerContext) -> pb.CellServiceFreeResponse:
