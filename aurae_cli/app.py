@@ -55,10 +55,16 @@ COMPLETE_VAR = "_AURAE_PY_COMPLETE"
 class Session:
     """Connection settings from the root options; the client opens on first use."""
 
-    def __init__(self, config: str | None, socket: str | None) -> None:
+    def __init__(self, config: str | None, socket: str | None, *, cleanup: bool = False) -> None:
         self.config = config
         self.socket = socket
+        self.cleanup = cleanup
         self._client: Any = None
+
+    def script_clients(self) -> Any:
+        from aurae_sdk.script import ScriptClients
+
+        return ScriptClients(self.config, self.socket)
 
     def client(self) -> Any:
         if self._client is None:
@@ -120,15 +126,17 @@ def looks_like_script(argument: str) -> bool:
                    "/etc/aurae/config, /var/lib/aurae/config.")
 @click.option("--socket", metavar="TARGET",
               help="Daemon address: a Unix socket path, IP:PORT or [IPv6]:PORT.")
+@click.option("--cleanup", is_flag=True,
+              help="Scripts: free what the script allocated if it fails or is interrupted.")
 @click.version_option(package_name="aurae-py", prog_name="aurae-py")
 @click.pass_context
-def cli(ctx: click.Context, config: str | None, socket: str | None) -> None:
+def cli(ctx: click.Context, config: str | None, socket: str | None, cleanup: bool) -> None:
     """aurae-py: script, explore and drive an Aurae node.
 
     Without a command, opens the REPL (or, when stdin is not a terminal, runs
     it as a script). `aurae-py SCRIPT [ARGS]` runs a Python script.
     """
-    ctx.obj = Session(config, socket)
+    ctx.obj = Session(config, socket, cleanup=cleanup)
     ctx.call_on_close(ctx.obj.close)
     if ctx.invoked_subcommand is None:
         if sys.stdin.isatty():
@@ -137,9 +145,8 @@ def cli(ctx: click.Context, config: str | None, socket: str | None) -> None:
             run_repl(config, socket)
         else:
             from aurae_cli.scripts import run_script
-            from aurae_sdk.script import ScriptClients
 
-            ctx.exit(run_script("-", [], ScriptClients(config, socket)))
+            ctx.exit(run_script("-", [], ctx.obj.script_clients(), cleanup=cleanup))
 
 
 @cli.command("completion")

@@ -123,13 +123,65 @@ def _print_item(item: object) -> None:
         print(line, flush=True)
 
 
-def run_script(path: str, args: Sequence[str], clients: ScriptClients) -> int:
+def run_script(path: str, args: Sequence[str], clients: ScriptClients, *,
+               cleanup: bool = False) -> int:
     """Run the Python file at `path` ("-": stdin) with `args` as sys.argv[1:].
 
     Returns the exit status: 0, 64 + the gRPC status of an uncaught
-    AuraeError, 130 after Ctrl-C, 1 for any other uncaught exception.
-    SystemExit from the script propagates.
+    AuraeError, 130 after Ctrl-C (143 after SIGTERM with `cleanup`), 1 for any
+    other uncaught exception. SystemExit from the script propagates.
+
+    When the script fails, what it allocated is freed (`cleanup`) or listed.
     """
+    status: int | None = None
+    previous_term = _exit_on_sigterm() if cleanup else None
+    try:
+        status = _run_script(path, args, clients)
+        return status
+    except SystemExit as exit_:
+        status = 0 if exit_.code is None else exit_.code if isinstance(exit_.code, int) else 1
+        raise
+    finally:
+        if status != 0:
+            _after_failure(clients, cleanup)
+        if previous_term is not None:
+            import signal
+
+            signal.signal(signal.SIGTERM, previous_term)
+        clients.close()
+
+
+def _exit_on_sigterm() -> Any:
+    """Make SIGTERM end the script like Ctrl-C does, so --cleanup runs; returns the old handler."""
+    import signal
+
+    def terminate(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    return signal.signal(signal.SIGTERM, terminate)
+
+
+def _after_failure(clients: ScriptClients, cleanup: bool) -> None:
+    allocations = clients.allocations
+    if not allocations:
+        return
+    left = allocations.describe()
+    if not cleanup:
+        click.echo(f"aurae-py: the script left on the node: {left} (run it with --cleanup to "
+                   "free what it allocated when it fails)", err=True)
+        return
+    try:
+        errors = clients.free_allocations()
+    except Exception as error:  # noqa: BLE001 - the node may be unreachable: say so, keep going
+        errors = [str(error)]
+    if errors:
+        click.echo(f"aurae-py: cleanup after the failure could not free all of {left}: "
+                   + "; ".join(errors), err=True)
+    else:
+        click.echo(f"aurae-py: cleaned up after the failure: freed {left}", err=True)
+
+
+def _run_script(path: str, args: Sequence[str], clients: ScriptClients) -> int:
     if path == "-":
         source, filename = sys.stdin.read(), "<stdin>"
     else:
@@ -161,7 +213,6 @@ def run_script(path: str, args: Sequence[str], clients: ScriptClients) -> int:
     except Exception as error:  # noqa: BLE001 - every failure gets its exit status
         return _report(error, filename, display=path if path != "-" else filename)
     finally:
-        clients.close()
         sys.argv = saved_argv
         if saved_main is not None:
             sys.modules["__main__"] = saved_main
@@ -226,10 +277,13 @@ def _last_line(tb: types.TracebackType) -> int:
     context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False},
     short_help="Run a Python script with a connected client.",
 )
+@click.option("--cleanup", is_flag=True,
+              help="If the script fails or is interrupted (Ctrl-C, SIGTERM), free the cells and "
+                   "stop the host-level executables it allocated.")
 @click.argument("script", type=click.Path(exists=True, dir_okay=False, allow_dash=True))
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
-def run_command(ctx: click.Context, script: str, args: tuple[str, ...]) -> None:
+def run_command(ctx: click.Context, cleanup: bool, script: str, args: tuple[str, ...]) -> None:
     """Run SCRIPT, a Python file ('-' reads stdin), with ARGS as sys.argv[1:].
 
     The script starts with `client` (a connected aurae_sdk.Client), `aclient`
@@ -238,6 +292,15 @@ def run_command(ctx: click.Context, script: str, args: tuple[str, ...]) -> None:
     works. `aurae-py SCRIPT` and a `#!/usr/bin/env aurae-py` line do the same.
 
     An uncaught AuraeError prints one line and exits with 64 + its gRPC status.
+    When the script fails, what it allocated is listed, or freed with --cleanup
+    (also `aurae-py --cleanup SCRIPT`).
+
+    \b
+    Examples:
+      aurae-py run deploy.py --replicas 3
+      aurae-py run --cleanup smoke-test.py
+      echo 'print(client.cells.list())' | aurae-py run -
     """
     session = ctx.find_root().obj
-    ctx.exit(run_script(script, args, ScriptClients(session.config, session.socket)))
+    ctx.exit(run_script(script, args, session.script_clients(),
+                        cleanup=cleanup or session.cleanup))

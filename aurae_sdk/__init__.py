@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from aurae_sdk.generated import PACKAGES
 
 if TYPE_CHECKING:
+    from aurae_sdk.allocations import cleanup
     from aurae_sdk.cell_tree import alist_cells, alist_pages, list_cells, list_pages
     from aurae_sdk.client import AsyncClient, Client, connect, connect_async
     from aurae_sdk.config import ClientConfig, ConfigError, load_config
@@ -82,6 +83,7 @@ _LAZY = {
     "list_pages": "aurae_sdk.cell_tree",
     "alist_pages": "aurae_sdk.cell_tree",
     "apply": "aurae_sdk.declared",
+    "cleanup": "aurae_sdk.allocations",
     "plan": "aurae_sdk.declared",
     "delete": "aurae_sdk.declared",
     "follow": "aurae_sdk.logs",
@@ -135,6 +137,7 @@ __all__ = [
     "alist_cells",
     "alist_pages",
     "apply",
+    "cleanup",
     "compact",
     "connect",
     "connect_async",

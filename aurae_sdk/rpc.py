@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -24,6 +24,8 @@ from aurae_sdk.messages import from_dict
 Req = TypeVar("Req", bound=Message)
 Resp = TypeVar("Resp", bound=Message)
 Metadata = Sequence[tuple[str, str | bytes]]
+# Told of every successful unary call: (method path, request, response).
+CallObserver = Callable[[str, Message, Message], None]
 
 DEFAULT_TIMEOUT = 30.0
 # Only failures that mean "the request never took effect" are retried, and
@@ -101,6 +103,8 @@ class Transport:
     timeout: float = DEFAULT_TIMEOUT
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     closed: bool = False
+    # What aurae_sdk.allocations uses to record what a script allocates.
+    observers: list[CallObserver] = field(default_factory=list)
     _callables: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def callable(self, method: MethodSpec[Any, Any]) -> Any:
@@ -140,6 +144,8 @@ class ServiceClient:
             try:
                 response: Resp = call(message, timeout=max(0.0, deadline - time.monotonic()),
                                       metadata=metadata)
+                for observer in self._transport.observers:
+                    observer(method.path, message, response)
                 return response
             except grpc.RpcError as error:
                 delay = self._transport.retry.delay(method, error, attempt, deadline)
@@ -175,6 +181,8 @@ class AsyncServiceClient:
                 response: Resp = await call(
                     message, timeout=max(0.0, deadline - time.monotonic()), metadata=metadata
                 )
+                for observer in self._transport.observers:
+                    observer(method.path, message, response)
                 return response
             except grpc.RpcError as error:
                 delay = self._transport.retry.delay(method, error, attempt, deadline)

@@ -71,6 +71,10 @@ class ScriptClients:
         self._config_path = config
         self._socket = socket
         self._config: ClientConfig | None = None
+        # Everything the script allocates through either client, so a failure can free it.
+        from aurae_sdk.allocations import Allocations
+
+        self.allocations = Allocations()
         self.client: LazyClient[Client] = LazyClient(self._open, "aurae_sdk.Client")
         self.aclient: LazyClient[AsyncClient] = LazyClient(
             self._open_async, "aurae_sdk.AsyncClient"
@@ -87,7 +91,9 @@ class ScriptClients:
     def _open(self) -> Client:
         from aurae_sdk.client import Client
 
-        return Client(self.config())
+        opened = Client(self.config())
+        self.allocations.attach(opened)
+        return opened
 
     def _open_async(self) -> AsyncClient:
         import asyncio
@@ -103,7 +109,17 @@ class ScriptClients:
                 "aclient is the asyncio client: use it inside a coroutine (top-level await "
                 "in a script, or asyncio.run(main())), or use the sync `client`"
             ) from None
-        return AsyncClient(self.config())
+        opened = AsyncClient(self.config())
+        self.allocations.attach(opened)
+        return opened
+
+    def free_allocations(self) -> list[str]:
+        """Free what the script allocated (through the sync client, whatever loop is gone);
+        returns the errors."""
+        if not self.allocations:
+            return []
+        client = self.client.resolve()
+        return self.allocations.free(client)
 
     def close(self) -> None:
         if self.client.opened is not None:
