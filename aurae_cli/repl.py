@@ -51,8 +51,9 @@ PRELOADED_HELP = (
 )
 
 
-def run_repl(config: str | None, socket: str | None) -> None:
-    asyncio.run(_session(ScriptClients(config, socket)))
+def run_repl(config: str | None, socket: str | None, *, context: str | None = None,
+             timeout: float | None = None) -> None:
+    asyncio.run(_session(ScriptClients(config, socket, context=context, timeout=timeout)))
 
 
 async def _session(clients: ScriptClients) -> None:
@@ -415,4 +416,4 @@ def repl_command(ctx: click.Context) -> None:
     until it ends or Ctrl-C. `aurae-py` without a command does the same.
     """
     session = ctx.find_root().obj
-    run_repl(session.config, session.socket)
+    run_repl(session.config, session.socket, context=session.context, timeout=session.timeout)

@@ -174,8 +174,15 @@ def invoke(attribute: str, method: str, params: dict[str, Any], fields: Mapping[
     request_file = params.pop("request_file")
     place_positionals(params, positionals, request_given=request_file is not None)
     request = request_dict(params, fields, request_file.read() if request_file else None)
+    session = ctx.find_root().obj
+    if session.fleet is not None:
+        if server_streaming:
+            raise click.UsageError("a stream runs on one node: give one --context")
+        from aurae_cli.fleet import run_rpc
+
+        finish(run_rpc(session, attribute, method, request, timeout, output))
     try:
-        client = ctx.find_root().obj.client()
+        client = session.client()
         call = getattr(getattr(client, attribute), method)
         if server_streaming:
             _print_stream(call(request, timeout=timeout), output)

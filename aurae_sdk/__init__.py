@@ -43,6 +43,7 @@ if TYPE_CHECKING:
         Unavailable,
         Unimplemented,
     )
+    from aurae_sdk.fleet import Fleet
     from aurae_sdk.generated.exports import *  # the service modules, generated
     from aurae_sdk.logs import adaemon_log, afollow, daemon_log, follow
     from aurae_sdk.messages import (
@@ -71,6 +72,7 @@ _LAZY = {
     "Unavailable": "aurae_sdk.errors",
     "Unimplemented": "aurae_sdk.errors",
     "Client": "aurae_sdk.client",
+    "Fleet": "aurae_sdk.fleet",
     "AsyncClient": "aurae_sdk.client",
     "connect": "aurae_sdk.client",
     "connect_async": "aurae_sdk.client",
@@ -124,6 +126,7 @@ __all__ = [
     "ConfigError",
     "DeadlineExceeded",
     "FailedPrecondition",
+    "Fleet",
     "Internal",
     "InvalidArgument",
     "NotFound",
