@@ -28,7 +28,10 @@ from aurae_cli.generated import GROUPS
 # Hand-written commands: name -> (module, attribute, one-line help).
 BUILTIN_COMMANDS = {
     "pki": ("aurae_cli.pki_commands", "pki_group", "Create and extend a development PKI."),
-    "run": ("aurae_cli.scripts", "run_command", "Run a Python script with a connected client."),
+    "run": ("aurae_cli.scripts", "run_command",
+            "Run a Python script, or a command on the node (run -- CMD)."),
+    "logs": ("aurae_cli.logs", "logs_command",
+             "Print an executable's output by cell and name (-f follows)."),
     "repl": ("aurae_cli.repl", "repl_command", "Open the interactive Python REPL (the default)."),
     "describe": ("aurae_cli.describe", "describe_command",
                  "Show services, RPCs and messages from the embedded schema."),
@@ -240,6 +243,13 @@ def completion_command(shell: str) -> None:
     bash:  eval "$(aurae-py completion bash)"     (e.g. in ~/.bashrc)
     zsh:   eval "$(aurae-py completion zsh)"      (e.g. in ~/.zshrc)
     fish:  aurae-py completion fish > ~/.config/fish/completions/aurae-py.fish
+
+    Cell, executable and context names complete from the node and the client config.
+
+    \b
+    Examples:
+      eval "$(aurae-py completion bash)"
+      aurae-py cells free <TAB>
     """
     from click.shell_completion import get_completion_class
 

@@ -16,7 +16,7 @@ import click
 from aurae_cli.rpc_command import RPC_EXIT_BASE
 
 if TYPE_CHECKING:
-    from aurae_sdk.declared import Node
+    from aurae_sdk.declared import Node, Step
 
 T = TypeVar("T")
 DIFF_CHANGES_EXIT = 2
@@ -75,10 +75,19 @@ def apply_command(ctx: click.Context, manifest: str, prune: bool, dry_run: bool,
       aurae-py apply -f node.yaml --dry-run
     """
     import aurae_sdk
+    from aurae_cli.progress import progress
+    from aurae_sdk.declared import execute
 
     node = _run(lambda: _load(manifest))
     client = ctx.find_root().obj.client()
-    plan = _run(lambda: aurae_sdk.apply(client, node, prune=prune, dry_run=dry_run))
+    plan = _run(lambda: aurae_sdk.plan(client, node, prune=prune))
+    if not dry_run:
+        with progress("applying", len(plan.changes)) as advance:
+            def done(step: Step) -> None:
+                if step.action != "no-op":
+                    advance(f"{step.action} {step.kind} {step.name}")
+
+            _run(lambda: execute(client, plan, on_step=done))
     click.echo(plan.render(verbose=verbose))
     if dry_run:
         click.echo("Dry run: nothing was changed.")

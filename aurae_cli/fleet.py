@@ -13,6 +13,7 @@ import asyncio
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -84,12 +85,17 @@ def run_per_node(session: Session, args: list[str]) -> int:
     if not args:
         raise click.UsageError("with several contexts, give a command or a script to run")
     stdin = None if sys.stdin.isatty() else sys.stdin.buffer.read()
-    outcomes = asyncio.run(_run_children(configs, args, session.parallel, stdin))
-    return _summarize(outcomes)
+    from aurae_cli.progress import progress
+
+    with progress("nodes", len(configs)) as advance:
+        outcomes = asyncio.run(_run_children(configs, args, session.parallel, stdin, advance))
+    _print_outputs(outcomes)
+    return _summarize([outcome for outcome, _, _ in outcomes])
 
 
 async def _run_children(configs: list[ClientConfig], args: list[str], parallel: int,
-                        stdin: bytes | None) -> list[NodeOutcome]:
+                        stdin: bytes | None, advance: Callable[[str], None]
+                        ) -> list[tuple[NodeOutcome, bytes, bytes]]:
     gate = asyncio.Semaphore(parallel)
 
     async def one(config: ClientConfig) -> tuple[NodeOutcome, bytes, bytes]:
@@ -107,18 +113,19 @@ async def _run_children(configs: list[ClientConfig], args: list[str], parallel: 
             seconds = time.monotonic() - started
         last = err.decode(errors="replace").strip().splitlines()
         detail = "" if status == 0 else f"exit {status}" + (f": {last[-1]}" if last else "")
+        advance(config.context)
         return NodeOutcome(config.context, config.socket, status == 0, seconds, detail), out, err
 
-    finished = await asyncio.gather(*(one(config) for config in configs))
-    outcomes = []
+    return list(await asyncio.gather(*(one(config) for config in configs)))
+
+
+def _print_outputs(finished: list[tuple[NodeOutcome, bytes, bytes]]) -> None:
     for outcome, out, err in finished:
         _header(outcome.context, outcome.target)
         sys.stdout.buffer.write(out)
         sys.stdout.flush()
         sys.stderr.buffer.write(err)
         sys.stderr.flush()
-        outcomes.append(outcome)
-    return outcomes
 
 
 def _header(context: str, target: str) -> None:

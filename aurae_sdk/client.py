@@ -17,8 +17,16 @@ from aurae_sdk.config import (
     load_config,
     parse_target,
 )
-from aurae_sdk.generated.services import AsyncServices, SyncServices
+from aurae_sdk.generated.services import SERVICES_HELP, AsyncServices, SyncServices
 from aurae_sdk.rpc import DEFAULT_TIMEOUT, RetryPolicy, Transport
+
+
+def _with_services(doc: str | None, services: str) -> str:
+    """A class docstring followed by the services and their methods, for help()."""
+    import textwrap
+
+    first, _, rest = (doc or "").partition("\n")
+    return f"{first}\n{textwrap.dedent(rest).rstrip()}\n\n{services}"
 
 
 class _Connection:
@@ -83,6 +91,8 @@ class Client(_Connection, SyncServices):
                     "client_key": client_key}
         super().__init__(grpc.secure_channel, config, settings, timeout, retry, channel)
 
+    __doc__ = _with_services(__doc__, SERVICES_HELP)
+
     def close(self) -> None:
         self._transport.closed = True
         self.channel.close()
@@ -117,6 +127,9 @@ class AsyncClient(_Connection, AsyncServices):
         settings = {"socket": socket, "ca_crt": ca_crt, "client_crt": client_crt,
                     "client_key": client_key}
         super().__init__(grpc.aio.secure_channel, config, settings, timeout, retry, channel)
+
+    __doc__ = _with_services(__doc__, SERVICES_HELP.replace("client.", "aclient.") +
+                             "\n(await each call)\n")
 
     async def close(self) -> None:
         self._transport.closed = True

@@ -20,7 +20,7 @@ start again. The plan says which, and why.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -501,7 +501,12 @@ def _show(name: str, value: Any) -> str:
 # ---------------------------------------------------------------------------------- executing
 
 
-def apply(client: Client, node: Node, *, prune: bool = False, dry_run: bool = False) -> Plan:
+# Told of each step once it is done (progress displays).
+StepDone = Callable[[Step], None]
+
+
+def apply(client: Client, node: Node, *, prune: bool = False, dry_run: bool = False,
+          on_step: StepDone | None = None) -> Plan:
     """Make the node run what `node` declares; return the plan that was carried out.
 
     Applying the same declaration again finds nothing to do. With `dry_run`, only plans. A
@@ -510,11 +515,12 @@ def apply(client: Client, node: Node, *, prune: bool = False, dry_run: bool = Fa
     """
     planned = plan(client, node, prune=prune)
     if not dry_run:
-        execute(client, planned)
+        execute(client, planned, on_step=on_step)
     return planned
 
 
-def delete(client: Client, node: Node, *, dry_run: bool = False) -> Plan:
+def delete(client: Client, node: Node, *, dry_run: bool = False,
+           on_step: StepDone | None = None) -> Plan:
     """Free every declared cell this owner made (nested ones go with their parents)."""
     desired = _flatten(node)
     observed = observe(client)
@@ -533,11 +539,11 @@ def delete(client: Client, node: Node, *, dry_run: bool = False) -> Plan:
         steps.append(Step("delete", "cell", path, (), "", want.cell.source))
     planned = Plan(node.owner, tuple(steps), desired)
     if not dry_run:
-        execute(client, planned)
+        execute(client, planned, on_step=on_step)
     return planned
 
 
-def execute(client: Client, planned: Plan) -> None:
+def execute(client: Client, planned: Plan, *, on_step: StepDone | None = None) -> None:
     """Carry out a plan's steps in order."""
     cells_touched: dict[str, Action] = {}
     for step in planned.steps:
@@ -545,6 +551,8 @@ def execute(client: Client, planned: Plan) -> None:
             _execute_step(client, planned, step, cells_touched)
         except AuraeError as error:
             raise _located(error, step, planned) from None
+        if on_step is not None:
+            on_step(step)
     # Executables changed in a cell left as it was: record their new specs on it.
     for path, action in cells_touched.items():
         if action == "no-op":

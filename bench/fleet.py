@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from auraed.testing import fleet_config, netns_nodes
+
 from bench.core import Comparison, Figure, Result, Series, interleave
 
 NODES = 8

@@ -112,8 +112,11 @@ class ObserveService(ObserveServiceBase):
         batch = request.max_batch_lines
         # Read on this thread as the client takes messages, never ahead of it: a client that
         # stalls holds one batch here, and the rest of the output waits in the files.
+        # Both channels: what was written before the call replays in the order it was written.
         for index, lines in follow_all(logs, lambda: not context.is_active(),
-                                       batch or LINES_PER_READ):
+                                       batch or LINES_PER_READ,
+                                       replay_in_time_order=len(logs) > 1,
+                                       replay_only=request.replay_only):
             if batch:
                 yield pb.GetSubProcessStreamResponse(items=[_item(names[index], line)
                                                             for line in lines])

@@ -626,9 +626,13 @@ class CpuController(_message.Message):
     weight: _builtins.int
     """Relative share of CPU time, 1 to 10000; 100 is the kernel's default."""
     max: _builtins.int
-    """Microseconds of CPU time the cell may use in each period."""
+    """Microseconds of CPU time the cell may use in each period, 1000 to
+    2^44-1; 50000 with the default period is half a CPU.
+    """
     period: _builtins.int
-    """Length of the accounting period in microseconds; 100000 by default."""
+    """Length of the accounting period in microseconds, 1000 to 1000000;
+    100000 by default.
+    """
     def __init__(
         self,
         *,
@@ -699,13 +703,17 @@ class MemoryController(_message.Message):
     HIGH_FIELD_NUMBER: _builtins.int
     MAX_FIELD_NUMBER: _builtins.int
     min: _builtins.int
-    """Memory that is never reclaimed from the cell (cgroup v2 only)."""
+    """Memory in bytes that is never reclaimed from the cell (cgroup v2 only)."""
     low: _builtins.int
-    """Memory that is reclaimed from the cell only under pressure."""
+    """Memory in bytes that is reclaimed from the cell only under pressure."""
     high: _builtins.int
-    """Above this the cell is throttled and reclaimed hard (cgroup v2 only)."""
+    """Bytes above which the cell is throttled and reclaimed hard (cgroup v2
+    only).
+    """
     max: _builtins.int
-    """Hard limit; above it the kernel's OOM killer acts inside the cell."""
+    """Hard limit in bytes; above it the kernel's OOM killer acts inside the
+    cell.
+    """
     def __init__(
         self,
         *,
