@@ -8,8 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import aurae_sdk
 from auraed.testing import DaemonProcess, cgroup_dirs
+
+import aurae_sdk
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
