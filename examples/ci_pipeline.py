@@ -17,7 +17,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+import aurae_sdk
 from aurae_sdk.manifest import loads
+from aurae_sdk.script import client
 
 MANIFEST = Path(__file__).resolve().parent / "ci" / "site.yaml"
 HEALTH_DEADLINE = 60.0  # seconds; generous, the machine may be busy
