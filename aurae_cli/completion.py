@@ -1,4 +1,4 @@
-"""Shell completion of the names on the node: cells and executables, asked of the daemon.
+"""Shell completion of the names on the node: cells, executables and VMs, asked of the daemon.
 
 Completion must never hang a shell or print errors into it: calls get a short deadline and any
 failure completes nothing.
@@ -13,17 +13,20 @@ import click
 COMPLETION_TIMEOUT = 2.0
 
 
-def _tree(ctx: click.Context) -> list[Any]:
+def _client(ctx: click.Context) -> Any:
     from aurae_sdk.client import Client
     from aurae_sdk.config import load_config
 
-    root = ctx.find_root()
-    params = root.params
+    params = ctx.find_root().params
     contexts = (params.get("contexts") or "").split(",")
+    config = load_config(params.get("config"), context=contexts[0] or None,
+                         socket=params.get("socket"))
+    return Client(config, timeout=COMPLETION_TIMEOUT)
+
+
+def _tree(ctx: click.Context) -> list[Any]:
     try:
-        config = load_config(params.get("config"), context=contexts[0] or None,
-                             socket=params.get("socket"))
-        with Client(config, timeout=COMPLETION_TIMEOUT) as client:
+        with _client(ctx) as client:
             nodes: list[Any] = []
 
             def walk(level: Any) -> None:
@@ -60,3 +63,15 @@ def complete_executable_name(ctx: click.Context, param: click.Parameter,
                              incomplete: str) -> list[Any]:
     """For an executable-name argument or flag: the executables of the cell given before it."""
     return executable_names(ctx, ctx.params.get("cell_name") or "", incomplete)
+
+
+def complete_vm_id(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[Any]:
+    """For a VM id argument: the machines the daemon knows."""
+    from click.shell_completion import CompletionItem
+
+    try:
+        with _client(ctx) as client:
+            machines = client.vms.list().machines
+    except Exception:  # noqa: BLE001 - completion offers nothing rather than an error
+        return []
+    return [CompletionItem(m.id) for m in machines if m.id.startswith(incomplete)]

@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from aurae_cli.completion import complete_vm_id
 from aurae_cli.rpc_command import invoke, rpc_options
 
 group = click.Group(
@@ -103,7 +104,7 @@ _FREE_POSITIONALS: tuple[tuple[str, bool], ...] = (("vm_id", False),)
     help="Remove a virtual machine, stopping it first if it runs.\n\n\x08\nExamples:\n  aurae-py vms free VM_ID\n  aurae-py vms free VM_ID -o json",
     short_help="Remove a virtual machine, stopping it first if it runs.",
 )
-@click.argument("vm_id", metavar="VM_ID", type=str, required=False)
+@click.argument("vm_id", metavar="VM_ID", type=str, required=False, shell_complete=complete_vm_id)
 @rpc_options
 def free_command(**params: Any) -> None:
     invoke(
@@ -129,7 +130,7 @@ _START_POSITIONALS: tuple[tuple[str, bool], ...] = (("vm_id", False),)
     help="Boot a defined virtual machine.\n\n\x08\nExamples:\n  aurae-py vms start VM_ID\n  aurae-py vms start VM_ID -o json",
     short_help="Boot a defined virtual machine.",
 )
-@click.argument("vm_id", metavar="VM_ID", type=str, required=False)
+@click.argument("vm_id", metavar="VM_ID", type=str, required=False, shell_complete=complete_vm_id)
 @rpc_options
 def start_command(**params: Any) -> None:
     invoke(
@@ -155,7 +156,7 @@ _STOP_POSITIONALS: tuple[tuple[str, bool], ...] = (("vm_id", False),)
     help="Shut a running virtual machine down.\n\n\x08\nExamples:\n  aurae-py vms stop VM_ID\n  aurae-py vms stop VM_ID -o json",
     short_help="Shut a running virtual machine down.",
 )
-@click.argument("vm_id", metavar="VM_ID", type=str, required=False)
+@click.argument("vm_id", metavar="VM_ID", type=str, required=False, shell_complete=complete_vm_id)
 @rpc_options
 def stop_command(**params: Any) -> None:
     invoke(
