@@ -16,9 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from auraed.testing import fleet_config, netns_nodes
-
 from bench.core import Comparison, Figure, Result, Series, interleave
+from tests.support.daemon import fleet_config, netns_nodes
 
 NODES = 8
 

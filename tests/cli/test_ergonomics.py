@@ -16,9 +16,9 @@ from pathlib import Path
 import click
 import pytest
 import yaml
-from auraed.testing import DaemonProcess
 
 import aurae_sdk
+from tests.support.daemon import DaemonProcess
 
 V1 = Path("/sys/fs/cgroup")
 

@@ -11,9 +11,8 @@ import textwrap
 import time
 from pathlib import Path
 
-from auraed.testing import DaemonProcess
-
 import aurae_sdk
+from tests.support.daemon import DaemonProcess
 
 V1 = Path("/sys/fs/cgroup")
 

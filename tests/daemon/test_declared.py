@@ -8,11 +8,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from auraed.testing import DaemonProcess
 
 import aurae_sdk
 from aurae_sdk.declared import Cell, Executable, Node
 from aurae_sdk.manifest import loads
+from tests.support.daemon import DaemonProcess
 
 V1 = Path("/sys/fs/cgroup")
 

@@ -8,9 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from auraed.testing import DaemonProcess, cgroup_dirs
-
 import aurae_sdk
+from tests.support.daemon import DaemonProcess, cgroup_dirs
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 

@@ -12,9 +12,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from auraed.testing import NetnsNode, fleet_config, netns_nodes
 
 import aurae_sdk
+from tests.support.daemon import NetnsNode, fleet_config, netns_nodes
 
 V1 = Path("/sys/fs/cgroup")
 
