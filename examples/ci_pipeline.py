@@ -10,6 +10,7 @@ cells are deleted whatever happened (`aurae_sdk.delete`), and the logs are saved
 """
 
 import argparse
+import shutil
 import socket
 import sys
 import tempfile
@@ -60,13 +61,14 @@ def collect_logs(node_cell: str, executable: str, artifacts: Path) -> Path:
 
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-parser.add_argument("--artifacts", type=Path, default=None, help="where to save the logs")
+parser.add_argument("--artifacts", type=Path, default=Path("ci-artifacts"),
+                    help="where to save the logs (default: ./ci-artifacts)")
 parser.add_argument("--expect", default="ok", help="what /healthz must answer (smoke test)")
 options = parser.parse_args()
 
 site = Path(tempfile.mkdtemp(prefix="ci-site-"))
 (site / "healthz").write_text("ok\n")
-artifacts = options.artifacts or site / "artifacts"
+artifacts = options.artifacts
 artifacts.mkdir(parents=True, exist_ok=True)
 port = free_port()
 node = loads(MANIFEST.read_text().replace("${PORT}", str(port)).replace("${SITE}", str(site)),
@@ -91,5 +93,6 @@ finally:
         print(f"logs: saved {collect_logs('ci-site', 'web', artifacts)}")
     finally:
         removed = aurae_sdk.delete(client, node)
+        shutil.rmtree(site, ignore_errors=True)
         print(f"teardown: freed {', '.join(s.name for s in removed.changes) or 'nothing'}")
 sys.exit(status)

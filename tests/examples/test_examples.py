@@ -119,6 +119,7 @@ def test_ci_pipeline_deploys_smoke_tests_collects_logs_and_tears_down(
     # http.server logs each request to stderr: the health polls and the smoke test are there.
     assert '"GET /healthz HTTP/1.1" 200' in log.read_text()
     assert no_cells(client)
+    assert not list(Path("/tmp").glob("ci-site-*"))  # its scratch site went with it
     assert not any((d / "ci-site").exists() for d in cgroup_dirs(daemon.cgroup_root))
 
 
