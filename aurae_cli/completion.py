@@ -34,7 +34,9 @@ def _tree(ctx: click.Context) -> list[Any]:
                     nodes.append(node)
                     walk(node.children)
 
-            walk(client.cells.list().cells)
+            from aurae_sdk.cell_tree import list_cells
+
+            walk(list_cells(client))
             return nodes
     except Exception:  # noqa: BLE001 - completion offers nothing rather than an error
         return []

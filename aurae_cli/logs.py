@@ -54,7 +54,9 @@ def find_executable(client: Any, cell: str, name: str) -> Any:
                 return found
         return None
 
-    node = walk(client.cells.list().cells)
+    from aurae_sdk.cell_tree import list_cells
+
+    node = walk(list_cells(client))
     if node is None:
         raise NotFound(f"cell {cell} does not exist", field="cell_name")
     for status in node.executables:

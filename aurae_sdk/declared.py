@@ -272,7 +272,10 @@ def observe(client: Client) -> dict[str, _Observed]:
             )
             walk(iter(node.children))
 
-    walk(iter(client.cells.list().cells))
+    from aurae_sdk.cell_tree import list_cells
+
+    # Every page of List: a plan must see the whole node.
+    walk(iter(list_cells(client)))
     return found
 
 

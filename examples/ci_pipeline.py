@@ -48,7 +48,7 @@ def wait_for_health(url: str) -> float:
 
 def collect_logs(node_cell: str, executable: str, artifacts: Path) -> Path:
     """The executable's stdout and stderr so far, in the order written, into a file."""
-    (status,) = [e for n in client.cells.list().cells if n.cell.name == node_cell
+    (status,) = [e for n in aurae_sdk.list_cells(client) if n.cell.name == node_cell
                  for e in n.executables if e.name == executable]
     stream = client.observe.get_sub_process_stream(process_id=status.host_pid, replay_only=True)
     path = artifacts / f"{node_cell}.{executable}.log"
@@ -82,7 +82,7 @@ try:
     print(f"health: serving on 127.0.0.1:{port} after {took:.1f} s")
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as response:
         body = response.read().decode().strip()
-    limits = {n.cell.name: n.cell.cpu.max for n in client.cells.list().cells}
+    limits = {n.cell.name: n.cell.cpu.max for n in aurae_sdk.list_cells(client)}
     if body == options.expect and limits.get("ci-site") == 50_000:
         print(f"smoke: /healthz answered {body!r}, cpu.max {limits['ci-site']}: pass")
         status = 0
