@@ -276,7 +276,7 @@ def describe_text(item: Described, schema: Schema) -> list[str]:
 @click.option(
     "-o",
     "--output",
-    type=click.Choice(["text", "json"]),
+    type=click.Choice(["text", "json", "yaml"]),
     default="text",
     show_default=True,
     help="How to print the description.",
@@ -288,11 +288,17 @@ def describe_command(name: tuple[str, ...], output: str) -> None:
     (CellService, cells, aurae.cells.v0.CellService), an RPC
     (CellService.Allocate, cells allocate, /aurae.cells.v0.CellService/Allocate),
     a message (Cell, aurae.cells.v0.Cell) or an enum. No daemon is contacted.
+
+    \b
+    Examples:
+      aurae-py describe
+      aurae-py describe cells allocate
+      aurae-py describe Cell -o yaml
     """
     schema = Schema.load()
     if not name:
-        if output == "json":
-            click.echo(as_json(schema.services))
+        if output != "text":
+            click.echo(_structured(as_json(schema.services), output))
         else:
             click.echo("\n".join(service_list_text(schema.services)))
         return
@@ -300,4 +306,19 @@ def describe_command(name: tuple[str, ...], output: str) -> None:
         item = schema.find(".".join(name))
     except UnknownName as error:
         raise click.UsageError(str(error)) from None
-    click.echo(as_json(item) if output == "json" else "\n".join(describe_text(item, schema)))
+    if output != "text":
+        click.echo(_structured(as_json(item), output))
+        return
+    click.echo("\n".join(describe_text(item, schema)))
+
+
+def _structured(text: str, output: str) -> str:
+    """JSON as it is, or the same document as YAML."""
+    if output == "json":
+        return text
+    import json
+
+    import yaml
+
+    dumped: str = yaml.safe_dump(json.loads(text), sort_keys=False)
+    return dumped.rstrip("\n")

@@ -533,6 +533,12 @@ def doctor_command(ctx: click.Context) -> None:
     CA signed the client certificate; both certificates' validity dates; that
     the key belongs to the certificate; the socket; a real mTLS Discover call;
     and the health of the server and each service. Exits 0 only if all pass.
+
+    \b
+    Examples:
+      aurae-py doctor
+      aurae-py --context edge-1 doctor
+      aurae-py --config ./pki/config doctor
     """
     # grpc's core logs failed handshakes to stderr itself; the findings say it better.
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")

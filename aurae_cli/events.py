@@ -71,6 +71,7 @@ def events_command(ctx: click.Context, follow: bool, since: int, cell: str | Non
     """Print the node's lifecycle events in order, each with its sequence number.
 
     \b
+    Examples:
     aurae-py events               every event the daemon still keeps
     aurae-py events -f            ... then new ones as they happen
     aurae-py events --since 4711  only those after 4711 (resume)

@@ -62,7 +62,23 @@ def _text(value: Any, indent: int = 0) -> list[str]:
     return lines
 
 
-def print_message(message: Message, output: str, *, streaming: bool) -> None:
+def print_message(message: Message, output: str, *, streaming: bool,
+                  timestamps: bool = False) -> None:
+    """Print one response: `output` is text (tables for list-like responses), wide, json, yaml
+    or jsonpath=EXPR."""
+    if output.startswith("jsonpath="):
+        from aurae_cli.tables import print_rows
+
+        print_rows([], output, columns=(), empty="", data=to_dict(message))
+        return
+    if output in ("text", "wide") and not streaming:
+        from aurae_cli.tables import print_rows
+        from aurae_cli.views import list_view
+
+        view = list_view(message, timestamps=timestamps)
+        if view is not None:
+            print_rows(view.rows, output, columns=view.columns, wide=view.wide, empty=view.empty)
+            return
     if output == "json":
         click.echo(to_json(message, indent=None if streaming else 2))
     elif output == "yaml":

@@ -66,6 +66,12 @@ def init_command(
 
     DIRECTORY/config is the client config of the first client. The CA key is stored unencrypted
     next to the certificates: use this for development and tests only.
+
+    \b
+    Examples:
+      aurae-py pki init ./pki
+      aurae-py pki init ./pki --socket 10.0.0.5:8080
+      export AURAE_CONFIG=$PWD/pki/config
     """
     from aurae_cli import pki
 
@@ -140,7 +146,12 @@ def issue_command(
     days: int,
     force: bool,
 ) -> None:
-    """Issue a client certificate for NAME, signed by the CA in DIRECTORY."""
+    """Issue a client certificate for NAME, signed by the CA in DIRECTORY.
+
+    \b
+    Examples:
+      aurae-py pki issue ./pki ci-runner
+    """
     import datetime as dt
 
     from aurae_cli import pki

@@ -47,12 +47,13 @@ AnyDescriptor = Any  # protobuf's C descriptors; see aurae_sdk.messages
 
 PRELOADED_HELP = (
     f"client, aclient (await its calls), {', '.join(SERVICE_MODULES)}, "
-    "aurae_sdk, logs, show(stream)"
+    "aurae_sdk, logs, show(stream), tb() (the last error's traceback)"
 )
 
 
-def run_repl(config: str | None, socket: str | None) -> None:
-    asyncio.run(_session(ScriptClients(config, socket)))
+def run_repl(config: str | None, socket: str | None, *, context: str | None = None,
+             timeout: float | None = None) -> None:
+    asyncio.run(_session(ScriptClients(config, socket, context=context, timeout=timeout)))
 
 
 async def _session(clients: ScriptClients) -> None:
@@ -60,6 +61,7 @@ async def _session(clients: ScriptClients) -> None:
         "__name__": "__main__",
         "__builtins__": builtins,
         **preloaded_names(clients),
+        "tb": last_traceback,
     }
     print(banner(clients), flush=True)
     repl = AuraeRepl(
@@ -150,9 +152,32 @@ class AuraeRepl(PythonRepl):
         finally:
             signal.signal(signal.SIGINT, previous)
 
+    def _handle_exception(self, e: BaseException) -> None:
+        # An API or config error is the node answering, not a bug: one line, as scripts print
+        # it; the traceback stays one call away (tb(), or traceback.print_last()).
+        from aurae_sdk.config import ConfigError
+        from aurae_sdk.errors import AuraeError
+
+        if not isinstance(e, (AuraeError, ConfigError)):
+            super()._handle_exception(e)
+            return
+        sys.last_type, sys.last_value, sys.last_traceback = type(e), e, e.__traceback__
+        print(f"aurae-py: {e}  (tb() shows the traceback)", flush=True)
+
     def _show_result(self, result: object) -> None:
         columns = self.app.output.get_size().columns - 8  # room for the Out prompt
         super()._show_result(displayed(result, max(columns, 40)))
+
+
+def last_traceback() -> None:
+    """Print the full traceback of the last error the REPL reported."""
+    import traceback
+
+    error = getattr(sys, "last_value", None)
+    if error is None:
+        print("No error yet.")
+        return
+    traceback.print_exception(type(error), error, error.__traceback__, file=sys.stdout)
 
 
 class _Displayed:
@@ -413,6 +438,12 @@ def repl_command(ctx: click.Context) -> None:
     service modules `cells`, `discovery`, `observe`, `vms` and `health`,
     `aurae_sdk`, `logs` and `show`. A stream given as a result prints live
     until it ends or Ctrl-C. `aurae-py` without a command does the same.
+    An API error prints one line; tb() shows its full traceback.
+
+    \b
+    Examples:
+      aurae-py repl
+      aurae-py --context edge-1 repl
     """
     session = ctx.find_root().obj
-    run_repl(session.config, session.socket)
+    run_repl(session.config, session.socket, context=session.context, timeout=session.timeout)

@@ -54,6 +54,23 @@ class EnumChoice(click.ParamType[str]):
         return [CompletionItem(v) for v in self.values if v.startswith(incomplete)]
 
 
+class ByteSize(click.ParamType[int]):
+    """A size in bytes, as people write it: 1048576, 512K, 256M, 1G (binary suffixes)."""
+
+    name = "size"
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str:
+        return "SIZE"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        from aurae_sdk.units import parse_bytes
+
+        try:
+            return parse_bytes(value)
+        except (TypeError, ValueError) as error:
+            self.fail(str(error), param, ctx)
+
+
 class KeyValue(click.ParamType[tuple[str, str]]):
     """A map entry flag: KEY=VALUE."""
 
@@ -93,16 +110,42 @@ class Seconds(click.ParamType[float]):
 _WAITS_FOREVER = frozenset({("cells", "wait")})
 
 
+class OutputFormat(click.ParamType[str]):
+    """-o: text, wide, json, yaml or jsonpath=EXPR (kubectl's forms)."""
+
+    name = "format"
+    FORMATS = ("text", "wide", "json", "yaml")
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str:
+        return "[text|wide|json|yaml|jsonpath=EXPR]"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        text = str(value)
+        if text in self.FORMATS or (text.startswith("jsonpath=") and len(text) > 9):
+            return text
+        self.fail(f"{text!r} is not one of {', '.join(self.FORMATS)} or jsonpath=EXPR", param, ctx)
+
+    def shell_complete(self, ctx: click.Context, param: click.Parameter, incomplete: str) -> list[Any]:
+        from click.shell_completion import CompletionItem
+
+        return [CompletionItem(v) for v in (*self.FORMATS, "jsonpath=") if v.startswith(incomplete)]
+
+
 def rpc_options(command: F) -> F:
     """The options every RPC command has besides its fields."""
     command = click.option(
         "--timeout", type=Seconds(), default=None, metavar="SECONDS",
-        help="Deadline for the call, or 'forever' (default 30 s for unary calls; none for "
-             "streams and `cells wait`).",
+        help="Deadline for the call, or 'forever' (default: the global --timeout, else 30 s for "
+             "unary calls; none for streams and `cells wait`).",
     )(command)
     command = click.option(
-        "-o", "--output", type=click.Choice(["text", "json", "yaml"]), default="text",
-        show_default=True, help="How to print responses.",
+        "--timestamps", is_flag=True,
+        help="Tables show times as Unix seconds instead of how long ago.",
+    )(command)
+    command = click.option(
+        "-o", "--output", type=OutputFormat(), default="text", show_default=True,
+        help="How to print responses: text (a table for lists), wide (more columns), json, "
+             "yaml, or jsonpath=EXPR such as jsonpath='{.cells[*].cell.name}'.",
     )(command)
     command = click.option(
         "--request", "request_file", type=click.File("r"), default=None, metavar="FILE",
@@ -198,20 +241,34 @@ def invoke(attribute: str, method: str, params: dict[str, Any], fields: Mapping[
     ctx = click.get_current_context()
     output = params.pop("output")
     timeout = params.pop("timeout")
-    if timeout is None and (attribute, method) in _WAITS_FOREVER:
-        timeout = math.inf
+    timestamps = params.pop("timestamps")
     request_file = params.pop("request_file")
     place_positionals(params, positionals, request_given=request_file is not None)
     request = request_dict(params, fields, request_file.read() if request_file else None)
+    session = ctx.find_root().obj
+    if timeout is None:
+        # The global --timeout, when given, bounds waits too.
+        timeout = session.timeout
+    if timeout is None and (attribute, method) in _WAITS_FOREVER:
+        timeout = math.inf
+    if session.fleet is not None:
+        if server_streaming:
+            raise click.UsageError("a stream runs on one node: give one --context")
+        from aurae_cli.fleet import run_rpc
+
+        finish(run_rpc(session, attribute, method, request, timeout, output))
     try:
-        client = ctx.find_root().obj.client()
+        client = session.client()
         call = getattr(getattr(client, attribute), method)
         if server_streaming:
             _print_stream(call(request, timeout=timeout), output)
         else:
-            print_message(call(request, timeout=timeout), output, streaming=False)
+            print_message(call(request, timeout=timeout), output, streaming=False,
+                          timestamps=timestamps)
     except AuraeError as error:
-        click.echo(f"aurae-py: {error}", err=True)
+        from aurae_cli.hints import with_hint
+
+        click.echo(with_hint(f"aurae-py: {error}", error), err=True)
         finish(RPC_EXIT_BASE + error.status)
     except (TypeError, ValueError) as error:
         raise click.UsageError(str(error)) from None

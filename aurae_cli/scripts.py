@@ -22,6 +22,7 @@ import ast
 import builtins
 import inspect
 import os
+import shlex
 import sys
 import traceback
 import types
@@ -123,13 +124,65 @@ def _print_item(item: object) -> None:
         print(line, flush=True)
 
 
-def run_script(path: str, args: Sequence[str], clients: ScriptClients) -> int:
+def run_script(path: str, args: Sequence[str], clients: ScriptClients, *,
+               cleanup: bool = False) -> int:
     """Run the Python file at `path` ("-": stdin) with `args` as sys.argv[1:].
 
     Returns the exit status: 0, 64 + the gRPC status of an uncaught
-    AuraeError, 130 after Ctrl-C, 1 for any other uncaught exception.
-    SystemExit from the script propagates.
+    AuraeError, 130 after Ctrl-C (143 after SIGTERM with `cleanup`), 1 for any
+    other uncaught exception. SystemExit from the script propagates.
+
+    When the script fails, what it allocated is freed (`cleanup`) or listed.
     """
+    status: int | None = None
+    previous_term = _exit_on_sigterm() if cleanup else None
+    try:
+        status = _run_script(path, args, clients)
+        return status
+    except SystemExit as exit_:
+        status = 0 if exit_.code is None else exit_.code if isinstance(exit_.code, int) else 1
+        raise
+    finally:
+        if status != 0:
+            _after_failure(clients, cleanup)
+        if previous_term is not None:
+            import signal
+
+            signal.signal(signal.SIGTERM, previous_term)
+        clients.close()
+
+
+def _exit_on_sigterm() -> Any:
+    """Make SIGTERM end the script like Ctrl-C does, so --cleanup runs; returns the old handler."""
+    import signal
+
+    def terminate(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    return signal.signal(signal.SIGTERM, terminate)
+
+
+def _after_failure(clients: ScriptClients, cleanup: bool) -> None:
+    allocations = clients.allocations
+    if not allocations:
+        return
+    left = allocations.describe()
+    if not cleanup:
+        click.echo(f"aurae-py: the script left on the node: {left} (run it with --cleanup to "
+                   "free what it allocated when it fails)", err=True)
+        return
+    try:
+        errors = clients.free_allocations()
+    except Exception as error:  # noqa: BLE001 - the node may be unreachable: say so, keep going
+        errors = [str(error)]
+    if errors:
+        click.echo(f"aurae-py: cleanup after the failure could not free all of {left}: "
+                   + "; ".join(errors), err=True)
+    else:
+        click.echo(f"aurae-py: cleaned up after the failure: freed {left}", err=True)
+
+
+def _run_script(path: str, args: Sequence[str], clients: ScriptClients) -> int:
     if path == "-":
         source, filename = sys.stdin.read(), "<stdin>"
     else:
@@ -161,7 +214,6 @@ def run_script(path: str, args: Sequence[str], clients: ScriptClients) -> int:
     except Exception as error:  # noqa: BLE001 - every failure gets its exit status
         return _report(error, filename, display=path if path != "-" else filename)
     finally:
-        clients.close()
         sys.argv = saved_argv
         if saved_main is not None:
             sys.modules["__main__"] = saved_main
@@ -195,7 +247,9 @@ def _report(error: Exception, filename: str, display: str) -> int:
         # An expected failure of the node or its config: one line that says
         # what and where, not a traceback through the SDK.
         where = f"{display}:{_last_line(frames)}: " if frames is not None else ""
-        click.echo(f"aurae-py: {where}{error}", err=True)
+        from aurae_cli.hints import with_hint
+
+        click.echo(with_hint(f"aurae-py: {where}{error}", error), err=True)
         return RPC_EXIT_BASE + error.status if isinstance(error, AuraeError) else 1
     traceback.print_exception(type(error), error, frames)
     return 1
@@ -219,23 +273,97 @@ def _last_line(tb: types.TracebackType) -> int:
     return line
 
 
+class RunCommand(click.Command):
+    """`run` is two commands in one: a script (`run SCRIPT ARGS`) or a command line on the node
+    (`run [OPTIONS] -- CMD ARGS`). A leading `--` or any workload option picks the second."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["aurae_cli.run.command"] = bool(args) and args[0] == "--"
+        return super().parse_args(ctx, args)
+
+
+def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    if value is None:
+        return None
+    from aurae_sdk.units import parse_bytes
+
+    try:
+        return parse_bytes(value)
+    except (TypeError, ValueError) as error:
+        raise click.BadParameter(str(error)) from None
+
+
 @click.command(
     "run",
+    cls=RunCommand,
     context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False},
-    short_help="Run a Python script with a connected client.",
+    short_help="Run a Python script with a connected client, or a command on the node.",
 )
-@click.argument("script", type=click.Path(exists=True, dir_okay=False, allow_dash=True))
+@click.option("--cleanup", is_flag=True,
+              help="Scripts: if the script fails or is interrupted (Ctrl-C, SIGTERM), free the "
+                   "cells and stop the host-level executables it allocated.")
+@click.option("--cell", metavar="CELL", help="Commands: run in this existing cell.")
+@click.option("--name", metavar="NAME", help="Commands: the executable's name (default run-XXXX).")
+@click.option("--rm", "remove", is_flag=True,
+              help="Commands: remove the executable (and the cell run made) when it ends.")
+@click.option("--cpu-max", type=click.IntRange(1000, 2**44 - 1), metavar="MICROSECONDS",
+              help="Commands: CPU time per 100 ms period in the new cell (50000 = half a CPU).")
+@click.option("--cpu-weight", type=click.IntRange(1, 10000), metavar="WEIGHT",
+              help="Commands: relative CPU share in the new cell, 1 to 10000 (default 100).")
+@click.option("--memory-max", callback=_size, metavar="SIZE",
+              help="Commands: hard memory limit of the new cell: bytes or 512K, 256M, 1G.")
+@click.option("--isolate-process", is_flag=True,
+              help="Commands: give the new cell its own pid, mount, ipc and uts namespaces.")
+@click.option("--uid", type=click.IntRange(0, 2**32 - 1), help="Commands: user id to run as.")
+@click.option("--gid", type=click.IntRange(0, 2**32 - 1), help="Commands: group id to run as.")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
-def run_command(ctx: click.Context, script: str, args: tuple[str, ...]) -> None:
-    """Run SCRIPT, a Python file ('-' reads stdin), with ARGS as sys.argv[1:].
+def run_command(ctx: click.Context, cleanup: bool, cell: str | None, name: str | None,
+                remove: bool, cpu_max: int | None, cpu_weight: int | None,
+                memory_max: int | None, isolate_process: bool, uid: int | None, gid: int | None,
+                args: tuple[str, ...]) -> None:
+    """Run a Python SCRIPT with ARGS, or run a command line on the node: run [OPTIONS] -- CMD.
 
-    The script starts with `client` (a connected aurae_sdk.Client), `aclient`
+    \b
+    aurae-py run SCRIPT [ARGS]            a Python file ('-' reads stdin)
+    aurae-py run [OPTIONS] -- CMD [ARGS]  a command on the node, attached
+
+    A script starts with `client` (a connected aurae_sdk.Client), `aclient`
     (its asyncio twin), the service modules `cells`, `discovery`, `observe`,
     `vms` and `health`, `aurae_sdk`, `logs` and `show`. Top-level `await`
     works. `aurae-py SCRIPT` and a `#!/usr/bin/env aurae-py` line do the same.
-
     An uncaught AuraeError prints one line and exits with 64 + its gRPC status.
+    When the script fails, what it allocated is listed, or freed with --cleanup
+    (also `aurae-py --cleanup SCRIPT`).
+
+    A command runs as an executable in --cell, or in a new cell run-XXXX with
+    the limits given; its stdout and stderr stream here, and aurae-py exits
+    with its exit status (128 + N if signal N ended it). Ctrl-C stops it.
+
+    \b
+    Examples:
+      aurae-py run deploy.py --replicas 3
+      aurae-py run --cleanup smoke-test.py
+      echo 'print(client.cells.list())' | aurae-py run -
+      aurae-py run --rm -- sh -c 'echo hello; exit 3'
+      aurae-py run --rm --cpu-max 50000 --memory-max 256M -- python3 -c 'print(1)'
+      aurae-py run --cell web --name migrate -- ./manage.py migrate
     """
     session = ctx.find_root().obj
-    ctx.exit(run_script(script, args, ScriptClients(session.config, session.socket)))
+    workload = (cell, name, cpu_max, cpu_weight, memory_max, uid, gid)
+    if ctx.meta.get("aurae_cli.run.command") or remove or isolate_process or any(
+            value is not None for value in workload):
+        from aurae_cli.transient import TransientSpec, run_transient
+
+        spec = TransientSpec(args, cell, name, remove, cpu_max, cpu_weight, memory_max,
+                             isolate_process, uid, gid)
+        ctx.exit(run_transient(session.client(), spec))
+    if not args:
+        raise click.UsageError("give a script to run, or -- and a command")
+    script, *script_args = args
+    if script != "-" and not os.path.isfile(script):
+        raise click.BadParameter(f"{script!r} is not a file; to run a command on the node, "
+                                 f"put -- before it: aurae-py run -- {shlex.join(args)}",
+                                 param_hint="SCRIPT")
+    ctx.exit(run_script(script, script_args, session.script_clients(),
+                        cleanup=cleanup or session.cleanup))

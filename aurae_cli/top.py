@@ -96,6 +96,11 @@ def top_command(ctx: click.Context, cell: str, interval: float, sort: str, once:
 
     CPU % is over the last interval (100 = one CPU); THROTTLED counts the periods in
     which a cell ran out of its cpu.max quota, and the time it spent throttled.
+
+    \b
+    Examples:
+      aurae-py cells top
+      aurae-py cells top web
     """
     from rich.console import Console
     from rich.live import Live

@@ -6,6 +6,10 @@
         client.cells.allocate(cell={"name": "web", "cpu": {"weight": 200}})
         client.cells.start(cell_name="web", executable={"name": "app", "command": "sleep 60"})
 
+Declared state: `aurae_sdk.apply(client, node)` makes the node run what an
+`aurae_sdk.declared.Node` declares (`plan` shows what would change, `delete`
+removes it); `aurae_sdk.manifest.load("node.yaml")` reads the same from YAML.
+
 Service modules with their message types: `aurae_sdk.cells`,
 `aurae_sdk.observe`, ... one per proto package (aurae_sdk.generated.PACKAGES).
 Importing this package is cheap: grpc and the service modules load on first use,
@@ -21,9 +25,11 @@ from typing import TYPE_CHECKING, Any
 from aurae_sdk.generated import PACKAGES
 
 if TYPE_CHECKING:
+    from aurae_sdk.allocations import cleanup
     from aurae_sdk.cell_tree import alist_cells, alist_pages, list_cells, list_pages
     from aurae_sdk.client import AsyncClient, Client, connect, connect_async
     from aurae_sdk.config import ClientConfig, ConfigError, load_config
+    from aurae_sdk.declared import apply, delete, plan
     from aurae_sdk.errors import (
         AlreadyExists,
         AuraeError,
@@ -37,6 +43,7 @@ if TYPE_CHECKING:
         Unavailable,
         Unimplemented,
     )
+    from aurae_sdk.fleet import Fleet
     from aurae_sdk.generated.exports import *  # the service modules, generated
     from aurae_sdk.logs import adaemon_log, afollow, daemon_log, follow
     from aurae_sdk.messages import (
@@ -65,6 +72,7 @@ _LAZY = {
     "Unavailable": "aurae_sdk.errors",
     "Unimplemented": "aurae_sdk.errors",
     "Client": "aurae_sdk.client",
+    "Fleet": "aurae_sdk.fleet",
     "AsyncClient": "aurae_sdk.client",
     "connect": "aurae_sdk.client",
     "connect_async": "aurae_sdk.client",
@@ -76,6 +84,10 @@ _LAZY = {
     "alist_cells": "aurae_sdk.cell_tree",
     "list_pages": "aurae_sdk.cell_tree",
     "alist_pages": "aurae_sdk.cell_tree",
+    "apply": "aurae_sdk.declared",
+    "cleanup": "aurae_sdk.allocations",
+    "plan": "aurae_sdk.declared",
+    "delete": "aurae_sdk.declared",
     "follow": "aurae_sdk.logs",
     "afollow": "aurae_sdk.logs",
     "daemon_log": "aurae_sdk.logs",
@@ -114,6 +126,7 @@ __all__ = [
     "ConfigError",
     "DeadlineExceeded",
     "FailedPrecondition",
+    "Fleet",
     "Internal",
     "InvalidArgument",
     "NotFound",
@@ -126,10 +139,13 @@ __all__ = [
     "afollow",
     "alist_cells",
     "alist_pages",
+    "apply",
+    "cleanup",
     "compact",
     "connect",
     "connect_async",
     "daemon_log",
+    "delete",
     "follow",
     "from_dict",
     "from_json",
@@ -137,6 +153,7 @@ __all__ = [
     "list_cells",
     "list_pages",
     "load_config",
+    "plan",
     "to_dict",
     "to_json",
     "to_yaml",

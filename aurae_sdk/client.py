@@ -17,7 +17,7 @@ from aurae_sdk.config import (
     load_config,
     parse_target,
 )
-from aurae_sdk.generated.services import AsyncServices, SyncServices
+from aurae_sdk.generated.services import SERVICES_HELP, AsyncServices, SyncServices
 from aurae_sdk.rpc import DEFAULT_TIMEOUT, RetryPolicy, Transport
 
 # The request metadata key that addresses a call to a spawned instance (see docs/instances.md).
@@ -32,6 +32,14 @@ def instance_path(metadata: tuple[tuple[str, str], ...], name: str) -> tuple[tup
     current = dict(metadata).get(INSTANCE_KEY)
     path = f"{current}/{name}" if current else name
     return (*((k, v) for k, v in metadata if k != INSTANCE_KEY), (INSTANCE_KEY, path))
+
+
+def _with_services(doc: str | None, services: str) -> str:
+    """A class docstring followed by the services and their methods, for help()."""
+    import textwrap
+
+    first, _, rest = (doc or "").partition("\n")
+    return f"{first}\n{textwrap.dedent(rest).rstrip()}\n\n{services}"
 
 
 class _Connection:
@@ -118,6 +126,8 @@ class Client(_Connection, SyncServices):
         self._addressed(view, name)
         return view
 
+    __doc__ = _with_services(__doc__, SERVICES_HELP)
+
     def close(self) -> None:
         self._transport.closed = True
         if self._owns_channel:
@@ -160,6 +170,9 @@ class AsyncClient(_Connection, AsyncServices):
                            retry=self._transport.retry)
         self._addressed(view, name)
         return view
+
+    __doc__ = _with_services(__doc__, SERVICES_HELP.replace("client.", "aclient.") +
+                             "\n(await each call)\n")
 
     async def close(self) -> None:
         self._transport.closed = True

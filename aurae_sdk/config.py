@@ -4,6 +4,20 @@ Aurae clients read a TOML file ([auth] ca_crt, client_crt, client_key; [system] 
 $HOME/.aurae/config, /etc/aurae/config or /var/lib/aurae/config. Every connection is mTLS, and the
 client always verifies the server as server.unsafe.aurae.io, whatever the transport.
 
+One file can name several nodes: contexts. The top-level [auth] and [system] are the context
+"default" (so an upstream Aurae file is a one-context file); `[contexts.NAME.auth]` and
+`[contexts.NAME.system]` add more, each key falling back to the top-level one (a fleet that shares
+one PKI gives only sockets). Which context is used: the `context` argument (--context), else
+$AURAE_CONTEXT, else the file's top-level `current_context`, else "default".
+
+    current_context = "edge-1"
+    [auth]
+    ca_crt = "pki/ca.crt"
+    client_crt = "pki/admin.crt"
+    client_key = "pki/admin.key"
+    [contexts.edge-1.system]
+    socket = "10.0.0.1:8080"
+
 The SDK imports this module at import time, so it stays on cheap stdlib modules; grpc is imported
 only when credentials are actually built.
 """
@@ -24,6 +38,8 @@ TLS_SERVER_NAME = dns.SERVER_NAME
 CONFIG_ENV = paths.CONFIG_ENV
 SEARCH_PATHS = paths.CONFIG_SEARCH_PATHS
 Target = targets.Target
+CONTEXT_ENV = "AURAE_CONTEXT"
+DEFAULT_CONTEXT = "default"
 
 _AUTH_KEYS = ("ca_crt", "client_crt", "client_key")
 
@@ -42,6 +58,8 @@ class ClientConfig:
     socket: str
     # The config file these values came from, or a note that they were given as arguments.
     source: str
+    # The context of the file these values are ("default": the top-level [auth] and [system]).
+    context: str = DEFAULT_CONTEXT
 
     @property
     def target(self) -> Target:
@@ -52,6 +70,7 @@ class ClientConfig:
 def load_config(
     path: str | os.PathLike[str] | None = None,
     *,
+    context: str | None = None,
     socket: str | None = None,
     ca_crt: str | None = None,
     client_crt: str | None = None,
@@ -64,6 +83,7 @@ def load_config(
     an argument and no path is given. `~` is expanded in every path. A relative certificate path
     in a file is relative to the file's directory (so a PKI directory can be moved whole); a
     relative socket path, like a relative argument, is relative to the working directory.
+    `context` picks a context of the file (see the module's docstring).
     """
     overrides: dict[str, str] = {}
     for key, value in (
@@ -77,14 +97,18 @@ def load_config(
                 raise ConfigError(f"the {key} argument is empty")
             overrides[key] = value if key == "socket" else os.path.expanduser(value)
 
-    if path is None and len(overrides) == len(_AUTH_KEYS) + 1:
+    chosen = DEFAULT_CONTEXT
+    if path is None and context is None and len(overrides) == len(_AUTH_KEYS) + 1:
         values, source = overrides, "arguments"
     else:
         source = _find_config_file(path)
-        values = _read_config_file(source) | overrides
+        document = _read_document(source)
+        chosen = _chosen_context(document, source, context)
+        values = _context_values(document, source, chosen) | overrides
+        where = "" if chosen == DEFAULT_CONTEXT else f" of context {chosen!r}"
         for section, key in [("auth", key) for key in _AUTH_KEYS] + [("system", "socket")]:
             if key not in values:
-                raise ConfigError(f"{source}: missing {key} in [{section}]")
+                raise ConfigError(f"{source}: missing {key} in [{section}]{where}")
     try:
         parse_target(values["socket"])
     except ConfigError as error:
@@ -95,7 +119,100 @@ def load_config(
         client_key=values["client_key"],
         socket=values["socket"],
         source=source,
+        context=chosen,
     )
+
+
+@dataclass(frozen=True)
+class Contexts:
+    """The contexts of one config file, in file order, and the one in use."""
+
+    source: str
+    names: tuple[str, ...]
+    # "" when none is chosen, or the chosen one does not exist.
+    current: str
+
+
+def read_contexts(path: str | os.PathLike[str] | None = None) -> Contexts:
+    """The contexts the config file (found as load_config finds it) defines."""
+    source = _find_config_file(path)
+    document = _read_document(source)
+    names = _context_names(document, source)
+    try:
+        current = _chosen_context(document, source, None)
+    except ConfigError:
+        current = ""
+    return Contexts(source, names, current)
+
+
+def load_contexts(path: str | os.PathLike[str] | None = None,
+                  names: list[str] | None = None) -> list[ClientConfig]:
+    """The configs of the given contexts (None: every context of the file), in that order."""
+    found = read_contexts(path)
+    chosen = list(found.names) if names is None else names
+    return [load_config(found.source, context=name) for name in chosen]
+
+
+def use_context(name: str, path: str | os.PathLike[str] | None = None) -> str:
+    """Make `name` the file's current context (its top-level `current_context`); returns the file.
+
+    The file is edited in place, line by line, so comments and layout stay as they were.
+    """
+    source = _find_config_file(path)
+    document = _read_document(source)
+    if name not in _context_names(document, source):
+        known = ", ".join(_context_names(document, source))
+        raise ConfigError(f"{source}: no context {name!r} (known: {known})")
+    with open(source, encoding="utf-8") as file:
+        lines = file.read().splitlines(keepends=True)
+    line = f"current_context = {_toml_string(name)}\n"
+    for index, text in enumerate(lines):
+        stripped = text.strip()
+        if stripped.startswith("["):
+            lines.insert(0, line)  # keys before the first table are top-level
+            break
+        if stripped.partition("=")[0].strip() == "current_context":
+            lines[index] = line
+            break
+    else:
+        lines.insert(0, line)
+    temporary = f"{source}.tmp"
+    with open(temporary, "w", encoding="utf-8") as file:
+        file.writelines(lines)
+    os.chmod(temporary, os.stat(source).st_mode & 0o7777)
+    os.replace(temporary, source)
+    return source
+
+
+def _toml_string(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _context_names(document: dict[str, object], path: str) -> tuple[str, ...]:
+    names = []
+    # A file of contexts only has no "default"; any other file is (or fails as) one.
+    if "auth" in document or "system" in document or "contexts" not in document:
+        names.append(DEFAULT_CONTEXT)
+    contexts = document.get("contexts", {})
+    if not isinstance(contexts, dict):
+        raise ConfigError(f"{path}: contexts must be tables, [contexts.NAME.system]")
+    names.extend(name for name in contexts if name != DEFAULT_CONTEXT)
+    return tuple(names)
+
+
+def _chosen_context(document: dict[str, object], path: str, context: str | None) -> str:
+    if context is None:
+        context = os.environ.get(CONTEXT_ENV) or None
+    if context is None:
+        current = document.get("current_context", DEFAULT_CONTEXT)
+        if not isinstance(current, str) or not current:
+            raise ConfigError(f"{path}: current_context must be a context's name")
+        context = current
+    names = _context_names(document, path)
+    if context not in names:
+        known = ", ".join(names) or "none"
+        raise ConfigError(f"{path}: no context {context!r} (known: {known})")
+    return context
 
 
 def parse_target(socket: str) -> Target:
@@ -155,11 +272,10 @@ def _existing_config(path: str, origin: str) -> str:
     return path
 
 
-def _read_config_file(path: str) -> dict[str, str]:
-    """The values the file sets, certificate paths made absolute; missing keys are left out."""
+def _read_document(path: str) -> dict[str, object]:
     try:
         with open(path, "rb") as file:
-            document = tomllib.load(file)
+            return tomllib.load(file)
     except OSError as error:
         raise ConfigError(f"cannot read config file {path}: {error.strerror}") from None
     except UnicodeDecodeError:
@@ -167,10 +283,27 @@ def _read_config_file(path: str) -> dict[str, str]:
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"config file {path} is not valid TOML: {error}") from None
 
+
+def _context_values(document: dict[str, object], path: str, context: str) -> dict[str, str]:
+    """The values of `context`: its own keys over the top-level ones."""
+    values = _section_values(document, path, "")
+    if context != DEFAULT_CONTEXT:
+        contexts = document.get("contexts")
+        table = contexts.get(context) if isinstance(contexts, dict) else None
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: contexts.{context} must be a table")
+        values |= _section_values(table, path, f"contexts.{context}.")
+    return values
+
+
+def _section_values(document: dict[str, object], path: str, prefix: str) -> dict[str, str]:
+    """The values [auth] and [system] of `document` set, certificate paths made absolute;
+    missing keys are left out."""
     values: dict[str, str] = {}
     directory = os.path.dirname(os.path.abspath(path))
-    for section, keys in (("auth", _AUTH_KEYS), ("system", ("socket",))):
-        table = document.get(section, {})
+    for name, keys in (("auth", _AUTH_KEYS), ("system", ("socket",))):
+        section = prefix + name
+        table = document.get(name, {})
         if not isinstance(table, dict):
             raise ConfigError(f"{path}: {section} must be a table, [{section}]")
         for key in keys:
@@ -183,7 +316,7 @@ def _read_config_file(path: str) -> dict[str, str]:
                 )
             if not value:
                 raise ConfigError(f"{path}: {key} in [{section}] is empty")
-            if section == "auth":
+            if name == "auth":
                 value = os.path.join(directory, os.path.expanduser(value))
             values[key] = value
     return values

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -25,6 +25,8 @@ from aurae_sdk.messages import from_dict
 Req = TypeVar("Req", bound=Message)
 Resp = TypeVar("Resp", bound=Message)
 Metadata = Sequence[tuple[str, str | bytes]]
+# Told of every successful unary call: (method path, request, response).
+CallObserver = Callable[[str, Message, Message], None]
 
 DEFAULT_TIMEOUT = 30.0
 # A timeout of math.inf means no deadline at all (e.g. a Wait that lasts as long as its process).
@@ -112,6 +114,8 @@ class Transport:
     closed: bool = False
     # Sent with every call: e.g. the instance the calls are addressed to (Client.instance).
     metadata: tuple[tuple[str, str], ...] = ()
+    # What aurae_sdk.allocations uses to record what a script allocates.
+    observers: list[CallObserver] = field(default_factory=list)
     _callables: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def call_metadata(self, metadata: Metadata | None) -> Metadata | None:
@@ -157,6 +161,8 @@ class ServiceClient:
             try:
                 response: Resp = call(message, timeout=_remaining(deadline),
                                       metadata=self._transport.call_metadata(metadata))
+                for observer in self._transport.observers:
+                    observer(method.path, message, response)
                 return response
             except grpc.RpcError as error:
                 delay = self._transport.retry.delay(method, error, attempt, deadline)
@@ -191,6 +197,8 @@ class AsyncServiceClient:
             try:
                 response: Resp = await call(message, timeout=_remaining(deadline),
                                             metadata=self._transport.call_metadata(metadata))
+                for observer in self._transport.observers:
+                    observer(method.path, message, response)
                 return response
             except grpc.RpcError as error:
                 delay = self._transport.retry.delay(method, error, attempt, deadline)

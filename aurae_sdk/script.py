@@ -67,10 +67,17 @@ class LazyClient(Generic[C]):
 class ScriptClients:
     """The `client` and `aclient` of one script or REPL session."""
 
-    def __init__(self, config: str | None = None, socket: str | None = None) -> None:
+    def __init__(self, config: str | None = None, socket: str | None = None, *,
+                 context: str | None = None, timeout: float | None = None) -> None:
         self._config_path = config
         self._socket = socket
+        self._context = context
+        self._timeout = timeout
         self._config: ClientConfig | None = None
+        # Everything the script allocates through either client, so a failure can free it.
+        from aurae_sdk.allocations import Allocations
+
+        self.allocations = Allocations()
         self.client: LazyClient[Client] = LazyClient(self._open, "aurae_sdk.Client")
         self.aclient: LazyClient[AsyncClient] = LazyClient(
             self._open_async, "aurae_sdk.AsyncClient"
@@ -81,13 +88,16 @@ class ScriptClients:
         if self._config is None:
             from aurae_sdk.config import load_config
 
-            self._config = load_config(self._config_path, socket=self._socket)
+            self._config = load_config(self._config_path, context=self._context,
+                                       socket=self._socket)
         return self._config
 
     def _open(self) -> Client:
         from aurae_sdk.client import Client
 
-        return Client(self.config())
+        opened = Client(self.config(), **self._settings())
+        self.allocations.attach(opened)
+        return opened
 
     def _open_async(self) -> AsyncClient:
         import asyncio
@@ -103,7 +113,20 @@ class ScriptClients:
                 "aclient is the asyncio client: use it inside a coroutine (top-level await "
                 "in a script, or asyncio.run(main())), or use the sync `client`"
             ) from None
-        return AsyncClient(self.config())
+        opened = AsyncClient(self.config(), **self._settings())
+        self.allocations.attach(opened)
+        return opened
+
+    def _settings(self) -> dict[str, Any]:
+        return {} if self._timeout is None else {"timeout": self._timeout}
+
+    def free_allocations(self) -> list[str]:
+        """Free what the script allocated (through the sync client, whatever loop is gone);
+        returns the errors."""
+        if not self.allocations:
+            return []
+        client = self.client.resolve()
+        return self.allocations.free(client)
 
     def close(self) -> None:
         if self.client.opened is not None:

@@ -64,6 +64,7 @@ AUDITED_TARGETS: dict[str, Callable[[Any], dict[str, str]]] = {
     _CELLS + "Free": lambda r: {"cell": r.cell_name},
     _CELLS + "Start": lambda r: {"cell": r.cell_name, "executable": r.executable.name},
     _CELLS + "Stop": lambda r: {"cell": r.cell_name, "executable": r.executable_name},
+    _CELLS + "Update": lambda r: {"cell": r.cell.name},
     _VMS + "Allocate": lambda r: {"vm": r.machine.id},
     _VMS + "Free": lambda r: {"vm": r.vm_id},
     _VMS + "Start": lambda r: {"vm": r.vm_id},

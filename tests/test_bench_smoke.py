@@ -25,6 +25,6 @@ def test_every_benchmark_runs_in_quick_mode(tmp_path: Path) -> None:
     assert document["failures"] == {}
     ran = {entry["benchmark"] for entry in document["results"]}
     assert ran == {"rpc", "start", "spawn", "logs", "streams", "events", "cells", "containers",
-                   "instances", "scale", "restore", "cli", "codegen"}
+                   "instances", "scale", "restore", "cli", "fleet", "codegen"}
     assert "| Benchmark |" in report.read_text()
     assert (tmp_path / "benchmarks" / "ratios.png").stat().st_size > 0

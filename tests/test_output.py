@@ -346,3 +346,38 @@ def test_a_stalled_follower_holds_one_read_not_the_log(log_dir: Path,
     assert 0 < sum(len(line) for _, line in batch) <= MAX_LINE_BYTES
     log.finish()
     assert len(batch) + sum(len(b) for b in follower) == 20_000
+
+
+def test_time_ordered_replay_merges_the_backlog_by_timestamp_then_follows(
+    log_dir: Path, never: threading.Event
+) -> None:
+    stdout = OutputLog(log_dir / "a", "stdout", segment_bytes=120, max_segments=50)
+    stderr = OutputLog(log_dir / "b", "stderr", segment_bytes=120, max_segments=50)
+    # Interleaved in time, with runs on each side, across several segments each.
+    for second in range(40):
+        target = stdout if second % 3 else stderr
+        target.append([f"{second}".encode()], float(second))
+    follower = follow_all([stdout, stderr], never, max_lines=7, replay_in_time_order=True)
+    backlog = []
+    while len(backlog) < 40:
+        index, lines = next(follower)
+        assert 0 < len(lines) <= 7
+        backlog += [(index, int(line)) for _, line in lines]
+    assert [second for _, second in backlog] == list(range(40))
+    assert all(index == (0 if second % 3 else 1) for index, second in backlog)
+    # What comes after the backlog follows, once.
+    stdout.append([b"later"], 100.0)
+    stdout.finish()
+    stderr.finish()
+    assert [(index, [line for _, line in lines]) for index, lines in follower] == [
+        (0, [b"later"])]
+
+
+def test_replay_only_ends_after_the_backlog(log_dir: Path, never: threading.Event) -> None:
+    stdout, stderr = OutputLog(log_dir, "stdout"), OutputLog(log_dir, "stderr")
+    stderr.append([b"first"], 1.0)
+    stdout.append([b"second"], 2.0)
+    # Neither log has ended: a follower would wait; a replay ends.
+    replayed = list(follow_all([stdout, stderr], never, replay_only=True))
+    assert [(index, [line for _, line in lines]) for index, lines in replayed] == [
+        (1, [b"first"]), (0, [b"second"])]

@@ -7,7 +7,8 @@ from typing import Any
 
 import click
 
-from aurae_cli.rpc_command import EnumChoice, invoke, rpc_options
+from aurae_cli.completion import complete_cell_name, complete_executable_name
+from aurae_cli.rpc_command import ByteSize, EnumChoice, KeyValue, invoke, rpc_options
 
 group = click.Group(
     "cells",
@@ -28,6 +29,7 @@ _ALLOCATE_FIELDS: dict[str, str] = {
     "memory_max": "cell.memory.max",
     "isolate_process": "cell.isolate_process",
     "isolate_network": "cell.isolate_network",
+    "labels": "cell.labels",
 }
 # Positional parameters in order, and whether each may be left out.
 _ALLOCATE_POSITIONALS: tuple[tuple[str, bool], ...] = (("name", False),)
@@ -35,10 +37,10 @@ _ALLOCATE_POSITIONALS: tuple[tuple[str, bool], ...] = (("name", False),)
 
 @group.command(
     "allocate",
-    help="Reserve a new cell: create its cgroup with the requested limits and,\nwhen asked, its namespaces. Every ancestor of a nested name must exist.",
+    help="Reserve a new cell: create its cgroup with the requested limits and,\nwhen asked, its namespaces. Every ancestor of a nested name must exist.\n\n\x08\nExamples:\n  aurae-py cells allocate web --cpu-weight 200 --memory-max 256M\n  aurae-py cells allocate web/cache --cpu-max 50000 --isolate-process",
     short_help="Reserve a new cell: create its cgroup with the requested limits and, when asked, its namespaces.",
 )
-@click.argument("name", metavar="NAME", type=str, required=False)
+@click.argument("name", metavar="NAME", type=str, required=False, shell_complete=complete_cell_name)
 @click.option(
     "--cpu-weight",
     "cpu_weight",
@@ -49,13 +51,13 @@ _ALLOCATE_POSITIONALS: tuple[tuple[str, bool], ...] = (("name", False),)
     "--cpu-max",
     "cpu_max",
     type=int,
-    help="Microseconds of CPU time the cell may use in each period.",
+    help="Microseconds of CPU time the cell may use in each period, 1000 to\n2^44-1; 50000 with the default period is half a CPU.",
 )
 @click.option(
     "--cpu-period",
     "cpu_period",
     type=click.IntRange(min=0),
-    help="Length of the accounting period in microseconds; 100000 by default.",
+    help="Length of the accounting period in microseconds, 1000 to 1000000;\n100000 by default.",
 )
 @click.option(
     "--cpuset-cpus",
@@ -72,26 +74,26 @@ _ALLOCATE_POSITIONALS: tuple[tuple[str, bool], ...] = (("name", False),)
 @click.option(
     "--memory-min",
     "memory_min",
-    type=int,
-    help="Memory that is never reclaimed from the cell (cgroup v2 only).",
+    type=ByteSize(),
+    help="Memory in bytes that is never reclaimed from the cell (cgroup v2 only). Accepts 512K, 256M, 1G, 2T (binary).",
 )
 @click.option(
     "--memory-low",
     "memory_low",
-    type=int,
-    help="Memory that is reclaimed from the cell only under pressure.",
+    type=ByteSize(),
+    help="Memory in bytes that is reclaimed from the cell only under pressure. Accepts 512K, 256M, 1G, 2T (binary).",
 )
 @click.option(
     "--memory-high",
     "memory_high",
     type=int,
-    help="Above this the cell is throttled and reclaimed hard (cgroup v2 only).",
+    help="Bytes above which the cell is throttled and reclaimed hard (cgroup v2\nonly).",
 )
 @click.option(
     "--memory-max",
     "memory_max",
-    type=int,
-    help="Hard limit; above it the kernel's OOM killer acts inside the cell.",
+    type=ByteSize(),
+    help="Hard limit in bytes; above it the kernel's OOM killer acts inside the\ncell. Accepts 512K, 256M, 1G, 2T (binary).",
 )
 @click.option(
     "--isolate-process/--no-isolate-process",
@@ -104,6 +106,13 @@ _ALLOCATE_POSITIONALS: tuple[tuple[str, bool], ...] = (("name", False),)
     "isolate_network",
     default=None,
     help="Give the cell its own network namespace with only a loopback device.",
+)
+@click.option(
+    "--labels",
+    "labels",
+    type=KeyValue(),
+    multiple=True,
+    help="aurae-py addition: labels recording who owns the cell and why, such as\n\"aurae-py.io/owner\". A key is a name of 1-63 letters, digits, '-', '_'\nand '.' (starting and ending with a letter or digit), optionally after a\nDNS-name prefix and '/'; a value is empty or such a name. At most 64.",
 )
 @rpc_options
 def allocate_command(**params: Any) -> None:
@@ -127,10 +136,12 @@ _FREE_POSITIONALS: tuple[tuple[str, bool], ...] = (("cell_name", False),)
 
 @group.command(
     "free",
-    help="Release a cell: stop everything running in it and in its children,\nthen remove the children and the cell itself.",
+    help="Release a cell: stop everything running in it and in its children,\nthen remove the children and the cell itself.\n\n\x08\nExamples:\n  aurae-py cells free web",
     short_help="Release a cell: stop everything running in it and in its children, then remove the children and the cell itself.",
 )
-@click.argument("cell_name", metavar="CELL_NAME", type=str, required=False)
+@click.argument(
+    "cell_name", metavar="CELL_NAME", type=str, required=False, shell_complete=complete_cell_name
+)
 @rpc_options
 def free_command(**params: Any) -> None:
     invoke(
@@ -168,11 +179,15 @@ _START_POSITIONALS: tuple[tuple[str, bool], ...] = (
 
 @group.command(
     "start",
-    help="Run an executable as a shell command line, inside a cell or, when no\ncell is named, at host level.",
+    help="Run an executable as a shell command line, inside a cell or, when no\ncell is named, at host level.\n\n\x08\nExamples:\n  aurae-py cells start web app --command 'python3 -m http.server 8080'\n  aurae-py cells start '' backup --command 'tar czf /tmp/etc.tgz /etc'   # host level",
     short_help="Run an executable as a shell command line, inside a cell or, when no cell is named, at host level.",
 )
-@click.argument("cell_name", metavar="[CELL_NAME]", type=str, required=False)
-@click.argument("name", metavar="NAME", type=str, required=False)
+@click.argument(
+    "cell_name", metavar="[CELL_NAME]", type=str, required=False, shell_complete=complete_cell_name
+)
+@click.argument(
+    "name", metavar="NAME", type=str, required=False, shell_complete=complete_executable_name
+)
 @click.option(
     "--command",
     "command",
@@ -272,11 +287,19 @@ _STOP_POSITIONALS: tuple[tuple[str, bool], ...] = (
 
 @group.command(
     "stop",
-    help="Stop a running executable: its whole process group is asked to end,\nthen killed once the grace period has passed.",
+    help="Stop a running executable: its whole process group is asked to end,\nthen killed once the grace period has passed.\n\n\x08\nExamples:\n  aurae-py cells stop web app --grace-period-ms 5000",
     short_help="Stop a running executable: its whole process group is asked to end, then killed once the grace period has passed.",
 )
-@click.argument("cell_name", metavar="[CELL_NAME]", type=str, required=False)
-@click.argument("executable_name", metavar="EXECUTABLE_NAME", type=str, required=False)
+@click.argument(
+    "cell_name", metavar="[CELL_NAME]", type=str, required=False, shell_complete=complete_cell_name
+)
+@click.argument(
+    "executable_name",
+    metavar="EXECUTABLE_NAME",
+    type=str,
+    required=False,
+    shell_complete=complete_executable_name,
+)
 @click.option(
     "--grace-period-ms",
     "grace_period_ms",
@@ -304,7 +327,7 @@ _LIST_FIELDS: dict[str, str] = {
 
 @group.command(
     "list",
-    help="Show the tree of allocated cells.",
+    help="Show the tree of allocated cells.\n\n\x08\nExamples:\n  aurae-py cells list\n  aurae-py cells list -o wide\n  aurae-py cells list -o jsonpath='{.cells[*].cell.name}'",
     short_help="Show the tree of allocated cells.",
 )
 @click.option(
@@ -344,11 +367,19 @@ _WAIT_POSITIONALS: tuple[tuple[str, bool], ...] = (
 
 @group.command(
     "wait",
-    help="aurae-py addition: block until an executable has exited (or the call's\ndeadline passes) and report how it ended.",
+    help="aurae-py addition: block until an executable has exited (or the call's\ndeadline passes) and report how it ended.\n\n\x08\nExamples:\n  aurae-py cells wait web job",
     short_help="aurae-py addition: block until an executable has exited (or the call's deadline passes) and report how it ended.",
 )
-@click.argument("cell_name", metavar="[CELL_NAME]", type=str, required=False)
-@click.argument("executable_name", metavar="EXECUTABLE_NAME", type=str, required=False)
+@click.argument(
+    "cell_name", metavar="[CELL_NAME]", type=str, required=False, shell_complete=complete_cell_name
+)
+@click.argument(
+    "executable_name",
+    metavar="EXECUTABLE_NAME",
+    type=str,
+    required=False,
+    shell_complete=complete_executable_name,
+)
 @rpc_options
 def wait_command(**params: Any) -> None:
     invoke(
@@ -372,10 +403,12 @@ _METRICS_POSITIONALS: tuple[tuple[str, bool], ...] = (("cell_name", False),)
 
 @group.command(
     "metrics",
-    help="aurae-py addition: what cells use, read from their cgroups at the call:\nCPU time and throttling, memory now and at its peak, processes, OOM kills.",
+    help="aurae-py addition: what cells use, read from their cgroups at the call:\nCPU time and throttling, memory now and at its peak, processes, OOM kills.\n\n\x08\nExamples:\n  aurae-py cells metrics CELL_NAME\n  aurae-py cells metrics CELL_NAME -o json",
     short_help="aurae-py addition: what cells use, read from their cgroups at the call: CPU time and throttling, memory now and at its peak, processes, OOM kills.",
 )
-@click.argument("cell_name", metavar="CELL_NAME", type=str, required=False)
+@click.argument(
+    "cell_name", metavar="CELL_NAME", type=str, required=False, shell_complete=complete_cell_name
+)
 @click.option(
     "--exclude-children/--no-exclude-children",
     "exclude_children",
@@ -391,4 +424,115 @@ def metrics_command(**params: Any) -> None:
         _METRICS_FIELDS,
         server_streaming=False,
         positionals=_METRICS_POSITIONALS,
+    )
+
+
+# Click parameter -> dotted path of the request field it sets.
+_UPDATE_FIELDS: dict[str, str] = {
+    "name": "cell.name",
+    "cpu_weight": "cell.cpu.weight",
+    "cpu_max": "cell.cpu.max",
+    "cpu_period": "cell.cpu.period",
+    "cpuset_cpus": "cell.cpuset.cpus",
+    "cpuset_mems": "cell.cpuset.mems",
+    "memory_min": "cell.memory.min",
+    "memory_low": "cell.memory.low",
+    "memory_high": "cell.memory.high",
+    "memory_max": "cell.memory.max",
+    "isolate_process": "cell.isolate_process",
+    "isolate_network": "cell.isolate_network",
+    "labels": "cell.labels",
+}
+# Positional parameters in order, and whether each may be left out.
+_UPDATE_POSITIONALS: tuple[tuple[str, bool], ...] = (("name", False),)
+
+
+@group.command(
+    "update",
+    help="aurae-py addition: change a cell in place: its limits and its labels.\nLimits given are written to the running cgroup; a limit the cell has but\nthe request leaves unset, or a different isolation, cannot change in\nplace (FAILED_PRECONDITION): free the cell and allocate it again.\n\n\x08\nExamples:\n  aurae-py cells update web --cpu-weight 300 --memory-max 512M",
+    short_help="aurae-py addition: change a cell in place: its limits and its labels.",
+)
+@click.argument("name", metavar="NAME", type=str, required=False, shell_complete=complete_cell_name)
+@click.option(
+    "--cpu-weight",
+    "cpu_weight",
+    type=click.IntRange(min=0),
+    help="Relative share of CPU time, 1 to 10000; 100 is the kernel's default.",
+)
+@click.option(
+    "--cpu-max",
+    "cpu_max",
+    type=int,
+    help="Microseconds of CPU time the cell may use in each period, 1000 to\n2^44-1; 50000 with the default period is half a CPU.",
+)
+@click.option(
+    "--cpu-period",
+    "cpu_period",
+    type=click.IntRange(min=0),
+    help="Length of the accounting period in microseconds, 1000 to 1000000;\n100000 by default.",
+)
+@click.option(
+    "--cpuset-cpus",
+    "cpuset_cpus",
+    type=str,
+    help="CPUs the cell may run on.",
+)
+@click.option(
+    "--cpuset-mems",
+    "cpuset_mems",
+    type=str,
+    help="NUMA memory nodes the cell may allocate from.",
+)
+@click.option(
+    "--memory-min",
+    "memory_min",
+    type=ByteSize(),
+    help="Memory in bytes that is never reclaimed from the cell (cgroup v2 only). Accepts 512K, 256M, 1G, 2T (binary).",
+)
+@click.option(
+    "--memory-low",
+    "memory_low",
+    type=ByteSize(),
+    help="Memory in bytes that is reclaimed from the cell only under pressure. Accepts 512K, 256M, 1G, 2T (binary).",
+)
+@click.option(
+    "--memory-high",
+    "memory_high",
+    type=int,
+    help="Bytes above which the cell is throttled and reclaimed hard (cgroup v2\nonly).",
+)
+@click.option(
+    "--memory-max",
+    "memory_max",
+    type=ByteSize(),
+    help="Hard limit in bytes; above it the kernel's OOM killer acts inside the\ncell. Accepts 512K, 256M, 1G, 2T (binary).",
+)
+@click.option(
+    "--isolate-process/--no-isolate-process",
+    "isolate_process",
+    default=None,
+    help="Give the cell its own pid, mount, ipc and uts namespaces: its processes\nsee a fresh /proc and the cell's own name as hostname.",
+)
+@click.option(
+    "--isolate-network/--no-isolate-network",
+    "isolate_network",
+    default=None,
+    help="Give the cell its own network namespace with only a loopback device.",
+)
+@click.option(
+    "--labels",
+    "labels",
+    type=KeyValue(),
+    multiple=True,
+    help="aurae-py addition: labels recording who owns the cell and why, such as\n\"aurae-py.io/owner\". A key is a name of 1-63 letters, digits, '-', '_'\nand '.' (starting and ending with a letter or digit), optionally after a\nDNS-name prefix and '/'; a value is empty or such a name. At most 64.",
+)
+@rpc_options
+def update_command(**params: Any) -> None:
+    invoke(
+        "cells",
+        "update",
+        params,
+        _UPDATE_FIELDS,
+        server_streaming=False,
+        positionals=_UPDATE_POSITIONALS,
     )

@@ -20,7 +20,7 @@ _DISCOVER_FIELDS: dict[str, str] = {}
 
 @group.command(
     "discover",
-    help="Ask the daemon whether it is healthy and which version it is.",
+    help="Ask the daemon whether it is healthy and which version it is.\n\n\x08\nExamples:\n  aurae-py discovery discover\n  aurae-py --all-contexts discovery discover",
     short_help="Ask the daemon whether it is healthy and which version it is.",
 )
 @rpc_options

@@ -22,7 +22,7 @@ _CHECK_FIELDS: dict[str, str] = {
 
 @group.command(
     "check",
-    help="Ask for the current status of one service.",
+    help="Ask for the current status of one service.\n\n\x08\nExamples:\n  aurae-py health check\n  aurae-py health check -o json",
     short_help="Ask for the current status of one service.",
 )
 @click.option(
@@ -50,7 +50,7 @@ _WATCH_FIELDS: dict[str, str] = {
 
 @group.command(
     "watch",
-    help="Follow the status of one service: the current status first, then each\nchange.",
+    help="Follow the status of one service: the current status first, then each\nchange.\n\n\x08\nExamples:\n  aurae-py health watch\n  aurae-py health watch -o json",
     short_help="Follow the status of one service: the current status first, then each change.",
 )
 @click.option(

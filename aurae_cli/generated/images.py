@@ -25,7 +25,7 @@ _IMPORT__POSITIONALS: tuple[tuple[str, bool], ...] = (("file_name", False),)
 
 @group.command(
     "import",
-    help="Import every image of an OCI image layout directory, or of a tar\narchive of one, on the daemon's host. Every blob's digest and size and\nevery layer's diff_id are checked; a mismatch refuses the whole import\nand leaves nothing behind.",
+    help="Import every image of an OCI image layout directory, or of a tar\narchive of one, on the daemon's host. Every blob's digest and size and\nevery layer's diff_id are checked; a mismatch refuses the whole import\nand leaves nothing behind.\n\n\x08\nExamples:\n  aurae-py images import FILE_NAME\n  aurae-py images import FILE_NAME -o json",
     short_help="Import every image of an OCI image layout directory, or of a tar archive of one, on the daemon's host.",
 )
 @click.argument("file_name", metavar="FILE_NAME", type=str, required=False)
@@ -53,7 +53,7 @@ _LIST_FIELDS: dict[str, str] = {}
 
 @group.command(
     "list",
-    help="Show the images in the store.",
+    help="Show the images in the store.\n\n\x08\nExamples:\n  aurae-py images list\n  aurae-py images list -o json",
     short_help="Show the images in the store.",
 )
 @rpc_options
@@ -77,7 +77,7 @@ _INSPECT_POSITIONALS: tuple[tuple[str, bool], ...] = (("image_name", False),)
 
 @group.command(
     "inspect",
-    help="Show one image with its configuration and layers.",
+    help="Show one image with its configuration and layers.\n\n\x08\nExamples:\n  aurae-py images inspect IMAGE_NAME\n  aurae-py images inspect IMAGE_NAME -o json",
     short_help="Show one image with its configuration and layers.",
 )
 @click.argument("image_name", metavar="IMAGE_NAME", type=str, required=False)
@@ -103,7 +103,7 @@ _REMOVE_POSITIONALS: tuple[tuple[str, bool], ...] = (("image_name", False),)
 
 @group.command(
     "remove",
-    help="Remove an image with all its references, and the blobs and layers no\nother image uses.",
+    help="Remove an image with all its references, and the blobs and layers no\nother image uses.\n\n\x08\nExamples:\n  aurae-py images remove IMAGE_NAME\n  aurae-py images remove IMAGE_NAME -o json",
     short_help="Remove an image with all its references, and the blobs and layers no other image uses.",
 )
 @click.argument("image_name", metavar="IMAGE_NAME", type=str, required=False)

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from aurae_cli.rpc_command import invoke, rpc_options
+from aurae_cli.rpc_command import ByteSize, invoke, rpc_options
 
 group = click.Group(
     "instances",
@@ -29,7 +29,7 @@ _SPAWN_POSITIONALS: tuple[tuple[str, bool], ...] = (("name", False),)
 
 @group.command(
     "spawn",
-    help="Start a new instance and wait until its daemon answers.",
+    help="Start a new instance and wait until its daemon answers.\n\n\x08\nExamples:\n  aurae-py instances spawn NAME\n  aurae-py instances spawn NAME -o json",
     short_help="Start a new instance and wait until its daemon answers.",
 )
 @click.argument("name", metavar="NAME", type=str, required=False)
@@ -54,8 +54,8 @@ _SPAWN_POSITIONALS: tuple[tuple[str, bool], ...] = (("name", False),)
 @click.option(
     "--limits-memory-max",
     "limits_memory_max",
-    type=int,
-    help="Hard memory limit in bytes for everything in the instance.",
+    type=ByteSize(),
+    help="Hard memory limit in bytes for everything in the instance. Accepts 512K, 256M, 1G, 2T (binary).",
 )
 @click.option(
     "--limits-pids-max",
@@ -85,7 +85,7 @@ _FREE_POSITIONALS: tuple[tuple[str, bool], ...] = (("instance_name", False),)
 
 @group.command(
     "free",
-    help="End an instance and everything running in it, leaving nothing behind.",
+    help="End an instance and everything running in it, leaving nothing behind.\n\n\x08\nExamples:\n  aurae-py instances free INSTANCE_NAME\n  aurae-py instances free INSTANCE_NAME -o json",
     short_help="End an instance and everything running in it, leaving nothing behind.",
 )
 @click.argument("instance_name", metavar="INSTANCE_NAME", type=str, required=False)
@@ -107,7 +107,7 @@ _LIST_FIELDS: dict[str, str] = {}
 
 @group.command(
     "list",
-    help="Show the instances this daemon runs.",
+    help="Show the instances this daemon runs.\n\n\x08\nExamples:\n  aurae-py instances list\n  aurae-py instances list -o json",
     short_help="Show the instances this daemon runs.",
 )
 @rpc_options

@@ -20,7 +20,7 @@ _GET_AURAE_DAEMON_LOG_STREAM_FIELDS: dict[str, str] = {}
 
 @group.command(
     "get-aurae-daemon-log-stream",
-    help="Follow the daemon's own log lines as they are written.",
+    help="Follow the daemon's own log lines as they are written.\n\n\x08\nExamples:\n  aurae-py observe get-aurae-daemon-log-stream\n  aurae-py observe get-aurae-daemon-log-stream -o json",
     short_help="Follow the daemon's own log lines as they are written.",
 )
 @rpc_options
@@ -41,6 +41,7 @@ _GET_SUB_PROCESS_STREAM_FIELDS: dict[str, str] = {
     "max_batch_lines": "max_batch_lines",
     "cell_name": "executable.cell_name",
     "executable_name": "executable.executable_name",
+    "replay_only": "replay_only",
 }
 # Positional parameters in order, and whether each may be left out.
 _GET_SUB_PROCESS_STREAM_POSITIONALS: tuple[tuple[str, bool], ...] = (("process_id", False),)
@@ -48,7 +49,7 @@ _GET_SUB_PROCESS_STREAM_POSITIONALS: tuple[tuple[str, bool], ...] = (("process_i
 
 @group.command(
     "get-sub-process-stream",
-    help="Follow the stdout or stderr of a process started through CellService.\nLines written before the call are sent first, then new ones as they come;\nthe stream ends once the process has exited and all its output is sent.",
+    help="Follow the stdout or stderr of a process started through CellService.\nLines written before the call are sent first, then new ones as they come;\nthe stream ends once the process has exited and all its output is sent.\n\n\x08\nExamples:\n  aurae-py observe get-sub-process-stream 4242 --channel-type stdout\n  aurae-py logs web app -f   # the same, by cell and executable name",
     short_help="Follow the stdout or stderr of a process started through CellService.",
 )
 @click.argument("process_id", metavar="PROCESS_ID", type=int, required=False)
@@ -82,6 +83,12 @@ _GET_SUB_PROCESS_STREAM_POSITIONALS: tuple[tuple[str, bool], ...] = (("process_i
     type=str,
     help="The executable's name within that cell.",
 )
+@click.option(
+    "--replay-only/--no-replay-only",
+    "replay_only",
+    default=None,
+    help="aurae-py addition: send only what the process has written so far (stdout\nand stderr merged in time order), then end the stream instead of\nfollowing it.",
+)
 @rpc_options
 def get_sub_process_stream_command(**params: Any) -> None:
     invoke(
@@ -103,7 +110,7 @@ _GET_POSIX_SIGNALS_STREAM_FIELDS: dict[str, str] = {
 
 @group.command(
     "get-posix-signals-stream",
-    help="Follow the signals delivered to workloads, optionally of one cell only.",
+    help="Follow the signals delivered to workloads, optionally of one cell only.\n\n\x08\nExamples:\n  aurae-py observe get-posix-signals-stream\n  aurae-py observe get-posix-signals-stream -o json",
     short_help="Follow the signals delivered to workloads, optionally of one cell only.",
 )
 @click.option(
@@ -148,7 +155,7 @@ _GET_EVENT_STREAM_FIELDS: dict[str, str] = {
 
 @group.command(
     "get-event-stream",
-    help="aurae-py addition: the node's lifecycle events in order, each with a\nsequence number. Events the daemon still keeps (its journal outlives\nrestarts, bounded in size) are sent first, then, when following, new\nones as they happen. Per workload the order is allocated/started, then\nexited, then stopped/freed.",
+    help="aurae-py addition: the node's lifecycle events in order, each with a\nsequence number. Events the daemon still keeps (its journal outlives\nrestarts, bounded in size) are sent first, then, when following, new\nones as they happen. Per workload the order is allocated/started, then\nexited, then stopped/freed.\n\n\x08\nExamples:\n  aurae-py observe get-event-stream\n  aurae-py observe get-event-stream -o json",
     short_help="aurae-py addition: the node's lifecycle events in order, each with a sequence number.",
 )
 @click.option(

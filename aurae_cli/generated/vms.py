@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from aurae_cli.completion import complete_vm_id
 from aurae_cli.rpc_command import invoke, rpc_options
 
 group = click.Group(
@@ -31,7 +32,7 @@ _ALLOCATE_POSITIONALS: tuple[tuple[str, bool], ...] = (("id", False),)
 
 @group.command(
     "allocate",
-    help="Define a virtual machine without booting it.",
+    help="Define a virtual machine without booting it.\n\n\x08\nExamples:\n  aurae-py vms allocate ID\n  aurae-py vms allocate ID -o json",
     short_help="Define a virtual machine without booting it.",
 )
 @click.argument("id", metavar="ID", type=str, required=False)
@@ -100,10 +101,10 @@ _FREE_POSITIONALS: tuple[tuple[str, bool], ...] = (("vm_id", False),)
 
 @group.command(
     "free",
-    help="Remove a virtual machine, stopping it first if it runs.",
+    help="Remove a virtual machine, stopping it first if it runs.\n\n\x08\nExamples:\n  aurae-py vms free VM_ID\n  aurae-py vms free VM_ID -o json",
     short_help="Remove a virtual machine, stopping it first if it runs.",
 )
-@click.argument("vm_id", metavar="VM_ID", type=str, required=False)
+@click.argument("vm_id", metavar="VM_ID", type=str, required=False, shell_complete=complete_vm_id)
 @rpc_options
 def free_command(**params: Any) -> None:
     invoke(
@@ -126,10 +127,10 @@ _START_POSITIONALS: tuple[tuple[str, bool], ...] = (("vm_id", False),)
 
 @group.command(
     "start",
-    help="Boot a defined virtual machine.",
+    help="Boot a defined virtual machine.\n\n\x08\nExamples:\n  aurae-py vms start VM_ID\n  aurae-py vms start VM_ID -o json",
     short_help="Boot a defined virtual machine.",
 )
-@click.argument("vm_id", metavar="VM_ID", type=str, required=False)
+@click.argument("vm_id", metavar="VM_ID", type=str, required=False, shell_complete=complete_vm_id)
 @rpc_options
 def start_command(**params: Any) -> None:
     invoke(
@@ -152,10 +153,10 @@ _STOP_POSITIONALS: tuple[tuple[str, bool], ...] = (("vm_id", False),)
 
 @group.command(
     "stop",
-    help="Shut a running virtual machine down.",
+    help="Shut a running virtual machine down.\n\n\x08\nExamples:\n  aurae-py vms stop VM_ID\n  aurae-py vms stop VM_ID -o json",
     short_help="Shut a running virtual machine down.",
 )
-@click.argument("vm_id", metavar="VM_ID", type=str, required=False)
+@click.argument("vm_id", metavar="VM_ID", type=str, required=False, shell_complete=complete_vm_id)
 @rpc_options
 def stop_command(**params: Any) -> None:
     invoke(
@@ -174,7 +175,7 @@ _LIST_FIELDS: dict[str, str] = {}
 
 @group.command(
     "list",
-    help="Show the virtual machines the daemon knows.",
+    help="Show the virtual machines the daemon knows.\n\n\x08\nExamples:\n  aurae-py vms list\n  aurae-py vms list -o json",
     short_help="Show the virtual machines the daemon knows.",
 )
 @rpc_options

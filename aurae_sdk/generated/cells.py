@@ -43,6 +43,8 @@ CellServiceWaitResponse = _cells_pb2.CellServiceWaitResponse
 CellServiceMetricsRequest = _cells_pb2.CellServiceMetricsRequest
 CellServiceMetricsResponse = _cells_pb2.CellServiceMetricsResponse
 CellMetrics = _cells_pb2.CellMetrics
+CellServiceUpdateRequest = _cells_pb2.CellServiceUpdateRequest
+CellServiceUpdateResponse = _cells_pb2.CellServiceUpdateResponse
 ExecutableRestartPolicy = _cells_pb2.ExecutableRestartPolicy
 EXECUTABLE_RESTART_POLICY_NO = _cells_pb2.EXECUTABLE_RESTART_POLICY_NO
 EXECUTABLE_RESTART_POLICY_ON_FAILURE = _cells_pb2.EXECUTABLE_RESTART_POLICY_ON_FAILURE
@@ -51,6 +53,60 @@ ExecutableState = _cells_pb2.ExecutableState
 EXECUTABLE_STATE_UNSPECIFIED = _cells_pb2.EXECUTABLE_STATE_UNSPECIFIED
 EXECUTABLE_STATE_RUNNING = _cells_pb2.EXECUTABLE_STATE_RUNNING
 EXECUTABLE_STATE_EXITED = _cells_pb2.EXECUTABLE_STATE_EXITED
+
+# help() on a message shows its fields, from the proto comments.
+_cells_pb2.CellServiceAllocateRequest.__doc__ = "Input of Allocate.\n\nFields:\n  cell (Cell | Mapping[str, Any]): The cell to create, with its name and limits."
+
+_cells_pb2.CellServiceAllocateResponse.__doc__ = "Result of Allocate.\n\nFields:\n  cell_name (str): The name of the cell that now exists.\n  cgroup_v2 (bool): True when the host runs the unified (v2) cgroup hierarchy."
+
+_cells_pb2.CellServiceFreeRequest.__doc__ = (
+    'Input of Free.\n\nFields:\n  cell_name (str): Path name of the cell to release, such as "a/b".'
+)
+
+_cells_pb2.CellServiceFreeResponse.__doc__ = "Result of Free; empty on success."
+
+_cells_pb2.CellServiceStartRequest.__doc__ = "Input of Start.\n\nFields:\n  cell_name (str): The cell to run in; leave unset to run at host level.\n  executable (Executable | Mapping[str, Any]): What to run and under which name.\n  uid (int): User id to run as; defaults to the daemon's own.\n  gid (int): Group id to run as; defaults to the daemon's own."
+
+_cells_pb2.CellServiceStartResponse.__doc__ = "Result of Start.\n\nFields:\n  pid (int): Process id of the executable, as seen from inside its cell.\n  uid (int): User id the executable runs as.\n  gid (int): Group id the executable runs as.\n  host_pid (int): aurae-py addition: process id of the executable as the host sees it. Equal to pid unless the cell has its own pid namespace."
+
+_cells_pb2.CellServiceStopRequest.__doc__ = "Input of Stop.\n\nFields:\n  cell_name (str): The cell the executable runs in; unset for host-level executables.\n  executable_name (str): Name the executable was started with.\n  grace_period_ms (int): aurae-py addition: how long to wait after SIGTERM before SIGKILL, in milliseconds. Unset means the daemon's default (10 seconds)."
+
+_cells_pb2.CellServiceStopResponse.__doc__ = "Result of Stop.\n\nFields:\n  status (ExecutableStatus | Mapping[str, Any]): aurae-py addition: how the executable ended."
+
+_cells_pb2.CellServiceListRequest.__doc__ = "Input of List. Without arguments it returns the first page, which holds\nthe whole tree unless it is larger than a page (1 MiB).\n\nFields:\n  page_size (int): aurae-py addition: at most this many cells in the page, counting a cell again when it is repeated to carry more executables (0: as many as fit in 1 MiB).\n  page_token (str): aurae-py addition: next_page_token of the previous page; empty for the first page."
+
+_cells_pb2.CellServiceListResponse.__doc__ = "Result of List: one page of the tree, in depth-first order by name. A cell\nwhose parent is on an earlier page is at the top level of this page (its\nname is its whole path); a cell whose executables do not fit in one page\nappears again on the next with the rest of them.\n\nFields:\n  cells (Sequence[CellGraphNode | Mapping[str, Any]]): The top-level cells of this page, each with its descendants on the page.\n  next_page_token (str): aurae-py addition: pass it as page_token to get the next page; empty on the last page."
+
+_cells_pb2.CellGraphNode.__doc__ = "One cell in the tree that List returns.\n\nFields:\n  cell (Cell | Mapping[str, Any]): The cell as it was allocated.\n  children (Sequence[CellGraphNode | Mapping[str, Any]]): Cells nested directly inside this one.\n  executables (Sequence[ExecutableStatus | Mapping[str, Any]]): aurae-py addition: the executables this cell knows about, running or exited but not yet stopped.\n  missing_cgroups (Sequence[str]): aurae-py addition: drift. The cell's cgroup directories that are gone from the host although the daemon still holds the cell (removed behind its back); Free of such a cell succeeds and forgets it.\n  namespaces_lost (bool): aurae-py addition: drift. The process holding the cell's namespaces has ended; nothing can start in the cell (or a new child cell) again until it is freed and allocated anew."
+
+_cells_pb2.Cell.__doc__ = "A cell: a cgroup with resource limits, optionally with its own namespaces.\n\nFields:\n  name (str): Path name of the cell: DNS labels joined by \"/\", where each label before the last names an existing ancestor cell.\n  cpu (CpuController | Mapping[str, Any]): CPU time limits.\n  cpuset (CpusetController | Mapping[str, Any]): Which CPUs and memory nodes the cell may use.\n  memory (MemoryController | Mapping[str, Any]): Memory limits.\n  isolate_process (bool): Give the cell its own pid, mount, ipc and uts namespaces: its processes see a fresh /proc and the cell's own name as hostname.\n  isolate_network (bool): Give the cell its own network namespace with only a loopback device.\n  labels (Mapping[str, str]): aurae-py addition: labels recording who owns the cell and why, such as \"aurae-py.io/owner\". A key is a name of 1-63 letters, digits, '-', '_' and '.' (starting and ending with a letter or digit), optionally after a DNS-name prefix and '/'; a value is empty or such a name. At most 64."
+
+_cells_pb2.Executable.__doc__ = "A process to run: a shell command line with a name unique in its cell.\n\nFields:\n  name (str): Name of the executable, unique within its cell.\n  command (str): Shell command line, run with \"sh -c\".\n  description (str): Free text saying what the executable is for.\n  image (str): aurae-py addition: run a container of this image (a reference or an id from the image service) instead of a host command: its root filesystem is the image's layers under a writable overlay, entered with pivot_root in a mount namespace of its own, with /proc, a minimal /dev and a read-only /sys. The image config's entrypoint, cmd, env, working directory and user apply; a command, split like a shell would, replaces the image's cmd; uid and gid of the request replace the image's user.\n  read_only_rootfs (bool): aurae-py addition: with image, mount the container's root filesystem read-only.\n  restart_policy (ExecutableRestartPolicy.ValueType | str): aurae-py addition: whether to start the process again when it ends. Stop, and Free of its cell, end the policy for good.\n  restart_delay_ms (int): aurae-py addition: how long to wait before the first restart, in milliseconds; each consecutive restart waits twice as long, up to restart_max_delay_ms. Unset: 100. Needs a restart policy.\n  restart_max_delay_ms (int): aurae-py addition: the longest wait between restarts, in milliseconds. Unset: 30000. Needs a restart policy.\n  start_limit (ExecutableStartLimit | Mapping[str, Any]): aurae-py addition: when the policy gives up. Unset: after 5 starts within 10 seconds, as systemd's StartLimitBurst and StartLimitIntervalSec default to. Needs a restart policy."
+
+_cells_pb2.ExecutableStartLimit.__doc__ = "aurae-py addition: how often a restart policy may start an executable.\n\nFields:\n  burst (int): Starts (the first one included) allowed within the interval; one more and the policy gives up. 0 means no limit.\n  interval_ms (int): The interval, in milliseconds; 0 means 10000."
+
+_cells_pb2.CpuController.__doc__ = "CPU limits, in cgroup v2 terms.\n\nFields:\n  weight (int): Relative share of CPU time, 1 to 10000; 100 is the kernel's default.\n  max (int): Microseconds of CPU time the cell may use in each period, 1000 to 2^44-1; 50000 with the default period is half a CPU.\n  period (int): Length of the accounting period in microseconds, 1000 to 1000000; 100000 by default."
+
+_cells_pb2.CpusetController.__doc__ = 'CPU and memory-node placement, in the kernel\'s list syntax such as "0-1,3".\n\nFields:\n  cpus (str): CPUs the cell may run on.\n  mems (str): NUMA memory nodes the cell may allocate from.'
+
+_cells_pb2.MemoryController.__doc__ = "Memory limits in bytes, in cgroup v2 terms.\n\nFields:\n  min (int): Memory in bytes that is never reclaimed from the cell (cgroup v2 only).\n  low (int): Memory in bytes that is reclaimed from the cell only under pressure.\n  high (int): Bytes above which the cell is throttled and reclaimed hard (cgroup v2 only).\n  max (int): Hard limit in bytes; above it the kernel's OOM killer acts inside the cell."
+
+_cells_pb2.ExecutableStatus.__doc__ = "aurae-py addition: the state of one executable.\n\nFields:\n  name (str): Name the executable was started with.\n  cell_name (str): The cell it runs in; empty at host level.\n  pid (int): Process id as seen from inside the cell.\n  host_pid (int): Process id as the host sees it.\n  command (str): The command line it runs.\n  state (ExecutableState.ValueType | str): What the executable is doing now.\n  exit_code (int): Exit code, when the process exited by itself.\n  signal (int): Number of the signal that ended the process, when one did.\n  started_at (float): When the process started, in Unix seconds.\n  exited_at (float): When the process ended, in Unix seconds; 0 while it runs.\n  oom_killed (bool): True when the kernel's OOM killer ended it: its cell hit its memory limit.\n  cell_oom_kills (int): aurae-py addition: how many processes the OOM killer killed in the executable's cgroup (its cell's, or its own at host level) while it ran, by the kernel's per-cgroup counter; a child of the executable killed so counts here while oom_killed stays false.\n  restart_policy (ExecutableRestartPolicy.ValueType | str): aurae-py addition: the executable's restart policy.\n  restart_count (int): aurae-py addition: how many times the policy has started it again.\n  next_restart_at (float): aurae-py addition: when the policy starts it again, in Unix seconds; 0 when no restart is pending.\n  start_limit_hit (bool): aurae-py addition: the policy gave up: the executable started too often within its start-limit interval."
+
+_cells_pb2.CellServiceWaitRequest.__doc__ = "aurae-py addition: input of Wait.\n\nFields:\n  cell_name (str): The cell the executable runs in; unset for host-level executables.\n  executable_name (str): Name the executable was started with."
+
+_cells_pb2.CellServiceWaitResponse.__doc__ = "aurae-py addition: result of Wait.\n\nFields:\n  status (ExecutableStatus | Mapping[str, Any]): How the executable ended."
+
+_cells_pb2.CellServiceMetricsRequest.__doc__ = "aurae-py addition: input of Metrics.\n\nFields:\n  cell_name (str): The cell to report; empty reports every cell.\n  exclude_children (bool): With a cell name, leave out the cells nested in it."
+
+_cells_pb2.CellServiceMetricsResponse.__doc__ = "aurae-py addition: result of Metrics.\n\nFields:\n  cells (Sequence[CellMetrics | Mapping[str, Any]]): One entry per cell, parents before their children.\n  timestamp (float): When the cgroups were read, in Unix seconds.\n  cgroup_v2 (bool): True when the host runs the unified (v2) cgroup hierarchy."
+
+_cells_pb2.CellMetrics.__doc__ = "aurae-py addition: a cell's resource usage, its child cells included.\nUnset fields are not accounted on this host.\n\nFields:\n  cell_name (str): Path name of the cell.\n  cpu_usage_usec (int): CPU time used since the cell was allocated, in microseconds.\n  cpu_user_usec (int): Of that, in user mode.\n  cpu_system_usec (int): Of that, in kernel mode.\n  cpu_periods (int): Enforcement periods of the cell's cpu.max quota so far.\n  cpu_throttled_periods (int): Periods in which the cell used up its quota and was throttled.\n  cpu_throttled_usec (int): Total time the cell spent throttled, in microseconds.\n  memory_current_bytes (int): Memory in use now, in bytes.\n  memory_peak_bytes (int): The most memory in use at once since the cell was allocated.\n  memory_max_bytes (int): The cell's memory limit (memory.max); unset when unlimited.\n  pids_current (int): Processes (and threads) in the cell now.\n  oom_kills (int): Processes of the cell the kernel's OOM killer killed.\n  executables_running (int): Executables of the cell that are running."
+
+_cells_pb2.CellServiceUpdateRequest.__doc__ = "aurae-py addition: input of Update.\n\nFields:\n  cell (Cell | Mapping[str, Any]): The cell as it should be: its name, the limits it keeps (all of them, new values included), the same isolation, and the labels it now has."
+
+_cells_pb2.CellServiceUpdateResponse.__doc__ = "aurae-py addition: result of Update.\n\nFields:\n  cell (Cell | Mapping[str, Any]): The cell as it is now."
+
 
 _CELL_SERVICE_ALLOCATE: MethodSpec[CellServiceAllocateRequest, CellServiceAllocateResponse] = (
     MethodSpec(
@@ -105,6 +161,13 @@ _CELL_SERVICE_METRICS: MethodSpec[CellServiceMetricsRequest, CellServiceMetricsR
         idempotent=True,
     )
 )
+_CELL_SERVICE_UPDATE: MethodSpec[CellServiceUpdateRequest, CellServiceUpdateResponse] = MethodSpec(
+    path="/aurae.cells.v0.CellService/Update",
+    request_type=CellServiceUpdateRequest,
+    response_type=CellServiceUpdateResponse,
+    server_streaming=False,
+    idempotent=False,
+)
 
 
 class CellService(ServiceClient):
@@ -121,6 +184,7 @@ class CellService(ServiceClient):
         _CELL_SERVICE_LIST,
         _CELL_SERVICE_WAIT,
         _CELL_SERVICE_METRICS,
+        _CELL_SERVICE_UPDATE,
     )
 
     def allocate(
@@ -261,6 +325,22 @@ class CellService(ServiceClient):
             metadata,
         )
 
+    def update(
+        self,
+        request: CellServiceUpdateRequest | Mapping[str, Any] | None = None,
+        /,
+        *,
+        cell: Cell | Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> CellServiceUpdateResponse:
+        """aurae-py addition: change a cell in place: its limits and its labels.
+        Limits given are written to the running cgroup; a limit the cell has but
+        the request leaves unset, or a different isolation, cannot change in
+        place (FAILED_PRECONDITION): free the cell and allocate it again.
+        """
+        return self._unary(_CELL_SERVICE_UPDATE, request, {"cell": cell}, timeout, metadata)
+
 
 class AsyncCellService(AsyncServiceClient):
     """CellService owns cells (resource-limited groups of processes, optionally
@@ -278,6 +358,7 @@ class AsyncCellService(AsyncServiceClient):
         _CELL_SERVICE_LIST,
         _CELL_SERVICE_WAIT,
         _CELL_SERVICE_METRICS,
+        _CELL_SERVICE_UPDATE,
     )
 
     async def allocate(
@@ -420,6 +501,22 @@ class AsyncCellService(AsyncServiceClient):
             metadata,
         )
 
+    async def update(
+        self,
+        request: CellServiceUpdateRequest | Mapping[str, Any] | None = None,
+        /,
+        *,
+        cell: Cell | Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> CellServiceUpdateResponse:
+        """aurae-py addition: change a cell in place: its limits and its labels.
+        Limits given are written to the running cgroup; a limit the cell has but
+        the request leaves unset, or a different isolation, cannot change in
+        place (FAILED_PRECONDITION): free the cell and allocate it again.
+        """
+        return await self._unary(_CELL_SERVICE_UPDATE, request, {"cell": cell}, timeout, metadata)
+
 
 __all__ = [
     "CellServiceAllocateRequest",
@@ -445,6 +542,8 @@ __all__ = [
     "CellServiceMetricsRequest",
     "CellServiceMetricsResponse",
     "CellMetrics",
+    "CellServiceUpdateRequest",
+    "CellServiceUpdateResponse",
     "ExecutableRestartPolicy",
     "ExecutableState",
     "EXECUTABLE_RESTART_POLICY_NO",

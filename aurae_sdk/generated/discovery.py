@@ -19,6 +19,12 @@ from aurae_sdk.wire.generated.pb.discovery import discovery_pb2 as _discovery_pb
 DiscoverRequest = _discovery_pb2.DiscoverRequest
 DiscoverResponse = _discovery_pb2.DiscoverResponse
 
+# help() on a message shows its fields, from the proto comments.
+_discovery_pb2.DiscoverRequest.__doc__ = "Input of Discover; takes no arguments."
+
+_discovery_pb2.DiscoverResponse.__doc__ = "Result of Discover.\n\nFields:\n  healthy (bool): True when the daemon is ready to serve requests.\n  version (str): Version of the daemon software."
+
+
 _DISCOVERY_SERVICE_DISCOVER: MethodSpec[DiscoverRequest, DiscoverResponse] = MethodSpec(
     path="/aurae.discovery.v0.DiscoveryService/Discover",
     request_type=DiscoverRequest,

@@ -25,6 +25,12 @@ from grpc_health.v1 import health_pb2 as _health_pb2
 HealthCheckRequest = _health_pb2.HealthCheckRequest
 HealthCheckResponse = _health_pb2.HealthCheckResponse
 
+# help() on a message shows its fields, from the proto comments.
+_health_pb2.HealthCheckRequest.__doc__ = 'Input of Check and Watch.\n\nFields:\n  service (str): Fully qualified service name, such as "aurae.cells.v0.CellService"; empty asks about the server as a whole.'
+
+_health_pb2.HealthCheckResponse.__doc__ = "The serving status of a service.\n\nFields:\n  status (_health_pb2.HealthCheckResponse.ServingStatus.ValueType | str): The current status."
+
+
 _HEALTH_CHECK: MethodSpec[HealthCheckRequest, HealthCheckResponse] = MethodSpec(
     path="/grpc.health.v1.Health/Check",
     request_type=HealthCheckRequest,

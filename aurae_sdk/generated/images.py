@@ -32,6 +32,34 @@ Image = _images_pb2.Image
 ImageConfig = _images_pb2.ImageConfig
 ImageLayer = _images_pb2.ImageLayer
 
+# help() on a message shows its fields, from the proto comments.
+_images_pb2.ImageServiceImportRequest.__doc__ = "Input of Import.\n\nFields:\n  file_name (str): Absolute path, on the daemon's host, of an OCI image layout directory or of a tar archive of one (what skopeo, buildah and podman write).\n  reference (str): Reference to give the image, such as \"docker.io/library/busybox:1.36\"; the source must then hold exactly one image. Unset: the full references the layout's index names its images by."
+
+_images_pb2.ImageServiceImportResponse.__doc__ = "Result of Import.\n\nFields:\n  images (Sequence[Image | Mapping[str, Any]]): The images imported."
+
+_images_pb2.ImageServiceListRequest.__doc__ = "Input of List; takes no arguments."
+
+_images_pb2.ImageServiceListResponse.__doc__ = "Result of List.\n\nFields:\n  images (Sequence[Image | Mapping[str, Any]]): Every image in the store."
+
+_images_pb2.ImageServiceInspectRequest.__doc__ = 'Input of Inspect.\n\nFields:\n  image_name (str): A reference ("busybox", "localhost/app:1"), an image id ("sha256:<hex>" or a unique prefix of 12 or more hex digits) or a repository digest.'
+
+_images_pb2.ImageServiceInspectResponse.__doc__ = (
+    "Result of Inspect.\n\nFields:\n  image (Image | Mapping[str, Any]): The image."
+)
+
+_images_pb2.ImageServiceRemoveRequest.__doc__ = "Input of Remove.\n\nFields:\n  image_name (str): A reference, an image id or a repository digest, as for Inspect."
+
+_images_pb2.ImageServiceRemoveResponse.__doc__ = (
+    "Result of Remove.\n\nFields:\n  image (Image | Mapping[str, Any]): The image removed."
+)
+
+_images_pb2.Image.__doc__ = "An image in the store.\n\nFields:\n  id (str): The digest of the image's configuration: its identity.\n  manifest_digest (str): The digest of the image's manifest.\n  references (Sequence[str]): The references the image is known by, normalized (\"docker.io/library/busybox:latest\").\n  size (int): Bytes the image's blobs take in the store (compressed layers included).\n  imported_at (float): When it was imported, in Unix seconds.\n  config (ImageConfig | Mapping[str, Any]): What a container of the image runs.\n  layers (Sequence[ImageLayer | Mapping[str, Any]]): The image's layers, lowest first."
+
+_images_pb2.ImageConfig.__doc__ = 'What a container of an image runs, from the image\'s configuration.\n\nFields:\n  entrypoint (Sequence[str]): The program and its first arguments.\n  cmd (Sequence[str]): Further arguments, or the program when there is no entrypoint.\n  env (Sequence[str]): Environment, as "NAME=value".\n  working_dir (str): Working directory; empty means "/".\n  user (str): User to run as: "uid", "uid:gid", "name" or "name:group"; empty is root.\n  architecture (str): CPU architecture the image is built for, such as "amd64".\n  os (str): Operating system the image is built for, such as "linux".\n  labels (Mapping[str, str]): The image\'s labels.'
+
+_images_pb2.ImageLayer.__doc__ = "One layer of an image.\n\nFields:\n  digest (str): Digest of the layer's blob, as stored.\n  diff_id (str): Digest of the uncompressed layer.\n  size (int): Bytes of the layer's blob.\n  media_type (str): Media type of the layer's blob."
+
+
 _IMAGE_SERVICE_IMPORT_: MethodSpec[ImageServiceImportRequest, ImageServiceImportResponse] = (
     MethodSpec(
         path="/aurae.images.v0.ImageService/Import",

@@ -26,6 +26,30 @@ Instance = _instances_pb2.Instance
 InstanceLimits = _instances_pb2.InstanceLimits
 InstanceStatus = _instances_pb2.InstanceStatus
 
+# help() on a message shows its fields, from the proto comments.
+_instances_pb2.InstanceServiceSpawnRequest.__doc__ = (
+    "Input of Spawn.\n\nFields:\n  instance (Instance | Mapping[str, Any]): The instance to start."
+)
+
+_instances_pb2.InstanceServiceSpawnResponse.__doc__ = "Result of Spawn.\n\nFields:\n  status (InstanceStatus | Mapping[str, Any]): The instance as it runs."
+
+_instances_pb2.InstanceServiceFreeRequest.__doc__ = (
+    "Input of Free.\n\nFields:\n  instance_name (str): Name of the instance to end."
+)
+
+_instances_pb2.InstanceServiceFreeResponse.__doc__ = "Result of Free; empty on success."
+
+_instances_pb2.InstanceServiceListRequest.__doc__ = "Input of List; takes no arguments."
+
+_instances_pb2.InstanceServiceListResponse.__doc__ = "Result of List.\n\nFields:\n  instances (Sequence[InstanceStatus | Mapping[str, Any]]): One entry per running instance, by name."
+
+_instances_pb2.Instance.__doc__ = "What an instance is started with.\n\nFields:\n  name (str): Name, unique on this daemon: a lowercase DNS label (letters, digits, '-').\n  limits (InstanceLimits | Mapping[str, Any]): The cgroup limits of the whole instance: its daemon and every cell in it."
+
+_instances_pb2.InstanceLimits.__doc__ = "Cgroup limits of an instance, in cgroup v2 terms (converted on v1 hosts).\n\nFields:\n  cpu_weight (int): Relative share of CPU time, 1 to 10000; 100 is the kernel's default.\n  cpu_max (int): Microseconds of CPU time the instance may use per 100 ms period.\n  cpuset_cpus (str): CPUs the instance may run on, in the kernel's list syntax such as \"0-1\".\n  memory_max (int): Hard memory limit in bytes for everything in the instance.\n  pids_max (int): Most processes and threads the instance may have at once."
+
+_instances_pb2.InstanceStatus.__doc__ = "A running instance.\n\nFields:\n  instance (Instance | Mapping[str, Any]): The instance as it was spawned.\n  spiffe_id (str): The SPIFFE ID of the instance's certificate, under the host's own.\n  socket (str): The Unix socket the instance's daemon listens on (the host reaches it there).\n  host_pid (int): The host pid of the instance's daemon.\n  started_at (float): Unix time in seconds at which the instance answered its first call."
+
+
 _INSTANCE_SERVICE_SPAWN: MethodSpec[InstanceServiceSpawnRequest, InstanceServiceSpawnResponse] = (
     MethodSpec(
         path="/aurae.instances.v0.InstanceService/Spawn",

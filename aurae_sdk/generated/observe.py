@@ -59,6 +59,40 @@ EVENT_KIND_EXECUTABLE_STOPPED = _observe_pb2.EVENT_KIND_EXECUTABLE_STOPPED
 EVENT_KIND_EXECUTABLE_RESTARTED = _observe_pb2.EVENT_KIND_EXECUTABLE_RESTARTED
 EVENT_KIND_EXECUTABLE_START_LIMIT_HIT = _observe_pb2.EVENT_KIND_EXECUTABLE_START_LIMIT_HIT
 
+# help() on a message shows its fields, from the proto comments.
+_observe_pb2.GetAuraeDaemonLogStreamRequest.__doc__ = (
+    "Input of GetAuraeDaemonLogStream; takes no arguments."
+)
+
+_observe_pb2.GetAuraeDaemonLogStreamResponse.__doc__ = (
+    "One daemon log line.\n\nFields:\n  item (LogItem | Mapping[str, Any]): The log line."
+)
+
+_observe_pb2.GetSubProcessStreamRequest.__doc__ = "Input of GetSubProcessStream.\n\nFields:\n  channel_type (LogChannelType.ValueType | str): Which output to follow; unspecified follows both.\n  process_id (int): Process id of the executable, as Start returned it. A host pid is looked up first; a pid inside an isolated cell's namespace is taken only when no executable has it as host pid, and refused when it is ambiguous.\n  max_batch_lines (int): aurae-py addition: pack up to this many lines into each response's items field instead of one line per response. 0 keeps one line per response, as public Aurae clients expect.\n  executable (ExecutableSelector | Mapping[str, Any]): aurae-py addition: the executable by its cell and name, instead of by process_id; with only its cell_name set, it narrows a process_id lookup to that cell.\n  replay_only (bool): aurae-py addition: send only what the process has written so far (stdout and stderr merged in time order), then end the stream instead of following it."
+
+_observe_pb2.ExecutableSelector.__doc__ = "aurae-py addition: an executable by name.\n\nFields:\n  cell_name (str): The executable's cell; unset or \"\" for host level.\n  executable_name (str): The executable's name within that cell."
+
+_observe_pb2.GetSubProcessStreamResponse.__doc__ = "Output of a process.\n\nFields:\n  item (LogItem | Mapping[str, Any]): One line, when the request did not ask for batches.\n  items (Sequence[LogItem | Mapping[str, Any]]): aurae-py addition: several lines in order, when the request asked for batches."
+
+_observe_pb2.GetPosixSignalsStreamRequest.__doc__ = "Input of GetPosixSignalsStream.\n\nFields:\n  workload (Workload | Mapping[str, Any]): Only report signals of this workload; unset reports all of them."
+
+_observe_pb2.GetPosixSignalsStreamResponse.__doc__ = "One signal.\n\nFields:\n  signal (Signal | Mapping[str, Any]): The signal and the process it reached."
+
+_observe_pb2.Workload.__doc__ = "Names one workload.\n\nFields:\n  workload_type (WorkloadType.ValueType | str): What kind of workload it is.\n  id (str): Its identifier; for a cell, the cell's path name."
+
+_observe_pb2.Signal.__doc__ = "A signal that reached a process.\n\nFields:\n  signal (int): Signal number, such as 15 for SIGTERM.\n  process_id (int): Process id the signal reached, as Start returned it.\n  cell_name (str): aurae-py addition: the cell the process runs in; empty at host level.\n  executable_name (str): aurae-py addition: name of the executable the process belongs to.\n  timestamp (int): aurae-py addition: when it happened, in Unix seconds."
+
+_observe_pb2.LogItem.__doc__ = 'A line of output.\n\nFields:\n  channel (str): Where the line came from, such as "<executable>::stdout".\n  line (str): The text, without its line ending.\n  timestamp (int): When the line was read, in Unix seconds.'
+
+_observe_pb2.GetEventStreamRequest.__doc__ = "aurae-py addition: input of GetEventStream.\n\nFields:\n  after_sequence (int): Send the events after this sequence number: the last one the client has seen, to resume; 0 sends every event the daemon still keeps.\n  follow (bool): Keep the stream open and send new events as they happen; otherwise the stream ends after the events kept so far.\n  max_batch_events (int): Pack up to this many events into each response; 0 means the daemon's default (512).\n  workload (Workload | Mapping[str, Any]): Only events of this cell and the cells nested in it (daemon events are always sent); unset sends every event."
+
+_observe_pb2.GetEventStreamResponse.__doc__ = "aurae-py addition: a batch of events, in sequence order.\n\nFields:\n  events (Sequence[Event | Mapping[str, Any]]): The events, oldest first.\n  lost (int): How many events right before the first one here the daemon no longer keeps (its journal is bounded): the client missed them."
+
+_observe_pb2.Event.__doc__ = "aurae-py addition: one thing that happened on the node.\n\nFields:\n  sequence (int): Position in the node's event order: increases by one per event, across daemon restarts.\n  timestamp (float): When it happened, in Unix seconds.\n  kind (EventKind.ValueType | str): What happened.\n  cell_name (str): The cell concerned; empty for host-level executables and daemon events.\n  executable_name (str): The executable concerned, for executable events.\n  pid (int): Process id as seen from inside the cell.\n  host_pid (int): Process id as the host sees it.\n  exit_code (int): Exit code, when the process exited by itself.\n  signal (int): Number of the signal that ended the process, when one did.\n  oom_killed (bool): True when the kernel's OOM killer ended the process.\n  restart_count (int): How many times the restart policy has restarted the executable.\n  restart_delay_ms (int): How long the restart policy waited before this restart.\n  oom_kills (int): The cell's OOM kills so far, for CELL_OOM_KILL.\n  cleaned_up (bool): True when the daemon ended the workload while cleaning up after an earlier run that did not stop cleanly; how it ended is unknown.\n  daemon (DaemonEvent | Mapping[str, Any]): For daemon events: the daemon's version and what it found."
+
+_observe_pb2.DaemonEvent.__doc__ = 'aurae-py addition: what a daemon found when it started.\n\nFields:\n  version (str): Version of auraed.\n  previous_stopped_cleanly (bool): For a restart: whether the earlier run stopped cleanly.\n  cleaned_cells (Sequence[str]): Cells of the earlier run the daemon removed.\n  cleaned_executables (Sequence[str]): Executables ("cell/name", or "name" at host level) of the earlier run that were still running and were killed.\n  adopted_cells (Sequence[str]): Cells of the earlier run the daemon took over, still running.\n  adopted_executables (Sequence[str]): Executables of the earlier run the daemon took over, still running.'
+
+
 _OBSERVE_SERVICE_GET_AURAE_DAEMON_LOG_STREAM: MethodSpec[
     GetAuraeDaemonLogStreamRequest, GetAuraeDaemonLogStreamResponse
 ] = MethodSpec(
@@ -132,6 +166,7 @@ class ObserveService(ServiceClient):
         process_id: int | None = None,
         max_batch_lines: int | None = None,
         executable: ExecutableSelector | Mapping[str, Any] | None = None,
+        replay_only: bool | None = None,
         timeout: float | None = None,
         metadata: Metadata | None = None,
     ) -> Stream[GetSubProcessStreamResponse]:
@@ -147,6 +182,7 @@ class ObserveService(ServiceClient):
                 "process_id": process_id,
                 "max_batch_lines": max_batch_lines,
                 "executable": executable,
+                "replay_only": replay_only,
             },
             timeout,
             metadata,
@@ -239,6 +275,7 @@ class AsyncObserveService(AsyncServiceClient):
         process_id: int | None = None,
         max_batch_lines: int | None = None,
         executable: ExecutableSelector | Mapping[str, Any] | None = None,
+        replay_only: bool | None = None,
         timeout: float | None = None,
         metadata: Metadata | None = None,
     ) -> AsyncStream[GetSubProcessStreamResponse]:
@@ -254,6 +291,7 @@ class AsyncObserveService(AsyncServiceClient):
                 "process_id": process_id,
                 "max_batch_lines": max_batch_lines,
                 "executable": executable,
+                "replay_only": replay_only,
             },
             timeout,
             metadata,

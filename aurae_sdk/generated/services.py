@@ -67,6 +67,45 @@ SERVICES = {
     ),
 }
 
+# What help(aurae_sdk.Client) shows: every service and its methods.
+SERVICES_HELP = (
+    "Services (one attribute each; calls take a request message or dict, or keywords):\n"
+    "\n  client.cells  aurae.cells.v0.CellService\n"
+    "    .allocate(cell)  Reserve a new cell: create its cgroup with the requested limits and, when asked, its namespaces.\n"
+    "    .free(cell_name)  Release a cell: stop everything running in it and in its children, then remove the children and the cell itself.\n"
+    "    .start(cell_name, executable, uid, gid)  Run an executable as a shell command line, inside a cell or, when no cell is named, at host level.\n"
+    "    .stop(cell_name, executable_name, grace_period_ms)  Stop a running executable: its whole process group is asked to end, then killed once the grace period has passed.\n"
+    "    .list(page_size, page_token)  Show the tree of allocated cells.\n"
+    "    .wait(cell_name, executable_name)  aurae-py addition: block until an executable has exited (or the call's deadline passes) and report how it ended.\n"
+    "    .metrics(cell_name, exclude_children)  aurae-py addition: what cells use, read from their cgroups at the call: CPU time and throttling, memory now and at its peak, processes, OOM kills.\n"
+    "    .update(cell)  aurae-py addition: change a cell in place: its limits and its labels.\n"
+    "\n  client.discovery  aurae.discovery.v0.DiscoveryService\n"
+    "    .discover()  Ask the daemon whether it is healthy and which version it is.\n"
+    "\n  client.images  aurae.images.v0.ImageService\n"
+    "    .import_(file_name, reference)  Import every image of an OCI image layout directory, or of a tar archive of one, on the daemon's host.\n"
+    "    .list()  Show the images in the store.\n"
+    "    .inspect(image_name)  Show one image with its configuration and layers.\n"
+    "    .remove(image_name)  Remove an image with all its references, and the blobs and layers no other image uses.\n"
+    "\n  client.instances  aurae.instances.v0.InstanceService\n"
+    "    .spawn(instance)  Start a new instance and wait until its daemon answers.\n"
+    "    .free(instance_name)  End an instance and everything running in it, leaving nothing behind.\n"
+    "    .list()  Show the instances this daemon runs.\n"
+    "\n  client.observe  aurae.observe.v0.ObserveService\n"
+    "    .get_aurae_daemon_log_stream()  -> stream  Follow the daemon's own log lines as they are written.\n"
+    "    .get_sub_process_stream(channel_type, process_id, max_batch_lines, executable, replay_only)  -> stream  Follow the stdout or stderr of a process started through CellService.\n"
+    "    .get_posix_signals_stream(workload)  -> stream  Follow the signals delivered to workloads, optionally of one cell only.\n"
+    "    .get_event_stream(after_sequence, follow, max_batch_events, workload)  -> stream  aurae-py addition: the node's lifecycle events in order, each with a sequence number.\n"
+    "\n  client.vms  aurae.vms.v0.VmService\n"
+    "    .allocate(machine)  Define a virtual machine without booting it.\n"
+    "    .free(vm_id)  Remove a virtual machine, stopping it first if it runs.\n"
+    "    .start(vm_id)  Boot a defined virtual machine.\n"
+    "    .stop(vm_id)  Shut a running virtual machine down.\n"
+    "    .list()  Show the virtual machines the daemon knows.\n"
+    "\n  client.health  grpc.health.v1.Health\n"
+    "    .check(service)  Ask for the current status of one service.\n"
+    "    .watch(service)  -> stream  Follow the status of one service: the current status first, then each change.\n"
+)
+
 
 class _Services:
     _transport: Transport

@@ -31,6 +31,46 @@ RootDrive = _vms_pb2.RootDrive
 DriveMount = _vms_pb2.DriveMount
 VirtualMachineSummary = _vms_pb2.VirtualMachineSummary
 
+# help() on a message shows its fields, from the proto comments.
+_vms_pb2.VmServiceAllocateRequest.__doc__ = "Input of Allocate.\n\nFields:\n  machine (VirtualMachine | Mapping[str, Any]): The machine to define."
+
+_vms_pb2.VmServiceAllocateResponse.__doc__ = (
+    "Result of Allocate.\n\nFields:\n  vm_id (str): Identifier of the new machine."
+)
+
+_vms_pb2.VmServiceFreeRequest.__doc__ = (
+    "Input of Free.\n\nFields:\n  vm_id (str): Identifier of the machine to remove."
+)
+
+_vms_pb2.VmServiceFreeResponse.__doc__ = "Result of Free; empty on success."
+
+_vms_pb2.VmServiceStartRequest.__doc__ = (
+    "Input of Start.\n\nFields:\n  vm_id (str): Identifier of the machine to boot."
+)
+
+_vms_pb2.VmServiceStartResponse.__doc__ = (
+    "Result of Start.\n\nFields:\n  auraed_address (str): Where the guest's auraed can be reached."
+)
+
+_vms_pb2.VmServiceStopRequest.__doc__ = (
+    "Input of Stop.\n\nFields:\n  vm_id (str): Identifier of the machine to shut down."
+)
+
+_vms_pb2.VmServiceStopResponse.__doc__ = "Result of Stop; empty on success."
+
+_vms_pb2.VmServiceListRequest.__doc__ = "Input of List; takes no arguments."
+
+_vms_pb2.VmServiceListResponse.__doc__ = "Result of List.\n\nFields:\n  machines (Sequence[VirtualMachineSummary | Mapping[str, Any]]): One summary per known machine."
+
+_vms_pb2.VirtualMachine.__doc__ = "The definition of a virtual machine.\n\nFields:\n  id (str): Identifier, unique on this daemon.\n  mem_size_mb (int): Guest memory in MiB.\n  vcpu_count (int): Number of virtual CPUs.\n  kernel_img_path (str): Path of the kernel image to boot.\n  kernel_args (Sequence[str]): Kernel command line arguments.\n  root_drive (RootDrive | Mapping[str, Any]): The disk the guest boots from.\n  drive_mounts (Sequence[DriveMount | Mapping[str, Any]]): Further disks to attach and mount in the guest.\n  auraed_address (str): Where the guest's auraed will listen."
+
+_vms_pb2.RootDrive.__doc__ = "The disk a guest boots from.\n\nFields:\n  image_path (str): Path of the disk image on the host.\n  read_only (bool): Attach the image without write access."
+
+_vms_pb2.DriveMount.__doc__ = 'A further disk for a guest.\n\nFields:\n  image_path (str): Path of the disk image on the host.\n  vm_path (str): Where the guest mounts it.\n  fs_type (str): Filesystem type inside the image, such as "ext4".\n  read_only (bool): Attach the image without write access.'
+
+_vms_pb2.VirtualMachineSummary.__doc__ = 'What List reports about one machine.\n\nFields:\n  id (str): Identifier of the machine.\n  status (str): Lifecycle state: "Created", "Running" or "Shutdown".\n  mem_size_mb (int): Guest memory in MiB.\n  vcpu_count (int): Number of virtual CPUs.\n  kernel_img_path (str): Path of the kernel image.\n  root_dir_path (str): Path of the root disk image.\n  auraed_address (str): Where the guest\'s auraed listens.'
+
+
 _VM_SERVICE_ALLOCATE: MethodSpec[VmServiceAllocateRequest, VmServiceAllocateResponse] = MethodSpec(
     path="/aurae.vms.v0.VmService/Allocate",
     request_type=VmServiceAllocateRequest,

@@ -119,6 +119,22 @@ class CellServiceBase:
         )
         raise AssertionError("unreachable: abort raises")
 
+    def update(
+        self,
+        request: _cells_pb2.CellServiceUpdateRequest,
+        context: grpc.ServicerContext,
+    ) -> _cells_pb2.CellServiceUpdateResponse:
+        """aurae-py addition: change a cell in place: its limits and its labels.
+        Limits given are written to the running cgroup; a limit the cell has but
+        the request leaves unset, or a different isolation, cannot change in
+        place (FAILED_PRECONDITION): free the cell and allocate it again.
+        """
+        context.abort(
+            grpc.StatusCode.UNIMPLEMENTED,
+            "aurae.cells.v0.CellService.Update is not implemented by this daemon",
+        )
+        raise AssertionError("unreachable: abort raises")
+
     def register(self, server: grpc.Server) -> None:
         """Serve this service's RPCs on `server`."""
         handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
@@ -156,6 +172,11 @@ class CellServiceBase:
                 self.metrics,
                 request_deserializer=_cells_pb2.CellServiceMetricsRequest.FromString,
                 response_serializer=_cells_pb2.CellServiceMetricsResponse.SerializeToString,
+            ),
+            "Update": grpc.unary_unary_rpc_method_handler(
+                self.update,
+                request_deserializer=_cells_pb2.CellServiceUpdateRequest.FromString,
+                response_serializer=_cells_pb2.CellServiceUpdateResponse.SerializeToString,
             ),
         }
         server.add_generic_rpc_handlers(

@@ -280,19 +280,70 @@ class OutputLog:
 
 
 def follow_all(
-    logs: Sequence[OutputLog], cancelled: Cancelled, max_lines: int = 1024
+    logs: Sequence[OutputLog], cancelled: Cancelled, max_lines: int = 1024, *,
+    replay_in_time_order: bool = False, replay_only: bool = False,
 ) -> Iterator[tuple[int, list[Line]]]:
     """(index of the log, lines) from several logs as their lines arrive, until all have ended
     and are read, or until cancelled (noticed within about 0.2 s while waiting).
 
     Each log's order is kept; the logs take turns, a batch each, so a chatty one cannot hide the
     others. Nothing is read ahead of the consumer: one thread, no queue.
+
+    With replay_in_time_order, what the logs hold when the call starts comes first, merged by
+    the lines' timestamps (so stdout and stderr replay in the order they were written); with
+    replay_only, that is all, and the iterator ends there.
     """
     if max_lines < 1:
         raise ValueError("max_lines must be positive")
     # The readers take their places now, not at the first next().
     readers = [_SegmentReader(log) for log in logs]
-    return _follow_all(readers, as_predicate(cancelled), max_lines)
+    is_cancelled = as_predicate(cancelled)
+    if not (replay_in_time_order or replay_only):
+        return _follow_all(readers, is_cancelled, max_lines)
+    return _replay_then_follow(readers, is_cancelled, max_lines, follow=not replay_only)
+
+
+def _replay_then_follow(
+    readers: list["_SegmentReader"], is_cancelled: Callable[[], bool], max_lines: int,
+    follow: bool,
+) -> Iterator[tuple[int, list[Line]]]:
+    try:
+        yield from _merged_backlog(readers, is_cancelled, max_lines)
+        if follow:
+            yield from _follow_all(readers, is_cancelled, max_lines)
+    finally:
+        for reader in readers:
+            reader.close()
+
+
+def _merged_backlog(
+    readers: list["_SegmentReader"], is_cancelled: Callable[[], bool], max_lines: int
+) -> Iterator[tuple[int, list[Line]]]:
+    """What the readers' logs hold now, in timestamp order, as runs of one log's lines.
+
+    At most max_lines lines per reader are held at a time, as follow_all holds.
+    """
+    pending: list[list[Line]] = [[] for _ in readers]
+    positions = [0] * len(readers)
+    caught_up = [False] * len(readers)
+    while not is_cancelled():
+        for index, reader in enumerate(readers):
+            if positions[index] >= len(pending[index]) and not caught_up[index]:
+                pending[index], positions[index] = reader.read_available(max_lines), 0
+                caught_up[index] = not pending[index]
+        heads = [(pending[i][positions[i]][0], i) for i in range(len(readers))
+                 if positions[i] < len(pending[i])]
+        if not heads:
+            return
+        # Send from the earliest log while it is no later than every other log's next line.
+        _, index = min(heads)
+        limit = min((t for t, i in heads if i != index), default=float("inf"))
+        lines, start = pending[index], positions[index]
+        end = start
+        while end < len(lines) and lines[end][0] <= limit:
+            end += 1
+        positions[index] = end
+        yield index, lines[start:end]
 
 
 def _follow_all(
@@ -364,6 +415,20 @@ class _SegmentReader:
             end = sum(map(len, records)) + len(records)
         self._offset += end
         return _parse_records(records)
+
+    def read_available(self, max_lines: int) -> list[Line]:
+        """Like read(), but empty only at the end of what is committed now (read() is also
+        empty when it steps to the next segment)."""
+        while True:
+            lines = self.read(max_lines)
+            if lines:
+                return lines
+            log = self._log
+            with log._changed:
+                at_end = self._number >= log._last and (
+                    self._number > log._last or self._offset >= log._committed)
+            if at_end:
+                return []
 
     def _next_segment(self) -> None:
         self.close()

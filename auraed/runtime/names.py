@@ -106,3 +106,33 @@ def parse_executable_name(text: str) -> str:
         raise InvalidArgument(f"invalid executable name {text!r}: {problem}",
                               subject=Subject.EXECUTABLE)
     return text
+
+
+# Labels follow the key/value grammar operators know from Kubernetes: a name
+# of 1-63 characters, optionally after a DNS-name prefix and '/'.
+_LABEL_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?")
+MAX_LABELS = 64
+MAX_LABEL_PREFIX = 253
+
+
+def parse_labels(labels: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    """Validated labels, sorted by key (so equal maps compare equal)."""
+    if len(labels) > MAX_LABELS:
+        raise InvalidArgument(f"{len(labels)} labels; the limit is {MAX_LABELS}")
+    for key, value in labels.items():
+        prefix, slash, name = key.rpartition("/")
+        problem = None
+        if slash and (not prefix or len(prefix) > MAX_LABEL_PREFIX
+                      or not all(_LABEL.fullmatch(part) for part in prefix.split("."))):
+            problem = "its prefix before '/' must be a DNS name such as aurae-py.io"
+        elif not _LABEL_NAME.fullmatch(name):
+            problem = ("its name must be 1-63 letters, digits, '-', '_' or '.', starting and "
+                       "ending with a letter or digit")
+        if problem:
+            raise InvalidArgument(f"invalid label key {key[:80]!r}: {problem}")
+        if value and not _LABEL_NAME.fullmatch(value):
+            raise InvalidArgument(
+                f"invalid value {value[:80]!r} of label {key!r}: a value is empty or 1-63 "
+                "letters, digits, '-', '_' or '.', starting and ending with a letter or digit",
+            )
+    return tuple(sorted(labels.items()))

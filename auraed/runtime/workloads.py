@@ -34,7 +34,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from auraed.errors import (
@@ -110,6 +110,8 @@ class CellSpec:
     isolate_network: bool = False
     # The hostname in the cell's own uts namespace; None names it after the cell.
     hostname: str | None = None
+    # Who owns the cell and why, as (key, value) pairs sorted by key.
+    labels: tuple[tuple[str, str], ...] = ()
 
     @property
     def unshared(self) -> frozenset[str]:
@@ -474,6 +476,47 @@ class Workloads:
         log.info("cell allocated", extra={"cell": name.path,
                                           "namespaces": ",".join(sorted(spec.unshared))})
         return cell
+
+    def update(self, name: CellName, spec: CellSpec) -> CellSpec:
+        """Change a cell in place to `spec` (limits already validated): new limit values, labels.
+
+        Isolation cannot change (the namespaces exist), nor can a limit go back to "not set"
+        (the kernel's default differs per version and controller): both are FailedPrecondition,
+        and nothing changes. Returns the spec the cell now has.
+        """
+        with self._lock:
+            self._check_open()
+            cell = self._cell_for_change(name)
+            current = cell.spec
+            for kind in ("isolate_process", "isolate_network"):
+                if getattr(spec, kind) != getattr(current, kind):
+                    raise FailedPrecondition(
+                        f"cell {name}: {kind} cannot change in place; free the cell and "
+                        "allocate it again", subject=kind)
+            dropped = [f.name for f in fields(CgroupLimits)
+                       if getattr(current.limits, f.name) is not None
+                       and getattr(spec.limits, f.name) is None]
+            if dropped:
+                limit = dropped[0].replace("_", ".", 1)
+                raise FailedPrecondition(
+                    f"cell {name}: {limit} cannot be unset in place; give its value, or free "
+                    "the cell and allocate it again", subject=limit)
+            changed = CgroupLimits(**{
+                f.name: getattr(spec.limits, f.name) for f in fields(CgroupLimits)
+                if getattr(spec.limits, f.name) != getattr(current.limits, f.name)
+            })
+            if changed.cpu_max is not None or changed.cpu_period is not None:
+                # cpu.max and its period are written together.
+                changed = replace(changed, cpu_max=spec.limits.cpu_max,
+                                  cpu_period=spec.limits.cpu_period)
+            try:
+                self.backend.update(name.path, changed)
+            except (UnsupportedLimit, LimitRefused) as error:
+                raise FailedPrecondition(str(error), subject=error.field) from None
+            cell.spec = spec
+        log.info("cell updated", extra={"cell": name.path,
+                                        "limits": ",".join(changed.set_fields())})
+        return spec
 
     def _hold_namespaces(self, cell: Cell, parent: Cell | None) -> None:
         """Start the process owning the cell's new namespaces (inside its

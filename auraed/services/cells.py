@@ -26,7 +26,7 @@ _WAIT_SLICE = 0.5
 def cell_message(name: CellName, spec: CellSpec) -> pb.Cell:
     """The cell as it was allocated."""
     cell = pb.Cell(name=name.path, isolate_process=spec.isolate_process,
-                   isolate_network=spec.isolate_network)
+                   isolate_network=spec.isolate_network, labels=dict(spec.labels))
     valid.set_limits(cell, spec.limits)
     return cell
 
@@ -82,6 +82,13 @@ class CellService(CellServiceBase):
         return pb.CellServiceAllocateResponse(
             cell_name=allocation.name.path, cgroup_v2=self.workloads.backend.version == 2
         )
+
+    def update(self, request: pb.CellServiceUpdateRequest,
+               context: grpc.ServicerContext) -> pb.CellServiceUpdateResponse:
+        change = valid.update(request)
+        with blaming(valid.UPDATE_FIELDS):
+            spec = self.workloads.update(change.name, change.spec)
+        return pb.CellServiceUpdateResponse(cell=cell_message(change.name, spec))
 
     def free(self, request: pb.CellServiceFreeRequest,
              context: grpc.ServicerContext) -> pb.CellServiceFreeResponse:

@@ -82,8 +82,11 @@ class ObserveService(ObserveServiceBase):
         logs = [getattr(executable, c) for c in follow.channels]
         # Read on this thread as the client takes messages, never ahead of it: a client that
         # stalls holds one batch here, and the rest of the output waits in the files.
+        # Both channels: what was written before the call replays in the order it was written.
         for index, lines in follow_all(logs, lambda: not context.is_active(),
-                                       follow.batch_lines):
+                                       follow.batch_lines,
+                                       replay_in_time_order=len(logs) > 1,
+                                       replay_only=follow.replay_only):
             if follow.batched:
                 yield pb.GetSubProcessStreamResponse(items=[_item(names[index], line)
                                                             for line in lines])

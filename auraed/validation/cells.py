@@ -21,7 +21,7 @@ from auraed.errors import InvalidArgument, Subject
 from auraed.kernel.cgroups import CgroupLimits, InvalidLimit
 from auraed.kernel.cgroups import validate as validate_limits
 from auraed.kernel.processes import default_env, exec_refusal
-from auraed.runtime.names import CellName, parse_executable_name
+from auraed.runtime.names import CellName, parse_executable_name, parse_labels
 from auraed.runtime.restarts import NO_RESTART, RestartMode, RestartPolicy
 from auraed.runtime.workloads import CellSpec
 from auraed.validation import FieldsBySubject, blamed
@@ -58,6 +58,12 @@ def _attribute(limit: str) -> str:
 # Which request field each runtime subject came from, per RPC.
 ALLOCATE_FIELDS: FieldsBySubject = {
     Subject.CELL: "cell.name", **{limit: limit_field(limit) for limit in CELL_LIMITS}
+}
+# Update also refuses a change of isolation, blamed on the isolation's own field.
+UPDATE_FIELDS: FieldsBySubject = {
+    **ALLOCATE_FIELDS,
+    "isolate_process": "cell.isolate_process",
+    "isolate_network": "cell.isolate_network",
 }
 FREE_FIELDS: FieldsBySubject = {Subject.CELL: "cell_name"}
 START_FIELDS: FieldsBySubject = {
@@ -134,12 +140,26 @@ def set_limits(cell: pb.Cell, limits: CgroupLimits) -> None:
 def allocation(request: pb.CellServiceAllocateRequest) -> Allocation:
     with blamed("cell.name"):
         name = CellName.parse(request.cell.name)
-    spec = CellSpec(
-        limits=limits_from_cell(request.cell),
-        isolate_process=request.cell.isolate_process,
-        isolate_network=request.cell.isolate_network,
+    return Allocation(name, cell_spec(request.cell))
+
+
+def cell_spec(cell: pb.Cell) -> CellSpec:
+    """The Cell's limits, isolation and labels, validated."""
+    with blamed("cell.labels"):
+        labels = parse_labels(dict(cell.labels))
+    return CellSpec(
+        limits=limits_from_cell(cell),
+        isolate_process=cell.isolate_process,
+        isolate_network=cell.isolate_network,
+        labels=labels,
     )
-    return Allocation(name, spec)
+
+
+def update(request: pb.CellServiceUpdateRequest) -> Allocation:
+    """The cell to change in place and what it should become."""
+    with blamed("cell.name"):
+        name = CellName.parse(request.cell.name)
+    return Allocation(name, cell_spec(request.cell))
 
 
 def cell_to_free(request: pb.CellServiceFreeRequest) -> CellName:

@@ -36,6 +36,7 @@ class OutputFollow:
     channels: tuple[str, ...]
     batch_lines: int  # lines per response at most
     batched: bool  # into `items` (aurae-py) rather than one `item` per response (Aurae v0)
+    replay_only: bool = False  # end after what was written before the call
 
 
 def output_follow(request: pb.GetSubProcessStreamRequest) -> OutputFollow:
@@ -61,7 +62,7 @@ def output_follow(request: pb.GetSubProcessStreamRequest) -> OutputFollow:
                               field="channel_type")
     return OutputFollow(request.process_id or None, cell, executable, channels,
                         request.max_batch_lines or DEFAULT_BATCH_LINES,
-                        request.max_batch_lines > 0)
+                        request.max_batch_lines > 0, request.replay_only)
 
 
 def workload_filter(workload: pb.Workload) -> CellName | None:

@@ -103,3 +103,34 @@ def test_async_fanout_uses_top_level_await(daemon: DaemonProcess, client: aurae_
         "job1 exited with 1", "job2 exited with 2", "job3 exited with 3"]
     assert no_cells(client)
 
+
+
+def test_ci_pipeline_deploys_smoke_tests_collects_logs_and_tears_down(
+        daemon: DaemonProcess, client: aurae_sdk.Client, tmp_path: Path) -> None:
+    output = run_example(daemon, "ci_pipeline.py", "--artifacts", str(tmp_path))
+    lines = output.splitlines()
+    assert lines[0] == ("deploy: Plan: 3 to create, 0 to update, 0 to replace, 0 to delete, "
+                        "0 unchanged.")
+    assert lines[1].startswith("health: serving on 127.0.0.1:")
+    assert lines[2] == "smoke: /healthz answered 'ok', cpu.max 50000: pass"
+    log = tmp_path / "ci-site.web.log"
+    assert lines[3] == f"logs: saved {log}"
+    assert lines[4] == "teardown: freed ci-site"
+    # http.server logs each request to stderr: the health polls and the smoke test are there.
+    assert '"GET /healthz HTTP/1.1" 200' in log.read_text()
+    assert no_cells(client)
+    assert not list(Path("/tmp").glob("ci-site-*"))  # its scratch site went with it
+    assert not any((d / "ci-site").exists() for d in cgroup_dirs(daemon.cgroup_root))
+
+
+def test_ci_pipeline_fails_and_still_tears_down(daemon: DaemonProcess, client: aurae_sdk.Client,
+                                                tmp_path: Path) -> None:
+    env = {**os.environ, "AURAE_CONFIG": daemon.config,
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    result = subprocess.run([str(EXAMPLES / "ci_pipeline.py"), "--artifacts", str(tmp_path),
+                             "--expect", "wrong"], env=env, capture_output=True, text=True,
+                            timeout=120, check=False)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "smoke: /healthz answered 'ok', expected 'wrong': FAIL" in result.stdout
+    assert "teardown: freed ci-site" in result.stdout
+    assert no_cells(client)

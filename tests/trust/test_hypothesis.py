@@ -164,6 +164,12 @@ def message_strategy(descriptor: Descriptor, depth: int = 0) -> st.SearchStrateg
     always: dict[str, st.SearchStrategy[Any]] = {}
     maybe: dict[str, st.SearchStrategy[Any]] = {}
     for fd in descriptor.fields:
+        entry = fd.message_type if fd.type == FieldDescriptor.TYPE_MESSAGE else None
+        if entry is not None and entry.GetOptions().map_entry:
+            always[fd.name] = st.dictionaries(field_strategy(entry.fields_by_name["key"], depth),
+                                              field_strategy(entry.fields_by_name["value"], depth),
+                                              max_size=3)
+            continue
         strategy = field_strategy(fd, depth)
         if fd.is_repeated:
             always[fd.name] = st.lists(strategy, max_size=3)

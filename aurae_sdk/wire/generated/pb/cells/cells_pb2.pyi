@@ -440,12 +440,33 @@ class Cell(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     NAME_FIELD_NUMBER: _builtins.int
     CPU_FIELD_NUMBER: _builtins.int
     CPUSET_FIELD_NUMBER: _builtins.int
     MEMORY_FIELD_NUMBER: _builtins.int
     ISOLATE_PROCESS_FIELD_NUMBER: _builtins.int
     ISOLATE_NETWORK_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Path name of the cell: DNS labels joined by "/", where each label
     before the last names an existing ancestor cell.
@@ -468,6 +489,14 @@ class Cell(_message.Message):
     def memory(self) -> Global___MemoryController:
         """Memory limits."""
 
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """aurae-py addition: labels recording who owns the cell and why, such as
+        "aurae-py.io/owner". A key is a name of 1-63 letters, digits, '-', '_'
+        and '.' (starting and ending with a letter or digit), optionally after a
+        DNS-name prefix and '/'; a value is empty or such a name. At most 64.
+        """
+
     def __init__(
         self,
         *,
@@ -477,10 +506,11 @@ class Cell(_message.Message):
         memory: Global___MemoryController | None = ...,
         isolate_process: _builtins.bool = ...,
         isolate_network: _builtins.bool = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cpu", b"cpu", "cpuset", b"cpuset", "memory", b"memory"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu", b"cpu", "cpuset", b"cpuset", "isolate_network", b"isolate_network", "isolate_process", b"isolate_process", "memory", b"memory", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu", b"cpu", "cpuset", b"cpuset", "isolate_network", b"isolate_network", "isolate_process", b"isolate_process", "labels", b"labels", "memory", b"memory", "name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -612,9 +642,13 @@ class CpuController(_message.Message):
     weight: _builtins.int
     """Relative share of CPU time, 1 to 10000; 100 is the kernel's default."""
     max: _builtins.int
-    """Microseconds of CPU time the cell may use in each period."""
+    """Microseconds of CPU time the cell may use in each period, 1000 to
+    2^44-1; 50000 with the default period is half a CPU.
+    """
     period: _builtins.int
-    """Length of the accounting period in microseconds; 100000 by default."""
+    """Length of the accounting period in microseconds, 1000 to 1000000;
+    100000 by default.
+    """
     def __init__(
         self,
         *,
@@ -685,13 +719,17 @@ class MemoryController(_message.Message):
     HIGH_FIELD_NUMBER: _builtins.int
     MAX_FIELD_NUMBER: _builtins.int
     min: _builtins.int
-    """Memory that is never reclaimed from the cell (cgroup v2 only)."""
+    """Memory in bytes that is never reclaimed from the cell (cgroup v2 only)."""
     low: _builtins.int
-    """Memory that is reclaimed from the cell only under pressure."""
+    """Memory in bytes that is reclaimed from the cell only under pressure."""
     high: _builtins.int
-    """Above this the cell is throttled and reclaimed hard (cgroup v2 only)."""
+    """Bytes above which the cell is throttled and reclaimed hard (cgroup v2
+    only).
+    """
     max: _builtins.int
-    """Hard limit; above it the kernel's OOM killer acts inside the cell."""
+    """Hard limit in bytes; above it the kernel's OOM killer acts inside the
+    cell.
+    """
     def __init__(
         self,
         *,
@@ -1040,3 +1078,53 @@ class CellMetrics(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__pids_current) -> _WhichOneofReturnType__pids_current | None: ...
 
 Global___CellMetrics: _TypeAlias = CellMetrics  # noqa: Y015
+
+@_typing.final
+class CellServiceUpdateRequest(_message.Message):
+    """aurae-py addition: input of Update."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CELL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def cell(self) -> Global___Cell:
+        """The cell as it should be: its name, the limits it keeps (all of them,
+        new values included), the same isolation, and the labels it now has.
+        """
+
+    def __init__(
+        self,
+        *,
+        cell: Global___Cell | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cell", b"cell"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cell", b"cell"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CellServiceUpdateRequest: _TypeAlias = CellServiceUpdateRequest  # noqa: Y015
+
+@_typing.final
+class CellServiceUpdateResponse(_message.Message):
+    """aurae-py addition: result of Update."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CELL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def cell(self) -> Global___Cell:
+        """The cell as it is now."""
+
+    def __init__(
+        self,
+        *,
+        cell: Global___Cell | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cell", b"cell"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cell", b"cell"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CellServiceUpdateResponse: _TypeAlias = CellServiceUpdateResponse  # noqa: Y015

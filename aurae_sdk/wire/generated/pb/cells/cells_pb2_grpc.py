@@ -72,6 +72,11 @@ class CellServiceStub:
                 request_serializer=cells_dot_cells__pb2.CellServiceMetricsRequest.SerializeToString,
                 response_deserializer=cells_dot_cells__pb2.CellServiceMetricsResponse.FromString,
                 _registered_method=True)
+        self.Update = channel.unary_unary(
+                '/aurae.cells.v0.CellService/Update',
+                request_serializer=cells_dot_cells__pb2.CellServiceUpdateRequest.SerializeToString,
+                response_deserializer=cells_dot_cells__pb2.CellServiceUpdateResponse.FromString,
+                _registered_method=True)
 
 
 class CellServiceServicer:
@@ -134,6 +139,16 @@ class CellServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Update(self, request, context):
+        """aurae-py addition: change a cell in place: its limits and its labels.
+        Limits given are written to the running cgroup; a limit the cell has but
+        the request leaves unset, or a different isolation, cannot change in
+        place (FAILED_PRECONDITION): free the cell and allocate it again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CellServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -171,6 +186,11 @@ def add_CellServiceServicer_to_server(servicer, server):
                     servicer.Metrics,
                     request_deserializer=cells_dot_cells__pb2.CellServiceMetricsRequest.FromString,
                     response_serializer=cells_dot_cells__pb2.CellServiceMetricsResponse.SerializeToString,
+            ),
+            'Update': grpc.unary_unary_rpc_method_handler(
+                    servicer.Update,
+                    request_deserializer=cells_dot_cells__pb2.CellServiceUpdateRequest.FromString,
+                    response_serializer=cells_dot_cells__pb2.CellServiceUpdateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -364,6 +384,33 @@ class CellService:
             '/aurae.cells.v0.CellService/Metrics',
             cells_dot_cells__pb2.CellServiceMetricsRequest.SerializeToString,
             cells_dot_cells__pb2.CellServiceMetricsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Update(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aurae.cells.v0.CellService/Update',
+            cells_dot_cells__pb2.CellServiceUpdateRequest.SerializeToString,
+            cells_dot_cells__pb2.CellServiceUpdateResponse.FromString,
             options,
             channel_credentials,
             insecure,

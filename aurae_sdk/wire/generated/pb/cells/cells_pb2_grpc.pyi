@@ -66,6 +66,12 @@ class CellServiceStub:
     """aurae-py addition: what cells use, read from their cgroups at the call:
     CPU time and throttling, memory now and at its peak, processes, OOM kills.
     """
+    Update: _grpc.UnaryUnaryMultiCallable[_cells_pb2.CellServiceUpdateRequest, _cells_pb2.CellServiceUpdateResponse]
+    """aurae-py addition: change a cell in place: its limits and its labels.
+    Limits given are written to the running cgroup; a limit the cell has but
+    the request leaves unset, or a different isolation, cannot change in
+    place (FAILED_PRECONDITION): free the cell and allocate it again.
+    """
 
 @_typing.type_check_only
 class CellServiceAsyncStub(CellServiceStub):
@@ -99,6 +105,12 @@ class CellServiceAsyncStub(CellServiceStub):
     Metrics: _aio.UnaryUnaryMultiCallable[_cells_pb2.CellServiceMetricsRequest, _cells_pb2.CellServiceMetricsResponse]  # type: ignore[assignment]
     """aurae-py addition: what cells use, read from their cgroups at the call:
     CPU time and throttling, memory now and at its peak, processes, OOM kills.
+    """
+    Update: _aio.UnaryUnaryMultiCallable[_cells_pb2.CellServiceUpdateRequest, _cells_pb2.CellServiceUpdateResponse]  # type: ignore[assignment]
+    """aurae-py addition: change a cell in place: its limits and its labels.
+    Limits given are written to the running cgroup; a limit the cell has but
+    the request leaves unset, or a different isolation, cannot change in
+    place (FAILED_PRECONDITION): free the cell and allocate it again.
     """
 
 class CellServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -172,6 +184,18 @@ class CellServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_cells_pb2.CellServiceMetricsResponse, _abc.Awaitable[_cells_pb2.CellServiceMetricsResponse]]:
         """aurae-py addition: what cells use, read from their cgroups at the call:
         CPU time and throttling, memory now and at its peak, processes, OOM kills.
+        """
+
+    @_abc_1.abstractmethod
+    def Update(
+        self,
+        request: _cells_pb2.CellServiceUpdateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_cells_pb2.CellServiceUpdateResponse, _abc.Awaitable[_cells_pb2.CellServiceUpdateResponse]]:
+        """aurae-py addition: change a cell in place: its limits and its labels.
+        Limits given are written to the running cgroup; a limit the cell has but
+        the request leaves unset, or a different isolation, cannot change in
+        place (FAILED_PRECONDITION): free the cell and allocate it again.
         """
 
 def add_CellServiceServicer_to_server(servicer: CellServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -25,47 +25,47 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15observe/observe.proto\x12\x10\x61urae.observe.v0\" \n\x1eGetAuraeDaemonLogStreamRequest\"J\n\x1fGetAuraeDaemonLogStreamResponse\x12\'\n\x04item\x18\x01 \x01(\x0b\x32\x19.aurae.observe.v0.LogItem\"\xbb\x01\n\x1aGetSubProcessStreamRequest\x12\x36\n\x0c\x63hannel_type\x18\x01 \x01(\x0e\x32 .aurae.observe.v0.LogChannelType\x12\x12\n\nprocess_id\x18\x02 \x01(\x05\x12\x17\n\x0fmax_batch_lines\x18\x03 \x01(\r\x12\x38\n\nexecutable\x18\n \x01(\x0b\x32$.aurae.observe.v0.ExecutableSelector\"S\n\x12\x45xecutableSelector\x12\x16\n\tcell_name\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x17\n\x0f\x65xecutable_name\x18\x02 \x01(\tB\x0c\n\n_cell_name\"p\n\x1bGetSubProcessStreamResponse\x12\'\n\x04item\x18\x01 \x01(\x0b\x32\x19.aurae.observe.v0.LogItem\x12(\n\x05items\x18\x02 \x03(\x0b\x32\x19.aurae.observe.v0.LogItem\"L\n\x1cGetPosixSignalsStreamRequest\x12,\n\x08workload\x18\x01 \x01(\x0b\x32\x1a.aurae.observe.v0.Workload\"I\n\x1dGetPosixSignalsStreamResponse\x12(\n\x06signal\x18\x01 \x01(\x0b\x32\x18.aurae.observe.v0.Signal\"M\n\x08Workload\x12\x35\n\rworkload_type\x18\x01 \x01(\x0e\x32\x1e.aurae.observe.v0.WorkloadType\x12\n\n\x02id\x18\x02 \x01(\t\"k\n\x06Signal\x12\x0e\n\x06signal\x18\x01 \x01(\x05\x12\x12\n\nprocess_id\x18\x02 \x01(\x05\x12\x11\n\tcell_name\x18\x03 \x01(\t\x12\x17\n\x0f\x65xecutable_name\x18\x04 \x01(\t\x12\x11\n\ttimestamp\x18\x05 \x01(\x03\";\n\x07LogItem\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\x12\x0c\n\x04line\x18\x02 \x01(\t\x12\x11\n\ttimestamp\x18\x03 \x01(\x03\"\x87\x01\n\x15GetEventStreamRequest\x12\x16\n\x0e\x61\x66ter_sequence\x18\x01 \x01(\x04\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\x12\x18\n\x10max_batch_events\x18\x03 \x01(\r\x12,\n\x08workload\x18\x04 \x01(\x0b\x32\x1a.aurae.observe.v0.Workload\"O\n\x16GetEventStreamResponse\x12\'\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x17.aurae.observe.v0.Event\x12\x0c\n\x04lost\x18\x02 \x01(\x04\"\x83\x03\n\x05\x45vent\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x11\n\ttimestamp\x18\x02 \x01(\x01\x12)\n\x04kind\x18\x03 \x01(\x0e\x32\x1b.aurae.observe.v0.EventKind\x12\x11\n\tcell_name\x18\x04 \x01(\t\x12\x17\n\x0f\x65xecutable_name\x18\x05 \x01(\t\x12\x0b\n\x03pid\x18\x06 \x01(\x05\x12\x10\n\x08host_pid\x18\x07 \x01(\x05\x12\x16\n\texit_code\x18\x08 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x06signal\x18\t \x01(\x05H\x01\x88\x01\x01\x12\x12\n\noom_killed\x18\n \x01(\x08\x12\x15\n\rrestart_count\x18\x0b \x01(\r\x12\x18\n\x10restart_delay_ms\x18\x0c \x01(\r\x12\x11\n\toom_kills\x18\r \x01(\x04\x12\x12\n\ncleaned_up\x18\x0e \x01(\x08\x12-\n\x06\x64\x61\x65mon\x18\x0f \x01(\x0b\x32\x1d.aurae.observe.v0.DaemonEventB\x0c\n\n_exit_codeB\t\n\x07_signal\"\xa8\x01\n\x0b\x44\x61\x65monEvent\x12\x0f\n\x07version\x18\x01 \x01(\t\x12 \n\x18previous_stopped_cleanly\x18\x02 \x01(\x08\x12\x15\n\rcleaned_cells\x18\x03 \x03(\t\x12\x1b\n\x13\x63leaned_executables\x18\x04 \x03(\t\x12\x15\n\radopted_cells\x18\x05 \x03(\t\x12\x1b\n\x13\x61\x64opted_executables\x18\x06 \x03(\t*l\n\x0eLogChannelType\x12 \n\x1cLOG_CHANNEL_TYPE_UNSPECIFIED\x10\x00\x12\x1b\n\x17LOG_CHANNEL_TYPE_STDOUT\x10\x01\x12\x1b\n\x17LOG_CHANNEL_TYPE_STDERR\x10\x02*z\n\x0cWorkloadType\x12\x1d\n\x19WORKLOAD_TYPE_UNSPECIFIED\x10\x00\x12\x16\n\x12WORKLOAD_TYPE_CELL\x10\x01\x12\x1d\n\x19WORKLOAD_TYPE_POD_SANDBOX\x10\x02\x12\x14\n\x10WORKLOAD_TYPE_VM\x10\x03*\x96\x03\n\tEventKind\x12\x1a\n\x16\x45VENT_KIND_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x45VENT_KIND_DAEMON_STARTED\x10\x01\x12\x1f\n\x1b\x45VENT_KIND_DAEMON_RESTARTED\x10\x02\x12\x1d\n\x19\x45VENT_KIND_DAEMON_STOPPED\x10\x03\x12\x1d\n\x19\x45VENT_KIND_CELL_ALLOCATED\x10\n\x12\x19\n\x15\x45VENT_KIND_CELL_FREED\x10\x0b\x12\x1c\n\x18\x45VENT_KIND_CELL_OOM_KILL\x10\x0c\x12!\n\x1d\x45VENT_KIND_EXECUTABLE_STARTED\x10\x14\x12 \n\x1c\x45VENT_KIND_EXECUTABLE_EXITED\x10\x15\x12!\n\x1d\x45VENT_KIND_EXECUTABLE_STOPPED\x10\x16\x12#\n\x1f\x45VENT_KIND_EXECUTABLE_RESTARTED\x10\x17\x12)\n%EVENT_KIND_EXECUTABLE_START_LIMIT_HIT\x10\x18\x32\xec\x03\n\x0eObserveService\x12\x80\x01\n\x17GetAuraeDaemonLogStream\x12\x30.aurae.observe.v0.GetAuraeDaemonLogStreamRequest\x1a\x31.aurae.observe.v0.GetAuraeDaemonLogStreamResponse0\x01\x12t\n\x13GetSubProcessStream\x12,.aurae.observe.v0.GetSubProcessStreamRequest\x1a-.aurae.observe.v0.GetSubProcessStreamResponse0\x01\x12z\n\x15GetPosixSignalsStream\x12..aurae.observe.v0.GetPosixSignalsStreamRequest\x1a/.aurae.observe.v0.GetPosixSignalsStreamResponse0\x01\x12\x65\n\x0eGetEventStream\x12\'.aurae.observe.v0.GetEventStreamRequest\x1a(.aurae.observe.v0.GetEventStreamResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15observe/observe.proto\x12\x10\x61urae.observe.v0\" \n\x1eGetAuraeDaemonLogStreamRequest\"J\n\x1fGetAuraeDaemonLogStreamResponse\x12\'\n\x04item\x18\x01 \x01(\x0b\x32\x19.aurae.observe.v0.LogItem\"\xd0\x01\n\x1aGetSubProcessStreamRequest\x12\x36\n\x0c\x63hannel_type\x18\x01 \x01(\x0e\x32 .aurae.observe.v0.LogChannelType\x12\x12\n\nprocess_id\x18\x02 \x01(\x05\x12\x17\n\x0fmax_batch_lines\x18\x03 \x01(\r\x12\x38\n\nexecutable\x18\n \x01(\x0b\x32$.aurae.observe.v0.ExecutableSelector\x12\x13\n\x0breplay_only\x18\x0c \x01(\x08\"S\n\x12\x45xecutableSelector\x12\x16\n\tcell_name\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x17\n\x0f\x65xecutable_name\x18\x02 \x01(\tB\x0c\n\n_cell_name\"p\n\x1bGetSubProcessStreamResponse\x12\'\n\x04item\x18\x01 \x01(\x0b\x32\x19.aurae.observe.v0.LogItem\x12(\n\x05items\x18\x02 \x03(\x0b\x32\x19.aurae.observe.v0.LogItem\"L\n\x1cGetPosixSignalsStreamRequest\x12,\n\x08workload\x18\x01 \x01(\x0b\x32\x1a.aurae.observe.v0.Workload\"I\n\x1dGetPosixSignalsStreamResponse\x12(\n\x06signal\x18\x01 \x01(\x0b\x32\x18.aurae.observe.v0.Signal\"M\n\x08Workload\x12\x35\n\rworkload_type\x18\x01 \x01(\x0e\x32\x1e.aurae.observe.v0.WorkloadType\x12\n\n\x02id\x18\x02 \x01(\t\"k\n\x06Signal\x12\x0e\n\x06signal\x18\x01 \x01(\x05\x12\x12\n\nprocess_id\x18\x02 \x01(\x05\x12\x11\n\tcell_name\x18\x03 \x01(\t\x12\x17\n\x0f\x65xecutable_name\x18\x04 \x01(\t\x12\x11\n\ttimestamp\x18\x05 \x01(\x03\";\n\x07LogItem\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\x12\x0c\n\x04line\x18\x02 \x01(\t\x12\x11\n\ttimestamp\x18\x03 \x01(\x03\"\x87\x01\n\x15GetEventStreamRequest\x12\x16\n\x0e\x61\x66ter_sequence\x18\x01 \x01(\x04\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\x12\x18\n\x10max_batch_events\x18\x03 \x01(\r\x12,\n\x08workload\x18\x04 \x01(\x0b\x32\x1a.aurae.observe.v0.Workload\"O\n\x16GetEventStreamResponse\x12\'\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x17.aurae.observe.v0.Event\x12\x0c\n\x04lost\x18\x02 \x01(\x04\"\x83\x03\n\x05\x45vent\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x11\n\ttimestamp\x18\x02 \x01(\x01\x12)\n\x04kind\x18\x03 \x01(\x0e\x32\x1b.aurae.observe.v0.EventKind\x12\x11\n\tcell_name\x18\x04 \x01(\t\x12\x17\n\x0f\x65xecutable_name\x18\x05 \x01(\t\x12\x0b\n\x03pid\x18\x06 \x01(\x05\x12\x10\n\x08host_pid\x18\x07 \x01(\x05\x12\x16\n\texit_code\x18\x08 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x06signal\x18\t \x01(\x05H\x01\x88\x01\x01\x12\x12\n\noom_killed\x18\n \x01(\x08\x12\x15\n\rrestart_count\x18\x0b \x01(\r\x12\x18\n\x10restart_delay_ms\x18\x0c \x01(\r\x12\x11\n\toom_kills\x18\r \x01(\x04\x12\x12\n\ncleaned_up\x18\x0e \x01(\x08\x12-\n\x06\x64\x61\x65mon\x18\x0f \x01(\x0b\x32\x1d.aurae.observe.v0.DaemonEventB\x0c\n\n_exit_codeB\t\n\x07_signal\"\xa8\x01\n\x0b\x44\x61\x65monEvent\x12\x0f\n\x07version\x18\x01 \x01(\t\x12 \n\x18previous_stopped_cleanly\x18\x02 \x01(\x08\x12\x15\n\rcleaned_cells\x18\x03 \x03(\t\x12\x1b\n\x13\x63leaned_executables\x18\x04 \x03(\t\x12\x15\n\radopted_cells\x18\x05 \x03(\t\x12\x1b\n\x13\x61\x64opted_executables\x18\x06 \x03(\t*l\n\x0eLogChannelType\x12 \n\x1cLOG_CHANNEL_TYPE_UNSPECIFIED\x10\x00\x12\x1b\n\x17LOG_CHANNEL_TYPE_STDOUT\x10\x01\x12\x1b\n\x17LOG_CHANNEL_TYPE_STDERR\x10\x02*z\n\x0cWorkloadType\x12\x1d\n\x19WORKLOAD_TYPE_UNSPECIFIED\x10\x00\x12\x16\n\x12WORKLOAD_TYPE_CELL\x10\x01\x12\x1d\n\x19WORKLOAD_TYPE_POD_SANDBOX\x10\x02\x12\x14\n\x10WORKLOAD_TYPE_VM\x10\x03*\x96\x03\n\tEventKind\x12\x1a\n\x16\x45VENT_KIND_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x45VENT_KIND_DAEMON_STARTED\x10\x01\x12\x1f\n\x1b\x45VENT_KIND_DAEMON_RESTARTED\x10\x02\x12\x1d\n\x19\x45VENT_KIND_DAEMON_STOPPED\x10\x03\x12\x1d\n\x19\x45VENT_KIND_CELL_ALLOCATED\x10\n\x12\x19\n\x15\x45VENT_KIND_CELL_FREED\x10\x0b\x12\x1c\n\x18\x45VENT_KIND_CELL_OOM_KILL\x10\x0c\x12!\n\x1d\x45VENT_KIND_EXECUTABLE_STARTED\x10\x14\x12 \n\x1c\x45VENT_KIND_EXECUTABLE_EXITED\x10\x15\x12!\n\x1d\x45VENT_KIND_EXECUTABLE_STOPPED\x10\x16\x12#\n\x1f\x45VENT_KIND_EXECUTABLE_RESTARTED\x10\x17\x12)\n%EVENT_KIND_EXECUTABLE_START_LIMIT_HIT\x10\x18\x32\xec\x03\n\x0eObserveService\x12\x80\x01\n\x17GetAuraeDaemonLogStream\x12\x30.aurae.observe.v0.GetAuraeDaemonLogStreamRequest\x1a\x31.aurae.observe.v0.GetAuraeDaemonLogStreamResponse0\x01\x12t\n\x13GetSubProcessStream\x12,.aurae.observe.v0.GetSubProcessStreamRequest\x1a-.aurae.observe.v0.GetSubProcessStreamResponse0\x01\x12z\n\x15GetPosixSignalsStream\x12..aurae.observe.v0.GetPosixSignalsStreamRequest\x1a/.aurae.observe.v0.GetPosixSignalsStreamResponse0\x01\x12\x65\n\x0eGetEventStream\x12\'.aurae.observe.v0.GetEventStreamRequest\x1a(.aurae.observe.v0.GetEventStreamResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'aurae_sdk.wire.generated.pb.observe.observe_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LOGCHANNELTYPE']._serialized_start=1724
-  _globals['_LOGCHANNELTYPE']._serialized_end=1832
-  _globals['_WORKLOADTYPE']._serialized_start=1834
-  _globals['_WORKLOADTYPE']._serialized_end=1956
-  _globals['_EVENTKIND']._serialized_start=1959
-  _globals['_EVENTKIND']._serialized_end=2365
+  _globals['_LOGCHANNELTYPE']._serialized_start=1745
+  _globals['_LOGCHANNELTYPE']._serialized_end=1853
+  _globals['_WORKLOADTYPE']._serialized_start=1855
+  _globals['_WORKLOADTYPE']._serialized_end=1977
+  _globals['_EVENTKIND']._serialized_start=1980
+  _globals['_EVENTKIND']._serialized_end=2386
   _globals['_GETAURAEDAEMONLOGSTREAMREQUEST']._serialized_start=43
   _globals['_GETAURAEDAEMONLOGSTREAMREQUEST']._serialized_end=75
   _globals['_GETAURAEDAEMONLOGSTREAMRESPONSE']._serialized_start=77
   _globals['_GETAURAEDAEMONLOGSTREAMRESPONSE']._serialized_end=151
   _globals['_GETSUBPROCESSSTREAMREQUEST']._serialized_start=154
-  _globals['_GETSUBPROCESSSTREAMREQUEST']._serialized_end=341
-  _globals['_EXECUTABLESELECTOR']._serialized_start=343
-  _globals['_EXECUTABLESELECTOR']._serialized_end=426
-  _globals['_GETSUBPROCESSSTREAMRESPONSE']._serialized_start=428
-  _globals['_GETSUBPROCESSSTREAMRESPONSE']._serialized_end=540
-  _globals['_GETPOSIXSIGNALSSTREAMREQUEST']._serialized_start=542
-  _globals['_GETPOSIXSIGNALSSTREAMREQUEST']._serialized_end=618
-  _globals['_GETPOSIXSIGNALSSTREAMRESPONSE']._serialized_start=620
-  _globals['_GETPOSIXSIGNALSSTREAMRESPONSE']._serialized_end=693
-  _globals['_WORKLOAD']._serialized_start=695
-  _globals['_WORKLOAD']._serialized_end=772
-  _globals['_SIGNAL']._serialized_start=774
-  _globals['_SIGNAL']._serialized_end=881
-  _globals['_LOGITEM']._serialized_start=883
-  _globals['_LOGITEM']._serialized_end=942
-  _globals['_GETEVENTSTREAMREQUEST']._serialized_start=945
-  _globals['_GETEVENTSTREAMREQUEST']._serialized_end=1080
-  _globals['_GETEVENTSTREAMRESPONSE']._serialized_start=1082
-  _globals['_GETEVENTSTREAMRESPONSE']._serialized_end=1161
-  _globals['_EVENT']._serialized_start=1164
-  _globals['_EVENT']._serialized_end=1551
-  _globals['_DAEMONEVENT']._serialized_start=1554
-  _globals['_DAEMONEVENT']._serialized_end=1722
-  _globals['_OBSERVESERVICE']._serialized_start=2368
-  _globals['_OBSERVESERVICE']._serialized_end=2860
+  _globals['_GETSUBPROCESSSTREAMREQUEST']._serialized_end=362
+  _globals['_EXECUTABLESELECTOR']._serialized_start=364
+  _globals['_EXECUTABLESELECTOR']._serialized_end=447
+  _globals['_GETSUBPROCESSSTREAMRESPONSE']._serialized_start=449
+  _globals['_GETSUBPROCESSSTREAMRESPONSE']._serialized_end=561
+  _globals['_GETPOSIXSIGNALSSTREAMREQUEST']._serialized_start=563
+  _globals['_GETPOSIXSIGNALSSTREAMREQUEST']._serialized_end=639
+  _globals['_GETPOSIXSIGNALSSTREAMRESPONSE']._serialized_start=641
+  _globals['_GETPOSIXSIGNALSSTREAMRESPONSE']._serialized_end=714
+  _globals['_WORKLOAD']._serialized_start=716
+  _globals['_WORKLOAD']._serialized_end=793
+  _globals['_SIGNAL']._serialized_start=795
+  _globals['_SIGNAL']._serialized_end=902
+  _globals['_LOGITEM']._serialized_start=904
+  _globals['_LOGITEM']._serialized_end=963
+  _globals['_GETEVENTSTREAMREQUEST']._serialized_start=966
+  _globals['_GETEVENTSTREAMREQUEST']._serialized_end=1101
+  _globals['_GETEVENTSTREAMRESPONSE']._serialized_start=1103
+  _globals['_GETEVENTSTREAMRESPONSE']._serialized_end=1182
+  _globals['_EVENT']._serialized_start=1185
+  _globals['_EVENT']._serialized_end=1572
+  _globals['_DAEMONEVENT']._serialized_start=1575
+  _globals['_DAEMONEVENT']._serialized_end=1743
+  _globals['_OBSERVESERVICE']._serialized_start=2389
+  _globals['_OBSERVESERVICE']._serialized_end=2881
 # @@protoc_insertion_point(module_scope)

@@ -203,6 +203,7 @@ class GetSubProcessStreamRequest(_message.Message):
     PROCESS_ID_FIELD_NUMBER: _builtins.int
     MAX_BATCH_LINES_FIELD_NUMBER: _builtins.int
     EXECUTABLE_FIELD_NUMBER: _builtins.int
+    REPLAY_ONLY_FIELD_NUMBER: _builtins.int
     channel_type: Global___LogChannelType.ValueType
     """Which output to follow; unspecified follows both."""
     process_id: _builtins.int
@@ -214,6 +215,11 @@ class GetSubProcessStreamRequest(_message.Message):
     """aurae-py addition: pack up to this many lines into each response's
     items field instead of one line per response. 0 keeps one line per
     response, as public Aurae clients expect.
+    """
+    replay_only: _builtins.bool
+    """aurae-py addition: send only what the process has written so far (stdout
+    and stderr merged in time order), then end the stream instead of
+    following it.
     """
     @_builtins.property
     def executable(self) -> Global___ExecutableSelector:
@@ -229,10 +235,11 @@ class GetSubProcessStreamRequest(_message.Message):
         process_id: _builtins.int = ...,
         max_batch_lines: _builtins.int = ...,
         executable: Global___ExecutableSelector | None = ...,
+        replay_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["executable", b"executable"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel_type", b"channel_type", "executable", b"executable", "max_batch_lines", b"max_batch_lines", "process_id", b"process_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel_type", b"channel_type", "executable", b"executable", "max_batch_lines", b"max_batch_lines", "process_id", b"process_id", "replay_only", b"replay_only"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

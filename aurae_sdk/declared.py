@@ -1,0 +1,646 @@
+"""Declared state, applied: what a node should run, the plan that gets it there, and its execution.
+
+One engine, two front ends. A script builds a `Node` in Python (loops and functions welcome); a
+manifest (`aurae_sdk.manifest`) builds the same `Node` from YAML. Either way
+
+    plan = aurae_sdk.plan(client, node)         # what would change, changes nothing
+    aurae_sdk.apply(client, node, prune=True)   # make it so; returns the plan it carried out
+    aurae_sdk.delete(client, node)              # remove what the node declares
+
+The node itself records who owns what, in the labels of each cell: `aurae-py.io/owner` names the
+owner (a manifest, a CI job), and `exe.aurae-py.io/<executable>` records the spec each executable
+was started with (uid, gid and a digest of its command line). So two operators, or two CI runs,
+planning against the same node see the same truth, and `prune` removes only cells this owner made.
+
+What the node can change in place (limits, labels) is an update; what it cannot (isolation, a limit
+going back to unset, an executable's command) is a replace: free and allocate again, or stop and
+start again. The plan says which, and why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from aurae_sdk.errors import AuraeError, NotFound
+from aurae_sdk.units import format_bytes, parse_bytes
+
+if TYPE_CHECKING:
+    from aurae_sdk.client import Client
+    from aurae_sdk.wire.generated.pb.cells import cells_pb2
+
+OWNER_LABEL = "aurae-py.io/owner"
+EXECUTABLE_LABEL_PREFIX = "exe.aurae-py.io/"
+RESERVED_LABEL_DOMAIN = "aurae-py.io"
+
+Action = Literal["create", "update", "replace", "delete", "no-op"]
+Kind = Literal["cell", "executable"]
+
+# Limits in the API's dotted terms, in the order plans show them.
+LIMITS = ("cpu.weight", "cpu.max", "cpu.period", "cpuset.cpus", "cpuset.mems",
+          "memory.min", "memory.low", "memory.high", "memory.max")
+_MEMORY = frozenset(name for name in LIMITS if name.startswith("memory."))
+
+
+class DeclaredStateError(ValueError):
+    """The declared state is invalid, or the node holds something it must not take over.
+
+    `source` is where it was declared (`file:line` for manifests), when known.
+    """
+
+    def __init__(self, message: str, source: Source | None = None) -> None:
+        super().__init__(f"{source}: {message}" if source else message)
+        self.source = source
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where something was declared: a manifest file and line (1-based)."""
+
+    file: str
+    line: int
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}"
+
+
+@dataclass(frozen=True)
+class Executable:
+    """A process a cell should run: a shell command line under a name unique in its cell."""
+
+    name: str
+    command: str
+    uid: int | None = None
+    gid: int | None = None
+    description: str = ""
+    source: Source | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def record(self) -> str:
+        """The label value recording this spec on the node: uid.gid.digest (x: unset)."""
+        digest = hashlib.sha256(f"{self.command}\0{self.description}".encode()).hexdigest()[:16]
+        uid = "x" if self.uid is None else str(self.uid)
+        gid = "x" if self.gid is None else str(self.gid)
+        return f"{uid}.{gid}.{digest}"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """A cell the node should have. `name` is one label; nested `cells` live inside it.
+
+    Limits use the API's units: CPU in microseconds per period, memory in bytes (or "256M").
+    """
+
+    name: str
+    cpu_weight: int | None = None
+    cpu_max: int | None = None
+    cpu_period: int | None = None
+    cpuset_cpus: str | None = None
+    cpuset_mems: str | None = None
+    memory_min: int | str | None = None
+    memory_low: int | str | None = None
+    memory_high: int | str | None = None
+    memory_max: int | str | None = None
+    isolate_process: bool = False
+    isolate_network: bool = False
+    labels: Mapping[str, str] = field(default_factory=dict)
+    executables: Sequence[Executable] = ()
+    cells: Sequence[Cell] = ()
+    source: Source | None = field(default=None, compare=False, repr=False)
+    # Where each field was declared ("memory.max" -> Source), so a node's error names its line.
+    field_sources: Mapping[str, Source] = field(default_factory=dict, compare=False, repr=False)
+
+    def limits(self) -> dict[str, int | str]:
+        """The limits that are set, by dotted name, memory in bytes."""
+        result: dict[str, int | str] = {}
+        for name in LIMITS:
+            value = getattr(self, name.replace(".", "_"))
+            if value is None:
+                continue
+            if name in _MEMORY:
+                try:
+                    value = parse_bytes(value)
+                except (TypeError, ValueError) as error:
+                    raise DeclaredStateError(
+                        f"cell {self.name}: {name}: {error}", self.field_sources.get(name, self.source)
+                    ) from None
+            result[name] = value
+        return result
+
+
+@dataclass(frozen=True)
+class Node:
+    """Everything one owner declares for a node. `owner` is recorded on every cell it makes."""
+
+    owner: str
+    cells: Sequence[Cell] = ()
+    source: Source | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class Change:
+    """One field that differs: its dotted name, the node's value and the declared one."""
+
+    field: str
+    before: Any
+    after: Any
+
+    def __str__(self) -> str:
+        return f"{self.field}: {_show(self.field, self.before)} -> {_show(self.field, self.after)}"
+
+
+@dataclass(frozen=True)
+class Step:
+    """One thing the plan does to one cell or executable."""
+
+    action: Action
+    kind: Kind
+    # A cell's path ("web/worker"), or an executable's cell path and name ("web/worker:app").
+    name: str
+    changes: tuple[Change, ...] = ()
+    reason: str = ""
+    source: Source | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def cell(self) -> str:
+        return self.name.partition(":")[0]
+
+    def __str__(self) -> str:
+        symbol = _SYMBOLS[self.action]
+        text = f"{symbol} {self.action:<8} {self.kind:<10} {self.name}"
+        if self.reason:
+            text += f"  ({self.reason})"
+        return "\n".join([text, *(f"      {change}" for change in self.changes)])
+
+
+_SYMBOLS = {"create": "+", "update": "~", "replace": "±", "delete": "-", "no-op": "="}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The steps that take the node from what it runs to what is declared, in order."""
+
+    owner: str
+    steps: tuple[Step, ...]
+    # Desired cells by path, for the executor (not part of what a plan compares equal on).
+    _cells: Mapping[str, _FlatCell] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def changes(self) -> list[Step]:
+        return [step for step in self.steps if step.action != "no-op"]
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.changes)
+
+    def counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(("create", "update", "replace", "delete", "no-op"), 0)
+        for step in self.steps:
+            counts[step.action] += 1
+        return counts
+
+    def summary(self) -> str:
+        counts = self.counts()
+        if not self.changed:
+            return f"No changes: the node matches ({counts['no-op']} unchanged)."
+        return (f"Plan: {counts['create']} to create, {counts['update']} to update, "
+                f"{counts['replace']} to replace, {counts['delete']} to delete, "
+                f"{counts['no-op']} unchanged.")
+
+    def render(self, *, verbose: bool = False) -> str:
+        """The plan as people read it: one block per change, then the counts."""
+        shown = self.steps if verbose else tuple(self.changes)
+        return "\n".join([*(str(step) for step in shown), self.summary()])
+
+    def __str__(self) -> str:
+        return self.render()
+
+
+# ---------------------------------------------------------------------------------- the node
+
+
+@dataclass(frozen=True)
+class _FlatCell:
+    path: str
+    cell: Cell
+    limits: dict[str, int | str]
+    labels: dict[str, str]  # user labels plus the ownership records
+
+    @property
+    def parent(self) -> str | None:
+        head, _, _ = self.path.rpartition("/")
+        return head or None
+
+
+@dataclass
+class _Observed:
+    cell: cells_pb2.Cell
+    executables: dict[str, cells_pb2.ExecutableStatus]
+
+    @property
+    def path(self) -> str:
+        return self.cell.name
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return dict(self.cell.labels)
+
+    @property
+    def owner(self) -> str | None:
+        return self.cell.labels.get(OWNER_LABEL)
+
+    def limits(self) -> dict[str, int | str]:
+        result: dict[str, int | str] = {}
+        for name in LIMITS:
+            controller, _, attribute = name.partition(".")
+            message = getattr(self.cell, controller)
+            if message.HasField(attribute):
+                result[name] = getattr(message, attribute)
+        return result
+
+
+def observe(client: Client) -> dict[str, _Observed]:
+    """Every cell of the node by path, parents before children."""
+    found: dict[str, _Observed] = {}
+
+    def walk(nodes: Iterator[cells_pb2.CellGraphNode]) -> None:
+        for node in nodes:
+            found[node.cell.name] = _Observed(
+                node.cell, {e.name: e for e in node.executables}
+            )
+            walk(iter(node.children))
+
+    from aurae_sdk.cell_tree import list_cells
+
+    # Every page of List: a plan must see the whole node.
+    walk(iter(list_cells(client)))
+    return found
+
+
+def _flatten(node: Node) -> dict[str, _FlatCell]:
+    if not isinstance(node, Node):
+        raise TypeError(f"expected an aurae_sdk.declared.Node, got {type(node).__name__}")
+    _check_label_value("owner", node.owner, node.source)
+    flat: dict[str, _FlatCell] = {}
+
+    def visit(cell: Cell, parent: str | None) -> None:
+        if not cell.name or "/" in cell.name:
+            raise DeclaredStateError(
+                f"cell name {cell.name!r} must be one name; nest cells with `cells`", cell.source)
+        path = f"{parent}/{cell.name}" if parent else cell.name
+        if path in flat:
+            raise DeclaredStateError(f"cell {path} is declared twice", cell.source)
+        labels = dict(cell.labels)
+        for key in labels:
+            domain = key.rpartition("/")[0]
+            if domain == RESERVED_LABEL_DOMAIN or domain.endswith("." + RESERVED_LABEL_DOMAIN):
+                raise DeclaredStateError(
+                    f"cell {path}: label {key!r}: the {RESERVED_LABEL_DOMAIN} prefix is aurae-py's "
+                    "own", cell.field_sources.get(f"labels.{key}", cell.source))
+        labels[OWNER_LABEL] = node.owner
+        seen: set[str] = set()
+        for executable in cell.executables:
+            if executable.name in seen:
+                raise DeclaredStateError(
+                    f"executable {executable.name} is declared twice in cell {path}",
+                    executable.source)
+            seen.add(executable.name)
+            labels[EXECUTABLE_LABEL_PREFIX + executable.name] = executable.record
+        flat[path] = _FlatCell(path, cell, cell.limits(), labels)
+        for child in cell.cells:
+            visit(child, path)
+
+    for cell in node.cells:
+        visit(cell, None)
+    return flat
+
+
+def _check_label_value(what: str, value: str, source: Source | None) -> None:
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?", value or ""):
+        raise DeclaredStateError(
+            f"{what} {value!r} must be 1-63 letters, digits, '-', '_' or '.', starting and ending "
+            "with a letter or digit", source)
+
+
+# ---------------------------------------------------------------------------------- planning
+
+
+def plan(client: Client, node: Node, *, prune: bool = False) -> Plan:
+    """What applying `node` would do to the node `client` talks to. Changes nothing.
+
+    With `prune`, cells this owner made that `node` no longer declares are deleted.
+    Raises DeclaredStateError when a declared cell exists but belongs to another owner.
+    """
+    return _plan(_flatten(node), observe(client), node.owner, prune=prune)
+
+
+def _plan(desired: dict[str, _FlatCell], observed: dict[str, _Observed], owner: str, *,
+          prune: bool) -> Plan:
+    steps: list[Step] = []
+    # Cells freed by this plan (replaced or deleted): everything inside goes with them.
+    freed: list[str] = []
+
+    def inside_freed(path: str) -> str | None:
+        for top in freed:
+            if path.startswith(top + "/"):
+                return top
+        return None
+
+    for path, want in desired.items():
+        have = observed.get(path)
+        gone_with = inside_freed(path)
+        if have is not None and gone_with is None and have.owner != owner:
+            held = f"owner {have.owner!r}" if have.owner else "no aurae-py owner"
+            raise DeclaredStateError(
+                f"cell {path} exists on the node with {held}, not {owner!r}: free it, or declare "
+                "it under that owner", want.cell.source)
+        if have is None or gone_with is not None:
+            reason = f"{gone_with} is replaced" if have is not None else ""
+            steps.append(Step("create", "cell", path, _cell_fields(want), reason, want.cell.source))
+            steps.extend(Step("create", "executable", f"{path}:{e.name}", _executable_fields(e),
+                              "", e.source) for e in want.cell.executables)
+            continue
+        changes, replace_reason = _cell_diff(have, want)
+        if replace_reason:
+            freed.append(path)
+            steps.append(Step("replace", "cell", path, changes, replace_reason, want.cell.source))
+            steps.extend(Step("create", "executable", f"{path}:{e.name}", _executable_fields(e),
+                              f"{path} is replaced", e.source) for e in want.cell.executables)
+            steps.extend(_freed_by(path, desired, observed))
+            continue
+        action: Action = "update" if changes else "no-op"
+        steps.append(Step(action, "cell", path, changes, "", want.cell.source))
+        steps.extend(_executable_steps(have, want))
+
+    if prune:
+        for path, have in observed.items():
+            if path in desired or have.owner != owner or inside_freed(path):
+                continue
+            freed.append(path)
+            steps.append(Step("delete", "cell", path, (), "no longer declared"))
+    return Plan(owner, tuple(steps), desired)
+
+
+def _freed_by(path: str, desired: Mapping[str, _FlatCell],
+              observed: Mapping[str, _Observed]) -> list[Step]:
+    """Delete steps for undeclared cells inside a cell being replaced: they go with it."""
+    return [Step("delete", "cell", inner, (), f"inside {path}, which is replaced")
+            for inner in observed if inner.startswith(path + "/") and inner not in desired]
+
+
+def _cell_diff(have: _Observed, want: _FlatCell) -> tuple[tuple[Change, ...], str]:
+    """The changes, and why they need a replace ("" when they can be made in place)."""
+    changes: list[Change] = []
+    reasons: list[str] = []
+    for kind in ("process", "network"):
+        before = getattr(have.cell, f"isolate_{kind}")
+        after = getattr(want.cell, f"isolate_{kind}")
+        if before != after:
+            changes.append(Change(f"isolation.{kind}", before, after))
+            reasons.append(f"isolation.{kind} cannot change in place")
+    have_limits, want_limits = have.limits(), want.limits
+    for name in LIMITS:
+        before, after = have_limits.get(name), want_limits.get(name)
+        if before != after:
+            changes.append(Change(name, before, after))
+            if after is None:
+                reasons.append(f"{name} cannot be unset in place")
+    have_labels = {k: v for k, v in have.labels.items() if not _is_record(k)}
+    want_labels = {k: v for k, v in want.labels.items() if not _is_record(k)}
+    for key in sorted(have_labels.keys() | want_labels.keys()):
+        if have_labels.get(key) != want_labels.get(key):
+            changes.append(Change(f"labels.{key}", have_labels.get(key), want_labels.get(key)))
+    return tuple(changes), "; ".join(reasons)
+
+
+def _is_record(key: str) -> bool:
+    return key.startswith(EXECUTABLE_LABEL_PREFIX) or key == OWNER_LABEL
+
+
+def _executable_steps(have: _Observed, want: _FlatCell) -> list[Step]:
+    steps: list[Step] = []
+    declared = {e.name: e for e in want.cell.executables}
+    for name in have.executables:
+        if name not in declared and EXECUTABLE_LABEL_PREFIX + name in have.labels:
+            steps.append(Step("delete", "executable", f"{have.path}:{name}", (),
+                              "no longer declared"))
+    for name, executable in declared.items():
+        key = f"{have.path}:{name}"
+        status = have.executables.get(name)
+        if status is None:
+            steps.append(Step("create", "executable", key, _executable_fields(executable), "",
+                              executable.source))
+            continue
+        recorded = have.labels.get(EXECUTABLE_LABEL_PREFIX + name)
+        changes = _executable_diff(status, recorded, executable)
+        if changes:
+            steps.append(Step("replace", "executable", key, changes,
+                              "a process cannot change in place", executable.source))
+        else:
+            note = "" if status.state == 1 else _ended(status)
+            steps.append(Step("no-op", "executable", key, (), note, executable.source))
+    return steps
+
+
+def _ended(status: cells_pb2.ExecutableStatus) -> str:
+    if status.HasField("exit_code"):
+        return f"exited with {status.exit_code}"
+    if status.HasField("signal"):
+        return f"killed by signal {status.signal}"
+    return "exited"
+
+
+def _executable_diff(status: cells_pb2.ExecutableStatus, recorded: str | None,
+                     want: Executable) -> tuple[Change, ...]:
+    if recorded == want.record and status.command == want.command:
+        return ()
+    changes: list[Change] = []
+    if status.command != want.command:
+        changes.append(Change("command", status.command, want.command))
+    uid, gid, _digest = (recorded or "?.?.?").split(".", 2)
+    for name, before in (("uid", uid), ("gid", gid)):
+        after = getattr(want, name)
+        before_value = None if before == "x" else (before if before == "?" else int(before))
+        if before_value != after:
+            changes.append(Change(name, before_value, after))
+    if not changes:
+        changes.append(Change("description", "(recorded differs)", want.description))
+    return tuple(changes)
+
+
+def _cell_fields(want: _FlatCell) -> tuple[Change, ...]:
+    changes = [Change(name, None, value) for name, value in want.limits.items()]
+    for kind in ("process", "network"):
+        if getattr(want.cell, f"isolate_{kind}"):
+            changes.append(Change(f"isolation.{kind}", None, True))
+    changes.extend(Change(f"labels.{k}", None, v) for k, v in sorted(want.cell.labels.items()))
+    return tuple(changes)
+
+
+def _executable_fields(executable: Executable) -> tuple[Change, ...]:
+    changes = [Change("command", None, executable.command)]
+    for name in ("uid", "gid"):
+        if getattr(executable, name) is not None:
+            changes.append(Change(name, None, getattr(executable, name)))
+    return tuple(changes)
+
+
+def _show(name: str, value: Any) -> str:
+    if value is None:
+        return "(unset)"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if name in _MEMORY and isinstance(value, int):
+        return format_bytes(value)
+    if isinstance(value, str):
+        return repr(value)
+    return str(value)
+
+
+# ---------------------------------------------------------------------------------- executing
+
+
+# Told of each step once it is done (progress displays).
+StepDone = Callable[[Step], None]
+
+
+def apply(client: Client, node: Node, *, prune: bool = False, dry_run: bool = False,
+          on_step: StepDone | None = None) -> Plan:
+    """Make the node run what `node` declares; return the plan that was carried out.
+
+    Applying the same declaration again finds nothing to do. With `dry_run`, only plans. A
+    failing step raises its AuraeError, prefixed with where the failing thing was declared;
+    the steps before it stay done (applying again continues from there).
+    """
+    planned = plan(client, node, prune=prune)
+    if not dry_run:
+        execute(client, planned, on_step=on_step)
+    return planned
+
+
+def delete(client: Client, node: Node, *, dry_run: bool = False,
+           on_step: StepDone | None = None) -> Plan:
+    """Free every declared cell this owner made (nested ones go with their parents)."""
+    desired = _flatten(node)
+    observed = observe(client)
+    steps: list[Step] = []
+    for path, want in desired.items():
+        have = observed.get(path)
+        if have is None:
+            continue
+        if have.owner != node.owner:
+            steps.append(Step("no-op", "cell", path, (),
+                              f"kept: owned by {have.owner or 'no aurae-py owner'}",
+                              want.cell.source))
+            continue
+        if any(path.startswith(s.name + "/") for s in steps if s.action == "delete"):
+            continue
+        steps.append(Step("delete", "cell", path, (), "", want.cell.source))
+    planned = Plan(node.owner, tuple(steps), desired)
+    if not dry_run:
+        execute(client, planned, on_step=on_step)
+    return planned
+
+
+def execute(client: Client, planned: Plan, *, on_step: StepDone | None = None) -> None:
+    """Carry out a plan's steps in order."""
+    cells_touched: dict[str, Action] = {}
+    for step in planned.steps:
+        try:
+            _execute_step(client, planned, step, cells_touched)
+        except AuraeError as error:
+            raise _located(error, step, planned) from None
+        if on_step is not None:
+            on_step(step)
+    # Executables changed in a cell left as it was: record their new specs on it.
+    for path, action in cells_touched.items():
+        if action == "no-op":
+            want = planned._cells[path]
+            _update(client, want)
+
+
+def _execute_step(client: Client, planned: Plan, step: Step,
+                  cells_touched: dict[str, Action]) -> None:
+    if step.kind == "cell":
+        if step.action == "delete":
+            try:
+                client.cells.free(cell_name=step.name)
+            except NotFound:
+                pass  # freed with a parent earlier in this plan
+            return
+        if step.action == "no-op":
+            return
+        want = planned._cells[step.name]
+        if step.action == "replace":
+            client.cells.free(cell_name=step.name)
+        if step.action == "update":
+            _update(client, want)
+        else:
+            client.cells.allocate(cell=_cell_message(want))
+        cells_touched[step.name] = step.action
+        return
+    cell, _, name = step.name.partition(":")
+    if step.action == "no-op":
+        return
+    cells_touched.setdefault(cell, "no-op")
+    if step.action in ("replace", "delete"):
+        try:
+            client.cells.stop(cell_name=cell, executable_name=name)
+        except NotFound:
+            pass  # already stopped, or freed with its cell
+    if step.action in ("create", "replace"):
+        declared = {e.name: e for e in planned._cells[cell].cell.executables}[name]
+        client.cells.start(
+            cell_name=cell,
+            executable={"name": name, "command": declared.command,
+                        "description": declared.description},
+            uid=declared.uid, gid=declared.gid,
+        )
+
+
+def _update(client: Client, want: _FlatCell) -> None:
+    client.cells.update(cell=_cell_message(want))
+
+
+def _cell_message(want: _FlatCell) -> dict[str, Any]:
+    message: dict[str, Any] = {"name": want.path, "labels": want.labels,
+                               "isolate_process": want.cell.isolate_process,
+                               "isolate_network": want.cell.isolate_network}
+    for name, value in want.limits.items():
+        controller, _, attribute = name.partition(".")
+        message.setdefault(controller, {})[attribute] = value
+    return message
+
+
+def _located(error: AuraeError, step: Step, planned: Plan) -> AuraeError:
+    """The error with where the failing thing was declared, down to the field's line."""
+    source = step.source
+    want = planned._cells.get(step.cell)
+    if want is not None and error.field:
+        blamed = error.field.removeprefix("cell.")
+        source = want.cell.field_sources.get(blamed.replace("isolate_", "isolation."), source)
+    where = f"{source}: " if source else ""
+    located = type(error)(f"{where}{step.action} {step.kind} {step.name}: {error.message}",
+                          field=error.field, method=error.method)
+    return located
+
+
+__all__ = [
+    "Cell",
+    "Change",
+    "DeclaredStateError",
+    "Executable",
+    "Node",
+    "Plan",
+    "Source",
+    "Step",
+    "apply",
+    "delete",
+    "execute",
+    "observe",
+    "plan",
+]

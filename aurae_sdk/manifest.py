@@ -1,0 +1,198 @@
+"""YAML manifests: the declarative front end of `aurae_sdk.declared`.
+
+    owner: web-stack            # recorded on every cell this manifest makes (default: file name)
+    cells:
+      - name: web
+        cpu: {weight: 200, max: 50000, period: 100000}   # max and period in microseconds
+        cpuset: {cpus: "0-1", mems: "0"}
+        memory: {max: 256M, low: 64M}                      # bytes, or 512K, 256M, 1G
+        isolation: {process: true, network: false}
+        labels: {team: payments}
+        executables:
+          - name: app
+            command: python3 -m http.server 8080
+            uid: 1000
+            gid: 1000
+        cells:                                             # nested: web/cache
+          - name: cache
+
+Every error names the file and line it comes from: the document is composed into YAML nodes,
+which keep their marks, and read from those rather than from plain dicts.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+import yaml
+
+from aurae_sdk.declared import Cell, DeclaredStateError, Executable, Node, Source
+
+_CONTROLLERS: dict[str, dict[str, type]] = {
+    "cpu": {"weight": int, "max": int, "period": int},
+    "cpuset": {"cpus": str, "mems": str},
+    "memory": {"min": str, "low": str, "high": str, "max": str},
+}
+_CELL_KEYS = ("name", *_CONTROLLERS, "isolation", "labels", "executables", "cells")
+_EXECUTABLE_KEYS = ("name", "command", "uid", "gid", "description")
+_NODE_KEYS = ("owner", "cells")
+
+
+class ManifestError(DeclaredStateError):
+    """A manifest is malformed; the message starts with file:line."""
+
+
+def load(path: str | os.PathLike[str]) -> Node:
+    """Read the manifest at `path` ("-" reads stdin)."""
+    import sys
+
+    name = os.fspath(path)
+    if name == "-":
+        return loads(sys.stdin.read(), "<stdin>", default_owner=None)
+    try:
+        with open(name, encoding="utf-8") as file:
+            text = file.read()
+    except OSError as error:
+        raise ManifestError(f"cannot read manifest {name}: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise ManifestError(f"manifest {name} is not UTF-8 text") from None
+    stem = os.path.splitext(os.path.basename(name))[0]
+    return loads(text, name, default_owner=re.sub(r"[^A-Za-z0-9_.-]", "-", stem).strip("-._"))
+
+
+def loads(text: str, filename: str = "<manifest>", *, default_owner: str | None = None) -> Node:
+    """Parse a manifest from text; `filename` is what errors name."""
+    reader = _Reader(filename)
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        line = mark.line + 1 if mark is not None else 1
+        raise ManifestError(f"not valid YAML: {error.problem}", Source(filename, line)) from None
+    except yaml.YAMLError as error:
+        raise ManifestError(f"not valid YAML: {error}", Source(filename, 1)) from None
+    if root is None:
+        raise ManifestError("the manifest is empty: declare `owner` and `cells`",
+                            Source(filename, 1))
+    entries = reader.mapping(root, "the manifest", _NODE_KEYS)
+    owner_node = entries.get("owner")
+    if owner_node is not None:
+        owner = reader.scalar(owner_node, "owner", str)
+    elif default_owner:
+        owner = default_owner
+    else:
+        raise ManifestError("`owner` is required when the manifest has no file name",
+                            reader.source(root))
+    cells = [reader.cell(item) for item in reader.sequence(entries.get("cells"), "cells")]
+    return Node(owner=owner, cells=cells, source=reader.source(owner_node or root))
+
+
+class _Reader:
+    def __init__(self, filename: str) -> None:
+        self.filename = filename
+        # Only its scalar constructors are used: YAML's own typing of 1, true, "1".
+        self._loader = yaml.SafeLoader("")
+
+    def source(self, node: yaml.Node) -> Source:
+        return Source(self.filename, node.start_mark.line + 1)
+
+    def fail(self, node: yaml.Node, message: str) -> ManifestError:
+        return ManifestError(message, self.source(node))
+
+    def mapping(self, node: yaml.Node, what: str, allowed: tuple[str, ...]) -> dict[str, yaml.Node]:
+        if not isinstance(node, yaml.MappingNode):
+            raise self.fail(node, f"{what} must be a mapping of {', '.join(allowed)}")
+        entries: dict[str, yaml.Node] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            if key not in allowed:
+                raise self.fail(key_node, f"unknown key {key!r} in {what}; expected one of "
+                                          f"{', '.join(allowed)}")
+            if key in entries:
+                raise self.fail(key_node, f"{key!r} is given twice in {what}")
+            entries[key] = value_node
+        return entries
+
+    def sequence(self, node: yaml.Node | None, what: str) -> list[yaml.Node]:
+        if node is None or (isinstance(node, yaml.ScalarNode) and node.tag.endswith(":null")):
+            return []
+        if not isinstance(node, yaml.SequenceNode):
+            raise self.fail(node, f"{what} must be a list")
+        return list(node.value)
+
+    def scalar(self, node: yaml.Node, what: str, kind: type) -> Any:
+        if not isinstance(node, yaml.ScalarNode):
+            raise self.fail(node, f"{what} must be a {_KIND_NAMES[kind]}")
+        value = self._loader.construct_object(node)
+        if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = node.value  # "0-1" or 256 written bare: keep the text
+        if (kind is int and isinstance(value, bool)) or not isinstance(value, kind):
+            raise self.fail(node, f"{what} must be a {_KIND_NAMES[kind]}, not {node.value!r}")
+        return value
+
+    def cell(self, node: yaml.Node) -> Cell:
+        entries = self.mapping(node, "a cell", _CELL_KEYS)
+        if "name" not in entries:
+            raise self.fail(node, "a cell needs a name")
+        name = self.scalar(entries["name"], "the cell name", str)
+        values: dict[str, Any] = {}
+        sources: dict[str, Source] = {"name": self.source(entries["name"])}
+        for controller, keys in _CONTROLLERS.items():
+            if controller not in entries:
+                continue
+            limits = self.mapping(entries[controller], f"{controller} of cell {name}", tuple(keys))
+            for key, value_node in limits.items():
+                values[f"{controller}_{key}"] = self.scalar(
+                    value_node, f"{controller}.{key} of cell {name}", keys[key])
+                sources[f"{controller}.{key}"] = self.source(value_node)
+            sources.setdefault(controller, self.source(entries[controller]))
+        if "isolation" in entries:
+            isolation = self.mapping(entries["isolation"], f"isolation of cell {name}",
+                                     ("process", "network"))
+            for key, value_node in isolation.items():
+                values[f"isolate_{key}"] = self.scalar(
+                    value_node, f"isolation.{key} of cell {name}", bool)
+                sources[f"isolation.{key}"] = self.source(value_node)
+        labels: dict[str, str] = {}
+        if "labels" in entries:
+            label_node = entries["labels"]
+            if not isinstance(label_node, yaml.MappingNode):
+                raise self.fail(label_node, f"labels of cell {name} must be a mapping")
+            for key_node, value_node in label_node.value:
+                key = self.scalar(key_node, f"a label key of cell {name}", str)
+                labels[key] = self.scalar(value_node, f"label {key} of cell {name}", str)
+                sources[f"labels.{key}"] = self.source(key_node)
+            sources["labels"] = self.source(label_node)
+        executables = [self.executable(item, name)
+                       for item in self.sequence(entries.get("executables"), "executables")]
+        cells = [self.cell(item) for item in self.sequence(entries.get("cells"), "cells")]
+        try:
+            return Cell(name=name, labels=labels, executables=executables, cells=cells,
+                        source=self.source(node), field_sources=sources, **values)
+        except TypeError as error:  # pragma: no cover - keys are checked above
+            raise self.fail(node, str(error)) from None
+
+    def executable(self, node: yaml.Node, cell: str) -> Executable:
+        entries = self.mapping(node, f"an executable of cell {cell}", _EXECUTABLE_KEYS)
+        for required in ("name", "command"):
+            if required not in entries:
+                raise self.fail(node, f"an executable of cell {cell} needs a {required}")
+        name = self.scalar(entries["name"], f"an executable name in cell {cell}", str)
+        values: dict[str, Any] = {
+            "command": self.scalar(entries["command"], f"command of {cell}:{name}", str)}
+        for key in ("uid", "gid"):
+            if key in entries:
+                value = self.scalar(entries[key], f"{key} of {cell}:{name}", int)
+                if not 0 <= value < 2**32:
+                    raise self.fail(entries[key], f"{key} of {cell}:{name} must be 0 to 4294967295")
+                values[key] = value
+        if "description" in entries:
+            values["description"] = self.scalar(
+                entries["description"], f"description of {cell}:{name}", str)
+        return Executable(name=name, source=self.source(node), **values)
+
+
+_KIND_NAMES: dict[type, str] = {str: "string", int: "whole number", bool: "true or false"}
+

@@ -1,0 +1,255 @@
+"""Declared state against a real auraed: apply, re-apply, edit, diff, prune, dry-run, delete, through
+the CLI and from Python, with the cgroup files and processes checked on the host."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import aurae_sdk
+from aurae_sdk.declared import Cell, Executable, Node
+from aurae_sdk.manifest import loads
+from tests.support.daemon import DaemonProcess
+
+V1 = Path("/sys/fs/cgroup")
+
+MANIFEST = """\
+owner: shop
+cells:
+  - name: shop-web
+    cpu: {weight: 200, max: 50000}
+    memory: {max: 256M}
+    labels: {team: payments}
+    executables:
+      - name: app
+        command: sleep 600
+        uid: 1000
+        gid: 1000
+    cells:
+      - name: cache
+        memory: {max: 64M}
+  - name: shop-batch
+    isolation: {process: false}
+    executables:
+      - name: job
+        command: sleep 601
+"""
+
+
+def cgroup(daemon: DaemonProcess, controller: str, cell: str, name: str) -> str:
+    return (V1 / controller / daemon.cgroup_root / cell / name).read_text().strip()
+
+
+def cell_paths(client: aurae_sdk.Client) -> set[str]:
+    found: set[str] = set()
+
+    def walk(nodes: object) -> None:
+        for node in nodes:  # type: ignore[attr-defined]
+            found.add(node.cell.name)
+            walk(node.children)
+
+    walk(client.cells.list().cells)
+    return found
+
+
+def write(tmp_path: Path, text: str, name: str = "shop.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def host_pid(client: aurae_sdk.Client, cell: str, name: str) -> int:
+    for path, observed in aurae_sdk.declared.observe(client).items():
+        if path == cell:
+            return observed.executables[name].host_pid
+    raise AssertionError(f"no {cell}:{name}")
+
+
+def proc_ids(pid: int) -> tuple[str, str]:
+    status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    uid = next(line for line in status if line.startswith("Uid:")).split()[1]
+    gid = next(line for line in status if line.startswith("Gid:")).split()[1]
+    return uid, gid
+
+
+def test_apply_reapply_edit_diff_apply_delete(daemon: DaemonProcess, client: aurae_sdk.Client,
+                                              tmp_path: Path) -> None:
+    manifest = write(tmp_path, MANIFEST)
+    try:
+        first = daemon.cli("apply", "-f", manifest)
+        assert first.returncode == 0, first.stderr
+        assert "Plan: 5 to create, 0 to update, 0 to replace, 0 to delete, 0 unchanged." in first.stdout
+        # The limits are in the kernel, the processes run as declared.
+        assert cgroup(daemon, "cpu", "shop-web", "cpu.cfs_quota_us") == "50000"
+        assert cgroup(daemon, "cpu", "shop-web", "cpu.shares") == "2048"
+        assert cgroup(daemon, "memory", "shop-web", "memory.limit_in_bytes") == str(256 << 20)
+        assert cgroup(daemon, "memory", "shop-web/cache", "memory.limit_in_bytes") == str(64 << 20)
+        app_pid = host_pid(client, "shop-web", "app")
+        assert proc_ids(app_pid) == ("1000", "1000")
+        # Ownership is recorded on the node.
+        listed = {n.cell.name: n.cell for n in client.cells.list().cells}
+        assert listed["shop-web"].labels["aurae-py.io/owner"] == "shop"
+        assert listed["shop-web"].labels["team"] == "payments"
+
+        again = daemon.cli("apply", "-f", manifest)
+        assert again.returncode == 0, again.stderr
+        assert again.stdout.strip() == "No changes: the node matches (5 unchanged)."
+        assert host_pid(client, "shop-web", "app") == app_pid
+        assert daemon.cli("diff", "-f", manifest).returncode == 0
+
+        edited = (MANIFEST.replace("max: 50000", "max: 20000")
+                  .replace("command: sleep 601", "command: sleep 602")
+                  .replace("isolation: {process: false}", "isolation: {process: true}")
+                  .replace("team: payments", "team: checkout"))
+        write(tmp_path, edited)
+        diff = daemon.cli("diff", "-f", manifest)
+        assert diff.returncode == 2, diff.stderr
+        assert diff.stdout == textwrap.dedent("""\
+            ~ update   cell       shop-web
+                  cpu.max: 50000 -> 20000
+                  labels.team: 'payments' -> 'checkout'
+            ± replace  cell       shop-batch  (isolation.process cannot change in place)
+                  isolation.process: false -> true
+            + create   executable shop-batch:job  (shop-batch is replaced)
+                  command: (unset) -> 'sleep 602'
+            Plan: 1 to create, 1 to update, 1 to replace, 0 to delete, 2 unchanged.
+            """)
+        applied = daemon.cli("apply", "-f", manifest)
+        assert applied.returncode == 0, applied.stderr
+        assert cgroup(daemon, "cpu", "shop-web", "cpu.cfs_quota_us") == "20000"
+        assert host_pid(client, "shop-web", "app") == app_pid  # updated in place: same process
+        job = host_pid(client, "shop-batch", "job")
+        assert Path(f"/proc/{job}/ns/pid").readlink() != Path("/proc/self/ns/pid").readlink()
+        assert Path(f"/proc/{job}/cmdline").read_bytes().split(b"\0")[-2] == b"sleep 602"
+        assert daemon.cli("diff", "-f", manifest).returncode == 0
+
+        deleted = daemon.cli("delete", "-f", manifest)
+        assert deleted.returncode == 0, deleted.stderr
+        assert "- delete   cell       shop-web" in deleted.stdout
+        assert "shop-web/cache" not in deleted.stdout  # freed with its parent
+        assert cell_paths(client) == set()
+        assert not (V1 / "cpu" / daemon.cgroup_root / "shop-web").exists()
+        assert not os.path.exists(f"/proc/{app_pid}")
+    finally:
+        for name in ("shop-web", "shop-batch"):
+            if name in cell_paths(client):
+                client.cells.free(cell_name=name)
+
+
+def test_prune_removes_only_what_the_owner_made(daemon: DaemonProcess, client: aurae_sdk.Client,
+                                                tmp_path: Path) -> None:
+    manifest = write(tmp_path, "owner: pr\ncells:\n  - name: pr-a\n  - name: pr-b\n", "pr.yaml")
+    client.cells.allocate(cell={"name": "pr-foreign"})
+    try:
+        assert daemon.cli("apply", "-f", manifest).returncode == 0
+        write(tmp_path, "owner: pr\ncells:\n  - name: pr-a\n", "pr.yaml")
+        # Without --prune, pr-b stays.
+        kept = daemon.cli("apply", "-f", manifest)
+        assert kept.stdout.strip() == "No changes: the node matches (1 unchanged)."
+        assert "pr-b" in cell_paths(client)
+        pruned = daemon.cli("apply", "-f", manifest, "--prune")
+        assert pruned.returncode == 0, pruned.stderr
+        assert "- delete   cell       pr-b  (no longer declared)" in pruned.stdout
+        assert cell_paths(client) == {"pr-a", "pr-foreign"}
+        assert not (V1 / "cpu" / daemon.cgroup_root / "pr-b").exists()
+    finally:
+        for name in ("pr-a", "pr-b", "pr-foreign"):
+            if name in cell_paths(client):
+                client.cells.free(cell_name=name)
+
+
+def test_dry_run_changes_nothing(daemon: DaemonProcess, client: aurae_sdk.Client,
+                                 tmp_path: Path) -> None:
+    manifest = write(tmp_path, MANIFEST)
+    before = sorted(p.name for p in (V1 / "cpu" / daemon.cgroup_root).iterdir())
+    dry = daemon.cli("apply", "-f", manifest, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "Plan: 5 to create" in dry.stdout and "Dry run: nothing was changed." in dry.stdout
+    assert cell_paths(client) == set()
+    assert sorted(p.name for p in (V1 / "cpu" / daemon.cgroup_root).iterdir()) == before
+    assert daemon.cli("diff", "-f", manifest).returncode == 2
+
+
+def test_manifest_errors_name_their_line(daemon: DaemonProcess, client: aurae_sdk.Client,
+                                         tmp_path: Path) -> None:
+    bad_key = write(tmp_path, "owner: x\ncells:\n  - name: x1\n    memroy: {max: 1G}\n", "k.yaml")
+    result = daemon.cli("apply", "-f", bad_key)
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"aurae-py: {bad_key}:4: unknown key 'memroy' in a cell")
+    bad_size = write(tmp_path, "owner: x\ncells:\n  - name: x1\n    memory:\n      max: 1Q\n",
+                     "s.yaml")
+    result = daemon.cli("diff", "-f", bad_size)
+    assert result.returncode == 1
+    assert f"{bad_size}:5: cell x1: memory.max: '1Q' is not a size" in result.stderr
+    # The daemon's refusal is placed at the field's line too.
+    refused = write(tmp_path, "owner: x\ncells:\n  - name: x1\n    cpu:\n      weight: 99999\n",
+                    "r.yaml")
+    result = daemon.cli("apply", "-f", refused)
+    assert result.returncode == 64 + 3, result.stderr
+    assert result.stderr.startswith(f"aurae-py: INVALID_ARGUMENT: {refused}:5: create cell x1:")
+    assert cell_paths(client) == set()
+
+
+def test_foreign_cell_is_not_taken_over(daemon: DaemonProcess, client: aurae_sdk.Client,
+                                        tmp_path: Path) -> None:
+    client.cells.allocate(cell={"name": "taken", "labels": {"aurae-py.io/owner": "someone"}})
+    try:
+        manifest = write(tmp_path, "owner: me\ncells:\n  - name: taken\n", "me.yaml")
+        result = daemon.cli("apply", "-f", manifest)
+        assert result.returncode == 1
+        assert f"{manifest}:3: cell taken exists on the node with owner 'someone'" in result.stderr
+        deleted = daemon.cli("delete", "-f", manifest)
+        assert "kept: owned by someone" in deleted.stdout
+        assert "taken" in cell_paths(client)
+    finally:
+        client.cells.free(cell_name="taken")
+
+
+def test_python_front_end_gives_the_yaml_plan(daemon: DaemonProcess, client: aurae_sdk.Client) -> None:
+    from_yaml = loads(MANIFEST, "shop.yaml")
+    from_python = Node(owner="shop", cells=[
+        Cell("shop-web", cpu_weight=200, cpu_max=50_000, memory_max=256 * 1024 * 1024,
+             labels={"team": "payments"},
+             executables=[Executable("app", "sleep 600", uid=1000, gid=1000)],
+             cells=[Cell("cache", memory_max="64M")]),
+        Cell("shop-batch", executables=[Executable("job", "sleep 601")]),
+    ])
+    try:
+        assert aurae_sdk.plan(client, from_python) == aurae_sdk.plan(client, from_yaml)
+        aurae_sdk.apply(client, from_python)
+        assert aurae_sdk.plan(client, from_yaml).steps == aurae_sdk.plan(client, from_python).steps
+        assert not aurae_sdk.plan(client, from_yaml).changed
+    finally:
+        aurae_sdk.delete(client, from_python)
+    assert cell_paths(client) == set()
+
+
+def test_update_refuses_what_cannot_change_in_place(daemon: DaemonProcess,
+                                                    client: aurae_sdk.Client) -> None:
+    client.cells.allocate(cell={"name": "inplace", "cpu": {"max": 40_000},
+                                "labels": {"a": "1"}})
+    try:
+        with pytest.raises(aurae_sdk.FailedPrecondition) as unset:
+            client.cells.update(cell={"name": "inplace", "labels": {"a": "1"}})
+        assert unset.value.field == "cell.cpu.max"
+        with pytest.raises(aurae_sdk.FailedPrecondition) as isolation:
+            client.cells.update(cell={"name": "inplace", "cpu": {"max": 40_000},
+                                      "isolate_network": True})
+        assert isolation.value.field == "cell.isolate_network"
+        with pytest.raises(aurae_sdk.InvalidArgument) as label:
+            client.cells.update(cell={"name": "inplace", "cpu": {"max": 40_000},
+                                      "labels": {"bad key": "x"}})
+        assert label.value.field == "cell.labels"
+        assert cgroup(daemon, "cpu", "inplace", "cpu.cfs_quota_us") == "40000"
+        updated = client.cells.update(cell={"name": "inplace", "cpu": {"max": 30_000},
+                                            "memory": {"max": 128 << 20}, "labels": {"b": "2"}})
+        assert dict(updated.cell.labels) == {"b": "2"}
+        assert cgroup(daemon, "cpu", "inplace", "cpu.cfs_quota_us") == "30000"
+        assert cgroup(daemon, "memory", "inplace", "memory.limit_in_bytes") == str(128 << 20)
+        (node,) = [n for n in client.cells.list().cells if n.cell.name == "inplace"]
+        assert dict(node.cell.labels) == {"b": "2"} and node.cell.memory.max == 128 << 20
+    finally:
+        client.cells.free(cell_name="inplace")
