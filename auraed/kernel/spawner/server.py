@@ -107,6 +107,8 @@ class _Stopping(Exception):
 
 # Bytes read from an output pipe at once.
 _READ_BYTES = 64 * 1024
+# Reads of a just-ended process's pipes before its exit is reported (up to 16 MiB).
+_DRAIN_READS = 256
 STATE_FILE = "spawner.state"
 
 
@@ -398,12 +400,13 @@ class ForkServer:
             self._poller.register(capture.fd, select.POLLIN)
         return Spawned(id=request.id, pid=pid, ns_pid=ns_pid, start_time=entry.start_time)
 
-    def _pump(self, fd: int) -> None:
+    def _pump(self, fd: int) -> bool:
+        """One read of a capture pipe; False if it had nothing to give right now."""
         entry, capture = self._captures[fd]
         try:
             chunk = os.read(fd, _READ_BYTES)
         except BlockingIOError:
-            return
+            return False
         except OSError:
             chunk = b""
         if chunk:
@@ -415,6 +418,19 @@ class ForkServer:
             capture.store(capture.lines.flush())
             capture.log.finish()
         self._written[fd] = (entry, capture)
+        return True
+
+    def _drain(self, entry: _Entry) -> None:
+        """Store what a process wrote before it ended, and report it, before its exit: a
+        Wait followed by a read of its output then sees all of it. What a descendant that
+        outlives it writes later follows as usual."""
+        for capture in entry.captures:
+            # Bounded: a descendant writing without pause must not hold up the loop.
+            for _ in range(_DRAIN_READS):
+                if capture.fd not in self._captures or not self._pump(capture.fd):
+                    break
+        if self._written:
+            self._report_output()
 
     def _report_output(self) -> None:
         logs: list[list[object]] = []
@@ -784,6 +800,7 @@ class ForkServer:
             # Orphaned descendants come to us too (subreaper); they are only reaped.
             entry = self._processes.pop(pid, None)
             if entry is not None:
+                self._drain(entry)
                 entry.status, entry.exited_at = status, time.time()
                 if entry.label is not None:
                     self._ended[pid, entry.start_time] = entry
