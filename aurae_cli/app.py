@@ -49,19 +49,25 @@ COMPLETE_VAR = "_AURAE_PY_COMPLETE"
 class Session:
     """Connection settings from the root options; the client opens on first use."""
 
-    def __init__(self, config: str | None, socket: str | None) -> None:
+    def __init__(self, config: str | None, socket: str | None, vm: str | None = None) -> None:
         self.config = config
         self.socket = socket
+        self.vm = vm
         self._client: Any = None
 
     def client(self) -> Any:
         if self._client is None:
             from aurae_sdk.client import Client
             from aurae_sdk.config import ConfigError
+            from aurae_sdk.errors import AuraeError
 
             try:
                 self._client = Client(self.config, socket=self.socket)
-            except ConfigError as error:
+                if self.vm is not None:
+                    host, self._client = self._client, None
+                    with host:
+                        self._client = host.vm(self.vm)
+            except (ConfigError, AuraeError) as error:
                 raise click.ClickException(str(error)) from None
         return self._client
 
@@ -114,15 +120,17 @@ def looks_like_script(argument: str) -> bool:
                    "/etc/aurae/config, /var/lib/aurae/config.")
 @click.option("--socket", metavar="TARGET",
               help="Daemon address: a Unix socket path, IP:PORT or [IPv6]:PORT.")
+@click.option("--vm", metavar="ID",
+              help="Drive the guest auraed of the daemon's running virtual machine ID.")
 @click.version_option(package_name="aurae-py", prog_name="aurae-py")
 @click.pass_context
-def cli(ctx: click.Context, config: str | None, socket: str | None) -> None:
+def cli(ctx: click.Context, config: str | None, socket: str | None, vm: str | None) -> None:
     """aurae-py: script, explore and drive an Aurae node.
 
     Without a command, opens the REPL (or, when stdin is not a terminal, runs
     it as a script). `aurae-py SCRIPT [ARGS]` runs a Python script.
     """
-    ctx.obj = Session(config, socket)
+    ctx.obj = Session(config, socket, vm)
     ctx.call_on_close(ctx.obj.close)
     if ctx.invoked_subcommand is None:
         if sys.stdin.isatty():

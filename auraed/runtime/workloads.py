@@ -126,6 +126,9 @@ class Cell:
     holder_ended: threading.Event = field(default_factory=threading.Event)
     # OOM kills already attributed to an executable (the kernel's counter).
     oom_kills_seen: int = 0
+    # Set for a cell the daemon made for one of its own workloads ("vm <id>"): only that owner
+    # may free it or start in it; clients see it in List.
+    owner: str | None = None
 
     @property
     def holder_gone(self) -> bool:
@@ -401,7 +404,7 @@ class Workloads:
 
     # ------------------------------------------------------------------ cells
 
-    def allocate(self, name: CellName, spec: CellSpec) -> Cell:
+    def allocate(self, name: CellName, spec: CellSpec, *, owner: str | None = None) -> Cell:
         try:
             validate_limits(spec.limits)
         except InvalidLimit as error:
@@ -425,7 +428,10 @@ class Workloads:
                     f"a cgroup for cell {name} exists that this daemon did not create; "
                     "remove it or choose another name", field="cell.name"
                 ) from None
-            cell = Cell(name, spec, namespaces=parent.namespaces if parent else None)
+            if parent is not None and parent.owner != owner:
+                raise FailedPrecondition(f"cell {parent.name} belongs to {parent.owner}",
+                                         field="cell.name")
+            cell = Cell(name, spec, namespaces=parent.namespaces if parent else None, owner=owner)
             if spec.unshared:
                 try:
                     self._hold_namespaces(cell, parent)
@@ -473,7 +479,8 @@ class Workloads:
         with self._pids_lock:
             self._holders[holder.host_pid] = cell
 
-    def free(self, name: CellName, *, grace: float | None = None, _shutting_down: bool = False) -> None:
+    def free(self, name: CellName, *, grace: float | None = None, owner: str | None = None,
+             _shutting_down: bool = False) -> None:
         """Stop everything in the cell and its descendants, then remove them."""
         with self._lock:
             if not _shutting_down:
@@ -481,6 +488,9 @@ class Workloads:
             cell = self._cells.get(name)
             if cell is None:
                 raise NotFound(f"cell {name} does not exist", field="cell_name")
+            if cell.owner != owner and not _shutting_down:
+                raise FailedPrecondition(f"cell {name} belongs to {cell.owner}; it goes with it",
+                                         field="cell_name")
             if cell.freeing:
                 raise FailedPrecondition(f"cell {name} is already being freed", field="cell_name")
             subtree = [c for c in self._cells.values() if c.name.is_within(name)]
@@ -558,6 +568,7 @@ class Workloads:
         gid: int | None = None,
         container: ContainerSpec | None = None,
         restart: RestartPolicy = NO_RESTART,
+        owner: str | None = None,
     ) -> Executable:
         """With `container`, run its argv in its filesystem as its user; the caller's
         `command` is then only what listings show. The container is released if this fails."""
@@ -566,7 +577,8 @@ class Workloads:
                 raise InvalidArgument("a restart policy cannot be combined with an image yet",
                                       field="executable.restart_policy")
             return self._start_executable(cell_name, name, command, description=description,
-                                          uid=uid, gid=gid, container=container, restart=restart)
+                                          uid=uid, gid=gid, container=container, restart=restart,
+                                          owner=owner)
         except BaseException:
             if container is not None:
                 container.release()
@@ -575,7 +587,7 @@ class Workloads:
     def _start_executable(self, cell_name: CellName | None, name: str, command: str, *,
                           description: str, uid: int | None, gid: int | None,
                           container: ContainerSpec | None,
-                          restart: RestartPolicy) -> Executable:
+                          restart: RestartPolicy, owner: str | None) -> Executable:
         if container is None:
             _check_command(command)
             uid = os.getuid() if uid is None else uid
@@ -591,6 +603,10 @@ class Workloads:
         with self._lock:
             self._check_open()
             registry = self._registry(cell_name, field="cell_name", for_change=True)
+            if cell_name is not None and self._cells[cell_name].owner != owner:
+                raise FailedPrecondition(
+                    f"cell {cell_name} belongs to {self._cells[cell_name].owner}",
+                    field="cell_name")
             namespaces = self._namespaces_for_start(cell_name)
             if container is not None and container.mount_namespace is not None:
                 namespaces = replace(namespaces or NamespaceSet(), mnt=container.mount_namespace)
@@ -614,12 +630,16 @@ class Workloads:
         return executable
 
     def stop_executable(self, cell_name: CellName | None, name: str, grace: float | None = None,
-                        *, forget: bool = True) -> Executable:
+                        *, forget: bool = True, owner: str | None = None) -> Executable:
         """End an executable (SIGTERM to its group, SIGKILL after the grace
         period) and forget it (unless `forget` is False: the CRI keeps stopped
         containers until they are removed). Returns it with its exit status."""
         with self._lock:
             registry = self._registry(cell_name, field="cell_name", for_change=False)
+            if cell_name is not None and self._cells[cell_name].owner != owner:
+                raise FailedPrecondition(
+                    f"cell {cell_name} belongs to {self._cells[cell_name].owner}",
+                    field="cell_name")
             executable = registry.get(name)
             if executable is None:
                 raise NotFound(
