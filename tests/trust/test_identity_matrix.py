@@ -107,7 +107,7 @@ MATRIX = [
     ("ci", "cells.list", "OK", "OK"),
     ("ci", "health", "OK", "OK"),
     ("child-of-ci", "discover", "OK", "OK"),
-    ("child-of-ci", "vms.list", "PERMISSION_DENIED", "UNIMPLEMENTED"),
+    ("child-of-ci", "vms.list", "PERMISSION_DENIED", "OK"),
     ("child-of-ci", "cells.allocate", "PERMISSION_DENIED", "INVALID_ARGUMENT"),
     ("admin", "cells.allocate", "INVALID_ARGUMENT", "INVALID_ARGUMENT"),
     ("admin", "vms.list", "OK", "OK"),
