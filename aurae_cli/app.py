@@ -50,10 +50,11 @@ class Session:
     """Connection settings from the root options; the client opens on first use."""
 
     def __init__(self, config: str | None, socket: str | None,
-                 instance: str | None = None) -> None:
+                 instance: str | None = None, vm: str | None = None) -> None:
         self.config = config
         self.socket = socket
         self.instance = instance
+        self.vm = vm
         self._client: Any = None
         self._connection: Any = None
 
@@ -61,10 +62,15 @@ class Session:
         if self._client is None:
             from aurae_sdk.client import Client
             from aurae_sdk.config import ConfigError
+            from aurae_sdk.errors import AuraeError
 
             try:
                 self._connection = Client(self.config, socket=self.socket)
-            except ConfigError as error:
+                if self.vm is not None:
+                    host, self._connection = self._connection, None
+                    with host:
+                        self._connection = host.vm(self.vm)
+            except (ConfigError, AuraeError) as error:
                 raise click.ClickException(str(error)) from None
             try:
                 self._client = (self._connection.instance(self.instance) if self.instance
@@ -125,16 +131,18 @@ def looks_like_script(argument: str) -> bool:
 @click.option("--instance", metavar="NAME",
               help="Send the command to the spawned instance NAME through the daemon "
                    "(NAME/CHILD for a nested one).")
+@click.option("--vm", metavar="ID",
+              help="Drive the guest auraed of the daemon's running virtual machine ID.")
 @click.version_option(package_name="aurae-py", prog_name="aurae-py")
 @click.pass_context
 def cli(ctx: click.Context, config: str | None, socket: str | None,
-        instance: str | None) -> None:
+        instance: str | None, vm: str | None) -> None:
     """aurae-py: script, explore and drive an Aurae node.
 
     Without a command, opens the REPL (or, when stdin is not a terminal, runs
     it as a script). `aurae-py SCRIPT [ARGS]` runs a Python script.
     """
-    ctx.obj = Session(config, socket, instance)
+    ctx.obj = Session(config, socket, instance, vm)
     ctx.call_on_close(ctx.obj.close)
     if ctx.invoked_subcommand is None:
         if sys.stdin.isatty():
