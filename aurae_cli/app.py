@@ -68,7 +68,7 @@ class Session:
     def __init__(self, config: str | None, socket: str | None, *, cleanup: bool = False,
                  context: str | None = None, fleet: list[str] | None = None,
                  timeout: float | None = None, parallel: int = 16,
-                 instance: str | None = None) -> None:
+                 instance: str | None = None, vm: str | None = None) -> None:
         self.config = config
         self.socket = socket
         self.cleanup = cleanup
@@ -77,6 +77,7 @@ class Session:
         self.timeout = timeout
         self.parallel = parallel
         self.instance = instance
+        self.vm = vm
         self._client: Any = None
         self._connection: Any = None
 
@@ -90,12 +91,17 @@ class Session:
         if self._client is None:
             from aurae_sdk.client import Client
             from aurae_sdk.config import ConfigError, load_config
+            from aurae_sdk.errors import AuraeError
 
             try:
                 config = load_config(self.config, context=self.context, socket=self.socket)
                 settings: dict[str, Any] = {} if self.timeout is None else {"timeout": self.timeout}
                 self._connection = Client(config, **settings)
-            except ConfigError as error:
+                if self.vm is not None:
+                    host, self._connection = self._connection, None
+                    with host:
+                        self._connection = host.vm(self.vm)
+            except (ConfigError, AuraeError) as error:
                 raise click.ClickException(str(error)) from None
             try:
                 self._client = (self._connection.instance(self.instance) if self.instance
@@ -203,13 +209,15 @@ def looks_like_script(argument: str) -> bool:
 @click.option("--instance", metavar="NAME",
               help="Send the command to the spawned instance NAME through the daemon "
                    "(NAME/CHILD for a nested one).")
+@click.option("--vm", metavar="ID",
+              help="Drive the guest auraed of the daemon's running virtual machine ID.")
 @click.option("--cleanup", is_flag=True,
               help="Scripts: free what the script allocated if it fails or is interrupted.")
 @click.version_option(package_name="aurae-py", prog_name="aurae-py")
 @click.pass_context
 def cli(ctx: click.Context, config: str | None, socket: str | None, contexts: str | None,
         all_contexts: bool, parallel: int, timeout: float | None, instance: str | None,
-        cleanup: bool) -> None:
+        vm: str | None, cleanup: bool) -> None:
     """aurae-py: script, explore and drive an Aurae node.
 
     Without a command, opens the REPL (or, when stdin is not a terminal, runs
@@ -228,7 +236,7 @@ def cli(ctx: click.Context, config: str | None, socket: str | None, contexts: st
     if all_contexts or len(names) > 1:
         fleet = _fleet_contexts(config, None if all_contexts else names)
     ctx.obj = Session(config, socket, cleanup=cleanup, timeout=timeout, parallel=parallel,
-                      instance=instance,
+                      instance=instance, vm=vm,
                       context=names[0] if fleet is None and names else None, fleet=fleet)
     ctx.call_on_close(ctx.obj.close)
     if fleet is not None and ctx.invoked_subcommand not in GROUPS:

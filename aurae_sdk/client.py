@@ -89,6 +89,23 @@ class _Connection:
             where += f" instance {self.instance_name}"
         return f"<aurae_sdk.{type(self).__name__} {where}>"
 
+    def _guest_config(self, vm_id: str, machines: Any) -> ClientConfig:
+        """This client's config aimed at the guest auraed of the running VM `vm_id`."""
+        from dataclasses import replace
+
+        from aurae_sdk.errors import FailedPrecondition, NotFound
+
+        if self.config is None:
+            raise ValueError("a client made from a custom channel has no config to reuse")
+        for machine in machines:
+            if machine.id == vm_id:
+                if not machine.auraed_address:
+                    raise FailedPrecondition(f"virtual machine {vm_id} is {machine.status}, "
+                                             "not running: no guest to connect to")
+                return replace(self.config, socket=machine.auraed_address,
+                               source=f"{self.config.source}, vm {vm_id}")
+        raise NotFound(f"no virtual machine {vm_id}")
+
 
 class Client(_Connection, SyncServices):
     """A sync connection to auraed over mTLS.
@@ -132,6 +149,12 @@ class Client(_Connection, SyncServices):
         self._transport.closed = True
         if self._owns_channel:
             self.channel.close()
+
+    def vm(self, vm_id: str, *, timeout: float = DEFAULT_TIMEOUT) -> Client:
+        """A client of the guest auraed of virtual machine `vm_id`, at the address Start
+        returned, with this client's certificate: the same API, inside the guest."""
+        config = self._guest_config(vm_id, self.vms.list().machines)
+        return Client(config, timeout=timeout)
 
     def __enter__(self) -> Self:
         return self
@@ -178,6 +201,11 @@ class AsyncClient(_Connection, AsyncServices):
         self._transport.closed = True
         if self._owns_channel:
             await self.channel.close()
+
+    async def vm(self, vm_id: str, *, timeout: float = DEFAULT_TIMEOUT) -> AsyncClient:
+        """`Client.vm` for the asyncio client."""
+        config = self._guest_config(vm_id, (await self.vms.list()).machines)
+        return AsyncClient(config, timeout=timeout)
 
     async def __aenter__(self) -> Self:
         return self

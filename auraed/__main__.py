@@ -77,6 +77,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "next auraed to adopt (a planned restart or upgrade); without it "
                              "they are stopped with grace. A crashed auraed always leaves them "
                              "running (see docs/daemon.md)")
+    parser.add_argument("--ca-key", type=Path, metavar="FILE",
+                        help="private key of --ca-crt; lets the daemon mint the server "
+                             "identities of its virtual machines' guests (without it VMs "
+                             "cannot start)")
+    parser.add_argument("--vm-image-dir", type=Path, default=Path("/var/lib/aurae/vm-images"),
+                        metavar="DIR", help="cache of guest kernels and initramfs images, "
+                                            "built by `auraed vm-image` (default: %(default)s)")
+    parser.add_argument("--vm-accelerator", choices=("auto", "kvm", "tcg"), default="auto",
+                        help="QEMU accelerator for guests; auto: KVM if a probe boot under it "
+                             "succeeds, else TCG (default: %(default)s)")
+    parser.add_argument("--vm-boot-timeout", type=float, default=120.0, metavar="SECONDS",
+                        help="how long Start waits for a guest's auraed to answer "
+                             "(default: %(default)s)")
+    parser.add_argument("--vm-grace-period", type=float, default=30.0, metavar="SECONDS",
+                        help="how long Stop and shutdown wait for a guest to power off before "
+                             "a hard stop (default: %(default)s)")
     return parser.parse_args(argv)
 
 
@@ -121,6 +137,10 @@ def main(argv: list[str] | None = None) -> None:
     if argv[:1] == ["spawn"]:
         spawn_main(argv[1:])
         return
+    if argv[:1] == ["vm-image"]:
+        from auraed.kernel.guest_image import main as vm_image
+
+        sys.exit(vm_image(argv[1:]))
     args = parse_args(argv)
     if os.geteuid() != 0:
         print("auraed: must run as root (it manages cgroups and processes)", file=sys.stderr)
@@ -147,6 +167,11 @@ def main(argv: list[str] | None = None) -> None:
         metrics_address=args.metrics_address,
         metrics_allow_remote=args.metrics_allow_remote,
         live_restore=args.live_restore,
+        ca_key=args.ca_key,
+        vm_image_dir=args.vm_image_dir,
+        vm_accelerator=args.vm_accelerator,
+        vm_boot_timeout=args.vm_boot_timeout,
+        vm_grace_period=args.vm_grace_period,
     )
     sys.exit(Daemon(settings).run())
 

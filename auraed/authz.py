@@ -29,8 +29,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-import yaml
-
 from auraed.identity import SpiffeId
 
 # Allowed to every identified peer unless a deny rule names them.
@@ -163,6 +161,8 @@ def load_policy(path: Path, known_methods: Collection[str]) -> Policy:
         raise PolicyError(f"{path}: cannot read it: {error.strerror}") from None
     except UnicodeDecodeError:
         raise PolicyError(f"{path}: not UTF-8 text") from None
+    import yaml  # only with a policy: ~15 modules a daemon (or a guest's) start would load for none
+
     try:
         document = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (ValueError, yaml.YAMLError) as error:

@@ -16,6 +16,7 @@ translates.
 | FailedPrecondition  | FAILED_PRECONDITION  | valid request, but the node cannot do it in its state  |
 | ResourceExhausted   | RESOURCE_EXHAUSTED   | a daemon limit (e.g. open streams) is reached          |
 | Unavailable         | UNAVAILABLE          | the daemon is shutting down                            |
+| DeadlineExceeded    | DEADLINE_EXCEEDED    | the node did not reach a state in time (a VM's boot)   |
 | Unimplemented       | UNIMPLEMENTED        | a valid request for something this daemon cannot do    |
 | (anything else)     | INTERNAL             | a bug: logged with its traceback                       |
 """
@@ -79,3 +80,7 @@ class Unavailable(RuntimeFault):
 
 class Unimplemented(RuntimeFault):
     status = "UNIMPLEMENTED"
+
+
+class DeadlineExceeded(RuntimeFault):
+    status = "DEADLINE_EXCEEDED"

@@ -50,6 +50,7 @@ from auraed.prometheus import (
 from auraed.runtime.containers import Containers
 from auraed.runtime.events import EventJournal
 from auraed.runtime.instances import Instances, own_spiffe_id
+from auraed.runtime.vms import VirtualMachines, VmSettings
 from auraed.runtime.workloads import Workloads
 from auraed.services.cells import CellService
 from auraed.services.discovery import DiscoveryService
@@ -57,6 +58,7 @@ from auraed.services.health import HealthService
 from auraed.services.images import ImageService
 from auraed.services.instances import InstanceService
 from auraed.services.observe import ObserveService
+from auraed.services.vms import VmService
 
 if TYPE_CHECKING:
     from auraed.cri.pods import Pods
@@ -120,6 +122,12 @@ class Settings:
     metrics_allow_remote: bool = False
     # SIGTERM/SIGINT leave the workloads running for the next daemon to adopt.
     live_restore: bool = False
+    # Virtual machines (docs/vms.md): the CA key mints guest identities; without it no VM starts.
+    ca_key: Path | None = None
+    vm_image_dir: Path = Path("/var/lib/aurae/vm-images")
+    vm_accelerator: str = "auto"
+    vm_boot_timeout: float = 120.0
+    vm_grace_period: float = 30.0
 
 
 def _read_pki(settings: Settings) -> tuple[bytes, bytes, bytes]:
@@ -269,6 +277,7 @@ class Daemon:
         self._workloads: Workloads | None = None
         self._instances: Instances | None = None
         self._channels = InstanceChannels()
+        self._vms: VirtualMachines | None = None
         self._health: HealthService | None = None
         self._unix_socket: str | None = None
         self._audit: AuditLog | None = None
@@ -379,6 +388,7 @@ class Daemon:
         self._instances.remove_stale()
 
         self._open_images()
+        self._open_vms(self._workloads)
         self._serve_cri()
         self._health = HealthService(SERVICE_NAMES)
         services = assemble_servicers(self._servicers(self._workloads, self._health))
@@ -443,7 +453,23 @@ class Daemon:
             InstanceService(self._instances, self._channels),
             health,
             *self._image_servicers(),
+            *self._vm_servicers(),
         ]
+
+    # ------------------------------------------------------------ virtual machines (issue 13)
+    def _open_vms(self, workloads: Workloads) -> None:
+        settings = self.settings
+        self._vms = VirtualMachines(workloads, VmSettings(
+            runtime_dir=settings.runtime_dir, image_cache=settings.vm_image_dir,
+            ca_crt=settings.ca_crt, ca_key=settings.ca_key, server_crt=settings.server_crt,
+            accelerator=settings.vm_accelerator, boot_timeout=settings.vm_boot_timeout,
+            grace_period=settings.vm_grace_period, authz_policy=settings.authz_policy,
+            tap_registry=settings.library_dir / "vm-taps"))
+        self._vms.start()
+
+    def _vm_servicers(self) -> list[Servicer]:
+        assert self._vms is not None
+        return [VmService(self._vms)]
 
     # ------------------------------------------------------------ images (issue 14)
     def _open_images(self) -> None:
@@ -506,7 +532,8 @@ class Daemon:
         self._metrics.start()
 
     def shutdown(self) -> None:
-        """Health NOT_SERVING, stop taking RPCs, stop every workload, remove our cgroups."""
+        """Health NOT_SERVING, stop taking RPCs, power the VMs off, stop every workload, remove
+        our cgroups."""
         if self._shutting_down:
             return
         self._shutting_down = True
@@ -519,6 +546,10 @@ class Daemon:
         if self._metrics is not None:
             self._metrics.close()
             self._metrics = None
+        # Guests first, each powered off with its grace: their QEMU runs in a cell that
+        # stopping the workloads would otherwise simply kill.
+        if self._vms is not None:
+            self._vms.shutdown()
         self.daemon_log.close()
         if self._instances is not None:
             self._instances.shutdown()

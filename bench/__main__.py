@@ -17,7 +17,7 @@ from bench.report import write_report
 ROOT = Path(__file__).resolve().parent.parent
 # In report order; each module has run(quick) -> list[Result].
 BENCHMARKS = ["rpc", "start", "spawn", "logs", "streams", "events", "cells", "containers",
-              "instances", "scale", "restore", "cli", "fleet", "codegen"]
+              "instances", "scale", "restore", "cli", "fleet", "codegen", "vms"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,8 +8,11 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 # iproute2: `ip` inside network namespaces; util-linux: unshare/nsenter;
 # catatonit: pid 1 of isolated cells; runc + busybox-static: the peer the cell
-# benchmarks compare against.
-DEBIAN_PACKAGES="iproute2 util-linux catatonit runc busybox-static"
+# benchmarks compare against; busybox-static is also the guest initramfs's
+# shell; qemu-system-x86: the VMM of virtual machines; e2fsprogs: ext4 drive
+# images for them (the guest kernel itself is fetched by `auraed vm-image`
+# with apt-get download, and cached).
+DEBIAN_PACKAGES="iproute2 util-linux catatonit runc busybox-static qemu-system-x86 e2fsprogs"
 
 missing=""
 for package in $DEBIAN_PACKAGES; do

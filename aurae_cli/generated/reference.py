@@ -2417,6 +2417,20 @@ MESSAGES: tuple[MessageInfo, ...] = (
                 "",
                 "Where the guest's auraed listens.",
             ),
+            FieldInfo(
+                8,
+                "accelerator",
+                "string",
+                "",
+                'aurae-py addition: the accelerator the guest runs on, "kvm" or "tcg" (chosen by a probe\nboot); empty before the first Start.',
+            ),
+            FieldInfo(
+                9,
+                "stop_reason",
+                "string",
+                "",
+                'aurae-py addition: why a "Shutdown" machine ended: stopped by Stop, freed, the guest\npowered off, the guest kernel panicked, or QEMU crashed.',
+            ),
         ),
     ),
     MessageInfo(

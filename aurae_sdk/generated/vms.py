@@ -68,7 +68,7 @@ _vms_pb2.RootDrive.__doc__ = "The disk a guest boots from.\n\nFields:\n  image_p
 
 _vms_pb2.DriveMount.__doc__ = 'A further disk for a guest.\n\nFields:\n  image_path (str): Path of the disk image on the host.\n  vm_path (str): Where the guest mounts it.\n  fs_type (str): Filesystem type inside the image, such as "ext4".\n  read_only (bool): Attach the image without write access.'
 
-_vms_pb2.VirtualMachineSummary.__doc__ = 'What List reports about one machine.\n\nFields:\n  id (str): Identifier of the machine.\n  status (str): Lifecycle state: "Created", "Running" or "Shutdown".\n  mem_size_mb (int): Guest memory in MiB.\n  vcpu_count (int): Number of virtual CPUs.\n  kernel_img_path (str): Path of the kernel image.\n  root_dir_path (str): Path of the root disk image.\n  auraed_address (str): Where the guest\'s auraed listens.'
+_vms_pb2.VirtualMachineSummary.__doc__ = 'What List reports about one machine.\n\nFields:\n  id (str): Identifier of the machine.\n  status (str): Lifecycle state: "Created", "Running" or "Shutdown".\n  mem_size_mb (int): Guest memory in MiB.\n  vcpu_count (int): Number of virtual CPUs.\n  kernel_img_path (str): Path of the kernel image.\n  root_dir_path (str): Path of the root disk image.\n  auraed_address (str): Where the guest\'s auraed listens.\n  accelerator (str): aurae-py addition: the accelerator the guest runs on, "kvm" or "tcg" (chosen by a probe boot); empty before the first Start.\n  stop_reason (str): aurae-py addition: why a "Shutdown" machine ended: stopped by Stop, freed, the guest powered off, the guest kernel panicked, or QEMU crashed.'
 
 
 _VM_SERVICE_ALLOCATE: MethodSpec[VmServiceAllocateRequest, VmServiceAllocateResponse] = MethodSpec(

@@ -26,6 +26,7 @@ NAMESPACE_FLAGS: dict[str, int] = {
 
 _PR_SET_CHILD_SUBREAPER = 36
 
+MS_RDONLY = 0x1
 MS_NOSUID = 0x2
 MS_NODEV = 0x4
 MS_NOEXEC = 0x8
@@ -75,9 +76,31 @@ def unshare(flags: int) -> None:
     _check(_libc.unshare(flags))
 
 
-def mount(source: str, target: str, fstype: str | None, flags: int) -> None:
+def mount(source: str, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
     _check(_libc.mount(source.encode(), target.encode(),
-                       fstype.encode() if fstype else None, flags, None))
+                       fstype.encode() if fstype else None, flags,
+                       data.encode() if data else None))
+
+
+MNT_DETACH = 0x2
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.umount2.restype = ctypes.c_int
+
+
+def umount(target: str, flags: int = 0) -> None:
+    _check(_libc.umount2(target.encode(), flags))
+
+
+# reboot(2) commands; the magic numbers are glibc's wrapper's business.
+RB_POWER_OFF = 0x4321FEDC
+_libc.reboot.argtypes = [ctypes.c_int]
+_libc.reboot.restype = ctypes.c_int
+
+
+def reboot(command: int) -> None:
+    """In the initial pid namespace this powers the machine off and does not return; in another,
+    the namespace's init ends as if killed by SIGINT (power off) — how pid 1 is tested on a host."""
+    _check(_libc.reboot(ctypes.c_int(command - (1 << 32) if command >= 1 << 31 else command).value))
 
 
 _SYS_RT_SIGACTION = {"x86_64": 13, "aarch64": 134}.get(os.uname().machine)

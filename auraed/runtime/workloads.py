@@ -141,6 +141,9 @@ class Cell:
     holder_ended: threading.Event = field(default_factory=threading.Event)
     # OOM kills already attributed to an executable (the kernel's counter).
     oom_kills_seen: int = 0
+    # Set for a cell the daemon made for one of its own workloads ("vm <id>"): only that owner
+    # may free it or start in it; clients see it in List.
+    owner: str | None = None
 
     @property
     def holder_gone(self) -> bool:
@@ -434,13 +437,17 @@ class Workloads:
 
     # ------------------------------------------------------------------ cells
 
-    def allocate(self, name: CellName, spec: CellSpec) -> Cell:
-        """Create a cell with limits already validated (see auraed.kernel.cgroups.validate)."""
+    def allocate(self, name: CellName, spec: CellSpec, *, owner: str | None = None) -> Cell:
+        """Create a cell with limits already validated (see auraed.kernel.cgroups.validate).
+        `owner`: set for a cell the daemon makes for a workload of its own (a VM)."""
         with self._lock:
             self._check_open()
             parent = self._cell_for_change(name.parent) if name.parent else None
             if name in self._cells:
                 raise AlreadyExists(f"cell {name} already exists", subject=Subject.CELL)
+            if parent is not None and parent.owner != owner:
+                raise FailedPrecondition(f"cell {parent.name} belongs to {parent.owner}",
+                                         subject=Subject.CELL)
             # A child would join its ancestors' namespaces: refused now if they are
             # gone, not later at its first Start.
             self._check_namespaces_alive(name.ancestors())
@@ -460,7 +467,7 @@ class Workloads:
                     f"a cgroup for cell {name} exists that this daemon did not create; "
                     "remove it or choose another name", subject=Subject.CELL
                 ) from None
-            cell = Cell(name, spec, namespaces=parent.namespaces if parent else None)
+            cell = Cell(name, spec, namespaces=parent.namespaces if parent else None, owner=owner)
             if spec.unshared:
                 try:
                     self._hold_namespaces(cell, parent)
@@ -546,7 +553,8 @@ class Workloads:
         with self._pids_lock:
             self._holders[holder.host_pid] = cell
 
-    def free(self, name: CellName, *, grace: float | None = None, _shutting_down: bool = False) -> None:
+    def free(self, name: CellName, *, grace: float | None = None, owner: str | None = None,
+             _shutting_down: bool = False) -> None:
         """Stop everything in the cell and its descendants, then remove them.
 
         Frees of overlapping cells run one after the other: a Free of a cell
@@ -562,6 +570,10 @@ class Workloads:
                 cell = self._cells.get(name)
                 if cell is None:
                     raise NotFound(f"cell {name} does not exist", subject=Subject.CELL)
+                if cell.owner != owner and not _shutting_down:
+                    raise FailedPrecondition(
+                        f"cell {name} belongs to {cell.owner}; it goes with it",
+                        subject=Subject.CELL)
                 if cell.freeing:
                     raise FailedPrecondition(f"cell {name} is already being freed",
                                              subject=Subject.CELL)
@@ -666,6 +678,7 @@ class Workloads:
         gid: int | None = None,
         container: ContainerSpec | None = None,
         restart: RestartPolicy = NO_RESTART,
+        owner: str | None = None,
     ) -> Executable:
         """With `container`, run its argv in its filesystem as its user; the caller's
         `command` is then only what listings show. The container is released if this fails."""
@@ -674,7 +687,8 @@ class Workloads:
                 raise InvalidArgument("a restart policy cannot be combined with an image yet",
                                       subject=Subject.RESTART_POLICY)
             return self._start_executable(cell_name, name, command, description=description,
-                                          uid=uid, gid=gid, container=container, restart=restart)
+                                          uid=uid, gid=gid, container=container, restart=restart,
+                                          owner=owner)
         except BaseException:
             if container is not None:
                 container.release()
@@ -683,7 +697,7 @@ class Workloads:
     def _start_executable(self, cell_name: CellName | None, name: str, command: str, *,
                           description: str, uid: int | None, gid: int | None,
                           container: ContainerSpec | None,
-                          restart: RestartPolicy) -> Executable:
+                          restart: RestartPolicy, owner: str | None) -> Executable:
         if container is None:
             # Checked at each service's edge too, which names the field; here for any caller.
             check_command(command)
@@ -700,6 +714,10 @@ class Workloads:
         with self._lock:
             self._check_open()
             registry = self._registry(cell_name, for_change=True)
+            if cell_name is not None and self._cells[cell_name].owner != owner:
+                raise FailedPrecondition(
+                    f"cell {cell_name} belongs to {self._cells[cell_name].owner}",
+                    subject=Subject.CELL)
             namespaces = self._namespaces_for_start(cell_name)
             if container is not None and container.mount_namespace is not None:
                 namespaces = replace(namespaces or NamespaceSet(), mnt=container.mount_namespace)
@@ -724,12 +742,16 @@ class Workloads:
         return executable
 
     def stop_executable(self, cell_name: CellName | None, name: str, grace: float | None = None,
-                        *, forget: bool = True) -> Executable:
+                        *, forget: bool = True, owner: str | None = None) -> Executable:
         """End an executable (SIGTERM to its group, SIGKILL after the grace
         period) and forget it (unless `forget` is False: the CRI keeps stopped
         containers until they are removed). Returns it with its exit status."""
         with self._lock:
             registry = self._registry(cell_name, for_change=False)
+            if cell_name is not None and self._cells[cell_name].owner != owner:
+                raise FailedPrecondition(
+                    f"cell {cell_name} belongs to {self._cells[cell_name].owner}",
+                    subject=Subject.CELL)
             executable = registry.get(name)
             if executable is None:
                 raise NotFound(

@@ -99,9 +99,11 @@ def test_reflection_lists_the_services(daemon: DaemonProcess) -> None:
             "aurae.discovery.v0.DiscoveryService", "grpc.health.v1.Health"} <= names
 
 
-def test_vm_service_answers_unimplemented(daemon: DaemonProcess) -> None:
-    with daemon.client() as client, pytest.raises(aurae_sdk.Unimplemented):
-        client.vms.list()
+def test_vm_service_is_served(daemon: DaemonProcess) -> None:
+    with daemon.client() as client:
+        assert list(client.vms.list().machines) == []
+        with pytest.raises(aurae_sdk.NotFound):
+            client.vms.start(vm_id="absent")
 
 
 def test_daemon_flags(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -320,7 +320,7 @@ def test_host_leaf_and_restart_reconciliation(
     backend.create("a", CgroupLimits())
     backend.create("a/b", CgroupLimits())
     host_process = spawn_into(backend.join_files(None))
-    assert proc_cgroups(host_process.pid)["memory"] == f"/{backend.root_name}/_host"
+    assert proc_cgroups(host_process.pid)["memory"] == f"/{backend.root_name}/_host/_spawner"
     cell_process = spawn_into(backend.join_files("a/b"))
 
     # A restarted daemon finds the cells, then clears them and the host leaf's processes.

@@ -133,7 +133,7 @@ def test_nested_cells_and_their_files(mount: Path, backend: CgroupV2Backend) -> 
     assert (mount / "aurae-test" / "a" / "b" / "cgroup.subtree_control").read_text() != ""
     assert backend.existing_cells() == ["a", "a/b"]
     assert backend.join_files("a/b") == [str(leaf / "cgroup.procs")]
-    assert backend.join_files(None) == [str(mount / "aurae-test" / "_host" / "cgroup.procs")]
+    assert backend.join_files(None) == [str(mount / "aurae-test" / "_host" / "_spawner" / "cgroup.procs")]
 
 
 def test_parent_must_exist_and_cell_must_not(backend: CgroupV2Backend) -> None:

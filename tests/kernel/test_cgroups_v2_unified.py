@@ -121,7 +121,7 @@ def test_limits_need_their_controller(backend: CgroupV2Backend) -> None:
 
 def test_host_leaf_and_cleanup(backend: CgroupV2Backend, spawn_into: SpawnInto) -> None:
     host_process = spawn_into(backend.join_files(None))
-    assert cgroup_of(host_process.pid) == f"/{backend.root_name}/_host"
+    assert cgroup_of(host_process.pid) == f"/{backend.root_name}/_host/_spawner"
     backend.create("a", CgroupLimits())
     backend.cleanup_stale()
     assert host_process.wait(timeout=1) == -signal.SIGKILL

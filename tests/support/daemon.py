@@ -151,8 +151,12 @@ def running_daemon(*extra_args: str, grace_period: float = 2.0,
                    library_dir: Path | None = None,
                    after: DaemonProcess | None = None,
                    socket: str | None = None,
-                   netns: str | None = None) -> Iterator[DaemonProcess]:
+                   netns: str | None = None,
+                   vms: bool = False) -> Iterator[DaemonProcess]:
     """Start auraed; on exit stop it with SIGINT and check it left nothing behind.
+
+    vms: give it the CA key, so that it can mint guest identities and boot virtual machines
+    (without it VmService Start refuses at once: fuzzing never boots a guest).
 
     cgroup_mount: where it finds cgroups (a hybrid host's unified mount gives it the v2
     backend). library_dir: an earlier daemon's (`workdir / "lib"`), to start as its
@@ -180,6 +184,7 @@ def running_daemon(*extra_args: str, grace_period: float = 2.0,
         "--ca-crt", str(pki.ca_crt),
         "--server-crt", str(pki.server_crt),
         "--server-key", str(pki.server_key),
+        *(["--ca-key", str(pki.ca_key)] if vms else []),
         "--runtime-dir", str(workdir / "run"),
         "--library-dir", str(library_dir or workdir / "lib"),
         "--cgroup-root", cgroup_root,

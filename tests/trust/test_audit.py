@@ -132,7 +132,7 @@ def test_the_daemon_audits_mutating_calls_only(daemon: DaemonProcess,
     client.cells.stop(cell_name="audited", executable_name="job", grace_period_ms=0)
     with pytest.raises(aurae_sdk.InvalidArgument):
         client.cells.allocate(cell={"name": "../escape"})
-    with pytest.raises(aurae_sdk.Unimplemented):
+    with pytest.raises(aurae_sdk.NotFound):
         client.vms.free(vm_id="vm-1")
     client.cells.free(cell_name="audited")
     records = wait_for_lines(lambda: audit_lines(daemon)[before:], 6)
@@ -142,7 +142,7 @@ def test_the_daemon_audits_mutating_calls_only(daemon: DaemonProcess,
         ("CellService/Start", {"cell": "audited", "executable": "job"}, "OK"),
         ("CellService/Stop", {"cell": "audited", "executable": "job"}, "OK"),
         ("CellService/Allocate", {"cell": "../escape"}, "INVALID_ARGUMENT"),
-        ("VmService/Free", {"vm": "vm-1"}, "UNIMPLEMENTED"),
+        ("VmService/Free", {"vm": "vm-1"}, "NOT_FOUND"),
         ("CellService/Free", {"cell": "audited"}, "OK"),
     ]
     assert {r["peer"] for r in records} == {"spiffe://unsafe.aurae.io/admin"}

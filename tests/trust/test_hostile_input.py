@@ -4,8 +4,9 @@ Each case names the exact status and, where the daemon blames one, the
 request field; and each must leave the host as it found it: no cgroup
 directory and no process appears under (or vanishes from) the daemon's root.
 
-VmService is not implemented by this daemon: it answers UNIMPLEMENTED to
-every well-formed request, hostile or not, and acts on none.
+VmService refuses hostile machines at Allocate (before any cell or file is
+made) and unknown ids with NOT_FOUND; this daemon has no CA key, so it could
+boot no guest anyway.
 """
 
 from __future__ import annotations
@@ -215,19 +216,44 @@ CASES: list[Case] = [
           ("pod", {"workload_type": 2, "id": "p"}, "UNIMPLEMENTED", "workload.workload_type"),
           ("vm", {"workload_type": 3, "id": "v"}, "UNIMPLEMENTED", "workload.workload_type"),
       ]),
-    # --- VmService: unimplemented, so every well-formed request is refused alike ---------------
+    # --- VmService: validated at the edge; unknown ids are not found -------------------------
     Case("vm-allocate-hostile", VMS + "Allocate", vms.VmServiceAllocateRequest(
         machine=vms.VirtualMachine(id="../../etc", mem_size_mb=2**32 - 1, vcpu_count=0,
                                    kernel_img_path="/etc/shadow", kernel_args=["\0"] * 3,
                                    root_drive=vms.RootDrive(image_path="/dev/sda"),
                                    drive_mounts=[vms.DriveMount(vm_path="/", fs_type="x")])),
-         "UNIMPLEMENTED"),
-    Case("vm-allocate-empty", VMS + "Allocate", vms.VmServiceAllocateRequest(), "UNIMPLEMENTED"),
-    *(Case(f"vm-{verb.lower()}-{key}", VMS + verb, request(vm_id=vm_id), "UNIMPLEMENTED")
+         "INVALID_ARGUMENT", "machine.id"),
+    *(Case(f"vm-allocate-{key}", VMS + "Allocate",
+           vms.VmServiceAllocateRequest(machine=vms.VirtualMachine(id="v", **fields)),
+           "INVALID_ARGUMENT", f"machine.{blamed}")
+      for key, fields, blamed in (
+          ("huge-memory", {"mem_size_mb": 2**32 - 1}, "mem_size_mb"),
+          ("many-vcpus", {"vcpu_count": 10_000}, "vcpu_count"),
+          ("nul-kernel-arg", {"kernel_args": ["\0"]}, "kernel_args"),
+          ("spaced-kernel-arg", {"kernel_args": ["a b"]}, "kernel_args"),
+          ("missing-kernel", {"kernel_img_path": "/nonexistent/vmlinux"}, "kernel_img_path"),
+          ("relative-kernel", {"kernel_img_path": "vmlinux"}, "kernel_img_path"),
+          ("device-root", {"root_drive": vms.RootDrive(image_path="/dev/sda")},
+           "root_drive.image_path"),
+          ("chosen-address", {"auraed_address": "[::1]:1"}, "auraed_address"),
+      )),
+    Case("vm-allocate-root-drive", VMS + "Allocate", vms.VmServiceAllocateRequest(
+        machine=vms.VirtualMachine(id="v", root_drive=vms.RootDrive(image_path="/etc/hostname"))),
+         "UNIMPLEMENTED", "machine.root_drive.image_path"),
+    Case("vm-allocate-root-mount", VMS + "Allocate", vms.VmServiceAllocateRequest(
+        machine=vms.VirtualMachine(id="v", drive_mounts=[vms.DriveMount(
+            image_path="/etc/hostname", vm_path="/", fs_type="ext4")])),
+         "INVALID_ARGUMENT", "machine.drive_mounts[0].vm_path"),
+    Case("vm-allocate-empty", VMS + "Allocate", vms.VmServiceAllocateRequest(),
+         "INVALID_ARGUMENT", "machine"),
+    *(Case(f"vm-{verb.lower()}-{key}", VMS + verb, request(vm_id=vm_id), "NOT_FOUND", "vm_id")
       for verb, request in (("Free", vms.VmServiceFreeRequest), ("Start", vms.VmServiceStartRequest),
                             ("Stop", vms.VmServiceStopRequest))
       for key, vm_id in (("escape", "../../etc"), ("nul", "\0"))),
-    Case("vm-list", VMS + "List", vms.VmServiceListRequest(), "UNIMPLEMENTED"),
+    *(Case(f"vm-{verb.lower()}-empty", VMS + verb, request(), "INVALID_ARGUMENT", "vm_id")
+      for verb, request in (("Free", vms.VmServiceFreeRequest), ("Start", vms.VmServiceStartRequest),
+                            ("Stop", vms.VmServiceStopRequest))),
+    Case("vm-list", VMS + "List", vms.VmServiceListRequest(), "OK"),
     # --- Health ----------------------------------------------------------------------------
     *(Case(f"health-check-{key}", HEALTH + "Check", health_pb2.HealthCheckRequest(service=name),
            "NOT_FOUND")

@@ -267,6 +267,8 @@ class Session:
             except aurae_sdk.NotFound:
                 pass
         self.host_executables.clear()
+        for machine in self.client.vms.list().machines:  # their cells go with them
+            self.client.vms.free(vm_id=machine.id)
         for node in self.client.cells.list().cells:
             self.client.cells.free(cell_name=node.cell.name)
         assert self.client.health.check(service="").status == health_pb2.HealthCheckResponse.SERVING

@@ -100,17 +100,17 @@ MATRIX = [
     ("foreign-trust-domain", "discover", "PERMISSION_DENIED", "OK"),
     ("foreign-trust-domain", "health", "OK", "OK"),
     # ci-reads allows VmService/List, but no-vms-for-ci denies it: deny wins.
-    ("ci", "vms.list", "PERMISSION_DENIED", "UNIMPLEMENTED"),
+    ("ci", "vms.list", "PERMISSION_DENIED", "OK"),
     # No rule allows ci to allocate.
     ("ci", "cells.allocate", "PERMISSION_DENIED", "INVALID_ARGUMENT"),
     ("ci", "discover", "OK", "OK"),
     ("ci", "cells.list", "OK", "OK"),
     ("ci", "health", "OK", "OK"),
     ("child-of-ci", "discover", "OK", "OK"),
-    ("child-of-ci", "vms.list", "PERMISSION_DENIED", "UNIMPLEMENTED"),
+    ("child-of-ci", "vms.list", "PERMISSION_DENIED", "OK"),
     ("child-of-ci", "cells.allocate", "PERMISSION_DENIED", "INVALID_ARGUMENT"),
     ("admin", "cells.allocate", "INVALID_ARGUMENT", "INVALID_ARGUMENT"),
-    ("admin", "vms.list", "UNIMPLEMENTED", "UNIMPLEMENTED"),
+    ("admin", "vms.list", "OK", "OK"),
     ("admin", "discover", "OK", "OK"),
 ]
 

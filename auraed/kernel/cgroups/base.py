@@ -5,6 +5,8 @@ Layout below each hierarchy's mount (v2 has one hierarchy, v1 one per controller
     <root>/                 the daemon's subtree; nothing outside it is ever written
     <root>/_host/<scope>/   one leaf per executable that runs outside any cell (as systemd gives
                             a transient scope), so that everything it starts can be reached
+    <root>/_host/_spawner/  the leaf of the daemon's own helper (the spawner) and of any host
+                            process started without a scope
     <root>/<cell>/          one cgroup per cell, holding its limits
     <root>/<cell>/_procs/   leaf for the cell's own processes
     <root>/<cell>/<child>/  nested cells, same shape
@@ -40,6 +42,8 @@ from auraed.kernel.cgroups.limits import CgroupLimits, validate
 
 PROCS_LEAF = "_procs"
 HOST_LEAF = "_host"
+# Below HOST_LEAF, which on v2 hands controllers to its scopes and so can hold no process.
+SPAWNER_LEAF = "_spawner"
 DEFAULT_TIMEOUT = 5.0
 POLL_INTERVAL = 0.005
 
@@ -148,6 +152,7 @@ class CgroupBackend(ABC):
             self._ensure(hierarchy, ())
             # Processes live in its scopes, not in it: on v2 it hands controllers down to them.
             self._ensure(hierarchy, (HOST_LEAF,), holds_processes=False)
+            self._ensure(hierarchy, (HOST_LEAF, SPAWNER_LEAF), holds_processes=True)
             if hierarchy not in self._root_fds:
                 self._root_fds[hierarchy] = cgroupfs.open_cgroup(hierarchy, (self.root_name,))
 
@@ -308,7 +313,7 @@ class CgroupBackend(ABC):
         for hierarchy in self._hierarchies:
             try:
                 with self._open(hierarchy, (HOST_LEAF,)) as fd:
-                    scopes.update(cgroupfs.subdirs(fd))
+                    scopes.update(name for name in cgroupfs.subdirs(fd) if name != SPAWNER_LEAF)
             except CgroupNotFound:
                 continue
         return scopes
@@ -334,7 +339,7 @@ class CgroupBackend(ABC):
     def _leaf(self, cell_path: str | None, scope: str | None) -> Components:
         if cell_path is not None:
             return (*cell_components(cell_path), PROCS_LEAF)
-        return _scope_components(scope) if scope is not None else (HOST_LEAF,)
+        return _scope_components(scope) if scope is not None else (HOST_LEAF, SPAWNER_LEAF)
 
     def pids(self, cell_path: str, recursive: bool = True) -> set[int]:
         """Processes in the cell; with recursive=False, those of its child cells are left out."""

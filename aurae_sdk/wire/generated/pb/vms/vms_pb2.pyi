@@ -357,6 +357,8 @@ class VirtualMachineSummary(_message.Message):
     KERNEL_IMG_PATH_FIELD_NUMBER: _builtins.int
     ROOT_DIR_PATH_FIELD_NUMBER: _builtins.int
     AURAED_ADDRESS_FIELD_NUMBER: _builtins.int
+    ACCELERATOR_FIELD_NUMBER: _builtins.int
+    STOP_REASON_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Identifier of the machine."""
     status: _builtins.str
@@ -371,6 +373,14 @@ class VirtualMachineSummary(_message.Message):
     """Path of the root disk image."""
     auraed_address: _builtins.str
     """Where the guest's auraed listens."""
+    accelerator: _builtins.str
+    """aurae-py addition: the accelerator the guest runs on, "kvm" or "tcg" (chosen by a probe
+    boot); empty before the first Start.
+    """
+    stop_reason: _builtins.str
+    """aurae-py addition: why a "Shutdown" machine ended: stopped by Stop, freed, the guest
+    powered off, the guest kernel panicked, or QEMU crashed.
+    """
     def __init__(
         self,
         *,
@@ -381,10 +391,12 @@ class VirtualMachineSummary(_message.Message):
         kernel_img_path: _builtins.str = ...,
         root_dir_path: _builtins.str = ...,
         auraed_address: _builtins.str = ...,
+        accelerator: _builtins.str = ...,
+        stop_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["auraed_address", b"auraed_address", "id", b"id", "kernel_img_path", b"kernel_img_path", "mem_size_mb", b"mem_size_mb", "root_dir_path", b"root_dir_path", "status", b"status", "vcpu_count", b"vcpu_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accelerator", b"accelerator", "auraed_address", b"auraed_address", "id", b"id", "kernel_img_path", b"kernel_img_path", "mem_size_mb", b"mem_size_mb", "root_dir_path", b"root_dir_path", "status", b"status", "stop_reason", b"stop_reason", "vcpu_count", b"vcpu_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

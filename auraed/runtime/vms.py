@@ -1,0 +1,616 @@
+"""Virtual machines: QEMU guests whose pid 1 is auraed, and their lifecycle.
+
+Each VM is a cell of the daemon's own (`vm-<id>`, owned: clients see it in List but cannot free it
+or start in it) holding one executable, `qemu`, started through the same spawner as every
+workload: its cgroup accounts and limits QEMU, its captured stdout is the guest's serial console
+(Observe reads it like any executable's output), and its exit is reported like any exit.
+
+Start writes the VM's runtime directory (`<runtime>/vms/<id>/`): `guest/` is shared read-only
+into the guest (tag `aurae`) with the CA certificate, the guest's own server certificate and key
+(minted here; the host's key never enters a guest), `boot.env` for the initramfs and
+`pid1.json` for auraed.pid1; `qmp.sock` is QEMU's monitor. Then it creates the TAP, boots QEMU,
+connects QMP and waits until the guest's auraed answers a health check over mTLS at
+`[fe80::2%<tap>]:8080`, which is the address it returns.
+
+Status follows upstream's spelling: "Created" (allocated, or never booted), "Running", "Shutdown"
+(ended: by Stop, by the guest powering off, or by QEMU dying; `stop_reason` says which, from the
+QMP events and QEMU's exit status).
+
+Locking: `_lock` guards the registry and each VM's state changes; booting, waiting for health
+and waiting for power-off happen outside it, with the VM marked `busy` so a second Start, Stop or
+Free of it is refused (FAILED_PRECONDITION) rather than interleaved.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from auraed.errors import (
+    AlreadyExists,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+    Unimplemented,
+)
+from auraed.kernel import guest_image
+from auraed.kernel.cgroups import CgroupLimits
+from auraed.runtime.executables import Executable
+from auraed.runtime.names import CellName
+from auraed.runtime.workloads import CellSpec, Workloads
+
+if TYPE_CHECKING:
+    from auraed.kernel.qemu import QmpLoop, QmpSession
+
+# QEMU's QMP client, netlink and X.509 minting are imported where a VM first needs them: a
+# daemon that never boots one (as every guest's auraed) does not pay their ~0.2 s of imports.
+
+log = logging.getLogger("auraed.vms")
+
+CREATED, RUNNING, SHUTDOWN = "Created", "Running", "Shutdown"
+GUEST_PORT = 8080
+QEMU_EXECUTABLE = "qemu"
+# QEMU's own memory beyond the guest's RAM is small; the guest's RAM is the bound that matters.
+MAX_MEMORY_MB = 1024 * 1024
+MAX_VCPUS = 64
+DEFAULT_MEMORY_MB = 512
+DEFAULT_VCPUS = 1
+# 60 chars leaves room for the "vm-" of the cell name within one 63-character DNS label.
+MAX_ID_LENGTH = 60
+GUEST_DIRECTORY = "/aurae"
+QMP_CONNECT_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True)
+class DriveSpec:
+    image_path: str
+    vm_path: str
+    fs_type: str
+    read_only: bool
+
+
+@dataclass(frozen=True)
+class MachineSpec:
+    id: str
+    mem_size_mb: int
+    vcpu_count: int
+    kernel_img_path: str  # "" for the project's guest kernel
+    kernel_args: tuple[str, ...]
+    root_drive: str  # "" for the project's default root: initramfs + the host's /usr over 9p
+    root_read_only: bool
+    drive_mounts: tuple[DriveSpec, ...]
+
+
+@dataclass(eq=False)
+class VirtualMachine:
+    spec: MachineSpec
+    status: str = CREATED
+    busy: bool = False
+    accelerator: str = ""
+    tap: str | None = None
+    address: str = ""
+    stop_reason: str = ""
+    shutdown_event: str = ""  # the QMP SHUTDOWN reason, when one came
+    qemu: Executable | None = None
+    qmp: QmpSession | None = None
+    started: list[float] = field(default_factory=list)
+
+    @property
+    def cell(self) -> CellName:
+        return CellName(f"vm-{self.spec.id}")
+
+    @property
+    def owner(self) -> str:
+        return f"vm {self.spec.id}"
+
+
+@dataclass(frozen=True)
+class VmSettings:
+    runtime_dir: Path
+    image_cache: Path
+    ca_crt: Path
+    ca_key: Path | None
+    server_crt: Path
+    accelerator: str = "auto"  # "auto" (probe), "kvm" or "tcg"
+    boot_timeout: float = 120.0
+    grace_period: float = 30.0
+    # The project's environment shared into the guest: what sys.path needs besides /usr.
+    environment: tuple[str, ...] = ()
+    # The host's --authz-policy, which the guest's auraed enforces too.
+    authz_policy: Path | None = None
+    # Where the names of the TAPs in use are kept, so that the next start removes what a
+    # daemon killed outright left (in the library dir: it must outlive the daemon).
+    tap_registry: Path | None = None
+
+
+def project_environment() -> tuple[str, ...]:
+    """The host directories the guest's auraed runs from (outside /usr), outermost only."""
+    import auraed
+
+    # sys.base_prefix: the interpreter itself when it is not Debian's (pyenv, a venv of it).
+    candidates = {os.path.realpath(sys.prefix), os.path.realpath(sys.base_prefix),
+                  os.path.dirname(os.path.dirname(os.path.realpath(auraed.__file__)))}
+    roots = sorted(p for p in candidates if not p.startswith("/usr/") and p != "/usr")
+    return tuple(p for p in roots if not any(p != q and p.startswith(q + "/") for q in roots))
+
+
+def validate_machine(spec: MachineSpec) -> None:
+    """Refuse what no VM can be, naming the field; nothing on the node is looked at but paths."""
+    from auraed.runtime.names import _LABEL
+
+    if not spec.id:
+        raise InvalidArgument("a virtual machine id is required", field="machine.id")
+    if len(spec.id) > MAX_ID_LENGTH or not _LABEL.fullmatch(spec.id) or spec.id != spec.id.lower():
+        raise InvalidArgument(
+            f"vm id {spec.id[:64]!r} must be lowercase letters, digits and '-', at most "
+            f"{MAX_ID_LENGTH} characters, not starting or ending with '-'", field="machine.id")
+    if not 64 <= spec.mem_size_mb <= MAX_MEMORY_MB:
+        raise InvalidArgument(f"mem_size_mb {spec.mem_size_mb} is outside 64..{MAX_MEMORY_MB}",
+                              field="machine.mem_size_mb")
+    if not 1 <= spec.vcpu_count <= MAX_VCPUS:
+        raise InvalidArgument(f"vcpu_count {spec.vcpu_count} is outside 1..{MAX_VCPUS}",
+                              field="machine.vcpu_count")
+    for argument in spec.kernel_args:
+        if not argument or any(c.isspace() for c in argument) or not argument.isprintable():
+            raise InvalidArgument(f"kernel argument {argument[:64]!r} must be one printable "
+                                  "word without spaces", field="machine.kernel_args")
+    paths = [("machine.kernel_img_path", spec.kernel_img_path),
+             ("machine.root_drive.image_path", spec.root_drive)]
+    paths += [(f"machine.drive_mounts[{i}].image_path", d.image_path)
+              for i, d in enumerate(spec.drive_mounts)]
+    for name, path in paths:
+        if not path:
+            continue
+        if not os.path.isabs(path) or "," in path:
+            raise InvalidArgument(f"{path!r} must be an absolute path without ','", field=name)
+        if not os.path.isfile(path):
+            raise InvalidArgument(f"{path} does not exist or is not a file", field=name)
+    if spec.root_drive:
+        # Refused rather than attached and ignored: every guest boots the project's root.
+        raise Unimplemented("booting from a root drive is not built yet: leave root_drive empty "
+                            "for the default root (initramfs and the host's /usr over 9p), and "
+                            "attach images as drive_mounts", field="machine.root_drive.image_path")
+    for i, drive in enumerate(spec.drive_mounts):
+        blamed = f"machine.drive_mounts[{i}]"
+        if not drive.vm_path.startswith("/") or drive.vm_path == "/" or ".." in drive.vm_path.split("/"):
+            raise InvalidArgument(f"vm_path {drive.vm_path!r} must be an absolute path below /",
+                                  field=f"{blamed}.vm_path")
+        if not drive.fs_type or not drive.fs_type.replace("_", "").isalnum():
+            raise InvalidArgument(f"fs_type {drive.fs_type!r} must name a filesystem, e.g. ext4",
+                                  field=f"{blamed}.fs_type")
+
+
+class VirtualMachines:
+    def __init__(self, workloads: Workloads, settings: VmSettings) -> None:
+        self.workloads = workloads
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._machines: dict[str, VirtualMachine] = {}
+        self._closing = False
+        self._image: guest_image.GuestImage | None = None
+        self._accelerator: tuple[str, str] | None = None
+        self._qmp: QmpLoop | None = None
+        self._client_identity: tuple[bytes, bytes] | None = None
+        self._directory = settings.runtime_dir / "vms"
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        # A previous run's VM directories (sockets, guest keys) are of no use to anyone now, and
+        # its TAPs (its QEMUs were killed with its cell subtree) lead nowhere.
+        shutil.rmtree(self._directory, ignore_errors=True)
+        registry = self.settings.tap_registry
+        if registry is not None and registry.exists():
+            from auraed.kernel import tap
+
+            for name in registry.read_text().split():
+                if tap.tap_exists(name):
+                    log.warning("removing a TAP left by a previous run", extra={"tap": name})
+                    tap.remove_tap(name)
+            registry.unlink()
+
+    def _record_taps(self) -> None:
+        """Rewrite the registry of TAPs in use (call under _lock)."""
+        registry = self.settings.tap_registry
+        if registry is None:
+            return
+        names = sorted(vm.tap for vm in self._machines.values() if vm.tap is not None)
+        temporary = registry.with_suffix(".new")
+        temporary.write_text("".join(f"{name}\n" for name in names))
+        temporary.replace(registry)
+
+    def shutdown(self) -> None:
+        """Power every running guest off (in parallel, each with its grace), then free them all."""
+        with self._lock:
+            self._closing = True
+            machines = list(self._machines.values())
+        stoppers = [threading.Thread(target=self._stop_quietly, args=(vm,), name=f"stop-{vm.spec.id}")
+                    for vm in machines]
+        for thread in stoppers:
+            thread.start()
+        for thread in stoppers:
+            thread.join()
+        for vm in machines:
+            try:
+                self._release(vm)
+            except Exception:
+                log.exception("freeing a VM during shutdown failed", extra={"vm": vm.spec.id})
+        if self._qmp is not None:
+            self._qmp.close()
+
+    def _stop_quietly(self, vm: VirtualMachine) -> None:
+        try:
+            self._power_off(vm, self.settings.grace_period, "the host daemon shut down")
+        except Exception:
+            log.exception("stopping a VM during shutdown failed", extra={"vm": vm.spec.id})
+
+    # ------------------------------------------------------------------ API
+
+    def allocate(self, spec: MachineSpec) -> VirtualMachine:
+        validate_machine(spec)
+        vm = VirtualMachine(spec)
+        with self._lock:
+            self._check_open()
+            if spec.id in self._machines:
+                raise AlreadyExists(f"virtual machine {spec.id} already exists", field="machine.id")
+            # The cell holds QEMU: limits and accounting of the VMM itself.
+            try:
+                self.workloads.allocate(vm.cell, CellSpec(limits=CgroupLimits()), owner=vm.owner)
+            except AlreadyExists:
+                raise AlreadyExists(f"a cell {vm.cell} exists already; the VM needs that name",
+                                    field="machine.id") from None
+            self._machines[spec.id] = vm
+        log.info("vm allocated", extra={"vm": spec.id, "mem_mb": spec.mem_size_mb,
+                                        "vcpus": spec.vcpu_count})
+        return vm
+
+    def default_kernel(self) -> str:
+        return str(self._image.kernel) if self._image is not None else ""
+
+    def list(self) -> list[VirtualMachine]:
+        with self._lock:
+            return sorted(self._machines.values(), key=lambda vm: vm.spec.id)
+
+    def start_machine(self, vm_id: str, progress: Callable[[str], None] = lambda line: None) -> str:
+        vm = self._claim(vm_id, "start", allowed=(CREATED, SHUTDOWN))
+        try:
+            address = self._boot(vm, progress)
+        except BaseException as error:
+            vm.stop_reason = f"the boot failed: {getattr(error, 'message', error)}"
+            self._teardown_boot(vm)
+            with self._lock:
+                if vm.status == RUNNING:
+                    vm.status = SHUTDOWN
+                vm.busy = False
+            raise
+        with self._lock:
+            vm.busy = False
+        return address
+
+    def stop_machine(self, vm_id: str) -> None:
+        vm = self._claim(vm_id, "stop", allowed=(RUNNING,))
+        try:
+            self._power_off(vm, self.settings.grace_period, "stopped by Stop")
+        finally:
+            with self._lock:
+                vm.busy = False
+
+    def free(self, vm_id: str) -> None:
+        vm = self._claim(vm_id, "free", allowed=(CREATED, RUNNING, SHUTDOWN))
+        try:
+            self._power_off(vm, self.settings.grace_period, "freed")
+            self._release(vm)
+        except BaseException:
+            with self._lock:
+                vm.busy = False
+            raise
+        log.info("vm freed", extra={"vm": vm_id})
+
+    # ------------------------------------------------------------------ internals
+
+    def _check_open(self) -> None:
+        if self._closing:
+            raise Unavailable("the daemon is shutting down")
+
+    def _claim(self, vm_id: str, action: str, allowed: tuple[str, ...]) -> VirtualMachine:
+        if not vm_id:
+            raise InvalidArgument("a virtual machine id is required", field="vm_id")
+        with self._lock:
+            self._check_open()
+            vm = self._machines.get(vm_id)
+            if vm is None:
+                raise NotFound(f"no virtual machine {vm_id}", field="vm_id")
+            self._refresh(vm)
+            if vm.busy:
+                raise FailedPrecondition(f"virtual machine {vm_id} is busy starting or stopping",
+                                         field="vm_id")
+            if vm.status not in allowed:
+                raise FailedPrecondition(f"cannot {action} virtual machine {vm_id}: it is "
+                                         f"{vm.status}", field="vm_id")
+            vm.busy = True
+            return vm
+
+    def status_of(self, vm: VirtualMachine) -> str:
+        with self._lock:
+            self._refresh(vm)
+            return vm.status
+
+    def _refresh(self, vm: VirtualMachine) -> None:
+        """Fold QEMU's exit into the status (call under _lock)."""
+        if vm.status == RUNNING and vm.qemu is not None and not vm.qemu.running:
+            vm.status = SHUTDOWN
+            if not vm.stop_reason:
+                vm.stop_reason = self._ended_reason(vm)
+
+    def _ended_reason(self, vm: VirtualMachine) -> str:
+        status = vm.qemu.exit_status if vm.qemu is not None else None
+        code = status.exit_code if status is not None else None
+        if vm.shutdown_event == "guest-shutdown" and code == 0:
+            return "the guest powered off"
+        if vm.shutdown_event == "guest-panic":
+            return "the guest kernel panicked"
+        if vm.shutdown_event:
+            return f"shut down ({vm.shutdown_event})"
+        what = (f"exit status {code}" if code is not None
+                else f"signal {status.signal}" if status is not None else "no status")
+        return f"crashed: QEMU ended with {what} and no shutdown event"
+
+    def _image_and_accelerator(self, progress: Callable[[str], None]) -> tuple[guest_image.GuestImage, str]:
+        if self._image is None:
+            try:
+                self._image = guest_image.build(self.settings.image_cache, progress)
+            except guest_image.ImageError as error:
+                raise FailedPrecondition(f"guest artefacts: {error}") from None
+        if self._accelerator is None:
+            choice = self.settings.accelerator
+            if choice == "auto":
+                from auraed.kernel.qemu import probe_accelerator
+
+                self._accelerator = probe_accelerator(str(self._image.kernel),
+                                                      str(self._image.initramfs))
+            else:
+                self._accelerator = (choice, f"--vm-accelerator {choice}")
+            log.info("vm accelerator chosen", extra={"accelerator": self._accelerator[0],
+                                                     "why": self._accelerator[1]})
+        return self._image, self._accelerator[0]
+
+    def _identities(self, vm_id: str) -> tuple[bytes, bytes, bytes]:
+        from auraed.guest_identity import IdentityError, mint_client_identity, mint_guest_identity
+
+        if self.settings.ca_key is None:
+            raise FailedPrecondition(
+                "this daemon cannot mint guest identities: start it with --ca-key (the key of "
+                "--ca-crt) to run virtual machines")
+        try:
+            ca = self.settings.ca_crt.read_bytes()
+            ca_key = self.settings.ca_key.read_bytes()
+            host = self.settings.server_crt.read_bytes()
+            identity = mint_guest_identity(vm_id, ca, ca_key, host)
+            if self._client_identity is None:
+                self._client_identity = mint_client_identity(ca, ca_key, host)
+        except (OSError, IdentityError) as error:
+            raise FailedPrecondition(f"cannot mint the guest's identity: {error}") from None
+        return ca, identity.certificate_pem, identity.private_key_pem
+
+    def _boot(self, vm: VirtualMachine, progress: Callable[[str], None]) -> str:
+        from auraed.kernel import tap
+        from auraed.kernel.qemu import (
+            Disk,
+            QemuMachine,
+            QmpLoop,
+            QmpSession,
+            Share,
+            default_kernel_args,
+        )
+
+        spec = vm.spec
+        started = time.monotonic()
+        self._teardown_boot(vm)  # what the previous boot left, if the guest ended by itself
+        ca, certificate, key = self._identities(spec.id)  # first: the cheapest refusal
+        image, accelerator = self._image_and_accelerator(progress)
+        directory = self._directory / spec.id
+        shutil.rmtree(directory, ignore_errors=True)
+        guest = directory / "guest"
+        guest.mkdir(parents=True, mode=0o700)
+        (guest / "ca.crt").write_bytes(ca)
+        (guest / "server.crt").write_bytes(certificate)
+        (guest / "server.key").write_bytes(key)
+        policy_flags: list[str] = []
+        if self.settings.authz_policy is not None:
+            policy = f"policy{self.settings.authz_policy.suffix}"
+            shutil.copyfile(self.settings.authz_policy, guest / policy)
+            policy_flags = ["--authz-policy", f"{GUEST_DIRECTORY}/{policy}"]
+        environment = self.settings.environment or project_environment()
+        shares = [Share(guest_image.VM_SHARE_TAG, str(guest)), Share(guest_image.USR_SHARE_TAG, "/usr")]
+        shares += [Share(f"env{i}", path) for i, path in enumerate(environment)]
+        (guest / "boot.env").write_text(
+            f"AURAE_SHARES={shlex.quote(' '.join(f'{s.tag}:{s.path}' for s in shares[2:]))}\n"
+            f"AURAE_PYTHON={shlex.quote(sys.executable)}\n"
+            f"AURAE_PID1_CONFIG={GUEST_DIRECTORY}/pid1.json\n")
+        disks = [Disk(d.image_path, d.read_only) for d in spec.drive_mounts]
+        drives = [{"device": f"/dev/vd{chr(ord('a') + i)}", "path": d.vm_path,
+                   "fs_type": d.fs_type, "read_only": d.read_only}
+                  for i, d in enumerate(spec.drive_mounts)]
+        import json
+
+        (guest / "pid1.json").write_text(json.dumps({
+            "daemon": [sys.executable, "-m", "auraed", "--socket", f"[::]:{GUEST_PORT}",
+                       "--ca-crt", f"{GUEST_DIRECTORY}/ca.crt",
+                       "--server-crt", f"{GUEST_DIRECTORY}/server.crt",
+                       "--server-key", f"{GUEST_DIRECTORY}/server.key",
+                       "--runtime-dir", "/run/aurae", "--library-dir", "/var/lib/aurae",
+                       "--cgroup-root", "aurae", *policy_flags],
+            "hostname": spec.id,
+            "drives": drives,
+        }, indent=1) + "\n")
+        for path in guest.iterdir():
+            path.chmod(0o400)
+        try:
+            vm.tap = tap.create_tap().name
+        except tap.TapError as error:
+            raise FailedPrecondition(str(error)) from None
+        with self._lock:
+            self._record_taps()
+        machine = QemuMachine(
+            kernel=spec.kernel_img_path or str(image.kernel),
+            initramfs=str(image.initramfs),
+            kernel_args=(*default_kernel_args(), *spec.kernel_args),
+            mem_size_mb=spec.mem_size_mb,
+            vcpu_count=spec.vcpu_count,
+            accelerator=accelerator,
+            qmp_socket=str(directory / "qmp.sock"),
+            tap=vm.tap,
+            shares=tuple(shares),
+            disks=tuple(disks),
+        )
+        vm.accelerator = accelerator
+        vm.shutdown_event = ""
+        vm.stop_reason = ""
+        progress(f"booting {spec.id} under {accelerator}")
+        vm.qemu = self.workloads.start_executable(
+            vm.cell, QEMU_EXECUTABLE, machine.shell_command(),
+            description=f"QEMU of vm {spec.id} ({accelerator})", owner=vm.owner)
+        with self._lock:
+            vm.status = RUNNING
+        deadline = started + self.settings.boot_timeout
+        if self._qmp is None:
+            self._qmp = QmpLoop()
+        vm.qmp = QmpSession(self._qmp, machine.qmp_socket,
+                            lambda name, data: self._on_event(vm, name, data))
+        qemu = vm.qemu
+        try:
+            # Its own bound: QEMU opens the socket within a second; one that does not is broken,
+            # whatever the boot timeout.
+            vm.qmp.connect(time.monotonic() + QMP_CONNECT_TIMEOUT, alive=lambda: qemu.running)
+        except ConnectionError as error:
+            raise FailedPrecondition(f"vm {spec.id}: {error}; see its console in Observe") from None
+        address = f"[{tap.GUEST_ADDRESS}%{vm.tap}]:{GUEST_PORT}"
+        self._wait_for_guest(vm, address, deadline)
+        vm.address = address
+        vm.started.append(time.monotonic() - started)
+        log.info("vm started", extra={"vm": spec.id, "address": address,
+                                      "accelerator": accelerator,
+                                      "seconds": round(time.monotonic() - started, 2)})
+        return address
+
+    def _wait_for_guest(self, vm: VirtualMachine, address: str, deadline: float) -> None:
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        from aurae_sdk.wire.targets import parse_target
+
+        assert self._client_identity is not None and vm.qemu is not None
+        ca = self.settings.ca_crt.read_bytes()
+        credentials = grpc.ssl_channel_credentials(ca, self._client_identity[1],
+                                                   self._client_identity[0])
+        target = parse_target(address).grpc_target
+        options = [("grpc.ssl_target_name_override", "server.unsafe.aurae.io"),
+                   ("grpc.default_authority", "server.unsafe.aurae.io"),
+                   ("grpc.initial_reconnect_backoff_ms", 100),
+                   ("grpc.max_reconnect_backoff_ms", 250)]
+        with grpc.secure_channel(target, credentials, options) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)  # type: ignore[no-untyped-call]
+            while True:
+                if not vm.qemu.running:
+                    raise FailedPrecondition(
+                        f"vm {vm.spec.id} ended while booting ({self._ended_reason(vm)}); see "
+                        f"its console: Observe of cell {vm.cell}, executable {QEMU_EXECUTABLE}")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise DeadlineExceeded(
+                        f"vm {vm.spec.id}: the guest's auraed did not answer at {address} within "
+                        f"{self.settings.boot_timeout:.0f} s; see its console: Observe of cell "
+                        f"{vm.cell}, executable {QEMU_EXECUTABLE}")
+                try:
+                    reply = stub.Check(health_pb2.HealthCheckRequest(service=""),
+                                       timeout=min(2.0, remaining), wait_for_ready=True)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.05)
+
+    def _on_event(self, vm: VirtualMachine, name: str, data: dict[str, Any]) -> None:
+        # On the QMP loop thread: record only, never block.
+        if name == "SHUTDOWN":
+            vm.shutdown_event = str(data.get("reason", "shutdown"))
+        elif name == "GUEST_PANICKED":
+            vm.shutdown_event = "guest-panic"
+        log.info("vm event", extra={"vm": vm.spec.id, "event": name,
+                                    "data": ",".join(f"{k}={v}" for k, v in sorted(data.items()))})
+
+    def _power_off(self, vm: VirtualMachine, grace: float, reason: str) -> None:
+        """ACPI power button through QMP; after `grace`, QMP quit; then the process is killed."""
+        from auraed.kernel.qemu import QMP_FAILURES
+
+        qemu = vm.qemu
+        if qemu is not None and qemu.running:
+            log.info("vm stopping", extra={"vm": vm.spec.id, "grace": grace})
+            asked = False
+            if vm.qmp is not None:
+                try:
+                    vm.qmp.execute("system_powerdown")
+                    asked = True
+                except QMP_FAILURES as error:
+                    log.warning("system_powerdown failed", extra={"vm": vm.spec.id,
+                                                                  "error": str(error)})
+            if not (asked and qemu.wait(grace)):
+                log.warning("vm did not power off in its grace period: hard stop",
+                            extra={"vm": vm.spec.id})
+                if vm.qmp is not None:
+                    try:
+                        vm.qmp.execute("quit")
+                    except QMP_FAILURES as error:
+                        log.info("QMP quit failed; killing QEMU", extra={"error": repr(error)})
+                if not qemu.wait(5.0):
+                    self.workloads.stop_executable(vm.cell, QEMU_EXECUTABLE, 0.0, owner=vm.owner)
+                reason += " (hard stop after the grace period)"
+            qemu.wait(10.0)
+            with self._lock:
+                vm.stop_reason = reason
+        self._teardown_boot(vm)
+        with self._lock:
+            if vm.status == RUNNING:
+                vm.status = SHUTDOWN
+
+    def _teardown_boot(self, vm: VirtualMachine) -> None:
+        """What one boot made: QMP session, TAP, runtime directory (QEMU itself must be gone)."""
+        from auraed.kernel import tap
+
+        if vm.qemu is not None and vm.qemu.running:
+            self.workloads.stop_executable(vm.cell, QEMU_EXECUTABLE, 0.0, owner=vm.owner)
+        if vm.qmp is not None:
+            vm.qmp.close()
+            vm.qmp = None
+        if vm.tap is not None:
+            try:
+                tap.remove_tap(vm.tap)
+            except tap.TapError as error:
+                log.error("cannot remove TAP", extra={"vm": vm.spec.id, "error": str(error)})
+            vm.tap = None
+            with self._lock:
+                self._record_taps()
+        vm.address = ""
+        shutil.rmtree(self._directory / vm.spec.id, ignore_errors=True)
+        with self._lock:
+            self._refresh(vm)
+
+    def _release(self, vm: VirtualMachine) -> None:
+        self._teardown_boot(vm)
+        try:
+            self.workloads.free(vm.cell, grace=0.0, owner=vm.owner)
+        except NotFound:
+            pass
+        with self._lock:
+            self._machines.pop(vm.spec.id, None)
