@@ -168,6 +168,7 @@ class QmpSession:
         self._on_event = on_event
         self._client = QMPClient(os.path.basename(os.path.dirname(socket)))
         self._listener: asyncio.Task[None] | None = None
+        self._events: Any = None  # the EventListener, once listening
 
     def connect(self, deadline: float, alive: Callable[[], bool]) -> None:
         """Connect once QEMU listens (it creates the socket early in its start)."""
@@ -191,21 +192,33 @@ class QmpSession:
 
     async def _listen(self) -> None:
         with self._client.listener() as listener:
+            self._events = listener
             async for event in listener:
-                data = event.get("data")
-                try:
-                    self._on_event(str(event["event"]), dict(data) if isinstance(data, dict) else {})
-                except Exception:
-                    log.exception("QMP event handler failed")
+                self._handle(event)
+
+    def _handle(self, event: Any) -> None:
+        data = event.get("data")
+        try:
+            self._on_event(str(event["event"]), dict(data) if isinstance(data, dict) else {})
+        except Exception:
+            log.exception("QMP event handler failed")
 
     def execute(self, command: str, timeout: float = 5.0) -> Any:
         return self._loop.call(self._client.execute(command), timeout)
 
     def close(self) -> None:
         async def disconnect() -> None:
-            if self._listener is not None:
-                self._listener.cancel()
-            await self._client.disconnect()
+            # QEMU's last words (SHUTDOWN with its reason) come just before it exits: read
+            # them before the session goes, and handle what the listener had not yet, so a
+            # loaded loop cannot lose how the guest ended.
+            try:
+                await self._client.disconnect()
+            finally:
+                if self._listener is not None:
+                    self._listener.cancel()
+                if self._events is not None:
+                    for event in self._events.clear():
+                        self._handle(event)
 
         try:
             self._loop.call(disconnect(), timeout=5)
