@@ -1,4 +1,4 @@
-"""The spawner against a bare fork/exec, and the output pump against a pipe —
+"""The spawner against a bare fork/exec, and the spawner's output capture against a pipe —
 the kernel-facing floor under Start and under log streaming, without gRPC."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import time
 
 from auraed.kernel.processes import ExitStatus, SpawnSpec
 from auraed.kernel.spawner.client import Spawner
-from auraed.output import OutputLog, OutputPump, output_pipe
+from auraed.output import OutputLog
 from bench.core import Comparison, Result, Series, interleave
 
 
@@ -33,22 +33,20 @@ class ExitWaiter:
             return self._exits.pop(pid)
 
 
-def _pumped(spawner: Spawner, exits: ExitWaiter, pump: OutputPump, directory: str,
-            command: str, lines: int) -> float:
-    """Seconds from spawn until a follower has read every line of `command`."""
-    log = OutputLog(directory, "stdout")
-    read_fd, write_fd = output_pipe()
-    pump.watch(read_fd, log)
+def _captured(spawner: Spawner, exits: ExitWaiter, directory: str, command: str,
+              lines: int) -> float:
+    """Seconds from spawn until a follower has read every line of `command`: the spawner reads
+    the pipe and writes the segment files, this process follows its mirror of them, as the
+    daemon does."""
+    logs = (OutputLog.mirror(directory, "stdout", segment_bytes=8 << 20, max_segments=8),
+            OutputLog.mirror(directory, "stderr", segment_bytes=8 << 20, max_segments=8))
     begin = time.perf_counter()
-    try:
-        process = spawner.spawn(SpawnSpec(command=command, uid=0, gid=0, stdout_fd=write_fd,
-                                          stderr_fd=write_fd))
-    finally:
-        os.close(write_fd)
-    received = sum(len(batch) for batch in log.follow_batches(threading.Event()))
+    process = spawner.spawn(SpawnSpec(command=command, uid=0, gid=0, capture=logs))
+    received = sum(len(batch) for batch in logs[0].follow_batches(threading.Event()))
     elapsed = time.perf_counter() - begin
     exits.wait_for(process.host_pid)
-    log.remove()
+    for log in logs:
+        log.remove()
     if received != lines:
         raise RuntimeError(f"lost lines: read {received} of {lines}")
     return elapsed
@@ -64,7 +62,7 @@ def run(quick: bool) -> list[Result]:
     forked = Series("subprocess.run(['true'])", "ms")
     command = f"seq -f 'line %g of a chatty workload, as fast as it can' 1 {lines}"
     size = len(subprocess.run(["sh", "-c", command], capture_output=True, check=True).stdout)
-    pumped = Series("pump -> segment files -> follower", "MB/s")
+    captured = Series("spawner capture -> segment files -> follower", "MB/s")
     piped = Series("plain pipe into cat", "MB/s")
     try:
         with Spawner(exits.record) as spawner:
@@ -82,21 +80,22 @@ def run(quick: bool) -> list[Result]:
 
             interleave(runs, (spawned, spawn_once), (forked, fork_once))
 
-            with OutputPump() as pump, tempfile.TemporaryDirectory(prefix="aurae-bench-") as tmp:
-                def pump_once() -> float:
-                    return size / _pumped(spawner, exits, pump, tmp, command, lines) / 1e6
+            with tempfile.TemporaryDirectory(prefix="aurae-bench-") as tmp:
+                def capture_once() -> float:
+                    return size / _captured(spawner, exits, tmp, command, lines) / 1e6
 
                 def pipe_once() -> float:
                     begin = time.perf_counter()
                     subprocess.run(["sh", "-c", f"{command} | cat > /dev/null"], check=True)
                     return size / (time.perf_counter() - begin) / 1e6
 
-                interleave(output_runs, (pumped, pump_once), (piped, pipe_once), warmup=1)
+                interleave(output_runs, (captured, capture_once), (piped, pipe_once), warmup=1)
     finally:
         os.close(devnull)
     return [
         Comparison("spawn_vs_fork", "Spawner start+exit of `true` vs subprocess.run", spawned, forked,
                    notes="fork of a Python process (copy-on-write faults) vs vfork in subprocess"),
-        Comparison("pump_vs_pipe", f"Output capture throughput ({lines} lines, {size / 1e6:.1f} MB) vs a plain pipe",
-                   pumped, piped, higher_is_better=True),
+        Comparison("capture_vs_pipe",
+                   f"Output capture throughput ({lines} lines, {size / 1e6:.1f} MB) vs a plain pipe",
+                   captured, piped, higher_is_better=True),
     ]

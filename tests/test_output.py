@@ -1,9 +1,11 @@
-"""Output capture on real pipes and files: nothing lost, nothing blocked, followers end when told."""
+"""Output capture on real pipes and files: nothing lost, nothing blocked, followers end when told.
+
+Workloads' pipes are read by the spawner (it outlives the daemon), which writes the segment
+files; the daemon follows them through mirrors. The capture tests run a real spawner."""
 
 import itertools
 import logging
 import os
-import subprocess
 import tempfile
 import threading
 import time
@@ -12,15 +14,15 @@ from pathlib import Path
 
 import pytest
 
+from auraed.kernel.processes import ExitStatus, SpawnSpec
+from auraed.kernel.spawner.client import Spawner
 from auraed.output import (
     MAX_LINE_BYTES,
     LineAssembler,
     LogRing,
     LogRingHandler,
     OutputLog,
-    OutputPump,
     follow_all,
-    output_pipe,
 )
 
 
@@ -30,10 +32,41 @@ def log_dir() -> Iterator[Path]:
         yield Path(directory)
 
 
+class Exits:
+    """on_exit target: which workloads the spawner has reported ended."""
+
+    def __init__(self) -> None:
+        self.statuses: dict[int, ExitStatus] = {}
+        self._changed = threading.Condition()
+
+    def record(self, pid: int, status: ExitStatus) -> None:
+        with self._changed:
+            self.statuses[pid] = status
+            self._changed.notify_all()
+
+    def wait_for(self, pid: int, timeout: float = 60) -> ExitStatus:
+        with self._changed:
+            assert self._changed.wait_for(lambda: pid in self.statuses, timeout=timeout)
+            return self.statuses[pid]
+
+
 @pytest.fixture
-def pump() -> Iterator[OutputPump]:
-    with OutputPump() as running:
+def exits() -> Exits:
+    return Exits()
+
+
+@pytest.fixture
+def spawner(exits: Exits) -> Iterator[Spawner]:
+    if os.geteuid() != 0:
+        pytest.skip("the spawner runs workloads as uid 0")
+    with Spawner(exits.record) as running:
         yield running
+
+
+def captured(directory: Path) -> tuple[OutputLog, OutputLog]:
+    """The daemon's side of a capture: mirrors the spawner advances as it writes."""
+    return (OutputLog.mirror(directory, "stdout", segment_bytes=1 << 20, max_segments=8),
+            OutputLog.mirror(directory, "stderr", segment_bytes=1 << 20, max_segments=8))
 
 
 @pytest.fixture
@@ -46,14 +79,14 @@ def lines_of(log: OutputLog, cancelled: threading.Event) -> list[bytes]:
     return [line for _, line in log.follow(cancelled)]
 
 
-def run_into(pump: OutputPump, log: OutputLog, argv: list[str]) -> None:
-    """Run argv with its stdout pumped into log, and wait for it to exit."""
-    read_fd, write_fd = output_pipe()
-    pump.watch(read_fd, log)
-    try:
-        subprocess.run(argv, stdout=write_fd, check=True, timeout=60)
-    finally:
-        os.close(write_fd)
+def run_into(spawner: Spawner, exits: Exits, directory: Path, argv: list[str]) -> OutputLog:
+    """Run argv with its output captured by the spawner; wait for its exit; its stdout log."""
+    logs = captured(directory)
+    process = spawner.spawn(SpawnSpec(command=argv, uid=0, gid=0, capture=logs))
+    assert exits.wait_for(process.host_pid) == ExitStatus(0, None)
+    # The spawner stores and reports what a process wrote before its exit.
+    assert logs[0].complete
+    return logs[0]
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -151,40 +184,31 @@ def test_rotation_keeps_the_newest_segments_and_readers_get_a_consistent_suffix(
 
 
 def test_a_slow_reader_does_not_hold_up_the_writer(
-    log_dir: Path, pump: OutputPump, never: threading.Event
+    log_dir: Path, spawner: Spawner, exits: Exits, never: threading.Event
 ) -> None:
-    log = OutputLog(log_dir, "stdout")
-    follower = log.follow(never)
-    read_fd, write_fd = output_pipe()
-    pump.watch(read_fd, log)
-    try:
-        # Far more than the pipe holds: it finishes only if the pump keeps reading.
-        writer = subprocess.Popen(["seq", "1", "300000"], stdout=write_fd)
-    finally:
-        os.close(write_fd)
-    try:
-        assert next(follower)[1] == b"1"
-        # The reader sleeps here; the workload still runs to its end.
-        assert writer.wait(timeout=30) == 0
-        wait_until(lambda: log.complete)
-    finally:
-        writer.kill()
-        writer.wait()
+    logs = captured(log_dir)
+    follower = logs[0].follow(never)
+    # Far more than a pipe holds: it finishes only if the spawner keeps reading.
+    writer = spawner.spawn(SpawnSpec(command=["seq", "1", "300000"], uid=0, gid=0, capture=logs))
+    assert next(follower)[1] == b"1"
+    # The reader sleeps here; the workload still runs to its end.
+    assert exits.wait_for(writer.host_pid) == ExitStatus(0, None)
     rest = [int(line) for _, line in follower]
     assert rest == list(range(2, 300001))
 
 
 def test_a_partial_last_line_is_kept_at_end_of_file(
-    log_dir: Path, pump: OutputPump, never: threading.Event
+    log_dir: Path, spawner: Spawner, exits: Exits, never: threading.Event
 ) -> None:
-    log = OutputLog(log_dir, "stdout")
-    run_into(pump, log, ["printf", "first\\nno newline"])
+    log = run_into(spawner, exits, log_dir, ["printf", "first\\nno newline"])
     assert lines_of(log, never) == [b"first", b"no newline"]
 
 
-def test_an_overlong_line_is_split(log_dir: Path, pump: OutputPump, never: threading.Event) -> None:
-    log = OutputLog(log_dir, "stdout")
-    run_into(pump, log, ["sh", "-c", "head -c 150000 /dev/zero | tr '\\0' x; echo; echo after"])
+def test_an_overlong_line_is_split(
+    log_dir: Path, spawner: Spawner, exits: Exits, never: threading.Event
+) -> None:
+    log = run_into(spawner, exits, log_dir,
+                   ["sh", "-c", "head -c 150000 /dev/zero | tr '\\0' x; echo; echo after"])
     pieces = lines_of(log, never)
     assert [len(piece) for piece in pieces] == [
         MAX_LINE_BYTES,
@@ -195,20 +219,15 @@ def test_an_overlong_line_is_split(log_dir: Path, pump: OutputPump, never: threa
     assert pieces[-1] == b"after"
 
 
-def test_closing_the_pump_keeps_what_was_written_and_ends_the_logs(
-    log_dir: Path, never: threading.Event
+def test_stdout_and_stderr_land_in_their_own_logs(
+    log_dir: Path, spawner: Spawner, exits: Exits, never: threading.Event
 ) -> None:
-    log = OutputLog(log_dir, "stdout")
-    read_fd, write_fd = output_pipe()
-    try:
-        with OutputPump() as pump:
-            pump.watch(read_fd, log)
-            os.write(write_fd, b"kept\npartial")
-        # The writer is still open: the pump drained what was there and ended the log anyway.
-        assert log.complete
-        assert lines_of(log, never) == [b"kept", b"partial"]
-    finally:
-        os.close(write_fd)
+    logs = captured(log_dir)
+    process = spawner.spawn(SpawnSpec(command="echo out; echo err >&2; echo out2", uid=0, gid=0,
+                                      capture=logs))
+    assert exits.wait_for(process.host_pid) == ExitStatus(0, None)
+    assert lines_of(logs[0], never) == [b"out", b"out2"]
+    assert lines_of(logs[1], never) == [b"err"]
 
 
 def test_a_log_refuses_lines_that_would_break_its_records(log_dir: Path) -> None:

@@ -1,11 +1,19 @@
 """Output capture: executables' stdout/stderr to rotated files on disk, and the daemon's own log.
 
-OutputPump reads every executable's pipes on one thread into OutputLogs; readers follow the files.
-LogRing keeps the daemon's own log lines in memory for followers.
+The spawner (auraed.kernel.spawner.server) reads every executable's pipes and writes its
+OutputLog segments, so capture goes on while no daemon runs; the daemon follows the files through
+mirrors (OutputLog.mirror). LogRing keeps the daemon's own log lines in memory for followers.
 """
 
-from auraed.output.log import MAX_LINE_BYTES, Cancelled, Line, OutputLog, follow_all
-from auraed.output.pump import LineAssembler, OutputPump, output_pipe
+from auraed.output.log import (
+    MAX_LINE_BYTES,
+    Cancelled,
+    Line,
+    LineAssembler,
+    OutputLog,
+    follow_all,
+    output_pipe,
+)
 from auraed.output.ring import LogEntry, LogRing, LogRingHandler
 
 __all__ = [
@@ -17,7 +25,6 @@ __all__ = [
     "LogRing",
     "LogRingHandler",
     "OutputLog",
-    "OutputPump",
     "follow_all",
     "output_pipe",
 ]

@@ -46,7 +46,7 @@ def as_predicate(cancelled: Cancelled) -> Callable[[], bool]:
 
 
 def output_pipe() -> tuple[int, int]:
-    """A pipe for one output channel: (read end for the pump, write end for the workload).
+    """A pipe for one output channel: (read end for the spawner, write end for the workload).
 
     Both ends are close-on-exec; the write end goes to the workload explicitly.
     """
