@@ -1,21 +1,30 @@
-"""What the spawner keeps for a daemon that adopts it: the records of cells and the labels of
-executables and holders, and reading them back.
+"""What the spawner keeps for a daemon that adopts it: the records of cells and of restart
+policies, the labels of executables and holders, and reading them back.
 
 A cell's record is kept (Spawner.keep) once it is allocated and forgotten once it is freed; an
 executable's label and a holder's travel with their spawn request, so no process ever exists
-that the spawner could not name. Reading back trusts nothing: a record or label that does not
+that the spawner could not name. An executable with a restart policy has a record of the
+policy's state too, kept again whenever it changes (a start, a planned restart, the start limit
+hit, Stop) and forgotten with the executable: it outlives each of the processes the policy
+starts. The spawner holds records in memory and writes them, with everything else it keeps,
+to its state file atomically (write, fsync, rename) with a checksum when a daemon adopts it, so
+a torn state is refused whole (auraed.kernel.spawner.state). Reading back trusts nothing: a record or label that does not
 parse is reported, and what it named is cleaned up rather than adopted.
 """
 
 from __future__ import annotations
 
+import collections
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from auraed.kernel.cgroups import CgroupLimits
+from auraed.runtime.executables import ExecutableKey
 from auraed.runtime.names import CellName
+from auraed.runtime.restarts import RestartMode, RestartPolicy, RestartState
 
 CELL_RECORD_PREFIX = "cell "
+RESTART_RECORD_PREFIX = "restart "
 
 
 class BadRecord(Exception):
@@ -65,6 +74,47 @@ def executable_label(label: ExecutableLabel) -> dict[str, object]:
             "description": label.description, "uid": label.uid,
             "gid": label.gid, "log_dir": str(label.log_dir), "started_at": label.started_at,
             "scope": label.scope}
+
+
+def restart_key(key: ExecutableKey) -> str:
+    return RESTART_RECORD_PREFIX + str(key)
+
+
+def restart_record(key: ExecutableKey, state: RestartState) -> dict[str, object]:
+    policy = state.policy
+    return {"cell": key.cell.path if key.cell else None, "name": key.name,
+            "mode": policy.mode.value, "first_delay": policy.first_delay,
+            "max_delay": policy.max_delay, "burst": policy.burst, "interval": policy.interval,
+            "count": state.count, "consecutive": state.consecutive,
+            "last_delay": state.last_delay, "due": state.due, "ended": state.ended,
+            "gave_up": state.gave_up, "starts": list(state.starts)}
+
+
+def read_restart_record(value: dict[str, object]) -> tuple[ExecutableKey, RestartState]:
+    try:
+        cell = value["cell"]
+        policy = RestartPolicy(
+            mode=RestartMode(value["mode"]), first_delay=_number(value["first_delay"]),
+            max_delay=_number(value["max_delay"]), burst=int(_number(value["burst"])),
+            interval=_number(value["interval"]))
+        starts = value["starts"]
+        assert isinstance(starts, list) and len(starts) <= max(policy.burst, 1)
+        state = RestartState(
+            policy=policy, count=int(_number(value["count"])),
+            consecutive=int(_number(value["consecutive"])),
+            last_delay=_number(value["last_delay"]), due=_number(value["due"]),
+            ended=value["ended"] is True, gave_up=value["gave_up"] is True,
+            starts=collections.deque(_number(start) for start in starts))
+        key = ExecutableKey(None if cell is None else _cell_name(cell), str(value["name"]))
+    except (KeyError, TypeError, AssertionError, ValueError) as error:
+        raise BadRecord(f"restart record {value!r}: {error!r}") from None
+    return key, state
+
+
+def _number(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ValueError(f"not a number of the record: {value!r}")
+    return float(value)
 
 
 def read_cell_record(value: dict[str, object]) -> CellRecord:

@@ -66,7 +66,13 @@ from auraed.kernel.processes import (
     exec_refusal,
     signal_group,
 )
-from auraed.kernel.spawner.client import Adoption, Spawner, SpawnerClosed, SpawnError
+from auraed.kernel.spawner.client import (
+    AdoptedProcess,
+    Adoption,
+    Spawner,
+    SpawnerClosed,
+    SpawnError,
+)
 from auraed.output import OutputLog
 from auraed.runtime import restore
 from auraed.runtime.containers import ContainerSpec
@@ -211,7 +217,8 @@ class Workloads:
         self._holders: dict[int, Cell] = {}
         # Exits reported before the starting thread recorded the pid.
         self._early_exits: dict[int, tuple[ExitStatus, float]] = {}
-        self._restarts = RestartTimer(self._restart, self.events.start_limit_hit)
+        self._restarts = RestartTimer(self._restart, self.events.start_limit_hit,
+                                      self._keep_restart)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -258,6 +265,7 @@ class Workloads:
         exited_while_away: list[tuple[Executable, ExitStatus, float]] = []
         on_disk = set(self.backend.existing_cells())
         records: list[restore.CellRecord] = []
+        policies = self._adopted_policies(adoption.records)
         for key, value in adoption.records.items():
             if not key.startswith(restore.CELL_RECORD_PREFIX):
                 continue
@@ -291,7 +299,7 @@ class Workloads:
                 if parent is not None:
                     parent.children[record.name.leaf] = cell
             holders = [p for p in adoption.processes if p.kind == "holder"]
-            spawned = [p for p in adoption.processes if p.kind != "holder"]
+            spawned = self._latest_runs([p for p in adoption.processes if p.kind != "holder"])
             for adopted in holders:
                 try:
                     owner = self._cells.get(restore.read_holder_label(adopted.label))
@@ -315,11 +323,7 @@ class Workloads:
                     cell.namespaces = NamespaceSet(**paths)
                 for child in cell.children.values():
                     child.namespaces = cell.namespaces
-            for adopted in spawned:
-                try:
-                    label = restore.read_executable_label(adopted.label, adopted.argv)
-                except restore.BadRecord:
-                    label = None
+            for adopted, label in spawned:
                 registry = (None if label is None else self._host_executables
                             if label.cell is None else getattr(self._cells.get(label.cell),
                                                                "executables", None))
@@ -336,6 +340,9 @@ class Workloads:
                     description=label.description, uid=label.uid, gid=label.gid,
                     process=adopted.process, stdout=outputs[0], stderr=outputs[1],
                     log_dir=label.log_dir, started_at=label.started_at, scope=label.scope)
+                policy = policies.pop(executable.key, None)
+                if policy is not None:
+                    executable.restart = policy
                 if label.scope is not None:
                     # New scopes are numbered past the adopted ones: names never collide.
                     number = int(label.scope.rsplit(".", 1)[1])
@@ -380,14 +387,60 @@ class Workloads:
                 str(e.key) for c in self._cells.values() for e in c.executables.values()]
         self.events.daemon_started(adopted_cells=[name.path for name in adopted_cells],
                                    adopted_executables=keys)
+        for gone in policies:  # of executables that are gone
+            self._spawner.forget(restore.restart_key(gone))
         for executable, status, when in exited_while_away:
-            self._record_exit(executable, status, when)  # its exit event, after the restart's
+            # Its exit event, after the restart's; then its restart policy goes on.
+            self._record_exit(executable, status, when, resumed=True)
         log.info("adopted the workloads of the previous daemon", extra={
             "spawner_pid": adoption.spawner_pid, "cells": len(adopted_cells),
             "executables": executables, "exited_while_away": exited,
             "milliseconds": round((time.monotonic() - began) * 1000, 1)})
         if cleaned:
             log.warning("cleaned up what could not be adopted", extra={"cleaned": "; ".join(cleaned)})
+
+    def _adopted_policies(self, records: dict[str, dict[str, object]]
+                          ) -> dict[ExecutableKey, RestartState]:
+        """The restart policies a previous daemon kept, by executable."""
+        policies: dict[ExecutableKey, RestartState] = {}
+        for key, value in records.items():
+            if not key.startswith(restore.RESTART_RECORD_PREFIX):
+                continue
+            try:
+                executable, state = restore.read_restart_record(value)
+            except restore.BadRecord as error:
+                # Its executable is adopted without a policy: it is not restarted again.
+                log.error("dropping a restart policy the spawner kept", extra={"error": str(error)})
+                self._spawner.forget(key)
+                continue
+            policies[executable] = state
+        return policies
+
+    def _latest_runs(self, spawned: list[AdoptedProcess]
+                     ) -> list[tuple[AdoptedProcess, restore.ExecutableLabel | None]]:
+        """Each adopted process with its label (None: it has none we can read). Of several runs
+        of one executable (the previous daemon died in the middle of a restart, before it let
+        go of the earlier run) the latest is kept; the earlier, ended, are let go of."""
+        labelled: list[tuple[AdoptedProcess, restore.ExecutableLabel | None]] = []
+        for adopted in spawned:
+            try:
+                labelled.append((adopted, restore.read_executable_label(adopted.label,
+                                                                        adopted.argv)))
+            except restore.BadRecord:
+                labelled.append((adopted, None))
+        latest: dict[tuple[CellName | None, str], float] = {}
+        for _, label in labelled:
+            if label is not None:
+                run = (label.cell, label.name)
+                latest[run] = max(latest.get(run, label.started_at), label.started_at)
+        kept = []
+        for adopted, label in labelled:
+            if (label is not None and adopted.status is not None
+                    and label.started_at < latest[label.cell, label.name]):
+                self._spawner.release(adopted.process)
+                continue
+            kept.append((adopted, label))
+        return kept
 
     def _end_unclaimed(self, process: SpawnedProcess, running: bool) -> None:
         """A process the spawner kept that no cell or executable claims: it goes."""
@@ -758,6 +811,7 @@ class Workloads:
                     f"no executable {name} in {_where(cell_name)}", subject=Subject.EXECUTABLE
                 )
             executable.restart.ended = True  # under _lock: no restart can slip in after this
+            self._keep_restart(executable)  # nor in the next daemon's, should this one die
         self._stop_all([executable], self._grace(grace))
         if not forget:
             return executable
@@ -871,14 +925,25 @@ class Workloads:
 
     def _spawn(self, key: ExecutableKey, command: str, description: str, uid: int, gid: int,
                namespaces: NamespaceSet | None, restart: RestartState,
-               container: ContainerSpec | None = None) -> Executable:
-        log_dir = self._log_dir(key)
+               container: ContainerSpec | None = None, *,
+               earlier: Executable | None = None) -> Executable:
+        """earlier: the run a restart policy starts this one after; its output is continued."""
         # Written by the spawner, which makes the pipes: output is captured while no daemon
-        # runs too. These follow it.
-        stdout = OutputLog.mirror(log_dir, "stdout", segment_bytes=self._log_segment_bytes,
-                                  max_segments=self._log_segments)
-        stderr = OutputLog.mirror(log_dir, "stderr", segment_bytes=self._log_segment_bytes,
-                                  max_segments=self._log_segments)
+        # runs too. These follow it. A restart goes on in the earlier run's log, so Observe
+        # replays every run's output, within the same bound as one run's.
+        if earlier is not None and self._continues_output(earlier):
+            log_dir, fresh = earlier.log_dir, False
+            stdout, stderr = (OutputLog.mirror(
+                log_dir, log.channel, segment_bytes=self._log_segment_bytes,
+                max_segments=self._log_segments,
+                position=(log.position()[0], log.position()[1] + 1, 0, False))
+                for log in (earlier.stdout, earlier.stderr))
+        else:
+            log_dir, fresh = self._log_dir(key), True
+            stdout = OutputLog.mirror(log_dir, "stdout", segment_bytes=self._log_segment_bytes,
+                                      max_segments=self._log_segments)
+            stderr = OutputLog.mirror(log_dir, "stderr", segment_bytes=self._log_segment_bytes,
+                                      max_segments=self._log_segments)
         # Before the fork: a process that ends at once must not seem to have
         # exited before it started.
         started_at = time.time()
@@ -887,6 +952,9 @@ class Workloads:
         # sessions of their own (setsid) that its process group does not hold.
         scope = None if key.cell else f"{key.name}.{next(self._scope_numbers)}"
         restart.record_start()  # an attempt counts towards the start limit
+        if restart.policy.mode is not RestartMode.NO:
+            # Kept before the spawn: a daemon that dies during it leaves the attempt counted.
+            self._spawner.keep(restore.restart_key(key), restore.restart_record(key, restart))
         label = restore.executable_label(restore.ExecutableLabel(
             key.cell, key.name, command, description, uid, gid, log_dir, started_at, scope))
         try:
@@ -908,7 +976,8 @@ class Workloads:
             oom_kills_at_start = self._oom_count(key.cell, scope) or 0
             process = self._spawner.spawn(spec)
         except (SpawnError, SpawnerClosed, TimeoutError, FailedPrecondition) as error:
-            shutil.rmtree(log_dir, ignore_errors=True)
+            if fresh:  # else the earlier run's output, still to be replayed
+                shutil.rmtree(log_dir, ignore_errors=True)
             if scope is not None:
                 self._remove_scope(scope)
             if isinstance(error, FailedPrecondition):
@@ -966,11 +1035,13 @@ class Workloads:
         # Unique per start: a name reused after an exit gets a fresh directory.
         return base / f"{key.name}.{time.monotonic_ns()}"
 
-    def _forget(self, executable: Executable) -> None:
+    def _forget(self, executable: Executable, *, successor: Executable | None = None) -> None:
         """Drop an executable's records and its captured output (call under _lock).
 
         Output still being written — a descendant that left the process group
         keeps the pipe open — stays on disk until shutdown clears the log root.
+        successor: the run its restart policy started after it, which keeps the policy and,
+        when it continues the log, the output.
         """
         with self._pids_lock:
             if self._by_host_pid.get(executable.process.host_pid) is executable:
@@ -979,6 +1050,10 @@ class Workloads:
             self._remove_scope(executable.scope)
         executable.release()  # a container's writable layer and its hold on the image
         self._spawner.release(executable.process)
+        if successor is None and executable.restart.policy.mode is not RestartMode.NO:
+            self._spawner.forget(restore.restart_key(executable.key))
+        if successor is not None and successor.log_dir == executable.log_dir:
+            return
         if executable.stdout.complete and executable.stderr.complete:
             executable.stdout.remove()
             executable.stderr.remove()
@@ -1009,7 +1084,7 @@ class Workloads:
         state = previous.restart
         cell = previous.cell
         with self._lock:
-            state.next_at = 0.0
+            state.next_at = state.due = 0.0
             if state.ended or self._closing:
                 return
             if cell is not None and (cell not in self._cells or self._cells[cell].freeing):
@@ -1021,14 +1096,15 @@ class Workloads:
                 namespaces = self._namespaces_for_start(cell)
                 state.count += 1
                 executable = self._spawn(previous.key, previous.command, previous.description,
-                                         previous.uid, previous.gid, namespaces, state)
+                                         previous.uid, previous.gid, namespaces, state,
+                                         earlier=previous)
             except Unavailable:
                 return  # no spawner: nothing starts any more
             except FailedPrecondition as error:
                 failed: FailedPrecondition | None = error
             else:
                 failed = None
-                self._forget(previous)
+                self._forget(previous, successor=executable)
                 registry[previous.name] = executable
         if failed is not None:
             # A failed start: the policy tries again later, within its start limit.
@@ -1040,6 +1116,19 @@ class Workloads:
             "cell": str(cell or ""), "executable": previous.name,
             "pid": executable.process.host_pid, "restarts": state.count})
 
+    def _keep_restart(self, executable: Executable) -> None:
+        """Keep the state of an executable's restart policy for a later daemon (any thread)."""
+        if executable.restart.policy.mode is not RestartMode.NO:
+            self._spawner.keep(restore.restart_key(executable.key),
+                               restore.restart_record(executable.key, executable.restart))
+
+    def _continues_output(self, earlier: Executable) -> bool:
+        # Only a finished log is continued: a descendant of the earlier run may still write
+        # to its own (then the new run starts a log of its own, and the earlier one's output
+        # is not replayed with it).
+        return (self._spawner.continues_output and earlier.stdout.complete
+                and earlier.stderr.complete)
+
     def _on_spawner_lost(self) -> None:
         """The spawner is gone: no exit will be reported from now on, so stop
         waiting for reports and let the daemon decide what to do."""
@@ -1047,11 +1136,14 @@ class Workloads:
         if self.on_spawner_lost is not None:
             self.on_spawner_lost()
 
-    def _record_exit(self, executable: Executable, status: ExitStatus, when: float) -> None:
+    def _record_exit(self, executable: Executable, status: ExitStatus, when: float, *,
+                     resumed: bool = False) -> None:
+        """resumed: an exit of an adopted executable, while no daemon ran (or before this one
+        adopted it)."""
         self._attribute_oom_kills(executable, status)
         self.events.executable_exited(executable, status)  # before Stop or Free can see the end
         executable.mark_exited(status, when)
-        self._restarts.exited(executable)
+        self._restarts.exited(executable, resumed=resumed)
         if status.signal is not None:
             self._publish_signal(executable, status.signal, delivered_by_daemon=False)
         log.info(
