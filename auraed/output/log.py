@@ -58,6 +58,14 @@ def output_pipe() -> tuple[int, int]:
     return read_fd, write_fd
 
 
+def continuation(first: int, last: int, max_segments: int) -> tuple[int, int]:
+    """Where a log goes on from a finished one that kept segments first..last: the (first,
+    next) segments of its `continues`, the oldest dropped so that at most max_segments are
+    kept with the next one."""
+    following = last + 1
+    return max(first, following - max_segments + 1), following
+
+
 class LineAssembler:
     """Cuts a byte stream into lines without their newline. A partial line waits for the next
     chunk; a line longer than max_line_bytes comes out in pieces of that size."""
@@ -140,6 +148,14 @@ class OutputLog:
         # bytes of whole records.
         self._first, self._last = continues or (1, 1)
         self._committed = 0
+        if continues is not None:
+            # The earlier runs' oldest segments beyond the bound go now, as a rotation would
+            # (the reading side may already have moved `first` on: every one below goes).
+            self._first = continuation(self._first, self._last - 1, max_segments)[0]
+            for name in os.listdir(self.directory):
+                number = name.removeprefix(f"{channel}.").removesuffix(".log")
+                if number != name and number.isdigit() and int(number) < self._first:
+                    os.unlink(self.directory / name)
         self._complete = False
         # Followers of several logs at once, set whenever this one changes.
         self._watchers: set[threading.Event] = set()

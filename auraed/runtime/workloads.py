@@ -74,6 +74,7 @@ from auraed.kernel.spawner.client import (
     SpawnError,
 )
 from auraed.output import OutputLog
+from auraed.output.log import continuation
 from auraed.runtime import restore
 from auraed.runtime.containers import ContainerSpec
 from auraed.runtime.events import EventJournal
@@ -936,7 +937,7 @@ class Workloads:
             stdout, stderr = (OutputLog.mirror(
                 log_dir, log.channel, segment_bytes=self._log_segment_bytes,
                 max_segments=self._log_segments,
-                position=(log.position()[0], log.position()[1] + 1, 0, False))
+                position=(*continuation(*log.position()[:2], self._log_segments), 0, False))
                 for log in (earlier.stdout, earlier.stderr))
         else:
             log_dir, fresh = self._log_dir(key), True

@@ -272,3 +272,61 @@ def test_a_torn_state_file_is_refused(tmp_path: Path) -> None:
         read_state(path, 2)
     with pytest.raises(StateTorn, match="not the state the spawner just wrote"):
         read_state(path, 1, "0" * 64)
+
+
+def executable_status(client: aurae_sdk.Client, cell: str, name: str) -> object:
+    (node,) = [n for n in client.cells.list().cells if n.cell.name == cell]
+    (found,) = [e for e in node.executables if e.name == name]
+    return found
+
+
+def test_restart_policies_go_on_in_the_next_daemon(tmp_path: Path) -> None:
+    """The next daemon restarts adopted executables by their policies: one that exited while no
+    daemon ran at once, one that exits later as it would have; with the same counters, so the
+    start limit counts the first daemon's starts too. Every run's output replays."""
+    runs, release = tmp_path / "runs", tmp_path / "release"
+    # Run 1 fails at once; run 2 (the first daemon's restart) waits for `release`, then fails
+    # while no daemon runs; run 3 (the next daemon's) fails at once: the start limit of 3.
+    crashy = (f"n=$(( $(cat {runs} 2>/dev/null || echo 0) + 1 )); echo $n > {runs}; "
+              f"echo run $n; if [ $n = 2 ]; then while [ ! -e {release} ]; do sleep 0.05; "
+              "done; fi; exit 3")
+    with running_daemon() as first:
+        baseline, _ = host_state(first)
+        with first.client(timeout=30) as client:
+            client.cells.allocate(cell={"name": "policies"})
+            client.cells.start(cell_name="policies", executable={
+                "name": "crashy", "command": crashy,
+                "restart_policy": "EXECUTABLE_RESTART_POLICY_ON_FAILURE",
+                "restart_delay_ms": 100, "start_limit": {"burst": 3, "interval_ms": 600_000}})
+            steady = client.cells.start(cell_name="policies", executable={
+                "name": "steady", "command": "echo tick; exec sleep 300",
+                "restart_policy": "EXECUTABLE_RESTART_POLICY_ALWAYS", "restart_delay_ms": 100})
+            wait_for(lambda: executable_status(client, "policies", "crashy").restart_count == 1
+                     and runs.read_text().split() == ["2"], 60, "the first restart")
+            second_run = executable_status(client, "policies", "crashy").host_pid
+        first.stop(signal.SIGKILL)
+        release.touch()
+        wait_for(lambda: not alive(second_run), 30, "run 2 to end while no daemon runs")
+        with running_daemon(after=first) as second, second.client(timeout=60) as client:
+            wait_for(lambda: executable_status(client, "policies", "crashy").start_limit_hit,
+                     60, "the start limit")
+            crashy_status = executable_status(client, "policies", "crashy")
+            assert crashy_status.restart_count == 2 and crashy_status.exit_code == 3
+            assert runs.read_text().split() == ["3"]
+            assert [r.item.line for r in client.observe.get_sub_process_stream(
+                executable={"cell_name": "policies", "executable_name": "crashy"},
+                channel_type="LOG_CHANNEL_TYPE_STDOUT", replay_only=True, timeout=30)] == [
+                    "run 1", "run 2", "run 3"]
+            # The adopted `always` one, ended now: restarted by this daemon, counted on.
+            assert alive(steady.host_pid)
+            os.kill(steady.host_pid, signal.SIGTERM)
+            wait_for(lambda: executable_status(client, "policies", "steady").host_pid
+                     != steady.host_pid, 60, "the always policy to restart it")
+            restarted = executable_status(client, "policies", "steady")
+            assert restarted.restart_count == 1 and alive(restarted.host_pid)
+            wait_for(lambda: [r.item.line for r in client.observe.get_sub_process_stream(
+                executable={"cell_name": "policies", "executable_name": "steady"},
+                channel_type="LOG_CHANNEL_TYPE_STDOUT", replay_only=True, timeout=30)] == [
+                    "tick", "tick"], 30, "both runs' output")
+            client.cells.free(cell_name="policies")
+            assert host_state(second) == (baseline, set())
