@@ -51,6 +51,8 @@ class ExecutableLabel:
     started_at: float
     # Host level: the executable's own cgroup (None in a cell, and in labels of older daemons).
     scope: str | None = None
+    # A container's: its directory (auraed.runtime.containers) and the id of its image.
+    container: tuple[Path, str] | None = None
 
 
 def cell_key(name: CellName) -> str:
@@ -69,11 +71,16 @@ def holder_label(cell: CellName) -> dict[str, object]:
 
 def executable_label(label: ExecutableLabel) -> dict[str, object]:
     # Not the command: the spawner keeps the argv (`/bin/sh -c COMMAND`) anyway, and a
-    # command can take most of a request on its own.
-    return {"cell": label.cell.path if label.cell else None, "name": label.name,
-            "description": label.description, "uid": label.uid,
-            "gid": label.gid, "log_dir": str(label.log_dir), "started_at": label.started_at,
-            "scope": label.scope}
+    # command can take most of a request on its own. A container's argv is the image's: its
+    # command (what listings show) and its filesystem are here.
+    value: dict[str, object] = {
+        "cell": label.cell.path if label.cell else None, "name": label.name,
+        "description": label.description, "uid": label.uid, "gid": label.gid,
+        "log_dir": str(label.log_dir), "started_at": label.started_at, "scope": label.scope}
+    if label.container is not None:
+        value["command"] = label.command
+        value["container"] = {"directory": str(label.container[0]), "image": label.container[1]}
+    return value
 
 
 def restart_key(key: ExecutableKey) -> str:
@@ -141,18 +148,26 @@ def read_executable_label(label: dict[str, object] | None, argv: list[str]) -> E
     """`argv`: the process's, as the spawner kept it."""
     try:
         assert label is not None
-        assert len(argv) == 3 and argv[:2] == ["/bin/sh", "-c"], f"argv {argv!r}"
+        container = label.get("container")
+        if container is None:
+            assert len(argv) == 3 and argv[:2] == ["/bin/sh", "-c"], f"argv {argv!r}"
+            command = argv[2]
+        else:
+            assert isinstance(container, dict) and isinstance(label["command"], str)
+            command = label["command"]
         cell = label["cell"]
         return ExecutableLabel(
             cell=None if cell is None else _cell_name(cell),
             name=str(label["name"]),
-            command=argv[2],
+            command=command,
             description=str(label["description"]),
             uid=int(label["uid"]),  # type: ignore[call-overload]
             gid=int(label["gid"]),  # type: ignore[call-overload]
             log_dir=Path(str(label["log_dir"])),
             started_at=float(label["started_at"]),  # type: ignore[arg-type]
             scope=None if label.get("scope") is None else str(label["scope"]),
+            container=None if container is None else (Path(str(container["directory"])),
+                                                      str(container["image"])),
         )
     except (KeyError, TypeError, AssertionError, ValueError) as error:
         raise BadRecord(f"executable label {label!r}: {error!r}") from None

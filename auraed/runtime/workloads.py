@@ -76,7 +76,7 @@ from auraed.kernel.spawner.client import (
 from auraed.output import OutputLog
 from auraed.output.log import continuation
 from auraed.runtime import restore
-from auraed.runtime.containers import ContainerSpec
+from auraed.runtime.containers import Containers, ContainerSpec, NotAdoptable
 from auraed.runtime.events import EventJournal
 from auraed.runtime.executables import Executable, ExecutableKey, check_command, check_identity
 from auraed.runtime.names import CellName
@@ -189,9 +189,12 @@ class Workloads:
         log_segments: int = 8,
         events: EventJournal | None = None,
         spawner_socket: Path | None = None,
+        containers: Containers | None = None,
     ) -> None:
         """spawner_socket: where the spawner listens for the next daemon (in the runtime
-        directory); with it the workloads outlive this daemon and the next one adopts them."""
+        directory); with it the workloads outlive this daemon and the next one adopts them.
+        containers: where containers' filesystems are (start() adopts or clears them)."""
+        self._containers = containers
         self.backend = backend
         self.signals = SignalFeed()
         self.events = events if events is not None else EventJournal.in_memory()
@@ -242,7 +245,12 @@ class Workloads:
             log.warning("removing cells left by a previous run", extra={
                 "cells": ",".join(stale), "processes_killed": self._count_processes(stale)})
         self.backend.cleanup_stale()
-        self.events.daemon_started(cleaned_cells=stale)
+        # After the cells: their processes held the containers' mounts.
+        containers = self._containers.start() if self._containers is not None else []
+        if containers:
+            log.warning("removed containers left by a previous run: their mounts went with "
+                        "their processes", extra={"containers": ",".join(containers)})
+        self.events.daemon_started(cleaned_cells=stale, cleaned_containers=containers)
         if self._log_root.exists():
             shutil.rmtree(self._log_root)
         self._log_root.mkdir(parents=True)
@@ -266,6 +274,7 @@ class Workloads:
         exited_while_away: list[tuple[Executable, ExitStatus, float]] = []
         on_disk = set(self.backend.existing_cells())
         records: list[restore.CellRecord] = []
+        adopted_containers: list[Path] = []
         policies = self._adopted_policies(adoption.records)
         for key, value in adoption.records.items():
             if not key.startswith(restore.CELL_RECORD_PREFIX):
@@ -332,6 +341,12 @@ class Workloads:
                     cleaned.append(f"process {adopted.process.host_pid}")
                     self._end_unclaimed(adopted.process, adopted.status is None)
                     continue
+                release = self._adopt_container(label, adopted)
+                if release is None:
+                    cleaned.append(f"container process {adopted.process.host_pid} "
+                                   f"({label.cell}/{label.name})")
+                    self._end_unclaimed(adopted.process, adopted.status is None)
+                    continue
                 outputs = [adopted.outputs.get(channel) or OutputLog.mirror(
                     label.log_dir, channel, segment_bytes=self._log_segment_bytes,
                     max_segments=self._log_segments, position=(1, 1, 0, True))
@@ -341,6 +356,9 @@ class Workloads:
                     description=label.description, uid=label.uid, gid=label.gid,
                     process=adopted.process, stdout=outputs[0], stderr=outputs[1],
                     log_dir=label.log_dir, started_at=label.started_at, scope=label.scope)
+                executable.release = release
+                if label.container is not None:
+                    adopted_containers.append(label.container[0])
                 policy = policies.pop(executable.key, None)
                 if policy is not None:
                     executable.restart = policy
@@ -383,11 +401,16 @@ class Workloads:
                     log.error("could not remove a cgroup nobody owns",
                               extra={"cell": path, "error": str(error)})
         self._log_root.mkdir(parents=True, exist_ok=True)
+        # After the unclaimed processes were ended: they held the mounts of what goes.
+        stale_containers = (self._containers.start(keep=adopted_containers)
+                            if self._containers is not None else [])
+        cleaned += [f"container {name}" for name in stale_containers]
         with self._lock:
             keys = [str(e.key) for e in self._host_executables.values()] + [
                 str(e.key) for c in self._cells.values() for e in c.executables.values()]
         self.events.daemon_started(adopted_cells=[name.path for name in adopted_cells],
-                                   adopted_executables=keys)
+                                   adopted_executables=keys,
+                                   cleaned_containers=stale_containers)
         for gone in policies:  # of executables that are gone
             self._spawner.forget(restore.restart_key(gone))
         for executable, status, when in exited_while_away:
@@ -399,6 +422,24 @@ class Workloads:
             "milliseconds": round((time.monotonic() - began) * 1000, 1)})
         if cleaned:
             log.warning("cleaned up what could not be adopted", extra={"cleaned": "; ".join(cleaned)})
+
+    def _adopt_container(self, label: restore.ExecutableLabel, adopted: AdoptedProcess
+                         ) -> Callable[[], None] | None:
+        """What releases an adopted executable's filesystem: nothing for a plain one; for a
+        container, its directory and image hold, once its mount is re-learnt from the kernel.
+        None: a container that cannot be adopted (it is then ended and cleaned up)."""
+        if label.container is None:
+            return lambda: None
+        if self._containers is None:
+            return None
+        directory, image = label.container
+        try:
+            return self._containers.adopt(
+                directory, image, None if adopted.status is not None else adopted.process.host_pid)
+        except NotAdoptable as error:
+            log.error("cannot adopt a container", extra={
+                "executable": f"{label.cell or ''}/{label.name}", "error": str(error)})
+            return None
 
     def _adopted_policies(self, records: dict[str, dict[str, object]]
                           ) -> dict[ExecutableKey, RestartState]:
@@ -957,7 +998,9 @@ class Workloads:
             # Kept before the spawn: a daemon that dies during it leaves the attempt counted.
             self._spawner.keep(restore.restart_key(key), restore.restart_record(key, restart))
         label = restore.executable_label(restore.ExecutableLabel(
-            key.cell, key.name, command, description, uid, gid, log_dir, started_at, scope))
+            key.cell, key.name, command, description, uid, gid, log_dir, started_at, scope,
+            container=None if container is None or container.directory is None
+            or container.image is None else (container.directory, container.image.id)))
         try:
             if scope is not None:
                 self._create_scope(key, scope)
