@@ -49,7 +49,8 @@ def event_line(event: Any) -> str:
         details.append(f"version={daemon.version}")
         if event.kind == pb.EVENT_KIND_DAEMON_RESTARTED:
             details.append(f"previous_stopped_cleanly={str(daemon.previous_stopped_cleanly).lower()}")
-        for name in ("cleaned_cells", "cleaned_executables", "adopted_cells", "adopted_executables"):
+        for name in ("cleaned_cells", "cleaned_executables", "adopted_cells", "adopted_executables",
+                     "cleaned_containers"):
             values = list(getattr(daemon, name))
             if values:
                 details.append(f"{name}={','.join(values)}")

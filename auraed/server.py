@@ -367,9 +367,12 @@ class Daemon:
             self._events.open()
         except OSError as error:
             raise StartupError(f"event journal {self._events.directory}: {error}") from None
+        # Before the workloads: they adopt containers (or clear what is left of them).
+        self._open_images()
         self._workloads = Workloads(backend, settings.runtime_dir / "logs",
                                     default_grace=settings.grace_period, events=self._events,
-                                    spawner_socket=settings.runtime_dir / SPAWNER_SOCKET)
+                                    spawner_socket=settings.runtime_dir / SPAWNER_SOCKET,
+                                    containers=self._containers)
         self._workloads.on_spawner_lost = self._spawner_lost
         try:
             self._workloads.start()
@@ -387,7 +390,6 @@ class Daemon:
             forwarded_calls=settings.budget.total + settings.budget.operators)
         self._instances.remove_stale()
 
-        self._open_images()
         self._open_vms(self._workloads)
         self._serve_cri()
         self._health = HealthService(SERVICE_NAMES)
@@ -480,8 +482,8 @@ class Daemon:
         except OSError as error:
             raise StartupError(f"image store {store.root}: {error.strerror}") from None
         self._images = store
+        # Cleared, or adopted from, by Workloads.start.
         self._containers = Containers(store, self.settings.runtime_dir / CONTAINERS_DIR)
-        self._containers.start()
 
     def _image_servicers(self) -> list[Servicer]:
         assert self._images is not None

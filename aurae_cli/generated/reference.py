@@ -2126,6 +2126,13 @@ MESSAGES: tuple[MessageInfo, ...] = (
                 "repeated",
                 "Executables of the earlier run the daemon took over, still running.",
             ),
+            FieldInfo(
+                7,
+                "cleaned_containers",
+                "string",
+                "repeated",
+                "Containers of the earlier run (their directory names under the runtime\ndir) whose filesystems the daemon removed: their writable layers, once\ntheir overlay mounts had gone with their processes.",
+            ),
         ),
     ),
     MessageInfo(

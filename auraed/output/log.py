@@ -58,6 +58,14 @@ def output_pipe() -> tuple[int, int]:
     return read_fd, write_fd
 
 
+def continuation(first: int, last: int, max_segments: int) -> tuple[int, int]:
+    """Where a log goes on from a finished one that kept segments first..last: the (first,
+    next) segments of its `continues`, the oldest dropped so that at most max_segments are
+    kept with the next one."""
+    following = last + 1
+    return max(first, following - max_segments + 1), following
+
+
 class LineAssembler:
     """Cuts a byte stream into lines without their newline. A partial line waits for the next
     chunk; a line longer than max_line_bytes comes out in pieces of that size."""
@@ -105,18 +113,27 @@ class OutputLog:
         segment_bytes: int = DEFAULT_SEGMENT_BYTES,
         max_segments: int = DEFAULT_MAX_SEGMENTS,
         fresh: bool = False,
+        continues: tuple[int, int] | None = None,
     ) -> None:
         """fresh: the caller knows no log was ever in `directory` (its name is new); then it
         is created with the first segment, not now (a mkdir costs more than the start of a
-        short-lived executable that writes nothing)."""
+        short-lived executable that writes nothing).
+
+        continues: (first, next) segment numbers: this log goes on from a finished one in the
+        same directory (the earlier run of a restarted executable), whose segments first to
+        next - 1 it keeps, within max_segments as its own, and writes segment next on."""
         if segment_bytes < 1 or max_segments < 1:
             raise ValueError("segment_bytes and max_segments must be positive")
+        if continues is not None and not 1 <= continues[0] <= continues[1]:
+            raise ValueError(f"segments {continues!r} do not continue a log")
         self.directory = Path(directory)
         self.channel = channel
         self._segment_bytes = segment_bytes
         self._max_segments = max_segments
         try:
-            if not fresh:
+            if continues is not None:
+                os.makedirs(self.directory, exist_ok=True)
+            elif not fresh:
                 os.mkdir(self.directory)
         except FileNotFoundError:
             os.makedirs(self.directory, exist_ok=True)
@@ -129,9 +146,16 @@ class OutputLog:
         self._changed = threading.Condition()
         # Guarded by _changed: the retained segments are first.._last, and _last holds _committed
         # bytes of whole records.
-        self._first = 1
-        self._last = 1
+        self._first, self._last = continues or (1, 1)
         self._committed = 0
+        if continues is not None:
+            # The earlier runs' oldest segments beyond the bound go now, as a rotation would
+            # (the reading side may already have moved `first` on: every one below goes).
+            self._first = continuation(self._first, self._last - 1, max_segments)[0]
+            for name in os.listdir(self.directory):
+                number = name.removeprefix(f"{channel}.").removesuffix(".log")
+                if number != name and number.isdigit() and int(number) < self._first:
+                    os.unlink(self.directory / name)
         self._complete = False
         # Followers of several logs at once, set whenever this one changes.
         self._watchers: set[threading.Event] = set()
@@ -229,9 +253,10 @@ class OutputLog:
             expired = range(self._first, self._last - self._max_segments + 1)
             self._first += len(expired)
             self._notify()
-        # A reader that has one of these open reads it to the end regardless.
+        # A reader that has one of these open reads it to the end regardless. An earlier run's
+        # may be missing: a run that wrote nothing made no segment.
         for number in expired:
-            self.segment_path(number).unlink()
+            self.segment_path(number).unlink(missing_ok=True)
 
     def finish(self) -> None:
         """Mark the channel ended; followers end once they have read everything."""

@@ -8,13 +8,23 @@ the mount point; `ContainerSpec.release` removes it and lets go of the image, on
 executable is forgotten (stopped, its name reused, or its cell freed). The overlay mount itself
 lives only in the container's own mount namespace, so it goes with the container's last
 process and never appears in the host's mount table.
+
+Live restore: a container's processes hold its mount namespace and so its overlay mount while
+no daemon runs. The next daemon adopts a running container (`adopt`): it re-learns the mount
+from the kernel (the container process's mountinfo must show the overlay on "/" with this
+container's upper directory), takes its hold on the image again, and keeps its directory.
+`start` then removes every other directory, after waiting for the mounts of what it removes
+to go with their processes (which the cleanup of their cells ended).
 """
 
 from __future__ import annotations
 
+import glob
+import logging
 import os
 import shutil
 import threading
+import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +36,14 @@ from auraed.images import Image, ImageStore
 from auraed.kernel.processes import DEFAULT_PATH
 
 DEFAULT_ENV = {"PATH": DEFAULT_PATH}
+# How long `start` waits for a leftover container's mounts to go with its killed processes.
+MOUNT_GONE_WAIT = 10.0
+
+log = logging.getLogger("auraed.containers")
+
+
+class NotAdoptable(Exception):
+    """A container a previous daemon left that cannot be taken over; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -66,10 +84,53 @@ class Containers:
         self.store = store
         self.root = root
 
-    def start(self) -> None:
-        """Clear what a previous run left (its mounts went with its processes)."""
-        shutil.rmtree(self.root, ignore_errors=True)
-        self.root.mkdir(mode=0o700, parents=True)
+    def start(self, keep: Sequence[Path] = ()) -> list[str]:
+        """Clear what a previous run left but the directories of adopted containers (`keep`).
+        Returns the directories removed; a mount of one still held by a process after
+        MOUNT_GONE_WAIT (one outside the cells the daemon cleaned) is logged."""
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        kept = {path.name for path in keep}
+        stale = sorted(entry.name for entry in os.scandir(self.root) if entry.name not in kept)
+        deadline = time.monotonic() + MOUNT_GONE_WAIT
+        for name in stale:
+            directory = self.root / name
+            while (held := mounted_anywhere(directory)) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if held:
+                log.error("a container's mount is still held after its cell was cleaned",
+                          extra={"directory": str(directory), "pids": ",".join(held)})
+            shutil.rmtree(directory, ignore_errors=True)
+        return stale
+
+    def adopt(self, directory: Path, image_id: str, pid: int | None) -> Callable[[], None]:
+        """Take over a container a previous daemon started, in `directory`, of image
+        `image_id`, whose process is `pid` (None: it has ended, and its mount with it). The
+        release to call once the executable is forgotten; NotAdoptable if it is not ours."""
+        if directory.parent != self.root or not directory.is_dir():
+            raise NotAdoptable(f"no container directory {directory}")
+        if pid is not None and not overlay_root_of(pid, directory):
+            raise NotAdoptable(f"process {pid} has no overlay of {directory} as its root")
+        image = self.store.find(image_id)
+        if image is None:
+            raise NotAdoptable(f"its image {image_id} is no longer in the store")
+        try:
+            self.store.acquire(image)
+        except FailedPrecondition as error:
+            raise NotAdoptable(str(error)) from None
+        except Exception as error:  # noqa: BLE001 - NotFound: removed meanwhile
+            raise NotAdoptable(str(error)) from None
+        return self._release(directory, image)
+
+    def _release(self, directory: Path, image: Image) -> Callable[[], None]:
+        released = threading.Event()
+
+        def release() -> None:
+            if not released.is_set():
+                released.set()
+                shutil.rmtree(directory, ignore_errors=True)
+                self.store.release(image)
+
+        return release
 
     def prepare(
         self,
@@ -129,14 +190,7 @@ class Containers:
             self.store.release(image)
             raise FailedPrecondition(f"cannot prepare the container's directories: "
                                      f"{error.strerror}") from None
-        released = threading.Event()
-
-        def release() -> None:
-            if not released.is_set():
-                released.set()
-                shutil.rmtree(directory, ignore_errors=True)
-                self.store.release(image)
-
+        release = self._release(directory, image)
         return ContainerSpec(
             argv=tuple(argv), env=environment, cwd=cwd,
             uid=resolved_uid if uid is None else uid,
@@ -157,6 +211,35 @@ class Containers:
             raise InvalidArgument("a command is required", field="cmd")
         return ContainerSpec(argv=tuple(argv), env=dict(env), cwd=cwd, uid=uid, gid=gid,
                              mount_namespace=f"/proc/{container_pid}/ns/mnt")
+
+
+def overlay_root_of(pid: int, directory: Path) -> bool:
+    """Whether process `pid`'s root is the overlay mount of the container in `directory`."""
+    try:
+        mountinfo = Path(f"/proc/{pid}/mountinfo").read_text()
+    except OSError:
+        return False
+    for line in mountinfo.splitlines():
+        # mountinfo(5): ... mount point (5th) ... " - " fstype source super options
+        fields, _, tail = line.partition(" - ")
+        parts = fields.split()
+        if len(parts) >= 5 and parts[4] == "/" and tail.startswith("overlay "):
+            return f"upperdir={directory}/upper," in tail + ","
+    return False
+
+
+def mounted_anywhere(directory: Path) -> list[str]:
+    """The pids whose mount table mentions `directory` (a container's upper, work or rootfs)."""
+    held = []
+    needle = str(directory) + "/"
+    for info in glob.glob("/proc/[0-9]*/mountinfo"):
+        try:
+            with open(info) as file:
+                if needle in file.read():
+                    held.append(info.split("/")[2])
+        except OSError:
+            pass  # the process ended meanwhile
+    return held
 
 
 def resolve_user(user: str, layers: Sequence[Path], *, field: str) -> tuple[int, int]:

@@ -97,6 +97,7 @@ class DaemonReport:
     cleaned_executables: tuple[str, ...] = ()
     adopted_cells: tuple[str, ...] = ()
     adopted_executables: tuple[str, ...] = ()
+    cleaned_containers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -385,13 +386,15 @@ class EventJournal:
 
     def daemon_started(self, cleaned_cells: Iterable[str] = (), *,
                        adopted_cells: Iterable[str] = (),
-                       adopted_executables: Iterable[str] = ()) -> None:
+                       adopted_executables: Iterable[str] = (),
+                       cleaned_containers: Iterable[str] = ()) -> None:
         """Announce this run. After an earlier one, say what of it was cleaned up or adopted,
         and close what it left open: an exit for each executable still running, a free for
         each cell, both marked cleaned_up, so every workload's events end."""
         previous = self.previous
         if previous is None:
-            self.publish(EventKind.DAEMON_STARTED, daemon=DaemonReport(__version__))
+            self.publish(EventKind.DAEMON_STARTED, daemon=DaemonReport(
+                __version__, cleaned_containers=tuple(sorted(cleaned_containers))))
             return
         kept_cells = set(adopted_cells)
         kept = set(adopted_executables)
@@ -408,6 +411,7 @@ class EventJournal:
             cleaned_executables=tuple(_key(e) for e in lost),
             adopted_cells=tuple(sorted(kept_cells)),
             adopted_executables=tuple(sorted(kept)),
+            cleaned_containers=tuple(sorted(cleaned_containers)),
         ))
         for event in lost:
             self.publish(EventKind.EXECUTABLE_EXITED, cell=event.cell,

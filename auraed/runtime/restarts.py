@@ -9,6 +9,12 @@ waits the first delay again. Stop, Free of the cell and the daemon's shutdown en
 Exits arrive on the spawner's reader thread, which must not wait for the workload lock, so the
 decision is taken there (it needs only the executable's own state) and the restart itself runs
 later on the `RestartTimer`'s thread, which may take the lock.
+
+A policy outlives the daemon (live restore): its state is kept as a record in the spawner
+(auraed.runtime.restore), so the next daemon restarts an adopted executable when it exits, or at
+once (after what is left of its delay) if it exited while no daemon ran, with the same delay,
+count and start limit. `starts` and `due` are CLOCK_MONOTONIC readings, which are the same for
+every process on the host until it reboots, and a reboot ends every workload anyway.
 """
 
 from __future__ import annotations
@@ -76,6 +82,7 @@ class RestartState:
     consecutive: int = 0  # restarts since the last run that counted as a success
     last_delay: float = 0.0  # what the latest restart waited, in seconds
     next_at: float = 0.0  # wall-clock time of the pending restart; 0 when none
+    due: float = 0.0  # monotonic time of the pending restart; 0 when none
     ended: bool = False  # Stop, Free or shutdown: never again
     gave_up: bool = False  # the start limit was hit
     starts: collections.deque[float] = field(default_factory=collections.deque)  # monotonic
@@ -110,9 +117,13 @@ class RestartTimer:
     """Runs each planned restart when it is due, on one thread of its own."""
 
     def __init__(self, restart: Callable[[Executable], None],
-                 on_give_up: Callable[[Executable], None]) -> None:
+                 on_give_up: Callable[[Executable], None],
+                 on_planned: Callable[[Executable], None] = lambda executable: None) -> None:
+        """on_planned: called (on the exit's thread) once a restart is planned or the policy
+        gave up: the state changed and must be kept for a later daemon."""
         self._restart = restart
         self._on_give_up = on_give_up
+        self._on_planned = on_planned
         self._due: list[tuple[float, int, Executable]] = []
         self._order = itertools.count()
         self._changed = threading.Condition()
@@ -130,27 +141,44 @@ class RestartTimer:
         if self._thread.is_alive():
             self._thread.join()
 
-    def exited(self, executable: Executable) -> None:
+    def exited(self, executable: Executable, *, resumed: bool = False) -> None:
         """Called once an exit is recorded (on any thread, with no lock held that a restart
-        needs): plan the restart, or say the policy gave up."""
+        needs): plan the restart, or say the policy gave up.
+
+        resumed: the exit was recorded by an earlier daemon, or happened while none ran (live
+        restore). A restart that daemon had planned keeps its due time; one not planned yet is
+        planned as at the exit, so the time since then counts towards its delay."""
         state = executable.restart
         status = executable.exit_status
-        if state.policy.mode is RestartMode.NO or status is None:
+        if state.policy.mode is RestartMode.NO or status is None or state.ended or state.gave_up:
             return
-        delay = state.plan(status, executable.exited_at - executable.started_at)
-        if delay is None:
-            if state.gave_up:
-                log.warning("restart policy gave up: start limit hit",
-                            extra={"executable": str(executable.key), "starts": len(state.starts),
-                                   "interval": state.policy.interval})
-                self._on_give_up(executable)
-            return
+        now = time.monotonic()
+        if resumed and state.due:
+            delay = state.last_delay
+            due = state.due
+        else:
+            since_exit = max(0.0, time.time() - executable.exited_at) if resumed else 0.0
+            delay_or_none = state.plan(status, executable.exited_at - executable.started_at,
+                                       now - since_exit)
+            if delay_or_none is None:
+                if state.gave_up:
+                    log.warning("restart policy gave up: start limit hit",
+                                extra={"executable": str(executable.key),
+                                       "starts": len(state.starts),
+                                       "interval": state.policy.interval})
+                    self._on_planned(executable)
+                    self._on_give_up(executable)
+                return
+            delay = delay_or_none
+            due = now - since_exit + delay
         state.last_delay = delay
-        state.next_at = time.time() + delay
+        state.due = due
+        state.next_at = time.time() + max(0.0, due - now)
+        self._on_planned(executable)
         with self._changed:
             if self._closed:
                 return
-            heapq.heappush(self._due, (time.monotonic() + delay, next(self._order), executable))
+            heapq.heappush(self._due, (due, next(self._order), executable))
             self._changed.notify()
 
     def _run(self) -> None:

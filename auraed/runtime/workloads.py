@@ -66,10 +66,17 @@ from auraed.kernel.processes import (
     exec_refusal,
     signal_group,
 )
-from auraed.kernel.spawner.client import Adoption, Spawner, SpawnerClosed, SpawnError
+from auraed.kernel.spawner.client import (
+    AdoptedProcess,
+    Adoption,
+    Spawner,
+    SpawnerClosed,
+    SpawnError,
+)
 from auraed.output import OutputLog
+from auraed.output.log import continuation
 from auraed.runtime import restore
-from auraed.runtime.containers import ContainerSpec
+from auraed.runtime.containers import Containers, ContainerSpec, NotAdoptable
 from auraed.runtime.events import EventJournal
 from auraed.runtime.executables import Executable, ExecutableKey, check_command, check_identity
 from auraed.runtime.names import CellName
@@ -182,9 +189,12 @@ class Workloads:
         log_segments: int = 8,
         events: EventJournal | None = None,
         spawner_socket: Path | None = None,
+        containers: Containers | None = None,
     ) -> None:
         """spawner_socket: where the spawner listens for the next daemon (in the runtime
-        directory); with it the workloads outlive this daemon and the next one adopts them."""
+        directory); with it the workloads outlive this daemon and the next one adopts them.
+        containers: where containers' filesystems are (start() adopts or clears them)."""
+        self._containers = containers
         self.backend = backend
         self.signals = SignalFeed()
         self.events = events if events is not None else EventJournal.in_memory()
@@ -211,7 +221,8 @@ class Workloads:
         self._holders: dict[int, Cell] = {}
         # Exits reported before the starting thread recorded the pid.
         self._early_exits: dict[int, tuple[ExitStatus, float]] = {}
-        self._restarts = RestartTimer(self._restart, self.events.start_limit_hit)
+        self._restarts = RestartTimer(self._restart, self.events.start_limit_hit,
+                                      self._keep_restart)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -234,7 +245,12 @@ class Workloads:
             log.warning("removing cells left by a previous run", extra={
                 "cells": ",".join(stale), "processes_killed": self._count_processes(stale)})
         self.backend.cleanup_stale()
-        self.events.daemon_started(cleaned_cells=stale)
+        # After the cells: their processes held the containers' mounts.
+        containers = self._containers.start() if self._containers is not None else []
+        if containers:
+            log.warning("removed containers left by a previous run: their mounts went with "
+                        "their processes", extra={"containers": ",".join(containers)})
+        self.events.daemon_started(cleaned_cells=stale, cleaned_containers=containers)
         if self._log_root.exists():
             shutil.rmtree(self._log_root)
         self._log_root.mkdir(parents=True)
@@ -258,6 +274,8 @@ class Workloads:
         exited_while_away: list[tuple[Executable, ExitStatus, float]] = []
         on_disk = set(self.backend.existing_cells())
         records: list[restore.CellRecord] = []
+        adopted_containers: list[Path] = []
+        policies = self._adopted_policies(adoption.records)
         for key, value in adoption.records.items():
             if not key.startswith(restore.CELL_RECORD_PREFIX):
                 continue
@@ -291,7 +309,7 @@ class Workloads:
                 if parent is not None:
                     parent.children[record.name.leaf] = cell
             holders = [p for p in adoption.processes if p.kind == "holder"]
-            spawned = [p for p in adoption.processes if p.kind != "holder"]
+            spawned = self._latest_runs([p for p in adoption.processes if p.kind != "holder"])
             for adopted in holders:
                 try:
                     owner = self._cells.get(restore.read_holder_label(adopted.label))
@@ -315,16 +333,18 @@ class Workloads:
                     cell.namespaces = NamespaceSet(**paths)
                 for child in cell.children.values():
                     child.namespaces = cell.namespaces
-            for adopted in spawned:
-                try:
-                    label = restore.read_executable_label(adopted.label, adopted.argv)
-                except restore.BadRecord:
-                    label = None
+            for adopted, label in spawned:
                 registry = (None if label is None else self._host_executables
                             if label.cell is None else getattr(self._cells.get(label.cell),
                                                                "executables", None))
                 if label is None or registry is None or label.name in registry:
                     cleaned.append(f"process {adopted.process.host_pid}")
+                    self._end_unclaimed(adopted.process, adopted.status is None)
+                    continue
+                release = self._adopt_container(label, adopted)
+                if release is None:
+                    cleaned.append(f"container process {adopted.process.host_pid} "
+                                   f"({label.cell}/{label.name})")
                     self._end_unclaimed(adopted.process, adopted.status is None)
                     continue
                 outputs = [adopted.outputs.get(channel) or OutputLog.mirror(
@@ -336,6 +356,12 @@ class Workloads:
                     description=label.description, uid=label.uid, gid=label.gid,
                     process=adopted.process, stdout=outputs[0], stderr=outputs[1],
                     log_dir=label.log_dir, started_at=label.started_at, scope=label.scope)
+                executable.release = release
+                if label.container is not None:
+                    adopted_containers.append(label.container[0])
+                policy = policies.pop(executable.key, None)
+                if policy is not None:
+                    executable.restart = policy
                 if label.scope is not None:
                     # New scopes are numbered past the adopted ones: names never collide.
                     number = int(label.scope.rsplit(".", 1)[1])
@@ -375,19 +401,88 @@ class Workloads:
                     log.error("could not remove a cgroup nobody owns",
                               extra={"cell": path, "error": str(error)})
         self._log_root.mkdir(parents=True, exist_ok=True)
+        # After the unclaimed processes were ended: they held the mounts of what goes.
+        stale_containers = (self._containers.start(keep=adopted_containers)
+                            if self._containers is not None else [])
+        cleaned += [f"container {name}" for name in stale_containers]
         with self._lock:
             keys = [str(e.key) for e in self._host_executables.values()] + [
                 str(e.key) for c in self._cells.values() for e in c.executables.values()]
         self.events.daemon_started(adopted_cells=[name.path for name in adopted_cells],
-                                   adopted_executables=keys)
+                                   adopted_executables=keys,
+                                   cleaned_containers=stale_containers)
+        for gone in policies:  # of executables that are gone
+            self._spawner.forget(restore.restart_key(gone))
         for executable, status, when in exited_while_away:
-            self._record_exit(executable, status, when)  # its exit event, after the restart's
+            # Its exit event, after the restart's; then its restart policy goes on.
+            self._record_exit(executable, status, when, resumed=True)
         log.info("adopted the workloads of the previous daemon", extra={
             "spawner_pid": adoption.spawner_pid, "cells": len(adopted_cells),
             "executables": executables, "exited_while_away": exited,
             "milliseconds": round((time.monotonic() - began) * 1000, 1)})
         if cleaned:
             log.warning("cleaned up what could not be adopted", extra={"cleaned": "; ".join(cleaned)})
+
+    def _adopt_container(self, label: restore.ExecutableLabel, adopted: AdoptedProcess
+                         ) -> Callable[[], None] | None:
+        """What releases an adopted executable's filesystem: nothing for a plain one; for a
+        container, its directory and image hold, once its mount is re-learnt from the kernel.
+        None: a container that cannot be adopted (it is then ended and cleaned up)."""
+        if label.container is None:
+            return lambda: None
+        if self._containers is None:
+            return None
+        directory, image = label.container
+        try:
+            return self._containers.adopt(
+                directory, image, None if adopted.status is not None else adopted.process.host_pid)
+        except NotAdoptable as error:
+            log.error("cannot adopt a container", extra={
+                "executable": f"{label.cell or ''}/{label.name}", "error": str(error)})
+            return None
+
+    def _adopted_policies(self, records: dict[str, dict[str, object]]
+                          ) -> dict[ExecutableKey, RestartState]:
+        """The restart policies a previous daemon kept, by executable."""
+        policies: dict[ExecutableKey, RestartState] = {}
+        for key, value in records.items():
+            if not key.startswith(restore.RESTART_RECORD_PREFIX):
+                continue
+            try:
+                executable, state = restore.read_restart_record(value)
+            except restore.BadRecord as error:
+                # Its executable is adopted without a policy: it is not restarted again.
+                log.error("dropping a restart policy the spawner kept", extra={"error": str(error)})
+                self._spawner.forget(key)
+                continue
+            policies[executable] = state
+        return policies
+
+    def _latest_runs(self, spawned: list[AdoptedProcess]
+                     ) -> list[tuple[AdoptedProcess, restore.ExecutableLabel | None]]:
+        """Each adopted process with its label (None: it has none we can read). Of several runs
+        of one executable (the previous daemon died in the middle of a restart, before it let
+        go of the earlier run) the latest is kept; the earlier, ended, are let go of."""
+        labelled: list[tuple[AdoptedProcess, restore.ExecutableLabel | None]] = []
+        for adopted in spawned:
+            try:
+                labelled.append((adopted, restore.read_executable_label(adopted.label,
+                                                                        adopted.argv)))
+            except restore.BadRecord:
+                labelled.append((adopted, None))
+        latest: dict[tuple[CellName | None, str], float] = {}
+        for _, label in labelled:
+            if label is not None:
+                run = (label.cell, label.name)
+                latest[run] = max(latest.get(run, label.started_at), label.started_at)
+        kept = []
+        for adopted, label in labelled:
+            if (label is not None and adopted.status is not None
+                    and label.started_at < latest[label.cell, label.name]):
+                self._spawner.release(adopted.process)
+                continue
+            kept.append((adopted, label))
+        return kept
 
     def _end_unclaimed(self, process: SpawnedProcess, running: bool) -> None:
         """A process the spawner kept that no cell or executable claims: it goes."""
@@ -758,6 +853,7 @@ class Workloads:
                     f"no executable {name} in {_where(cell_name)}", subject=Subject.EXECUTABLE
                 )
             executable.restart.ended = True  # under _lock: no restart can slip in after this
+            self._keep_restart(executable)  # nor in the next daemon's, should this one die
         self._stop_all([executable], self._grace(grace))
         if not forget:
             return executable
@@ -871,14 +967,25 @@ class Workloads:
 
     def _spawn(self, key: ExecutableKey, command: str, description: str, uid: int, gid: int,
                namespaces: NamespaceSet | None, restart: RestartState,
-               container: ContainerSpec | None = None) -> Executable:
-        log_dir = self._log_dir(key)
+               container: ContainerSpec | None = None, *,
+               earlier: Executable | None = None) -> Executable:
+        """earlier: the run a restart policy starts this one after; its output is continued."""
         # Written by the spawner, which makes the pipes: output is captured while no daemon
-        # runs too. These follow it.
-        stdout = OutputLog.mirror(log_dir, "stdout", segment_bytes=self._log_segment_bytes,
-                                  max_segments=self._log_segments)
-        stderr = OutputLog.mirror(log_dir, "stderr", segment_bytes=self._log_segment_bytes,
-                                  max_segments=self._log_segments)
+        # runs too. These follow it. A restart goes on in the earlier run's log, so Observe
+        # replays every run's output, within the same bound as one run's.
+        if earlier is not None and self._continues_output(earlier):
+            log_dir, fresh = earlier.log_dir, False
+            stdout, stderr = (OutputLog.mirror(
+                log_dir, log.channel, segment_bytes=self._log_segment_bytes,
+                max_segments=self._log_segments,
+                position=(*continuation(*log.position()[:2], self._log_segments), 0, False))
+                for log in (earlier.stdout, earlier.stderr))
+        else:
+            log_dir, fresh = self._log_dir(key), True
+            stdout = OutputLog.mirror(log_dir, "stdout", segment_bytes=self._log_segment_bytes,
+                                      max_segments=self._log_segments)
+            stderr = OutputLog.mirror(log_dir, "stderr", segment_bytes=self._log_segment_bytes,
+                                      max_segments=self._log_segments)
         # Before the fork: a process that ends at once must not seem to have
         # exited before it started.
         started_at = time.time()
@@ -887,8 +994,13 @@ class Workloads:
         # sessions of their own (setsid) that its process group does not hold.
         scope = None if key.cell else f"{key.name}.{next(self._scope_numbers)}"
         restart.record_start()  # an attempt counts towards the start limit
+        if restart.policy.mode is not RestartMode.NO:
+            # Kept before the spawn: a daemon that dies during it leaves the attempt counted.
+            self._spawner.keep(restore.restart_key(key), restore.restart_record(key, restart))
         label = restore.executable_label(restore.ExecutableLabel(
-            key.cell, key.name, command, description, uid, gid, log_dir, started_at, scope))
+            key.cell, key.name, command, description, uid, gid, log_dir, started_at, scope,
+            container=None if container is None or container.directory is None
+            or container.image is None else (container.directory, container.image.id)))
         try:
             if scope is not None:
                 self._create_scope(key, scope)
@@ -908,7 +1020,8 @@ class Workloads:
             oom_kills_at_start = self._oom_count(key.cell, scope) or 0
             process = self._spawner.spawn(spec)
         except (SpawnError, SpawnerClosed, TimeoutError, FailedPrecondition) as error:
-            shutil.rmtree(log_dir, ignore_errors=True)
+            if fresh:  # else the earlier run's output, still to be replayed
+                shutil.rmtree(log_dir, ignore_errors=True)
             if scope is not None:
                 self._remove_scope(scope)
             if isinstance(error, FailedPrecondition):
@@ -966,11 +1079,13 @@ class Workloads:
         # Unique per start: a name reused after an exit gets a fresh directory.
         return base / f"{key.name}.{time.monotonic_ns()}"
 
-    def _forget(self, executable: Executable) -> None:
+    def _forget(self, executable: Executable, *, successor: Executable | None = None) -> None:
         """Drop an executable's records and its captured output (call under _lock).
 
         Output still being written — a descendant that left the process group
         keeps the pipe open — stays on disk until shutdown clears the log root.
+        successor: the run its restart policy started after it, which keeps the policy and,
+        when it continues the log, the output.
         """
         with self._pids_lock:
             if self._by_host_pid.get(executable.process.host_pid) is executable:
@@ -979,6 +1094,10 @@ class Workloads:
             self._remove_scope(executable.scope)
         executable.release()  # a container's writable layer and its hold on the image
         self._spawner.release(executable.process)
+        if successor is None and executable.restart.policy.mode is not RestartMode.NO:
+            self._spawner.forget(restore.restart_key(executable.key))
+        if successor is not None and successor.log_dir == executable.log_dir:
+            return
         if executable.stdout.complete and executable.stderr.complete:
             executable.stdout.remove()
             executable.stderr.remove()
@@ -1009,7 +1128,7 @@ class Workloads:
         state = previous.restart
         cell = previous.cell
         with self._lock:
-            state.next_at = 0.0
+            state.next_at = state.due = 0.0
             if state.ended or self._closing:
                 return
             if cell is not None and (cell not in self._cells or self._cells[cell].freeing):
@@ -1021,14 +1140,15 @@ class Workloads:
                 namespaces = self._namespaces_for_start(cell)
                 state.count += 1
                 executable = self._spawn(previous.key, previous.command, previous.description,
-                                         previous.uid, previous.gid, namespaces, state)
+                                         previous.uid, previous.gid, namespaces, state,
+                                         earlier=previous)
             except Unavailable:
                 return  # no spawner: nothing starts any more
             except FailedPrecondition as error:
                 failed: FailedPrecondition | None = error
             else:
                 failed = None
-                self._forget(previous)
+                self._forget(previous, successor=executable)
                 registry[previous.name] = executable
         if failed is not None:
             # A failed start: the policy tries again later, within its start limit.
@@ -1040,6 +1160,19 @@ class Workloads:
             "cell": str(cell or ""), "executable": previous.name,
             "pid": executable.process.host_pid, "restarts": state.count})
 
+    def _keep_restart(self, executable: Executable) -> None:
+        """Keep the state of an executable's restart policy for a later daemon (any thread)."""
+        if executable.restart.policy.mode is not RestartMode.NO:
+            self._spawner.keep(restore.restart_key(executable.key),
+                               restore.restart_record(executable.key, executable.restart))
+
+    def _continues_output(self, earlier: Executable) -> bool:
+        # Only a finished log is continued: a descendant of the earlier run may still write
+        # to its own (then the new run starts a log of its own, and the earlier one's output
+        # is not replayed with it).
+        return (self._spawner.continues_output and earlier.stdout.complete
+                and earlier.stderr.complete)
+
     def _on_spawner_lost(self) -> None:
         """The spawner is gone: no exit will be reported from now on, so stop
         waiting for reports and let the daemon decide what to do."""
@@ -1047,11 +1180,14 @@ class Workloads:
         if self.on_spawner_lost is not None:
             self.on_spawner_lost()
 
-    def _record_exit(self, executable: Executable, status: ExitStatus, when: float) -> None:
+    def _record_exit(self, executable: Executable, status: ExitStatus, when: float, *,
+                     resumed: bool = False) -> None:
+        """resumed: an exit of an adopted executable, while no daemon ran (or before this one
+        adopted it)."""
         self._attribute_oom_kills(executable, status)
         self.events.executable_exited(executable, status)  # before Stop or Free can see the end
         executable.mark_exited(status, when)
-        self._restarts.exited(executable)
+        self._restarts.exited(executable, resumed=resumed)
         if status.signal is not None:
             self._publish_signal(executable, status.signal, delivered_by_daemon=False)
         log.info(

@@ -54,6 +54,7 @@ def event_message(event: Event) -> pb.Event:
             cleaned_executables=report.cleaned_executables,
             adopted_cells=report.adopted_cells,
             adopted_executables=report.adopted_executables,
+            cleaned_containers=report.cleaned_containers,
         ))
     return message
 

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 import aurae_sdk
 from aurae_sdk.wire.generated.pb.observe import observe_pb2 as observe_pb
+from tests.support.daemon import DaemonProcess
 
 DEADLINE = 60.0
 
@@ -170,6 +172,42 @@ def test_free_of_the_cell_ends_the_policy(client: aurae_sdk.Client) -> None:
         client.cells.metrics(cell_name="r-free")
     mine = [kind(e) for _, e in _after(client, before) if e.cell_name == "r-free"]
     assert mine[-1] == "CELL_FREED" and mine[-2] == "EXECUTABLE_EXITED"
+
+
+def test_every_runs_output_replays_within_the_output_bound(
+        daemon: DaemonProcess, client: aurae_sdk.Client, tmp_path: Path) -> None:
+    """A restarted executable's output goes on in one log: Observe replays the earlier runs'
+    lines before the current run's, and what it keeps is bounded as one run's output is (8
+    segments by default; each run starts a segment of its own)."""
+    runs = tmp_path / "runs"
+    command = (f"n=$(( $(cat {runs} 2>/dev/null || echo 0) + 1 )); echo $n > {runs}; "
+               "echo run $n; echo oops $n >&2; exit 1")
+    client.cells.allocate(cell={"name": "r-output"})
+    try:
+        before = newest(client)
+        started = client.cells.start(cell_name="r-output", executable={
+            "name": "crash", "command": command,
+            "restart_policy": "EXECUTABLE_RESTART_POLICY_ON_FAILURE", "restart_delay_ms": 10,
+            "restart_max_delay_ms": 20, "start_limit": {"burst": 10, "interval_ms": 600_000}})
+        events_until(client, before, lambda evs: any(
+            kind(e) == "EXECUTABLE_START_LIMIT_HIT" for e in evs))
+        assert runs.read_text().split() == ["10"]
+        replay = [(r.item.channel, r.item.line) for r in client.observe.get_sub_process_stream(
+            executable={"cell_name": "r-output", "executable_name": "crash"}, replay_only=True,
+            channel_type="LOG_CHANNEL_TYPE_UNSPECIFIED", timeout=30)]
+        # Runs 1 and 2 were rotated away with their segments; 3 to 10 remain, in order.
+        assert [line for channel, line in replay if channel == "crash::stdout"] == [
+            f"run {n}" for n in range(3, 11)]
+        assert [line for channel, line in replay if channel == "crash::stderr"] == [
+            f"oops {n}" for n in range(3, 11)]
+        # The first run's pid names nothing any more; the log lives on in one directory.
+        (directory,) = (daemon.runtime_dir / "logs" / "r-output").iterdir()
+        assert sorted(p.name for p in directory.iterdir() if p.name.startswith("stdout")) == [
+            f"stdout.{n:06d}.log" for n in range(3, 11)]
+        assert started.host_pid not in {status_of(client, "r-output", "crash").host_pid}
+    finally:
+        client.cells.free(cell_name="r-output")
+    assert not (daemon.runtime_dir / "logs" / "r-output").exists()
 
 
 @pytest.mark.parametrize(("executable", "field"), [

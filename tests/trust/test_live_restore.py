@@ -20,6 +20,7 @@ import pytest
 import aurae_sdk
 from auraed.kernel.spawner.protocol import Ready
 from auraed.kernel.spawner.state import StateTorn, read_state, write_state
+from auraed.runtime.containers import mounted_anywhere, overlay_root_of
 from tests.support.daemon import DaemonProcess, running_daemon
 
 from .conftest import host_state, record_figure
@@ -272,3 +273,148 @@ def test_a_torn_state_file_is_refused(tmp_path: Path) -> None:
         read_state(path, 2)
     with pytest.raises(StateTorn, match="not the state the spawner just wrote"):
         read_state(path, 1, "0" * 64)
+
+
+def executable_status(client: aurae_sdk.Client, cell: str, name: str) -> object:
+    (node,) = [n for n in client.cells.list().cells if n.cell.name == cell]
+    (found,) = [e for e in node.executables if e.name == name]
+    return found
+
+
+def test_restart_policies_go_on_in_the_next_daemon(tmp_path: Path) -> None:
+    """The next daemon restarts adopted executables by their policies: one that exited while no
+    daemon ran at once, one that exits later as it would have; with the same counters, so the
+    start limit counts the first daemon's starts too. Every run's output replays."""
+    runs, release = tmp_path / "runs", tmp_path / "release"
+    # Run 1 fails at once; run 2 (the first daemon's restart) waits for `release`, then fails
+    # while no daemon runs; run 3 (the next daemon's) fails at once: the start limit of 3.
+    crashy = (f"n=$(( $(cat {runs} 2>/dev/null || echo 0) + 1 )); echo $n > {runs}; "
+              f"echo run $n; if [ $n = 2 ]; then while [ ! -e {release} ]; do sleep 0.05; "
+              "done; fi; exit 3")
+    with running_daemon() as first:
+        baseline, _ = host_state(first)
+        with first.client(timeout=30) as client:
+            client.cells.allocate(cell={"name": "policies"})
+            client.cells.start(cell_name="policies", executable={
+                "name": "crashy", "command": crashy,
+                "restart_policy": "EXECUTABLE_RESTART_POLICY_ON_FAILURE",
+                "restart_delay_ms": 100, "start_limit": {"burst": 3, "interval_ms": 600_000}})
+            steady = client.cells.start(cell_name="policies", executable={
+                "name": "steady", "command": "echo tick; exec sleep 300",
+                "restart_policy": "EXECUTABLE_RESTART_POLICY_ALWAYS", "restart_delay_ms": 100})
+            wait_for(lambda: executable_status(client, "policies", "crashy").restart_count == 1
+                     and runs.read_text().split() == ["2"], 60, "the first restart")
+            second_run = executable_status(client, "policies", "crashy").host_pid
+        first.stop(signal.SIGKILL)
+        release.touch()
+        wait_for(lambda: not alive(second_run), 30, "run 2 to end while no daemon runs")
+        with running_daemon(after=first) as second, second.client(timeout=60) as client:
+            wait_for(lambda: executable_status(client, "policies", "crashy").start_limit_hit,
+                     60, "the start limit")
+            crashy_status = executable_status(client, "policies", "crashy")
+            assert crashy_status.restart_count == 2 and crashy_status.exit_code == 3
+            assert runs.read_text().split() == ["3"]
+            assert [r.item.line for r in client.observe.get_sub_process_stream(
+                executable={"cell_name": "policies", "executable_name": "crashy"},
+                channel_type="LOG_CHANNEL_TYPE_STDOUT", replay_only=True, timeout=30)] == [
+                    "run 1", "run 2", "run 3"]
+            # The adopted `always` one, ended now: restarted by this daemon, counted on.
+            assert alive(steady.host_pid)
+            os.kill(steady.host_pid, signal.SIGTERM)
+            wait_for(lambda: executable_status(client, "policies", "steady").host_pid
+                     != steady.host_pid, 60, "the always policy to restart it")
+            restarted = executable_status(client, "policies", "steady")
+            assert restarted.restart_count == 1 and alive(restarted.host_pid)
+            wait_for(lambda: [r.item.line for r in client.observe.get_sub_process_stream(
+                executable={"cell_name": "policies", "executable_name": "steady"},
+                channel_type="LOG_CHANNEL_TYPE_STDOUT", replay_only=True, timeout=30)] == [
+                    "tick", "tick"], 30, "both runs' output")
+            client.cells.free(cell_name="policies")
+            assert host_state(second) == (baseline, set())
+
+
+IMAGE = "localhost/aurae/busybox:latest"
+# A numbered line every 50 ms, from the image's busybox.
+BOX_COUNTER = "sh -c 'i=0; while true; do echo $i; i=$((i+1)); sleep 0.05; done'"
+
+
+def start_container(daemon: DaemonProcess, busybox_image: tuple[Path, Path],
+                    command: str) -> tuple[int, Path]:
+    """Import the test image, start a container in an isolated cell "boxes": its host pid
+    and its directory."""
+    imported = daemon.cli("images", "import", str(busybox_image[0]))
+    assert imported.returncode == 0, imported.stderr
+    with daemon.client(timeout=60) as client:
+        client.cells.allocate(cell={"name": "boxes", "isolate_process": True})
+        started = client.cells.start(cell_name="boxes", executable={
+            "name": "box", "image": IMAGE, "command": command})
+    (directory,) = (daemon.runtime_dir / "containers").iterdir()
+    assert overlay_root_of(started.host_pid, directory)
+    return started.host_pid, directory
+
+
+def daemon_report(client: aurae_sdk.Client) -> object:
+    """What the newest daemon said of the run before it (its DAEMON_RESTARTED event)."""
+    reports = [e.daemon for r in client.observe.get_event_stream(timeout=30) for e in r.events
+               if e.HasField("daemon") and e.daemon.version and e.kind == 2]
+    return reports[-1]
+
+
+def no_mount_left(directory: Path) -> None:
+    assert str(directory) not in Path("/proc/self/mountinfo").read_text()
+    wait_for(lambda: mounted_anywhere(directory) == [], 30, f"no mount of {directory} anywhere")
+
+
+def test_a_running_container_is_adopted_and_freed_without_a_trace(
+        busybox_image: tuple[Path, Path]) -> None:
+    with running_daemon() as first:
+        baseline, _ = host_state(first)
+        pid, directory = start_container(first, busybox_image, BOX_COUNTER)
+        time.sleep(0.5)
+        first.stop(signal.SIGKILL)
+        time.sleep(0.5)  # output goes on while no daemon runs
+        assert alive(pid)
+        with running_daemon(after=first) as second, second.client(timeout=60) as client:
+            # The same process, its overlay still its root, its writable layer kept.
+            assert alive(pid) and overlay_root_of(pid, directory)
+            (node,) = client.cells.list().cells
+            assert [(e.name, e.host_pid) for e in node.executables] == [("box", pid)]
+            assert "boxes/box" in daemon_report(client).adopted_executables
+
+            def lines() -> list[str]:
+                return [r.item.line for r in client.observe.get_sub_process_stream(
+                    process_id=pid, channel_type="LOG_CHANNEL_TYPE_STDOUT", replay_only=True,
+                    timeout=30)]
+            seen = len(lines())
+            wait_for(lambda: len(lines()) > seen + 5, 30, "output after the adoption")
+            os.kill(pid, signal.SIGTERM)
+            client.cells.wait(cell_name="boxes", executable_name="box", timeout=30)
+            assert_counted_once(lines())
+            client.cells.free(cell_name="boxes")
+            assert not alive(pid)
+            assert not directory.exists()
+            assert list((second.runtime_dir / "containers").iterdir()) == []
+            no_mount_left(directory)
+            assert host_state(second) == (baseline, set())
+            # The image hold was taken over too, and let go: the image can go now.
+            assert second.cli("images", "remove", IMAGE).returncode == 0
+
+
+def test_with_the_spawner_gone_too_containers_are_cleaned_and_reported(
+        busybox_image: tuple[Path, Path]) -> None:
+    with running_daemon() as first:
+        baseline, _ = host_state(first)
+        pid, directory = start_container(first, busybox_image, "sleep 300")
+        spawner = spawner_of(first)
+        os.kill(spawner, signal.SIGKILL)
+        first.stop(signal.SIGKILL)
+        wait_for(lambda: not alive(spawner), 10, "the spawner to die")
+        assert alive(pid), "expected the container to outlive both"
+        with running_daemon(after=first) as second, second.client(timeout=60) as client:
+            assert not alive(pid)
+            assert list((second.runtime_dir / "containers").iterdir()) == []
+            no_mount_left(directory)
+            assert host_state(second) == (baseline, set())
+            assert list(daemon_report(client).cleaned_containers) == [directory.name]
+            assert re.search(r'removed containers left by a previous run: their mounts went '
+                             rf'with their processes" containers="?{directory.name}', second.log())

@@ -154,6 +154,8 @@ class Spawner:
         self._process: subprocess.Popen[bytes] | None = None
         self._reader: threading.Thread | None = None
         self._closed = False
+        # Whether the spawner takes Capture.continues (see Ready); known once it is ready.
+        self.continues_output = False
 
     @property
     def pid(self) -> int:
@@ -325,6 +327,7 @@ class Spawner:
             check_version(ready.version, f"the spawner (pid {ready.pid})")
         except ProtocolMismatch as mismatch:
             raise SpawnerClosed(str(mismatch)) from None
+        self.continues_output = ready.continues_output
         return ready
 
     def spawn(self, spec: SpawnSpec) -> SpawnedProcess:
@@ -342,11 +345,7 @@ class Spawner:
                 namespaces=spec.namespaces.paths() if spec.namespaces else {},
                 rootfs=dict(spec.rootfs) if spec.rootfs else None,
                 label=spec.label,
-                capture=None if spec.capture is None else {
-                    "directory": str(spec.capture[0].directory),
-                    "segment_bytes": spec.capture[0].segment_bytes,
-                    "max_segments": spec.capture[0].max_segments,
-                },
+                capture=None if spec.capture is None else _capture(spec.capture),
             ),
             () if spec.capture is not None else (spec.stdout_fd, spec.stderr_fd),
             spec.capture,
@@ -524,6 +523,19 @@ class Spawner:
         traceback: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _capture(logs: tuple[OutputLog, OutputLog]) -> dict[str, object]:
+    """A Capture for the spawner to write these mirrors' logs; a mirror that does not start at
+    segment 1 goes on from an earlier run's log (see OutputLog's `continues`)."""
+    capture: dict[str, object] = {"directory": str(logs[0].directory),
+                                  "segment_bytes": logs[0].segment_bytes,
+                                  "max_segments": logs[0].max_segments}
+    continues = {log.channel: list(log.position()[:2]) for log in logs
+                 if log.position()[:2] != (1, 1)}
+    if continues:
+        capture["continues"] = continues
+    return capture
 
 
 def _room_for_the_largest_request(sock: socket.socket) -> None:

@@ -120,12 +120,15 @@ def check_version(theirs: int, who: str) -> None:
 @_message
 @dataclass(kw_only=True)
 class Ready(Message):
-    """busy: another daemon is attached; this connection is closed after Ready."""
+    """busy: another daemon is attached; this connection is closed after Ready.
+    continues_output: the spawner understands Capture.continues (an older one would ignore it
+    and write over the earlier run's first segment)."""
 
     KIND = "ready"
     pid: int
     version: int = PROTOCOL_VERSION
     busy: bool = False
+    continues_output: bool = False
 
 
 @dataclass(kw_only=True)
@@ -137,6 +140,9 @@ class Capture:
     directory: str
     segment_bytes: int
     max_segments: int
+    # {channel: [first, next]}: go on from a finished log in `directory` (see
+    # OutputLog's `continues`); a channel not named starts a new log.
+    continues: dict[str, list[int]] | None = None
 
 
 @_message

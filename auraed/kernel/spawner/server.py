@@ -219,7 +219,7 @@ class ForkServer:
             poller.register(self._listener, select.POLLIN)
         try:
             self._keep_a_spare()  # before "ready": from then on the spawner is as it stays
-            self._send(Ready(pid=os.getpid()))
+            self._send(Ready(pid=os.getpid(), continues_output=True))
             while True:
                 # A used spare is replaced once the spawner has been idle a moment, so that the
                 # fork and the new child's start delay no request (typically the Start that
@@ -285,7 +285,7 @@ class ForkServer:
             return
         self._sock = connection
         self._poller.register(connection, select.POLLIN)
-        self._send(Ready(pid=os.getpid()))
+        self._send(Ready(pid=os.getpid(), continues_output=True))
 
     def _drain_wakeups(self) -> bytes:
         signals = b""
@@ -940,13 +940,18 @@ def _open_captures(capture: Capture) -> tuple[list[_Capture], tuple[int, int]]:
             read_fd, write_fd = output_pipe()
             write_ends.append(write_fd)
             os.set_blocking(read_fd, False)
+            continues = (capture.continues or {}).get(channel)
             captures.append(_Capture(channel, read_fd, OutputLog(
                 capture.directory, channel, segment_bytes=capture.segment_bytes,
-                max_segments=capture.max_segments, fresh=True)))
-    except OSError as error:
+                max_segments=capture.max_segments, fresh=True,
+                continues=None if continues is None else (int(continues[0]),
+                                                          int(continues[1])))))
+    except (OSError, ValueError, TypeError, IndexError) as error:
         for fd in write_ends:
             os.close(fd)
         _close_captures(captures)
+        if not isinstance(error, OSError):
+            raise SpawnError.malformed(f"capture {error!r}") from None
         raise SpawnError.at("capture", error.errno or 0, capture.directory) from None
     return captures, (write_ends[0], write_ends[1])
 

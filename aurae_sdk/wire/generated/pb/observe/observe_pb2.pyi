@@ -624,6 +624,7 @@ class DaemonEvent(_message.Message):
     CLEANED_EXECUTABLES_FIELD_NUMBER: _builtins.int
     ADOPTED_CELLS_FIELD_NUMBER: _builtins.int
     ADOPTED_EXECUTABLES_FIELD_NUMBER: _builtins.int
+    CLEANED_CONTAINERS_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     """Version of auraed."""
     previous_stopped_cleanly: _builtins.bool
@@ -646,6 +647,13 @@ class DaemonEvent(_message.Message):
     def adopted_executables(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Executables of the earlier run the daemon took over, still running."""
 
+    @_builtins.property
+    def cleaned_containers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Containers of the earlier run (their directory names under the runtime
+        dir) whose filesystems the daemon removed: their writable layers, once
+        their overlay mounts had gone with their processes.
+        """
+
     def __init__(
         self,
         *,
@@ -655,10 +663,11 @@ class DaemonEvent(_message.Message):
         cleaned_executables: _abc.Iterable[_builtins.str] | None = ...,
         adopted_cells: _abc.Iterable[_builtins.str] | None = ...,
         adopted_executables: _abc.Iterable[_builtins.str] | None = ...,
+        cleaned_containers: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adopted_cells", b"adopted_cells", "adopted_executables", b"adopted_executables", "cleaned_cells", b"cleaned_cells", "cleaned_executables", b"cleaned_executables", "previous_stopped_cleanly", b"previous_stopped_cleanly", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adopted_cells", b"adopted_cells", "adopted_executables", b"adopted_executables", "cleaned_cells", b"cleaned_cells", "cleaned_containers", b"cleaned_containers", "cleaned_executables", b"cleaned_executables", "previous_stopped_cleanly", b"previous_stopped_cleanly", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
