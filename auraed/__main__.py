@@ -65,6 +65,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="also serve the Kubernetes CRI (runtime.v1 RuntimeService and "
                              "ImageService) for kubelet, plaintext on this Unix socket of mode "
                              "0600 (see docs/cri.md)")
+    parser.add_argument("--cri-pods", choices=("instances", "cells"), default="instances",
+                        help="what a pod sandbox is: a spawned instance of this daemon whose "
+                             "cells run the pod's containers (default), or a cell of this "
+                             "daemon (what the daemon inside a pod instance serves)")
+    parser.add_argument("--image-store", type=Path, metavar="DIR",
+                        help="read images from this store, another daemon's, instead of the "
+                             "library dir's own; read-only (a pod instance borrows its host's)")
     parser.add_argument("--metrics-address", metavar="ADDRESS",
                         help="serve Prometheus metrics (per-cell CPU, memory, pids, OOM kills) "
                              "over plain HTTP on a Unix socket path or a loopback HOST:PORT; "
@@ -164,6 +171,8 @@ def main(argv: list[str] | None = None) -> None:
                       operators=args.long_lived_operators),
         **({"operators": tuple(args.operator)} if args.operator else {}),
         cri_socket=args.cri_socket,
+        cri_pods=args.cri_pods,
+        image_store=args.image_store,
         metrics_address=args.metrics_address,
         metrics_allow_remote=args.metrics_allow_remote,
         live_restore=args.live_restore,

@@ -61,6 +61,7 @@ from auraed.services.observe import ObserveService
 from auraed.services.vms import VmService
 
 if TYPE_CHECKING:
+    from auraed.cri.pod_instances import PodInstances
     from auraed.cri.pods import Pods
 
 log = logging.getLogger("auraed")
@@ -78,6 +79,8 @@ AUDIT_LOG = "audit.log"
 IMAGES_DIR = "images"
 # In the runtime dir: each container's writable layer and mount point.
 CONTAINERS_DIR = "containers"
+# The CRI's pod records (auraed.cri.records), under the library dir.
+CRI_PODS_DIR = "cri/pods"
 # In the library dir too: clients resume the event stream across daemon restarts.
 EVENTS_DIR = "events"
 # In the runtime dir: where the spawner, which outlives the daemon, waits for the next one.
@@ -118,6 +121,11 @@ class Settings:
     budget: Budget = field(default_factory=Budget)
     operators: tuple[str, ...] = DEFAULT_OPERATORS
     cri_socket: Path | None = None
+    # "instances": a pod sandbox is a spawned instance; "cells": a cell of this daemon (the
+    # daemon inside a pod instance).
+    cri_pods: str = "instances"
+    # Another daemon's image store, read-only (a pod instance's daemon reads its host's).
+    image_store: Path | None = None
     metrics_address: str | None = None
     metrics_allow_remote: bool = False
     # SIGTERM/SIGINT leave the workloads running for the next daemon to adopt.
@@ -287,7 +295,7 @@ class Daemon:
         self._images: ImageStore | None = None
         self._containers: Containers | None = None
         self._cri_server: grpc.Server | None = None
-        self._pods: Pods | None = None
+        self._pods: Pods | PodInstances | None = None
         self._detach = False
 
     def request_stop(self, signum: int | None = None) -> None:
@@ -476,7 +484,9 @@ class Daemon:
     # ------------------------------------------------------------ images (issue 14)
     def _open_images(self) -> None:
         """The image store under the library dir, and the containers that run its images."""
-        store = ImageStore(self.settings.library_dir / IMAGES_DIR)
+        borrowed = self.settings.image_store
+        store = (ImageStore(borrowed, borrowed=True) if borrowed is not None
+                 else ImageStore(self.settings.library_dir / IMAGES_DIR))
         try:
             store.open()
         except OSError as error:
@@ -490,24 +500,43 @@ class Daemon:
         return [ImageService(self._images)]
 
     def _serve_cri(self) -> None:
-        """kubelet's runtime.v1 services on --cri-socket, when given."""
+        """kubelet's runtime.v1 services on --cri-socket, when given: pods as spawned
+        instances (auraed.cri.pod_instances), or, in a pod instance's daemon, as its cells
+        (auraed.cri.pods)."""
         if self.settings.cri_socket is None:
             return
-        from auraed.cri.pods import Pods
         from auraed.cri.server import CriSocketError, serve_cri
-        from auraed.cri.service import CriImageService, CriRuntimeService
+        from auraed.cri.service import CriImageService
 
         assert self._workloads is not None and self._containers is not None
-        assert self._images is not None
-        self._pods = Pods(self._workloads, self._containers, self._images)
+        assert self._images is not None and self._instances is not None
+        ready = lambda: not self._shutting_down
+        runtime: object
+        if self.settings.cri_pods == "cells":
+            from auraed.cri.pods import Pods
+            from auraed.cri.service import CriRuntimeService
+
+            self._pods = Pods(self._workloads, self._containers, self._images)
+            runtime = CriRuntimeService(self._pods, ready=ready)
+        else:
+            from auraed.cri.pod_instances import PodInstances
+            from auraed.cri.records import PodRecords
+            from auraed.cri.relay import CriPodInstanceService
+
+            self._pods = PodInstances(self._instances, self._workloads, self._images,
+                                      PodRecords(self.settings.library_dir / CRI_PODS_DIR))
+            try:
+                self._pods.open()
+            except OSError as error:
+                raise StartupError(f"CRI pod records: {error}") from None
+            runtime = CriPodInstanceService(self._pods, ready=ready)
         try:
-            self._cri_server = serve_cri(
-                self.settings.cri_socket,
-                CriRuntimeService(self._pods, ready=lambda: not self._shutting_down),
-                CriImageService(self._images))
+            self._cri_server = serve_cri(self.settings.cri_socket, runtime,
+                                         CriImageService(self._images))
         except CriSocketError as error:
             raise StartupError(str(error)) from None
-        log.info("CRI serving", extra={"cri_socket": str(self.settings.cri_socket)})
+        log.info("CRI serving", extra={"cri_socket": str(self.settings.cri_socket),
+                                       "pods": self.settings.cri_pods})
 
     def _stop_cri(self) -> None:
         if self._cri_server is not None:
@@ -516,7 +545,13 @@ class Daemon:
             assert self.settings.cri_socket is not None
             self.settings.cri_socket.unlink(missing_ok=True)
         if self._pods is not None:
-            self._pods.shutdown()
+            # --live-restore keeps the CRI's records for the next daemon.
+            from auraed.cri.pod_instances import PodInstances
+
+            if self._detach and isinstance(self._pods, PodInstances):
+                self._pods.detach()
+            else:
+                self._pods.shutdown()
 
     def _start_metrics(self, address: MetricsAddress) -> None:
         assert self._workloads is not None

@@ -99,6 +99,9 @@ class ContainerConfig:
     run_as_group: int | None = None
     run_as_username: str = ""
     read_only_rootfs: bool = False
+    # CONTAINER: a pid namespace of its own; POD (and NODE, which a hostPID pod's
+    # containers ask for): the sandbox's.
+    pid: int = POD
 
 
 @dataclass(eq=False)
@@ -195,7 +198,9 @@ class Pods:
         if TARGET in (config.network, config.pid, config.ipc):
             raise InvalidArgument("namespace mode TARGET is for containers, not sandboxes",
                                   field="config.linux.security_context.namespace_options")
+        # A pod that shares the node's ipc but not its processes gets a pid namespace only.
         isolate_process = NODE not in (config.pid, config.ipc)
+        isolate_pid = config.pid != NODE and not isolate_process
         if config.log_directory and not os.path.isabs(config.log_directory):
             raise InvalidArgument("log_directory must be an absolute path",
                                   field="config.log_directory")
@@ -214,6 +219,7 @@ class Pods:
         self.workloads.allocate(cell, CellSpec(limits=config.limits,
                                                isolate_process=isolate_process,
                                                isolate_network=config.network != NODE,
+                                               isolate_pid=isolate_pid,
                                                hostname=config.hostname or None))
         try:
             if config.log_directory:
@@ -310,6 +316,10 @@ class Pods:
                 and not config.run_as_username:
             raise InvalidArgument("run_as_group needs run_as_user or run_as_username",
                                   field="config.linux.security_context.run_as_group")
+        if config.pid == TARGET:
+            raise InvalidArgument("pid namespace mode TARGET (sharing another container's) is "
+                                  "not supported",
+                                  field="config.linux.security_context.namespace_options.pid")
         image = self.store.get(config.image, field="config.image.image")
         user = config.run_as_username or None
         spec = self.containers.prepare(
@@ -321,7 +331,8 @@ class Pods:
         container_id = _new_id()
         cell = CellName(f"{sandbox.cell.path}/c{container_id[:24]}")
         try:
-            self.workloads.allocate(cell, CellSpec(limits=config.limits))
+            self.workloads.allocate(cell, CellSpec(limits=config.limits,
+                                                   isolate_pid=config.pid == CONTAINER))
         except BaseException:
             spec.release()
             raise

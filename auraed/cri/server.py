@@ -14,7 +14,7 @@ from typing import cast
 import grpc
 
 from auraed.cri.generated import api_pb2_grpc as cri_grpc
-from auraed.cri.service import CriImageService, CriRuntimeService
+from auraed.cri.service import CriImageService
 from auraed.interceptors import FaultTranslation
 
 # kubelet sends container configs and lists larger than gRPC's 4 MiB default on busy nodes.
@@ -44,7 +44,7 @@ def _prepare(path: Path) -> None:
     raise CriSocketError(f"--cri-socket {path}: another runtime is listening there")
 
 
-def serve_cri(path: Path, runtime: CriRuntimeService, images: CriImageService,
+def serve_cri(path: Path, runtime: object, images: CriImageService,
               *, max_workers: int = 32) -> grpc.Server:
     """Start serving the CRI on `path`; the caller stops the server and removes the file."""
     _prepare(path)

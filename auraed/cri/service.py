@@ -86,6 +86,7 @@ def _container_config(config: cri.ContainerConfig) -> ContainerConfig:
         run_as_group=security.run_as_group.value if security.HasField("run_as_group") else None,
         run_as_username=security.run_as_username,
         read_only_rootfs=security.readonly_rootfs,
+        pid=security.namespace_options.pid,
     )
 
 

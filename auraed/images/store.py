@@ -12,6 +12,11 @@ diff_id there, and only then renames it into place and writes the index (itself 
 so a refused or interrupted import leaves nothing behind. Blobs and layers nothing refers to
 (after a remove, or a crash between the renames and the index) are removed at open.
 
+A store can also be borrowed (`borrowed=True`): a daemon in a pod instance reads its host's
+store, never writes it. It reads the index again when a name is not found (the host may have
+imported the image since), and refuses imports and removals; the host holds the images its
+pods' containers use, so none goes while they run.
+
 Locking: `_imports` serializes the calls that change the store (import, remove) and is held
 across their file work; `_lock` guards the in-memory index and is held only briefly, so List
 and Inspect never wait for an import.
@@ -86,8 +91,9 @@ class _Staged:
 
 
 class ImageStore:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, borrowed: bool = False) -> None:
         self.root = root
+        self.borrowed = borrowed
         self._blobs = root / "blobs" / "sha256"
         self._layers = root / "layers" / "sha256"
         self._tmp = root / "tmp"
@@ -100,6 +106,9 @@ class ImageStore:
 
     def open(self) -> None:
         """Create the store (or load it), clear unfinished work and unreferenced content."""
+        if self.borrowed:
+            self._reload()
+            return
         for directory in (self._blobs, self._layers):
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         shutil.rmtree(self._tmp, ignore_errors=True)
@@ -117,6 +126,17 @@ class ImageStore:
         if len(images) != len(entries):
             self._write_index()
         self._collect_garbage()
+
+    def _reload(self) -> None:
+        """A borrowed store's view of its owner's index, as it is now."""
+        images: dict[str, Image] = {}
+        for manifest_digest, entry in self._read_index().items():
+            try:
+                images[manifest_digest] = self._load(manifest_digest, entry)
+            except (InvalidArgument, OSError):
+                continue  # being imported or removed by the owner
+        with self._lock:
+            self._images = images
 
     def _read_index(self) -> dict[str, dict[str, object]]:
         try:
@@ -172,6 +192,13 @@ class ImageStore:
         manifest digest names; None when there is none."""
         if not name:
             return None
+        found = self._find(name)
+        if found is None and self.borrowed:
+            self._reload()
+            found = self._find(name)
+        return found
+
+    def _find(self, name: str) -> Image | None:
         with self._lock:
             images = list(self._images.values())
         for image in images:
@@ -229,6 +256,7 @@ class ImageStore:
 
     def remove(self, name: str) -> Image:
         """Remove an image with all its references, and its content no other image uses."""
+        self._check_owned()
         with self._imports:
             image = self.get(name)
             with self._lock:
@@ -246,6 +274,7 @@ class ImageStore:
     def tag(self, image: Image, reference: str) -> Image:
         """Give `image` one more reference (moved off any image that had it)."""
         reference = normalize_reference(reference)
+        self._check_owned()
         with self._imports:
             with self._lock:
                 self._take_references({reference})
@@ -261,6 +290,7 @@ class ImageStore:
         verifying every blob. `name` (a reference) names the single image imported; without
         it images keep the full references the source gives them."""
         wanted = normalize_reference(name, field="reference") if name else None
+        self._check_owned()
         with self._imports:
             entries = source.resolve(reference)
             if not entries:
@@ -295,6 +325,11 @@ class ImageStore:
             log.info("image imported", extra={"image": image.id, "references": ",".join(
                 image.references), "bytes": image.size})
         return imported
+
+    def _check_owned(self) -> None:
+        if self.borrowed:
+            raise FailedPrecondition("this daemon's image store is its host's: import and "
+                                     "remove images on the host")
 
     def _take_references(self, references: set[str]) -> None:
         """Move `references` off the images that hold them (call under _lock)."""

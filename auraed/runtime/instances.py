@@ -55,6 +55,9 @@ DAEMON_NAME = "auraed"
 TEMPLATE_PRELOAD = ["auraed.server"]
 TEMPLATE_ENTRY = "auraed.__main__:main"
 SOCKET_NAME = "auraed.sock"
+# The top cell pods' cgroup parents go under (auraed.cri.sandboxes): instances below it are
+# stale at start like those at the top.
+POD_PARENTS = "kubepods"
 # The nested daemon roots its cgroup subtree here, inside the instance's cell.
 CGROUP_LEAF = "auraed"
 # A cell name is a DNS label of at most 63 characters, prefix included.
@@ -70,6 +73,22 @@ SHUTDOWN_ALLOWANCE = 10.0
 class InstanceSpec:
     name: str
     limits: CgroupLimits
+    # Below these cells of the host instead of at the top (a pod's cgroup parent); the caller
+    # has allocated them.
+    parent: CellName | None = None
+    # The uts namespace's hostname; None: the cell's name.
+    hostname: str | None = None
+    # Without: the host's pid, ipc, uts and mount namespaces (a pod that shares the node's
+    # processes), or the host's network (host networking).
+    isolate_process: bool = True
+    isolate_network: bool = True
+    # More arguments for the instance's daemon (a pod's: its CRI socket).
+    daemon_arguments: tuple[str, ...] = ()
+
+    @property
+    def cell(self) -> CellName:
+        leaf = CELL_PREFIX + self.name
+        return CellName(f"{self.parent.path}/{leaf}" if self.parent is not None else leaf)
 
 
 @dataclass(eq=False)
@@ -217,16 +236,25 @@ class Instances:
         cells a previous daemon left running, and an instance is not adopted with its cell:
         the instance daemon's parent, the template, died with that daemon) and our
         directories. Call it after Workloads.start."""
-        for view in self._workloads.tree():
-            if view.name.leaf.startswith(CELL_PREFIX) and view.name.parent is None:
+        views = list(self._workloads.tree())
+        while views:
+            view = views.pop()
+            if view.name.leaf.startswith(CELL_PREFIX):
                 log.warning("freeing the cell of an instance left by a previous run",
                             extra={"cell": view.name.path})
                 self._workloads.free(view.name, grace=0.0)
+            elif view.name.labels[0] == POD_PARENTS:
+                # Pods' instances sit below their cgroup parents (auraed.cri.sandboxes).
+                views.extend(view.children)
         for top in (self._directory, self._library):
             if top.exists():
                 log.warning("removing instance directories left by a previous run",
                             extra={"directory": str(top)})
                 shutil.rmtree(top, ignore_errors=True)
+
+    def directory_of(self, name: str) -> Path:
+        """Where instance `name`'s directory (credentials, sockets, log) is or will be."""
+        return self._directory / name
 
     @property
     def trust(self) -> Trust:
@@ -252,7 +280,7 @@ class Instances:
         except ValueError as error:
             raise FailedPrecondition(f"cannot name the instance: {error}") from None
         instance = Instance(spec, spiffe_id, self._directory / spec.name,
-                            self._library / spec.name, CellName(CELL_PREFIX + spec.name))
+                            self._library / spec.name, spec.cell)
         if len(instance.socket.encode()) > MAX_SOCKET_PATH:
             raise FailedPrecondition(
                 f"the instance's socket path {instance.socket} is over {MAX_SOCKET_PATH} bytes; "
@@ -266,8 +294,9 @@ class Instances:
             self._instances[spec.name] = instance  # reserved while it starts
         try:
             self._prepare_directories(instance, trust)
-            self._workloads.allocate(instance.cell, CellSpec(spec.limits, isolate_process=True,
-                                                             isolate_network=True))
+            self._workloads.allocate(instance.cell, CellSpec(
+                spec.limits, isolate_process=spec.isolate_process,
+                isolate_network=spec.isolate_network, hostname=spec.hostname))
             try:
                 instance.process = self._start_daemon(instance)
             except BaseException:
@@ -405,10 +434,10 @@ class Instances:
 
     def _start_daemon(self, instance: Instance) -> InstanceProcess:
         namespaces = self._workloads.namespaces_of(instance.cell)
-        assert namespaces is not None  # the cell isolates everything
         try:
             pid = self._template.fork(
-                self._arguments(instance), namespaces=namespaces.paths(),
+                self._arguments(instance),
+                namespaces=namespaces.paths() if namespaces is not None else {},
                 cgroup_join=self._workloads.backend.join_files(instance.cell.path),
                 log_path=str(instance.log_path))
         except TemplateError as error:
@@ -431,6 +460,7 @@ class Instances:
             "--grace-period", str(self._grace),
             "--operator", str(self.spiffe_id),
             "--long-lived-operators", str(self._forwarded_calls),
+            *instance.spec.daemon_arguments,
         ]
         if log.isEnabledFor(logging.DEBUG):
             arguments.append("--verbose")

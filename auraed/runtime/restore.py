@@ -37,6 +37,7 @@ class CellRecord:
     limits: CgroupLimits
     isolate_process: bool
     isolate_network: bool
+    isolate_pid: bool = False  # absent from the records of older daemons
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ def cell_key(name: CellName) -> str:
 def cell_record(record: CellRecord) -> dict[str, object]:
     return {"name": record.name.path, "limits": asdict(record.limits),
             "isolate_process": record.isolate_process,
-            "isolate_network": record.isolate_network}
+            "isolate_network": record.isolate_network, "isolate_pid": record.isolate_pid}
 
 
 def holder_label(cell: CellName) -> dict[str, object]:
@@ -133,6 +134,7 @@ def read_cell_record(value: dict[str, object]) -> CellRecord:
             limits=CgroupLimits(**limits),
             isolate_process=bool(value["isolate_process"]),
             isolate_network=bool(value["isolate_network"]),
+            isolate_pid=bool(value.get("isolate_pid", False)),
         )
     except (KeyError, TypeError, AssertionError, ValueError) as error:
         raise BadRecord(f"cell record {value!r}: {error!r}") from None

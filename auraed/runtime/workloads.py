@@ -115,6 +115,9 @@ class CellSpec:
     limits: CgroupLimits
     isolate_process: bool = False
     isolate_network: bool = False
+    # A pid namespace of its own only (the rest shared with the parent): what a CRI container
+    # whose pod does not share its processes gets.
+    isolate_pid: bool = False
     # The hostname in the cell's own uts namespace; None names it after the cell.
     hostname: str | None = None
     # Who owns the cell and why, as (key, value) pairs sorted by key.
@@ -128,6 +131,8 @@ class CellSpec:
             kinds |= PROCESS_NAMESPACES
         if self.isolate_network:
             kinds |= NETWORK_NAMESPACES
+        if self.isolate_pid:
+            kinds |= {"pid"}
         return kinds
 
 
@@ -299,7 +304,8 @@ class Workloads:
                     cleaned.append(f"record of cell {record.name} (its parent has none)")
                     self._spawner.forget(restore.cell_key(record.name))
                     continue
-                spec = CellSpec(record.limits, record.isolate_process, record.isolate_network)
+                spec = CellSpec(record.limits, record.isolate_process, record.isolate_network,
+                            isolate_pid=record.isolate_pid)
                 cell = Cell(record.name, spec, namespaces=parent.namespaces if parent else None)
                 try:
                     cell.oom_kills_seen = self.backend.oom_kills(record.name.path) or 0
@@ -574,7 +580,8 @@ class Workloads:
                 parent.children[name.leaf] = cell
             self.events.cell_allocated(name)
             self._spawner.keep(restore.cell_key(name), restore.cell_record(restore.CellRecord(
-                name, spec.limits, spec.isolate_process, spec.isolate_network)))
+                name, spec.limits, spec.isolate_process, spec.isolate_network,
+                isolate_pid=spec.isolate_pid)))
         log.info("cell allocated", extra={"cell": name.path,
                                           "namespaces": ",".join(sorted(spec.unshared))})
         return cell
@@ -590,7 +597,7 @@ class Workloads:
             self._check_open()
             cell = self._cell_for_change(name)
             current = cell.spec
-            for kind in ("isolate_process", "isolate_network"):
+            for kind in ("isolate_process", "isolate_network", "isolate_pid"):
                 if getattr(spec, kind) != getattr(current, kind):
                     raise FailedPrecondition(
                         f"cell {name}: {kind} cannot change in place; free the cell and "

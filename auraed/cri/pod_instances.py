@@ -1,0 +1,598 @@
+"""The CRI's pod sandboxes as spawned instances (issue 14: "a pod is a spawned instance whose
+cells run containers").
+
+RunPodSandbox spawns an instance `pod-<12 hex>` (auraed.runtime.instances): a cell of this
+daemon with the pod's own pid, ipc, uts, mount and network namespaces (the node's where kubelet
+asks for them), the pod's resources as its limits, named with the pod's hostname, placed at
+kubelet's cgroup_parent mapped into this daemon's subtree (`/kubepods/burstable/pod<uid>` →
+cells `kubepods/burstable/pod<uid>`, and the instance's cell below; nothing is made outside
+the subtree). The instance's daemon serves the CRI itself, with pods as its own cells
+(`--cri-pods cells`, auraed.cri.pods), on a socket in the instance's directory, and reads this
+daemon's image store (`--image-store`). The host then asks it, over that socket, for one
+sandbox sharing the instance's namespaces (with a pid namespace of its own, so the pod's
+processes never see the instance's daemon) and relays every container call to it: the
+containers are cells of the instance, `<root>/…/instance-pod-<hex>/auraed/p<id>/c<id>`. The
+sandbox's id is the one the instance gave, so ids need no translation.
+
+StopPodSandbox stops the containers, keeps their last status, and frees the instance: nothing
+of the pod runs after it. RemovePodSandbox forgets the records and frees the cgroup parents no
+other pod uses.
+
+Each pod's record (its config, its containers' configs and last statuses) is kept on disk
+(auraed.cri.records) at every change. A daemon that starts again (after a --live-restore
+restart or a crash) lists the pods it finds there: not ready, their containers exited
+(exit code 255, reason "Unknown" for those that were still running) — the instances did not
+survive the daemon, and kubelet stops, removes and recreates such pods.
+
+This module is a CRI client of the instances; the service (auraed.cri.relay) only translates.
+Locking: `_lock` guards the registries and the records' fields and is never held across a call
+to an instance; `_parents` serializes the allocation and freeing of cgroup-parent cells.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf.message import Message
+
+from auraed.cri.generated import api_pb2 as cri
+from auraed.cri.generated import api_pb2_grpc as cri_grpc
+from auraed.cri.records import PodRecords
+from auraed.errors import (
+    AlreadyExists,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    RuntimeFault,
+    Unavailable,
+    Unimplemented,
+)
+from auraed.images import Image, ImageStore
+from auraed.kernel.cgroups import CgroupLimits
+from auraed.runtime.instances import POD_PARENTS, Instance, Instances, InstanceSpec
+from auraed.runtime.names import CellName
+from auraed.runtime.workloads import CellSpec, Workloads
+
+log = logging.getLogger("auraed.cri")
+
+INSTANCE_PREFIX = "pod-"
+CRI_SOCKET = "cri.sock"
+# How long a new pod instance gets to answer on its CRI socket. Generous: the machine may be
+# loaded; the caller's deadline is the real bound.
+READY_TIMEOUT = 60.0
+_SOCKET_POLL = 0.003
+_ATTEMPT = 0.5
+# Calls to an instance that wait for nothing but the instance itself.
+CALL_TIMEOUT = 60.0
+# containerd's answer for a container whose process it lost track of.
+UNKNOWN_EXIT_CODE = 255
+_FAULTS: dict[grpc.StatusCode, type[RuntimeFault]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.UNIMPLEMENTED: Unimplemented,
+}
+Reply = TypeVar("Reply", bound=Message)
+
+
+@dataclass(eq=False)
+class PodContainer:
+    id: str
+    sandbox_id: str
+    config: cri.ContainerConfig
+    created_at: int  # ns
+    image: Image | None  # held in this daemon's store while the container exists
+    # The last status the instance gave; what ContainerStatus answers once it is gone.
+    status: cri.ContainerStatus | None = None
+
+
+@dataclass(eq=False)
+class Pod:
+    id: str
+    instance_name: str
+    parent: CellName
+    config: cri.PodSandboxConfig
+    created_at: int  # ns
+    runtime_handler: str = ""
+    ready: bool = True
+    instance: Instance | None = None
+    channel: grpc.Channel | None = None
+    stub: cri_grpc.RuntimeServiceStub | None = None
+    containers: dict[str, PodContainer] = field(default_factory=dict)
+
+    @property
+    def live(self) -> bool:
+        return self.stub is not None
+
+    @property
+    def labels(self) -> Mapping[str, str]:
+        return self.config.labels
+
+
+def _encode(message: Message) -> str:
+    return base64.b64encode(message.SerializeToString()).decode()
+
+
+def _decode(kind: type[Reply], text: str) -> Reply:
+    message = kind()
+    message.ParseFromString(base64.b64decode(text))
+    return message
+
+
+def parent_cell(cgroup_parent: str) -> CellName:
+    """kubelet's cgroup parent as a cell path under POD_PARENTS."""
+    labels = [part for part in cgroup_parent.split("/") if part]
+    if not labels or labels[0] != POD_PARENTS:
+        labels.insert(0, POD_PARENTS)
+    try:
+        return CellName.parse("/".join(labels))
+    except InvalidArgument as error:
+        raise InvalidArgument(f"cgroup_parent {cgroup_parent!r} cannot be a cgroup under this "
+                              f"daemon's subtree (use the cgroupfs driver): {error.message}",
+                              field="config.linux.cgroup_parent") from None
+
+
+def _match(labels: Mapping[str, str], selector: Mapping[str, str]) -> bool:
+    return all(labels.get(key) == value for key, value in selector.items())
+
+
+def _call(method: Callable[..., Reply], request: Message, timeout: float | None = None) -> Reply:
+    """One call to an instance's CRI; its failure as the fault the instance meant."""
+    try:
+        return method(request, timeout=timeout or CALL_TIMEOUT)
+    except grpc.RpcError as error:
+        code = error.code()
+        details = error.details() or ""
+        fault = _FAULTS.get(code, Unavailable)
+        raise fault(details if fault is not Unavailable
+                    else f"the pod's instance did not answer: {details}") from None
+
+
+def limits_of(resources: cri.LinuxContainerResources) -> CgroupLimits:
+    from auraed.cri.service import limits_of as container_limits
+
+    return container_limits(resources)
+
+
+class PodInstances:
+    def __init__(self, instances: Instances, workloads: Workloads, store: ImageStore,
+                 records: PodRecords) -> None:
+        self.instances = instances
+        self.workloads = workloads
+        self.store = store
+        self.records = records
+        self._lock = threading.RLock()
+        self._parents = threading.Lock()
+        self._pods: dict[str, Pod] = {}
+        self._by_container: dict[str, PodContainer] = {}
+
+    # ------------------------------------------------------------------ start and stop
+
+    def open(self) -> None:
+        """Load the pods a previous daemon left: none of their instances survived it."""
+        self.records.open()
+        now = time.time_ns()
+        for record in self.records.load():
+            try:
+                pod = self._restored(record, now)
+            except (KeyError, TypeError, ValueError) as error:
+                log.error("removing a pod record that does not parse",
+                          extra={"sandbox": record.get("id"), "error": repr(error)})
+                self.records.delete(str(record.get("id")))
+                continue
+            self._pods[pod.id] = pod
+            for container in pod.containers.values():
+                self._by_container[container.id] = container
+            self._save(pod)
+            log.info("pod sandbox restored (not ready: its instance ended with the daemon)",
+                     extra={"sandbox": pod.id})
+        # The cgroup parents of pods whose instances are gone hold nothing now.
+        try:
+            self.workloads.free(CellName(POD_PARENTS), grace=0)
+        except NotFound:
+            pass
+
+    def _restored(self, record: dict[str, Any], now: int) -> Pod:
+        pod = Pod(id=str(record["id"]), instance_name=str(record["instance"]),
+                  parent=CellName.parse(str(record["parent"])),
+                  config=_decode(cri.PodSandboxConfig, record["config"]),
+                  created_at=int(record["created_at"]),
+                  runtime_handler=str(record.get("runtime_handler", "")), ready=False)
+        for container_id, entry in record["containers"].items():
+            config = _decode(cri.ContainerConfig, entry["config"])
+            status = (_decode(cri.ContainerStatus, entry["status"]) if entry.get("status")
+                      else None)
+            image = self.store.find(str(entry.get("image", "")))
+            if image is not None:
+                self.store.acquire(image)
+            container = PodContainer(str(container_id), pod.id, config,
+                                     int(entry["created_at"]), image, status)
+            container.status = _lost(container, now)
+            pod.containers[container.id] = container
+        return pod
+
+    def detach(self) -> None:
+        """The daemon stops but keeps the CRI's state (--live-restore): the containers' last
+        statuses are recorded before the instances end with the daemon."""
+        for pod in self.sandboxes():
+            if pod.live:
+                self._snapshot(pod)
+            self._save(pod)
+
+    def shutdown(self) -> None:
+        """Remove every pod (the daemon is stopping for good)."""
+        for pod in self.sandboxes():
+            try:
+                self.remove(pod.id)
+            except Exception:
+                log.exception("removing a pod sandbox at shutdown failed",
+                              extra={"sandbox": pod.id})
+
+    # ------------------------------------------------------------------ sandboxes
+
+    def run(self, config: cri.PodSandboxConfig, runtime_handler: str) -> Pod:
+        metadata = config.metadata
+        if not metadata.name or not metadata.namespace or not metadata.uid:
+            raise InvalidArgument("a pod sandbox needs metadata name, namespace and uid",
+                                  field="config.metadata")
+        if runtime_handler:
+            raise InvalidArgument(f"unknown runtime handler {runtime_handler!r}; this "
+                                  "runtime has only the default one", field="runtime_handler")
+        options = config.linux.security_context.namespace_options
+        if cri.TARGET in (options.network, options.pid, options.ipc):
+            raise InvalidArgument("namespace mode TARGET is for containers, not sandboxes",
+                                  field="config.linux.security_context.namespace_options")
+        parent = parent_cell(config.linux.cgroup_parent)
+        with self._lock:
+            for pod in self._pods.values():
+                if pod.config.metadata == metadata:
+                    raise AlreadyExists(f"sandbox {metadata.namespace}/{metadata.name} attempt "
+                                        f"{metadata.attempt} exists: {pod.id}",
+                                        field="config.metadata")
+        name = INSTANCE_PREFIX + secrets.token_hex(6)
+        socket = self.instances.directory_of(name) / CRI_SOCKET
+        spec = InstanceSpec(
+            name, limits_of(config.linux.resources), parent=parent,
+            hostname=config.hostname or None,
+            isolate_process=cri.NODE not in (options.pid, options.ipc),
+            isolate_network=options.network != cri.NODE,
+            daemon_arguments=("--cri-socket", str(socket), "--cri-pods", "cells",
+                              "--image-store", str(self.store.root)))
+        self._hold_parent(parent)
+        try:
+            instance = self.instances.spawn(spec)
+        except BaseException:
+            self._release_parent(parent)
+            raise
+        channel = grpc.insecure_channel(f"unix:{socket}", options=[
+            ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+            ("grpc.max_send_message_length", 16 * 1024 * 1024),
+            ("grpc.initial_reconnect_backoff_ms", 10),
+            ("grpc.min_reconnect_backoff_ms", 10),
+            ("grpc.max_reconnect_backoff_ms", 200)])
+        stub = cri_grpc.RuntimeServiceStub(channel)
+        try:
+            self._await_answer(instance, socket, stub)
+            inner = _call(stub.RunPodSandbox, cri.RunPodSandboxRequest(
+                config=_inner_sandbox_config(config)))
+        except BaseException:
+            channel.close()
+            self._free_instance(name)
+            self._release_parent(parent)
+            raise
+        self.instances.mark_answering(instance)
+        pod = Pod(inner.pod_sandbox_id, name, parent, config, time.time_ns(),
+                  runtime_handler=runtime_handler, instance=instance, channel=channel, stub=stub)
+        with self._lock:
+            self._pods[pod.id] = pod
+        self._save(pod)
+        log.info("pod sandbox running", extra={"sandbox": pod.id, "instance": name,
+                                               "cell": instance.cell.path,
+                                               "pod": f"{metadata.namespace}/{metadata.name}"})
+        return pod
+
+    def _await_answer(self, instance: Instance, socket: Path,
+                      stub: cri_grpc.RuntimeServiceStub) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not socket.exists() and time.monotonic() < deadline and _running(instance):
+            time.sleep(_SOCKET_POLL)
+        last = ""
+        while time.monotonic() < deadline:
+            if not _running(instance):
+                raise FailedPrecondition(f"the daemon of pod instance {instance.name} exited "
+                                         f"before it answered: {_tail(instance.log_path)}")
+            try:
+                stub.Version(cri.VersionRequest(), timeout=_ATTEMPT, wait_for_ready=True)
+                return
+            except grpc.RpcError as error:
+                last = error.details() or ""
+        raise Unavailable(f"pod instance {instance.name} did not answer in time: {last}")
+
+    def sandbox(self, sandbox_id: str) -> Pod:
+        with self._lock:
+            found = self._pods.get(sandbox_id)
+            if found is None:
+                matches = [p for i, p in self._pods.items() if sandbox_id and i.startswith(
+                    sandbox_id)]
+                found = matches[0] if len(matches) == 1 else None
+        if found is None:
+            raise NotFound(f"no pod sandbox {sandbox_id!r}", field="pod_sandbox_id")
+        return found
+
+    def sandboxes(self, *, sandbox_id: str = "", ready: bool | None = None,
+                  labels: Mapping[str, str] | None = None) -> list[Pod]:
+        with self._lock:
+            found = list(self._pods.values())
+        return sorted((p for p in found if p.id.startswith(sandbox_id)
+                       and (ready is None or p.ready == ready)
+                       and _match(p.labels, labels or {})), key=lambda p: p.created_at)
+
+    def stop(self, sandbox_id: str) -> None:
+        """Stop the pod's containers, keep their statuses, free its instance (idempotent)."""
+        try:
+            pod = self.sandbox(sandbox_id)
+        except NotFound:
+            return
+        if pod.live:
+            assert pod.stub is not None
+            try:
+                _call(pod.stub.StopPodSandbox, cri.StopPodSandboxRequest(pod_sandbox_id=pod.id))
+            except RuntimeFault as fault:
+                log.warning("the pod's instance did not stop its containers; freeing it",
+                            extra={"sandbox": pod.id, "error": fault.message})
+            self._snapshot(pod)
+            self._end_instance(pod)
+        with self._lock:
+            pod.ready = False
+            for container in pod.containers.values():
+                container.status = _lost(container, time.time_ns())
+        self._save(pod)
+        log.info("pod sandbox stopped", extra={"sandbox": pod.id})
+
+    def remove(self, sandbox_id: str) -> None:
+        try:
+            pod = self.sandbox(sandbox_id)
+        except NotFound:
+            return
+        self.stop(pod.id)
+        with self._lock:
+            if self._pods.pop(pod.id, None) is None:
+                return  # a concurrent remove did it
+            members = list(pod.containers.values())
+            for container in members:
+                self._by_container.pop(container.id, None)
+        for container in members:
+            if container.image is not None:
+                self.store.release(container.image)
+        self.records.delete(pod.id)
+        self._release_parent(pod.parent)
+        log.info("pod sandbox removed", extra={"sandbox": pod.id})
+
+    def statuses(self, pod: Pod) -> list[cri.ContainerStatus]:
+        """Every container's status: from the instance, or as last recorded."""
+        if pod.live:
+            assert pod.stub is not None
+            try:
+                return list(_call(pod.stub.PodSandboxStatus, cri.PodSandboxStatusRequest(
+                    pod_sandbox_id=pod.id)).containers_statuses)
+            except (NotFound, Unavailable):
+                pass  # the instance ended meanwhile
+        with self._lock:
+            return [c.status for c in pod.containers.values() if c.status is not None]
+
+    # ------------------------------------------------------------------ containers
+
+    def create_container(self, request: cri.CreateContainerRequest) -> PodContainer:
+        pod = self.sandbox(request.pod_sandbox_id)
+        if not pod.ready or pod.stub is None:
+            raise FailedPrecondition(f"pod sandbox {pod.id} is not ready",
+                                     field="pod_sandbox_id")
+        image = self.store.find(request.config.image.image)
+        if image is None:
+            raise NotFound(f"no image {request.config.image.image!r} in the store",
+                           field="config.image.image")
+        self.store.acquire(image)
+        try:
+            relayed = cri.CreateContainerRequest()
+            relayed.CopyFrom(request)
+            relayed.pod_sandbox_id = pod.id
+            relayed.sandbox_config.CopyFrom(_inner_sandbox_config(pod.config))
+            created = _call(pod.stub.CreateContainer, relayed)
+        except BaseException:
+            self.store.release(image)
+            raise
+        container = PodContainer(created.container_id, pod.id, request.config, time.time_ns(),
+                                 image)
+        with self._lock:
+            pod.containers[container.id] = container
+            self._by_container[container.id] = container
+        self._save(pod)
+        return container
+
+    def container(self, container_id: str) -> tuple[Pod, PodContainer]:
+        with self._lock:
+            found = self._by_container.get(container_id)
+            if found is None:
+                matches = [c for i, c in self._by_container.items()
+                           if container_id and i.startswith(container_id)]
+                found = matches[0] if len(matches) == 1 else None
+            pod = self._pods.get(found.sandbox_id) if found is not None else None
+        if found is None or pod is None:
+            raise NotFound(f"no container {container_id!r}", field="container_id")
+        return pod, found
+
+    def live_container(self, container_id: str) -> tuple[cri_grpc.RuntimeServiceStub, str]:
+        """The stub of the instance running the container, and its full id."""
+        pod, container = self.container(container_id)
+        stub = pod.stub
+        if stub is None:
+            raise FailedPrecondition(f"container {container.id} is not running: its pod "
+                                     "sandbox is stopped", field="container_id")
+        return stub, container.id
+
+    def container_status(self, container_id: str,
+                         verbose: bool = False) -> cri.ContainerStatusResponse:
+        pod, container = self.container(container_id)
+        if pod.stub is not None:
+            return _call(pod.stub.ContainerStatus, cri.ContainerStatusRequest(
+                container_id=container.id, verbose=verbose))
+        assert container.status is not None
+        return cri.ContainerStatusResponse(status=container.status)
+
+    def remove_container(self, container_id: str) -> None:
+        try:
+            pod, container = self.container(container_id)
+        except NotFound:
+            return
+        if pod.stub is not None:
+            _call(pod.stub.RemoveContainer, cri.RemoveContainerRequest(
+                container_id=container.id))
+        with self._lock:
+            if pod.containers.pop(container.id, None) is None:
+                return
+            self._by_container.pop(container.id, None)
+        if container.image is not None:
+            self.store.release(container.image)
+        self._save(pod)
+
+    def containers(self, pod: Pod) -> list[cri.Container]:
+        """The pod's containers as ListContainers shows them."""
+        if pod.stub is not None:
+            try:
+                return list(_call(pod.stub.ListContainers, cri.ListContainersRequest(
+                    filter=cri.ContainerFilter(pod_sandbox_id=pod.id))).containers)
+            except (NotFound, Unavailable):
+                pass
+        with self._lock:
+            statuses = [c.status for c in pod.containers.values() if c.status is not None]
+        return [cri.Container(id=s.id, pod_sandbox_id=pod.id, metadata=s.metadata,
+                              image=s.image, image_ref=s.image_ref, image_id=s.image_id,
+                              state=s.state, created_at=s.created_at, labels=s.labels,
+                              annotations=s.annotations) for s in statuses]
+
+    # ------------------------------------------------------------------ internals
+
+    def _snapshot(self, pod: Pod) -> None:
+        statuses = {s.id: s for s in self.statuses(pod)}
+        with self._lock:
+            for container in pod.containers.values():
+                if container.id in statuses:
+                    container.status = statuses[container.id]
+
+    def _end_instance(self, pod: Pod) -> None:
+        with self._lock:
+            channel, pod.channel, pod.stub, pod.instance = pod.channel, None, None, None
+        if channel is not None:
+            channel.close()
+        self._free_instance(pod.instance_name)
+
+    def _free_instance(self, name: str) -> None:
+        try:
+            self.instances.free(name)
+        except NotFound:
+            pass  # ended on its own (or freed through the instance service)
+        except FailedPrecondition:
+            pass  # being freed by the daemon's shutdown
+
+    def _hold_parent(self, parent: CellName) -> None:
+        with self._parents:
+            for name in (*parent.ancestors(), parent):
+                try:
+                    self.workloads.allocate(name, CellSpec(CgroupLimits()))
+                except AlreadyExists:
+                    pass
+
+    def _release_parent(self, parent: CellName) -> None:
+        """Free the parent cells no pod uses any more, deepest first."""
+        with self._parents:
+            with self._lock:
+                used = [p.parent for p in self._pods.values()]
+            for name in reversed((*parent.ancestors(), parent)):
+                if any(other.is_within(name) for other in used):
+                    return
+                try:
+                    self.workloads.free(name, grace=0)
+                except NotFound:
+                    pass
+                except FailedPrecondition:
+                    return  # something else lives there (an instance still starting)
+
+    def _save(self, pod: Pod) -> None:
+        with self._lock:
+            record = {
+                "id": pod.id, "instance": pod.instance_name, "parent": pod.parent.path,
+                "config": _encode(pod.config), "created_at": pod.created_at,
+                "runtime_handler": pod.runtime_handler, "ready": pod.ready,
+                "containers": {c.id: {"config": _encode(c.config), "created_at": c.created_at,
+                                      "image": c.image.id if c.image else "",
+                                      "status": _encode(c.status) if c.status else None}
+                               for c in pod.containers.values()},
+            }
+        self.records.save(pod.id, record)
+
+
+def _inner_sandbox_config(config: cri.PodSandboxConfig) -> cri.PodSandboxConfig:
+    """What the pod's instance is asked for: one sandbox in the instance's own network and
+    ipc namespaces (the pod's), with a pid namespace of its own unless the pod shares the
+    node's; the limits and cgroup parent are the instance's already."""
+    inner = cri.PodSandboxConfig()
+    inner.CopyFrom(config)
+    inner.linux.ClearField("resources")
+    inner.linux.ClearField("cgroup_parent")
+    options = inner.linux.security_context.namespace_options
+    pid = cri.NODE if options.pid == cri.NODE else cri.POD
+    options.CopyFrom(cri.NamespaceOption(network=cri.NODE, ipc=cri.NODE, pid=pid))
+    return inner
+
+
+def _lost(container: PodContainer, now: int) -> cri.ContainerStatus:
+    """The container's status once its instance is gone: as last seen if it had exited,
+    else exited with an unknown code."""
+    status = cri.ContainerStatus()
+    if container.status is not None:
+        status.CopyFrom(container.status)
+        if status.state == cri.CONTAINER_EXITED:
+            return status
+    else:
+        config = container.config
+        status.CopyFrom(cri.ContainerStatus(
+            id=container.id, metadata=config.metadata, image=config.image,
+            image_ref=container.image.id if container.image else "",
+            image_id=container.image.id if container.image else "",
+            created_at=container.created_at, labels=config.labels,
+            annotations=config.annotations))
+    status.state = cri.CONTAINER_EXITED
+    status.exit_code = UNKNOWN_EXIT_CODE
+    status.reason = "Unknown"
+    status.message = "the pod's instance ended before the container exited"
+    if not status.finished_at:
+        status.finished_at = now
+    return status
+
+
+def _running(instance: Instance) -> bool:
+    return instance.process is not None and instance.process.running
+
+
+def _tail(path: Path, lines: int = 5) -> str:
+    try:
+        return " | ".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+__all__ = ["Pod", "PodContainer", "PodInstances", "parent_cell"]
