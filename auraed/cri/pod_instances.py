@@ -32,6 +32,7 @@ to an instance; `_parents` serializes the allocation and freeing of cgroup-paren
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import secrets
 import threading
@@ -59,8 +60,8 @@ from auraed.errors import (
     Unimplemented,
 )
 from auraed.images import Image, ImageStore
-from auraed.kernel.cgroups import CgroupLimits
-from auraed.runtime.instances import POD_PARENTS, Instance, Instances, InstanceSpec
+from auraed.kernel.cgroups import CgroupError, CgroupLimits
+from auraed.runtime.instances import CGROUP_LEAF, POD_PARENTS, Instance, Instances, InstanceSpec
 from auraed.runtime.names import CellName
 from auraed.runtime.workloads import CellSpec, Workloads
 
@@ -411,6 +412,14 @@ class PodInstances:
             relayed.CopyFrom(request)
             relayed.pod_sandbox_id = pod.id
             relayed.sandbox_config.CopyFrom(_inner_sandbox_config(pod.config))
+            options = relayed.config.linux.security_context.namespace_options
+            pod_pid = pod.config.linux.security_context.namespace_options.pid
+            if options.pid == cri.POD and pod_pid == cri.CONTAINER:
+                # The pod has no shared pid namespace: the one the container would join is the
+                # instance's, where the pod's daemon runs. It gets one of its own instead.
+                options.pid = cri.CONTAINER
+            elif options.pid != cri.TARGET and pod_pid == cri.NODE:
+                options.pid = cri.NODE
             created = _call(pod.stub.CreateContainer, relayed)
         except BaseException:
             self.store.release(image)
@@ -447,9 +456,14 @@ class PodInstances:
     def container_status(self, container_id: str,
                          verbose: bool = False) -> cri.ContainerStatusResponse:
         pod, container = self.container(container_id)
-        if pod.stub is not None:
-            return _call(pod.stub.ContainerStatus, cri.ContainerStatusRequest(
+        instance, stub = pod.instance, pod.stub
+        if stub is not None and instance is not None:
+            answer = _call(stub.ContainerStatus, cri.ContainerStatusRequest(
                 container_id=container.id, verbose=verbose))
+            if verbose:
+                answer.info["info"] = json.dumps(self._verbose_info(
+                    instance, container, answer.info.get("info", "")))
+            return answer
         assert container.status is not None
         return cri.ContainerStatusResponse(status=container.status)
 
@@ -485,6 +499,36 @@ class PodInstances:
                               annotations=s.annotations) for s in statuses]
 
     # ------------------------------------------------------------------ internals
+
+    def container_cell(self, instance: Instance, container: PodContainer) -> str:
+        """The container's cell as a path below this daemon's cgroup root."""
+        return (f"{instance.cell.path}/{CGROUP_LEAF}/p{container.sandbox_id[:24]}"
+                f"/c{container.id[:24]}")
+
+    def _verbose_info(self, instance: Instance, container: PodContainer,
+                      inner: str) -> dict[str, Any]:
+        """The instance's verbose info with the container's pid as the host sees it (the
+        instance's daemon knows only its own pid namespace's) and its cgroup."""
+        try:
+            info: dict[str, Any] = json.loads(inner) if inner else {}
+        except ValueError:
+            info = {}
+        cell = self.container_cell(instance, container)
+        info["cgroup"] = f"{self.workloads.backend.root_name}/{cell}"
+        info["instance"] = instance.name
+        inner_pid = info.pop("pid", None)
+        info["pid"] = 0
+        try:
+            pids = self.workloads.backend.pids(cell)
+        except CgroupError:
+            pids = set()
+        for pid in sorted(pids):
+            # NSpid: the pid in each namespace from the host's down; the instance's is second
+            # (the first for a pod in the node's pid namespace).
+            chain = _ns_pids(pid)
+            if chain and inner_pid == chain[min(1, len(chain) - 1)]:
+                info["pid"] = pid
+        return info
 
     def _snapshot(self, pod: Pod) -> None:
         statuses = {s.id: s for s in self.statuses(pod)}
@@ -547,14 +591,15 @@ class PodInstances:
 
 def _inner_sandbox_config(config: cri.PodSandboxConfig) -> cri.PodSandboxConfig:
     """What the pod's instance is asked for: one sandbox in the instance's own network and
-    ipc namespaces (the pod's), with a pid namespace of its own unless the pod shares the
-    node's; the limits and cgroup parent are the instance's already."""
+    ipc namespaces (the pod's); the limits and cgroup parent are the instance's already."""
     inner = cri.PodSandboxConfig()
     inner.CopyFrom(config)
     inner.linux.ClearField("resources")
     inner.linux.ClearField("cgroup_parent")
     options = inner.linux.security_context.namespace_options
-    pid = cri.NODE if options.pid == cri.NODE else cri.POD
+    # A pod sharing its processes (POD) gets a pid namespace inside the instance's; otherwise
+    # its containers make theirs from the instance's, side by side as kubelet expects.
+    pid = cri.POD if options.pid == cri.POD else cri.NODE
     options.CopyFrom(cri.NamespaceOption(network=cri.NODE, ipc=cri.NODE, pid=pid))
     return inner
 
@@ -582,6 +627,17 @@ def _lost(container: PodContainer, now: int) -> cri.ContainerStatus:
     if not status.finished_at:
         status.finished_at = now
     return status
+
+
+def _ns_pids(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("NSpid:"):
+                    return [int(part) for part in line.split()[1:]]
+    except (OSError, ValueError):
+        pass
+    return []
 
 
 def _running(instance: Instance) -> bool:

@@ -4,6 +4,7 @@ critest's core flow, OOMKilled, idempotent stop/remove, UNIMPLEMENTED for the re
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import re
 import shutil
@@ -59,6 +60,16 @@ def _sandbox_config(name: str, log_directory: Path) -> cri.PodSandboxConfig:
         labels={"app": name, "tier": "test"}, annotations={"note": "kept as given ✓"},
         linux=cri.LinuxPodSandboxConfig(cgroup_parent="/kubepods/besteffort/pod1"),
     )
+
+
+def _verbose(call: Any, request: Any) -> dict[str, Any]:
+    info: dict[str, Any] = json.loads(call(request, timeout=30).info["info"])
+    return info
+
+
+def _container_cgroup(runtime: cri_grpc.RuntimeServiceStub, container_id: str) -> str:
+    return str(_verbose(runtime.ContainerStatus, cri.ContainerStatusRequest(
+        container_id=container_id, verbose=True))["cgroup"])
 
 
 def _wait_for(condition: Any, timeout: float = 30.0) -> None:
@@ -177,7 +188,10 @@ def test_core_flow(crid: Cri, tmp_path: Path) -> None:
         container_id=container_id, linux=cri.LinuxContainerResources(
             memory_limit_in_bytes=96 * 1024 * 1024, cpu_quota=50000, cpu_period=100000)),
         timeout=10)
-    cell = f"p{sandbox_id[:24]}/c{container_id[:24]}"
+    cell = _container_cgroup(runtime, container_id).removeprefix(
+        crid.daemon.cgroup_root + "/")
+    assert cell.startswith("kubepods/besteffort/pod1/instance-pod-")
+    assert cell.endswith(f"/auraed/p{sandbox_id[:24]}/c{container_id[:24]}")
     tops = {d.parent.name: d for d in cgroup_dirs(crid.daemon.cgroup_root)}
     if "memory" in tops:  # cgroup v1
         assert (tops["memory"] / cell / "memory.limit_in_bytes").read_text().strip() == str(
@@ -228,8 +242,9 @@ def test_core_flow(crid: Cri, tmp_path: Path) -> None:
                                  timeout=30)
     assert runtime.ListPodSandbox(cri.ListPodSandboxRequest(), timeout=10).items == []
     top = cgroup_dirs(crid.daemon.cgroup_root)
-    assert all(not list(d.glob(f"p{sandbox_id[:24]}")) for d in top)
+    assert all(not (d / "kubepods").exists() for d in top)
     assert list((crid.daemon.runtime_dir / "containers").iterdir()) == []
+    assert not list((crid.daemon.runtime_dir / "instances").glob("pod-*"))
 
 
 def test_memory_limit_shows_oom_killed(crid: Cri, tmp_path: Path) -> None:
@@ -363,11 +378,14 @@ def test_daemon_stop_with_a_running_pod_leaves_nothing(busybox_image: tuple[Path
                     timeout=30).container_id
                 runtime.StartContainer(cri.StartContainerRequest(container_id=container_id),
                                        timeout=30)
-                pid = int(re.search(r'"pid": (\d+)', runtime.ContainerStatus(
-                    cri.ContainerStatusRequest(container_id=container_id, verbose=True),
-                    timeout=10).info["info"]).group(1))  # type: ignore[union-attr]
+                pid = _verbose(runtime.ContainerStatus, cri.ContainerStatusRequest(
+                    container_id=container_id, verbose=True))["pid"]
+                instance_pid = _verbose(runtime.PodSandboxStatus, cri.PodSandboxStatusRequest(
+                    pod_sandbox_id=sandbox_id, verbose=True))["pid"]
+                assert pid > 0 and instance_pid > 0
             assert daemon.stop() == 0
             assert not Path(f"/proc/{pid}").exists()
+            assert not Path(f"/proc/{instance_pid}").exists()
             assert not socket.exists()
             assert not (daemon.runtime_dir / "containers").exists()
         # running_daemon has checked that no cgroup of the daemon is left.
