@@ -37,6 +37,12 @@ class Subject(StrEnum):
     GROUP = "group"
     PROCESS = "process"
     RESTART_POLICY = "restart_policy"
+    # Images and containers.
+    IMAGE = "image"
+    IMAGE_SOURCE = "image_source"  # the file or directory an image is imported from
+    IMAGE_REFERENCE = "image_reference"  # a name given to an image (a tag)
+    WORKING_DIR = "working_dir"
+    MOUNT = "mount"
 
 
 class RuntimeFault(Exception):

@@ -320,14 +320,13 @@ class Pods:
             raise InvalidArgument("pid namespace mode TARGET (sharing another container's) is "
                                   "not supported",
                                   field="config.linux.security_context.namespace_options.pid")
-        image = self.store.get(config.image, field="config.image.image")
+        image = self.store.get(config.image)
         user = config.run_as_username or None
         spec = self.containers.prepare(
             image.id, command=config.command or None, args=config.args or None,
             env=config.env,
             working_dir=config.working_dir or None, user=user, uid=config.run_as_user,
-            gid=config.run_as_group, read_only=config.read_only_rootfs, mounts=config.mounts,
-            field_prefix="config")
+            gid=config.run_as_group, read_only=config.read_only_rootfs, mounts=config.mounts)
         container_id = _new_id()
         cell = CellName(f"{sandbox.cell.path}/c{container_id[:24]}")
         try:

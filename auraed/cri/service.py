@@ -21,10 +21,22 @@ from auraed.cri.pods import (
     Sandbox,
     SandboxConfig,
 )
-from auraed.errors import InvalidArgument, NotFound
+from auraed.errors import InvalidArgument, NotFound, Subject
 from auraed.images import Image, ImageStore
 from auraed.kernel.cgroups import CgroupLimits
 from auraed.runtime.containers import Mount
+from auraed.validation import FieldsBySubject, blaming
+
+# Which CRI request field each subject of the image store and containers came from.
+CREATE_CONTAINER_FIELDS: FieldsBySubject = {
+    Subject.IMAGE: "config.image.image",
+    Subject.COMMAND: "config.command",
+    Subject.WORKING_DIR: "config.working_dir",
+    Subject.USER: "config.linux.security_context.run_as_username",
+    Subject.GROUP: "config.linux.security_context.run_as_group",
+    Subject.MOUNT: "config.mounts",
+}
+EXEC_FIELDS: FieldsBySubject = {Subject.COMMAND: "cmd"}
 
 RUNTIME_NAME = "aurae-py"
 RUNTIME_API_VERSION = "v1"
@@ -240,8 +252,9 @@ class CriRuntimeService:
 
     def CreateContainer(self, request: cri.CreateContainerRequest,
                         context: grpc.ServicerContext) -> cri.CreateContainerResponse:
-        container = self.pods.create_container(request.pod_sandbox_id,
-                                               _container_config(request.config))
+        with blaming(CREATE_CONTAINER_FIELDS):
+            container = self.pods.create_container(request.pod_sandbox_id,
+                                                   _container_config(request.config))
         return cri.CreateContainerResponse(container_id=container.id)
 
     def StartContainer(self, request: cri.StartContainerRequest,
@@ -294,8 +307,9 @@ class CriRuntimeService:
             raise InvalidArgument("a command is required", field="cmd")
         timeout = float(request.timeout) if request.timeout > 0 else None
         try:
-            stdout, stderr, code = self.pods.exec_sync(request.container_id, list(request.cmd),
-                                                       timeout)
+            with blaming(EXEC_FIELDS):
+                stdout, stderr, code = self.pods.exec_sync(request.container_id,
+                                                           list(request.cmd), timeout)
         except ExecTimedOut as error:
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(error))
         return cri.ExecSyncResponse(stdout=stdout, stderr=stderr, exit_code=code)

@@ -17,7 +17,7 @@ import tarfile
 from pathlib import Path
 from typing import IO, Protocol
 
-from auraed.errors import FailedPrecondition, InvalidArgument, NotFound
+from auraed.errors import FailedPrecondition, InvalidArgument, NotFound, Subject
 from auraed.images.oci import (
     DOCKER_CONFIG,
     DOCKER_MANIFEST,
@@ -67,15 +67,15 @@ class _Layout:
         except FileNotFoundError:
             raise InvalidArgument(f"{self.description} has no {LAYOUT_FILE} file: not an OCI "
                                   "image layout (nor a docker-archive)",
-                                  field="file_name") from None
+                                  subject=Subject.IMAGE_SOURCE) from None
         if not str(layout.get("imageLayoutVersion", "")).startswith("1."):
             raise InvalidArgument(f"{self.description}: unsupported imageLayoutVersion "
-                                  f"{layout.get('imageLayoutVersion')!r}", field="file_name")
+                                  f"{layout.get('imageLayoutVersion')!r}", subject=Subject.IMAGE_SOURCE)
         try:
             index = parse_document(self._read(INDEX_FILE), what=f"{self.description} index.json")
         except FileNotFoundError:
             raise InvalidArgument(f"{self.description} has no {INDEX_FILE}",
-                                  field="file_name") from None
+                                  subject=Subject.IMAGE_SOURCE) from None
         manifests = index_manifests(index, what=f"{self.description} index.json")
         return [(d.annotations.get(REF_NAME), d) for d in manifests]
 
@@ -95,7 +95,7 @@ class _Layout:
             return self._open(name)
         except FileNotFoundError:
             raise InvalidArgument(f"{self.description} lacks blob {descriptor.digest}",
-                                  field="file_name") from None
+                                  subject=Subject.IMAGE_SOURCE) from None
 
 
 class LayoutSource(_Layout):
@@ -138,9 +138,9 @@ class DockerArchiveSource:
     def _member_bytes(self, name: str, limit: int) -> bytes:
         member = self._members.get(os.path.normpath(name).lstrip("/"))
         if member is None:
-            raise InvalidArgument(f"{self.description} lacks {name}", field="file_name")
+            raise InvalidArgument(f"{self.description} lacks {name}", subject=Subject.IMAGE_SOURCE)
         if member.size > limit:
-            raise InvalidArgument(f"{self.description}: {name} is too large", field="file_name")
+            raise InvalidArgument(f"{self.description}: {name} is too large", subject=Subject.IMAGE_SOURCE)
         stream = self._tar.extractfile(member)
         assert stream is not None
         return stream.read()
@@ -148,7 +148,7 @@ class DockerArchiveSource:
     def _digest_of(self, name: str) -> tuple[str, int]:
         member = self._members.get(os.path.normpath(name).lstrip("/"))
         if member is None:
-            raise InvalidArgument(f"{self.description} lacks {name}", field="file_name")
+            raise InvalidArgument(f"{self.description} lacks {name}", subject=Subject.IMAGE_SOURCE)
         stream = self._tar.extractfile(member)
         assert stream is not None
         sha256 = hashlib.sha256()
@@ -166,14 +166,14 @@ class DockerArchiveSource:
             config_name, layers = entry.get("Config"), entry.get("Layers")
             if not isinstance(config_name, str) or not isinstance(layers, list):
                 raise InvalidArgument(f"{self.description}: manifest.json entries need Config "
-                                      "and Layers", field="file_name")
+                                      "and Layers", subject=Subject.IMAGE_SOURCE)
             config_digest, config_size = self._digest_of(config_name)
             # docker save names the config by its digest: the one check of the config's bytes.
             named = os.path.basename(config_name).removesuffix(".json")
             if len(named) == 64 and named != config_digest.removeprefix("sha256:"):
                 raise InvalidArgument(f"{self.description}: config {config_name} does not "
                                       f"match its name (sha256 {config_digest})",
-                                      field="file_name")
+                                      subject=Subject.IMAGE_SOURCE)
             layer_descriptors = []
             for layer in layers:
                 digest, size = self._digest_of(str(layer))
@@ -201,7 +201,7 @@ class DockerArchiveSource:
         name = self._files.get(descriptor.digest)
         if name is None:
             raise InvalidArgument(f"{self.description} lacks blob {descriptor.digest}",
-                                  field="file_name")
+                                  subject=Subject.IMAGE_SOURCE)
         stream = self._tar.extractfile(self._members[os.path.normpath(name).lstrip("/")])
         assert stream is not None
         return stream
@@ -214,9 +214,9 @@ def parse_json_list(data: bytes, *, what: str) -> list[dict[str, object]]:
     try:
         document = json.loads(data)
     except (ValueError, UnicodeDecodeError):
-        raise InvalidArgument(f"{what} is not valid JSON", field="file_name") from None
+        raise InvalidArgument(f"{what} is not valid JSON", subject=Subject.IMAGE_SOURCE) from None
     if not isinstance(document, list) or not all(isinstance(e, dict) for e in document):
-        raise InvalidArgument(f"{what} is not a list of objects", field="file_name")
+        raise InvalidArgument(f"{what} is not a list of objects", subject=Subject.IMAGE_SOURCE)
     return document
 
 
@@ -232,7 +232,7 @@ class ArchiveSource(_Layout):
             members = self._tar.getmembers()
         except (tarfile.TarError, EOFError, OSError) as error:
             raise InvalidArgument(f"{self.description} is not a readable tar archive: "
-                                  f"{error}", field="file_name") from None
+                                  f"{error}", subject=Subject.IMAGE_SOURCE) from None
         self._members = {os.path.normpath(m.name).lstrip("/"): m for m in members if m.isfile()}
         # docker save links a layer shared by two images to its first copy.
         for link in (m for m in members if m.issym()):
@@ -272,7 +272,7 @@ def open_source(path: str) -> ImageSource:
     """The source at `path` on this host: a layout directory or an archive file."""
     if not path or "\0" in path or not os.path.isabs(path):
         raise InvalidArgument("an absolute path of an image layout or archive on the daemon's "
-                              "host is required", field="file_name")
+                              "host is required", subject=Subject.IMAGE_SOURCE)
     location = Path(path)
     if location.is_dir():
         return LayoutSource(location)
@@ -282,5 +282,5 @@ def open_source(path: str) -> ImageSource:
             return archive.as_docker_archive()
         return archive
     if location.exists():
-        raise FailedPrecondition(f"{path} is neither a directory nor a file", field="file_name")
-    raise NotFound(f"{path} does not exist on the daemon's host", field="file_name")
+        raise FailedPrecondition(f"{path} is neither a directory nor a file", subject=Subject.IMAGE_SOURCE)
+    raise NotFound(f"{path} does not exist on the daemon's host", subject=Subject.IMAGE_SOURCE)

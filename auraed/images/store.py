@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from auraed.errors import FailedPrecondition, InvalidArgument, NotFound
+from auraed.errors import FailedPrecondition, InvalidArgument, NotFound, Subject
 from auraed.images.oci import (
     INDEXES,
     LAYERS,
@@ -217,10 +217,10 @@ class ImageStore:
                 return image
         return None
 
-    def get(self, name: str, *, field: str = "image_name") -> Image:
+    def get(self, name: str) -> Image:
         image = self.find(name)
         if image is None:
-            raise NotFound(f"no image {name!r} in the store", field=field)
+            raise NotFound(f"no image {name!r} in the store", subject=Subject.IMAGE)
         return image
 
     def layer_dirs(self, image: Image) -> builtins.list[Path]:
@@ -241,7 +241,7 @@ class ImageStore:
     def acquire(self, image: Image) -> None:
         with self._lock:
             if image.manifest_digest not in self._images:
-                raise NotFound(f"image {image.id} was removed", field="image")
+                raise NotFound(f"image {image.id} was removed", subject=Subject.IMAGE)
             self._users[image.manifest_digest] = self._users.get(image.manifest_digest, 0) + 1
 
     def release(self, image: Image) -> None:
@@ -263,7 +263,7 @@ class ImageStore:
                 users = self._users.get(image.manifest_digest, 0)
                 if users:
                     raise FailedPrecondition(f"image {name} is used by {users} container(s)",
-                                             field="image_name")
+                                             subject=Subject.IMAGE)
                 del self._images[image.manifest_digest]
             self._write_index()
             self._collect_garbage()
@@ -289,15 +289,15 @@ class ImageStore:
         """Import the images `source` holds (only the one it names `reference`, if given),
         verifying every blob. `name` (a reference) names the single image imported; without
         it images keep the full references the source gives them."""
-        wanted = normalize_reference(name, field="reference") if name else None
+        wanted = normalize_reference(name) if name else None
         self._check_owned()
         with self._imports:
             entries = source.resolve(reference)
             if not entries:
-                raise InvalidArgument("the source holds no image", field="file_name")
+                raise InvalidArgument("the source holds no image", subject=Subject.IMAGE_SOURCE)
             if wanted is not None and len(entries) != 1:
                 raise InvalidArgument(f"the source holds {len(entries)} images; a reference "
-                                      "can name only one", field="reference")
+                                      "can name only one", subject=Subject.IMAGE_REFERENCE)
             staged = _Staged({}, {})
             try:
                 found = [self._stage(source, descriptor, staged) for _, descriptor in entries]
@@ -347,13 +347,13 @@ class ImageStore:
                                        what="image index")
         if descriptor.media_type not in MANIFESTS:
             raise InvalidArgument(f"media type {descriptor.media_type!r} is not an image "
-                                  "manifest or index", field="file_name")
+                                  "manifest or index", subject=Subject.IMAGE_SOURCE)
         manifest = Manifest.parse(self._document(source, descriptor, staged), what="manifest")
         config = ImageConfig.parse(self._document(source, manifest.config, staged),
                                    what="image config")
         if len(config.diff_ids) != len(manifest.layers):
             raise InvalidArgument(f"the manifest has {len(manifest.layers)} layers but the "
-                                  f"config {len(config.diff_ids)} diff_ids", field="file_name")
+                                  f"config {len(config.diff_ids)} diff_ids", subject=Subject.IMAGE_SOURCE)
         for layer, diff_id in zip(manifest.layers, config.diff_ids, strict=True):
             blob = self._fetch(source, layer, staged)
             target = self._layers / digest_hex(diff_id)
@@ -371,7 +371,7 @@ class ImageStore:
     def _document(self, source: ImageSource, descriptor: Descriptor, staged: _Staged) -> bytes:
         if descriptor.size > MAX_DOCUMENT_BYTES:
             raise InvalidArgument(f"{descriptor.digest}: a {descriptor.size}-byte manifest or "
-                                  "config is too large", field="file_name")
+                                  "config is too large", subject=Subject.IMAGE_SOURCE)
         return self._fetch(source, descriptor, staged).read_bytes()
 
     def _fetch(self, source: ImageSource, descriptor: Descriptor, staged: _Staged) -> Path:
@@ -420,11 +420,11 @@ def _copy_verified(stream: IO[bytes], out: IO[bytes], descriptor: Descriptor) ->
     if size != descriptor.size:
         larger = "larger" if size > descriptor.size else "smaller"
         raise InvalidArgument(f"blob {descriptor.digest} is {larger} than the {descriptor.size} "
-                              "bytes its descriptor gives", field="file_name")
+                              "bytes its descriptor gives", subject=Subject.IMAGE_SOURCE)
     actual = "sha256:" + sha256.hexdigest()
     if actual != descriptor.digest:
         raise InvalidArgument(f"blob content does not match its digest: expected "
-                              f"{descriptor.digest}, got {actual}", field="file_name")
+                              f"{descriptor.digest}, got {actual}", subject=Subject.IMAGE_SOURCE)
     out.flush()
     os.fsync(out.fileno())
 

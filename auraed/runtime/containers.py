@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from auraed.errors import FailedPrecondition, InvalidArgument
+from auraed.errors import FailedPrecondition, InvalidArgument, Subject
 from auraed.images import Image, ImageStore
 from auraed.kernel.processes import DEFAULT_PATH
 
@@ -145,12 +145,11 @@ class Containers:
         gid: int | None = None,
         read_only: bool = False,
         mounts: Sequence[Mount] = (),
-        field_prefix: str = "executable",
     ) -> ContainerSpec:
         """A new container of `image_name`. command replaces the image's entrypoint (and then
         its cmd too), args its cmd; env adds to the image's; uid/gid win over user, which wins
         over the image's user."""
-        image = self.store.get(image_name, field=f"{field_prefix}.image")
+        image = self.store.get(image_name)
         config = image.config
         if command:
             argv = [*command, *(args or ())]
@@ -158,10 +157,10 @@ class Containers:
             argv = [*config.entrypoint, *(args if args else config.cmd)]
         if not argv:
             raise InvalidArgument(f"image {image_name} has no entrypoint or cmd: give a "
-                                  "command", field=f"{field_prefix}.command")
+                                  "command", subject=Subject.COMMAND)
         if any("\0" in a for a in argv):
             raise InvalidArgument("arguments must not contain NUL bytes",
-                                  field=f"{field_prefix}.command")
+                                  subject=Subject.COMMAND)
         environment = dict(DEFAULT_ENV)
         for entry in config.env:
             key, _, value = entry.partition("=")
@@ -170,14 +169,14 @@ class Containers:
         cwd = working_dir or config.working_dir or "/"
         if not cwd.startswith("/"):
             raise InvalidArgument(f"working directory {cwd!r} is not absolute",
-                                  field=f"{field_prefix}.working_dir")
+                                  subject=Subject.WORKING_DIR)
         layers = self.store.layer_dirs(image)
         resolved_uid, resolved_gid = resolve_user(user if user is not None else config.user,
-                                                  layers, field=f"{field_prefix}.user")
+                                                  layers)
         for mount in mounts:
             if not os.path.isabs(mount.source) or not os.path.exists(mount.source):
                 raise InvalidArgument(f"mount source {mount.source!r} does not exist on the host",
-                                      field=f"{field_prefix}.mounts")
+                                      subject=Subject.MOUNT)
         self.store.acquire(image)
         directory = self.root / uuid.uuid4().hex
         try:
@@ -208,7 +207,7 @@ class Containers:
         """A process joining the filesystem of the container whose process is `container_pid`
         (a host pid)."""
         if not argv:
-            raise InvalidArgument("a command is required", field="cmd")
+            raise InvalidArgument("a command is required", subject=Subject.COMMAND)
         return ContainerSpec(argv=tuple(argv), env=dict(env), cwd=cwd, uid=uid, gid=gid,
                              mount_namespace=f"/proc/{container_pid}/ns/mnt")
 
@@ -242,7 +241,7 @@ def mounted_anywhere(directory: Path) -> list[str]:
     return held
 
 
-def resolve_user(user: str, layers: Sequence[Path], *, field: str) -> tuple[int, int]:
+def resolve_user(user: str, layers: Sequence[Path]) -> tuple[int, int]:
     """uid and gid of an image's "user[:group]", names looked up in the image's own
     /etc/passwd and /etc/group (as a container runtime must: the host's mean nothing)."""
     if not user:
@@ -258,7 +257,8 @@ def resolve_user(user: str, layers: Sequence[Path], *, field: str) -> tuple[int,
             uid, gid = int(parts[2]), int(parts[3])
             break
     if uid is None:
-        raise InvalidArgument(f"user {name!r} is not in the image's /etc/passwd", field=field)
+        raise InvalidArgument(f"user {name!r} is not in the image's /etc/passwd",
+                              subject=Subject.USER)
     if group:
         if group.isdigit():
             gid = int(group)
@@ -270,7 +270,7 @@ def resolve_user(user: str, layers: Sequence[Path], *, field: str) -> tuple[int,
                     break
             else:
                 raise InvalidArgument(f"group {group!r} is not in the image's /etc/group",
-                                      field=field)
+                                      subject=Subject.GROUP)
     return uid, 0 if gid is None else gid
 
 

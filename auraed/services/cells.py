@@ -135,8 +135,9 @@ class CellService(CellServiceBase):
             args = shlex.split(executable.command) if executable.command.strip() else None
         except ValueError as error:
             raise InvalidArgument(f"command: {error}", field="executable.command") from None
-        return self.containers.prepare(executable.image, args=args, uid=uid, gid=gid,
-                                       read_only=executable.read_only_rootfs)
+        with blaming(valid.CONTAINER_FIELDS):
+            return self.containers.prepare(executable.image, args=args, uid=uid, gid=gid,
+                                           read_only=executable.read_only_rootfs)
 
     def stop(self, request: pb.CellServiceStopRequest,
              context: grpc.ServicerContext) -> pb.CellServiceStopResponse:

@@ -7,6 +7,8 @@ import grpc
 from aurae_sdk.wire.generated.pb.images import images_pb2 as pb
 from auraed.generated.images import ImageServiceBase
 from auraed.images import Image, ImageStore, open_source
+from auraed.validation import blaming
+from auraed.validation import images as valid
 
 
 def image_message(image: Image) -> pb.Image:
@@ -34,12 +36,13 @@ class ImageService(ImageServiceBase):
 
     def import_(self, request: pb.ImageServiceImportRequest,
                 context: grpc.ServicerContext) -> pb.ImageServiceImportResponse:
-        source = open_source(request.file_name)
-        try:
-            name = request.reference if request.HasField("reference") else None
-            images = self.store.pull(source, name=name)
-        finally:
-            source.close()
+        with blaming(valid.IMPORT_FIELDS):
+            source = open_source(request.file_name)
+            try:
+                name = request.reference if request.HasField("reference") else None
+                images = self.store.pull(source, name=name)
+            finally:
+                source.close()
         return pb.ImageServiceImportResponse(images=[image_message(i) for i in images])
 
     def list(self, request: pb.ImageServiceListRequest,
@@ -48,10 +51,12 @@ class ImageService(ImageServiceBase):
 
     def inspect(self, request: pb.ImageServiceInspectRequest,
                 context: grpc.ServicerContext) -> pb.ImageServiceInspectResponse:
-        image = self.store.get(request.image_name)
+        with blaming(valid.INSPECT_FIELDS):
+            image = self.store.get(request.image_name)
         return pb.ImageServiceInspectResponse(image=image_message(image))
 
     def remove(self, request: pb.ImageServiceRemoveRequest,
                context: grpc.ServicerContext) -> pb.ImageServiceRemoveResponse:
-        return pb.ImageServiceRemoveResponse(image=image_message(
-            self.store.remove(request.image_name)))
+        with blaming(valid.REMOVE_FIELDS):
+            removed = self.store.remove(request.image_name)
+        return pb.ImageServiceRemoveResponse(image=image_message(removed))

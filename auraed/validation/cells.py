@@ -74,6 +74,14 @@ START_FIELDS: FieldsBySubject = {
     Subject.GROUP: "gid",
     Subject.RESTART_POLICY: "executable.restart_policy",
 }
+# A container's problems come from its image (its user, working directory) or the command.
+CONTAINER_FIELDS: FieldsBySubject = {
+    Subject.IMAGE: "executable.image",
+    Subject.COMMAND: "executable.command",
+    Subject.USER: "executable.image",
+    Subject.GROUP: "executable.image",
+    Subject.WORKING_DIR: "executable.image",
+}
 STOP_FIELDS: FieldsBySubject = {Subject.CELL: "cell_name", Subject.EXECUTABLE: "executable_name"}
 WAIT_FIELDS: FieldsBySubject = STOP_FIELDS
 

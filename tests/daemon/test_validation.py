@@ -19,9 +19,8 @@ AURAED = Path(__file__).resolve().parents[2] / "auraed"
 _FIELD_ARGUMENT = re.compile(r"\bfield=\"")
 
 
-# runtime/containers.py (images, a later addition) still blames its own fields.
 CHECKED = ["runtime/workloads.py", "runtime/names.py", "runtime/executables.py",
-           "runtime/metrics.py", "kernel"]
+           "runtime/metrics.py", "runtime/containers.py", "images", "kernel"]
 
 
 @pytest.mark.parametrize("layer", CHECKED)
@@ -87,3 +86,19 @@ def test_requests_become_domain_values() -> None:
     with pytest.raises(InvalidArgument) as refused:
         valid.allocation(pb.CellServiceAllocateRequest(cell=pb.Cell(name="a/../b")))
     assert (refused.value.subject, refused.value.field) == (Subject.CELL, "cell.name")
+
+
+def test_image_and_container_faults_get_their_fields_at_the_edges() -> None:
+    from auraed.cri.service import CREATE_CONTAINER_FIELDS
+    from auraed.images.reference import normalize_reference
+    from auraed.validation import images as valid_images
+
+    with pytest.raises(InvalidArgument) as refused, blaming(valid_images.IMPORT_FIELDS):
+        normalize_reference("Not A Reference")
+    assert (refused.value.subject, refused.value.field) == ("image_reference", "reference")
+    for fields, expected in ((valid_images.INSPECT_FIELDS, "image_name"),
+                             (valid.CONTAINER_FIELDS, "executable.image"),
+                             (CREATE_CONTAINER_FIELDS, "config.image.image")):
+        with pytest.raises(NotFound) as missing, blaming(fields):
+            raise NotFound("no image x", subject=Subject.IMAGE)
+        assert missing.value.field == expected
