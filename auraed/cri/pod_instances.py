@@ -542,11 +542,11 @@ class PodInstances:
             channel, pod.channel, pod.stub, pod.instance = pod.channel, None, None, None
         if channel is not None:
             channel.close()
-        self._free_instance(pod.instance_name)
+        self._free_instance(pod.instance_name, kill=True)
 
-    def _free_instance(self, name: str) -> None:
+    def _free_instance(self, name: str, *, kill: bool = False) -> None:
         try:
-            self.instances.free(name)
+            self.instances.free(name, kill=kill)
         except NotFound:
             pass  # ended on its own (or freed through the instance service)
         except FailedPrecondition:

@@ -6,8 +6,11 @@ The daemon uses one to start spawned instances: the template preloads the daemon
 for each instance it forks, the child joins the instance cell's cgroup and namespaces
 (ipc, uts, net, pid, mnt), forks again so that the grandchild is inside the new pid
 namespace, and the grandchild runs the daemon's entry point. The middle process exits at
-once, so the grandchild's parent becomes the cell's init (its namespace holder), which reaps
-it; the caller watches it through a pidfd.
+once. An orphan goes to the reaper of its late parent's pid namespace — the host's, not the
+cell's, since the middle never entered the new one — so the template is a child subreaper:
+the copies become its children and it reaps them as they end. (Left to the host's init, a
+copy's zombie can outlive it by seconds, and the cell's init, ending, waits for every process
+of its namespace to be reaped.) The caller watches a copy through a pidfd.
 
 Standard library only on the template's side; what it preloads is the caller's choice, so
 this module knows nothing of gRPC. The template is single-threaded, so forking it is safe.
@@ -144,7 +147,10 @@ def _fork_copy(request: dict[str, Any], entry: str) -> int:
         chunks = []
         while chunk := os.read(report_read, 4096):
             chunks.append(chunk)
-        os.waitpid(middle, 0)
+        try:
+            os.waitpid(middle, 0)
+        except ChildProcessError:
+            pass  # reaped already by _reap_copies
     finally:
         os.close(report_read)
         if report_write >= 0:
@@ -184,6 +190,18 @@ def _become_copy(request: dict[str, Any], entry: str) -> None:
         os._exit(code if isinstance(code, int) else 1)
 
 
+def _reap_copies(signum: int, frame: object) -> None:
+    """Reap every child that ended: the template's only children are its copies (orphaned
+    to it, the subreaper) and the middle processes, whose results come through a pipe."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="auraed-template")
     parser.add_argument("--socket-fd", type=int, required=True)
@@ -193,6 +211,8 @@ def main(argv: list[str]) -> int:
     sock = socket.socket(fileno=args.socket_fd)
     # Ended with its daemon: it is only ever told what to do over this socket.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    libc.set_child_subreaper()
+    signal.signal(signal.SIGCHLD, _reap_copies)
     for name in filter(None, args.preload.split(",")):
         import_module(name)
     import_module(args.entry.partition(":")[0])

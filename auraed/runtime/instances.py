@@ -316,9 +316,11 @@ class Instances:
     def mark_answering(self, instance: Instance) -> None:
         instance.started_at = time.time()
 
-    def free(self, name: str, *, _shutting_down: bool = False) -> None:
+    def free(self, name: str, *, kill: bool = False, _shutting_down: bool = False) -> None:
         """Stop the instance's daemon (it stops its own workloads), then remove its cell with
-        whatever is left in it, and its directories."""
+        whatever is left in it, and its directories. kill: end the daemon at once instead,
+        for an instance whose workloads need no stopping (a pod's, once its containers were
+        stopped): removing the cell kills the rest."""
         with self._lock:
             if self._closing and not _shutting_down:
                 raise Unavailable("the daemon is shutting down")
@@ -330,7 +332,7 @@ class Instances:
                                          field="instance_name")
             instance.freeing = True
         try:
-            self._end(instance)
+            self._end(instance, kill=kill)
         except BaseException:
             instance.freeing = False
             raise
@@ -372,9 +374,9 @@ class Instances:
         except Exception:
             log.exception("freeing instance during shutdown failed", extra={"instance": name})
 
-    def _end(self, instance: Instance) -> None:
+    def _end(self, instance: Instance, *, kill: bool = False) -> None:
         if instance.process is not None:
-            instance.process.stop(self._grace + SHUTDOWN_ALLOWANCE)
+            instance.process.stop(0.0 if kill else self._grace + SHUTDOWN_ALLOWANCE)
         try:
             self._workloads.free(instance.cell, grace=0, _shutting_down=self._closing)
         except NotFound:
