@@ -23,6 +23,7 @@ Free of it is refused (FAILED_PRECONDITION) rather than interleaved.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import shlex
@@ -70,6 +71,7 @@ DEFAULT_VCPUS = 1
 MAX_ID_LENGTH = 60
 GUEST_DIRECTORY = "/aurae"
 QMP_CONNECT_TIMEOUT = 30.0
+GUEST_IDENTITY_VALIDITY = dt.timedelta(days=30)
 
 
 @dataclass(frozen=True)
@@ -386,22 +388,32 @@ class VirtualMachines:
         return self._image, self._accelerator[0]
 
     def _identities(self, vm_id: str) -> tuple[bytes, bytes, bytes]:
-        from auraed.guest_identity import IdentityError, mint_client_identity, mint_guest_identity
+        """(CA, certificate, key) PEM of the guest's server identity, `<host>/vm/<id>`."""
+        from aurae_sdk.wire import dns
+        from aurae_sdk.wire.pki import CertificateAuthority, PkiError
+        from auraed.kernel.tap import GUEST_ADDRESS
+        from auraed.runtime.instances import own_spiffe_id
 
         if self.settings.ca_key is None:
             raise FailedPrecondition(
                 "this daemon cannot mint guest identities: start it with --ca-key (the key of "
                 "--ca-crt) to run virtual machines")
         try:
-            ca = self.settings.ca_crt.read_bytes()
-            ca_key = self.settings.ca_key.read_bytes()
-            host = self.settings.server_crt.read_bytes()
-            identity = mint_guest_identity(vm_id, ca, ca_key, host)
+            authority = CertificateAuthority.load_files(self.settings.ca_crt, self.settings.ca_key)
+            host = own_spiffe_id(self.settings.server_crt.read_bytes())
+            # As long as the guest may run (a child's default day is for short-lived ones),
+            # within the CA's own life.
+            until = min(dt.datetime.now(dt.UTC) + GUEST_IDENTITY_VALIDITY,
+                        authority.certificate.not_valid_after_utc)
+            guest = authority.issue_child(host.child("vm"), vm_id, dns_names=[dns.SERVER_NAME],
+                                          server_names=[GUEST_ADDRESS], not_after=until)
             if self._client_identity is None:
-                self._client_identity = mint_client_identity(ca, ca_key, host)
-        except (OSError, IdentityError) as error:
+                supervisor = authority.issue_child(host, "vm-supervisor", not_after=until)
+                self._client_identity = (supervisor.certificate_pem(),
+                                         supervisor.private_key_pem())
+        except (OSError, PkiError) as error:
             raise FailedPrecondition(f"cannot mint the guest's identity: {error}") from None
-        return ca, identity.certificate_pem, identity.private_key_pem
+        return authority.certificate_pem(), guest.certificate_pem(), guest.private_key_pem()
 
     def _boot(self, vm: VirtualMachine, progress: Callable[[str], None]) -> str:
         from auraed.kernel import tap
