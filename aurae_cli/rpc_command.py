@@ -260,6 +260,13 @@ def invoke(attribute: str, method: str, params: dict[str, Any], fields: Mapping[
     try:
         client = session.client()
         call = getattr(getattr(client, attribute), method)
+        if (attribute, method) == ("vms", "start"):
+            from aurae_cli import vm_boot
+
+            if vm_boot.wanted():
+                # A boot takes seconds (tens under TCG): show how far it got while it runs.
+                call = lambda request, timeout: vm_boot.start_with_progress(
+                    client, request, timeout)
         if server_streaming:
             _print_stream(call(request, timeout=timeout), output)
         else:

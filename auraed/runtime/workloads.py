@@ -300,7 +300,8 @@ class Workloads:
                     self._spawner.forget(restore.cell_key(record.name))
                     continue
                 spec = CellSpec(record.limits, record.isolate_process, record.isolate_network)
-                cell = Cell(record.name, spec, namespaces=parent.namespaces if parent else None)
+                cell = Cell(record.name, spec, namespaces=parent.namespaces if parent else None,
+                            owner=record.owner)
                 try:
                     cell.oom_kills_seen = self.backend.oom_kills(record.name.path) or 0
                 except CgroupError:
@@ -574,7 +575,7 @@ class Workloads:
                 parent.children[name.leaf] = cell
             self.events.cell_allocated(name)
             self._spawner.keep(restore.cell_key(name), restore.cell_record(restore.CellRecord(
-                name, spec.limits, spec.isolate_process, spec.isolate_network)))
+                name, spec.limits, spec.isolate_process, spec.isolate_network, owner)))
         log.info("cell allocated", extra={"cell": name.path,
                                           "namespaces": ",".join(sorted(spec.unshared))})
         return cell
@@ -747,6 +748,12 @@ class Workloads:
                             executables, missing[name], cell.holder_gone)
 
         return [view(name) for name in sorted(cells) if name.parent is None]
+
+    def owned_cells(self) -> dict[CellName, str]:
+        """The cells the daemon made for workloads of its own (adopted ones too), by owner."""
+        with self._lock:
+            return {cell.name: cell.owner for cell in self._cells.values()
+                    if cell.owner is not None}
 
     def namespaces_of(self, name: CellName) -> NamespaceSet | None:
         """The namespaces a process started in the cell joins (None: the host's)."""
