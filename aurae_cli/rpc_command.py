@@ -106,8 +106,11 @@ class Seconds(click.ParamType[float]):
         return seconds
 
 
-# Calls that last as long as what they wait for: no deadline unless --timeout sets one.
-_WAITS_FOREVER = frozenset({("cells", "wait")})
+# Calls that last as long as what they wait for: no deadline unless --timeout sets one. A VM's
+# boot and power-off are bounded by the daemon (--vm-boot-timeout, --vm-grace-period), and take
+# far longer than a client's default deadline under TCG.
+_WAITS_FOREVER = frozenset({("cells", "wait"), ("vms", "start"), ("vms", "stop"),
+                            ("vms", "free")})
 
 
 class OutputFormat(click.ParamType[str]):

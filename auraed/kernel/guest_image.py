@@ -344,7 +344,7 @@ def main(argv: list[str]) -> int:
                                                  "Debian packages, cached.")
     parser.add_argument("--cache-dir", type=Path, default=default_cache_dir())
     parser.add_argument("--root-image", action="store_true",
-                        help="also build an ext4 root image (mmdebstrap: python3, libstdc++6) "
+                        help="also build an ext4 root image (mmdebstrap: python3, libstdc++6, iproute2) "
                              "to boot with root_drive")
     args = parser.parse_args(argv)
     progress = lambda line: print(f"  {line}", file=sys.stderr)

@@ -27,7 +27,8 @@ from pathlib import Path
 
 # Bumped whenever what build() writes changes.
 FORMAT = 1
-PACKAGES = ("python3", "libstdc++6")
+# iproute2: pid 1 configures eth0 with `ip` (auraed.kernel.guest_network).
+PACKAGES = ("python3", "libstdc++6", "iproute2")
 # Nothing in the guest reads them; they are a third of an essential system.
 EXCLUDED = ("/usr/share/doc/*", "/usr/share/man/*", "/usr/share/locale/*", "/usr/share/info/*")
 IMAGE_NAME = "root.ext4"
