@@ -150,6 +150,18 @@ def project_environment() -> tuple[str, ...]:
     return tuple(p for p in roots if not any(p != q and p.startswith(q + "/") for q in roots))
 
 
+def remove_stale_taps(listed: list[str], in_use: set[str]) -> None:
+    """Remove the TAPs a previous run listed (its registry) that no re-adopted machine uses."""
+    if not listed:
+        return
+    from auraed.kernel import tap
+
+    for name in listed:
+        if name not in in_use and tap.tap_exists(name):
+            log.warning("removing a TAP left by a previous run", extra={"tap": name})
+            tap.remove_tap(name)
+
+
 def validate_machine(spec: MachineSpec, *, check_files: bool = True) -> None:
     """Refuse what no VM can be, naming the field; nothing on the node is looked at but paths
     (`check_files`: that they name files; a record of a VM that booted is not re-checked)."""
@@ -220,14 +232,8 @@ class VirtualMachines:
             for directory in self._directory.iterdir():
                 if directory.name not in kept:
                     shutil.rmtree(directory, ignore_errors=True)
-        in_use = {vm.tap for vm in self._machines.values() if vm.tap is not None}
-        if listed:
-            from auraed.kernel import tap
-
-            for name in listed:
-                if name not in in_use and tap.tap_exists(name):
-                    log.warning("removing a TAP left by a previous run", extra={"tap": name})
-                    tap.remove_tap(name)
+        remove_stale_taps(listed, in_use={vm.tap for vm in self._machines.values()
+                                          if vm.tap is not None})
         with self._lock:
             self._record_taps()
             self._persist()
