@@ -106,8 +106,11 @@ class Seconds(click.ParamType[float]):
         return seconds
 
 
-# Calls that last as long as what they wait for: no deadline unless --timeout sets one.
-_WAITS_FOREVER = frozenset({("cells", "wait")})
+# Calls that last as long as what they wait for: no deadline unless --timeout sets one. A VM's
+# boot and power-off are bounded by the daemon (--vm-boot-timeout, --vm-grace-period), and take
+# far longer than a client's default deadline under TCG.
+_WAITS_FOREVER = frozenset({("cells", "wait"), ("vms", "start"), ("vms", "stop"),
+                            ("vms", "free")})
 
 
 class OutputFormat(click.ParamType[str]):
@@ -260,6 +263,13 @@ def invoke(attribute: str, method: str, params: dict[str, Any], fields: Mapping[
     try:
         client = session.client()
         call = getattr(getattr(client, attribute), method)
+        if (attribute, method) == ("vms", "start"):
+            from aurae_cli import vm_boot
+
+            if vm_boot.wanted():
+                # A boot takes seconds (tens under TCG): show how far it got while it runs.
+                call = lambda request, timeout: vm_boot.start_with_progress(
+                    client, request, timeout)
         if server_streaming:
             _print_stream(call(request, timeout=timeout), output)
         else:

@@ -586,7 +586,10 @@ class Daemon:
         # Guests first, each powered off with its grace: their QEMU runs in a cell that
         # stopping the workloads would otherwise simply kill.
         if self._vms is not None:
-            self._vms.shutdown()
+            if self._detach:
+                self._vms.detach()
+            else:
+                self._vms.shutdown()
         self.daemon_log.close()
         if self._instances is not None:
             self._instances.shutdown()

@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 import aurae_sdk
-from auraed.guest_identity import mint_guest_identity
+from aurae_sdk.wire import dns
+from aurae_sdk.wire.pki import CertificateAuthority
 from auraed.kernel import guest_image, tap
 from auraed.kernel.qemu import QemuMachine, Share, default_kernel_args
 from auraed.runtime.vms import project_environment
@@ -43,12 +44,11 @@ def _floor(daemon: DaemonProcess, image: guest_image.GuestImage, accelerator: st
     guest = work / "guest"
     shutil.rmtree(guest, ignore_errors=True)
     guest.mkdir(parents=True)
-    identity = mint_guest_identity("floor", daemon.pki.ca_crt.read_bytes(),
-                                   daemon.pki.ca_key.read_bytes(),
-                                   daemon.pki.server_crt.read_bytes())
+    identity = CertificateAuthority.load_files(daemon.pki.ca_crt, daemon.pki.ca_key).issue_child(
+        "spiffe://unsafe.aurae.io/auraed/vm", "floor", dns_names=[dns.SERVER_NAME])
     (guest / "ca.crt").write_bytes(daemon.pki.ca_crt.read_bytes())
-    (guest / "server.crt").write_bytes(identity.certificate_pem)
-    (guest / "server.key").write_bytes(identity.private_key_pem)
+    (guest / "server.crt").write_bytes(identity.certificate_pem())
+    (guest / "server.key").write_bytes(identity.private_key_pem())
     environment = project_environment()
     shares = [Share("aurae", str(guest)), Share("hostusr", "/usr")]
     shares += [Share(f"env{i}", path) for i, path in enumerate(environment)]

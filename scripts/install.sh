@@ -10,9 +10,10 @@ PYTHON=${PYTHON:-python3}
 # catatonit: pid 1 of isolated cells; runc + busybox-static: the peer the cell
 # benchmarks compare against; busybox-static is also the guest initramfs's
 # shell; qemu-system-x86: the VMM of virtual machines; e2fsprogs: ext4 drive
-# images for them (the guest kernel itself is fetched by `auraed vm-image`
+# images for them; mmdebstrap: the optional guest root image (`auraed vm-image
+# --root-image`) from Debian packages (the guest kernel itself is fetched by `auraed vm-image`
 # with apt-get download, and cached).
-DEBIAN_PACKAGES="iproute2 util-linux catatonit runc busybox-static qemu-system-x86 e2fsprogs"
+DEBIAN_PACKAGES="iproute2 util-linux catatonit runc busybox-static qemu-system-x86 e2fsprogs mmdebstrap"
 
 missing=""
 for package in $DEBIAN_PACKAGES; do

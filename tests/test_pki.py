@@ -608,3 +608,35 @@ def test_a_child_can_carry_the_server_name_aurae_clients_verify() -> None:
     assert names.value.get_values_for_type(x509.DNSName) == ["server.unsafe.aurae.io"]
     with pytest.raises(PkiError, match="not a DNS name"):
         authority.issue_child("spiffe://unsafe.aurae.io/auraed", "b2", dns_names=["bad name"])
+
+
+def test_a_child_can_carry_ip_addresses_for_clients_that_check_the_address() -> None:
+    import ipaddress
+
+    from cryptography import x509
+
+    from aurae_sdk.wire.pki import CertificateAuthority, PkiError
+
+    authority = CertificateAuthority.create()
+    guest = authority.issue_child("spiffe://unsafe.aurae.io/auraed/vm", "web",
+                                  dns_names=["server.unsafe.aurae.io"], server_names=["fe80::2"])
+    names = guest.certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("fe80::2")]
+    assert names.get_values_for_type(x509.DNSName) == ["server.unsafe.aurae.io"]
+    assert names.get_values_for_type(x509.UniformResourceIdentifier) == [
+        "spiffe://unsafe.aurae.io/auraed/vm/web"]
+    with pytest.raises(PkiError, match="not a DNS name or IP address"):
+        authority.issue_child("spiffe://unsafe.aurae.io/auraed", "b3", server_names=["bad name"])
+
+
+def test_a_ca_loads_from_a_certificate_and_key_kept_apart(tmp_path: Path) -> None:
+    from aurae_sdk.wire.pki import CertificateAuthority, PkiError, write_credential
+
+    authority = CertificateAuthority.create()
+    write_credential(authority, tmp_path / "ca.crt", tmp_path / "ca.key")
+    other = CertificateAuthority.create()
+    write_credential(other, tmp_path / "other.crt", tmp_path / "other.key")
+    loaded = CertificateAuthority.load_files(tmp_path / "ca.crt", tmp_path / "ca.key")
+    assert loaded.certificate == authority.certificate
+    with pytest.raises(PkiError, match="is not the private key"):
+        CertificateAuthority.load_files(tmp_path / "ca.crt", tmp_path / "other.key")

@@ -2,7 +2,7 @@
 and the child identities the daemon mints for the guests and instances it starts.
 
 auraed always speaks mTLS: it trusts one CA and requires every client to present a certificate that
-CA signed. `aurae-py pki` writes a development PKI with these functions; the daemon will use
+CA signed. `aurae-py pki` writes a development PKI with these functions; the daemon uses
 `CertificateAuthority.issue_child` to give a VM guest or a spawned instance an identity under its
 own SPIFFE ID. A CA key kept unencrypted on disk is for development and tests, not for production
 trust.
@@ -115,7 +115,11 @@ class CertificateAuthority(Credential):
     @classmethod
     def load(cls, directory: str | os.PathLike[str]) -> CertificateAuthority:
         """The CA of an existing PKI directory (ca.crt and ca.key), e.g. to issue more clients."""
-        crt_path, key_path = Path(directory) / paths.CA_CRT, Path(directory) / paths.CA_KEY
+        return cls.load_files(Path(directory) / paths.CA_CRT, Path(directory) / paths.CA_KEY)
+
+    @classmethod
+    def load_files(cls, crt_path: Path, key_path: Path) -> CertificateAuthority:
+        """The CA of a certificate and key kept apart, as auraed's --ca-crt and --ca-key."""
         certificate = _load_certificate(crt_path)
         private_key = _load_private_key(key_path)
         if _public_key_der(certificate) != _public_key_der(private_key):
@@ -173,6 +177,7 @@ class CertificateAuthority(Credential):
         name: str,
         *,
         dns_names: Iterable[str] = (),
+        server_names: Iterable[str] = (),
         not_before: dt.datetime | None = None,
         not_after: dt.datetime | None = None,
     ) -> Credential:
@@ -182,7 +187,9 @@ class CertificateAuthority(Credential):
         its calls from the daemon's own and from other children's. Its only names are the
         SPIFFE ID (the one URI SAN) and that ID as common name; it may act as a TLS client or
         server, since a guest both calls home and serves its own agent. `dns_names` adds DNS
-        SANs for a child that serves Aurae clients, which verify server.unsafe.aurae.io.
+        SANs for a child that serves Aurae clients, which verify server.unsafe.aurae.io;
+        `server_names` adds DNS names or IP addresses (IP SANs) for TLS clients that check the
+        address they dialled, e.g. a guest's link-local fe80::2.
         """
         try:
             parent_id = parent if isinstance(parent, SpiffeId) else SpiffeId.parse(parent)
@@ -198,6 +205,7 @@ class CertificateAuthority(Credential):
             if not dns.is_dns_name(dns_name):
                 raise PkiError(f"not a DNS name: {dns_name!r}")
             alt_names.append(x509.DNSName(dns_name))
+        alt_names.extend(_server_alt_name(name) for name in server_names)
         return self._issue_leaf(
             str(child),
             alt_names,

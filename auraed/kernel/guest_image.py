@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # Bumped whenever the layout of what build() writes changes.
-FORMAT = 3
+FORMAT = 4
 KERNEL_META_PACKAGE = "linux-image-amd64"
 BUSYBOX = Path("/bin/busybox")
 # What the guest needs as modules on Debian's kernel: the virtio-mmio transport of microvm, disks,
@@ -40,6 +40,8 @@ BUSYBOX = Path("/bin/busybox")
 # alias), and the ACPI power button read through evdev.
 MODULES = ("virtio_mmio", "virtio_blk", "virtio_net", "9pnet_virtio", "9p", "crc32c_generic",
            "ext4", "button", "evdev")
+# In the initramfs but loaded only by a guest that boots a read-only root drive (its overlay).
+ROOT_DRIVE_MODULES = ("overlay",)
 XZ_MAGIC = b"\xfd7zXZ\x00"
 # Mount tags of the 9p shares; boot.env (on the `aurae` share) names the project's ones.
 VM_SHARE_TAG = "aurae"
@@ -64,7 +66,9 @@ class GuestImage:
 
 # The guest's /init. Busybox lives at /busybox (not /bin: /bin becomes a link into the shared
 # /usr); every applet is called through it. boot.env sets AURAE_SHARES ("tag:path ..."),
-# AURAE_PYTHON and AURAE_PID1_CONFIG.
+# AURAE_PYTHON and AURAE_PID1_CONFIG, and AURAE_ROOT (a disk, e.g. /dev/vda) with AURAE_ROOT_RO
+# for a guest booting a root drive: mounted at /newroot (read-only under a tmpfs overlay), it
+# replaces the host's /usr, and switch_root makes it / before pid 1 starts.
 INIT_SCRIPT = """#!/busybox sh
 B=/busybox
 $B mkdir -p /proc /sys /dev /usr /tmp /run /aurae
@@ -77,14 +81,36 @@ if ! $B mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144,ro aurae /aura
     echo "init: cannot mount the aurae share"; $B poweroff -f
 fi
 . /aurae/boot.env
-$B mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144,ro,cache=loose hostusr /usr || $B poweroff -f
+root=
+if [ -n "$AURAE_ROOT" ]; then
+    root=/newroot
+    $B mkdir -p /lower /upper $root
+    tries=0
+    while [ ! -b "$AURAE_ROOT" ] && [ $tries -lt 500 ]; do $B usleep 20000; tries=$((tries + 1)); done
+    if [ "$AURAE_ROOT_RO" = 1 ]; then
+        $B insmod /modules/overlay.ko
+        $B mount -t ext4 -o ro "$AURAE_ROOT" /lower &&
+            $B mount -t tmpfs -o mode=0755 upper /upper && $B mkdir /upper/data /upper/work &&
+            $B mount -t overlay -o lowerdir=/lower,upperdir=/upper/data,workdir=/upper/work root $root ||
+            { echo "init: cannot mount the root drive $AURAE_ROOT"; $B poweroff -f; }
+    else
+        $B mount -t ext4 "$AURAE_ROOT" $root || { echo "init: cannot mount the root drive $AURAE_ROOT"; $B poweroff -f; }
+    fi
+else
+    $B mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144,ro,cache=loose hostusr /usr || $B poweroff -f
+fi
 for share in $AURAE_SHARES; do
     tag=${share%%:*}; path=${share#*:}
-    $B mkdir -p "$path"
-    $B mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144,ro,cache=loose "$tag" "$path" ||
+    $B mkdir -p "$root$path"
+    $B mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144,ro,cache=loose "$tag" "$root$path" ||
         echo "init: cannot mount $tag at $path"
 done
 $B umount /proc
+if [ -n "$root" ]; then
+    $B mkdir -p $root/aurae $root/dev
+    $B mount --move /aurae $root/aurae && $B mount --move /dev $root/dev
+    exec $B switch_root $root "$AURAE_PYTHON" -m auraed.pid1 "$AURAE_PID1_CONFIG"
+fi
 exec "$AURAE_PYTHON" -m auraed.pid1 "$AURAE_PID1_CONFIG"
 echo "init: cannot exec $AURAE_PYTHON"; $B poweroff -f
 """
@@ -100,7 +126,7 @@ def build(cache_dir: Path, progress: Progress = lambda line: None) -> GuestImage
     busybox_version = _package_version("busybox-static")
     key = hashlib.sha256(json.dumps({
         "format": FORMAT, "kernel": [package, version], "busybox": busybox_version,
-        "init": INIT_SCRIPT, "modules": MODULES,
+        "init": INIT_SCRIPT, "modules": MODULES, "root_drive_modules": ROOT_DRIVE_MODULES,
     }, sort_keys=True).encode()).hexdigest()[:16]
     directory = cache_dir / key
     image = GuestImage(directory, directory / "vmlinux", directory / "initramfs.cpio",
@@ -122,8 +148,12 @@ def build(cache_dir: Path, progress: Progress = lambda line: None) -> GuestImage
         progress("extracting the uncompressed kernel from the bzImage")
         _write_vmlinux(unpacked / "boot" / f"vmlinuz-{release}", work / "vmlinux")
         progress("writing the initramfs")
-        modules = resolve_modules(unpacked / "lib" / "modules" / release, MODULES)
-        _write_initramfs(work / "initramfs.cpio", modules)
+        module_dir = unpacked / "lib" / "modules" / release
+        modules = resolve_modules(module_dir, MODULES)
+        loaded = {m.name for m in modules}
+        on_demand = [m for m in resolve_modules(module_dir, ROOT_DRIVE_MODULES)
+                     if m.name not in loaded]
+        _write_initramfs(work / "initramfs.cpio", modules, on_demand)
         shutil.rmtree(unpacked)
         (work / "inputs.json").write_text(json.dumps(
             {"kernel": package, "version": version, "busybox": busybox_version,
@@ -271,7 +301,7 @@ class _Cpio:
         self._file.close()
 
 
-def _write_initramfs(target: Path, modules: list[Module]) -> None:
+def _write_initramfs(target: Path, modules: list[Module], on_demand: list[Module]) -> None:
     if not BUSYBOX.exists():
         raise ImageError(f"{BUSYBOX} is missing: install busybox-static (scripts/install.sh)")
     archive = _Cpio(target)
@@ -291,31 +321,42 @@ def _write_initramfs(target: Path, modules: list[Module]) -> None:
     archive.add("etc/hostname", regular | 0o644, b"aurae-guest\n")
     archive.add("etc/hosts", regular | 0o644, b"127.0.0.1 localhost\n::1 localhost\n")
     order = []
-    for module in modules:
+    for module in [*modules, *on_demand]:
         data = module.path.read_bytes()
         if module.path.suffix == ".xz":
             data = lzma.decompress(data)
         archive.add(f"modules/{module.name}.ko", regular | 0o644, data)
-        order.append(f"{module.name}.ko")
+        if module in modules:
+            order.append(f"{module.name}.ko")
     archive.add("modules/load-order", regular | 0o644, ("\n".join(order) + "\n").encode())
     archive.close()
 
 
 def main(argv: list[str]) -> int:
-    """`auraed vm-image [--cache-dir DIR]`: build (or find) the artefacts and print where."""
+    """`auraed vm-image [--cache-dir DIR] [--root-image]`: build (or find) the artefacts and
+    print where."""
     import argparse
+
+    from auraed.kernel import guest_root
 
     parser = argparse.ArgumentParser(prog="auraed vm-image",
                                      description="Build the guest kernel and initramfs from "
                                                  "Debian packages, cached.")
     parser.add_argument("--cache-dir", type=Path, default=default_cache_dir())
+    parser.add_argument("--root-image", action="store_true",
+                        help="also build an ext4 root image (mmdebstrap: python3, libstdc++6, iproute2) "
+                             "to boot with root_drive")
     args = parser.parse_args(argv)
+    progress = lambda line: print(f"  {line}", file=sys.stderr)
     try:
-        image = build(args.cache_dir, progress=lambda line: print(f"  {line}", file=sys.stderr))
-    except ImageError as error:
+        image = build(args.cache_dir, progress=progress)
+        root = guest_root.build(args.cache_dir, progress=progress) if args.root_image else None
+    except (ImageError, guest_root.RootImageError) as error:
         print(f"auraed vm-image: {error}", file=sys.stderr)
         return 1
     print(f"kernel {image.kernel}\ninitramfs {image.initramfs}")
+    if root is not None:
+        print(f"root {root}")
     return 0
 
 

@@ -38,6 +38,9 @@ class CellRecord:
     isolate_process: bool
     isolate_network: bool
     isolate_pid: bool = False  # absent from the records of older daemons
+    # The daemon's own workload the cell belongs to ("vm <id>"), so that it stays out of
+    # clients' reach across a restart; None for clients' cells (and in older records).
+    owner: str | None = None
 
 
 @dataclass(frozen=True)
@@ -63,7 +66,8 @@ def cell_key(name: CellName) -> str:
 def cell_record(record: CellRecord) -> dict[str, object]:
     return {"name": record.name.path, "limits": asdict(record.limits),
             "isolate_process": record.isolate_process,
-            "isolate_network": record.isolate_network, "isolate_pid": record.isolate_pid}
+            "isolate_network": record.isolate_network, "isolate_pid": record.isolate_pid,
+            "owner": record.owner}
 
 
 def holder_label(cell: CellName) -> dict[str, object]:
@@ -135,6 +139,7 @@ def read_cell_record(value: dict[str, object]) -> CellRecord:
             isolate_process=bool(value["isolate_process"]),
             isolate_network=bool(value["isolate_network"]),
             isolate_pid=bool(value.get("isolate_pid", False)),
+            owner=None if value.get("owner") is None else str(value["owner"]),
         )
     except (KeyError, TypeError, AssertionError, ValueError) as error:
         raise BadRecord(f"cell record {value!r}: {error!r}") from None

@@ -23,6 +23,7 @@ Free of it is refused (FAILED_PRECONDITION) rather than interleaved.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import shlex
@@ -42,7 +43,6 @@ from auraed.errors import (
     InvalidArgument,
     NotFound,
     Unavailable,
-    Unimplemented,
 )
 from auraed.kernel import guest_image
 from auraed.kernel.cgroups import CgroupLimits
@@ -70,6 +70,10 @@ DEFAULT_VCPUS = 1
 MAX_ID_LENGTH = 60
 GUEST_DIRECTORY = "/aurae"
 QMP_CONNECT_TIMEOUT = 30.0
+GUEST_IDENTITY_VALIDITY = dt.timedelta(days=30)
+# Where the machines' records are kept for the next daemon (the spawner's state-file format).
+RECORDS_FILE = "vms.state"
+RECORDS_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,7 @@ class VirtualMachine:
     shutdown_event: str = ""  # the QMP SHUTDOWN reason, when one came
     qemu: Executable | None = None
     qmp: QmpSession | None = None
+    kernel: str = ""  # the kernel the running boot uses
     started: list[float] = field(default_factory=list)
 
     @property
@@ -145,8 +150,21 @@ def project_environment() -> tuple[str, ...]:
     return tuple(p for p in roots if not any(p != q and p.startswith(q + "/") for q in roots))
 
 
-def validate_machine(spec: MachineSpec) -> None:
-    """Refuse what no VM can be, naming the field; nothing on the node is looked at but paths."""
+def remove_stale_taps(listed: list[str], in_use: set[str]) -> None:
+    """Remove the TAPs a previous run listed (its registry) that no re-adopted machine uses."""
+    if not listed:
+        return
+    from auraed.kernel import tap
+
+    for name in listed:
+        if name not in in_use and tap.tap_exists(name):
+            log.warning("removing a TAP left by a previous run", extra={"tap": name})
+            tap.remove_tap(name)
+
+
+def validate_machine(spec: MachineSpec, *, check_files: bool = True) -> None:
+    """Refuse what no VM can be, naming the field; nothing on the node is looked at but paths
+    (`check_files`: that they name files; a record of a VM that booted is not re-checked)."""
     from auraed.runtime.names import _LABEL
 
     if not spec.id:
@@ -174,13 +192,8 @@ def validate_machine(spec: MachineSpec) -> None:
             continue
         if not os.path.isabs(path) or "," in path:
             raise InvalidArgument(f"{path!r} must be an absolute path without ','", field=name)
-        if not os.path.isfile(path):
+        if check_files and not os.path.isfile(path):
             raise InvalidArgument(f"{path} does not exist or is not a file", field=name)
-    if spec.root_drive:
-        # Refused rather than attached and ignored: every guest boots the project's root.
-        raise Unimplemented("booting from a root drive is not built yet: leave root_drive empty "
-                            "for the default root (initramfs and the host's /usr over 9p), and "
-                            "attach images as drive_mounts", field="machine.root_drive.image_path")
     for i, drive in enumerate(spec.drive_mounts):
         blamed = f"machine.drive_mounts[{i}]"
         if not drive.vm_path.startswith("/") or drive.vm_path == "/" or ".." in drive.vm_path.split("/"):
@@ -203,22 +216,116 @@ class VirtualMachines:
         self._qmp: QmpLoop | None = None
         self._client_identity: tuple[bytes, bytes] | None = None
         self._directory = settings.runtime_dir / "vms"
+        self._records = settings.runtime_dir / RECORDS_FILE
 
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        # A previous run's VM directories (sockets, guest keys) are of no use to anyone now, and
-        # its TAPs (its QEMUs were killed with its cell subtree) lead nowhere.
-        shutil.rmtree(self._directory, ignore_errors=True)
+        """Take back the machines a previous daemon left (see adopt()), then remove what is left
+        of the others: their runtime directories (sockets, guest keys) and their TAPs."""
         registry = self.settings.tap_registry
-        if registry is not None and registry.exists():
-            from auraed.kernel import tap
+        # Read first: adopting rewrites the registry with the TAPs still in use.
+        listed = registry.read_text().split() if registry is not None and registry.exists() else []
+        self._adopt()
+        kept = {vm.spec.id for vm in self._machines.values() if vm.status == RUNNING}
+        if self._directory.exists():
+            for directory in self._directory.iterdir():
+                if directory.name not in kept:
+                    shutil.rmtree(directory, ignore_errors=True)
+        remove_stale_taps(listed, in_use={vm.tap for vm in self._machines.values()
+                                          if vm.tap is not None})
+        with self._lock:
+            self._record_taps()
+            self._persist()
 
-            for name in registry.read_text().split():
-                if tap.tap_exists(name):
-                    log.warning("removing a TAP left by a previous run", extra={"tap": name})
-                    tap.remove_tap(name)
-            registry.unlink()
+    def _adopt(self) -> None:
+        """Re-adopt the machines of the records a previous daemon wrote (it crashed, or detached
+        with --live-restore). The workloads were adopted first: a machine whose cell came back
+        is known again; one whose QEMU still runs (the same pid, its TAP and QMP socket there)
+        is Running again, its QMP session reopened; one whose QEMU ended meanwhile is Shutdown.
+        Owned cells no record claims are freed (their QEMU killed): nothing could reach them."""
+        from auraed.kernel.spawner.state import StateTorn, read_state
+
+        records: list[dict[str, Any]] = []
+        if self._records.exists():
+            try:
+                records = list(read_state(str(self._records), RECORDS_VERSION)["machines"])
+            except (StateTorn, KeyError, TypeError) as error:
+                log.error("ignoring the VM records of the previous daemon", extra={
+                    "path": str(self._records), "error": str(error)})
+        owned = self.workloads.owned_cells()
+        adopted: list[str] = []
+        for record in records:
+            try:
+                vm = _machine_from_record(record)
+            except (KeyError, TypeError, ValueError) as error:
+                log.error("dropping a VM record that does not parse", extra={"error": repr(error)})
+                continue
+            if owned.get(vm.cell) != vm.owner:
+                log.warning("dropping the record of a VM whose cell is gone",
+                            extra={"vm": vm.spec.id})
+                continue
+            del owned[vm.cell]
+            self._machines[vm.spec.id] = vm
+            if vm.status == RUNNING:
+                self._adopt_running(vm, int(record.get("qemu_pid") or 0))
+            adopted.append(f"{vm.spec.id} ({vm.status})")
+        for cell, owner in owned.items():
+            if owner.startswith("vm "):
+                log.warning("freeing the cell of a VM no record names", extra={"cell": str(cell)})
+                try:
+                    self.workloads.free(cell, grace=0.0, owner=owner)
+                except Exception:
+                    log.exception("freeing an unclaimed VM cell failed", extra={"cell": str(cell)})
+        if adopted:
+            log.info("adopted the virtual machines of the previous daemon",
+                     extra={"machines": ", ".join(adopted)})
+
+    def _adopt_running(self, vm: VirtualMachine, qemu_pid: int) -> None:
+        from auraed.kernel import tap
+        from auraed.kernel.qemu import QmpLoop, QmpSession
+
+        try:
+            qemu = self.workloads.find_executable(cell_name=vm.cell, name=QEMU_EXECUTABLE)
+        except NotFound:
+            qemu = None
+        vm.qemu = qemu
+        socket = self._directory / vm.spec.id / "qmp.sock"
+        if qemu is None or not qemu.running or qemu.process.host_pid != qemu_pid:
+            vm.stop_reason = ("QEMU ended while no daemon ran" +
+                              (f" ({self._ended_reason(vm)})" if qemu is not None else ""))
+        elif vm.tap is None or not tap.tap_exists(vm.tap) or not socket.exists():
+            vm.stop_reason = "its TAP or QMP socket was gone when the daemon restarted"
+        else:
+            if self._qmp is None:
+                self._qmp = QmpLoop()
+            vm.qmp = QmpSession(self._qmp, str(socket),
+                                lambda name, data: self._on_event(vm, name, data))
+            try:
+                vm.qmp.connect(time.monotonic() + QMP_CONNECT_TIMEOUT, alive=lambda: qemu.running)
+                log.info("vm adopted", extra={"vm": vm.spec.id, "pid": qemu_pid, "tap": vm.tap,
+                                              "address": vm.address})
+                return
+            except ConnectionError as error:
+                vm.stop_reason = f"its QMP monitor did not answer the new daemon: {error}"
+        log.warning("vm not re-adopted: hard stop", extra={"vm": vm.spec.id,
+                                                            "why": vm.stop_reason})
+        self._teardown_boot(vm)  # kills a QEMU that still runs: nothing could reach it
+        vm.status = SHUTDOWN
+
+    def _persist(self) -> None:
+        """Write every machine's record, atomically (call under _lock): what a next daemon
+        re-adopts after a crash or a --live-restore restart."""
+        from auraed.kernel.spawner.state import write_state
+
+        machines = [_machine_record(vm) for vm in sorted(self._machines.values(),
+                                                         key=lambda vm: vm.spec.id)]
+        self._records.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            write_state(str(self._records), RECORDS_VERSION, {"machines": machines})
+        except OSError as error:
+            log.error("cannot write the VM records", extra={"path": str(self._records),
+                                                            "error": str(error)})
 
     def _record_taps(self) -> None:
         """Rewrite the registry of TAPs in use (call under _lock)."""
@@ -249,6 +356,22 @@ class VirtualMachines:
         if self._qmp is not None:
             self._qmp.close()
 
+    def detach(self) -> None:
+        """Leave every guest running for the next daemon (--live-restore): close the QMP
+        sessions only; QEMU, its TAP and runtime directory stay, and the records say where."""
+        with self._lock:
+            self._closing = True
+            machines = list(self._machines.values())
+            self._persist()
+        for vm in machines:
+            if vm.qmp is not None:
+                vm.qmp.close()
+                vm.qmp = None
+        if self._qmp is not None:
+            self._qmp.close()
+        log.info("detached from the virtual machines; their guests keep running",
+                 extra={"running": sum(vm.status == RUNNING for vm in machines)})
+
     def _stop_quietly(self, vm: VirtualMachine) -> None:
         try:
             self._power_off(vm, self.settings.grace_period, "the host daemon shut down")
@@ -271,6 +394,7 @@ class VirtualMachines:
                 raise AlreadyExists(f"a cell {vm.cell} exists already; the VM needs that name",
                                     field="machine.id") from None
             self._machines[spec.id] = vm
+            self._persist()
         log.info("vm allocated", extra={"vm": spec.id, "mem_mb": spec.mem_size_mb,
                                         "vcpus": spec.vcpu_count})
         return vm
@@ -296,6 +420,7 @@ class VirtualMachines:
             raise
         with self._lock:
             vm.busy = False
+            self._persist()
         return address
 
     def stop_machine(self, vm_id: str) -> None:
@@ -352,6 +477,7 @@ class VirtualMachines:
             vm.status = SHUTDOWN
             if not vm.stop_reason:
                 vm.stop_reason = self._ended_reason(vm)
+            self._persist()
 
     def _ended_reason(self, vm: VirtualMachine) -> str:
         status = vm.qemu.exit_status if vm.qemu is not None else None
@@ -386,22 +512,32 @@ class VirtualMachines:
         return self._image, self._accelerator[0]
 
     def _identities(self, vm_id: str) -> tuple[bytes, bytes, bytes]:
-        from auraed.guest_identity import IdentityError, mint_client_identity, mint_guest_identity
+        """(CA, certificate, key) PEM of the guest's server identity, `<host>/vm/<id>`."""
+        from aurae_sdk.wire import dns
+        from aurae_sdk.wire.pki import CertificateAuthority, PkiError
+        from auraed.kernel.tap import GUEST_ADDRESS
+        from auraed.runtime.instances import own_spiffe_id
 
         if self.settings.ca_key is None:
             raise FailedPrecondition(
                 "this daemon cannot mint guest identities: start it with --ca-key (the key of "
                 "--ca-crt) to run virtual machines")
         try:
-            ca = self.settings.ca_crt.read_bytes()
-            ca_key = self.settings.ca_key.read_bytes()
-            host = self.settings.server_crt.read_bytes()
-            identity = mint_guest_identity(vm_id, ca, ca_key, host)
+            authority = CertificateAuthority.load_files(self.settings.ca_crt, self.settings.ca_key)
+            host = own_spiffe_id(self.settings.server_crt.read_bytes())
+            # As long as the guest may run (a child's default day is for short-lived ones),
+            # within the CA's own life.
+            until = min(dt.datetime.now(dt.UTC) + GUEST_IDENTITY_VALIDITY,
+                        authority.certificate.not_valid_after_utc)
+            guest = authority.issue_child(host.child("vm"), vm_id, dns_names=[dns.SERVER_NAME],
+                                          server_names=[GUEST_ADDRESS], not_after=until)
             if self._client_identity is None:
-                self._client_identity = mint_client_identity(ca, ca_key, host)
-        except (OSError, IdentityError) as error:
+                supervisor = authority.issue_child(host, "vm-supervisor", not_after=until)
+                self._client_identity = (supervisor.certificate_pem(),
+                                         supervisor.private_key_pem())
+        except (OSError, PkiError) as error:
             raise FailedPrecondition(f"cannot mint the guest's identity: {error}") from None
-        return ca, identity.certificate_pem, identity.private_key_pem
+        return authority.certificate_pem(), guest.certificate_pem(), guest.private_key_pem()
 
     def _boot(self, vm: VirtualMachine, progress: Callable[[str], None]) -> str:
         from auraed.kernel import tap
@@ -432,14 +568,21 @@ class VirtualMachines:
             shutil.copyfile(self.settings.authz_policy, guest / policy)
             policy_flags = ["--authz-policy", f"{GUEST_DIRECTORY}/{policy}"]
         environment = self.settings.environment or project_environment()
-        shares = [Share(guest_image.VM_SHARE_TAG, str(guest)), Share(guest_image.USR_SHARE_TAG, "/usr")]
-        shares += [Share(f"env{i}", path) for i, path in enumerate(environment)]
-        (guest / "boot.env").write_text(
-            f"AURAE_SHARES={shlex.quote(' '.join(f'{s.tag}:{s.path}' for s in shares[2:]))}\n"
-            f"AURAE_PYTHON={shlex.quote(sys.executable)}\n"
-            f"AURAE_PID1_CONFIG={GUEST_DIRECTORY}/pid1.json\n")
+        project = [Share(f"env{i}", path) for i, path in enumerate(environment)]
+        # A root drive is the guest's /usr too; without one the host's is shared.
+        system = [] if spec.root_drive else [Share(guest_image.USR_SHARE_TAG, "/usr")]
+        shares = [Share(guest_image.VM_SHARE_TAG, str(guest)), *system, *project]
         disks = [Disk(d.image_path, d.read_only) for d in spec.drive_mounts]
-        drives = [{"device": f"/dev/vd{chr(ord('a') + i)}", "path": d.vm_path,
+        if spec.root_drive:
+            disks.insert(0, Disk(spec.root_drive, spec.root_read_only))
+        root = (f"AURAE_ROOT=/dev/vda\nAURAE_ROOT_RO={int(spec.root_read_only)}\n"
+                if spec.root_drive else "")
+        (guest / "boot.env").write_text(
+            f"AURAE_SHARES={shlex.quote(' '.join(f'{s.tag}:{s.path}' for s in project))}\n"
+            f"AURAE_PYTHON={shlex.quote(sys.executable)}\n"
+            f"AURAE_PID1_CONFIG={GUEST_DIRECTORY}/pid1.json\n{root}")
+        first = len(disks) - len(spec.drive_mounts)  # virtio-blk names disks in order: vda, vdb…
+        drives = [{"device": f"/dev/vd{chr(ord('a') + first + i)}", "path": d.vm_path,
                    "fs_type": d.fs_type, "read_only": d.read_only}
                   for i, d in enumerate(spec.drive_mounts)]
         import json
@@ -475,6 +618,7 @@ class VirtualMachines:
             disks=tuple(disks),
         )
         vm.accelerator = accelerator
+        vm.kernel = machine.kernel
         vm.shutdown_event = ""
         vm.stop_reason = ""
         progress(f"booting {spec.id} under {accelerator}")
@@ -583,6 +727,7 @@ class VirtualMachines:
         with self._lock:
             if vm.status == RUNNING:
                 vm.status = SHUTDOWN
+            self._persist()
 
     def _teardown_boot(self, vm: VirtualMachine) -> None:
         """What one boot made: QMP session, TAP, runtime directory (QEMU itself must be gone)."""
@@ -614,3 +759,40 @@ class VirtualMachines:
             pass
         with self._lock:
             self._machines.pop(vm.spec.id, None)
+            self._persist()
+
+
+def _machine_record(vm: VirtualMachine) -> dict[str, Any]:
+    spec = vm.spec
+    return {
+        "spec": {"id": spec.id, "mem_size_mb": spec.mem_size_mb, "vcpu_count": spec.vcpu_count,
+                 "kernel_img_path": spec.kernel_img_path, "kernel_args": list(spec.kernel_args),
+                 "root_drive": spec.root_drive, "root_read_only": spec.root_read_only,
+                 "drive_mounts": [{"image_path": d.image_path, "vm_path": d.vm_path,
+                                   "fs_type": d.fs_type, "read_only": d.read_only}
+                                  for d in spec.drive_mounts]},
+        "status": vm.status, "accelerator": vm.accelerator, "tap": vm.tap,
+        "address": vm.address, "stop_reason": vm.stop_reason, "kernel": vm.kernel,
+        "qemu_pid": vm.qemu.process.host_pid if vm.qemu is not None and vm.status == RUNNING
+        else None,
+    }
+
+
+def _machine_from_record(record: dict[str, Any]) -> VirtualMachine:
+    raw = record["spec"]
+    spec = MachineSpec(
+        id=str(raw["id"]), mem_size_mb=int(raw["mem_size_mb"]), vcpu_count=int(raw["vcpu_count"]),
+        kernel_img_path=str(raw["kernel_img_path"]),
+        kernel_args=tuple(str(a) for a in raw["kernel_args"]),
+        root_drive=str(raw["root_drive"]), root_read_only=bool(raw["root_read_only"]),
+        drive_mounts=tuple(DriveSpec(str(d["image_path"]), str(d["vm_path"]), str(d["fs_type"]),
+                                     bool(d["read_only"])) for d in raw["drive_mounts"]))
+    status = str(record["status"])
+    if status not in (CREATED, RUNNING, SHUTDOWN):
+        raise ValueError(f"status {status!r}")
+    # A record is what this daemon wrote; validate it anyway as a request would be.
+    validate_machine(spec, check_files=False)
+    return VirtualMachine(spec, status=status, accelerator=str(record["accelerator"]),
+                          tap=None if record["tap"] is None else str(record["tap"]),
+                          address=str(record["address"]), stop_reason=str(record["stop_reason"]),
+                          kernel=str(record.get("kernel") or ""))

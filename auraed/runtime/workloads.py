@@ -305,8 +305,9 @@ class Workloads:
                     self._spawner.forget(restore.cell_key(record.name))
                     continue
                 spec = CellSpec(record.limits, record.isolate_process, record.isolate_network,
-                            isolate_pid=record.isolate_pid)
-                cell = Cell(record.name, spec, namespaces=parent.namespaces if parent else None)
+                                isolate_pid=record.isolate_pid)
+                cell = Cell(record.name, spec, namespaces=parent.namespaces if parent else None,
+                            owner=record.owner)
                 try:
                     cell.oom_kills_seen = self.backend.oom_kills(record.name.path) or 0
                 except CgroupError:
@@ -581,7 +582,7 @@ class Workloads:
             self.events.cell_allocated(name)
             self._spawner.keep(restore.cell_key(name), restore.cell_record(restore.CellRecord(
                 name, spec.limits, spec.isolate_process, spec.isolate_network,
-                isolate_pid=spec.isolate_pid)))
+                isolate_pid=spec.isolate_pid, owner=owner)))
         log.info("cell allocated", extra={"cell": name.path,
                                           "namespaces": ",".join(sorted(spec.unshared))})
         return cell
@@ -754,6 +755,12 @@ class Workloads:
                             executables, missing[name], cell.holder_gone)
 
         return [view(name) for name in sorted(cells) if name.parent is None]
+
+    def owned_cells(self) -> dict[CellName, str]:
+        """The cells the daemon made for workloads of its own (adopted ones too), by owner."""
+        with self._lock:
+            return {cell.name: cell.owner for cell in self._cells.values()
+                    if cell.owner is not None}
 
     def namespaces_of(self, name: CellName) -> NamespaceSet | None:
         """The namespaces a process started in the cell joins (None: the host's)."""

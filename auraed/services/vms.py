@@ -70,7 +70,7 @@ class VmService(VmServiceBase):
                 status=self.machines.status_of(vm),
                 mem_size_mb=spec.mem_size_mb,
                 vcpu_count=spec.vcpu_count,
-                kernel_img_path=spec.kernel_img_path or self.machines.default_kernel(),
+                kernel_img_path=spec.kernel_img_path or vm.kernel or self.machines.default_kernel(),
                 root_dir_path=spec.root_drive,
                 auraed_address=vm.address,
                 accelerator=vm.accelerator,

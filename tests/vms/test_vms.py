@@ -132,9 +132,11 @@ def test_allocate_refuses_bad_machines_with_the_right_codes(host: aurae_sdk.Clie
     assert str(absent) in kernel.value.message and kernel.value.field == "machine.kernel_img_path"
     with pytest.raises(errors.InvalidArgument):
         host.vms.allocate(machine={"id": "tiny", "mem_size_mb": 16})
-    with pytest.raises(errors.Unimplemented) as root:
-        host.vms.allocate(machine={"id": "rooted", "root_drive": {"image_path": "/etc/hostname"}})
+    absent_root = tmp_path / "no-such-root.ext4"
+    with pytest.raises(errors.InvalidArgument) as root:
+        host.vms.allocate(machine={"id": "rooted", "root_drive": {"image_path": str(absent_root)}})
     assert root.value.field == "machine.root_drive.image_path"
+    assert str(absent_root) in root.value.message
     for call in (host.vms.start, host.vms.stop, host.vms.free):
         with pytest.raises(errors.NotFound):
             call(vm_id="ghost")
