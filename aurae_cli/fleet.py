@@ -57,11 +57,22 @@ def run_rpc(session: Session, attribute: str, method: str, request: dict[str, An
     from aurae_sdk.fleet import Fleet
     from aurae_sdk.rpc import DEFAULT_TIMEOUT
 
+    if session.vm is not None:
+        raise click.UsageError("--vm names one node's guest; with several contexts, leave it out")
+    if session.instance is not None:
+        from aurae_sdk.client import instance_path
+
+        try:
+            instance_path((), session.instance)
+        except ValueError as error:
+            raise click.BadParameter(str(error), param_hint="--instance") from None
     fleet = Fleet(configs=_configs(session), concurrency=session.parallel,
                   timeout=session.timeout or DEFAULT_TIMEOUT)
 
     async def call(client: Any) -> Any:
-        return await getattr(getattr(client, attribute), method)(request, timeout=timeout)
+        # --instance addresses the same spawned instance on every node, as it does on one.
+        target = client.instance(session.instance) if session.instance else client
+        return await getattr(getattr(target, attribute), method)(request, timeout=timeout)
 
     results = fleet.run(call)
     outcomes = []
