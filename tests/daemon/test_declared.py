@@ -253,3 +253,38 @@ def test_update_refuses_what_cannot_change_in_place(daemon: DaemonProcess,
         assert dict(node.cell.labels) == {"b": "2"} and node.cell.memory.max == 128 << 20
     finally:
         client.cells.free(cell_name="inplace")
+
+
+def test_a_refused_update_changes_no_cgroup_file(daemon: DaemonProcess,
+                                                 client: aurae_sdk.Client) -> None:
+    """Update is all or nothing: the kernel refuses the child's quota above its parent's only
+    when cpu.cfs_quota_us is written, after cpu.shares and cpu.cfs_period_us; those two are
+    put back, and the cell's recorded spec stays as it was."""
+    client.cells.allocate(cell={"name": "atomic", "cpu": {"max": 50_000}})
+    try:
+        client.cells.allocate(cell={"name": "atomic/inner", "cpu": {"weight": 100, "max": 20_000},
+                                    "memory": {"max": 64 << 20}})
+        files = ("cpu.shares", "cpu.cfs_period_us", "cpu.cfs_quota_us")
+        before = {f: cgroup(daemon, "cpu", "atomic/inner", f) for f in files}
+        memory_before = cgroup(daemon, "memory", "atomic/inner", "memory.limit_in_bytes")
+        with pytest.raises(aurae_sdk.FailedPrecondition) as refused:
+            client.cells.update(cell={"name": "atomic/inner",
+                                      "cpu": {"weight": 300, "max": 180_000, "period": 200_000},
+                                      "memory": {"max": 32 << 20}})
+        assert refused.value.field == "cell.cpu.max"
+        assert {f: cgroup(daemon, "cpu", "atomic/inner", f) for f in files} == before
+        assert before == {"cpu.shares": "1024", "cpu.cfs_period_us": "100000",
+                          "cpu.cfs_quota_us": "20000"}
+        assert cgroup(daemon, "memory", "atomic/inner", "memory.limit_in_bytes") == memory_before
+        (node,) = [n for n in client.cells.list().cells if n.cell.name == "atomic"]
+        (inner,) = node.children
+        assert inner.cell.cpu.weight == 100 and inner.cell.cpu.max == 20_000
+        # The same update within the parent's quota goes through, every file of it.
+        client.cells.update(cell={"name": "atomic/inner",
+                                  "cpu": {"weight": 300, "max": 40_000, "period": 200_000},
+                                  "memory": {"max": 32 << 20}})
+        assert {f: cgroup(daemon, "cpu", "atomic/inner", f) for f in files} == {
+            "cpu.shares": "3072", "cpu.cfs_period_us": "200000", "cpu.cfs_quota_us": "40000"}
+        assert cgroup(daemon, "memory", "atomic/inner", "memory.limit_in_bytes") == str(32 << 20)
+    finally:
+        client.cells.free(cell_name="atomic")
