@@ -327,7 +327,7 @@ _LIST_FIELDS: dict[str, str] = {
 
 @group.command(
     "list",
-    help="Show the tree of allocated cells.\n\n\x08\nExamples:\n  aurae-py cells list\n  aurae-py cells list -o wide\n  aurae-py cells list -o jsonpath='{.cells[*].cell.name}'",
+    help="Show the tree of allocated cells.\n\nLists every page (following next_page_token) unless --page-token is given;\n--page-token '' shows the first page only.\n\n\x08\nExamples:\n  aurae-py cells list\n  aurae-py cells list -o wide\n  aurae-py cells list -o jsonpath='{.cells[*].cell.name}'",
     short_help="Show the tree of allocated cells.",
 )
 @click.option(
@@ -350,6 +350,7 @@ def list_command(**params: Any) -> None:
         params,
         _LIST_FIELDS,
         server_streaming=False,
+        paged=True,
     )
 
 
