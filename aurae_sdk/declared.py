@@ -66,24 +66,102 @@ class Source:
         return f"{self.file}:{self.line}"
 
 
+RestartPolicy = Literal["no", "on-failure", "always"]
+RESTART_POLICIES: tuple[RestartPolicy, ...] = ("no", "on-failure", "always")
+# The wire enum's names, by the manifest's; its numbers are the index in RESTART_POLICIES.
+_RESTART_ENUM = {"no": "EXECUTABLE_RESTART_POLICY_NO",
+                 "on-failure": "EXECUTABLE_RESTART_POLICY_ON_FAILURE",
+                 "always": "EXECUTABLE_RESTART_POLICY_ALWAYS"}
+# The restart fields in the order a record keeps them (after the policy's letter).
+RESTART_TUNING = ("restart_delay_ms", "restart_max_delay_ms", "start_limit_burst",
+                  "start_limit_interval_ms")
+# How plans (and manifests) name them.
+RESTART_FIELD_NAMES = {"restart": "restart.policy", "restart_delay_ms": "restart.delay_ms",
+                       "restart_max_delay_ms": "restart.max_delay_ms",
+                       "start_limit_burst": "restart.start_limit.burst",
+                       "start_limit_interval_ms": "restart.start_limit.interval_ms"}
+
+
 @dataclass(frozen=True)
 class Executable:
-    """A process a cell should run: a shell command line under a name unique in its cell."""
+    """A process a cell should run: a shell command line under a name unique in its cell.
+
+    `restart`: what the node does when it exits ("no", "on-failure", "always"); the delay
+    before the first restart, the longest delay backing off reaches, and the start limit
+    (at most `start_limit_burst` starts within `start_limit_interval_ms`) tune it.
+    """
 
     name: str
     command: str
     uid: int | None = None
     gid: int | None = None
     description: str = ""
+    restart: RestartPolicy = "no"
+    restart_delay_ms: int | None = None
+    restart_max_delay_ms: int | None = None
+    start_limit_burst: int | None = None
+    start_limit_interval_ms: int | None = None
     source: Source | None = field(default=None, compare=False, repr=False)
+    field_sources: Mapping[str, Source] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.restart not in RESTART_POLICIES:
+            raise DeclaredStateError(
+                f"executable {self.name}: restart must be one of {', '.join(RESTART_POLICIES)}, "
+                f"not {self.restart!r}", self.field_sources.get("restart", self.source))
 
     @property
     def record(self) -> str:
-        """The label value recording this spec on the node: uid.gid.digest (x: unset)."""
+        """The label value recording this spec on the node (at most 63 characters):
+        uid.gid.digest, then, with a restart policy, .P_delay_max_burst_interval (P its first
+        letter, numbers in base 36; x: unset)."""
         digest = hashlib.sha256(f"{self.command}\0{self.description}".encode()).hexdigest()[:16]
         uid = "x" if self.uid is None else str(self.uid)
         gid = "x" if self.gid is None else str(self.gid)
-        return f"{uid}.{gid}.{digest}"
+        if self.restart == "no" and not any(getattr(self, t) is not None
+                                            for t in RESTART_TUNING):
+            return f"{uid}.{gid}.{digest}"
+        tuning = "_".join(_base36(getattr(self, t)) for t in RESTART_TUNING)
+        return f"{uid}.{gid}.{digest}.{self.restart[0]}_{tuning}"
+
+    def restart_fields(self) -> dict[str, Any]:
+        """The Executable message's restart fields for Start."""
+        fields: dict[str, Any] = {"restart_policy": _RESTART_ENUM[self.restart]}
+        for name in ("restart_delay_ms", "restart_max_delay_ms"):
+            if getattr(self, name) is not None:
+                fields[name] = getattr(self, name)
+        if self.start_limit_burst is not None or self.start_limit_interval_ms is not None:
+            fields["start_limit"] = {"burst": self.start_limit_burst or 0,
+                                     "interval_ms": self.start_limit_interval_ms or 0}
+        return fields
+
+
+def _base36(value: int | None) -> str:
+    if value is None:
+        return "x"
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    text = ""
+    while True:
+        value, digit = divmod(value, 36)
+        text = digits[digit] + text
+        if not value:
+            return text
+
+
+def _recorded_restart(recorded: str | None) -> dict[str, Any] | None:
+    """The restart spec a record keeps: policy and tuning; None for a record without one
+    (an executable started with no restart policy, or by an older aurae-py)."""
+    parts = (recorded or "").split(".")
+    if len(parts) != 4:
+        return None
+    letter, *tuning = parts[3].split("_")
+    policy = {p[0]: p for p in RESTART_POLICIES}.get(letter)
+    if policy is None or len(tuning) != len(RESTART_TUNING):
+        return None
+    spec: dict[str, Any] = {"restart": policy}
+    for name, text in zip(RESTART_TUNING, tuning):
+        spec[name] = None if text == "x" else int(text, 36)
+    return spec
 
 
 @dataclass(frozen=True)
@@ -439,7 +517,7 @@ def _executable_steps(have: _Observed, want: _FlatCell) -> list[Step]:
         changes = _executable_diff(status, recorded, executable)
         if changes:
             steps.append(Step("replace", "executable", key, changes,
-                              "a process cannot change in place", executable.source))
+                              _replace_reason(changes), executable.source))
         else:
             note = "" if status.state == 1 else _ended(status)
             steps.append(Step("no-op", "executable", key, (), note, executable.source))
@@ -461,15 +539,30 @@ def _executable_diff(status: cells_pb2.ExecutableStatus, recorded: str | None,
     changes: list[Change] = []
     if status.command != want.command:
         changes.append(Change("command", status.command, want.command))
-    uid, gid, _digest = (recorded or "?.?.?").split(".", 2)
+    uid, gid, _digest = (recorded or "?.?.?").split(".")[:3]
     for name, before in (("uid", uid), ("gid", gid)):
         after = getattr(want, name)
         before_value = None if before == "x" else (before if before == "?" else int(before))
         if before_value != after:
             changes.append(Change(name, before_value, after))
+    restart = _recorded_restart(recorded) or {
+        "restart": RESTART_POLICIES[status.restart_policy]
+        if status.restart_policy < len(RESTART_POLICIES) else "no",
+        **dict.fromkeys(RESTART_TUNING)}
+    for name in ("restart", *RESTART_TUNING):
+        if restart[name] != getattr(want, name):
+            changes.append(Change(RESTART_FIELD_NAMES[name], restart[name],
+                                  getattr(want, name)))
     if not changes:
         changes.append(Change("description", "(recorded differs)", want.description))
     return tuple(changes)
+
+
+def _replace_reason(changes: tuple[Change, ...]) -> str:
+    """Why an executable's changes need a Stop and a Start."""
+    if all(change.field.startswith("restart.") for change in changes):
+        return "a restart policy cannot change in place: no call changes a running executable"
+    return "a process cannot change in place"
 
 
 def _cell_fields(want: _FlatCell) -> tuple[Change, ...]:
@@ -486,6 +579,11 @@ def _executable_fields(executable: Executable) -> tuple[Change, ...]:
     for name in ("uid", "gid"):
         if getattr(executable, name) is not None:
             changes.append(Change(name, None, getattr(executable, name)))
+    if executable.restart != "no":
+        changes.append(Change("restart.policy", None, executable.restart))
+    for name in RESTART_TUNING:
+        if getattr(executable, name) is not None:
+            changes.append(Change(RESTART_FIELD_NAMES[name], None, getattr(executable, name)))
     return tuple(changes)
 
 
@@ -597,7 +695,7 @@ def _execute_step(client: Client, planned: Plan, step: Step,
         client.cells.start(
             cell_name=cell,
             executable={"name": name, "command": declared.command,
-                        "description": declared.description},
+                        "description": declared.description, **declared.restart_fields()},
             uid=declared.uid, gid=declared.gid,
         )
 
@@ -620,9 +718,16 @@ def _located(error: AuraeError, step: Step, planned: Plan) -> AuraeError:
     """The error with where the failing thing was declared, down to the field's line."""
     source = step.source
     want = planned._cells.get(step.cell)
-    if want is not None and error.field:
+    if want is not None and error.field and step.kind == "cell":
         blamed = error.field.removeprefix("cell.")
         source = want.cell.field_sources.get(blamed.replace("isolate_", "isolation."), source)
+    elif want is not None and error.field and step.kind == "executable":
+        name = step.name.partition(":")[2]
+        declared = {e.name: e for e in want.cell.executables}.get(name)
+        if declared is not None:
+            blamed = error.field.removeprefix("executable.").replace("start_limit.", "start_limit_")
+            blamed = {"restart_policy": "restart"}.get(blamed, blamed)
+            source = declared.field_sources.get(RESTART_FIELD_NAMES.get(blamed, blamed), source)
     where = f"{source}: " if source else ""
     located = type(error)(f"{where}{step.action} {step.kind} {step.name}: {error.message}",
                           field=error.field, method=error.method)

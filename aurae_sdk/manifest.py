@@ -13,6 +13,9 @@
             command: python3 -m http.server 8080
             uid: 1000
             gid: 1000
+            restart: on-failure                            # or {policy: always, delay_ms: 200,
+                                                           #  max_delay_ms: 5000,
+                                                           #  start_limit: {burst: 5, interval_ms: 10000}}
         cells:                                             # nested: web/cache
           - name: cache
 
@@ -36,7 +39,8 @@ _CONTROLLERS: dict[str, dict[str, type]] = {
     "memory": {"min": str, "low": str, "high": str, "max": str},
 }
 _CELL_KEYS = ("name", *_CONTROLLERS, "isolation", "labels", "executables", "cells")
-_EXECUTABLE_KEYS = ("name", "command", "uid", "gid", "description")
+_EXECUTABLE_KEYS = ("name", "command", "uid", "gid", "description", "restart")
+_RESTART_KEYS = ("policy", "delay_ms", "max_delay_ms", "start_limit")
 _NODE_KEYS = ("owner", "cells")
 
 
@@ -191,7 +195,48 @@ class _Reader:
         if "description" in entries:
             values["description"] = self.scalar(
                 entries["description"], f"description of {cell}:{name}", str)
-        return Executable(name=name, source=self.source(node), **values)
+        sources: dict[str, Source] = {}
+        if "restart" in entries:
+            values.update(self.restart(entries["restart"], f"{cell}:{name}", sources))
+        return Executable(name=name, source=self.source(node), field_sources=sources, **values)
+
+    def restart(self, node: yaml.Node, owner: str, sources: dict[str, Source]) -> dict[str, Any]:
+        """`restart: on-failure`, or a mapping of policy, delay_ms, max_delay_ms and
+        start_limit: {burst, interval_ms}."""
+        from aurae_sdk.declared import RESTART_POLICIES
+
+        def policy(value_node: yaml.Node) -> str:
+            value = self.scalar(value_node, f"restart policy of {owner}", str)
+            if value not in RESTART_POLICIES:
+                raise self.fail(value_node, f"restart policy of {owner} must be one of "
+                                            f"{', '.join(RESTART_POLICIES)}, not {value!r}")
+            sources["restart.policy"] = self.source(value_node)
+            return value
+
+        if isinstance(node, yaml.ScalarNode):
+            return {"restart": policy(node)}
+        entries = self.mapping(node, f"restart of {owner}", _RESTART_KEYS)
+        values: dict[str, Any] = {"restart": policy(entries["policy"]) if "policy" in entries
+                                  else "on-failure"}
+        numbers = {"delay_ms": "restart_delay_ms", "max_delay_ms": "restart_max_delay_ms"}
+        for key, attribute in numbers.items():
+            if key in entries:
+                values[attribute] = self.count(entries[key], f"restart.{key} of {owner}")
+                sources[f"restart.{key}"] = self.source(entries[key])
+        if "start_limit" in entries:
+            limit = self.mapping(entries["start_limit"], f"restart.start_limit of {owner}",
+                                 ("burst", "interval_ms"))
+            for key, value_node in limit.items():
+                values[f"start_limit_{key}"] = self.count(
+                    value_node, f"restart.start_limit.{key} of {owner}")
+                sources[f"restart.start_limit.{key}"] = self.source(value_node)
+        return values
+
+    def count(self, node: yaml.Node, what: str) -> int:
+        value: int = self.scalar(node, what, int)
+        if not 0 <= value < 2**32:
+            raise self.fail(node, f"{what} must be 0 to 4294967295")
+        return value
 
 
 _KIND_NAMES: dict[type, str] = {str: "string", int: "whole number", bool: "true or false"}

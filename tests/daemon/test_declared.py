@@ -288,3 +288,87 @@ def test_a_refused_update_changes_no_cgroup_file(daemon: DaemonProcess,
         assert cgroup(daemon, "memory", "atomic/inner", "memory.limit_in_bytes") == str(32 << 20)
     finally:
         client.cells.free(cell_name="atomic")
+
+
+RESTARTING = """\
+owner: rs
+cells:
+  - name: rs-web
+    executables:
+      - name: app
+        command: sleep 600
+        restart:
+          policy: on-failure
+          delay_ms: 50
+          start_limit: {burst: 10, interval_ms: 60000}
+"""
+
+
+def wait_for(check, timeout: float = 60.0):  # type: ignore[no-untyped-def]
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+def test_restart_policies_are_declared_diffed_and_replaced(
+        daemon: DaemonProcess, client: aurae_sdk.Client, tmp_path: Path) -> None:
+    import signal
+
+    manifest = write(tmp_path, RESTARTING, "rs.yaml")
+    try:
+        applied = daemon.cli("apply", "-f", manifest)
+        assert applied.returncode == 0, applied.stderr
+        status = aurae_sdk.declared.observe(client)["rs-web"].executables["app"]
+        assert status.restart_policy == 1  # EXECUTABLE_RESTART_POLICY_ON_FAILURE
+        # The node restarts it when it fails: killed, a new process takes its place.
+        first = status.host_pid
+        os.kill(first, signal.SIGKILL)
+        restarted = wait_for(lambda: (s := aurae_sdk.declared.observe(client)["rs-web"]
+                                      .executables["app"]).state == 1
+                             and s.host_pid != first and s)
+        assert restarted.restart_count == 1
+        assert Path(f"/proc/{restarted.host_pid}/cmdline").read_bytes().split(b"\0")[-2] == \
+            b"sleep 600"
+        assert daemon.cli("diff", "-f", manifest).returncode == 0
+        # The Python front end declares the same thing.
+        same = Node(owner="rs", cells=[Cell("rs-web", executables=[Executable(
+            "app", "sleep 600", restart="on-failure", restart_delay_ms=50,
+            start_limit_burst=10, start_limit_interval_ms=60000)])])
+        assert not aurae_sdk.plan(client, same).changed
+
+        write(tmp_path, RESTARTING.replace("policy: on-failure", "policy: always")
+              .replace("delay_ms: 50", "delay_ms: 200"), "rs.yaml")
+        diff = daemon.cli("diff", "-f", manifest)
+        assert diff.returncode == 2, diff.stderr
+        assert diff.stdout == textwrap.dedent("""\
+            ± replace  executable rs-web:app  (a restart policy cannot change in place: no call changes a running executable)
+                  restart.policy: 'on-failure' -> 'always'
+                  restart.delay_ms: 50 -> 200
+            Plan: 0 to create, 0 to update, 1 to replace, 0 to delete, 1 unchanged.
+            """)
+        assert daemon.cli("apply", "-f", manifest).returncode == 0
+        replaced = aurae_sdk.declared.observe(client)["rs-web"].executables["app"]
+        assert replaced.restart_policy == 2 and replaced.host_pid != restarted.host_pid
+        assert not os.path.exists(f"/proc/{restarted.host_pid}")
+        assert daemon.cli("diff", "-f", manifest).returncode == 0
+
+        # A value the node refuses is placed at its line.
+        write(tmp_path, RESTARTING.replace("delay_ms: 50", "delay_ms: 0"), "rs.yaml")
+        refused = daemon.cli("apply", "-f", manifest)
+        assert refused.returncode == 64 + 3, refused.stderr
+        assert f"{manifest}:9: replace executable rs-web:app" in refused.stderr
+        bad = write(tmp_path, RESTARTING.replace("policy: on-failure", "policy: sometimes"),
+                    "bad.yaml")
+        result = daemon.cli("diff", "-f", bad)
+        assert result.returncode == 1
+        assert f"{bad}:8: restart policy of rs-web:app must be one of no, on-failure, always" \
+            in result.stderr
+    finally:
+        if "rs-web" in cell_paths(client):
+            client.cells.free(cell_name="rs-web")
