@@ -33,6 +33,10 @@ if TYPE_CHECKING:
 
 OWNER_LABEL = "aurae-py.io/owner"
 EXECUTABLE_LABEL_PREFIX = "exe.aurae-py.io/"
+# On a host-level executable's own labels: the spec it was started with (Executable.record).
+SPEC_LABEL = "aurae-py.io/spec"
+# How plans name host-level executables: no cell before the colon.
+HOST = ""
 RESERVED_LABEL_DOMAIN = "aurae-py.io"
 
 Action = Literal["create", "update", "replace", "delete", "no-op"]
@@ -210,10 +214,15 @@ class Cell:
 
 @dataclass(frozen=True)
 class Node:
-    """Everything one owner declares for a node. `owner` is recorded on every cell it makes."""
+    """Everything one owner declares for a node. `owner` is recorded on every cell it makes.
+
+    `executables` run at host level, in no cell; their ownership is recorded in their own
+    labels (Executable.labels), which the daemon keeps with each process.
+    """
 
     owner: str
     cells: Sequence[Cell] = ()
+    executables: Sequence[Executable] = ()
     source: Source | None = field(default=None, compare=False, repr=False)
 
 
@@ -264,6 +273,8 @@ class Plan:
     steps: tuple[Step, ...]
     # Desired cells by path, for the executor (not part of what a plan compares equal on).
     _cells: Mapping[str, _FlatCell] = field(default_factory=dict, compare=False, repr=False)
+    # Desired host-level executables by name, for the executor.
+    _host: Mapping[str, Executable] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def changes(self) -> list[Step]:
@@ -341,6 +352,14 @@ class _Observed:
 
 def observe(client: Client) -> dict[str, _Observed]:
     """Every cell of the node by path, parents before children."""
+    return _observe_node(client)[0]
+
+
+def _observe_node(client: Client
+                  ) -> tuple[dict[str, _Observed], dict[str, cells_pb2.ExecutableStatus]]:
+    """Every cell by path, parents before children; and the host-level executables by name."""
+    from aurae_sdk.cell_tree import list_pages, merge_pages
+
     found: dict[str, _Observed] = {}
 
     def walk(nodes: Iterator[cells_pb2.CellGraphNode]) -> None:
@@ -350,11 +369,10 @@ def observe(client: Client) -> dict[str, _Observed]:
             )
             walk(iter(node.children))
 
-    from aurae_sdk.cell_tree import list_cells
-
     # Every page of List: a plan must see the whole node.
-    walk(iter(list_cells(client)))
-    return found
+    pages = list(list_pages(client))
+    walk(iter(merge_pages(pages)))
+    return found, {e.name: e for e in pages[0].host_executables}
 
 
 def _flatten(node: Node) -> dict[str, _FlatCell]:
@@ -395,6 +413,17 @@ def _flatten(node: Node) -> dict[str, _FlatCell]:
     return flat
 
 
+def _host_executables(node: Node) -> dict[str, Executable]:
+    declared: dict[str, Executable] = {}
+    for executable in node.executables:
+        if executable.name in declared:
+            raise DeclaredStateError(
+                f"executable {executable.name} is declared twice at host level",
+                executable.source)
+        declared[executable.name] = executable
+    return declared
+
+
 def _check_label_value(what: str, value: str, source: Source | None) -> None:
     import re
 
@@ -413,7 +442,48 @@ def plan(client: Client, node: Node, *, prune: bool = False) -> Plan:
     With `prune`, cells this owner made that `node` no longer declares are deleted.
     Raises DeclaredStateError when a declared cell exists but belongs to another owner.
     """
-    return _plan(_flatten(node), observe(client), node.owner, prune=prune)
+    cells, host = _observe_node(client)
+    planned = _plan(_flatten(node), cells, node.owner, prune=prune)
+    declared = _host_executables(node)
+    return Plan(node.owner, (*planned.steps, *_host_steps(declared, host, node.owner, prune)),
+                planned._cells, declared)
+
+
+def _host_steps(declared: Mapping[str, Executable],
+                observed: Mapping[str, cells_pb2.ExecutableStatus], owner: str,
+                prune: bool) -> list[Step]:
+    steps: list[Step] = []
+    for name, want in declared.items():
+        key = f"{HOST}:{name}"
+        status = observed.get(name)
+        if status is None:
+            steps.append(Step("create", "executable", key, _executable_fields(want), "",
+                              want.source))
+            continue
+        holder = status.labels.get(OWNER_LABEL)
+        if holder != owner:
+            if status.state == 1:
+                held = f"owner {holder!r}" if holder else "no aurae-py owner"
+                raise DeclaredStateError(
+                    f"executable {name} runs at host level with {held}, not {owner!r}: stop "
+                    "it, or declare it under that owner", want.source)
+            steps.append(Step("create", "executable", key, _executable_fields(want),
+                              f"the name was used by an executable that {_ended(status)}",
+                              want.source))
+            continue
+        changes = _executable_diff(status, status.labels.get(SPEC_LABEL), want)
+        if changes:
+            steps.append(Step("replace", "executable", key, changes, _replace_reason(changes),
+                              want.source))
+        else:
+            note = "" if status.state == 1 else _ended(status)
+            steps.append(Step("no-op", "executable", key, (), note, want.source))
+    if prune:
+        for name, status in observed.items():
+            if name not in declared and status.labels.get(OWNER_LABEL) == owner:
+                steps.append(Step("delete", "executable", f"{HOST}:{name}", (),
+                                  "no longer declared"))
+    return steps
 
 
 def _plan(desired: dict[str, _FlatCell], observed: dict[str, _Observed], owner: str, *,
@@ -624,7 +694,8 @@ def delete(client: Client, node: Node, *, dry_run: bool = False,
            on_step: StepDone | None = None) -> Plan:
     """Free every declared cell this owner made (nested ones go with their parents)."""
     desired = _flatten(node)
-    observed = observe(client)
+    observed, host = _observe_node(client)
+    declared_host = _host_executables(node)
     steps: list[Step] = []
     for path, want in desired.items():
         have = observed.get(path)
@@ -638,7 +709,18 @@ def delete(client: Client, node: Node, *, dry_run: bool = False,
         if any(path.startswith(s.name + "/") for s in steps if s.action == "delete"):
             continue
         steps.append(Step("delete", "cell", path, (), "", want.cell.source))
-    planned = Plan(node.owner, tuple(steps), desired)
+    for name, executable in declared_host.items():
+        status = host.get(name)
+        if status is None:
+            continue
+        holder = status.labels.get(OWNER_LABEL)
+        if holder != node.owner:
+            steps.append(Step("no-op", "executable", f"{HOST}:{name}", (),
+                              f"kept: owned by {holder or 'no aurae-py owner'}",
+                              executable.source))
+            continue
+        steps.append(Step("delete", "executable", f"{HOST}:{name}", (), "", executable.source))
+    planned = Plan(node.owner, tuple(steps), desired, declared_host)
     if not dry_run:
         execute(client, planned, on_step=on_step)
     return planned
@@ -656,7 +738,7 @@ def execute(client: Client, planned: Plan, *, on_step: StepDone | None = None) -
             on_step(step)
     # Executables changed in a cell left as it was: record their new specs on it.
     for path, action in cells_touched.items():
-        if action == "no-op":
+        if action == "no-op" and path != HOST:
             want = planned._cells[path]
             _update(client, want)
 
@@ -691,10 +773,16 @@ def _execute_step(client: Client, planned: Plan, step: Step,
         except NotFound:
             pass  # already stopped, or freed with its cell
     if step.action in ("create", "replace"):
-        declared = {e.name: e for e in planned._cells[cell].cell.executables}[name]
+        labels: dict[str, str] = {}
+        if cell == HOST:
+            declared = planned._host[name]
+            # At host level there is no cell to keep the records: the executable keeps its own.
+            labels = {OWNER_LABEL: planned.owner, SPEC_LABEL: declared.record}
+        else:
+            declared = {e.name: e for e in planned._cells[cell].cell.executables}[name]
         client.cells.start(
             cell_name=cell,
-            executable={"name": name, "command": declared.command,
+            executable={"name": name, "command": declared.command, "labels": labels,
                         "description": declared.description, **declared.restart_fields()},
             uid=declared.uid, gid=declared.gid,
         )
@@ -721,9 +809,10 @@ def _located(error: AuraeError, step: Step, planned: Plan) -> AuraeError:
     if want is not None and error.field and step.kind == "cell":
         blamed = error.field.removeprefix("cell.")
         source = want.cell.field_sources.get(blamed.replace("isolate_", "isolation."), source)
-    elif want is not None and error.field and step.kind == "executable":
+    elif error.field and step.kind == "executable":
         name = step.name.partition(":")[2]
-        declared = {e.name: e for e in want.cell.executables}.get(name)
+        declared = (planned._host.get(name) if step.cell == HOST else
+                    {e.name: e for e in want.cell.executables}.get(name) if want else None)
         if declared is not None:
             blamed = error.field.removeprefix("executable.").replace("start_limit.", "start_limit_")
             blamed = {"restart_policy": "restart"}.get(blamed, blamed)

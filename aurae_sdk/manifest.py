@@ -41,7 +41,7 @@ _CONTROLLERS: dict[str, dict[str, type]] = {
 _CELL_KEYS = ("name", *_CONTROLLERS, "isolation", "labels", "executables", "cells")
 _EXECUTABLE_KEYS = ("name", "command", "uid", "gid", "description", "restart")
 _RESTART_KEYS = ("policy", "delay_ms", "max_delay_ms", "start_limit")
-_NODE_KEYS = ("owner", "cells")
+_NODE_KEYS = ("owner", "cells", "executables")
 
 
 class ManifestError(DeclaredStateError):
@@ -90,7 +90,10 @@ def loads(text: str, filename: str = "<manifest>", *, default_owner: str | None 
         raise ManifestError("`owner` is required when the manifest has no file name",
                             reader.source(root))
     cells = [reader.cell(item) for item in reader.sequence(entries.get("cells"), "cells")]
-    return Node(owner=owner, cells=cells, source=reader.source(owner_node or root))
+    host = [reader.executable(item, None)
+            for item in reader.sequence(entries.get("executables"), "executables")]
+    return Node(owner=owner, cells=cells, executables=host,
+                source=reader.source(owner_node or root))
 
 
 class _Reader:
@@ -178,12 +181,15 @@ class _Reader:
         except TypeError as error:  # pragma: no cover - keys are checked above
             raise self.fail(node, str(error)) from None
 
-    def executable(self, node: yaml.Node, cell: str) -> Executable:
-        entries = self.mapping(node, f"an executable of cell {cell}", _EXECUTABLE_KEYS)
+    def executable(self, node: yaml.Node, cell: str | None) -> Executable:
+        """An executable of `cell`, or at host level (cell None)."""
+        where = "at host level" if cell is None else f"of cell {cell}"
+        entries = self.mapping(node, f"an executable {where}", _EXECUTABLE_KEYS)
         for required in ("name", "command"):
             if required not in entries:
-                raise self.fail(node, f"an executable of cell {cell} needs a {required}")
-        name = self.scalar(entries["name"], f"an executable name in cell {cell}", str)
+                raise self.fail(node, f"an executable {where} needs a {required}")
+        name = self.scalar(entries["name"], f"an executable name {where}", str)
+        cell = "" if cell is None else cell
         values: dict[str, Any] = {
             "command": self.scalar(entries["command"], f"command of {cell}:{name}", str)}
         for key in ("uid", "gid"):
@@ -211,7 +217,7 @@ class _Reader:
                 raise self.fail(value_node, f"restart policy of {owner} must be one of "
                                             f"{', '.join(RESTART_POLICIES)}, not {value!r}")
             sources["restart.policy"] = self.source(value_node)
-            return value
+            return str(value)
 
         if isinstance(node, yaml.ScalarNode):
             return {"restart": policy(node)}

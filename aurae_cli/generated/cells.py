@@ -167,6 +167,7 @@ _START_FIELDS: dict[str, str] = {
     "restart_max_delay_ms": "executable.restart_max_delay_ms",
     "start_limit_burst": "executable.start_limit.burst",
     "start_limit_interval_ms": "executable.start_limit.interval_ms",
+    "labels": "executable.labels",
     "uid": "uid",
     "gid": "gid",
 }
@@ -247,6 +248,13 @@ _START_POSITIONALS: tuple[tuple[str, bool], ...] = (
     "start_limit_interval_ms",
     type=click.IntRange(min=0),
     help="The interval, in milliseconds; 0 means 10000.",
+)
+@click.option(
+    "--labels",
+    "labels",
+    type=KeyValue(),
+    multiple=True,
+    help='aurae-py addition: labels recording who started the executable and why,\nsuch as "aurae-py.io/owner", kept with it by the daemon (across its own\nrestarts too) and reported in ExecutableStatus. The same rules as\nCell.labels.',
 )
 @click.option(
     "--uid",

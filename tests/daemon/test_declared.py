@@ -372,3 +372,104 @@ def test_restart_policies_are_declared_diffed_and_replaced(
     finally:
         if "rs-web" in cell_paths(client):
             client.cells.free(cell_name="rs-web")
+
+
+HOST_LEVEL = """\
+owner: hl
+executables:
+  - name: hl-agent
+    command: sleep 603
+  - name: hl-shipper
+    command: sleep 604
+    restart: on-failure
+"""
+
+
+def host_executables(client: aurae_sdk.Client) -> dict[str, object]:
+    return {e.name: e for e in client.cells.list().host_executables}
+
+
+def test_host_level_executables_are_owned_and_pruned(daemon: DaemonProcess,
+                                                      client: aurae_sdk.Client,
+                                                      tmp_path: Path) -> None:
+    manifest = write(tmp_path, HOST_LEVEL, "hl.yaml")
+    # Started by hand, not by the manifest: never pruned.
+    client.cells.start(executable={"name": "hl-manual", "command": "sleep 605"})
+    try:
+        applied = daemon.cli("apply", "-f", manifest)
+        assert applied.returncode == 0, applied.stderr
+        assert "+ create   executable :hl-agent" in applied.stdout
+        running = host_executables(client)
+        agent = running["hl-agent"]
+        # The node keeps the ownership with the process itself.
+        assert agent.labels["aurae-py.io/owner"] == "hl"  # type: ignore[attr-defined]
+        assert "aurae-py.io/owner" not in running["hl-manual"].labels  # type: ignore[attr-defined]
+        agent_pid = agent.host_pid  # type: ignore[attr-defined]
+        assert Path(f"/proc/{agent_pid}/cmdline").read_bytes().split(b"\0")[-2] == b"sleep 603"
+        assert daemon.cli("diff", "-f", manifest).returncode == 0
+
+        write(tmp_path, HOST_LEVEL.replace("sleep 603", "sleep 606"), "hl.yaml")
+        diff = daemon.cli("diff", "-f", manifest)
+        assert diff.returncode == 2
+        assert "± replace  executable :hl-agent  (a process cannot change in place)" in diff.stdout
+        assert daemon.cli("apply", "-f", manifest).returncode == 0
+        assert not os.path.exists(f"/proc/{agent_pid}")
+
+        write(tmp_path, "owner: hl\nexecutables:\n  - name: hl-shipper\n    command: sleep 604\n"
+                        "    restart: on-failure\n", "hl.yaml")
+        kept = daemon.cli("apply", "-f", manifest)
+        assert kept.stdout.strip() == "No changes: the node matches (1 unchanged)."
+        agent_pid = host_executables(client)["hl-agent"].host_pid  # type: ignore[attr-defined]
+        assert os.path.exists(f"/proc/{agent_pid}")
+        pruned = daemon.cli("apply", "-f", manifest, "--prune")
+        assert pruned.returncode == 0, pruned.stderr
+        assert "- delete   executable :hl-agent  (no longer declared)" in pruned.stdout
+        assert "hl-manual" not in pruned.stdout
+        assert not os.path.exists(f"/proc/{agent_pid}")
+        left = host_executables(client)
+        assert left["hl-manual"].state == 1 and left["hl-shipper"].state == 1  # type: ignore[attr-defined]
+        assert "hl-agent" not in left or left["hl-agent"].state != 1  # type: ignore[attr-defined]
+
+        # One running under the same name with no aurae-py owner is not taken over.
+        foreign = write(tmp_path, "owner: hl\nexecutables:\n  - name: hl-manual\n"
+                                  "    command: sleep 605\n", "foreign.yaml")
+        refused = daemon.cli("apply", "-f", foreign)
+        assert refused.returncode == 1
+        assert f"{foreign}:3: executable hl-manual runs at host level with no aurae-py owner" \
+            in refused.stderr
+        deleted = daemon.cli("delete", "-f", manifest)
+        assert deleted.returncode == 0, deleted.stderr
+        assert "- delete   executable :hl-shipper" in deleted.stdout
+        assert host_executables(client).get("hl-shipper") is None or \
+            host_executables(client)["hl-shipper"].state != 1  # type: ignore[attr-defined]
+    finally:
+        for name, status in host_executables(client).items():
+            if name.startswith("hl-") and status.state == 1:  # type: ignore[attr-defined]
+                client.cells.stop(executable_name=name, grace_period_ms=0)
+
+
+def test_host_level_ownership_outlives_the_daemon(tmp_path: Path) -> None:
+    """The records live with the process in the spawner, which outlives auraed: the next
+    daemon adopts the executable with its labels, so the manifest still knows it is its own."""
+    import signal
+
+    from tests.support.daemon import running_daemon
+
+    manifest = write(tmp_path, "owner: keep\nexecutables:\n  - name: kept-agent\n"
+                               "    command: sleep 607\n", "keep.yaml")
+    with running_daemon() as first:
+        assert first.cli("apply", "-f", manifest).returncode == 0
+        with first.client() as client:
+            pid = host_executables(client)["kept-agent"].host_pid  # type: ignore[attr-defined]
+        first.stop(signal.SIGKILL)
+        with running_daemon(after=first) as second:
+            with second.client() as client:
+                adopted = host_executables(client)["kept-agent"]
+                assert adopted.host_pid == pid  # type: ignore[attr-defined]
+                assert adopted.labels["aurae-py.io/owner"] == "keep"  # type: ignore[attr-defined]
+            assert second.cli("diff", "-f", manifest).returncode == 0
+            write(tmp_path, "owner: keep\n", "keep.yaml")
+            pruned = second.cli("apply", "-f", manifest, "--prune")
+            assert pruned.returncode == 0, pruned.stderr
+            assert "- delete   executable :kept-agent" in pruned.stdout
+            assert not os.path.exists(f"/proc/{pid}")
