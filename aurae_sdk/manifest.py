@@ -31,7 +31,16 @@ from typing import Any
 
 import yaml
 
-from aurae_sdk.declared import Cell, DeclaredStateError, Executable, Node, Source
+from aurae_sdk.declared import (
+    Cell,
+    DeclaredStateError,
+    Drive,
+    Executable,
+    Instance,
+    Node,
+    Source,
+    VirtualMachine,
+)
 
 _CONTROLLERS: dict[str, dict[str, type]] = {
     "cpu": {"weight": int, "max": int, "period": int},
@@ -41,7 +50,13 @@ _CONTROLLERS: dict[str, dict[str, type]] = {
 _CELL_KEYS = ("name", *_CONTROLLERS, "isolation", "labels", "executables", "cells")
 _EXECUTABLE_KEYS = ("name", "command", "uid", "gid", "description", "restart")
 _RESTART_KEYS = ("policy", "delay_ms", "max_delay_ms", "start_limit")
-_NODE_KEYS = ("owner", "cells", "executables")
+_NODE_KEYS = ("owner", "cells", "executables", "instances", "vms")
+_INSTANCE_KEYS = ("name", "limits", "cells", "executables")
+_INSTANCE_LIMITS: dict[str, type] = {"cpu_weight": int, "cpu_max": int, "cpuset_cpus": str,
+                                     "memory_max": str, "pids_max": int}
+_VM_KEYS = ("id", "memory_mb", "vcpus", "kernel", "kernel_args", "root_drive", "drives",
+            "running")
+_DRIVE_KEYS = ("image", "vm_path", "fs_type", "read_only")
 
 
 class ManifestError(DeclaredStateError):
@@ -92,7 +107,10 @@ def loads(text: str, filename: str = "<manifest>", *, default_owner: str | None 
     cells = [reader.cell(item) for item in reader.sequence(entries.get("cells"), "cells")]
     host = [reader.executable(item, None)
             for item in reader.sequence(entries.get("executables"), "executables")]
-    return Node(owner=owner, cells=cells, executables=host,
+    instances = [reader.instance(item)
+                 for item in reader.sequence(entries.get("instances"), "instances")]
+    vms = [reader.vm(item) for item in reader.sequence(entries.get("vms"), "vms")]
+    return Node(owner=owner, cells=cells, executables=host, instances=instances, vms=vms,
                 source=reader.source(owner_node or root))
 
 
@@ -237,6 +255,74 @@ class _Reader:
                     value_node, f"restart.start_limit.{key} of {owner}")
                 sources[f"restart.start_limit.{key}"] = self.source(value_node)
         return values
+
+    def instance(self, node: yaml.Node) -> Instance:
+        entries = self.mapping(node, "an instance", _INSTANCE_KEYS)
+        if "name" not in entries:
+            raise self.fail(node, "an instance needs a name")
+        name = self.scalar(entries["name"], "the instance name", str)
+        values: dict[str, Any] = {}
+        sources: dict[str, Source] = {"name": self.source(entries["name"])}
+        if "limits" in entries:
+            limits = self.mapping(entries["limits"], f"limits of instance {name}",
+                                  tuple(_INSTANCE_LIMITS))
+            for key, value_node in limits.items():
+                values[key] = self.scalar(value_node, f"limits.{key} of instance {name}",
+                                          _INSTANCE_LIMITS[key])
+                sources[f"limits.{key}"] = self.source(value_node)
+        cells = [self.cell(item) for item in self.sequence(entries.get("cells"), "cells")]
+        host = [self.executable(item, None)
+                for item in self.sequence(entries.get("executables"), "executables")]
+        return Instance(name=name, cells=cells, executables=host, source=self.source(node),
+                        field_sources=sources, **values)
+
+    def vm(self, node: yaml.Node) -> VirtualMachine:
+        entries = self.mapping(node, "a virtual machine", _VM_KEYS)
+        if "id" not in entries:
+            raise self.fail(node, "a virtual machine needs an id")
+        vm_id = self.scalar(entries["id"], "the virtual machine id", str)
+        values: dict[str, Any] = {}
+        sources: dict[str, Source] = {"id": self.source(entries["id"])}
+        for key, kind in (("memory_mb", int), ("vcpus", int), ("kernel", str),
+                          ("running", bool)):
+            if key in entries:
+                values[key] = self.scalar(entries[key], f"{key} of vm {vm_id}", kind)
+                sources[key] = self.source(entries[key])
+        if "kernel_args" in entries:
+            values["kernel_args"] = tuple(
+                self.scalar(item, f"a kernel argument of vm {vm_id}", str)
+                for item in self.sequence(entries["kernel_args"], "kernel_args"))
+            sources["kernel_args"] = self.source(entries["kernel_args"])
+        if "root_drive" in entries:
+            root = entries["root_drive"]
+            sources["root_drive"] = self.source(root)
+            if isinstance(root, yaml.ScalarNode):
+                values["root_drive"] = self.scalar(root, f"root_drive of vm {vm_id}", str)
+            else:
+                drive = self.mapping(root, f"root_drive of vm {vm_id}", ("image", "read_only"))
+                if "image" in drive:
+                    values["root_drive"] = self.scalar(drive["image"],
+                                                       f"root_drive.image of vm {vm_id}", str)
+                if "read_only" in drive:
+                    values["root_read_only"] = self.scalar(
+                        drive["read_only"], f"root_drive.read_only of vm {vm_id}", bool)
+        drives = []
+        for item in self.sequence(entries.get("drives"), "drives"):
+            drive = self.mapping(item, f"a drive of vm {vm_id}", _DRIVE_KEYS)
+            for required in ("image", "vm_path"):
+                if required not in drive:
+                    raise self.fail(item, f"a drive of vm {vm_id} needs {required}")
+            drives.append(Drive(
+                image=self.scalar(drive["image"], f"a drive image of vm {vm_id}", str),
+                vm_path=self.scalar(drive["vm_path"], f"a drive vm_path of vm {vm_id}", str),
+                fs_type=self.scalar(drive["fs_type"], f"a drive fs_type of vm {vm_id}", str)
+                if "fs_type" in drive else "ext4",
+                read_only=self.scalar(drive["read_only"], f"a drive's read_only of vm {vm_id}",
+                                      bool) if "read_only" in drive else False))
+        if "drives" in entries:
+            sources["drives"] = self.source(entries["drives"])
+        return VirtualMachine(id=vm_id, drives=drives, source=self.source(node),
+                              field_sources=sources, **values)
 
     def count(self, node: yaml.Node, what: str) -> int:
         value: int = self.scalar(node, what, int)

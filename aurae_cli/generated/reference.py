@@ -1623,6 +1623,13 @@ MESSAGES: tuple[MessageInfo, ...] = (
                 "",
                 "The cgroup limits of the whole instance: its daemon and every cell in it.",
             ),
+            FieldInfo(
+                20,
+                "labels",
+                "map<string, string>",
+                "",
+                'aurae-py addition: labels recording who spawned the instance and why,\nsuch as "aurae-py.io/owner"; the rules of Cell.labels. Reported in List.',
+            ),
         ),
     ),
     MessageInfo(
@@ -2333,6 +2340,13 @@ MESSAGES: tuple[MessageInfo, ...] = (
                 "",
                 "Where the guest's auraed will listen.",
             ),
+            FieldInfo(
+                20,
+                "labels",
+                "map<string, string>",
+                "",
+                'aurae-py addition: labels recording who allocated the machine and why,\nsuch as "aurae-py.io/owner"; the rules of Cell.labels.',
+            ),
         ),
     ),
     MessageInfo(
@@ -2458,6 +2472,13 @@ MESSAGES: tuple[MessageInfo, ...] = (
                 "string",
                 "",
                 'aurae-py addition: why a "Shutdown" machine ended: stopped by Stop, freed, the guest\npowered off, the guest kernel panicked, or QEMU crashed.',
+            ),
+            FieldInfo(
+                20,
+                "labels",
+                "map<string, string>",
+                "",
+                "aurae-py addition: the labels the machine was allocated with.",
             ),
         ),
     ),

@@ -70,6 +70,8 @@ SHUTDOWN_ALLOWANCE = 10.0
 class InstanceSpec:
     name: str
     limits: CgroupLimits
+    # What the caller recorded with it (Instance.labels), sorted by key.
+    labels: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(eq=False)

@@ -473,3 +473,103 @@ def test_host_level_ownership_outlives_the_daemon(tmp_path: Path) -> None:
             assert pruned.returncode == 0, pruned.stderr
             assert "- delete   executable :kept-agent" in pruned.stdout
             assert not os.path.exists(f"/proc/{pid}")
+
+
+INSTANCE = """\
+owner: ins
+instances:
+  - name: ins-a
+    limits: {memory_max: 256M, pids_max: 200}
+    cells:
+      - name: web
+        memory: {max: 64M}
+        executables:
+          - name: app
+            command: sleep 611
+    executables:
+      - name: agent
+        command: sleep 612
+"""
+
+
+def commands_in(cgroup_dir: Path) -> dict[str, list[int]]:
+    """The command lines (`sh -c` ones by their command) of every process in a cgroup tree."""
+    found: dict[str, list[int]] = {}
+    for procs in cgroup_dir.rglob("cgroup.procs"):
+        for pid in procs.read_text().split():
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]
+            except OSError:
+                continue
+            if argv:
+                found.setdefault(argv[-1].decode(errors="replace"), []).append(int(pid))
+    return found
+
+
+def test_instances_and_what_runs_inside_them(daemon: DaemonProcess, client: aurae_sdk.Client,
+                                             tmp_path: Path) -> None:
+    manifest = write(tmp_path, INSTANCE, "ins.yaml")
+    memory = V1 / "memory" / daemon.cgroup_root / "instance-ins-a"
+    try:
+        applied = daemon.cli("apply", "-f", manifest)
+        assert applied.returncode == 0, applied.stderr
+        assert applied.stdout.splitlines()[0] == "+ create   instance   ins-a"
+        assert "+ create   cell       [ins-a] web" in applied.stdout
+        assert "+ create   executable [ins-a] :agent" in applied.stdout
+        # The instance's limits and its own cell's, in the kernel.
+        assert (memory / "memory.limit_in_bytes").read_text().strip() == str(256 << 20)
+        assert (memory / "auraed" / "web" / "memory.limit_in_bytes").read_text().strip() == \
+            str(64 << 20)
+        (status,) = [i for i in client.instances.list().instances if i.instance.name == "ins-a"]
+        assert status.instance.labels["aurae-py.io/owner"] == "ins"
+        inside = client.instance("ins-a")
+        # Its pids are the instance's pid namespace's: find the process by its cgroup.
+        (app_pid,) = commands_in(memory / "auraed" / "web")["sleep 611"]
+        assert aurae_sdk.declared.observe(inside)["web"].executables["app"].state == 1
+        assert "sleep 612" in commands_in(memory)
+        again = daemon.cli("diff", "-f", manifest)
+        assert again.returncode == 0, again.stdout
+        assert again.stdout.strip() == "No changes: the node matches (4 unchanged)."
+
+        # Inside the instance: an update in place, and a prune.
+        write(tmp_path, INSTANCE.replace("max: 64M", "max: 32M").split("    executables:\n"
+                                                                       "      - name: agent")[0],
+              "ins.yaml")
+        diff = daemon.cli("diff", "-f", manifest, "--prune")
+        assert diff.returncode == 2
+        assert diff.stdout == textwrap.dedent("""\
+            ~ update   cell       [ins-a] web
+                  memory.max: 64M -> 32M
+            - delete   executable [ins-a] :agent  (no longer declared)
+            Plan: 0 to create, 1 to update, 0 to replace, 1 to delete, 2 unchanged.
+            """)
+        assert daemon.cli("apply", "-f", manifest, "--prune").returncode == 0
+        assert (memory / "auraed" / "web" / "memory.limit_in_bytes").read_text().strip() == \
+            str(32 << 20)
+        assert commands_in(memory / "auraed" / "web")["sleep 611"] == [app_pid]  # kept running
+        assert "sleep 612" not in commands_in(memory)
+        assert all(e.state != 1 for e in inside.cells.list().host_executables)
+
+        # The instance's own limits cannot change in place: a replace, and the plan says so.
+        write(tmp_path, INSTANCE.replace("pids_max: 200", "pids_max: 150"), "ins.yaml")
+        diff = daemon.cli("diff", "-f", manifest)
+        assert diff.returncode == 2
+        assert diff.stdout.splitlines()[:3] == [
+            "± replace  instance   ins-a  (an instance's limits cannot change in place: no call "
+            "changes a spawned instance)",
+            "      limits.pids_max: 200 -> 150",
+            "+ create   cell       [ins-a] web  (instance ins-a is replaced)"]
+        assert daemon.cli("apply", "-f", manifest).returncode == 0
+        pids = V1 / "pids" / daemon.cgroup_root / "instance-ins-a" / "pids.max"
+        assert pids.read_text().strip() == "150"
+        assert not os.path.exists(f"/proc/{app_pid}")
+        assert daemon.cli("diff", "-f", manifest).returncode == 0
+
+        deleted = daemon.cli("delete", "-f", manifest)
+        assert deleted.returncode == 0, deleted.stderr
+        assert deleted.stdout.splitlines()[0] == "- delete   instance   ins-a"
+        assert not memory.exists()
+        assert not [i for i in client.instances.list().instances if i.instance.name == "ins-a"]
+    finally:
+        if any(i.instance.name == "ins-a" for i in client.instances.list().instances):
+            client.instances.free(instance_name="ins-a", timeout=120)
