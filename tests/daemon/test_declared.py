@@ -573,3 +573,69 @@ def test_instances_and_what_runs_inside_them(daemon: DaemonProcess, client: aura
     finally:
         if any(i.instance.name == "ins-a" for i in client.instances.list().instances):
             client.instances.free(instance_name="ins-a", timeout=120)
+
+
+VM_MANIFEST = """\
+owner: vmo
+vms:
+  - id: vmo-1
+    memory_mb: 128
+    vcpus: 1
+    kernel_args: [quiet]
+    running: false        # allocated, not booted: a TCG boot takes about a minute here
+"""
+
+
+def test_vms_are_planned_allocated_and_freed_without_booting(
+        daemon: DaemonProcess, client: aurae_sdk.Client, tmp_path: Path) -> None:
+    """The VM part of a manifest, short of a boot: plan, Allocate (its cell is made), the
+    replace a new memory size needs, Free. tests/daemon/test_declared.py's progress test
+    shows apply's boot step; tests/vms boot real guests."""
+    manifest = write(tmp_path, VM_MANIFEST, "vmo.yaml")
+    try:
+        diff = daemon.cli("diff", "-f", manifest)
+        assert diff.returncode == 2
+        assert diff.stdout == textwrap.dedent("""\
+            + create   vm         vmo-1  (allocated, not started)
+                  memory_mb: (unset) -> 128
+                  vcpus: (unset) -> 1
+                  running: (unset) -> false
+            Plan: 1 to create, 0 to update, 0 to replace, 0 to delete, 0 unchanged.
+            """)
+        applied = daemon.cli("apply", "-f", manifest)
+        assert applied.returncode == 0, applied.stderr
+        (machine,) = [m for m in client.vms.list().machines if m.id == "vmo-1"]
+        assert (machine.status, machine.mem_size_mb, machine.vcpu_count) == ("Created", 128, 1)
+        assert machine.labels["aurae-py.io/owner"] == "vmo"
+        assert (V1 / "cpu" / daemon.cgroup_root / "vm-vmo-1").is_dir()  # the VMM's cell
+        assert daemon.cli("diff", "-f", manifest).returncode == 0
+
+        write(tmp_path, VM_MANIFEST.replace("memory_mb: 128", "memory_mb: 192")
+              .replace("[quiet]", "[quiet, loglevel=3]"), "vmo.yaml")
+        diff = daemon.cli("diff", "-f", manifest)
+        assert diff.returncode == 2
+        assert diff.stdout.splitlines()[:2] == [
+            "± replace  vm         vmo-1  (a virtual machine's hardware cannot change in place)",
+            "      memory_mb: 128 -> 192"]
+        assert daemon.cli("apply", "-f", manifest).returncode == 0
+        (machine,) = [m for m in client.vms.list().machines if m.id == "vmo-1"]
+        assert machine.mem_size_mb == 192
+        assert daemon.cli("diff", "-f", manifest).returncode == 0
+        # Only the kernel arguments differ: List does not show them, the recorded digest does.
+        write(tmp_path, VM_MANIFEST.replace("memory_mb: 128", "memory_mb: 192"), "vmo.yaml")
+        diff = daemon.cli("diff", "-f", manifest)
+        assert diff.returncode == 2 and "kernel_args, drives: '(recorded differs)'" in diff.stdout
+        # Undeclared, it is pruned (here only planned: delete -f below frees it).
+        empty = write(tmp_path, "owner: vmo\n", "vmo-empty.yaml")
+        pruning = daemon.cli("diff", "-f", empty, "--prune")
+        assert pruning.returncode == 2
+        assert "- delete   vm         vmo-1  (no longer declared)" in pruning.stdout
+
+        deleted = daemon.cli("delete", "-f", manifest)
+        assert deleted.returncode == 0, deleted.stderr
+        assert deleted.stdout.splitlines()[0] == "- delete   vm         vmo-1"
+        assert not [m for m in client.vms.list().machines if m.id == "vmo-1"]
+        assert not (V1 / "cpu" / daemon.cgroup_root / "vm-vmo-1").exists()
+    finally:
+        if any(m.id == "vmo-1" for m in client.vms.list().machines):
+            client.vms.free(vm_id="vmo-1")
