@@ -312,6 +312,9 @@ def invoke(attribute: str, method: str, params: dict[str, Any], fields: Mapping[
         call = getattr(getattr(client, attribute), method)
         if server_streaming:
             _print_stream(call(request, timeout=timeout), output)
+        elif (attribute, method) == ("images", "import_"):
+            print_message(_import_with_progress(call, request, timeout), output,
+                          streaming=False, timestamps=timestamps)
         elif every_page:
             print_message(merge_pages(attribute, method, _all_pages(call, request, timeout)),
                           output, streaming=False, timestamps=timestamps)
@@ -328,6 +331,36 @@ def invoke(attribute: str, method: str, params: dict[str, Any], fields: Mapping[
     except KeyboardInterrupt:  # while waiting for a unary response
         sys.exit(INTERRUPTED_EXIT)
     finish(0)
+
+
+def _import_with_progress(call: Callable[..., Any], request: dict[str, Any],
+                          timeout: float | None) -> Any:
+    """Import, with a spinner and the time elapsed on a terminal: unpacking an image's
+    layers takes a while, and the call says nothing until it is done."""
+    from aurae_cli.progress import working
+
+    source = str(request.get("file_name", ""))
+    what = f"importing {source}"
+    size = _local_size(source)
+    if size is not None:
+        from aurae_sdk.units import format_bytes
+
+        what += f" ({format_bytes(size)})"
+    with working(what):
+        return call(request, timeout=timeout)
+
+
+def _local_size(path: str) -> int | None:
+    """The size of an image source, when it is on this host too (a daemon on a Unix socket)."""
+    try:
+        if os.path.isfile(path):
+            return os.path.getsize(path)
+        if os.path.isdir(path):
+            return sum(os.path.getsize(os.path.join(top, name))
+                       for top, _, names in os.walk(path) for name in names)
+    except OSError:
+        return None
+    return None
 
 
 def finish(status: int) -> NoReturn:
