@@ -555,8 +555,8 @@ def test_instances_and_what_runs_inside_them(daemon: DaemonProcess, client: aura
         diff = daemon.cli("diff", "-f", manifest)
         assert diff.returncode == 2
         assert diff.stdout.splitlines()[:3] == [
-            "± replace  instance   ins-a  (an instance's limits cannot change in place: no call "
-            "changes a spawned instance)",
+            ("± replace  instance   ins-a  (an instance's limits cannot change in place: no "
+             "call changes a spawned instance)"),
             "      limits.pids_max: 200 -> 150",
             "+ create   cell       [ins-a] web  (instance ins-a is replaced)"]
         assert daemon.cli("apply", "-f", manifest).returncode == 0
