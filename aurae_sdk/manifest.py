@@ -18,6 +18,23 @@
                                                            #  start_limit: {burst: 5, interval_ms: 10000}}
         cells:                                             # nested: web/cache
           - name: cache
+    executables:                # host level, in no cell (owned through their own labels)
+      - {name: agent, command: sleep infinity, restart: always}
+    instances:                  # spawned instances, with cells and executables inside
+      - name: build-1
+        limits: {cpu_weight: 200, cpu_max: 50000, cpuset_cpus: "0", memory_max: 512M,
+                 pids_max: 300}
+        cells: [{name: job}]
+        executables: [{name: cache, command: sleep infinity}]
+    vms:
+      - id: ci-vm
+        memory_mb: 256
+        vcpus: 1
+        kernel: /srv/vmlinux                               # default: the daemon's
+        kernel_args: [quiet]
+        root_drive: {image: /srv/root.ext4, read_only: true}
+        drives: [{image: /srv/cache.ext4, vm_path: /cache, fs_type: ext4, read_only: false}]
+        running: true                                      # false: allocated, not booted
 
 Every error names the file and line it comes from: the document is composed into YAML nodes,
 which keep their marks, and read from those rather than from plain dicts.
