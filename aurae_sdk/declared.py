@@ -9,12 +9,17 @@ manifest (`aurae_sdk.manifest`) builds the same `Node` from YAML. Either way
 
 The node itself records who owns what, in the labels of each cell: `aurae-py.io/owner` names the
 owner (a manifest, a CI job), and `exe.aurae-py.io/<executable>` records the spec each executable
-was started with (uid, gid and a digest of its command line). So two operators, or two CI runs,
-planning against the same node see the same truth, and `prune` removes only cells this owner made.
+was started with (uid, gid, a digest of its command line, its restart policy). So two operators,
+or two CI runs, planning against the same node see the same truth, and `prune` removes only cells
+this owner made. What has no cell to hold its records keeps its own labels: a host-level
+executable (`aurae-py.io/owner` and `aurae-py.io/spec`, kept by the daemon with the process), a
+spawned instance and a virtual machine. What runs inside a spawned instance is planned against
+that instance's own API, and its steps say which instance (`[build-1] web`).
 
 What the node can change in place (limits, labels) is an update; what it cannot (isolation, a limit
-going back to unset, an executable's command) is a replace: free and allocate again, or stop and
-start again. The plan says which, and why.
+going back to unset, an executable's command or restart policy, an instance's limits, a VM's
+hardware) is a replace: free and allocate again, or stop and start again. The plan says which,
+and why.
 """
 
 from __future__ import annotations
@@ -604,7 +609,7 @@ def _instance_steps(client: Client | None, owner: str, declared: Mapping[str, In
     inside: dict[str, Plan] = {}
     if not declared and not prune:
         return steps, inside
-    observed = ({i.instance.name: i for i in client.instances.list().instances}
+    observed = ({i.instance.name: i for i in _listed(client, "instances", bool(declared))}
                 if client is not None else {})
     for name, want in declared.items():
         have = observed.get(name)
@@ -649,9 +654,25 @@ def _instance_steps(client: Client | None, owner: str, declared: Mapping[str, In
     return ordered, inside
 
 
+def _listed(client: Client, service: str, needed: bool) -> list[Any]:
+    """The instances or VMs a daemon runs. One that has no such service (a guest's auraed, a
+    daemon built without it) runs none: that is only an error when some are declared."""
+    from aurae_sdk.errors import Unimplemented
+
+    try:
+        if service == "instances":
+            return list(client.instances.list().instances)
+        return list(client.vms.list().machines)
+    except Unimplemented:
+        if needed:
+            raise
+        return []
+
+
 def _vm_steps(client: Client | None, owner: str, declared: Mapping[str, VirtualMachine],
               prune: bool) -> list[Step]:
-    observed = {m.id: m for m in client.vms.list().machines} if client is not None else {}
+    observed = ({m.id: m for m in _listed(client, "vms", bool(declared))}
+                if client is not None else {})
     steps: list[Step] = []
     for vm_id, want in declared.items():
         have = observed.get(vm_id)

@@ -3,61 +3,16 @@ here), absent when it is a pipe; what the command prints is the same either way.
 
 The VM case uses a daemon that has no CA key to mint a guest identity with, so its Start is
 refused at once: the progress line of apply's boot step is drawn and goes, without the minute a
-TCG boot takes on this machine (tests/vms boot real guests)."""
+TCG boot takes on this machine (tests/vms/test_declared_vm.py boots one through apply)."""
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
-import re
-import struct
-import subprocess
-import sys
-import termios
-import time
 from pathlib import Path
 
 import aurae_sdk
 from tests.support.daemon import DaemonProcess
-
-ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]")
-
-
-def run_on_pty(daemon: DaemonProcess, *args: str, timeout: float = 120) -> tuple[int, str, str]:
-    """`aurae-py ARGS` with stdout on a pseudo-terminal (120 columns) and stderr on a pipe;
-    returns the status, everything written to the terminal, and stderr."""
-    master, slave = os.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
-    env = {**os.environ, "AURAE_CONFIG": daemon.config, "TERM": "xterm-256color",
-           "COLUMNS": "120"}
-    env.pop("NO_COLOR", None)
-    child = subprocess.Popen([sys.executable, "-m", "aurae_cli", *args], stdin=subprocess.DEVNULL,
-                             stdout=slave, stderr=subprocess.PIPE, env=env)
-    os.close(slave)
-    written = bytearray()
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:  # EIO: every writer of the terminal has closed it
-                break
-            if not chunk:
-                break
-            written += chunk
-        status = child.wait(timeout=max(1.0, deadline - time.monotonic()))
-    finally:
-        os.close(master)
-        if child.poll() is None:
-            child.kill()
-            child.wait()
-    assert child.stderr is not None
-    return status, written.decode(errors="replace"), child.stderr.read().decode(errors="replace")
-
-
-def plain(text: str) -> str:
-    return ANSI.sub(b"", text.encode()).decode().replace("\r", "")
+from tests.support.terminal import plain, run_on_pty
 
 
 def test_image_import_shows_progress_on_a_terminal_only(
