@@ -75,22 +75,46 @@ def apply_command(ctx: click.Context, manifest: str, prune: bool, dry_run: bool,
       aurae-py apply -f node.yaml --dry-run
     """
     import aurae_sdk
-    from aurae_cli.progress import progress
+    from aurae_cli.progress import steps
     from aurae_sdk.declared import execute
 
     node = _run(lambda: _load(manifest))
     client = ctx.find_root().obj.client()
     plan = _run(lambda: aurae_sdk.plan(client, node, prune=prune))
     if not dry_run:
-        with progress("applying", len(plan.changes)) as advance:
+        # On a terminal: a bar over the steps, and a clock on the long ones (a VM boots for
+        # seconds, about a minute under TCG; an instance's daemon takes seconds to answer).
+        with steps(len(plan.changes)) as shown:
+            def begin(step: Step) -> None:
+                shown.begin(_describe(step), long=_is_long(step))
+
             def done(step: Step) -> None:
                 if step.action != "no-op":
-                    advance(f"{step.action} {step.kind} {step.name}")
+                    shown.done(f"{step.action} {step.kind} {step.name}")
 
-            _run(lambda: execute(client, plan, on_step=done))
+            _run(lambda: execute(client, plan, on_step=done, on_begin=begin))
     click.echo(plan.render(verbose=verbose))
     if dry_run:
         click.echo("Dry run: nothing was changed.")
+
+
+def _is_long(step: Step) -> bool:
+    return ((step.kind == "vm" and step.action != "delete")
+            or (step.kind == "instance" and step.action in ("create", "replace")))
+
+
+def _describe(step: Step) -> str:
+    """What a step is doing, as the progress line says it."""
+    if step.kind == "vm" and step.action in ("create", "replace"):
+        running = any(c.field == "running" and c.after is False for c in step.changes)
+        return f"allocating vm {step.name}" if running else f"booting vm {step.name}"
+    if step.kind == "vm" and step.action == "update":
+        starting = any(c.field == "running" and c.after is True for c in step.changes)
+        return f"{'booting' if starting else 'stopping'} vm {step.name}"
+    if step.kind == "instance" and step.action in ("create", "replace"):
+        return f"spawning instance {step.name}"
+    where = f"[{step.instance}] " if step.instance else ""
+    return f"{step.action} {step.kind} {where}{step.name}"
 
 
 @click.command("diff")

@@ -49,19 +49,41 @@ def _configs(session: Session) -> list[ClientConfig]:
 
 
 def run_rpc(session: Session, attribute: str, method: str, request: dict[str, Any],
-            timeout: float | None, output: str) -> int:
-    """One unary RPC on every node of the session's fleet; returns the exit status."""
+            timeout: float | None, output: str, *, paged: bool = False) -> int:
+    """One unary RPC on every node of the session's fleet; returns the exit status.
+
+    `paged`: follow next_page_token on each node and print its pages as one response."""
     from aurae_cli.hints import with_hint
     from aurae_cli.output import print_message
+    from aurae_cli.rpc_command import merge_pages, next_page
     from aurae_sdk.errors import AuraeError
     from aurae_sdk.fleet import Fleet
     from aurae_sdk.rpc import DEFAULT_TIMEOUT
 
+    if session.vm is not None:
+        raise click.UsageError("--vm names one node's guest; with several contexts, leave it out")
+    if session.instance is not None:
+        from aurae_sdk.client import instance_path
+
+        try:
+            instance_path((), session.instance)
+        except ValueError as error:
+            raise click.BadParameter(str(error), param_hint="--instance") from None
     fleet = Fleet(configs=_configs(session), concurrency=session.parallel,
                   timeout=session.timeout or DEFAULT_TIMEOUT)
 
     async def call(client: Any) -> Any:
-        return await getattr(getattr(client, attribute), method)(request, timeout=timeout)
+        # --instance addresses the same spawned instance on every node, as it does on one.
+        target = client.instance(session.instance) if session.instance else client
+        rpc = getattr(getattr(target, attribute), method)
+        if not paged:
+            return await rpc(request, timeout=timeout)
+        pages, seen = [], set[str]()
+        following: dict[str, Any] | None = request
+        while following is not None:
+            pages.append(await rpc(following, timeout=timeout))
+            following = next_page(following, pages[-1], seen)
+        return merge_pages(attribute, method, pages)
 
     results = fleet.run(call)
     outcomes = []

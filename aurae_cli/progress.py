@@ -1,11 +1,17 @@
-"""Progress for long work (applying a plan, a fleet run): a rich progress bar on a terminal,
-nothing at all when stderr is not one (CI logs, pipes), so output stays machine-readable."""
+"""Progress for long work, drawn with rich only where someone watches.
+
+`progress` (a fleet run): a bar on stderr when stderr is a terminal and there is more than one
+unit of work. `working` (one long call: a VM's boot, an image's import) and `steps` (applying a
+plan): a spinner with the time elapsed on stdout when stdout is a terminal. Anywhere else
+(pipes, CI logs, files) nothing at all is drawn, so the output stays what the command prints.
+"""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 
 @contextmanager
@@ -27,3 +33,85 @@ def progress(description: str, total: int) -> Iterator[Callable[[str], None]]:
             bar.update(task, advance=1, label=label)
 
         yield advance
+
+
+def watched() -> bool:
+    """Whether stdout is a terminal: then long work shows how far it got."""
+    return sys.stdout.isatty()
+
+
+class Steps:
+    """A plan's progress: a bar over its steps, and under it a spinner with the time the
+    current long step (a VM's boot, an instance's start) has taken so far."""
+
+    def __init__(self, bar: Any, total: int) -> None:
+        self._bar = bar
+        self._task = bar.add_task("applying", total=total, label="") if total else None
+        self._long: Any = None
+
+    def begin(self, label: str, *, long: bool = False) -> None:
+        """A step starts; `long` ones get a spinner and a clock of their own."""
+        if self._task is not None:
+            self._bar.update(self._task, label=label)
+        if long:
+            self._long = self._bar.add_task(label, total=None, label="")
+        self._bar.refresh()
+
+    def done(self, label: str) -> None:
+        if self._long is not None:
+            self._bar.remove_task(self._long)
+            self._long = None
+        if self._task is not None:
+            self._bar.update(self._task, advance=1, label=label)
+
+
+class _Quiet:
+    def begin(self, label: str, *, long: bool = False) -> None:
+        pass
+
+    def done(self, label: str) -> None:
+        pass
+
+
+@contextmanager
+def steps(total: int) -> Iterator[Steps | _Quiet]:
+    """Progress over `total` steps, on stdout when it is a terminal (else nothing)."""
+    if not watched():
+        yield _Quiet()
+        return
+    with _live_progress() as bar:
+        yield Steps(bar, total)
+
+
+@contextmanager
+def working(what: str) -> Iterator[Callable[[str], None]]:
+    """A spinner, `what` and the time elapsed while one long call runs, on stdout when it is a
+    terminal (else nothing). Yields `say(text)`, to change what it shows."""
+    if not watched():
+        yield lambda text: None
+        return
+    with _live_progress(bar=False) as bar:
+        task = bar.add_task(what, total=None, label="")
+        bar.refresh()
+        yield lambda text: bar.update(task, description=text)
+
+
+@contextmanager
+def _live_progress(*, bar: bool = True) -> Iterator[Any]:
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    counted = (BarColumn(), MofNCompleteColumn()) if bar else ()
+    # Transient: once done, the lines go and what the command prints stands alone.
+    shown = Progress(SpinnerColumn(), TextColumn("{task.description}"), *counted,
+                     TimeElapsedColumn(), TextColumn("{task.fields[label]}"),
+                     console=Console(file=sys.stdout), transient=True)
+    with shown:
+        yield shown

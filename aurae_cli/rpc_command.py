@@ -234,10 +234,58 @@ def place_positionals(params: dict[str, Any], positionals: Sequence[tuple[str, b
         params[name] = next(given, None)
 
 
+def merge_pages(attribute: str, method: str, pages: Sequence[Any]) -> Any:
+    """The pages of a paged list as one response, as if a single page had held it all.
+
+    CellService.List nests cells across pages (aurae_sdk.cell_tree puts the tree back
+    together); any other list's pages are laid end to end.
+    """
+    merged = type(pages[0])()
+    if (attribute, method) == ("cells", "list"):
+        from aurae_sdk.cell_tree import merge_pages as merge_cell_pages
+
+        merged.cells.extend(merge_cell_pages(pages))
+        merged.host_executables.extend(pages[0].host_executables)
+        return merged
+    for page in pages:
+        merged.MergeFrom(page)
+    merged.next_page_token = ""
+    return merged
+
+
+def follows_pages(params: Mapping[str, Any], request: Mapping[str, Any]) -> bool:
+    """Whether a paged list's command lists everything: unless a page_token was given, by
+    --page-token (even '': the first page alone) or in the --request file."""
+    return params.get("page_token") is None and "page_token" not in request
+
+
+def next_page(request: dict[str, Any], page: Any, seen: set[str]) -> dict[str, Any] | None:
+    """The request for the page after `page`, or None at the end (or should a daemon hand
+    out a token it gave before: a loop, not more pages)."""
+    token = page.next_page_token
+    if not token or token in seen:
+        return None
+    seen.add(token)
+    return {**request, "page_token": token}
+
+
+def _all_pages(call: Callable[..., Any], request: dict[str, Any], timeout: float | None) -> list[Any]:
+    pages, seen = [], set[str]()
+    following: dict[str, Any] | None = request
+    while following is not None:
+        pages.append(call(following, timeout=timeout))
+        following = next_page(following, pages[-1], seen)
+    return pages
+
+
 def invoke(attribute: str, method: str, params: dict[str, Any], fields: Mapping[str, str],
-           *, server_streaming: bool,
+           *, server_streaming: bool, paged: bool = False,
            positionals: Sequence[tuple[str, bool]] = ()) -> None:
-    """Run one RPC from a generated command and exit with its status."""
+    """Run one RPC from a generated command and exit with its status.
+
+    `paged`: the method lists in pages (page_token / next_page_token); unless the request
+    names a page, every page is fetched and printed as one response.
+    """
     from aurae_cli.output import print_message
     from aurae_sdk.errors import AuraeError
 
@@ -248,6 +296,7 @@ def invoke(attribute: str, method: str, params: dict[str, Any], fields: Mapping[
     request_file = params.pop("request_file")
     place_positionals(params, positionals, request_given=request_file is not None)
     request = request_dict(params, fields, request_file.read() if request_file else None)
+    every_page = paged and follows_pages(params, request)
     session = ctx.find_root().obj
     if timeout is None:
         # The global --timeout, when given, bounds waits too.
@@ -259,7 +308,8 @@ def invoke(attribute: str, method: str, params: dict[str, Any], fields: Mapping[
             raise click.UsageError("a stream runs on one node: give one --context")
         from aurae_cli.fleet import run_rpc
 
-        finish(run_rpc(session, attribute, method, request, timeout, output))
+        finish(run_rpc(session, attribute, method, request, timeout, output,
+                       paged=every_page))
     try:
         client = session.client()
         call = getattr(getattr(client, attribute), method)
@@ -272,6 +322,12 @@ def invoke(attribute: str, method: str, params: dict[str, Any], fields: Mapping[
                     client, request, timeout)
         if server_streaming:
             _print_stream(call(request, timeout=timeout), output)
+        elif (attribute, method) == ("images", "import_"):
+            print_message(_import_with_progress(call, request, timeout), output,
+                          streaming=False, timestamps=timestamps)
+        elif every_page:
+            print_message(merge_pages(attribute, method, _all_pages(call, request, timeout)),
+                          output, streaming=False, timestamps=timestamps)
         else:
             print_message(call(request, timeout=timeout), output, streaming=False,
                           timestamps=timestamps)
@@ -285,6 +341,36 @@ def invoke(attribute: str, method: str, params: dict[str, Any], fields: Mapping[
     except KeyboardInterrupt:  # while waiting for a unary response
         sys.exit(INTERRUPTED_EXIT)
     finish(0)
+
+
+def _import_with_progress(call: Callable[..., Any], request: dict[str, Any],
+                          timeout: float | None) -> Any:
+    """Import, with a spinner and the time elapsed on a terminal: unpacking an image's
+    layers takes a while, and the call says nothing until it is done."""
+    from aurae_cli.progress import working
+
+    source = str(request.get("file_name", ""))
+    what = f"importing {source}"
+    size = _local_size(source)
+    if size is not None:
+        from aurae_sdk.units import format_bytes
+
+        what += f" ({format_bytes(size)})"
+    with working(what):
+        return call(request, timeout=timeout)
+
+
+def _local_size(path: str) -> int | None:
+    """The size of an image source, when it is on this host too (a daemon on a Unix socket)."""
+    try:
+        if os.path.isfile(path):
+            return os.path.getsize(path)
+        if os.path.isdir(path):
+            return sum(os.path.getsize(os.path.join(top, name))
+                       for top, _, names in os.walk(path) for name in names)
+    except OSError:
+        return None
+    return None
 
 
 def finish(status: int) -> NoReturn:

@@ -9,19 +9,24 @@ manifest (`aurae_sdk.manifest`) builds the same `Node` from YAML. Either way
 
 The node itself records who owns what, in the labels of each cell: `aurae-py.io/owner` names the
 owner (a manifest, a CI job), and `exe.aurae-py.io/<executable>` records the spec each executable
-was started with (uid, gid and a digest of its command line). So two operators, or two CI runs,
-planning against the same node see the same truth, and `prune` removes only cells this owner made.
+was started with (uid, gid, a digest of its command line, its restart policy). So two operators,
+or two CI runs, planning against the same node see the same truth, and `prune` removes only cells
+this owner made. What has no cell to hold its records keeps its own labels: a host-level
+executable (`aurae-py.io/owner` and `aurae-py.io/spec`, kept by the daemon with the process), a
+spawned instance and a virtual machine. What runs inside a spawned instance is planned against
+that instance's own API, and its steps say which instance (`[build-1] web`).
 
 What the node can change in place (limits, labels) is an update; what it cannot (isolation, a limit
-going back to unset, an executable's command) is a replace: free and allocate again, or stop and
-start again. The plan says which, and why.
+going back to unset, an executable's command or restart policy, an instance's limits, a VM's
+hardware) is a replace: free and allocate again, or stop and start again. The plan says which,
+and why.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from aurae_sdk.errors import AuraeError, NotFound
@@ -33,10 +38,14 @@ if TYPE_CHECKING:
 
 OWNER_LABEL = "aurae-py.io/owner"
 EXECUTABLE_LABEL_PREFIX = "exe.aurae-py.io/"
+# On a host-level executable's own labels: the spec it was started with (Executable.record).
+SPEC_LABEL = "aurae-py.io/spec"
+# How plans name host-level executables: no cell before the colon.
+HOST = ""
 RESERVED_LABEL_DOMAIN = "aurae-py.io"
 
 Action = Literal["create", "update", "replace", "delete", "no-op"]
-Kind = Literal["cell", "executable"]
+Kind = Literal["cell", "executable", "instance", "vm"]
 
 # Limits in the API's dotted terms, in the order plans show them.
 LIMITS = ("cpu.weight", "cpu.max", "cpu.period", "cpuset.cpus", "cpuset.mems",
@@ -66,24 +75,102 @@ class Source:
         return f"{self.file}:{self.line}"
 
 
+RestartPolicy = Literal["no", "on-failure", "always"]
+RESTART_POLICIES: tuple[RestartPolicy, ...] = ("no", "on-failure", "always")
+# The wire enum's names, by the manifest's; its numbers are the index in RESTART_POLICIES.
+_RESTART_ENUM = {"no": "EXECUTABLE_RESTART_POLICY_NO",
+                 "on-failure": "EXECUTABLE_RESTART_POLICY_ON_FAILURE",
+                 "always": "EXECUTABLE_RESTART_POLICY_ALWAYS"}
+# The restart fields in the order a record keeps them (after the policy's letter).
+RESTART_TUNING = ("restart_delay_ms", "restart_max_delay_ms", "start_limit_burst",
+                  "start_limit_interval_ms")
+# How plans (and manifests) name them.
+RESTART_FIELD_NAMES = {"restart": "restart.policy", "restart_delay_ms": "restart.delay_ms",
+                       "restart_max_delay_ms": "restart.max_delay_ms",
+                       "start_limit_burst": "restart.start_limit.burst",
+                       "start_limit_interval_ms": "restart.start_limit.interval_ms"}
+
+
 @dataclass(frozen=True)
 class Executable:
-    """A process a cell should run: a shell command line under a name unique in its cell."""
+    """A process a cell should run: a shell command line under a name unique in its cell.
+
+    `restart`: what the node does when it exits ("no", "on-failure", "always"); the delay
+    before the first restart, the longest delay backing off reaches, and the start limit
+    (at most `start_limit_burst` starts within `start_limit_interval_ms`) tune it.
+    """
 
     name: str
     command: str
     uid: int | None = None
     gid: int | None = None
     description: str = ""
+    restart: RestartPolicy = "no"
+    restart_delay_ms: int | None = None
+    restart_max_delay_ms: int | None = None
+    start_limit_burst: int | None = None
+    start_limit_interval_ms: int | None = None
     source: Source | None = field(default=None, compare=False, repr=False)
+    field_sources: Mapping[str, Source] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.restart not in RESTART_POLICIES:
+            raise DeclaredStateError(
+                f"executable {self.name}: restart must be one of {', '.join(RESTART_POLICIES)}, "
+                f"not {self.restart!r}", self.field_sources.get("restart", self.source))
 
     @property
     def record(self) -> str:
-        """The label value recording this spec on the node: uid.gid.digest (x: unset)."""
+        """The label value recording this spec on the node (at most 63 characters):
+        uid.gid.digest, then, with a restart policy, .P_delay_max_burst_interval (P its first
+        letter, numbers in base 36; x: unset)."""
         digest = hashlib.sha256(f"{self.command}\0{self.description}".encode()).hexdigest()[:16]
         uid = "x" if self.uid is None else str(self.uid)
         gid = "x" if self.gid is None else str(self.gid)
-        return f"{uid}.{gid}.{digest}"
+        if self.restart == "no" and not any(getattr(self, t) is not None
+                                            for t in RESTART_TUNING):
+            return f"{uid}.{gid}.{digest}"
+        tuning = "_".join(_base36(getattr(self, t)) for t in RESTART_TUNING)
+        return f"{uid}.{gid}.{digest}.{self.restart[0]}_{tuning}"
+
+    def restart_fields(self) -> dict[str, Any]:
+        """The Executable message's restart fields for Start."""
+        fields: dict[str, Any] = {"restart_policy": _RESTART_ENUM[self.restart]}
+        for name in ("restart_delay_ms", "restart_max_delay_ms"):
+            if getattr(self, name) is not None:
+                fields[name] = getattr(self, name)
+        if self.start_limit_burst is not None or self.start_limit_interval_ms is not None:
+            fields["start_limit"] = {"burst": self.start_limit_burst or 0,
+                                     "interval_ms": self.start_limit_interval_ms or 0}
+        return fields
+
+
+def _base36(value: int | None) -> str:
+    if value is None:
+        return "x"
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    text = ""
+    while True:
+        value, digit = divmod(value, 36)
+        text = digits[digit] + text
+        if not value:
+            return text
+
+
+def _recorded_restart(recorded: str | None) -> dict[str, Any] | None:
+    """The restart spec a record keeps: policy and tuning; None for a record without one
+    (an executable started with no restart policy, or by an older aurae-py)."""
+    parts = (recorded or "").split(".")
+    if len(parts) != 4:
+        return None
+    letter, *tuning = parts[3].split("_")
+    policy = {p[0]: p for p in RESTART_POLICIES}.get(letter)
+    if policy is None or len(tuning) != len(RESTART_TUNING):
+        return None
+    spec: dict[str, Any] = {"restart": policy}
+    for name, text in zip(RESTART_TUNING, tuning):
+        spec[name] = None if text == "x" else int(text, 36)
+    return spec
 
 
 @dataclass(frozen=True)
@@ -131,11 +218,111 @@ class Cell:
 
 
 @dataclass(frozen=True)
+class Instance:
+    """A spawned instance the node should run (a nested auraed in an isolated cell of its
+    own), with its limits and what runs inside it: `cells` and host-level `executables` of
+    the instance, planned against the instance's own API (`client.instance(name)`).
+
+    Memory in bytes (or "512M"); CPU max in microseconds per 100 ms period.
+    """
+
+    name: str
+    cpu_weight: int | None = None
+    cpu_max: int | None = None
+    cpuset_cpus: str | None = None
+    memory_max: int | str | None = None
+    pids_max: int | None = None
+    cells: Sequence[Cell] = ()
+    executables: Sequence[Executable] = ()
+    source: Source | None = field(default=None, compare=False, repr=False)
+    field_sources: Mapping[str, Source] = field(default_factory=dict, compare=False, repr=False)
+
+    def limits(self) -> dict[str, int | str]:
+        """The limits that are set, by InstanceLimits field name, memory in bytes."""
+        result: dict[str, int | str] = {}
+        for name in INSTANCE_LIMITS:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if name == "memory_max":
+                try:
+                    value = parse_bytes(value)
+                except (TypeError, ValueError) as error:
+                    raise DeclaredStateError(
+                        f"instance {self.name}: memory_max: {error}",
+                        self.field_sources.get("limits.memory_max", self.source)) from None
+            result[name] = value
+        return result
+
+    def inside(self, owner: str) -> Node:
+        """What runs in the instance, as a node of the same owner."""
+        return Node(owner=owner, cells=self.cells, executables=self.executables,
+                    source=self.source)
+
+
+INSTANCE_LIMITS = ("cpu_weight", "cpu_max", "cpuset_cpus", "memory_max", "pids_max")
+
+
+@dataclass(frozen=True)
+class Drive:
+    """A disk image a virtual machine mounts at `vm_path`."""
+
+    image: str
+    vm_path: str
+    fs_type: str = "ext4"
+    read_only: bool = False
+
+
+@dataclass(frozen=True)
+class VirtualMachine:
+    """A virtual machine the node should have (VmService): allocated, and booted unless
+    `running` is False. `kernel` "" is the daemon's own guest kernel."""
+
+    id: str
+    memory_mb: int = 256
+    vcpus: int = 1
+    kernel: str = ""
+    kernel_args: Sequence[str] = ()
+    root_drive: str = ""
+    root_read_only: bool = False
+    drives: Sequence[Drive] = ()
+    running: bool = True
+    source: Source | None = field(default=None, compare=False, repr=False)
+    field_sources: Mapping[str, Source] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def record(self) -> str:
+        """A digest of what List does not report (kernel arguments, drives), kept in the
+        machine's labels."""
+        text = "\0".join([self.kernel, " ".join(self.kernel_args), self.root_drive,
+                          str(self.root_read_only),
+                          *(f"{d.image}\1{d.vm_path}\1{d.fs_type}\1{d.read_only}"
+                            for d in self.drives)])
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def message(self, owner: str) -> dict[str, Any]:
+        return {"id": self.id, "mem_size_mb": self.memory_mb, "vcpu_count": self.vcpus,
+                "kernel_img_path": self.kernel, "kernel_args": list(self.kernel_args),
+                "root_drive": {"image_path": self.root_drive, "read_only": self.root_read_only},
+                "drive_mounts": [{"image_path": d.image, "vm_path": d.vm_path,
+                                  "fs_type": d.fs_type, "read_only": d.read_only}
+                                 for d in self.drives],
+                "labels": {OWNER_LABEL: owner, SPEC_LABEL: self.record}}
+
+
+@dataclass(frozen=True)
 class Node:
-    """Everything one owner declares for a node. `owner` is recorded on every cell it makes."""
+    """Everything one owner declares for a node. `owner` is recorded on every cell it makes.
+
+    `executables` run at host level, in no cell; their ownership is recorded in their own
+    labels (Executable.labels), which the daemon keeps with each process.
+    """
 
     owner: str
     cells: Sequence[Cell] = ()
+    executables: Sequence[Executable] = ()
+    instances: Sequence[Instance] = ()
+    vms: Sequence[VirtualMachine] = ()
     source: Source | None = field(default=None, compare=False, repr=False)
 
 
@@ -162,6 +349,8 @@ class Step:
     changes: tuple[Change, ...] = ()
     reason: str = ""
     source: Source | None = field(default=None, compare=False, repr=False)
+    # The spawned instance the step happens in ("" for the node itself).
+    instance: str = ""
 
     @property
     def cell(self) -> str:
@@ -169,7 +358,8 @@ class Step:
 
     def __str__(self) -> str:
         symbol = _SYMBOLS[self.action]
-        text = f"{symbol} {self.action:<8} {self.kind:<10} {self.name}"
+        where = f"[{self.instance}] " if self.instance else ""
+        text = f"{symbol} {self.action:<8} {self.kind:<10} {where}{self.name}"
         if self.reason:
             text += f"  ({self.reason})"
         return "\n".join([text, *(f"      {change}" for change in self.changes)])
@@ -186,6 +376,12 @@ class Plan:
     steps: tuple[Step, ...]
     # Desired cells by path, for the executor (not part of what a plan compares equal on).
     _cells: Mapping[str, _FlatCell] = field(default_factory=dict, compare=False, repr=False)
+    # Desired host-level executables by name, for the executor.
+    _host: Mapping[str, Executable] = field(default_factory=dict, compare=False, repr=False)
+    # Spawned instances: declared, and the plans of what runs inside each (by name).
+    _instances: Mapping[str, Instance] = field(default_factory=dict, compare=False, repr=False)
+    _inside: Mapping[str, Plan] = field(default_factory=dict, compare=False, repr=False)
+    _vms: Mapping[str, VirtualMachine] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def changes(self) -> list[Step]:
@@ -263,6 +459,14 @@ class _Observed:
 
 def observe(client: Client) -> dict[str, _Observed]:
     """Every cell of the node by path, parents before children."""
+    return _observe_node(client)[0]
+
+
+def _observe_node(client: Client
+                  ) -> tuple[dict[str, _Observed], dict[str, cells_pb2.ExecutableStatus]]:
+    """Every cell by path, parents before children; and the host-level executables by name."""
+    from aurae_sdk.cell_tree import list_pages, merge_pages
+
     found: dict[str, _Observed] = {}
 
     def walk(nodes: Iterator[cells_pb2.CellGraphNode]) -> None:
@@ -272,11 +476,10 @@ def observe(client: Client) -> dict[str, _Observed]:
             )
             walk(iter(node.children))
 
-    from aurae_sdk.cell_tree import list_cells
-
     # Every page of List: a plan must see the whole node.
-    walk(iter(list_cells(client)))
-    return found
+    pages = list(list_pages(client))
+    walk(iter(merge_pages(pages)))
+    return found, {e.name: e for e in pages[0].host_executables}
 
 
 def _flatten(node: Node) -> dict[str, _FlatCell]:
@@ -317,6 +520,17 @@ def _flatten(node: Node) -> dict[str, _FlatCell]:
     return flat
 
 
+def _host_executables(node: Node) -> dict[str, Executable]:
+    declared: dict[str, Executable] = {}
+    for executable in node.executables:
+        if executable.name in declared:
+            raise DeclaredStateError(
+                f"executable {executable.name} is declared twice at host level",
+                executable.source)
+        declared[executable.name] = executable
+    return declared
+
+
 def _check_label_value(what: str, value: str, source: Source | None) -> None:
     import re
 
@@ -335,7 +549,210 @@ def plan(client: Client, node: Node, *, prune: bool = False) -> Plan:
     With `prune`, cells this owner made that `node` no longer declares are deleted.
     Raises DeclaredStateError when a declared cell exists but belongs to another owner.
     """
-    return _plan(_flatten(node), observe(client), node.owner, prune=prune)
+    return _plan_node(client, node, prune=prune)
+
+
+def _plan_node(client: Client | None, node: Node, *, prune: bool, instance: str = "") -> Plan:
+    """The plan of one daemon: the node's own, or (`instance`) a spawned instance's. A
+    client of None stands for a daemon that does not exist yet (everything is created)."""
+    desired = _flatten(node)
+    declared = _host_executables(node)
+    instances = _instances_of(node)
+    vms = _vms_of(node)
+    if instance and (instances or vms):
+        raise DeclaredStateError(f"instance {instance}: instances and VMs are declared at the "
+                                 "node's top level only", node.source)
+    cells, host = _observe_node(client) if client is not None else ({}, {})
+    planned = _plan(desired, cells, node.owner, prune=prune)
+    steps = [*planned.steps, *_host_steps(declared, host, node.owner, prune)]
+    if instance:
+        steps = [replace(step, instance=instance) for step in steps]
+        return Plan(node.owner, tuple(steps), planned._cells, declared)
+    instance_steps, inside_plans = _instance_steps(client, node.owner, instances, prune)
+    vm_steps = _vm_steps(client, node.owner, vms, prune) if vms or prune else []
+    return Plan(node.owner, (*steps, *instance_steps, *vm_steps), planned._cells, declared,
+                instances, inside_plans, vms)
+
+
+def _instances_of(node: Node) -> dict[str, Instance]:
+    from aurae_sdk.client import instance_path
+
+    declared: dict[str, Instance] = {}
+    for instance in node.instances:
+        try:
+            instance_path((), instance.name)
+        except ValueError as error:
+            raise DeclaredStateError(str(error), instance.source) from None
+        if "/" in instance.name:
+            raise DeclaredStateError(f"instance name {instance.name!r} must be one name",
+                                     instance.source)
+        if instance.name in declared:
+            raise DeclaredStateError(f"instance {instance.name} is declared twice",
+                                     instance.source)
+        instance.limits()  # sizes checked now, with their lines
+        declared[instance.name] = instance
+    return declared
+
+
+def _vms_of(node: Node) -> dict[str, VirtualMachine]:
+    declared: dict[str, VirtualMachine] = {}
+    for vm in node.vms:
+        if vm.id in declared:
+            raise DeclaredStateError(f"virtual machine {vm.id} is declared twice", vm.source)
+        declared[vm.id] = vm
+    return declared
+
+
+def _instance_steps(client: Client | None, owner: str, declared: Mapping[str, Instance],
+                    prune: bool) -> tuple[list[Step], dict[str, Plan]]:
+    steps: list[Step] = []
+    inside: dict[str, Plan] = {}
+    if not declared and not prune:
+        return steps, inside
+    observed = ({i.instance.name: i for i in _listed(client, "instances", bool(declared))}
+                if client is not None else {})
+    for name, want in declared.items():
+        have = observed.get(name)
+        limits = want.limits()
+        fields = tuple(Change(f"limits.{k}", None, v) for k, v in limits.items())
+        if have is None:
+            steps.append(Step("create", "instance", name, fields, "", want.source))
+            inside[name] = _plan_node(None, want.inside(owner), prune=prune, instance=name)
+            continue
+        holder = have.instance.labels.get(OWNER_LABEL)
+        if holder != owner:
+            held = f"owner {holder!r}" if holder else "no aurae-py owner"
+            raise DeclaredStateError(
+                f"instance {name} exists on the node with {held}, not {owner!r}: free it, or "
+                "declare it under that owner", want.source)
+        have_message: Any = have.instance.limits
+        have_limits = {k: getattr(have_message, k) for k in INSTANCE_LIMITS
+                       if have_message.HasField(k)}
+        changes = tuple(Change(f"limits.{k}", have_limits.get(k), limits.get(k))
+                        for k in INSTANCE_LIMITS if have_limits.get(k) != limits.get(k))
+        if changes:
+            steps.append(Step("replace", "instance", name, changes,
+                              "an instance's limits cannot change in place: no call changes a "
+                              "spawned instance", want.source))
+            created = _plan_node(None, want.inside(owner), prune=prune, instance=name)
+            inside[name] = replace(created, steps=tuple(
+                replace(step, reason=step.reason or f"instance {name} is replaced")
+                for step in created.steps))
+            continue
+        steps.append(Step("no-op", "instance", name, (), "", want.source))
+        assert client is not None
+        inside[name] = _plan_node(client.instance(name), want.inside(owner), prune=prune,
+                                  instance=name)
+    ordered: list[Step] = []
+    for step in steps:
+        ordered.append(step)
+        ordered.extend(inside[step.name].steps)
+    if prune:
+        for name, have in observed.items():
+            if name not in declared and have.instance.labels.get(OWNER_LABEL) == owner:
+                ordered.append(Step("delete", "instance", name, (), "no longer declared"))
+    return ordered, inside
+
+
+def _listed(client: Client, service: str, needed: bool) -> list[Any]:
+    """The instances or VMs a daemon runs. One that has no such service (a guest's auraed, a
+    daemon built without it) runs none: that is only an error when some are declared."""
+    from aurae_sdk.errors import Unimplemented
+
+    try:
+        if service == "instances":
+            return list(client.instances.list().instances)
+        return list(client.vms.list().machines)
+    except Unimplemented:
+        if needed:
+            raise
+        return []
+
+
+def _vm_steps(client: Client | None, owner: str, declared: Mapping[str, VirtualMachine],
+              prune: bool) -> list[Step]:
+    observed = ({m.id: m for m in _listed(client, "vms", bool(declared))}
+                if client is not None else {})
+    steps: list[Step] = []
+    for vm_id, want in declared.items():
+        have = observed.get(vm_id)
+        fields = [Change("memory_mb", None, want.memory_mb), Change("vcpus", None, want.vcpus)]
+        if want.kernel:
+            fields.append(Change("kernel", None, want.kernel))
+        if not want.running:
+            fields.append(Change("running", None, False))
+        if have is None:
+            steps.append(Step("create", "vm", vm_id, tuple(fields),
+                              "" if want.running else "allocated, not started", want.source))
+            continue
+        holder = have.labels.get(OWNER_LABEL)
+        if holder != owner:
+            held = f"owner {holder!r}" if holder else "no aurae-py owner"
+            raise DeclaredStateError(
+                f"virtual machine {vm_id} exists on the node with {held}, not {owner!r}: free "
+                "it, or declare it under that owner", want.source)
+        changes: list[Change] = []
+        if have.mem_size_mb != want.memory_mb:
+            changes.append(Change("memory_mb", have.mem_size_mb, want.memory_mb))
+        if have.vcpu_count != want.vcpus:
+            changes.append(Change("vcpus", have.vcpu_count, want.vcpus))
+        if want.kernel and have.kernel_img_path != want.kernel:
+            changes.append(Change("kernel", have.kernel_img_path, want.kernel))
+        if have.labels.get(SPEC_LABEL) != want.record and not changes:
+            changes.append(Change("kernel_args, drives", "(recorded differs)", "(as declared)"))
+        if changes:
+            steps.append(Step("replace", "vm", vm_id, tuple(changes),
+                              "a virtual machine's hardware cannot change in place", want.source))
+            continue
+        running = have.status == "Running"
+        if running != want.running:
+            steps.append(Step("update", "vm", vm_id,
+                              (Change("running", running, want.running),),
+                              "" if want.running else "stopped", want.source))
+            continue
+        steps.append(Step("no-op", "vm", vm_id, (), "", want.source))
+    if prune:
+        for vm_id, have in observed.items():
+            if vm_id not in declared and have.labels.get(OWNER_LABEL) == owner:
+                steps.append(Step("delete", "vm", vm_id, (), "no longer declared"))
+    return steps
+
+
+def _host_steps(declared: Mapping[str, Executable],
+                observed: Mapping[str, cells_pb2.ExecutableStatus], owner: str,
+                prune: bool) -> list[Step]:
+    steps: list[Step] = []
+    for name, want in declared.items():
+        key = f"{HOST}:{name}"
+        status = observed.get(name)
+        if status is None:
+            steps.append(Step("create", "executable", key, _executable_fields(want), "",
+                              want.source))
+            continue
+        holder = status.labels.get(OWNER_LABEL)
+        if holder != owner:
+            if status.state == 1:
+                held = f"owner {holder!r}" if holder else "no aurae-py owner"
+                raise DeclaredStateError(
+                    f"executable {name} runs at host level with {held}, not {owner!r}: stop "
+                    "it, or declare it under that owner", want.source)
+            steps.append(Step("create", "executable", key, _executable_fields(want),
+                              f"the name was used by an executable that {_ended(status)}",
+                              want.source))
+            continue
+        changes = _executable_diff(status, status.labels.get(SPEC_LABEL), want)
+        if changes:
+            steps.append(Step("replace", "executable", key, changes, _replace_reason(changes),
+                              want.source))
+        else:
+            note = "" if status.state == 1 else _ended(status)
+            steps.append(Step("no-op", "executable", key, (), note, want.source))
+    if prune:
+        for name, status in observed.items():
+            if name not in declared and status.labels.get(OWNER_LABEL) == owner:
+                steps.append(Step("delete", "executable", f"{HOST}:{name}", (),
+                                  "no longer declared"))
+    return steps
 
 
 def _plan(desired: dict[str, _FlatCell], observed: dict[str, _Observed], owner: str, *,
@@ -439,7 +856,7 @@ def _executable_steps(have: _Observed, want: _FlatCell) -> list[Step]:
         changes = _executable_diff(status, recorded, executable)
         if changes:
             steps.append(Step("replace", "executable", key, changes,
-                              "a process cannot change in place", executable.source))
+                              _replace_reason(changes), executable.source))
         else:
             note = "" if status.state == 1 else _ended(status)
             steps.append(Step("no-op", "executable", key, (), note, executable.source))
@@ -461,15 +878,30 @@ def _executable_diff(status: cells_pb2.ExecutableStatus, recorded: str | None,
     changes: list[Change] = []
     if status.command != want.command:
         changes.append(Change("command", status.command, want.command))
-    uid, gid, _digest = (recorded or "?.?.?").split(".", 2)
+    uid, gid, _digest = (recorded or "?.?.?").split(".")[:3]
     for name, before in (("uid", uid), ("gid", gid)):
         after = getattr(want, name)
         before_value = None if before == "x" else (before if before == "?" else int(before))
         if before_value != after:
             changes.append(Change(name, before_value, after))
+    restart = _recorded_restart(recorded) or {
+        "restart": RESTART_POLICIES[status.restart_policy]
+        if status.restart_policy < len(RESTART_POLICIES) else "no",
+        **dict.fromkeys(RESTART_TUNING)}
+    for name in ("restart", *RESTART_TUNING):
+        if restart[name] != getattr(want, name):
+            changes.append(Change(RESTART_FIELD_NAMES[name], restart[name],
+                                  getattr(want, name)))
     if not changes:
         changes.append(Change("description", "(recorded differs)", want.description))
     return tuple(changes)
+
+
+def _replace_reason(changes: tuple[Change, ...]) -> str:
+    """Why an executable's changes need a Stop and a Start."""
+    if all(change.field.startswith("restart.") for change in changes):
+        return "a restart policy cannot change in place: no call changes a running executable"
+    return "a process cannot change in place"
 
 
 def _cell_fields(want: _FlatCell) -> tuple[Change, ...]:
@@ -486,6 +918,11 @@ def _executable_fields(executable: Executable) -> tuple[Change, ...]:
     for name in ("uid", "gid"):
         if getattr(executable, name) is not None:
             changes.append(Change(name, None, getattr(executable, name)))
+    if executable.restart != "no":
+        changes.append(Change("restart.policy", None, executable.restart))
+    for name in RESTART_TUNING:
+        if getattr(executable, name) is not None:
+            changes.append(Change(RESTART_FIELD_NAMES[name], None, getattr(executable, name)))
     return tuple(changes)
 
 
@@ -526,7 +963,8 @@ def delete(client: Client, node: Node, *, dry_run: bool = False,
            on_step: StepDone | None = None) -> Plan:
     """Free every declared cell this owner made (nested ones go with their parents)."""
     desired = _flatten(node)
-    observed = observe(client)
+    observed, host = _observe_node(client)
+    declared_host = _host_executables(node)
     steps: list[Step] = []
     for path, want in desired.items():
         have = observed.get(path)
@@ -540,27 +978,114 @@ def delete(client: Client, node: Node, *, dry_run: bool = False,
         if any(path.startswith(s.name + "/") for s in steps if s.action == "delete"):
             continue
         steps.append(Step("delete", "cell", path, (), "", want.cell.source))
-    planned = Plan(node.owner, tuple(steps), desired)
+    for name, executable in declared_host.items():
+        status = host.get(name)
+        if status is None:
+            continue
+        holder = status.labels.get(OWNER_LABEL)
+        if holder != node.owner:
+            steps.append(Step("no-op", "executable", f"{HOST}:{name}", (),
+                              f"kept: owned by {holder or 'no aurae-py owner'}",
+                              executable.source))
+            continue
+        steps.append(Step("delete", "executable", f"{HOST}:{name}", (), "", executable.source))
+    instances = _instances_of(node)
+    if instances:
+        running = {i.instance.name: i for i in client.instances.list().instances}
+        for name, instance in instances.items():
+            if name not in running:
+                continue
+            holder = running[name].instance.labels.get(OWNER_LABEL)
+            if holder != node.owner:
+                steps.append(Step("no-op", "instance", name, (),
+                                  f"kept: owned by {holder or 'no aurae-py owner'}",
+                                  instance.source))
+                continue
+            # What runs inside goes with it.
+            steps.append(Step("delete", "instance", name, (), "", instance.source))
+    vms = _vms_of(node)
+    if vms:
+        machines = {m.id: m for m in client.vms.list().machines}
+        for vm_id, vm in vms.items():
+            if vm_id not in machines:
+                continue
+            holder = machines[vm_id].labels.get(OWNER_LABEL)
+            if holder != node.owner:
+                steps.append(Step("no-op", "vm", vm_id, (),
+                                  f"kept: owned by {holder or 'no aurae-py owner'}", vm.source))
+                continue
+            steps.append(Step("delete", "vm", vm_id, (), "", vm.source))
+    planned = Plan(node.owner, tuple(steps), desired, declared_host, instances, {}, vms)
     if not dry_run:
         execute(client, planned, on_step=on_step)
     return planned
 
 
-def execute(client: Client, planned: Plan, *, on_step: StepDone | None = None) -> None:
-    """Carry out a plan's steps in order."""
-    cells_touched: dict[str, Action] = {}
+# How long a spawned instance and a virtual machine get to come up: a loaded machine starts a
+# nested daemon slowly, and a guest under TCG takes about a minute.
+SPAWN_TIMEOUT = 120.0
+BOOT_TIMEOUT = 600.0
+
+
+def execute(client: Client, planned: Plan, *, on_step: StepDone | None = None,
+            on_begin: StepDone | None = None) -> None:
+    """Carry out a plan's steps in order. `on_begin` is told of each step before it runs
+    (a VM's boot takes a while), `on_step` once it is done."""
+    # Per daemon ("" the node's own, else an instance's): cells whose executables changed.
+    touched: dict[str, dict[str, Action]] = {}
     for step in planned.steps:
+        if on_begin is not None and step.action != "no-op":
+            on_begin(step)
+        plan_of = planned._inside.get(step.instance, planned) if step.instance else planned
+        target = client.instance(step.instance) if step.instance else client
         try:
-            _execute_step(client, planned, step, cells_touched)
+            if step.kind == "instance":
+                _execute_instance(client, planned, step)
+            elif step.kind == "vm":
+                _execute_vm(client, planned, step)
+            else:
+                _execute_step(target, plan_of, step, touched.setdefault(step.instance, {}))
         except AuraeError as error:
-            raise _located(error, step, planned) from None
+            raise _located(error, step, plan_of) from None
         if on_step is not None:
             on_step(step)
     # Executables changed in a cell left as it was: record their new specs on it.
-    for path, action in cells_touched.items():
-        if action == "no-op":
-            want = planned._cells[path]
-            _update(client, want)
+    for instance, cells_touched in touched.items():
+        plan_of = planned._inside[instance] if instance else planned
+        target = client.instance(instance) if instance else client
+        for path, action in cells_touched.items():
+            if action == "no-op" and path != HOST:
+                _update(target, plan_of._cells[path])
+
+
+def _execute_instance(client: Client, planned: Plan, step: Step) -> None:
+    if step.action in ("replace", "delete"):
+        try:
+            client.instances.free(instance_name=step.name, timeout=SPAWN_TIMEOUT)
+        except NotFound:
+            pass
+    if step.action in ("create", "replace"):
+        want = planned._instances[step.name]
+        client.instances.spawn(instance={
+            "name": want.name, "limits": want.limits(),
+            "labels": {OWNER_LABEL: planned.owner}}, timeout=SPAWN_TIMEOUT)
+
+
+def _execute_vm(client: Client, planned: Plan, step: Step) -> None:
+    if step.action in ("replace", "delete"):
+        try:
+            client.vms.free(vm_id=step.name, timeout=BOOT_TIMEOUT)
+        except NotFound:
+            pass
+    if step.action == "delete":
+        return
+    want = planned._vms[step.name]
+    if step.action in ("create", "replace"):
+        client.vms.allocate(machine=want.message(planned.owner))
+    if want.running and step.action != "no-op":
+        client.vms.start(vm_id=want.id, timeout=BOOT_TIMEOUT)
+    elif not want.running and step.action == "update":
+        client.vms.stop(vm_id=want.id, timeout=BOOT_TIMEOUT)
 
 
 def _execute_step(client: Client, planned: Plan, step: Step,
@@ -593,11 +1118,17 @@ def _execute_step(client: Client, planned: Plan, step: Step,
         except NotFound:
             pass  # already stopped, or freed with its cell
     if step.action in ("create", "replace"):
-        declared = {e.name: e for e in planned._cells[cell].cell.executables}[name]
+        labels: dict[str, str] = {}
+        if cell == HOST:
+            declared = planned._host[name]
+            # At host level there is no cell to keep the records: the executable keeps its own.
+            labels = {OWNER_LABEL: planned.owner, SPEC_LABEL: declared.record}
+        else:
+            declared = {e.name: e for e in planned._cells[cell].cell.executables}[name]
         client.cells.start(
             cell_name=cell,
-            executable={"name": name, "command": declared.command,
-                        "description": declared.description},
+            executable={"name": name, "command": declared.command, "labels": labels,
+                        "description": declared.description, **declared.restart_fields()},
             uid=declared.uid, gid=declared.gid,
         )
 
@@ -616,15 +1147,37 @@ def _cell_message(want: _FlatCell) -> dict[str, Any]:
     return message
 
 
+# The VirtualMachine message's fields, by the names manifests give them.
+_VM_FIELDS = {"mem_size_mb": "memory_mb", "vcpu_count": "vcpus", "kernel_img_path": "kernel",
+              "root_drive.image_path": "root_drive"}
+
+
 def _located(error: AuraeError, step: Step, planned: Plan) -> AuraeError:
     """The error with where the failing thing was declared, down to the field's line."""
     source = step.source
-    want = planned._cells.get(step.cell)
-    if want is not None and error.field:
+    want = planned._cells.get(step.cell) if step.kind in ("cell", "executable") else None
+    if step.kind in ("instance", "vm") and error.field:
+        declared: Instance | VirtualMachine | Executable | None = (
+            planned._instances.get(step.name) if step.kind == "instance"
+            else planned._vms.get(step.name))
+        if declared is not None:
+            blamed = error.field.removeprefix("instance.").removeprefix("machine.")
+            source = declared.field_sources.get(_VM_FIELDS.get(blamed, blamed), source)
+    elif want is not None and error.field and step.kind == "cell":
         blamed = error.field.removeprefix("cell.")
         source = want.cell.field_sources.get(blamed.replace("isolate_", "isolation."), source)
+    elif error.field and step.kind == "executable":
+        name = step.name.partition(":")[2]
+        declared = (planned._host.get(name) if step.cell == HOST else
+                    {e.name: e for e in want.cell.executables}.get(name) if want else None)
+        if declared is not None:
+            blamed = error.field.removeprefix("executable.").replace("start_limit.", "start_limit_")
+            blamed = {"restart_policy": "restart"}.get(blamed, blamed)
+            source = declared.field_sources.get(RESTART_FIELD_NAMES.get(blamed, blamed), source)
     where = f"{source}: " if source else ""
-    located = type(error)(f"{where}{step.action} {step.kind} {step.name}: {error.message}",
+    inside = f"[{step.instance}] " if step.instance else ""
+    located = type(error)(f"{where}{step.action} {step.kind} {inside}{step.name}: "
+                          f"{error.message}",
                           field=error.field, method=error.method)
     return located
 
@@ -633,11 +1186,14 @@ __all__ = [
     "Cell",
     "Change",
     "DeclaredStateError",
+    "Drive",
     "Executable",
+    "Instance",
     "Node",
     "Plan",
     "Source",
     "Step",
+    "VirtualMachine",
     "apply",
     "delete",
     "execute",

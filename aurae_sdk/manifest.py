@@ -13,8 +13,28 @@
             command: python3 -m http.server 8080
             uid: 1000
             gid: 1000
+            restart: on-failure                            # or {policy: always, delay_ms: 200,
+                                                           #  max_delay_ms: 5000,
+                                                           #  start_limit: {burst: 5, interval_ms: 10000}}
         cells:                                             # nested: web/cache
           - name: cache
+    executables:                # host level, in no cell (owned through their own labels)
+      - {name: agent, command: sleep infinity, restart: always}
+    instances:                  # spawned instances, with cells and executables inside
+      - name: build-1
+        limits: {cpu_weight: 200, cpu_max: 50000, cpuset_cpus: "0", memory_max: 512M,
+                 pids_max: 300}
+        cells: [{name: job}]
+        executables: [{name: cache, command: sleep infinity}]
+    vms:
+      - id: ci-vm
+        memory_mb: 256
+        vcpus: 1
+        kernel: /srv/vmlinux                               # default: the daemon's
+        kernel_args: [quiet]
+        root_drive: {image: /srv/root.ext4, read_only: true}
+        drives: [{image: /srv/cache.ext4, vm_path: /cache, fs_type: ext4, read_only: false}]
+        running: true                                      # false: allocated, not booted
 
 Every error names the file and line it comes from: the document is composed into YAML nodes,
 which keep their marks, and read from those rather than from plain dicts.
@@ -28,7 +48,16 @@ from typing import Any
 
 import yaml
 
-from aurae_sdk.declared import Cell, DeclaredStateError, Executable, Node, Source
+from aurae_sdk.declared import (
+    Cell,
+    DeclaredStateError,
+    Drive,
+    Executable,
+    Instance,
+    Node,
+    Source,
+    VirtualMachine,
+)
 
 _CONTROLLERS: dict[str, dict[str, type]] = {
     "cpu": {"weight": int, "max": int, "period": int},
@@ -36,8 +65,15 @@ _CONTROLLERS: dict[str, dict[str, type]] = {
     "memory": {"min": str, "low": str, "high": str, "max": str},
 }
 _CELL_KEYS = ("name", *_CONTROLLERS, "isolation", "labels", "executables", "cells")
-_EXECUTABLE_KEYS = ("name", "command", "uid", "gid", "description")
-_NODE_KEYS = ("owner", "cells")
+_EXECUTABLE_KEYS = ("name", "command", "uid", "gid", "description", "restart")
+_RESTART_KEYS = ("policy", "delay_ms", "max_delay_ms", "start_limit")
+_NODE_KEYS = ("owner", "cells", "executables", "instances", "vms")
+_INSTANCE_KEYS = ("name", "limits", "cells", "executables")
+_INSTANCE_LIMITS: dict[str, type] = {"cpu_weight": int, "cpu_max": int, "cpuset_cpus": str,
+                                     "memory_max": str, "pids_max": int}
+_VM_KEYS = ("id", "memory_mb", "vcpus", "kernel", "kernel_args", "root_drive", "drives",
+            "running")
+_DRIVE_KEYS = ("image", "vm_path", "fs_type", "read_only")
 
 
 class ManifestError(DeclaredStateError):
@@ -86,7 +122,13 @@ def loads(text: str, filename: str = "<manifest>", *, default_owner: str | None 
         raise ManifestError("`owner` is required when the manifest has no file name",
                             reader.source(root))
     cells = [reader.cell(item) for item in reader.sequence(entries.get("cells"), "cells")]
-    return Node(owner=owner, cells=cells, source=reader.source(owner_node or root))
+    host = [reader.executable(item, None)
+            for item in reader.sequence(entries.get("executables"), "executables")]
+    instances = [reader.instance(item)
+                 for item in reader.sequence(entries.get("instances"), "instances")]
+    vms = [reader.vm(item) for item in reader.sequence(entries.get("vms"), "vms")]
+    return Node(owner=owner, cells=cells, executables=host, instances=instances, vms=vms,
+                source=reader.source(owner_node or root))
 
 
 class _Reader:
@@ -174,12 +216,15 @@ class _Reader:
         except TypeError as error:  # pragma: no cover - keys are checked above
             raise self.fail(node, str(error)) from None
 
-    def executable(self, node: yaml.Node, cell: str) -> Executable:
-        entries = self.mapping(node, f"an executable of cell {cell}", _EXECUTABLE_KEYS)
+    def executable(self, node: yaml.Node, cell: str | None) -> Executable:
+        """An executable of `cell`, or at host level (cell None)."""
+        where = "at host level" if cell is None else f"of cell {cell}"
+        entries = self.mapping(node, f"an executable {where}", _EXECUTABLE_KEYS)
         for required in ("name", "command"):
             if required not in entries:
-                raise self.fail(node, f"an executable of cell {cell} needs a {required}")
-        name = self.scalar(entries["name"], f"an executable name in cell {cell}", str)
+                raise self.fail(node, f"an executable {where} needs a {required}")
+        name = self.scalar(entries["name"], f"an executable name {where}", str)
+        cell = "" if cell is None else cell
         values: dict[str, Any] = {
             "command": self.scalar(entries["command"], f"command of {cell}:{name}", str)}
         for key in ("uid", "gid"):
@@ -191,7 +236,116 @@ class _Reader:
         if "description" in entries:
             values["description"] = self.scalar(
                 entries["description"], f"description of {cell}:{name}", str)
-        return Executable(name=name, source=self.source(node), **values)
+        sources: dict[str, Source] = {}
+        if "restart" in entries:
+            values.update(self.restart(entries["restart"], f"{cell}:{name}", sources))
+        return Executable(name=name, source=self.source(node), field_sources=sources, **values)
+
+    def restart(self, node: yaml.Node, owner: str, sources: dict[str, Source]) -> dict[str, Any]:
+        """`restart: on-failure`, or a mapping of policy, delay_ms, max_delay_ms and
+        start_limit: {burst, interval_ms}."""
+        from aurae_sdk.declared import RESTART_POLICIES
+
+        def policy(value_node: yaml.Node) -> str:
+            value = self.scalar(value_node, f"restart policy of {owner}", str)
+            if value not in RESTART_POLICIES:
+                raise self.fail(value_node, f"restart policy of {owner} must be one of "
+                                            f"{', '.join(RESTART_POLICIES)}, not {value!r}")
+            sources["restart.policy"] = self.source(value_node)
+            return str(value)
+
+        if isinstance(node, yaml.ScalarNode):
+            return {"restart": policy(node)}
+        entries = self.mapping(node, f"restart of {owner}", _RESTART_KEYS)
+        values: dict[str, Any] = {"restart": policy(entries["policy"]) if "policy" in entries
+                                  else "on-failure"}
+        numbers = {"delay_ms": "restart_delay_ms", "max_delay_ms": "restart_max_delay_ms"}
+        for key, attribute in numbers.items():
+            if key in entries:
+                values[attribute] = self.count(entries[key], f"restart.{key} of {owner}")
+                sources[f"restart.{key}"] = self.source(entries[key])
+        if "start_limit" in entries:
+            limit = self.mapping(entries["start_limit"], f"restart.start_limit of {owner}",
+                                 ("burst", "interval_ms"))
+            for key, value_node in limit.items():
+                values[f"start_limit_{key}"] = self.count(
+                    value_node, f"restart.start_limit.{key} of {owner}")
+                sources[f"restart.start_limit.{key}"] = self.source(value_node)
+        return values
+
+    def instance(self, node: yaml.Node) -> Instance:
+        entries = self.mapping(node, "an instance", _INSTANCE_KEYS)
+        if "name" not in entries:
+            raise self.fail(node, "an instance needs a name")
+        name = self.scalar(entries["name"], "the instance name", str)
+        values: dict[str, Any] = {}
+        sources: dict[str, Source] = {"name": self.source(entries["name"])}
+        if "limits" in entries:
+            limits = self.mapping(entries["limits"], f"limits of instance {name}",
+                                  tuple(_INSTANCE_LIMITS))
+            for key, value_node in limits.items():
+                values[key] = self.scalar(value_node, f"limits.{key} of instance {name}",
+                                          _INSTANCE_LIMITS[key])
+                sources[f"limits.{key}"] = self.source(value_node)
+        cells = [self.cell(item) for item in self.sequence(entries.get("cells"), "cells")]
+        host = [self.executable(item, None)
+                for item in self.sequence(entries.get("executables"), "executables")]
+        return Instance(name=name, cells=cells, executables=host, source=self.source(node),
+                        field_sources=sources, **values)
+
+    def vm(self, node: yaml.Node) -> VirtualMachine:
+        entries = self.mapping(node, "a virtual machine", _VM_KEYS)
+        if "id" not in entries:
+            raise self.fail(node, "a virtual machine needs an id")
+        vm_id = self.scalar(entries["id"], "the virtual machine id", str)
+        values: dict[str, Any] = {}
+        sources: dict[str, Source] = {"id": self.source(entries["id"])}
+        for key, kind in (("memory_mb", int), ("vcpus", int), ("kernel", str),
+                          ("running", bool)):
+            if key in entries:
+                values[key] = self.scalar(entries[key], f"{key} of vm {vm_id}", kind)
+                sources[key] = self.source(entries[key])
+        if "kernel_args" in entries:
+            values["kernel_args"] = tuple(
+                self.scalar(item, f"a kernel argument of vm {vm_id}", str)
+                for item in self.sequence(entries["kernel_args"], "kernel_args"))
+            sources["kernel_args"] = self.source(entries["kernel_args"])
+        if "root_drive" in entries:
+            root = entries["root_drive"]
+            sources["root_drive"] = self.source(root)
+            if isinstance(root, yaml.ScalarNode):
+                values["root_drive"] = self.scalar(root, f"root_drive of vm {vm_id}", str)
+            else:
+                drive = self.mapping(root, f"root_drive of vm {vm_id}", ("image", "read_only"))
+                if "image" in drive:
+                    values["root_drive"] = self.scalar(drive["image"],
+                                                       f"root_drive.image of vm {vm_id}", str)
+                if "read_only" in drive:
+                    values["root_read_only"] = self.scalar(
+                        drive["read_only"], f"root_drive.read_only of vm {vm_id}", bool)
+        drives = []
+        for item in self.sequence(entries.get("drives"), "drives"):
+            drive = self.mapping(item, f"a drive of vm {vm_id}", _DRIVE_KEYS)
+            for required in ("image", "vm_path"):
+                if required not in drive:
+                    raise self.fail(item, f"a drive of vm {vm_id} needs {required}")
+            drives.append(Drive(
+                image=self.scalar(drive["image"], f"a drive image of vm {vm_id}", str),
+                vm_path=self.scalar(drive["vm_path"], f"a drive vm_path of vm {vm_id}", str),
+                fs_type=self.scalar(drive["fs_type"], f"a drive fs_type of vm {vm_id}", str)
+                if "fs_type" in drive else "ext4",
+                read_only=self.scalar(drive["read_only"], f"a drive's read_only of vm {vm_id}",
+                                      bool) if "read_only" in drive else False))
+        if "drives" in entries:
+            sources["drives"] = self.source(entries["drives"])
+        return VirtualMachine(id=vm_id, drives=drives, source=self.source(node),
+                              field_sources=sources, **values)
+
+    def count(self, node: yaml.Node, what: str) -> int:
+        value: int = self.scalar(node, what, int)
+        if not 0 <= value < 2**32:
+            raise self.fail(node, f"{what} must be 0 to 4294967295")
+        return value
 
 
 _KIND_NAMES: dict[type, str] = {str: "string", int: "whole number", bool: "true or false"}

@@ -253,6 +253,17 @@ class Method:
     def options(self) -> tuple[LeafField, ...]:
         return tuple(leaf for leaf in self.leaves if not leaf.positional)
 
+    @property
+    def paged(self) -> bool:
+        """A list in pages, as Google's AIP-158 shapes one: a unary call whose request has a
+        string `page_token` and whose response has a string `next_page_token`."""
+        def has_string(message: Message, name: str) -> bool:
+            return any(f.name == name and f.proto_type == "string" and not f.repeated
+                       for f in message.fields)
+
+        return (self.kind == "unary_unary" and has_string(self.input, "page_token")
+                and has_string(self.output, "next_page_token"))
+
 
 @dataclass(frozen=True)
 class Service:

@@ -167,6 +167,7 @@ _START_FIELDS: dict[str, str] = {
     "restart_max_delay_ms": "executable.restart_max_delay_ms",
     "start_limit_burst": "executable.start_limit.burst",
     "start_limit_interval_ms": "executable.start_limit.interval_ms",
+    "labels": "executable.labels",
     "uid": "uid",
     "gid": "gid",
 }
@@ -249,6 +250,13 @@ _START_POSITIONALS: tuple[tuple[str, bool], ...] = (
     help="The interval, in milliseconds; 0 means 10000.",
 )
 @click.option(
+    "--labels",
+    "labels",
+    type=KeyValue(),
+    multiple=True,
+    help='aurae-py addition: labels recording who started the executable and why,\nsuch as "aurae-py.io/owner", kept with it by the daemon (across its own\nrestarts too) and reported in ExecutableStatus. The same rules as\nCell.labels.',
+)
+@click.option(
     "--uid",
     "uid",
     type=click.IntRange(min=0),
@@ -327,7 +335,7 @@ _LIST_FIELDS: dict[str, str] = {
 
 @group.command(
     "list",
-    help="Show the tree of allocated cells.\n\n\x08\nExamples:\n  aurae-py cells list\n  aurae-py cells list -o wide\n  aurae-py cells list -o jsonpath='{.cells[*].cell.name}'",
+    help="Show the tree of allocated cells.\n\nLists every page (following next_page_token) unless --page-token is given;\n--page-token '' shows the first page only.\n\n\x08\nExamples:\n  aurae-py cells list\n  aurae-py cells list -o wide\n  aurae-py cells list -o jsonpath='{.cells[*].cell.name}'",
     short_help="Show the tree of allocated cells.",
 )
 @click.option(
@@ -350,6 +358,7 @@ def list_command(**params: Any) -> None:
         params,
         _LIST_FIELDS,
         server_streaming=False,
+        paged=True,
     )
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from aurae_cli.rpc_command import ByteSize, invoke, rpc_options
+from aurae_cli.rpc_command import ByteSize, KeyValue, invoke, rpc_options
 
 group = click.Group(
     "instances",
@@ -22,6 +22,7 @@ _SPAWN_FIELDS: dict[str, str] = {
     "limits_cpuset_cpus": "instance.limits.cpuset_cpus",
     "limits_memory_max": "instance.limits.memory_max",
     "limits_pids_max": "instance.limits.pids_max",
+    "labels": "instance.labels",
 }
 # Positional parameters in order, and whether each may be left out.
 _SPAWN_POSITIONALS: tuple[tuple[str, bool], ...] = (("name", False),)
@@ -62,6 +63,13 @@ _SPAWN_POSITIONALS: tuple[tuple[str, bool], ...] = (("name", False),)
     "limits_pids_max",
     type=int,
     help="Most processes and threads the instance may have at once.",
+)
+@click.option(
+    "--labels",
+    "labels",
+    type=KeyValue(),
+    multiple=True,
+    help='aurae-py addition: labels recording who spawned the instance and why,\nsuch as "aurae-py.io/owner"; the rules of Cell.labels. Reported in List.',
 )
 @rpc_options
 def spawn_command(**params: Any) -> None:

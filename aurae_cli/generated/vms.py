@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from aurae_cli.completion import complete_vm_id
-from aurae_cli.rpc_command import invoke, rpc_options
+from aurae_cli.rpc_command import KeyValue, invoke, rpc_options
 
 group = click.Group(
     "vms",
@@ -25,6 +25,7 @@ _ALLOCATE_FIELDS: dict[str, str] = {
     "root_drive_image_path": "machine.root_drive.image_path",
     "root_drive_read_only": "machine.root_drive.read_only",
     "auraed_address": "machine.auraed_address",
+    "labels": "machine.labels",
 }
 # Positional parameters in order, and whether each may be left out.
 _ALLOCATE_POSITIONALS: tuple[tuple[str, bool], ...] = (("id", False),)
@@ -78,6 +79,13 @@ _ALLOCATE_POSITIONALS: tuple[tuple[str, bool], ...] = (("id", False),)
     "auraed_address",
     type=str,
     help="Where the guest's auraed will listen.",
+)
+@click.option(
+    "--labels",
+    "labels",
+    type=KeyValue(),
+    multiple=True,
+    help='aurae-py addition: labels recording who allocated the machine and why,\nsuch as "aurae-py.io/owner"; the rules of Cell.labels.',
 )
 @rpc_options
 def allocate_command(**params: Any) -> None:

@@ -43,7 +43,7 @@ _instances_pb2.InstanceServiceListRequest.__doc__ = "Input of List; takes no arg
 
 _instances_pb2.InstanceServiceListResponse.__doc__ = "Result of List.\n\nFields:\n  instances (Sequence[InstanceStatus | Mapping[str, Any]]): One entry per running instance, by name."
 
-_instances_pb2.Instance.__doc__ = "What an instance is started with.\n\nFields:\n  name (str): Name, unique on this daemon: a lowercase DNS label (letters, digits, '-').\n  limits (InstanceLimits | Mapping[str, Any]): The cgroup limits of the whole instance: its daemon and every cell in it."
+_instances_pb2.Instance.__doc__ = "What an instance is started with.\n\nFields:\n  name (str): Name, unique on this daemon: a lowercase DNS label (letters, digits, '-').\n  limits (InstanceLimits | Mapping[str, Any]): The cgroup limits of the whole instance: its daemon and every cell in it.\n  labels (Mapping[str, str]): aurae-py addition: labels recording who spawned the instance and why, such as \"aurae-py.io/owner\"; the rules of Cell.labels. Reported in List."
 
 _instances_pb2.InstanceLimits.__doc__ = "Cgroup limits of an instance, in cgroup v2 terms (converted on v1 hosts).\n\nFields:\n  cpu_weight (int): Relative share of CPU time, 1 to 10000; 100 is the kernel's default.\n  cpu_max (int): Microseconds of CPU time the instance may use per 100 ms period.\n  cpuset_cpus (str): CPUs the instance may run on, in the kernel's list syntax such as \"0-1\".\n  memory_max (int): Hard memory limit in bytes for everything in the instance.\n  pids_max (int): Most processes and threads the instance may have at once."
 

@@ -55,6 +55,8 @@ class Executable:
     # Called once the executable is forgotten: a container releases its filesystem.
     release: Callable[[], None] = field(default=lambda: None, repr=False)
     restart: RestartState = field(default_factory=RestartState)
+    # What the caller recorded with it (Executable.labels), sorted by key.
+    labels: tuple[tuple[str, str], ...] = ()
     _exited: threading.Event = field(default_factory=threading.Event, repr=False)
 
     @property

@@ -84,6 +84,8 @@ class InstanceSpec:
     isolate_network: bool = True
     # More arguments for the instance's daemon (a pod's: its CRI socket).
     daemon_arguments: tuple[str, ...] = ()
+    # What the caller recorded with it (Instance.labels), sorted by key.
+    labels: tuple[tuple[str, str], ...] = ()
 
     @property
     def cell(self) -> CellName:

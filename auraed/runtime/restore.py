@@ -57,6 +57,8 @@ class ExecutableLabel:
     scope: str | None = None
     # A container's: its directory (auraed.runtime.containers) and the id of its image.
     container: tuple[Path, str] | None = None
+    # The labels it was started with (none in labels of older daemons).
+    labels: tuple[tuple[str, str], ...] = ()
 
 
 def cell_key(name: CellName) -> str:
@@ -81,7 +83,8 @@ def executable_label(label: ExecutableLabel) -> dict[str, object]:
     value: dict[str, object] = {
         "cell": label.cell.path if label.cell else None, "name": label.name,
         "description": label.description, "uid": label.uid, "gid": label.gid,
-        "log_dir": str(label.log_dir), "started_at": label.started_at, "scope": label.scope}
+        "log_dir": str(label.log_dir), "started_at": label.started_at, "scope": label.scope,
+        "labels": dict(label.labels)}
     if label.container is not None:
         value["command"] = label.command
         value["container"] = {"directory": str(label.container[0]), "image": label.container[1]}
@@ -175,9 +178,18 @@ def read_executable_label(label: dict[str, object] | None, argv: list[str]) -> E
             scope=None if label.get("scope") is None else str(label["scope"]),
             container=None if container is None else (Path(str(container["directory"])),
                                                       str(container["image"])),
+            labels=_labels(label.get("labels")),
         )
     except (KeyError, TypeError, AssertionError, ValueError) as error:
         raise BadRecord(f"executable label {label!r}: {error!r}") from None
+
+
+def _labels(value: object) -> tuple[tuple[str, str], ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise BadRecord(f"labels {value!r}")
+    return tuple(sorted((str(k), str(v)) for k, v in value.items()))
 
 
 def _cell_name(value: object) -> CellName:

@@ -94,6 +94,8 @@ class MachineSpec:
     root_drive: str  # "" for the project's default root: initramfs + the host's /usr over 9p
     root_read_only: bool
     drive_mounts: tuple[DriveSpec, ...]
+    # What the caller recorded with it (VirtualMachine.labels), sorted by key.
+    labels: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(eq=False)

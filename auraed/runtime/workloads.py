@@ -362,7 +362,8 @@ class Workloads:
                     key=ExecutableKey(label.cell, label.name), command=label.command,
                     description=label.description, uid=label.uid, gid=label.gid,
                     process=adopted.process, stdout=outputs[0], stderr=outputs[1],
-                    log_dir=label.log_dir, started_at=label.started_at, scope=label.scope)
+                    log_dir=label.log_dir, started_at=label.started_at, scope=label.scope,
+                    labels=label.labels)
                 executable.release = release
                 if label.container is not None:
                     adopted_containers.append(label.container[0])
@@ -788,6 +789,7 @@ class Workloads:
         container: ContainerSpec | None = None,
         restart: RestartPolicy = NO_RESTART,
         owner: str | None = None,
+        labels: tuple[tuple[str, str], ...] = (),
     ) -> Executable:
         """With `container`, run its argv in its filesystem as its user; the caller's
         `command` is then only what listings show. The container is released if this fails."""
@@ -797,7 +799,7 @@ class Workloads:
                                       subject=Subject.RESTART_POLICY)
             return self._start_executable(cell_name, name, command, description=description,
                                           uid=uid, gid=gid, container=container, restart=restart,
-                                          owner=owner)
+                                          owner=owner, labels=labels)
         except BaseException:
             if container is not None:
                 container.release()
@@ -806,7 +808,8 @@ class Workloads:
     def _start_executable(self, cell_name: CellName | None, name: str, command: str, *,
                           description: str, uid: int | None, gid: int | None,
                           container: ContainerSpec | None,
-                          restart: RestartPolicy, owner: str | None) -> Executable:
+                          restart: RestartPolicy, owner: str | None,
+                          labels: tuple[tuple[str, str], ...] = ()) -> Executable:
         if container is None:
             # Checked at each service's edge too, which names the field; here for any caller.
             check_command(command)
@@ -841,7 +844,7 @@ class Workloads:
                 self._forget(previous)
                 del registry[name]
             executable = self._spawn(key, command, description, uid, gid, namespaces,
-                                     RestartState(restart), container)
+                                     RestartState(restart), container, labels=labels)
             registry[name] = executable
             self._stopped.pop(key, None)
         log.info(
@@ -982,8 +985,10 @@ class Workloads:
     def _spawn(self, key: ExecutableKey, command: str, description: str, uid: int, gid: int,
                namespaces: NamespaceSet | None, restart: RestartState,
                container: ContainerSpec | None = None, *,
-               earlier: Executable | None = None) -> Executable:
-        """earlier: the run a restart policy starts this one after; its output is continued."""
+               earlier: Executable | None = None,
+               labels: tuple[tuple[str, str], ...] = ()) -> Executable:
+        """earlier: the run a restart policy starts this one after; its output is continued.
+        labels: what the caller recorded with it (Executable.labels)."""
         # Written by the spawner, which makes the pipes: output is captured while no daemon
         # runs too. These follow it. A restart goes on in the earlier run's log, so Observe
         # replays every run's output, within the same bound as one run's.
@@ -1014,7 +1019,8 @@ class Workloads:
         label = restore.executable_label(restore.ExecutableLabel(
             key.cell, key.name, command, description, uid, gid, log_dir, started_at, scope,
             container=None if container is None or container.directory is None
-            or container.image is None else (container.directory, container.image.id)))
+            or container.image is None else (container.directory, container.image.id),
+            labels=labels))
         try:
             if scope is not None:
                 self._create_scope(key, scope)
@@ -1058,7 +1064,7 @@ class Workloads:
             key=key, command=command, description=description, uid=uid, gid=gid,
             process=process, stdout=stdout, stderr=stderr, log_dir=log_dir, started_at=started_at,
             scope=scope, oom_kills_at_start=oom_kills_at_start,
-            restart=restart,
+            restart=restart, labels=labels,
         )
         if container is not None:
             executable.release = container.release
@@ -1155,7 +1161,7 @@ class Workloads:
                 state.count += 1
                 executable = self._spawn(previous.key, previous.command, previous.description,
                                          previous.uid, previous.gid, namespaces, state,
-                                         earlier=previous)
+                                         earlier=previous, labels=previous.labels)
             except Unavailable:
                 return  # no spawner: nothing starts any more
             except FailedPrecondition as error:

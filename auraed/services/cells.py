@@ -47,6 +47,7 @@ def executable_status(executable: Executable) -> pb.ExecutableStatus:
         restart_count=executable.restart.count,
         next_restart_at=0.0 if executable.restart.ended else executable.restart.next_at,
         start_limit_hit=executable.restart.gave_up,
+        labels=dict(executable.labels),
     )
     if executable.exit_status is not None:
         if executable.exit_status.exit_code is not None:
@@ -112,6 +113,7 @@ class CellService(CellServiceBase):
                 gid=start.gid,
                 container=container,
                 restart=start.restart,
+                labels=start.labels,
             )
         return pb.CellServiceStartResponse(
             pid=executable.process.ns_pid,
@@ -150,7 +152,12 @@ class CellService(CellServiceBase):
     def list(self, request: pb.CellServiceListRequest,
              context: grpc.ServicerContext) -> pb.CellServiceListResponse:
         # Paged, so no tree outgrows the message limit (auraed/services/cell_pages.py).
-        return list_page(self.workloads.tree(), request, cell_message, executable_status)
+        page = list_page(self.workloads.tree(), request, cell_message, executable_status)
+        if not request.page_token:
+            page.host_executables.extend(
+                executable_status(e) for e in sorted(self.workloads.host_executables(),
+                                                     key=lambda e: e.name))
+        return page
 
     def wait(self, request: pb.CellServiceWaitRequest,
              context: grpc.ServicerContext) -> pb.CellServiceWaitResponse:

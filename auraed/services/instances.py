@@ -17,6 +17,8 @@ from auraed.forwarding import InstanceChannels
 from auraed.generated.instances import InstanceServiceBase
 from auraed.kernel.cgroups import CgroupLimits
 from auraed.runtime.instances import Instance, Instances, InstanceSpec, check_instance_name
+from auraed.runtime.names import parse_labels
+from auraed.validation import blamed
 
 # How long a new instance's daemon gets to answer its first Discover. Generous: a loaded
 # machine starts a Python interpreter slowly, and the caller's deadline is the real bound.
@@ -49,7 +51,8 @@ def instance_status(instance: Instance) -> pb.InstanceStatus:
         if value is not None:
             setattr(limits, name, value)
     return pb.InstanceStatus(
-        instance=pb.Instance(name=instance.name, limits=limits),
+        instance=pb.Instance(name=instance.name, limits=limits,
+                             labels=dict(instance.spec.labels)),
         spiffe_id=str(instance.spiffe_id), socket=instance.socket,
         host_pid=instance.host_pid, started_at=instance.started_at)
 
@@ -69,8 +72,10 @@ class InstanceService(InstanceServiceBase):
 
     def spawn(self, request: pb.InstanceServiceSpawnRequest,
               context: grpc.ServicerContext) -> pb.InstanceServiceSpawnResponse:
+        with blamed("instance.labels"):
+            labels = parse_labels(dict(request.instance.labels))
         spec = InstanceSpec(check_instance_name(request.instance.name),
-                            limits_from_instance(request.instance.limits))
+                            limits_from_instance(request.instance.limits), labels=labels)
         instance = self._instances.spawn(spec)
         try:
             trust = self._instances.trust

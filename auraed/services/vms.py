@@ -7,6 +7,7 @@ import grpc
 from aurae_sdk.wire.generated.pb.vms import vms_pb2 as pb
 from auraed.errors import InvalidArgument
 from auraed.generated.vms import VmServiceBase
+from auraed.runtime.names import parse_labels
 from auraed.runtime.vms import (
     DEFAULT_MEMORY_MB,
     DEFAULT_VCPUS,
@@ -14,12 +15,15 @@ from auraed.runtime.vms import (
     MachineSpec,
     VirtualMachines,
 )
+from auraed.validation import blamed
 
 
 def machine_spec(request: pb.VmServiceAllocateRequest) -> MachineSpec:
     if not request.HasField("machine"):
         raise InvalidArgument("a machine is required", field="machine")
     machine = request.machine
+    with blamed("machine.labels"):
+        labels = parse_labels(dict(machine.labels))
     if machine.auraed_address:
         # The guest's address is the daemon's to choose (its TAP); a request cannot pick one.
         raise InvalidArgument("auraed_address is set by the daemon at Start; leave it empty",
@@ -34,6 +38,7 @@ def machine_spec(request: pb.VmServiceAllocateRequest) -> MachineSpec:
         root_read_only=machine.root_drive.read_only,
         drive_mounts=tuple(DriveSpec(d.image_path, d.vm_path, d.fs_type, d.read_only)
                            for d in machine.drive_mounts),
+        labels=labels,
     )
 
 
@@ -75,5 +80,6 @@ class VmService(VmServiceBase):
                 auraed_address=vm.address,
                 accelerator=vm.accelerator,
                 stop_reason=vm.stop_reason,
+                labels=dict(spec.labels),
             ))
         return pb.VmServiceListResponse(machines=summaries)

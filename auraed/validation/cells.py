@@ -101,6 +101,7 @@ class ExecutableStart:
     uid: int | None  # None: the daemon's, or an image's own user
     gid: int | None
     restart: RestartPolicy
+    labels: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -197,7 +198,10 @@ def executable_start(request: pb.CellServiceStartRequest) -> ExecutableStart:
         _check_command(command)
         _check_identity(os.getuid() if uid is None else uid, os.getgid() if gid is None else gid)
     restart = restart_policy(request.executable)
-    return ExecutableStart(cell, name, command, request.executable.description, uid, gid, restart)
+    with blamed("executable.labels"):
+        labels = parse_labels(dict(request.executable.labels))
+    return ExecutableStart(cell, name, command, request.executable.description, uid, gid, restart,
+                           labels)
 
 
 def restart_policy(executable: pb.Executable) -> RestartPolicy:

@@ -300,3 +300,53 @@ def test_cells_wait_has_no_deadline_unless_asked(daemon: DaemonProcess) -> None:
         assert refused.returncode == 2 and "not a number of seconds or 'forever'" in refused.stderr
     finally:
         daemon.cli("cells", "stop", "", "nap", "--grace-period-ms", "0")
+
+
+def test_cells_list_follows_every_page(daemon: DaemonProcess) -> None:
+    """More cells than a page holds: `cells list` shows them all, nested as in the tree;
+    `--page-token ''` shows the first page alone."""
+    names = ["pg-a", "pg-a/inner", "pg-b", "pg-c", "pg-d"]
+    with daemon.client() as client:
+        for name in names:
+            client.cells.allocate(cell={"name": name})
+        try:
+            first = client.cells.list(page_size=2)
+            assert first.next_page_token  # the daemon really pages at this size
+            listed = daemon.cli("cells", "list", "--page-size", "2", "-o", "json")
+            assert listed.returncode == 0, listed.stderr
+            tree = json.loads(listed.stdout)
+            assert [c["cell"]["name"] for c in tree["cells"]] == ["pg-a", "pg-b", "pg-c", "pg-d"]
+            assert [c["cell"]["name"] for c in tree["cells"][0]["children"]] == ["pg-a/inner"]
+            assert not tree.get("nextPageToken") and not tree.get("next_page_token")
+            text = daemon.cli("cells", "list", "--page-size", "2")
+            assert text.returncode == 0, text.stderr
+            assert all(name.rpartition("/")[2] in text.stdout for name in names)
+            one = daemon.cli("cells", "list", "--page-size", "2", "--page-token", "", "-o",
+                             "json")
+            assert one.returncode == 0, one.stderr
+            page = json.loads(one.stdout)
+            assert len(page["cells"]) == 1 and (page.get("nextPageToken")
+                                                or page.get("next_page_token"))
+        finally:
+            for name in ("pg-a", "pg-b", "pg-c", "pg-d"):
+                client.cells.free(cell_name=name)
+
+
+def test_cells_list_follows_pages_at_the_default_size(daemon: DaemonProcess) -> None:
+    """Executables with 100 KiB command lines overflow the daemon's 1 MiB page: a plain
+    `cells list` still reports every one of them."""
+    padding = "x" * (100 * 1024)
+    with daemon.client() as client:
+        client.cells.allocate(cell={"name": "pg-big"})
+        try:
+            for index in range(12):
+                client.cells.start(cell_name="pg-big", executable={
+                    "name": f"big-{index}", "command": f"sleep 600 # {padding}"})
+            assert client.cells.list().next_page_token  # one page does not hold them
+            listed = daemon.cli("cells", "list", "-o", "json")
+            assert listed.returncode == 0, listed.stderr
+            (cell,) = json.loads(listed.stdout)["cells"]
+            assert sorted(e["name"] for e in cell["executables"]) == sorted(
+                f"big-{index}" for index in range(12))
+        finally:
+            client.cells.free(cell_name="pg-big")

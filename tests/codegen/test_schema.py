@@ -108,6 +108,12 @@ def test_streaming_kind_and_idempotency(api: Api) -> None:
     }
 
 
+def test_paged_lists_are_recognised(api: Api) -> None:
+    # AIP-158's shape: request page_token, response next_page_token; the CLI follows them.
+    paged = {m.full_name for s in api.services for m in s.methods if m.paged}
+    assert paged == {"aurae.cells.v0.CellService.List"}
+
+
 def test_field_annotations_and_presence(api: Api) -> None:
     start = api.message("aurae.cells.v0.CellServiceStartRequest")
     fields = {f.name: f for f in start.fields}

@@ -253,3 +253,389 @@ def test_update_refuses_what_cannot_change_in_place(daemon: DaemonProcess,
         assert dict(node.cell.labels) == {"b": "2"} and node.cell.memory.max == 128 << 20
     finally:
         client.cells.free(cell_name="inplace")
+
+
+def test_a_refused_update_changes_no_cgroup_file(daemon: DaemonProcess,
+                                                 client: aurae_sdk.Client) -> None:
+    """Update is all or nothing: the kernel refuses the child's quota above its parent's only
+    when cpu.cfs_quota_us is written, after cpu.shares and cpu.cfs_period_us; those two are
+    put back, and the cell's recorded spec stays as it was."""
+    client.cells.allocate(cell={"name": "atomic", "cpu": {"max": 50_000}})
+    try:
+        client.cells.allocate(cell={"name": "atomic/inner", "cpu": {"weight": 100, "max": 20_000},
+                                    "memory": {"max": 64 << 20}})
+        files = ("cpu.shares", "cpu.cfs_period_us", "cpu.cfs_quota_us")
+        before = {f: cgroup(daemon, "cpu", "atomic/inner", f) for f in files}
+        memory_before = cgroup(daemon, "memory", "atomic/inner", "memory.limit_in_bytes")
+        with pytest.raises(aurae_sdk.FailedPrecondition) as refused:
+            client.cells.update(cell={"name": "atomic/inner",
+                                      "cpu": {"weight": 300, "max": 180_000, "period": 200_000},
+                                      "memory": {"max": 32 << 20}})
+        assert refused.value.field == "cell.cpu.max"
+        assert {f: cgroup(daemon, "cpu", "atomic/inner", f) for f in files} == before
+        assert before == {"cpu.shares": "1024", "cpu.cfs_period_us": "100000",
+                          "cpu.cfs_quota_us": "20000"}
+        assert cgroup(daemon, "memory", "atomic/inner", "memory.limit_in_bytes") == memory_before
+        (node,) = [n for n in client.cells.list().cells if n.cell.name == "atomic"]
+        (inner,) = node.children
+        assert inner.cell.cpu.weight == 100 and inner.cell.cpu.max == 20_000
+        # The same update within the parent's quota goes through, every file of it.
+        client.cells.update(cell={"name": "atomic/inner",
+                                  "cpu": {"weight": 300, "max": 40_000, "period": 200_000},
+                                  "memory": {"max": 32 << 20}})
+        assert {f: cgroup(daemon, "cpu", "atomic/inner", f) for f in files} == {
+            "cpu.shares": "3072", "cpu.cfs_period_us": "200000", "cpu.cfs_quota_us": "40000"}
+        assert cgroup(daemon, "memory", "atomic/inner", "memory.limit_in_bytes") == str(32 << 20)
+    finally:
+        client.cells.free(cell_name="atomic")
+
+
+RESTARTING = """\
+owner: rs
+cells:
+  - name: rs-web
+    executables:
+      - name: app
+        command: sleep 600
+        restart:
+          policy: on-failure
+          delay_ms: 50
+          start_limit: {burst: 10, interval_ms: 60000}
+"""
+
+
+def wait_for(check, timeout: float = 60.0):  # type: ignore[no-untyped-def]
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+def test_restart_policies_are_declared_diffed_and_replaced(
+        daemon: DaemonProcess, client: aurae_sdk.Client, tmp_path: Path) -> None:
+    import signal
+
+    manifest = write(tmp_path, RESTARTING, "rs.yaml")
+    try:
+        applied = daemon.cli("apply", "-f", manifest)
+        assert applied.returncode == 0, applied.stderr
+        status = aurae_sdk.declared.observe(client)["rs-web"].executables["app"]
+        assert status.restart_policy == 1  # EXECUTABLE_RESTART_POLICY_ON_FAILURE
+        # The node restarts it when it fails: killed, a new process takes its place.
+        first = status.host_pid
+        os.kill(first, signal.SIGKILL)
+        restarted = wait_for(lambda: (s := aurae_sdk.declared.observe(client)["rs-web"]
+                                      .executables["app"]).state == 1
+                             and s.host_pid != first and s)
+        assert restarted.restart_count == 1
+        assert Path(f"/proc/{restarted.host_pid}/cmdline").read_bytes().split(b"\0")[-2] == \
+            b"sleep 600"
+        assert daemon.cli("diff", "-f", manifest).returncode == 0
+        # The Python front end declares the same thing.
+        same = Node(owner="rs", cells=[Cell("rs-web", executables=[Executable(
+            "app", "sleep 600", restart="on-failure", restart_delay_ms=50,
+            start_limit_burst=10, start_limit_interval_ms=60000)])])
+        assert not aurae_sdk.plan(client, same).changed
+
+        write(tmp_path, RESTARTING.replace("policy: on-failure", "policy: always")
+              .replace("delay_ms: 50", "delay_ms: 200"), "rs.yaml")
+        diff = daemon.cli("diff", "-f", manifest)
+        assert diff.returncode == 2, diff.stderr
+        assert diff.stdout == textwrap.dedent("""\
+            ± replace  executable rs-web:app  (a restart policy cannot change in place: no call changes a running executable)
+                  restart.policy: 'on-failure' -> 'always'
+                  restart.delay_ms: 50 -> 200
+            Plan: 0 to create, 0 to update, 1 to replace, 0 to delete, 1 unchanged.
+            """)
+        assert daemon.cli("apply", "-f", manifest).returncode == 0
+        replaced = aurae_sdk.declared.observe(client)["rs-web"].executables["app"]
+        assert replaced.restart_policy == 2 and replaced.host_pid != restarted.host_pid
+        assert not os.path.exists(f"/proc/{restarted.host_pid}")
+        assert daemon.cli("diff", "-f", manifest).returncode == 0
+
+        # A value the node refuses is placed at its line.
+        write(tmp_path, RESTARTING.replace("delay_ms: 50", "delay_ms: 0"), "rs.yaml")
+        refused = daemon.cli("apply", "-f", manifest)
+        assert refused.returncode == 64 + 3, refused.stderr
+        assert f"{manifest}:9: replace executable rs-web:app" in refused.stderr
+        bad = write(tmp_path, RESTARTING.replace("policy: on-failure", "policy: sometimes"),
+                    "bad.yaml")
+        result = daemon.cli("diff", "-f", bad)
+        assert result.returncode == 1
+        assert f"{bad}:8: restart policy of rs-web:app must be one of no, on-failure, always" \
+            in result.stderr
+    finally:
+        if "rs-web" in cell_paths(client):
+            client.cells.free(cell_name="rs-web")
+
+
+HOST_LEVEL = """\
+owner: hl
+executables:
+  - name: hl-agent
+    command: sleep 603
+  - name: hl-shipper
+    command: sleep 604
+    restart: on-failure
+"""
+
+
+def host_executables(client: aurae_sdk.Client) -> dict[str, object]:
+    return {e.name: e for e in client.cells.list().host_executables}
+
+
+def test_host_level_executables_are_owned_and_pruned(daemon: DaemonProcess,
+                                                      client: aurae_sdk.Client,
+                                                      tmp_path: Path) -> None:
+    manifest = write(tmp_path, HOST_LEVEL, "hl.yaml")
+    # Started by hand, not by the manifest: never pruned.
+    client.cells.start(executable={"name": "hl-manual", "command": "sleep 605"})
+    try:
+        applied = daemon.cli("apply", "-f", manifest)
+        assert applied.returncode == 0, applied.stderr
+        assert "+ create   executable :hl-agent" in applied.stdout
+        running = host_executables(client)
+        agent = running["hl-agent"]
+        # The node keeps the ownership with the process itself.
+        assert agent.labels["aurae-py.io/owner"] == "hl"  # type: ignore[attr-defined]
+        assert "aurae-py.io/owner" not in running["hl-manual"].labels  # type: ignore[attr-defined]
+        agent_pid = agent.host_pid  # type: ignore[attr-defined]
+        assert Path(f"/proc/{agent_pid}/cmdline").read_bytes().split(b"\0")[-2] == b"sleep 603"
+        assert daemon.cli("diff", "-f", manifest).returncode == 0
+
+        write(tmp_path, HOST_LEVEL.replace("sleep 603", "sleep 606"), "hl.yaml")
+        diff = daemon.cli("diff", "-f", manifest)
+        assert diff.returncode == 2
+        assert "± replace  executable :hl-agent  (a process cannot change in place)" in diff.stdout
+        assert daemon.cli("apply", "-f", manifest).returncode == 0
+        assert not os.path.exists(f"/proc/{agent_pid}")
+
+        write(tmp_path, "owner: hl\nexecutables:\n  - name: hl-shipper\n    command: sleep 604\n"
+                        "    restart: on-failure\n", "hl.yaml")
+        kept = daemon.cli("apply", "-f", manifest)
+        assert kept.stdout.strip() == "No changes: the node matches (1 unchanged)."
+        agent_pid = host_executables(client)["hl-agent"].host_pid  # type: ignore[attr-defined]
+        assert os.path.exists(f"/proc/{agent_pid}")
+        pruned = daemon.cli("apply", "-f", manifest, "--prune")
+        assert pruned.returncode == 0, pruned.stderr
+        assert "- delete   executable :hl-agent  (no longer declared)" in pruned.stdout
+        assert "hl-manual" not in pruned.stdout
+        assert not os.path.exists(f"/proc/{agent_pid}")
+        left = host_executables(client)
+        assert left["hl-manual"].state == 1 and left["hl-shipper"].state == 1  # type: ignore[attr-defined]
+        assert "hl-agent" not in left or left["hl-agent"].state != 1  # type: ignore[attr-defined]
+
+        # One running under the same name with no aurae-py owner is not taken over.
+        foreign = write(tmp_path, "owner: hl\nexecutables:\n  - name: hl-manual\n"
+                                  "    command: sleep 605\n", "foreign.yaml")
+        refused = daemon.cli("apply", "-f", foreign)
+        assert refused.returncode == 1
+        assert f"{foreign}:3: executable hl-manual runs at host level with no aurae-py owner" \
+            in refused.stderr
+        deleted = daemon.cli("delete", "-f", manifest)
+        assert deleted.returncode == 0, deleted.stderr
+        assert "- delete   executable :hl-shipper" in deleted.stdout
+        assert host_executables(client).get("hl-shipper") is None or \
+            host_executables(client)["hl-shipper"].state != 1  # type: ignore[attr-defined]
+    finally:
+        for name, status in host_executables(client).items():
+            if name.startswith("hl-") and status.state == 1:  # type: ignore[attr-defined]
+                client.cells.stop(executable_name=name, grace_period_ms=0)
+
+
+def test_host_level_ownership_outlives_the_daemon(tmp_path: Path) -> None:
+    """The records live with the process in the spawner, which outlives auraed: the next
+    daemon adopts the executable with its labels, so the manifest still knows it is its own."""
+    import signal
+
+    from tests.support.daemon import running_daemon
+
+    manifest = write(tmp_path, "owner: keep\nexecutables:\n  - name: kept-agent\n"
+                               "    command: sleep 607\n", "keep.yaml")
+    with running_daemon() as first:
+        assert first.cli("apply", "-f", manifest).returncode == 0
+        with first.client() as client:
+            pid = host_executables(client)["kept-agent"].host_pid  # type: ignore[attr-defined]
+        first.stop(signal.SIGKILL)
+        with running_daemon(after=first) as second:
+            with second.client() as client:
+                adopted = host_executables(client)["kept-agent"]
+                assert adopted.host_pid == pid  # type: ignore[attr-defined]
+                assert adopted.labels["aurae-py.io/owner"] == "keep"  # type: ignore[attr-defined]
+            assert second.cli("diff", "-f", manifest).returncode == 0
+            write(tmp_path, "owner: keep\n", "keep.yaml")
+            pruned = second.cli("apply", "-f", manifest, "--prune")
+            assert pruned.returncode == 0, pruned.stderr
+            assert "- delete   executable :kept-agent" in pruned.stdout
+            assert not os.path.exists(f"/proc/{pid}")
+
+
+INSTANCE = """\
+owner: ins
+instances:
+  - name: ins-a
+    limits: {memory_max: 256M, pids_max: 200}
+    cells:
+      - name: web
+        memory: {max: 64M}
+        executables:
+          - name: app
+            command: sleep 611
+    executables:
+      - name: agent
+        command: sleep 612
+"""
+
+
+def commands_in(cgroup_dir: Path) -> dict[str, list[int]]:
+    """The command lines (`sh -c` ones by their command) of every process in a cgroup tree."""
+    found: dict[str, list[int]] = {}
+    for procs in cgroup_dir.rglob("cgroup.procs"):
+        for pid in procs.read_text().split():
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]
+            except OSError:
+                continue
+            if argv:
+                found.setdefault(argv[-1].decode(errors="replace"), []).append(int(pid))
+    return found
+
+
+def test_instances_and_what_runs_inside_them(daemon: DaemonProcess, client: aurae_sdk.Client,
+                                             tmp_path: Path) -> None:
+    manifest = write(tmp_path, INSTANCE, "ins.yaml")
+    memory = V1 / "memory" / daemon.cgroup_root / "instance-ins-a"
+    try:
+        applied = daemon.cli("apply", "-f", manifest)
+        assert applied.returncode == 0, applied.stderr
+        assert applied.stdout.splitlines()[0] == "+ create   instance   ins-a"
+        assert "+ create   cell       [ins-a] web" in applied.stdout
+        assert "+ create   executable [ins-a] :agent" in applied.stdout
+        # The instance's limits and its own cell's, in the kernel.
+        assert (memory / "memory.limit_in_bytes").read_text().strip() == str(256 << 20)
+        assert (memory / "auraed" / "web" / "memory.limit_in_bytes").read_text().strip() == \
+            str(64 << 20)
+        (status,) = [i for i in client.instances.list().instances if i.instance.name == "ins-a"]
+        assert status.instance.labels["aurae-py.io/owner"] == "ins"
+        inside = client.instance("ins-a")
+        # Its pids are the instance's pid namespace's: find the process by its cgroup.
+        (app_pid,) = commands_in(memory / "auraed" / "web")["sleep 611"]
+        assert aurae_sdk.declared.observe(inside)["web"].executables["app"].state == 1
+        assert "sleep 612" in commands_in(memory)
+        again = daemon.cli("diff", "-f", manifest)
+        assert again.returncode == 0, again.stdout
+        assert again.stdout.strip() == "No changes: the node matches (4 unchanged)."
+
+        # Inside the instance: an update in place, and a prune.
+        write(tmp_path, INSTANCE.replace("max: 64M", "max: 32M").split("    executables:\n"
+                                                                       "      - name: agent")[0],
+              "ins.yaml")
+        diff = daemon.cli("diff", "-f", manifest, "--prune")
+        assert diff.returncode == 2
+        assert diff.stdout == textwrap.dedent("""\
+            ~ update   cell       [ins-a] web
+                  memory.max: 64M -> 32M
+            - delete   executable [ins-a] :agent  (no longer declared)
+            Plan: 0 to create, 1 to update, 0 to replace, 1 to delete, 2 unchanged.
+            """)
+        assert daemon.cli("apply", "-f", manifest, "--prune").returncode == 0
+        assert (memory / "auraed" / "web" / "memory.limit_in_bytes").read_text().strip() == \
+            str(32 << 20)
+        assert commands_in(memory / "auraed" / "web")["sleep 611"] == [app_pid]  # kept running
+        assert "sleep 612" not in commands_in(memory)
+        assert all(e.state != 1 for e in inside.cells.list().host_executables)
+
+        # The instance's own limits cannot change in place: a replace, and the plan says so.
+        write(tmp_path, INSTANCE.replace("pids_max: 200", "pids_max: 150"), "ins.yaml")
+        diff = daemon.cli("diff", "-f", manifest)
+        assert diff.returncode == 2
+        assert diff.stdout.splitlines()[:3] == [
+            ("± replace  instance   ins-a  (an instance's limits cannot change in place: no "
+             "call changes a spawned instance)"),
+            "      limits.pids_max: 200 -> 150",
+            "+ create   cell       [ins-a] web  (instance ins-a is replaced)"]
+        assert daemon.cli("apply", "-f", manifest).returncode == 0
+        pids = V1 / "pids" / daemon.cgroup_root / "instance-ins-a" / "pids.max"
+        assert pids.read_text().strip() == "150"
+        assert not os.path.exists(f"/proc/{app_pid}")
+        assert daemon.cli("diff", "-f", manifest).returncode == 0
+
+        deleted = daemon.cli("delete", "-f", manifest)
+        assert deleted.returncode == 0, deleted.stderr
+        assert deleted.stdout.splitlines()[0] == "- delete   instance   ins-a"
+        assert not memory.exists()
+        assert not [i for i in client.instances.list().instances if i.instance.name == "ins-a"]
+    finally:
+        if any(i.instance.name == "ins-a" for i in client.instances.list().instances):
+            client.instances.free(instance_name="ins-a", timeout=120)
+
+
+VM_MANIFEST = """\
+owner: vmo
+vms:
+  - id: vmo-1
+    memory_mb: 128
+    vcpus: 1
+    kernel_args: [quiet]
+    running: false        # allocated, not booted: a TCG boot takes about a minute here
+"""
+
+
+def test_vms_are_planned_allocated_and_freed_without_booting(
+        daemon: DaemonProcess, client: aurae_sdk.Client, tmp_path: Path) -> None:
+    """The VM part of a manifest, short of a boot: plan, Allocate (its cell is made), the
+    replace a new memory size needs, Free. tests/daemon/test_declared.py's progress test
+    shows apply's boot step; tests/vms boot real guests."""
+    manifest = write(tmp_path, VM_MANIFEST, "vmo.yaml")
+    try:
+        diff = daemon.cli("diff", "-f", manifest)
+        assert diff.returncode == 2
+        assert diff.stdout == textwrap.dedent("""\
+            + create   vm         vmo-1  (allocated, not started)
+                  memory_mb: (unset) -> 128
+                  vcpus: (unset) -> 1
+                  running: (unset) -> false
+            Plan: 1 to create, 0 to update, 0 to replace, 0 to delete, 0 unchanged.
+            """)
+        applied = daemon.cli("apply", "-f", manifest)
+        assert applied.returncode == 0, applied.stderr
+        (machine,) = [m for m in client.vms.list().machines if m.id == "vmo-1"]
+        assert (machine.status, machine.mem_size_mb, machine.vcpu_count) == ("Created", 128, 1)
+        assert machine.labels["aurae-py.io/owner"] == "vmo"
+        assert (V1 / "cpu" / daemon.cgroup_root / "vm-vmo-1").is_dir()  # the VMM's cell
+        assert daemon.cli("diff", "-f", manifest).returncode == 0
+
+        write(tmp_path, VM_MANIFEST.replace("memory_mb: 128", "memory_mb: 192")
+              .replace("[quiet]", "[quiet, loglevel=3]"), "vmo.yaml")
+        diff = daemon.cli("diff", "-f", manifest)
+        assert diff.returncode == 2
+        assert diff.stdout.splitlines()[:2] == [
+            "± replace  vm         vmo-1  (a virtual machine's hardware cannot change in place)",
+            "      memory_mb: 128 -> 192"]
+        assert daemon.cli("apply", "-f", manifest).returncode == 0
+        (machine,) = [m for m in client.vms.list().machines if m.id == "vmo-1"]
+        assert machine.mem_size_mb == 192
+        assert daemon.cli("diff", "-f", manifest).returncode == 0
+        # Only the kernel arguments differ: List does not show them, the recorded digest does.
+        write(tmp_path, VM_MANIFEST.replace("memory_mb: 128", "memory_mb: 192"), "vmo.yaml")
+        diff = daemon.cli("diff", "-f", manifest)
+        assert diff.returncode == 2 and "kernel_args, drives: '(recorded differs)'" in diff.stdout
+        # Undeclared, it is pruned (here only planned: delete -f below frees it).
+        empty = write(tmp_path, "owner: vmo\n", "vmo-empty.yaml")
+        pruning = daemon.cli("diff", "-f", empty, "--prune")
+        assert pruning.returncode == 2
+        assert "- delete   vm         vmo-1  (no longer declared)" in pruning.stdout
+
+        deleted = daemon.cli("delete", "-f", manifest)
+        assert deleted.returncode == 0, deleted.stderr
+        assert deleted.stdout.splitlines()[0] == "- delete   vm         vmo-1"
+        assert not [m for m in client.vms.list().machines if m.id == "vmo-1"]
+        assert not (V1 / "cpu" / daemon.cgroup_root / "vm-vmo-1").exists()
+    finally:
+        if any(m.id == "vmo-1" for m in client.vms.list().machines):
+            client.vms.free(vm_id="vmo-1")

@@ -60,4 +60,8 @@ def test_the_manifest_plans(daemon: DaemonProcess, client: aurae_sdk.Client,
     assert result.returncode == 2, result.stderr
     assert "+ create   cell       web" in result.stdout
     assert "+ create   executable web:app" in result.stdout
+    assert "+ create   executable :agent" in result.stdout
+    assert "+ create   instance   build-1" in result.stdout
+    assert "+ create   cell       [build-1] job" in result.stdout
+    assert "+ create   vm         ci-vm" in result.stdout
     assert left(daemon, client) == []

@@ -136,3 +136,36 @@ def test_fleet_from_python(nodes: list[NetnsNode], config: Path) -> None:
     down = everyone[3]
     if nodes[3].daemon.process.poll() is not None:  # stopped by the test before
         assert isinstance(down.error, aurae_sdk.Unavailable)
+
+
+def test_an_rpc_on_two_nodes_goes_to_the_instance_named(nodes: list[NetnsNode],
+                                                        config: Path) -> None:
+    """--instance with several contexts: the in-process fleet call is addressed to the spawned
+    instance on each node, not to the node itself."""
+    live = [node for node in nodes if node.daemon.process.poll() is None][:2]
+    assert len(live) == 2
+    names = ",".join(node.name for node in live)
+    spawned = cli(config, "--context", names, "--timeout", "120", "instances", "spawn",
+                  "fl-inst")
+    assert spawned.returncode == 0, spawned.stdout + spawned.stderr
+    try:
+        allocated = cli(config, "--context", names, "--instance", "fl-inst", "cells",
+                        "allocate", "in-inst", "--memory-max", "64M")
+        assert allocated.returncode == 0, allocated.stdout + allocated.stderr
+        assert "2 of 2 nodes succeeded." in allocated.stdout
+        for node in live:
+            root = V1 / "memory" / node.daemon.cgroup_root
+            # In the instance's own cgroup subtree, not a cell of the node.
+            limit = root / "instance-fl-inst" / "auraed" / "in-inst" / "memory.limit_in_bytes"
+            assert limit.read_text().strip() == str(64 << 20)
+            assert not (root / "in-inst").exists()
+        listed = cli(config, "--context", names, "--instance", "fl-inst", "cells", "list",
+                     "-o", "json")
+        assert listed.returncode == 0, listed.stdout + listed.stderr
+        assert listed.stdout.count('"in-inst"') == 2
+    finally:
+        freed = cli(config, "--context", names, "--timeout", "120", "instances", "free",
+                    "fl-inst")
+        assert freed.returncode == 0, freed.stdout + freed.stderr
+    for node in live:
+        assert not (V1 / "memory" / node.daemon.cgroup_root / "instance-fl-inst").exists()

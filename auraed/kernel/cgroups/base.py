@@ -230,17 +230,37 @@ class CgroupBackend(ABC):
     def update(self, cell_path: str, limits: CgroupLimits) -> None:
         """Write the limits set in `limits` to an existing cell; the others stay as they are.
 
-        Written one file at a time: a refusal (LimitRefused) leaves the earlier ones written.
+        All or nothing: the kernel checks each file only as it is written (v1 refuses a
+        memory limit below usage, a quota above the parent's), so each file's value is read
+        before it is written, and when a later write is refused (LimitRefused) the files
+        already written get their values back, last first.
         """
         cell = cell_components(cell_path)
         validate(limits)
         self._check_supported(limits)
-        for write in self._limit_files(limits):
+        written: list[tuple[LimitFile, str]] = []
+        try:
+            for write in self._limit_files(limits):
+                with self._open(write.hierarchy, cell) as fd:
+                    try:
+                        before = cgroupfs.read_file(fd, write.filename)
+                    except FileNotFoundError:
+                        raise CgroupNotFound(self._name(cell)) from None
+                    self._write_limit(fd, write)
+                written.append((write, before))
+        except BaseException:
+            self._restore(cell, written)
+            raise
+
+    def _restore(self, cell: Components, written: list[tuple[LimitFile, str]]) -> None:
+        """Put back the values `update` overwrote, in reverse order of writing."""
+        for write, before in reversed(written):
             try:
                 with self._open(write.hierarchy, cell) as fd:
-                    self._write_limit(fd, write)
-            except FileNotFoundError:
-                raise CgroupNotFound(self._name(cell)) from None
+                    cgroupfs.write_file(fd, write.filename, before)
+            except (OSError, CgroupNotFound):
+                log.exception("could not restore a limit after a refused update",
+                              extra={"cell": self._name(cell), "file": write.filename})
 
     def remove(self, cell_path: str, timeout: float = DEFAULT_TIMEOUT) -> None:
         """Kill the cell's processes, then remove its cgroups and its child cells'."""

@@ -358,6 +358,7 @@ class CellServiceListResponse(_message.Message):
 
     CELLS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    HOST_EXECUTABLES_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
     """aurae-py addition: pass it as page_token to get the next page; empty on
     the last page.
@@ -366,15 +367,22 @@ class CellServiceListResponse(_message.Message):
     def cells(self) -> _containers.RepeatedCompositeFieldContainer[Global___CellGraphNode]:
         """The top-level cells of this page, each with its descendants on the page."""
 
+    @_builtins.property
+    def host_executables(self) -> _containers.RepeatedCompositeFieldContainer[Global___ExecutableStatus]:
+        """aurae-py addition: the executables started at host level (no cell), on
+        the first page only (a request without page_token).
+        """
+
     def __init__(
         self,
         *,
         cells: _abc.Iterable[Global___CellGraphNode] | None = ...,
         next_page_token: _builtins.str = ...,
+        host_executables: _abc.Iterable[Global___ExecutableStatus] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cells", b"cells", "next_page_token", b"next_page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cells", b"cells", "host_executables", b"host_executables", "next_page_token", b"next_page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -522,6 +530,26 @@ class Executable(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     NAME_FIELD_NUMBER: _builtins.int
     COMMAND_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
@@ -531,6 +559,7 @@ class Executable(_message.Message):
     RESTART_DELAY_MS_FIELD_NUMBER: _builtins.int
     RESTART_MAX_DELAY_MS_FIELD_NUMBER: _builtins.int
     START_LIMIT_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Name of the executable, unique within its cell."""
     command: _builtins.str
@@ -570,6 +599,14 @@ class Executable(_message.Message):
         StartLimitIntervalSec default to. Needs a restart policy.
         """
 
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """aurae-py addition: labels recording who started the executable and why,
+        such as "aurae-py.io/owner", kept with it by the daemon (across its own
+        restarts too) and reported in ExecutableStatus. The same rules as
+        Cell.labels.
+        """
+
     def __init__(
         self,
         *,
@@ -582,10 +619,11 @@ class Executable(_message.Message):
         restart_delay_ms: _builtins.int | None = ...,
         restart_max_delay_ms: _builtins.int | None = ...,
         start_limit: Global___ExecutableStartLimit | None = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_image", b"_image", "_restart_delay_ms", b"_restart_delay_ms", "_restart_max_delay_ms", b"_restart_max_delay_ms", "image", b"image", "restart_delay_ms", b"restart_delay_ms", "restart_max_delay_ms", b"restart_max_delay_ms", "start_limit", b"start_limit"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_image", b"_image", "_restart_delay_ms", b"_restart_delay_ms", "_restart_max_delay_ms", b"_restart_max_delay_ms", "command", b"command", "description", b"description", "image", b"image", "name", b"name", "read_only_rootfs", b"read_only_rootfs", "restart_delay_ms", b"restart_delay_ms", "restart_max_delay_ms", b"restart_max_delay_ms", "restart_policy", b"restart_policy", "start_limit", b"start_limit"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_image", b"_image", "_restart_delay_ms", b"_restart_delay_ms", "_restart_max_delay_ms", b"_restart_max_delay_ms", "command", b"command", "description", b"description", "image", b"image", "labels", b"labels", "name", b"name", "read_only_rootfs", b"read_only_rootfs", "restart_delay_ms", b"restart_delay_ms", "restart_max_delay_ms", b"restart_max_delay_ms", "restart_policy", b"restart_policy", "start_limit", b"start_limit"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__image: _TypeAlias = _typing.Literal["image"]  # noqa: Y015
     _WhichOneofArgType__image: _TypeAlias = _typing.Literal["_image", b"_image"]  # noqa: Y015
@@ -767,6 +805,26 @@ class ExecutableStatus(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     NAME_FIELD_NUMBER: _builtins.int
     CELL_NAME_FIELD_NUMBER: _builtins.int
     PID_FIELD_NUMBER: _builtins.int
@@ -783,6 +841,7 @@ class ExecutableStatus(_message.Message):
     RESTART_COUNT_FIELD_NUMBER: _builtins.int
     NEXT_RESTART_AT_FIELD_NUMBER: _builtins.int
     START_LIMIT_HIT_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Name the executable was started with."""
     cell_name: _builtins.str
@@ -823,6 +882,10 @@ class ExecutableStatus(_message.Message):
     """aurae-py addition: the policy gave up: the executable started too often
     within its start-limit interval.
     """
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """aurae-py addition: the labels the executable was started with."""
+
     def __init__(
         self,
         *,
@@ -842,10 +905,11 @@ class ExecutableStatus(_message.Message):
         restart_count: _builtins.int = ...,
         next_restart_at: _builtins.float = ...,
         start_limit_hit: _builtins.bool = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "_signal", b"_signal", "exit_code", b"exit_code", "signal", b"signal"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "_signal", b"_signal", "cell_name", b"cell_name", "cell_oom_kills", b"cell_oom_kills", "command", b"command", "exit_code", b"exit_code", "exited_at", b"exited_at", "host_pid", b"host_pid", "name", b"name", "next_restart_at", b"next_restart_at", "oom_killed", b"oom_killed", "pid", b"pid", "restart_count", b"restart_count", "restart_policy", b"restart_policy", "signal", b"signal", "start_limit_hit", b"start_limit_hit", "started_at", b"started_at", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "_signal", b"_signal", "cell_name", b"cell_name", "cell_oom_kills", b"cell_oom_kills", "command", b"command", "exit_code", b"exit_code", "exited_at", b"exited_at", "host_pid", b"host_pid", "labels", b"labels", "name", b"name", "next_restart_at", b"next_restart_at", "oom_killed", b"oom_killed", "pid", b"pid", "restart_count", b"restart_count", "restart_policy", b"restart_policy", "signal", b"signal", "start_limit_hit", b"start_limit_hit", "started_at", b"started_at", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__exit_code: _TypeAlias = _typing.Literal["exit_code"]  # noqa: Y015
     _WhichOneofArgType__exit_code: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code"]  # noqa: Y015

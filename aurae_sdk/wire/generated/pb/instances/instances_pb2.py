@@ -25,13 +25,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19instances/instances.proto\x12\x12\x61urae.instances.v0\"M\n\x1bInstanceServiceSpawnRequest\x12.\n\x08instance\x18\x01 \x01(\x0b\x32\x1c.aurae.instances.v0.Instance\"R\n\x1cInstanceServiceSpawnResponse\x12\x32\n\x06status\x18\x01 \x01(\x0b\x32\".aurae.instances.v0.InstanceStatus\"3\n\x1aInstanceServiceFreeRequest\x12\x15\n\rinstance_name\x18\x01 \x01(\t\"\x1d\n\x1bInstanceServiceFreeResponse\"\x1c\n\x1aInstanceServiceListRequest\"T\n\x1bInstanceServiceListResponse\x12\x35\n\tinstances\x18\x01 \x03(\x0b\x32\".aurae.instances.v0.InstanceStatus\"L\n\x08Instance\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x32\n\x06limits\x18\x02 \x01(\x0b\x32\".aurae.instances.v0.InstanceLimits\"\xd0\x01\n\x0eInstanceLimits\x12\x17\n\ncpu_weight\x18\x01 \x01(\x04H\x00\x88\x01\x01\x12\x14\n\x07\x63pu_max\x18\x02 \x01(\x03H\x01\x88\x01\x01\x12\x18\n\x0b\x63puset_cpus\x18\x03 \x01(\tH\x02\x88\x01\x01\x12\x17\n\nmemory_max\x18\x04 \x01(\x03H\x03\x88\x01\x01\x12\x15\n\x08pids_max\x18\x05 \x01(\x03H\x04\x88\x01\x01\x42\r\n\x0b_cpu_weightB\n\n\x08_cpu_maxB\x0e\n\x0c_cpuset_cpusB\r\n\x0b_memory_maxB\x0b\n\t_pids_max\"\x89\x01\n\x0eInstanceStatus\x12.\n\x08instance\x18\x01 \x01(\x0b\x32\x1c.aurae.instances.v0.Instance\x12\x11\n\tspiffe_id\x18\x02 \x01(\t\x12\x0e\n\x06socket\x18\x03 \x01(\t\x12\x10\n\x08host_pid\x18\x04 \x01(\x05\x12\x12\n\nstarted_at\x18\x05 \x01(\x01\x32\xd4\x02\n\x0fInstanceService\x12j\n\x05Spawn\x12/.aurae.instances.v0.InstanceServiceSpawnRequest\x1a\x30.aurae.instances.v0.InstanceServiceSpawnResponse\x12g\n\x04\x46ree\x12..aurae.instances.v0.InstanceServiceFreeRequest\x1a/.aurae.instances.v0.InstanceServiceFreeResponse\x12l\n\x04List\x12..aurae.instances.v0.InstanceServiceListRequest\x1a/.aurae.instances.v0.InstanceServiceListResponse\"\x03\x90\x02\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19instances/instances.proto\x12\x12\x61urae.instances.v0\"M\n\x1bInstanceServiceSpawnRequest\x12.\n\x08instance\x18\x01 \x01(\x0b\x32\x1c.aurae.instances.v0.Instance\"R\n\x1cInstanceServiceSpawnResponse\x12\x32\n\x06status\x18\x01 \x01(\x0b\x32\".aurae.instances.v0.InstanceStatus\"3\n\x1aInstanceServiceFreeRequest\x12\x15\n\rinstance_name\x18\x01 \x01(\t\"\x1d\n\x1bInstanceServiceFreeResponse\"\x1c\n\x1aInstanceServiceListRequest\"T\n\x1bInstanceServiceListResponse\x12\x35\n\tinstances\x18\x01 \x03(\x0b\x32\".aurae.instances.v0.InstanceStatus\"\xb5\x01\n\x08Instance\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x32\n\x06limits\x18\x02 \x01(\x0b\x32\".aurae.instances.v0.InstanceLimits\x12\x38\n\x06labels\x18\x14 \x03(\x0b\x32(.aurae.instances.v0.Instance.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xd0\x01\n\x0eInstanceLimits\x12\x17\n\ncpu_weight\x18\x01 \x01(\x04H\x00\x88\x01\x01\x12\x14\n\x07\x63pu_max\x18\x02 \x01(\x03H\x01\x88\x01\x01\x12\x18\n\x0b\x63puset_cpus\x18\x03 \x01(\tH\x02\x88\x01\x01\x12\x17\n\nmemory_max\x18\x04 \x01(\x03H\x03\x88\x01\x01\x12\x15\n\x08pids_max\x18\x05 \x01(\x03H\x04\x88\x01\x01\x42\r\n\x0b_cpu_weightB\n\n\x08_cpu_maxB\x0e\n\x0c_cpuset_cpusB\r\n\x0b_memory_maxB\x0b\n\t_pids_max\"\x89\x01\n\x0eInstanceStatus\x12.\n\x08instance\x18\x01 \x01(\x0b\x32\x1c.aurae.instances.v0.Instance\x12\x11\n\tspiffe_id\x18\x02 \x01(\t\x12\x0e\n\x06socket\x18\x03 \x01(\t\x12\x10\n\x08host_pid\x18\x04 \x01(\x05\x12\x12\n\nstarted_at\x18\x05 \x01(\x01\x32\xd4\x02\n\x0fInstanceService\x12j\n\x05Spawn\x12/.aurae.instances.v0.InstanceServiceSpawnRequest\x1a\x30.aurae.instances.v0.InstanceServiceSpawnResponse\x12g\n\x04\x46ree\x12..aurae.instances.v0.InstanceServiceFreeRequest\x1a/.aurae.instances.v0.InstanceServiceFreeResponse\x12l\n\x04List\x12..aurae.instances.v0.InstanceServiceListRequest\x1a/.aurae.instances.v0.InstanceServiceListResponse\"\x03\x90\x02\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'aurae_sdk.wire.generated.pb.instances.instances_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_INSTANCE_LABELSENTRY']._loaded_options = None
+  _globals['_INSTANCE_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_INSTANCESERVICE'].methods_by_name['List']._loaded_options = None
   _globals['_INSTANCESERVICE'].methods_by_name['List']._serialized_options = b'\220\002\001'
   _globals['_INSTANCESERVICESPAWNREQUEST']._serialized_start=49
@@ -46,12 +48,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INSTANCESERVICELISTREQUEST']._serialized_end=324
   _globals['_INSTANCESERVICELISTRESPONSE']._serialized_start=326
   _globals['_INSTANCESERVICELISTRESPONSE']._serialized_end=410
-  _globals['_INSTANCE']._serialized_start=412
-  _globals['_INSTANCE']._serialized_end=488
-  _globals['_INSTANCELIMITS']._serialized_start=491
-  _globals['_INSTANCELIMITS']._serialized_end=699
-  _globals['_INSTANCESTATUS']._serialized_start=702
-  _globals['_INSTANCESTATUS']._serialized_end=839
-  _globals['_INSTANCESERVICE']._serialized_start=842
-  _globals['_INSTANCESERVICE']._serialized_end=1182
+  _globals['_INSTANCE']._serialized_start=413
+  _globals['_INSTANCE']._serialized_end=594
+  _globals['_INSTANCE_LABELSENTRY']._serialized_start=549
+  _globals['_INSTANCE_LABELSENTRY']._serialized_end=594
+  _globals['_INSTANCELIMITS']._serialized_start=597
+  _globals['_INSTANCELIMITS']._serialized_end=805
+  _globals['_INSTANCESTATUS']._serialized_start=808
+  _globals['_INSTANCESTATUS']._serialized_end=945
+  _globals['_INSTANCESERVICE']._serialized_start=948
+  _globals['_INSTANCESERVICE']._serialized_end=1288
 # @@protoc_insertion_point(module_scope)

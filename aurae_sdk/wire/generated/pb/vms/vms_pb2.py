@@ -25,13 +25,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rvms/vms.proto\x12\x0c\x61urae.vms.v0\"I\n\x18VmServiceAllocateRequest\x12-\n\x07machine\x18\x01 \x01(\x0b\x32\x1c.aurae.vms.v0.VirtualMachine\"*\n\x19VmServiceAllocateResponse\x12\r\n\x05vm_id\x18\x01 \x01(\t\"%\n\x14VmServiceFreeRequest\x12\r\n\x05vm_id\x18\x01 \x01(\t\"\x17\n\x15VmServiceFreeResponse\"&\n\x15VmServiceStartRequest\x12\r\n\x05vm_id\x18\x01 \x01(\t\"0\n\x16VmServiceStartResponse\x12\x16\n\x0e\x61uraed_address\x18\x01 \x01(\t\"%\n\x14VmServiceStopRequest\x12\r\n\x05vm_id\x18\x01 \x01(\t\"\x17\n\x15VmServiceStopResponse\"\x16\n\x14VmServiceListRequest\"N\n\x15VmServiceListResponse\x12\x35\n\x08machines\x18\x01 \x03(\x0b\x32#.aurae.vms.v0.VirtualMachineSummary\"\xe8\x01\n\x0eVirtualMachine\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0bmem_size_mb\x18\x02 \x01(\r\x12\x12\n\nvcpu_count\x18\x03 \x01(\r\x12\x17\n\x0fkernel_img_path\x18\x04 \x01(\t\x12\x13\n\x0bkernel_args\x18\x05 \x03(\t\x12+\n\nroot_drive\x18\x06 \x01(\x0b\x32\x17.aurae.vms.v0.RootDrive\x12.\n\x0c\x64rive_mounts\x18\x07 \x03(\x0b\x32\x18.aurae.vms.v0.DriveMount\x12\x16\n\x0e\x61uraed_address\x18\x08 \x01(\t\"2\n\tRootDrive\x12\x12\n\nimage_path\x18\x01 \x01(\t\x12\x11\n\tread_only\x18\x02 \x01(\x08\"U\n\nDriveMount\x12\x12\n\nimage_path\x18\x01 \x01(\t\x12\x0f\n\x07vm_path\x18\x02 \x01(\t\x12\x0f\n\x07\x66s_type\x18\x03 \x01(\t\x12\x11\n\tread_only\x18\x04 \x01(\x08\"\xce\x01\n\x15VirtualMachineSummary\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x13\n\x0bmem_size_mb\x18\x03 \x01(\r\x12\x12\n\nvcpu_count\x18\x04 \x01(\r\x12\x17\n\x0fkernel_img_path\x18\x05 \x01(\t\x12\x15\n\rroot_dir_path\x18\x06 \x01(\t\x12\x16\n\x0e\x61uraed_address\x18\x07 \x01(\t\x12\x13\n\x0b\x61\x63\x63\x65lerator\x18\x08 \x01(\t\x12\x13\n\x0bstop_reason\x18\t \x01(\t2\xb4\x03\n\tVmService\x12[\n\x08\x41llocate\x12&.aurae.vms.v0.VmServiceAllocateRequest\x1a\'.aurae.vms.v0.VmServiceAllocateResponse\x12O\n\x04\x46ree\x12\".aurae.vms.v0.VmServiceFreeRequest\x1a#.aurae.vms.v0.VmServiceFreeResponse\x12R\n\x05Start\x12#.aurae.vms.v0.VmServiceStartRequest\x1a$.aurae.vms.v0.VmServiceStartResponse\x12O\n\x04Stop\x12\".aurae.vms.v0.VmServiceStopRequest\x1a#.aurae.vms.v0.VmServiceStopResponse\x12T\n\x04List\x12\".aurae.vms.v0.VmServiceListRequest\x1a#.aurae.vms.v0.VmServiceListResponse\"\x03\x90\x02\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rvms/vms.proto\x12\x0c\x61urae.vms.v0\"I\n\x18VmServiceAllocateRequest\x12-\n\x07machine\x18\x01 \x01(\x0b\x32\x1c.aurae.vms.v0.VirtualMachine\"*\n\x19VmServiceAllocateResponse\x12\r\n\x05vm_id\x18\x01 \x01(\t\"%\n\x14VmServiceFreeRequest\x12\r\n\x05vm_id\x18\x01 \x01(\t\"\x17\n\x15VmServiceFreeResponse\"&\n\x15VmServiceStartRequest\x12\r\n\x05vm_id\x18\x01 \x01(\t\"0\n\x16VmServiceStartResponse\x12\x16\n\x0e\x61uraed_address\x18\x01 \x01(\t\"%\n\x14VmServiceStopRequest\x12\r\n\x05vm_id\x18\x01 \x01(\t\"\x17\n\x15VmServiceStopResponse\"\x16\n\x14VmServiceListRequest\"N\n\x15VmServiceListResponse\x12\x35\n\x08machines\x18\x01 \x03(\x0b\x32#.aurae.vms.v0.VirtualMachineSummary\"\xd1\x02\n\x0eVirtualMachine\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0bmem_size_mb\x18\x02 \x01(\r\x12\x12\n\nvcpu_count\x18\x03 \x01(\r\x12\x17\n\x0fkernel_img_path\x18\x04 \x01(\t\x12\x13\n\x0bkernel_args\x18\x05 \x03(\t\x12+\n\nroot_drive\x18\x06 \x01(\x0b\x32\x17.aurae.vms.v0.RootDrive\x12.\n\x0c\x64rive_mounts\x18\x07 \x03(\x0b\x32\x18.aurae.vms.v0.DriveMount\x12\x16\n\x0e\x61uraed_address\x18\x08 \x01(\t\x12\x38\n\x06labels\x18\x14 \x03(\x0b\x32(.aurae.vms.v0.VirtualMachine.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"2\n\tRootDrive\x12\x12\n\nimage_path\x18\x01 \x01(\t\x12\x11\n\tread_only\x18\x02 \x01(\x08\"U\n\nDriveMount\x12\x12\n\nimage_path\x18\x01 \x01(\t\x12\x0f\n\x07vm_path\x18\x02 \x01(\t\x12\x0f\n\x07\x66s_type\x18\x03 \x01(\t\x12\x11\n\tread_only\x18\x04 \x01(\x08\"\xbe\x02\n\x15VirtualMachineSummary\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x13\n\x0bmem_size_mb\x18\x03 \x01(\r\x12\x12\n\nvcpu_count\x18\x04 \x01(\r\x12\x17\n\x0fkernel_img_path\x18\x05 \x01(\t\x12\x15\n\rroot_dir_path\x18\x06 \x01(\t\x12\x16\n\x0e\x61uraed_address\x18\x07 \x01(\t\x12\x13\n\x0b\x61\x63\x63\x65lerator\x18\x08 \x01(\t\x12\x13\n\x0bstop_reason\x18\t \x01(\t\x12?\n\x06labels\x18\x14 \x03(\x0b\x32/.aurae.vms.v0.VirtualMachineSummary.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\xb4\x03\n\tVmService\x12[\n\x08\x41llocate\x12&.aurae.vms.v0.VmServiceAllocateRequest\x1a\'.aurae.vms.v0.VmServiceAllocateResponse\x12O\n\x04\x46ree\x12\".aurae.vms.v0.VmServiceFreeRequest\x1a#.aurae.vms.v0.VmServiceFreeResponse\x12R\n\x05Start\x12#.aurae.vms.v0.VmServiceStartRequest\x1a$.aurae.vms.v0.VmServiceStartResponse\x12O\n\x04Stop\x12\".aurae.vms.v0.VmServiceStopRequest\x1a#.aurae.vms.v0.VmServiceStopResponse\x12T\n\x04List\x12\".aurae.vms.v0.VmServiceListRequest\x1a#.aurae.vms.v0.VmServiceListResponse\"\x03\x90\x02\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'aurae_sdk.wire.generated.pb.vms.vms_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_VIRTUALMACHINE_LABELSENTRY']._loaded_options = None
+  _globals['_VIRTUALMACHINE_LABELSENTRY']._serialized_options = b'8\001'
+  _globals['_VIRTUALMACHINESUMMARY_LABELSENTRY']._loaded_options = None
+  _globals['_VIRTUALMACHINESUMMARY_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_VMSERVICE'].methods_by_name['List']._loaded_options = None
   _globals['_VMSERVICE'].methods_by_name['List']._serialized_options = b'\220\002\001'
   _globals['_VMSERVICEALLOCATEREQUEST']._serialized_start=31
@@ -55,13 +59,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_VMSERVICELISTRESPONSE']._serialized_start=392
   _globals['_VMSERVICELISTRESPONSE']._serialized_end=470
   _globals['_VIRTUALMACHINE']._serialized_start=473
-  _globals['_VIRTUALMACHINE']._serialized_end=705
-  _globals['_ROOTDRIVE']._serialized_start=707
-  _globals['_ROOTDRIVE']._serialized_end=757
-  _globals['_DRIVEMOUNT']._serialized_start=759
-  _globals['_DRIVEMOUNT']._serialized_end=844
-  _globals['_VIRTUALMACHINESUMMARY']._serialized_start=847
-  _globals['_VIRTUALMACHINESUMMARY']._serialized_end=1053
-  _globals['_VMSERVICE']._serialized_start=1056
-  _globals['_VMSERVICE']._serialized_end=1492
+  _globals['_VIRTUALMACHINE']._serialized_end=810
+  _globals['_VIRTUALMACHINE_LABELSENTRY']._serialized_start=765
+  _globals['_VIRTUALMACHINE_LABELSENTRY']._serialized_end=810
+  _globals['_ROOTDRIVE']._serialized_start=812
+  _globals['_ROOTDRIVE']._serialized_end=862
+  _globals['_DRIVEMOUNT']._serialized_start=864
+  _globals['_DRIVEMOUNT']._serialized_end=949
+  _globals['_VIRTUALMACHINESUMMARY']._serialized_start=952
+  _globals['_VIRTUALMACHINESUMMARY']._serialized_end=1270
+  _globals['_VIRTUALMACHINESUMMARY_LABELSENTRY']._serialized_start=765
+  _globals['_VIRTUALMACHINESUMMARY_LABELSENTRY']._serialized_end=810
+  _globals['_VMSERVICE']._serialized_start=1273
+  _globals['_VMSERVICE']._serialized_end=1709
 # @@protoc_insertion_point(module_scope)

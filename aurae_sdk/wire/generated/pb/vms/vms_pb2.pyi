@@ -234,6 +234,26 @@ class VirtualMachine(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     ID_FIELD_NUMBER: _builtins.int
     MEM_SIZE_MB_FIELD_NUMBER: _builtins.int
     VCPU_COUNT_FIELD_NUMBER: _builtins.int
@@ -242,6 +262,7 @@ class VirtualMachine(_message.Message):
     ROOT_DRIVE_FIELD_NUMBER: _builtins.int
     DRIVE_MOUNTS_FIELD_NUMBER: _builtins.int
     AURAED_ADDRESS_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Identifier, unique on this daemon."""
     mem_size_mb: _builtins.int
@@ -264,6 +285,12 @@ class VirtualMachine(_message.Message):
     def drive_mounts(self) -> _containers.RepeatedCompositeFieldContainer[Global___DriveMount]:
         """Further disks to attach and mount in the guest."""
 
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """aurae-py addition: labels recording who allocated the machine and why,
+        such as "aurae-py.io/owner"; the rules of Cell.labels.
+        """
+
     def __init__(
         self,
         *,
@@ -275,10 +302,11 @@ class VirtualMachine(_message.Message):
         root_drive: Global___RootDrive | None = ...,
         drive_mounts: _abc.Iterable[Global___DriveMount] | None = ...,
         auraed_address: _builtins.str = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["root_drive", b"root_drive"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["auraed_address", b"auraed_address", "drive_mounts", b"drive_mounts", "id", b"id", "kernel_args", b"kernel_args", "kernel_img_path", b"kernel_img_path", "mem_size_mb", b"mem_size_mb", "root_drive", b"root_drive", "vcpu_count", b"vcpu_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auraed_address", b"auraed_address", "drive_mounts", b"drive_mounts", "id", b"id", "kernel_args", b"kernel_args", "kernel_img_path", b"kernel_img_path", "labels", b"labels", "mem_size_mb", b"mem_size_mb", "root_drive", b"root_drive", "vcpu_count", b"vcpu_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -350,6 +378,26 @@ class VirtualMachineSummary(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     ID_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
     MEM_SIZE_MB_FIELD_NUMBER: _builtins.int
@@ -359,6 +407,7 @@ class VirtualMachineSummary(_message.Message):
     AURAED_ADDRESS_FIELD_NUMBER: _builtins.int
     ACCELERATOR_FIELD_NUMBER: _builtins.int
     STOP_REASON_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Identifier of the machine."""
     status: _builtins.str
@@ -381,6 +430,10 @@ class VirtualMachineSummary(_message.Message):
     """aurae-py addition: why a "Shutdown" machine ended: stopped by Stop, freed, the guest
     powered off, the guest kernel panicked, or QEMU crashed.
     """
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """aurae-py addition: the labels the machine was allocated with."""
+
     def __init__(
         self,
         *,
@@ -393,10 +446,11 @@ class VirtualMachineSummary(_message.Message):
         auraed_address: _builtins.str = ...,
         accelerator: _builtins.str = ...,
         stop_reason: _builtins.str = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accelerator", b"accelerator", "auraed_address", b"auraed_address", "id", b"id", "kernel_img_path", b"kernel_img_path", "mem_size_mb", b"mem_size_mb", "root_dir_path", b"root_dir_path", "status", b"status", "stop_reason", b"stop_reason", "vcpu_count", b"vcpu_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accelerator", b"accelerator", "auraed_address", b"auraed_address", "id", b"id", "kernel_img_path", b"kernel_img_path", "labels", b"labels", "mem_size_mb", b"mem_size_mb", "root_dir_path", b"root_dir_path", "status", b"status", "stop_reason", b"stop_reason", "vcpu_count", b"vcpu_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

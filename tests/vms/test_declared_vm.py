@@ -1,0 +1,85 @@
+"""A VM declared in a manifest, booted for real by `aurae-py apply` (TCG here: a boot takes from
+seconds to about a minute on a loaded machine), with its progress drawn on a terminal; then
+deleted. tests/daemon/test_declared.py covers the plan, Allocate and Free without a boot."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from auraed.kernel import guest_image
+from tests.support.daemon import running_daemon
+from tests.support.terminal import plain, run_on_pty
+
+pytestmark = [
+    pytest.mark.vm,
+    pytest.mark.slow,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root"),
+    pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None,
+                       reason="qemu-system-x86 is not installed (scripts/install.sh)"),
+]
+
+BOOT_TIMEOUT = 300
+
+
+def taps() -> set[str]:
+    out = subprocess.run(["ip", "-o", "link", "show", "type", "tun"], capture_output=True,
+                         text=True, check=True).stdout
+    return {line.split(":")[1].strip() for line in out.splitlines() if line.strip()}
+
+
+def our_taps(workdir: Path) -> set[str]:
+    """The TAPs of QEMUs our daemon runs (others' VM tests make TAPs at the same time)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if argv and argv[0].startswith("qemu-system") and any(str(workdir) in a for a in argv):
+            found |= {part.split("=", 1)[1] for a in argv for part in a.split(",")
+                      if part.startswith("ifname=")}
+    return found
+
+
+def test_apply_boots_the_declared_vm_and_delete_frees_it(tmp_path: Path) -> None:
+    guest_image.build(guest_image.default_cache_dir())  # cached
+    made: set[str] = set()
+    manifest = tmp_path / "vm.yaml"
+    manifest.write_text("owner: dv\nvms:\n  - id: dv-1\n    memory_mb: 256\n    vcpus: 1\n")
+    with running_daemon("--vm-boot-timeout", str(BOOT_TIMEOUT), "--vm-grace-period", "30",
+                        "--vm-image-dir", str(guest_image.default_cache_dir()),
+                        vms=True) as daemon:
+        try:
+            status, shown, stderr = run_on_pty(daemon, "apply", "-f", str(manifest),
+                                               timeout=BOOT_TIMEOUT + 60)
+            assert status == 0, stderr + plain(shown)
+            assert "booting vm dv-1" in plain(shown)
+            assert "+ create   vm         dv-1" in plain(shown)
+            made = our_taps(daemon.workdir)
+            assert len(made) == 1, made
+            with daemon.client(timeout=60) as host:
+                (machine,) = host.vms.list().machines
+                assert (machine.id, machine.status) == ("dv-1", "Running")
+                assert machine.labels["aurae-py.io/owner"] == "dv"
+                with host.vm("dv-1", timeout=60) as guest:
+                    assert guest.discovery.discover().healthy  # the guest's own auraed answers
+            again = daemon.cli("diff", "-f", str(manifest))
+            assert again.returncode == 0, again.stdout + again.stderr
+            deleted = daemon.cli("delete", "-f", str(manifest), timeout=BOOT_TIMEOUT)
+            assert deleted.returncode == 0, deleted.stderr
+            with daemon.client() as host:
+                assert not host.vms.list().machines
+        finally:
+            with daemon.client(timeout=BOOT_TIMEOUT) as host:
+                if host.vms.list().machines:
+                    host.vms.free(vm_id="dv-1")
+            daemon.stop(timeout=180)
+    left = made & taps()
+    assert not left, f"TAPs left behind: {left}"
