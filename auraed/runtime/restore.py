@@ -41,6 +41,10 @@ class CellRecord:
     # The daemon's own workload the cell belongs to ("vm <id>"), so that it stays out of
     # clients' reach across a restart; None for clients' cells (and in older records).
     owner: str | None = None
+    # What the cell was allocated or last updated with, so a manifest's ownership (labels) and
+    # an isolated cell's hostname are the same after a restart. Absent from older records.
+    labels: tuple[tuple[str, str], ...] = ()
+    hostname: str | None = None
 
 
 @dataclass(frozen=True)
@@ -69,7 +73,7 @@ def cell_record(record: CellRecord) -> dict[str, object]:
     return {"name": record.name.path, "limits": asdict(record.limits),
             "isolate_process": record.isolate_process,
             "isolate_network": record.isolate_network, "isolate_pid": record.isolate_pid,
-            "owner": record.owner}
+            "owner": record.owner, "labels": dict(record.labels), "hostname": record.hostname}
 
 
 def holder_label(cell: CellName) -> dict[str, object]:
@@ -143,6 +147,8 @@ def read_cell_record(value: dict[str, object]) -> CellRecord:
             isolate_network=bool(value["isolate_network"]),
             isolate_pid=bool(value.get("isolate_pid", False)),
             owner=None if value.get("owner") is None else str(value["owner"]),
+            labels=_labels(value.get("labels")),
+            hostname=None if value.get("hostname") is None else str(value["hostname"]),
         )
     except (KeyError, TypeError, AssertionError, ValueError) as error:
         raise BadRecord(f"cell record {value!r}: {error!r}") from None

@@ -305,7 +305,8 @@ class Workloads:
                     self._spawner.forget(restore.cell_key(record.name))
                     continue
                 spec = CellSpec(record.limits, record.isolate_process, record.isolate_network,
-                                isolate_pid=record.isolate_pid)
+                                isolate_pid=record.isolate_pid, hostname=record.hostname,
+                                labels=record.labels)
                 cell = Cell(record.name, spec, namespaces=parent.namespaces if parent else None,
                             owner=record.owner)
                 try:
@@ -581,9 +582,7 @@ class Workloads:
             if parent is not None:
                 parent.children[name.leaf] = cell
             self.events.cell_allocated(name)
-            self._spawner.keep(restore.cell_key(name), restore.cell_record(restore.CellRecord(
-                name, spec.limits, spec.isolate_process, spec.isolate_network,
-                isolate_pid=spec.isolate_pid, owner=owner)))
+            self._keep_record(cell)
         log.info("cell allocated", extra={"cell": name.path,
                                           "namespaces": ",".join(sorted(spec.unshared))})
         return cell
@@ -625,9 +624,18 @@ class Workloads:
             except (UnsupportedLimit, LimitRefused) as error:
                 raise FailedPrecondition(str(error), subject=error.field) from None
             cell.spec = spec
+            self._keep_record(cell)
         log.info("cell updated", extra={"cell": name.path,
                                         "limits": ",".join(changed.set_fields())})
         return spec
+
+    def _keep_record(self, cell: Cell) -> None:
+        """What the next daemon adopts the cell with: kept by the spawner, which outlives us."""
+        spec = cell.spec
+        self._spawner.keep(restore.cell_key(cell.name), restore.cell_record(restore.CellRecord(
+            cell.name, spec.limits, spec.isolate_process, spec.isolate_network,
+            isolate_pid=spec.isolate_pid, owner=cell.owner, labels=spec.labels,
+            hostname=spec.hostname)))
 
     def _hold_namespaces(self, cell: Cell, parent: Cell | None) -> None:
         """Start the process owning the cell's new namespaces (inside its

@@ -163,6 +163,36 @@ def test_the_next_daemon_adopts_every_workload(planned: bool) -> None:
             check_adoption(first, second, pids, before, baseline)
 
 
+def test_updated_limits_labels_and_hostname_are_what_the_next_daemon_adopts() -> None:
+    """The record the spawner keeps follows Update: a manifest's ownership (labels) and the
+    limits it set in place are the same after a restart, in List and in cgroupfs."""
+    with running_daemon() as first:
+        baseline, _ = host_state(first)
+        with first.client() as client:
+            client.cells.allocate(cell={"name": "owned", "cpu": {"weight": 50},
+                                        "labels": {"aurae-py.io/owner": "node-a"}})
+            client.cells.allocate(cell={"name": "iso2", "isolate_process": True})
+            client.cells.update(cell={"name": "owned", "cpu": {"weight": 70},
+                                      "memory": {"max": 64 << 20},
+                                      "labels": {"aurae-py.io/owner": "node-b"}})
+            before = cell_tree(client)
+        first.stop(signal.SIGKILL)
+        with running_daemon(after=first) as second, second.client(timeout=30) as client:
+            assert cell_tree(client) == before
+            owned = next(n.cell for n in client.cells.list().cells if n.cell.name == "owned")
+            assert dict(owned.labels) == {"aurae-py.io/owner": "node-b"}
+            assert owned.cpu.weight == 70 and owned.memory.max == 64 << 20
+            started = client.cells.start(cell_name="iso2", executable={
+                "name": "hostname", "command": "hostname"})
+            client.cells.wait(cell_name="iso2", executable_name="hostname", timeout=10)
+            assert [r.item.line for r in client.observe.get_sub_process_stream(
+                process_id=started.pid, channel_type="LOG_CHANNEL_TYPE_STDOUT",
+                timeout=10)] == ["iso2"]
+            for cell in ("owned", "iso2"):
+                client.cells.free(cell_name=cell)
+            assert host_state(second) == (baseline, set())
+
+
 def test_twenty_restarts_in_a_row_lose_no_line() -> None:
     with ExitStack() as stack:
         daemon = stack.enter_context(running_daemon("--live-restore"))
