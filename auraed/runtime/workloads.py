@@ -754,8 +754,10 @@ class Workloads:
             cells = {c.name: (c, sorted(c.children.values(), key=lambda child: child.name),
                               tuple(c.executables.values()))
                      for c in self._cells.values()}
-        # Outside the lock: a look at the host (cgroupfs, /proc) per cell.
-        missing = {name: tuple(self.backend.missing(name.path)) for name in cells}
+        # Outside the lock: a look at the host (cgroupfs, /proc) for the cells that may have
+        # changed there (auraed.kernel.cgroups.removals).
+        gone = self.backend.missing_cells(name.path for name in cells)
+        missing = {name: tuple(gone[name.path]) for name in cells}
 
         def view(name: CellName) -> CellView:
             cell, children, executables = cells[name]

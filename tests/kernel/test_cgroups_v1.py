@@ -454,3 +454,28 @@ def test_metrics_read_every_counter_from_the_v1_files(
     assert inner.pids_current == 1 and inner.memory_max_bytes is None
     burner.kill()
     burner.wait()
+
+
+def test_missing_cells_hears_removals_made_behind_its_back(backend: CgroupV1Backend) -> None:
+    # The first look stats and watches; later looks stat only what a removal event named.
+    backend.create("watched", CgroupLimits())
+    backend.create("watched/inner", CgroupLimits())
+    backend.create("bystander", CgroupLimits())
+    cells = ["watched", "watched/inner", "bystander"]
+    assert backend.missing_cells(cells) == {cell: [] for cell in cells}
+    assert backend.missing_cells(cells) == {cell: [] for cell in cells}
+    leaf = cg("memory", backend.root_name, "watched", "inner", "_procs")
+    leaf.rmdir()
+    gone = backend.missing_cells(cells)
+    assert gone == {"watched": [], "watched/inner": [str(leaf)], "bystander": []}
+    leaf.parent.rmdir()  # the whole cell, in this hierarchy
+    assert backend.missing_cells(cells)["watched/inner"] == [str(leaf.parent)]
+    # Put back (as a restart of the same name would): whole again, and watched again.
+    leaf.mkdir(parents=True)
+    assert backend.missing_cells(cells)["watched/inner"] == []
+    pids = cg("pids", backend.root_name, "bystander", "_procs")
+    pids.rmdir()
+    assert backend.missing_cells(cells) == {"watched": [], "watched/inner": [],
+                                            "bystander": [str(pids)]}
+    backend.remove("watched")
+    backend.remove("bystander")
