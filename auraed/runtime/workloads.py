@@ -228,6 +228,24 @@ class Workloads:
         self._early_exits: dict[int, tuple[ExitStatus, float]] = {}
         self._restarts = RestartTimer(self._restart, self.events.start_limit_hit,
                                       self._keep_restart)
+        # A new value at every change that List shows (cells, their specs, executables and
+        # their statuses, holders ending): the service keeps a page until it changes.
+        self._changes = itertools.count(1)
+        self._version = 0
+
+    @property
+    def version(self) -> tuple[int, int]:
+        """Changes whenever anything tree() shows may have changed: the daemon's own state, or
+        (CgroupBackend.removals_version) the cells' cgroups on the host. Read it before
+        tree(); equal values before and after mean that tree was current all along.
+
+        A holder's end counts once the spawner reports it (its exit comes within
+        milliseconds); tree() also looks at /proc, for a holder dying right then."""
+        return self._version, self.backend.removals_version
+
+    def _changed(self) -> None:
+        # next() on a count is atomic: exit reports come on the spawner's reader thread.
+        self._version = next(self._changes)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -420,6 +438,7 @@ class Workloads:
         self.events.daemon_started(adopted_cells=[name.path for name in adopted_cells],
                                    adopted_executables=keys,
                                    cleaned_containers=stale_containers)
+        self._changed()
         for gone in policies:  # of executables that are gone
             self._spawner.forget(restore.restart_key(gone))
         for executable, status, when in exited_while_away:
@@ -534,6 +553,7 @@ class Workloads:
                 log.exception("freeing cell during shutdown failed", extra={"cell": str(name)})
         with self._lock:
             self._host_executables.clear()
+            self._changed()
         self._spawner.close()
         os.close(self._devnull)
         self.backend.teardown()
@@ -581,6 +601,7 @@ class Workloads:
             self._cells[name] = cell
             if parent is not None:
                 parent.children[name.leaf] = cell
+            self._changed()
             self.events.cell_allocated(name)
             self._keep_record(cell)
         log.info("cell allocated", extra={"cell": name.path,
@@ -625,6 +646,7 @@ class Workloads:
                 raise FailedPrecondition(str(error), subject=error.field) from None
             cell.spec = spec
             self._keep_record(cell)
+            self._changed()
         log.info("cell updated", extra={"cell": name.path,
                                         "limits": ",".join(changed.set_fields())})
         return spec
@@ -728,6 +750,7 @@ class Workloads:
                     _remove_directory(self._log_root / member.name.path, only_if_empty=True)
                 if name.parent is not None and name.parent in self._cells:
                     self._cells[name.parent].children.pop(name.leaf, None)
+                self._changed()
                 self.events.cell_freed(name)
         finally:
             for member in subtree:
@@ -857,6 +880,7 @@ class Workloads:
                                      RestartState(restart), container, labels=labels)
             registry[name] = executable
             self._stopped.pop(key, None)
+            self._changed()
         log.info(
             "executable started",
             extra={"cell": str(cell_name or ""), "executable": name, "pid": executable.process.host_pid},
@@ -881,6 +905,7 @@ class Workloads:
                 )
             executable.restart.ended = True  # under _lock: no restart can slip in after this
             self._keep_restart(executable)  # nor in the next daemon's, should this one die
+            self._changed()
         self._stop_all([executable], self._grace(grace))
         if not forget:
             return executable
@@ -893,6 +918,7 @@ class Workloads:
                 while len(self._stopped) > MAX_STOPPED_RECORDS:
                     self._stopped.popitem(last=False)
                 self.events.executable_stopped(executable)
+                self._changed()
         log.info("executable stopped", extra={"cell": str(cell_name or ""), "executable": name})
         return executable
 
@@ -1146,6 +1172,7 @@ class Workloads:
                 return
         if holder_of is not None:
             holder_of.holder_ended.set()
+            self._changed()
             if not holder_of.freeing:
                 log.warning("a cell's namespace holder ended", extra={"cell": holder_of.name.path})
             return
@@ -1159,6 +1186,7 @@ class Workloads:
         cell = previous.cell
         with self._lock:
             state.next_at = state.due = 0.0
+            self._changed()
             if state.ended or self._closing:
                 return
             if cell is not None and (cell not in self._cells or self._cells[cell].freeing):
@@ -1173,6 +1201,7 @@ class Workloads:
                                          previous.uid, previous.gid, namespaces, state,
                                          earlier=previous, labels=previous.labels)
             except Unavailable:
+                self._changed()  # its restart count
                 return  # no spawner: nothing starts any more
             except FailedPrecondition as error:
                 failed: FailedPrecondition | None = error
@@ -1180,11 +1209,13 @@ class Workloads:
                 failed = None
                 self._forget(previous, successor=executable)
                 registry[previous.name] = executable
+            self._changed()
         if failed is not None:
             # A failed start: the policy tries again later, within its start limit.
             log.warning("restart failed", extra={"executable": str(previous.key),
                                                  "error": failed.message})
             self._restarts.exited(previous)
+            self._changed()
             return
         log.info("executable restarted", extra={
             "cell": str(cell or ""), "executable": previous.name,
@@ -1218,6 +1249,7 @@ class Workloads:
         self.events.executable_exited(executable, status)  # before Stop or Free can see the end
         executable.mark_exited(status, when)
         self._restarts.exited(executable, resumed=resumed)
+        self._changed()  # its status and restart plan, now complete
         if status.signal is not None:
             self._publish_signal(executable, status.signal, delivered_by_daemon=False)
         log.info(

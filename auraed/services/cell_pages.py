@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import threading
 from collections.abc import Callable, Iterator
 
 from aurae_sdk.wire.generated.pb.cells import cells_pb2 as pb
@@ -70,48 +71,139 @@ def decode_token(token: str) -> Key | None:
     return tuple(labels), kind, name
 
 
-def list_page(
-    tree: list[CellView],
-    request: pb.CellServiceListRequest,
-    cell_message: Callable[[CellName, CellSpec], pb.Cell],
-    executable_status: Callable[[Executable], pb.ExecutableStatus],
-) -> pb.CellServiceListResponse:
+class ListingCache:
+    """The serialized Cell and ExecutableStatus of each entry, kept from one List to the next.
+
+    A page is put together from these bytes (a protobuf message is the concatenation of its
+    fields, a nested one framed by tag and length), so a List of a thousand unchanged cells
+    builds no message per cell. A cell's Cell changes only with its spec (Update replaces the
+    spec object); an executable's status with what `version(executable)` returns, which must
+    name everything the status shows that can change after its start.
+    """
+
+    def __init__(self, cell_message: Callable[[CellName, CellSpec], pb.Cell],
+                 executable_status: Callable[[Executable], pb.ExecutableStatus],
+                 version: Callable[[Executable], object]) -> None:
+        self._cell_message = cell_message
+        self._executable_status = executable_status
+        self._version = version
+        self._lock = threading.Lock()
+        self._cells: dict[str, tuple[CellSpec, bytes]] = {}
+        self._statuses: dict[int, tuple[Executable, object, bytes]] = {}
+
+    def cell(self, view: CellView) -> bytes:
+        cached = self._cells.get(view.name.path)
+        if cached is not None and cached[0] is view.spec:
+            return cached[1]
+        data = self._cell_message(view.name, view.spec).SerializeToString()
+        with self._lock:
+            self._cells[view.name.path] = (view.spec, data)
+        return data
+
+    def status(self, executable: Executable) -> bytes:
+        version = self._version(executable)
+        cached = self._statuses.get(id(executable))
+        if cached is not None and cached[0] is executable and cached[1] == version:
+            return cached[2]
+        data = self._executable_status(executable).SerializeToString()
+        with self._lock:
+            self._statuses[id(executable)] = (executable, version, data)
+        return data
+
+    def keep_only(self, tree: list[CellView]) -> None:
+        """Drop what belongs to cells and executables no longer in the tree (after a List of
+        all of it), so that the cache holds no freed executable alive."""
+        paths: set[str] = set()
+        executables: set[int] = set()
+        stack = list(tree)
+        while stack:
+            view = stack.pop()
+            paths.add(view.name.path)
+            executables.update(id(e) for e in view.executables)
+            stack.extend(view.children)
+        with self._lock:
+            self._cells = {k: v for k, v in self._cells.items() if k in paths}
+            self._statuses = {k: v for k, v in self._statuses.items() if k in executables}
+
+
+class _Node:
+    """A cell on the page being put together: its own fields, and its children on the page."""
+
+    __slots__ = ("children", "fields")
+
+    def __init__(self, fields: list[bytes]) -> None:
+        self.fields = fields
+        self.children: list[_Node] = []
+
+    def encode(self) -> bytes:
+        return b"".join(self.fields) + b"".join(
+            _length_delimited(_CHILDREN, child.encode()) for child in self.children)
+
+
+# Field tags of CellGraphNode and CellServiceListResponse (wire type 2: length-delimited).
+_NODE_CELL, _CHILDREN, _EXECUTABLES, _MISSING_CGROUPS = b"\x0a", b"\x12", b"\x1a", b"\x52"
+_NAMESPACES_LOST = b"\x58\x01"  # field 11, a varint: true
+_RESPONSE_CELLS, _NEXT_PAGE_TOKEN = b"\x0a", b"\x12"
+
+
+def _length_delimited(tag: bytes, payload: bytes) -> bytes:
+    size = len(payload)
+    if size < 0x80:
+        return tag + bytes((size,)) + payload
+    prefix = bytearray(tag)
+    while size >= 0x80:
+        prefix.append((size & 0x7F) | 0x80)
+        size >>= 7
+    prefix.append(size)
+    return bytes(prefix) + payload
+
+
+def list_page(tree: list[CellView], request: pb.CellServiceListRequest,
+              cache: ListingCache) -> pb.CellServiceListResponse:
     after = decode_token(request.page_token)
-    response = pb.CellServiceListResponse()
-    nodes: dict[str, pb.CellGraphNode] = {}
+    nodes: dict[str, _Node] = {}
+    top: list[_Node] = []
     size = 0
     last: Key | None = None
+    complete = True
     for key, view, executable in _entries(tree):
         if after is not None and key <= after:
             continue
-        new_node = view.name.path not in nodes
-        if new_node and request.page_size and len(nodes) >= request.page_size:
+        path = view.name.path
+        node = nodes.get(path)
+        if node is None and request.page_size and len(nodes) >= request.page_size:
+            complete = False
             break
-        cell = cell_message(view.name, view.spec) if new_node else None
-        status = executable_status(executable) if executable is not None else None
-        cost = sum(m.ByteSize() + _FRAMING_BYTES for m in (cell, status) if m is not None)
-        if cell is not None:
-            cost += sum(len(path) + _FRAMING_BYTES for path in view.missing_cgroups)
-        if last is not None and size + cost > PAGE_BYTES:
-            break
-        if cell is not None:
-            parent = view.name.parent
-            container = nodes[parent.path].children if parent and parent.path in nodes \
-                else response.cells
-            node = nodes[view.name.path] = container.add()  # a reference into the response
-            node.cell.CopyFrom(cell)
+        fields = []
+        if node is None:
+            fields.append(_length_delimited(_NODE_CELL, cache.cell(view)))
             # Drift, on the cell's first appearance (auraed.runtime.workloads.CellView).
-            node.missing_cgroups.extend(view.missing_cgroups)
-            node.namespaces_lost = view.namespaces_lost
-        if status is not None:
-            nodes[view.name.path].executables.append(status)
+            fields.extend(_length_delimited(_MISSING_CGROUPS, missing.encode())
+                          for missing in view.missing_cgroups)
+            if view.namespaces_lost:
+                fields.append(_NAMESPACES_LOST)
+        if executable is not None:
+            fields.append(_length_delimited(_EXECUTABLES, cache.status(executable)))
+        cost = sum(len(field) for field in fields) + _FRAMING_BYTES
+        if last is not None and size + cost > PAGE_BYTES:
+            complete = False
+            break
+        if node is None:
+            node = nodes[path] = _Node(fields)
+            parent = view.name.parent
+            siblings = nodes[parent.path].children if parent and parent.path in nodes else top
+            siblings.append(node)
+        else:
+            node.fields.extend(fields)
         size += cost
         last = key
-    else:
-        return response  # every entry is on this page
-    if last is not None:
-        response.next_page_token = encode_token(last)
-    return response
+    page = [_length_delimited(_RESPONSE_CELLS, node.encode()) for node in top]
+    if complete:
+        if after is None:
+            cache.keep_only(tree)
+    elif last is not None:
+        page.append(_length_delimited(_NEXT_PAGE_TOKEN, encode_token(last).encode()))
+    return pb.CellServiceListResponse.FromString(b"".join(page))
 
 
-__all__ = ["PAGE_BYTES", "decode_token", "encode_token", "list_page"]
+__all__ = ["PAGE_BYTES", "ListingCache", "decode_token", "encode_token", "list_page"]

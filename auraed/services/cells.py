@@ -15,7 +15,7 @@ from auraed.runtime.executables import Executable
 from auraed.runtime.metrics import CellUsage, cell_usage
 from auraed.runtime.names import CellName
 from auraed.runtime.workloads import CellSpec, Workloads
-from auraed.services.cell_pages import list_page
+from auraed.services.cell_pages import ListingCache, list_page
 from auraed.validation import blamed, blaming
 from auraed.validation import cells as valid
 
@@ -57,6 +57,15 @@ def executable_status(executable: Executable) -> pb.ExecutableStatus:
     return status
 
 
+def status_version(executable: Executable) -> object:
+    """Everything executable_status shows that can change after the start: its cached bytes
+    in List are current while this stays equal."""
+    restart = executable.restart
+    return (executable.running, executable.exit_status, executable.exited_at,
+            executable.oom_killed, executable.cell_oom_kills, restart.count, restart.ended,
+            restart.next_at, restart.gave_up)
+
+
 def metrics_message(usage: CellUsage) -> pb.CellMetrics:
     metrics = usage.metrics
     message = pb.CellMetrics(cell_name=usage.name.path, cpu_usage_usec=metrics.cpu_usage_usec,
@@ -74,6 +83,8 @@ class CellService(CellServiceBase):
     def __init__(self, workloads: Workloads, containers: Containers | None = None) -> None:
         self.workloads = workloads
         self.containers = containers
+        self._listing = ListingCache(cell_message, executable_status, status_version)
+        self._last_page: tuple[object, pb.CellServiceListResponse] | None = None
 
     def allocate(self, request: pb.CellServiceAllocateRequest,
                  context: grpc.ServicerContext) -> pb.CellServiceAllocateResponse:
@@ -151,12 +162,20 @@ class CellService(CellServiceBase):
 
     def list(self, request: pb.CellServiceListRequest,
              context: grpc.ServicerContext) -> pb.CellServiceListResponse:
-        # Paged, so no tree outgrows the message limit (auraed/services/cell_pages.py).
-        page = list_page(self.workloads.tree(), request, cell_message, executable_status)
+        # Paged, so no tree outgrows the message limit (auraed/services/cell_pages.py). The
+        # last page given is kept while nothing it shows changes: a List of a thousand cells
+        # that changed in no way is then no walk over them.
+        key = (self.workloads.version, request.page_size, request.page_token)
+        kept = self._last_page
+        if kept is not None and kept[0] == key:
+            return kept[1]
+        page = list_page(self.workloads.tree(), request, self._listing)
         if not request.page_token:
             page.host_executables.extend(
                 executable_status(e) for e in sorted(self.workloads.host_executables(),
                                                      key=lambda e: e.name))
+        if (self.workloads.version, request.page_size, request.page_token) == key:
+            self._last_page = (key, page)  # nothing changed while it was put together
         return page
 
     def wait(self, request: pb.CellServiceWaitRequest,

@@ -302,9 +302,13 @@ class CgroupBackend(ABC):
             watched = self._removals.watch(path, [
                 hierarchy.path((self.root_name, *cell)) for hierarchy in self._hierarchies])
             gone[path] = self.missing(path)
-            if watched and not gone[path]:
-                self._removals.found_whole(path)
+            self._removals.looked(path, watched and not gone[path])
         return gone
+
+    @property
+    def removals_version(self) -> int:
+        """Equal values: missing_cells() of the same cells finds what it found last time."""
+        return self._removals.version
 
     def _exists(self, hierarchy: Hierarchy, components: Components) -> bool:
         root_fd = self._root_fds.get(hierarchy)

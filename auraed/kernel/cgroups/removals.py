@@ -42,10 +42,20 @@ class RemovalWatch:
         self._cell_of: dict[int, str] = {}  # watch descriptor -> cell path
         self._watches: dict[str, set[int]] = {}
         self._unchanged: set[str] = set()
+        # A new value whenever what a look would find may differ from the last look's.
+        self._version = 0
+
+    @property
+    def version(self) -> int:
+        """Changes with every removal heard, and with every look that left a cell changed
+        (a directory missing, or no watch): equal values mean equal looks."""
+        with self._lock:
+            self._drain()
+            return self._version
 
     def unchanged(self, cell_paths: Iterable[str]) -> set[str]:
         """Those of `cell_paths` known to have all their directories still; the others must
-        be looked at (then `found_whole` for those found whole)."""
+        be looked at (then `looked` says what was found)."""
         with self._lock:
             self._drain()
             return self._unchanged.intersection(cell_paths)
@@ -73,11 +83,14 @@ class RemovalWatch:
                 self._cell_of[descriptor] = cell_path
             return whole
 
-    def found_whole(self, cell_path: str) -> None:
-        """A look (after `watch` succeeded) found every directory of the cell."""
+    def looked(self, cell_path: str, whole: bool) -> None:
+        """A look (after `watch`) found every directory of the cell and `watch` succeeded
+        (whole), or not: then the next look must look again."""
         with self._lock:
-            if cell_path in self._watches:
+            if whole and cell_path in self._watches:
                 self._unchanged.add(cell_path)
+            else:
+                self._version += 1
 
     def forget(self, cell_path: str) -> None:
         """The cell and the cells below it are removed: drop their watches."""
@@ -98,6 +111,7 @@ class RemovalWatch:
             if self._inotify is not None:
                 self._inotify.close()
             self._inotify = None
+            self._version += 1
             self._cell_of.clear()
             self._watches.clear()
             self._unchanged.clear()
@@ -117,6 +131,7 @@ class RemovalWatch:
         if self._inotify is None:
             return
         for event in self._inotify.read(timeout=0):
+            self._version += 1
             if event.mask & inotify_flags.Q_OVERFLOW:
                 self._unchanged.clear()  # events were lost: look at everything once
                 continue
