@@ -187,10 +187,10 @@ class ForkServer:
         self._records: dict[str, dict[str, object]] = {}
         # Captured output, by the read end of its pipe; those written since the last Output.
         self._captures: dict[int, tuple[_Entry, _Capture]] = {}
-        self._written: dict[int, tuple[_Entry, _Capture]] = {}
-        # epoll, not poll: each wait then costs the same with a thousand workloads' pipes
-        # registered as with none (poll hands the kernel every fd on every call).
-        self._poller = select.epoll()
+        # Keyed by the capture, not its fd: a pipe that ended is closed at once, and a spawn
+        # handled later in the same wake-up may get its fd number before the report goes out.
+        self._written: dict[_Capture, _Entry] = {}
+        self._poller = select.poll()
         # Opened here, not in the child: after joining a mount namespace /dev/null may not exist.
         self._devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
         self._own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
@@ -221,10 +221,10 @@ class ForkServer:
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         poller = self._poller
         assert self._sock is not None
-        poller.register(self._sock, select.EPOLLIN)
-        poller.register(self._wake_r, select.EPOLLIN)
+        poller.register(self._sock, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
         if self._listener is not None:
-            poller.register(self._listener, select.EPOLLIN)
+            poller.register(self._listener, select.POLLIN)
         try:
             self._keep_a_spare()  # before "ready": from then on the spawner is as it stays
             self._send(Ready(pid=os.getpid(), continues_output=True))
@@ -233,7 +233,7 @@ class ForkServer:
                 # fork and the new child's start delay no request (typically the Start that
                 # follows an Allocate).
                 wanted = self._spare is None and not self._spare_refused
-                events = poller.poll(SPARE_IDLE_MS / 1000 if wanted else -1)
+                events = poller.poll(SPARE_IDLE_MS if wanted else None)
                 if not events:
                     self._keep_a_spare()
                 for fd, _ in events:
@@ -292,7 +292,7 @@ class ForkServer:
             connection.close()
             return
         self._sock = connection
-        self._poller.register(connection, select.EPOLLIN)
+        self._poller.register(connection, select.POLLIN)
         self._send(Ready(pid=os.getpid(), continues_output=True))
 
     def _drain_wakeups(self) -> bytes:
@@ -405,7 +405,7 @@ class ForkServer:
         for capture in captures:
             # Read from the next poll on: the reply goes out before any Output of this pid.
             self._captures[capture.fd] = (entry, capture)
-            self._poller.register(capture.fd, select.EPOLLIN)
+            self._poller.register(capture.fd, select.POLLIN)
         return Spawned(id=request.id, pid=pid, ns_pid=ns_pid, start_time=entry.start_time)
 
     def _pump(self, fd: int) -> bool:
@@ -425,7 +425,7 @@ class ForkServer:
             os.close(fd)
             capture.store(capture.lines.flush())
             capture.log.finish()
-        self._written[fd] = (entry, capture)
+        self._written[capture] = entry
         return True
 
     def _drain(self, entry: _Entry) -> None:
@@ -442,7 +442,7 @@ class ForkServer:
 
     def _report_output(self) -> None:
         logs: list[list[object]] = []
-        for entry, capture in self._written.values():
+        for capture, entry in self._written.items():
             logs.append([entry.pid, capture.channel, *capture.log.position()])
         self._written.clear()
         self._send(Output(logs=logs))
@@ -749,7 +749,6 @@ class ForkServer:
                     inherited.close()
             for fd in (self._wake_r, self._wake_w):
                 os.close(fd)
-            self._poller.close()
             # Nor may it hold captured output's pipes and log files (deleted segments would
             # keep their space) while it waits, perhaps for hours.
             for read_fd, (_, capture) in self._captures.items():
