@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 # Bumped whenever the layout of what build() writes changes.
@@ -111,6 +111,9 @@ if [ -n "$root" ]; then
     $B mount --move /aurae $root/aurae && $B mount --move /dev $root/dev
     exec $B switch_root $root "$AURAE_PYTHON" -m auraed.pid1 "$AURAE_PID1_CONFIG"
 fi
+# The Python layer (auraed/kernel/guest_python.py): the guest's modules from RAM, not 9p
+# (the default root only: switch_root empties the initramfs).
+[ -d /python ] && export PYTHONPATH=/python
 exec "$AURAE_PYTHON" -m auraed.pid1 "$AURAE_PID1_CONFIG"
 echo "init: cannot exec $AURAE_PYTHON"; $B poweroff -f
 """
@@ -121,7 +124,19 @@ def default_cache_dir() -> Path:
 
 
 def build(cache_dir: Path, progress: Progress = lambda line: None) -> GuestImage:
-    """The cached artefacts for the current inputs, built first if they are missing."""
+    """The cached artefacts for the current inputs, built first if they are missing; the
+    initramfs QEMU is given carries this interpreter's Python layer (guest_python.py)."""
+    from auraed.kernel.guest_python import LayerError, combined_initramfs
+
+    image = _build_base(cache_dir, progress)
+    try:
+        initramfs = combined_initramfs(image.initramfs, progress=progress)
+    except LayerError as error:
+        raise ImageError(f"the guest's Python layer: {error}") from None
+    return replace(image, initramfs=initramfs)
+
+
+def _build_base(cache_dir: Path, progress: Progress) -> GuestImage:
     package, version = _kernel_package()
     busybox_version = _package_version("busybox-static")
     key = hashlib.sha256(json.dumps({
@@ -276,11 +291,12 @@ def resolve_modules(module_dir: Path, wanted: Iterable[str]) -> list[Module]:
     return ordered
 
 
-class _Cpio:
-    """A cpio archive in the "newc" format the kernel unpacks into its initial rootfs."""
+class Cpio:
+    """A cpio archive in the "newc" format the kernel unpacks into its initial rootfs; `append`
+    writes it after what the file holds (the kernel unpacks concatenated archives in order)."""
 
-    def __init__(self, path: Path) -> None:
-        self._file = path.open("wb")
+    def __init__(self, path: Path, append: bool = False) -> None:
+        self._file = path.open("ab" if append else "wb")
         self._inode = 1
 
     def add(self, name: str, mode: int, data: bytes = b"") -> None:
@@ -304,7 +320,7 @@ class _Cpio:
 def _write_initramfs(target: Path, modules: list[Module], on_demand: list[Module]) -> None:
     if not BUSYBOX.exists():
         raise ImageError(f"{BUSYBOX} is missing: install busybox-static (scripts/install.sh)")
-    archive = _Cpio(target)
+    archive = Cpio(target)
     directory, regular, link = stat.S_IFDIR | 0o755, stat.S_IFREG, stat.S_IFLNK | 0o777
     for name in ("dev", "proc", "sys", "usr", "tmp", "run", "etc", "var", "aurae", "modules",
                  "root", "mnt"):
