@@ -27,6 +27,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -46,6 +47,7 @@ XZ_MAGIC = b"\xfd7zXZ\x00"
 # Mount tags of the 9p shares; boot.env (on the `aurae` share) names the project's ones.
 VM_SHARE_TAG = "aurae"
 USR_SHARE_TAG = "hostusr"
+STALE_AFTER = 24 * 3600.0
 
 Progress = Callable[[str], None]
 
@@ -147,6 +149,7 @@ def _build_base(cache_dir: Path, progress: Progress) -> GuestImage:
     image = GuestImage(directory, directory / "vmlinux", directory / "initramfs.cpio",
                        package.removeprefix("linux-image-"))
     if (directory / "complete").exists():
+        (directory / "complete").touch()  # in use: not stale for another builder
         return image
     progress(f"building guest artefacts in {directory} ({package} {version})")
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -181,8 +184,10 @@ def _build_base(cache_dir: Path, progress: Progress) -> GuestImage:
         shutil.rmtree(work, ignore_errors=True)
         raise
     for stale in cache_dir.iterdir():
-        # Artefacts of earlier inputs: a running guest keeps its open files, nothing else needs them.
-        if stale != directory and (stale / "complete").exists():
+        # Artefacts of other inputs, unused for a day: a running guest keeps its open files, and
+        # builders of other checkouts (other inputs) sharing the cache keep theirs meanwhile.
+        marker = stale / "complete"
+        if stale != directory and marker.exists() and time.time() - marker.stat().st_mtime > STALE_AFTER:
             shutil.rmtree(stale, ignore_errors=True)
     progress(f"guest artefacts ready: {directory}")
     return image

@@ -41,7 +41,6 @@ GUEST_PATH = "/python"
 # floor of bench/vms.py imports a subset of these.
 ENTRY_POINTS = ("auraed.pid1", "auraed.kernel.guest_network", "auraed.__main__", "auraed.server",
                 "auraed.kernel.spawner.__main__")
-STALE_AFTER = 24 * 3600.0
 # The child interpreter prints what the entry points loaded: sys.path and each module's file.
 _PROBE = """
 import importlib, json, sys
@@ -185,6 +184,8 @@ def _write_layer(target: Path, roots: list[tuple[Path, str]]) -> None:
 
 
 def _remove_stale(current: Path) -> None:
+    from auraed.kernel.guest_image import STALE_AFTER
+
     now = time.time()
     for other in current.parent.glob("initramfs-python-*.cpio"):
         try:
