@@ -11,7 +11,8 @@ builder's format), so they are rebuilt only when one changes:
   dependencies, from each module's .modinfo: the package ships no modules.dep, depmod runs in its
   postinst) and `/init`. The init script loads the modules, mounts the per-VM share (tag `aurae`,
   written by the host daemon: certificates and `boot.env`), the host's /usr and the project's
-  environment read-only over 9p, and execs `python -m auraed.pid1`.
+  environment read-only over 9p, and execs `python -m auraed.pid1`. build() hands QEMU this
+  archive followed by the Python layer of guest_python.py (the guest's modules, read from RAM).
 
 Nothing here knows of gRPC; the daemon and `auraed vm-image` call build().
 """
