@@ -84,8 +84,8 @@ def test_a_guest_interpreter_imports_the_daemon_from_the_layer(
         layer: tuple[Path, list[str]]) -> None:
     root, _ = layer
     done = subprocess.run(
-        [sys.executable, "-c", "import auraed.server, grpc, json; "
-         "print(auraed.server.__file__); print(grpc.__file__); print(json.__file__)"],
+        [sys.executable, "-c", ("import auraed.server, grpc, json; print(auraed.server.__file__); "
+                                "print(grpc.__file__); print(json.__file__)")],
         env={**os.environ, "PYTHONPATH": str(root / "python")}, cwd="/",
         capture_output=True, text=True, check=True)
     files = done.stdout.split()
