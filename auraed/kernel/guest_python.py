@@ -46,8 +46,8 @@ _PROBE = """
 import importlib, json, sys
 for name in sys.argv[1:]:
     importlib.import_module(name)
-files = [getattr(m, "__file__", None) for m in list(sys.modules.values())]
-print(json.dumps({"path": sys.path, "files": sorted(f for f in files if f)}))
+files = {n: getattr(m, "__file__", None) for n, m in list(sys.modules.items())}
+print(json.dumps({"path": sys.path, "files": sorted((n, f) for n, f in files.items() if f)}))
 """
 _SKIPPED_DIRECTORIES = {"__pycache__"}
 
@@ -97,9 +97,17 @@ def mirrored_roots(python: str) -> list[tuple[Path, str]]:
     search = sorted({os.path.realpath(p) for p in probe["path"] if p and os.path.isdir(p)},
                     key=len, reverse=True)
     roots: dict[Path, str] = {}
-    for name in probe["files"]:
+    for module, name in probe["files"]:
         file = Path(os.path.realpath(name))
         base = next((Path(p) for p in search if str(file).startswith(p + "/")), None)
+        if base is None:
+            # Found by a meta path finder (pip's default editable install maps the checkout's
+            # packages so): its base is what the module's dotted name climbs to.
+            depth = module.count(".") + (1 if file.stem == "__init__" else 0)
+            base = file.parents[depth] if depth < len(file.parents) else None
+            if base is not None and base / module.split(".")[0] not in (file, *file.parents,
+                                                                          file.with_suffix("")):
+                base = None  # an alias (sys.modules["x.y"] set by hand): leave it to 9p
         if base is None or file.parent == base and file.suffix != ".py":
             continue  # not on sys.path (the entry script), or a top-level extension module
         root = file
