@@ -41,12 +41,6 @@ from auraed.kernel.cgroups import CgroupError, detect_backend
 from auraed.kernel.spawner.client import SpawnerRefused
 from auraed.logs import configure as configure_logging
 from auraed.output import LogRing
-from auraed.prometheus import (
-    MetricsAddress,
-    MetricsAddressError,
-    MetricsEndpoint,
-    parse_metrics_address,
-)
 from auraed.runtime.containers import Containers
 from auraed.runtime.events import EventJournal
 from auraed.runtime.instances import Instances, own_spiffe_id
@@ -63,6 +57,10 @@ from auraed.services.vms import VmService
 if TYPE_CHECKING:
     from auraed.cri.pod_instances import PodInstances
     from auraed.cri.pods import Pods
+    from auraed.prometheus import MetricsAddress, MetricsEndpoint
+
+# The metrics endpoint (prometheus_client, http.server) is imported only when asked for: the
+# daemon of every VM guest starts without it, and under TCG those imports cost seconds.
 
 log = logging.getLogger("auraed")
 
@@ -345,6 +343,8 @@ class Daemon:
         operators = _operators(settings.operators)
         metrics_address = None
         if settings.metrics_address is not None:
+            from auraed.prometheus import MetricsAddressError, parse_metrics_address
+
             try:
                 metrics_address = parse_metrics_address(
                     settings.metrics_address, allow_remote=settings.metrics_allow_remote)
@@ -554,6 +554,8 @@ class Daemon:
                 self._pods.shutdown()
 
     def _start_metrics(self, address: MetricsAddress) -> None:
+        from auraed.prometheus import MetricsEndpoint
+
         assert self._workloads is not None
         if address.kind == "unix":
             _prepare_unix_socket(address.path)

@@ -11,7 +11,8 @@ builder's format), so they are rebuilt only when one changes:
   dependencies, from each module's .modinfo: the package ships no modules.dep, depmod runs in its
   postinst) and `/init`. The init script loads the modules, mounts the per-VM share (tag `aurae`,
   written by the host daemon: certificates and `boot.env`), the host's /usr and the project's
-  environment read-only over 9p, and execs `python -m auraed.pid1`.
+  environment read-only over 9p, and execs `python -m auraed.pid1`. build() hands QEMU this
+  archive followed by the Python layer of guest_python.py (the guest's modules, read from RAM).
 
 Nothing here knows of gRPC; the daemon and `auraed vm-image` call build().
 """
@@ -27,8 +28,9 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 # Bumped whenever the layout of what build() writes changes.
@@ -46,6 +48,7 @@ XZ_MAGIC = b"\xfd7zXZ\x00"
 # Mount tags of the 9p shares; boot.env (on the `aurae` share) names the project's ones.
 VM_SHARE_TAG = "aurae"
 USR_SHARE_TAG = "hostusr"
+STALE_AFTER = 24 * 3600.0
 
 Progress = Callable[[str], None]
 
@@ -111,6 +114,9 @@ if [ -n "$root" ]; then
     $B mount --move /aurae $root/aurae && $B mount --move /dev $root/dev
     exec $B switch_root $root "$AURAE_PYTHON" -m auraed.pid1 "$AURAE_PID1_CONFIG"
 fi
+# The Python layer (auraed/kernel/guest_python.py): the guest's modules from RAM, not 9p
+# (the default root only: switch_root empties the initramfs).
+[ -d /python ] && export PYTHONPATH=/python
 exec "$AURAE_PYTHON" -m auraed.pid1 "$AURAE_PID1_CONFIG"
 echo "init: cannot exec $AURAE_PYTHON"; $B poweroff -f
 """
@@ -121,7 +127,19 @@ def default_cache_dir() -> Path:
 
 
 def build(cache_dir: Path, progress: Progress = lambda line: None) -> GuestImage:
-    """The cached artefacts for the current inputs, built first if they are missing."""
+    """The cached artefacts for the current inputs, built first if they are missing; the
+    initramfs QEMU is given carries this interpreter's Python layer (guest_python.py)."""
+    from auraed.kernel.guest_python import LayerError, combined_initramfs
+
+    image = _build_base(cache_dir, progress)
+    try:
+        initramfs = combined_initramfs(image.initramfs, progress=progress)
+    except LayerError as error:
+        raise ImageError(f"the guest's Python layer: {error}") from None
+    return replace(image, initramfs=initramfs)
+
+
+def _build_base(cache_dir: Path, progress: Progress) -> GuestImage:
     package, version = _kernel_package()
     busybox_version = _package_version("busybox-static")
     key = hashlib.sha256(json.dumps({
@@ -132,6 +150,7 @@ def build(cache_dir: Path, progress: Progress = lambda line: None) -> GuestImage
     image = GuestImage(directory, directory / "vmlinux", directory / "initramfs.cpio",
                        package.removeprefix("linux-image-"))
     if (directory / "complete").exists():
+        (directory / "complete").touch()  # in use: not stale for another builder
         return image
     progress(f"building guest artefacts in {directory} ({package} {version})")
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -166,8 +185,10 @@ def build(cache_dir: Path, progress: Progress = lambda line: None) -> GuestImage
         shutil.rmtree(work, ignore_errors=True)
         raise
     for stale in cache_dir.iterdir():
-        # Artefacts of earlier inputs: a running guest keeps its open files, nothing else needs them.
-        if stale != directory and (stale / "complete").exists():
+        # Artefacts of other inputs, unused for a day: a running guest keeps its open files, and
+        # builders of other checkouts (other inputs) sharing the cache keep theirs meanwhile.
+        marker = stale / "complete"
+        if stale != directory and marker.exists() and time.time() - marker.stat().st_mtime > STALE_AFTER:
             shutil.rmtree(stale, ignore_errors=True)
     progress(f"guest artefacts ready: {directory}")
     return image
@@ -276,11 +297,12 @@ def resolve_modules(module_dir: Path, wanted: Iterable[str]) -> list[Module]:
     return ordered
 
 
-class _Cpio:
-    """A cpio archive in the "newc" format the kernel unpacks into its initial rootfs."""
+class Cpio:
+    """A cpio archive in the "newc" format the kernel unpacks into its initial rootfs; `append`
+    writes it after what the file holds (the kernel unpacks concatenated archives in order)."""
 
-    def __init__(self, path: Path) -> None:
-        self._file = path.open("wb")
+    def __init__(self, path: Path, append: bool = False) -> None:
+        self._file = path.open("ab" if append else "wb")
         self._inode = 1
 
     def add(self, name: str, mode: int, data: bytes = b"") -> None:
@@ -304,7 +326,7 @@ class _Cpio:
 def _write_initramfs(target: Path, modules: list[Module], on_demand: list[Module]) -> None:
     if not BUSYBOX.exists():
         raise ImageError(f"{BUSYBOX} is missing: install busybox-static (scripts/install.sh)")
-    archive = _Cpio(target)
+    archive = Cpio(target)
     directory, regular, link = stat.S_IFDIR | 0o755, stat.S_IFREG, stat.S_IFLNK | 0o777
     for name in ("dev", "proc", "sys", "usr", "tmp", "run", "etc", "var", "aurae", "modules",
                  "root", "mnt"):
