@@ -62,31 +62,6 @@ def test_start_reports_the_pid_inside_the_cell(client: aurae_sdk.Client, isolate
         client.cells.stop(cell_name=isolated, executable_name="s", grace_period_ms=0)
 
 
-def test_the_spawner_comes_back_from_a_cell_it_started_a_process_in(
-        daemon: DaemonProcess, client: aurae_sdk.Client, isolated: str) -> None:
-    # It joins the cell's cgroups and namespaces itself for the posix_spawn, then leaves them.
-    (spawner,) = [int(p) for p in Path(f"/proc/{daemon.process.pid}/task/{daemon.process.pid}"
-                                       "/children").read_text().split()
-                  if "auraed.kernel.spawner" in Path(f"/proc/{p}/cmdline").read_text()]
-    def where(pid: int) -> tuple[dict[str, str], str, str]:
-        return (namespace_ids(pid), os.readlink(f"/proc/{pid}/ns/pid_for_children"),
-                Path(f"/proc/{pid}/cgroup").read_text())
-
-    before = where(spawner)
-    started = client.cells.start(cell_name=isolated, executable={"name": "s", "command": "sleep 30"})
-    try:
-        cgroups = dict(line.split(":", 2)[1:] for line in
-                       Path(f"/proc/{started.host_pid}/cgroup").read_text().splitlines())
-        placed = {path for controllers, path in cgroups.items()
-                  if controllers in ("memory", "pids", "cpu", "cpuset", "freezer")}
-        assert placed == {f"/{daemon.cgroup_root}/{isolated}/_procs"}
-        holder_namespaces = namespace_ids(started.host_pid)
-        assert holder_namespaces["pid"] != namespace_ids(spawner)["pid"]
-        assert where(spawner) == before
-    finally:
-        client.cells.stop(cell_name=isolated, executable_name="s", grace_period_ms=0)
-
-
 def test_executables_of_a_cell_share_its_namespaces_and_loopback(client: aurae_sdk.Client, isolated: str) -> None:
     server = client.cells.start(cell_name=isolated, executable={
         "name": "server",

@@ -37,7 +37,7 @@ HOLDER_ALIVE = b"alive"
 # The order a child joins namespaces in. The mount namespace comes last so that nothing resolved
 # by path before it is looked up in the workload's filesystem. The pid namespace is not here: a
 # process cannot change its own, so the spawner enters it before fork and the child is born in it.
-NAMESPACE_JOIN_ORDER = ("net", "ipc", "uts", "mnt")
+_CHILD_NAMESPACES = ("net", "ipc", "uts", "mnt")
 
 
 class _Step:
@@ -73,7 +73,7 @@ def _join_cell(step: _Step, request: SpawnRequest, namespace_fds: dict[str, int]
     for path in request.cgroup_join if join_cgroups else ():
         step.at("cgroup", path)
         write_file(path, b"0")
-    for kind in NAMESPACE_JOIN_ORDER:
+    for kind in _CHILD_NAMESPACES:
         if kind in namespace_fds:
             step.at("setns", kind)
             setns(namespace_fds[kind], NAMESPACE_FLAGS[kind])

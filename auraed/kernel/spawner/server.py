@@ -53,7 +53,6 @@ from auraed.kernel.libc import (
 from auraed.kernel.spawner.child import (
     HOLDER_ALIVE,
     HOLDER_READY,
-    NAMESPACE_JOIN_ORDER,
     become_holder,
     become_workload,
     write_file,
@@ -88,8 +87,6 @@ _FD_SIZE = struct.calcsize("i")
 # namespace, that becomes the next top-level cell's holder.
 SPARE_NAME = "aurae-spare"
 SPARE_IDLE_MS = 5
-# The namespaces the spawner joins itself to posix_spawn a workload in a cell: all a cell makes.
-_SPAWN_VISITS = frozenset({*NAMESPACE_JOIN_ORDER, "pid"})
 
 
 class _Spare:
@@ -194,9 +191,6 @@ class ForkServer:
         # Opened here, not in the child: after joining a mount namespace /dev/null may not exist.
         self._devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
         self._own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
-        # Ours, to come back to after visiting a cell's (see _visiting_namespaces).
-        self._own_namespaces = {kind: os.open(f"/proc/self/ns/{kind}", os.O_RDONLY | os.O_CLOEXEC)
-                                for kind in NAMESPACE_JOIN_ORDER}
         self._max_fd = os.sysconf("SC_OPEN_MAX")
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._buffer = bytearray(MAX_MESSAGE_BYTES)
@@ -574,11 +568,10 @@ class ForkServer:
                 request.argv[0], request.env,
                 in_our_filesystem="mnt" not in namespace_fds and not request.rootfs,
             )
-            if self._spawns_as_it_is(request) and namespace_fds.keys() <= _SPAWN_VISITS:
-                # Host level, or in a cell's namespaces: a posix_spawn from inside them.
-                with self._visiting(request.cgroup_join), self._visiting_namespaces(namespace_fds):
+            if not namespace_fds and self._spawns_as_it_is(request):
+                with self._visiting(request.cgroup_join):
                     pid = self._spawn_directly(request, executables, stdout, stderr)
-                return pid, _innermost_pid(pid) if "pid" in namespace_fds else pid
+                return pid, pid
             started = self._with_birth_fallback(
                 self._birth_cgroup(request), lambda cgroup: self._start_workload(
                     request, executables, namespace_fds, stdout, stderr, birth_cgroup=cgroup))
@@ -592,9 +585,8 @@ class ForkServer:
     def _spawns_as_it_is(self, request: SpawnRequest) -> bool:
         """Whether the workload needs nothing the spawner lacks: its uid, gid, no
         supplementary groups, and the working directory "/" are the spawner's own, and its
-        cgroups are the spawner's (the host leaf) or ones the spawner can visit (see
-        _visiting; a host scope, a cell's leaf): an executable with default ids, at host level
-        or in a cell without an image (whose namespaces _visiting_namespaces joins)."""
+        cgroups are the spawner's (the host leaf) or a host scope the spawner can visit
+        (see _visiting): a host-level executable with default ids."""
         return (bool(self._joined) and len(request.cgroup_join) == len(self._joined)
                 and request.uid == self._uid and request.gid == self._gid and not self._groups
                 and request.cwd == "/" and not request.rootfs)
@@ -618,30 +610,6 @@ class ForkServer:
         finally:
             for path in self._joined:
                 write_file(path, b"0")
-
-    @contextmanager
-    def _visiting_namespaces(self, namespace_fds: dict[str, int]) -> Iterator[None]:
-        """Join a cell's namespaces for a posix_spawn (the child is born in them; the pid
-        namespace is one for children only), then come back to our own. Entered after the
-        cgroups are visited and left before they are: their paths are the host's. Joining
-        costs a few setns; the fork with Python's steps in the child that it replaces costs
-        milliseconds (a copy of the page tables, then a copy of every page the child touches)."""
-        entered: list[str] = []
-        try:
-            for kind in (*NAMESPACE_JOIN_ORDER, "pid"):
-                if kind in namespace_fds:
-                    try:
-                        setns(namespace_fds[kind], NAMESPACE_FLAGS[kind])
-                    except OSError as error:
-                        raise SpawnError.at("setns", error.errno or 0, kind) from None
-                    entered.append(kind)
-            yield
-        finally:
-            # If even this fails the spawner must not go on (in a cell's namespaces): the
-            # error ends it, as in _fork.
-            for kind in reversed(entered):
-                own = self._own_pid_ns if kind == "pid" else self._own_namespaces[kind]
-                setns(own, NAMESPACE_FLAGS[kind])
 
     def _spawn_directly(self, request: SpawnRequest, executables: list[str], stdout: int,
                         stderr: int) -> int:
