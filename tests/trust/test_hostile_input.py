@@ -237,9 +237,10 @@ CASES: list[Case] = [
            "root_drive.image_path"),
           ("chosen-address", {"auraed_address": "[::1]:1"}, "auraed_address"),
       )),
-    Case("vm-allocate-root-drive", VMS + "Allocate", vms.VmServiceAllocateRequest(
-        machine=vms.VirtualMachine(id="v", root_drive=vms.RootDrive(image_path="/etc/hostname"))),
-         "UNIMPLEMENTED", "machine.root_drive.image_path"),
+    Case("vm-allocate-missing-root-drive", VMS + "Allocate", vms.VmServiceAllocateRequest(
+        machine=vms.VirtualMachine(id="v", root_drive=vms.RootDrive(
+            image_path="/nonexistent/root.ext4"))),
+         "INVALID_ARGUMENT", "machine.root_drive.image_path"),
     Case("vm-allocate-root-mount", VMS + "Allocate", vms.VmServiceAllocateRequest(
         machine=vms.VirtualMachine(id="v", drive_mounts=[vms.DriveMount(
             image_path="/etc/hostname", vm_path="/", fs_type="ext4")])),
