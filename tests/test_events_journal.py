@@ -182,6 +182,44 @@ def test_adopted_workloads_stay_open(tmp_path: Path) -> None:
     third.close()
 
 
+def test_an_exit_already_published_is_known_across_restarts(tmp_path: Path) -> None:
+    journal = _open(tmp_path)
+    journal.daemon_started()
+    journal.publish(EventKind.CELL_ALLOCATED, cell="kept")
+    journal.publish(EventKind.EXECUTABLE_STARTED, cell="kept", executable="w", host_pid=5)
+    journal.publish(EventKind.EXECUTABLE_EXITED, cell="kept", executable="w", host_pid=5)
+    journal.publish(EventKind.EXECUTABLE_STARTED, executable="h", host_pid=6)
+    journal.close()
+    again = _open(tmp_path)
+    assert again.previous is not None
+    assert again.previous.exit_published("kept/w", 5)
+    assert not again.previous.exit_published("kept/w", 7)  # another run of it
+    assert not again.previous.exit_published("h", 6)  # still running
+    # Adopted ended with its exit published: the next run's journal still knows it ...
+    again.daemon_started(adopted_cells=["kept"], adopted_executables=["h", "kept/w"],
+                         adopted_exits=[("kept/w", 5)])
+    again.close()
+    third = _open(tmp_path)
+    assert third.previous is not None
+    assert third.previous.exit_published("kept/w", 5)
+    assert [e.executable for e in third.previous.running] == ["h"]
+    # ... until it starts again, or its cell is freed.
+    third.daemon_started(adopted_cells=["kept"], adopted_executables=["h", "kept/w"],
+                         adopted_exits=[("kept/w", 5)])
+    third.publish(EventKind.EXECUTABLE_STARTED, cell="kept", executable="w", host_pid=8)
+    third.publish(EventKind.EXECUTABLE_EXITED, executable="h", host_pid=6)
+    third.close()
+    fourth = _open(tmp_path)
+    assert fourth.previous is not None
+    assert not fourth.previous.exit_published("kept/w", 5)
+    assert fourth.previous.exit_published("h", 6)
+    fourth.publish(EventKind.CELL_FREED, cell="kept")
+    fourth.close()
+    fifth = _open(tmp_path)
+    assert fifth.previous is not None and fifth.previous.exits == {"h": 6}
+    fifth.close()
+
+
 def test_a_failed_write_keeps_events_visible_and_counts_them_lost_after_a_restart(
         tmp_path: Path) -> None:
     journal = _open(tmp_path)

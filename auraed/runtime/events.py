@@ -98,6 +98,10 @@ class DaemonReport:
     adopted_cells: tuple[str, ...] = ()
     adopted_executables: tuple[str, ...] = ()
     cleaned_containers: tuple[str, ...] = ()
+    # Of the adopted executables, those that had ended and whose exit an earlier run's event
+    # already tells: (key, host pid). The journal's own bookkeeping (not on the wire): a later
+    # daemon, reading from this start on, must not publish those exits again.
+    adopted_exits: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,10 +158,14 @@ def _event(sequence: int, kind: EventKind, fields: dict[str, Any]) -> Event:
     daemon = fields.pop("daemon", None)
     report = None
     if isinstance(daemon, dict):
-        known: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v
-                                 for k, v in daemon.items() if k in _DAEMON_FIELDS}
+        known: dict[str, Any] = {k: _frozen(v) for k, v in daemon.items() if k in _DAEMON_FIELDS}
         report = DaemonReport(**known)
     return Event(sequence=sequence, kind=kind, daemon=report, **fields)
+
+
+def _frozen(value: Any) -> Any:
+    """JSON's lists as the tuples the report's fields hold."""
+    return tuple(_frozen(item) for item in value) if isinstance(value, list) else value
 
 
 def _decode(records: list[_Record], data: bytes) -> list[Event]:
@@ -214,26 +222,38 @@ class PreviousRun:
     stopped_cleanly: bool
     open_cells: tuple[str, ...]  # allocated and never freed, parents first
     running: tuple[Event, ...]  # the last start of each executable that never exited
+    # Executables whose last event is their exit (their cell not freed since): key -> host pid.
+    # A daemon adopting one of them ended must not publish that exit again.
+    exits: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def exit_published(self, key: str, host_pid: int) -> bool:
+        """Whether the journal already tells the end of process `host_pid` of executable
+        `key` ("cell/name", or "name" at host level)."""
+        return self.exits.get(key) == host_pid
 
 
 def _previous_run(events: Iterable[Event]) -> PreviousRun:
     cells: dict[str, None] = {}
     running: dict[tuple[str, str], Event] = {}
+    exits: dict[tuple[str, str], int] = {}
     stopped = False
     for event in events:
         key = (event.cell, event.executable)
         if event.kind in _DAEMON_STARTS:
             # A new run: only what that daemon adopted stayed open (what it cleaned up, its own
-            # events closed).
+            # events closed). Of what it adopted ended, the exits it found already published
+            # are in its report; it published the others after it.
             stopped = False
             report = event.daemon or DaemonReport("")
             cells = dict.fromkeys(report.adopted_cells)
             running = {}
+            exits = {_split_key(adopted): pid for adopted, pid in report.adopted_exits}
             for adopted in report.adopted_executables:
-                cell, _, name = adopted.rpartition("/")
-                running[(cell, name)] = Event(event.sequence, event.timestamp,
-                                              EventKind.EXECUTABLE_STARTED, cell=cell,
-                                              executable=name)
+                cell, name = _split_key(adopted)
+                if (cell, name) not in exits:
+                    running[(cell, name)] = Event(event.sequence, event.timestamp,
+                                                  EventKind.EXECUTABLE_STARTED, cell=cell,
+                                                  executable=name)
         elif event.kind is EventKind.DAEMON_STOPPED:
             stopped = True
         elif event.kind is EventKind.CELL_ALLOCATED:
@@ -243,11 +263,19 @@ def _previous_run(events: Iterable[Event]) -> PreviousRun:
                 del cells[name]
             for gone in [k for k in running if k[0] and running[k].within(event.cell)]:
                 del running[gone]
+            for gone in [k for k in exits if k[0] == event.cell
+                         or k[0].startswith(event.cell + "/")]:
+                del exits[gone]
         elif event.kind in (EventKind.EXECUTABLE_STARTED, EventKind.EXECUTABLE_RESTARTED):
             running[key] = event
-        elif event.kind in (EventKind.EXECUTABLE_EXITED, EventKind.EXECUTABLE_STOPPED):
+            exits.pop(key, None)
+        elif event.kind is EventKind.EXECUTABLE_EXITED:
             running.pop(key, None)
-    return PreviousRun(stopped, tuple(sorted(cells)), tuple(running.values()))
+            exits[key] = event.host_pid
+        elif event.kind is EventKind.EXECUTABLE_STOPPED:
+            running.pop(key, None)
+    return PreviousRun(stopped, tuple(sorted(cells)), tuple(running.values()),
+                       {_joined_key(*key): pid for key, pid in exits.items()})
 
 
 class EventJournal:
@@ -387,10 +415,13 @@ class EventJournal:
     def daemon_started(self, cleaned_cells: Iterable[str] = (), *,
                        adopted_cells: Iterable[str] = (),
                        adopted_executables: Iterable[str] = (),
-                       cleaned_containers: Iterable[str] = ()) -> None:
+                       cleaned_containers: Iterable[str] = (),
+                       adopted_exits: Iterable[tuple[str, int]] = ()) -> None:
         """Announce this run. After an earlier one, say what of it was cleaned up or adopted,
         and close what it left open: an exit for each executable still running, a free for
-        each cell, both marked cleaned_up, so every workload's events end."""
+        each cell, both marked cleaned_up, so every workload's events end. adopted_exits: the
+        adopted executables that had ended with their exit already published (see
+        PreviousRun.exit_published), as (key, host pid); their exits are not published again."""
         previous = self.previous
         if previous is None:
             self.publish(EventKind.DAEMON_STARTED, daemon=DaemonReport(
@@ -412,6 +443,7 @@ class EventJournal:
             adopted_cells=tuple(sorted(kept_cells)),
             adopted_executables=tuple(sorted(kept)),
             cleaned_containers=tuple(sorted(cleaned_containers)),
+            adopted_exits=tuple(sorted(adopted_exits)),
         ))
         for event in lost:
             self.publish(EventKind.EXECUTABLE_EXITED, cell=event.cell,
@@ -613,4 +645,15 @@ def _executable_fields(executable: Executable) -> dict[str, Any]:
 
 
 def _key(event: Event) -> str:
-    return f"{event.cell}/{event.executable}" if event.cell else event.executable
+    return _joined_key(event.cell, event.executable)
+
+
+def _joined_key(cell: str, executable: str) -> str:
+    """An executable's key as reports name it: "cell/name", or "name" at host level."""
+    return f"{cell}/{executable}" if cell else executable
+
+
+def _split_key(key: str) -> tuple[str, str]:
+    """(cell, executable) of a key _key made."""
+    cell, _, name = key.rpartition("/")
+    return cell, name

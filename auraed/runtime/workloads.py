@@ -435,15 +435,25 @@ class Workloads:
         with self._lock:
             keys = [str(e.key) for e in self._host_executables.values()] + [
                 str(e.key) for c in self._cells.values() for e in c.executables.values()]
+        # An exit the previous daemon recorded before it went (the spawner keeps an ended
+        # process until its executable is forgotten) is in the journal already: once only.
+        previous = self.events.previous
+        published = [(str(executable.key), executable.process.host_pid)
+                     for executable, _, _ in exited_while_away
+                     if previous is not None and previous.exit_published(
+                         str(executable.key), executable.process.host_pid)]
         self.events.daemon_started(adopted_cells=[name.path for name in adopted_cells],
                                    adopted_executables=keys,
-                                   cleaned_containers=stale_containers)
+                                   cleaned_containers=stale_containers,
+                                   adopted_exits=published)
         self._changed()
         for gone in policies:  # of executables that are gone
             self._spawner.forget(restore.restart_key(gone))
         for executable, status, when in exited_while_away:
             # Its exit event, after the restart's; then its restart policy goes on.
-            self._record_exit(executable, status, when, resumed=True)
+            self._record_exit(executable, status, when, resumed=True,
+                              published=(str(executable.key),
+                                         executable.process.host_pid) in published)
         log.info("adopted the workloads of the previous daemon", extra={
             "spawner_pid": adoption.spawner_pid, "cells": len(adopted_cells),
             "executables": executables, "exited_while_away": exited,
@@ -1242,11 +1252,13 @@ class Workloads:
             self.on_spawner_lost()
 
     def _record_exit(self, executable: Executable, status: ExitStatus, when: float, *,
-                     resumed: bool = False) -> None:
+                     resumed: bool = False, published: bool = False) -> None:
         """resumed: an exit of an adopted executable, while no daemon ran (or before this one
-        adopted it)."""
+        adopted it). published: its exit event is in the journal already (an earlier daemon
+        recorded the exit)."""
         self._attribute_oom_kills(executable, status)
-        self.events.executable_exited(executable, status)  # before Stop or Free can see the end
+        if not published:
+            self.events.executable_exited(executable, status)  # before Stop or Free see the end
         executable.mark_exited(status, when)
         self._restarts.exited(executable, resumed=resumed)
         self._changed()  # its status and restart plan, now complete

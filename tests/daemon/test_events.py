@@ -10,6 +10,8 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from pathlib import Path
 
 import pytest
 
@@ -343,3 +345,62 @@ def test_order_holds_when_the_daemon_is_killed_in_the_middle_of_lifecycles() -> 
         assert open_cells == set() and running == set()
         restart = next(e for e in after if KIND[e.kind] == "DAEMON_RESTARTED")
         assert not restart.daemon.previous_stopped_cleanly
+
+
+@pytest.mark.slow
+def test_each_exit_is_published_once_across_restarts_that_adopt(tmp_path: Path) -> None:
+    """Live restore: an exit the first daemon published is not published again by the daemons
+    that adopt the ended executable (after a SIGKILL, then after a --live-restore SIGTERM);
+    an exit while no daemon ran is published once, by the next one. Per executable: started,
+    exited, stopped, each exactly once."""
+    release = tmp_path / "release"
+    with ExitStack() as stack:
+        first = stack.enter_context(running_daemon("--live-restore"))
+        with first.client(timeout=30) as client:
+            client.cells.allocate(cell={"name": "kept"})
+            pids = {name: client.cells.start(cell_name="kept", executable={
+                "name": name, "command": command}).host_pid for name, command in [
+                    ("quick", "exit 3"),  # ends under the first daemon
+                    ("away", f"while [ ! -e {release} ]; do sleep 0.05; done; exit 7"),
+                    ("sleeper", "sleep 600")]}
+            assert client.cells.wait(cell_name="kept", executable_name="quick",
+                                     timeout=60).status.exit_code == 3
+            # The first daemon has published the exit: it is in the journal.
+            collect_until(client, 0, lambda evs: any(
+                KIND[e.kind] == "EXECUTABLE_EXITED" and e.executable_name == "quick"
+                for e in evs))
+        first.stop(signal.SIGKILL)
+        release.touch()  # "away" ends while no daemon runs
+        deadline = time.monotonic() + DEADLINE
+        while Path(f"/proc/{pids['away']}/cmdline").exists() and \
+                Path(f"/proc/{pids['away']}/cmdline").read_bytes():
+            assert time.monotonic() < deadline, "away did not end"
+            time.sleep(0.05)
+        second = stack.enter_context(running_daemon("--live-restore", after=first))
+        with second.client(timeout=30) as client:
+            assert client.cells.wait(cell_name="kept", executable_name="away",
+                                     timeout=60).status.exit_code == 7
+        assert second.stop(signal.SIGTERM) == 0  # planned: the workloads stay
+        third = stack.enter_context(running_daemon("--live-restore", after=second))
+        with third.client(timeout=30) as client:
+            for name, code in (("quick", 3), ("away", 7)):
+                assert client.cells.wait(cell_name="kept", executable_name=name,
+                                         timeout=60).status.exit_code == code
+            for name in pids:
+                client.cells.stop(cell_name="kept", executable_name=name, grace_period_ms=0)
+            client.cells.free(cell_name="kept")
+            events, lost = collect_until(client, 0, lambda evs: any(
+                KIND[e.kind] == "CELL_FREED" and e.cell_name == "kept" for e in evs))
+    assert lost == 0
+    assert_contiguous(events, 0)
+    assert_ordered_per_workload(events)
+    lifecycles = defaultdict(list)
+    for event in events:
+        if event.cell_name == "kept":
+            lifecycles[event.executable_name].append((KIND[event.kind], event.host_pid))
+    for name, pid in pids.items():
+        assert lifecycles[name] == [("EXECUTABLE_STARTED", pid), ("EXECUTABLE_EXITED", pid),
+                                    ("EXECUTABLE_STOPPED", pid)], name
+    assert lifecycles[""] == [("CELL_ALLOCATED", 0), ("CELL_FREED", 0)]
+    starts = [e.daemon for e in events if KIND[e.kind] == "DAEMON_RESTARTED"]
+    assert len(starts) == 2
