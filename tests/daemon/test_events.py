@@ -18,6 +18,7 @@ import pytest
 import aurae_sdk
 from aurae_sdk.wire.generated.pb.observe import observe_pb2 as pb
 from tests.support.daemon import DaemonProcess, running_daemon
+from tests.support.processes import alive
 
 KIND = {value: name.removeprefix("EVENT_KIND_") for name, value in pb.EventKind.items()}
 DEADLINE = 120.0
@@ -372,8 +373,7 @@ def test_each_exit_is_published_once_across_restarts_that_adopt(tmp_path: Path) 
         first.stop(signal.SIGKILL)
         release.touch()  # "away" ends while no daemon runs
         deadline = time.monotonic() + DEADLINE
-        while Path(f"/proc/{pids['away']}/cmdline").exists() and \
-                Path(f"/proc/{pids['away']}/cmdline").read_bytes():
+        while alive(pids["away"]):
             assert time.monotonic() < deadline, "away did not end"
             time.sleep(0.05)
         second = stack.enter_context(running_daemon("--live-restore", after=first))

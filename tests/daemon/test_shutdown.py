@@ -12,6 +12,7 @@ from pathlib import Path
 
 import aurae_sdk
 from tests.support.daemon import cgroup_dirs, cgroup_pids, running_daemon
+from tests.support.processes import alive
 
 
 def test_sigterm_stops_everything_and_removes_every_cgroup() -> None:
@@ -67,7 +68,7 @@ def test_a_killed_daemon_leaves_its_workloads_and_a_daemon_that_cannot_adopt_cle
         # Another runtime directory: no spawner to adopt, so the cgroup subtree is cleaned,
         # the orphaned spawner (in the host leaf) with it.
         with running_daemon(cgroup_root=root) as second:
-            assert not _alive(pid), second.log()
+            assert not alive(pid), second.log()
             with second.client() as client:
                 assert [n.cell.name for n in client.cells.list().cells] == []
                 # The same name allocates again: nothing left over is in the way.
@@ -77,11 +78,3 @@ def test_a_killed_daemon_leaves_its_workloads_and_a_daemon_that_cannot_adopt_cle
             assert "removing cells left by a previous run" in log
             # The shell and its sleep.
             assert "cells=survivor processes_killed=2" in log, log
-
-
-def _alive(pid: int) -> bool:
-    # A zombie has no cmdline: it is dead, only not yet reaped by its new parent.
-    try:
-        return bool(Path(f"/proc/{pid}/cmdline").read_bytes())
-    except (FileNotFoundError, ProcessLookupError):
-        return False

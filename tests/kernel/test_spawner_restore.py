@@ -24,6 +24,7 @@ from auraed.kernel.spawner.protocol import (
     decode,
 )
 from auraed.output.log import OutputLog
+from tests.support.processes import alive
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
@@ -33,13 +34,6 @@ def wait_until(condition: Callable[[], bool], timeout: float = 20) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.01)
-
-
-def alive(pid: int) -> bool:
-    try:
-        return bool(Path(f"/proc/{pid}/cmdline").read_bytes())
-    except (FileNotFoundError, ProcessLookupError):
-        return False
 
 
 def test_messages_round_trip_and_unknown_fields_are_ignored() -> None:

@@ -107,7 +107,12 @@ class DaemonProcess:
         return self.process.returncode
 
 
-def wait_until_serving(daemon: DaemonProcess, timeout: float = 20) -> None:
+# A daemon that adopts serves in 2-12 s with the 2-core machine loaded (issue 12); the
+# timeout only bounds a daemon that never serves (one that exits is seen at once).
+SERVING_TIMEOUT = 60.0
+
+
+def wait_until_serving(daemon: DaemonProcess, timeout: float = SERVING_TIMEOUT) -> None:
     import grpc
 
     import aurae_sdk

@@ -22,6 +22,7 @@ from auraed.kernel.spawner.protocol import Ready
 from auraed.kernel.spawner.state import StateTorn, read_state, write_state
 from auraed.runtime.containers import mounted_anywhere, overlay_root_of
 from tests.support.daemon import DaemonProcess, running_daemon
+from tests.support.processes import alive
 
 from .conftest import host_state, record_figure
 
@@ -55,14 +56,6 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.02)
-
-
-def alive(pid: int) -> bool:
-    # A zombie has no cmdline: it is dead, only not yet reaped.
-    try:
-        return bool(Path(f"/proc/{pid}/cmdline").read_bytes())
-    except (FileNotFoundError, ProcessLookupError):
-        return False
 
 
 def populate(daemon: DaemonProcess) -> dict[str, int]:
