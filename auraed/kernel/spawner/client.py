@@ -9,9 +9,9 @@ daemon's attach() connects to the same path and adopts what it holds (an Adoptio
 A daemon that is a copy of a warm template (a spawned instance, auraed.kernel.template) does not
 start a new interpreter for its spawner: it forks a SpawnerSeed at its very start, while it is
 still single-threaded, and the seed becomes the spawner when start() sends it its options. The
-seed shares the template's pages, so an instance's spawner and its spare cost about 1 MiB PSS
-where a `python -S` of their own cost 12 (measured, bench/instances.py), and start in a
-millisecond instead of an interpreter's start-up.
+seed shares the template's pages, so an instance's spawner costs about 1.2 MiB of its own
+where a `python -S` and its spare cost 12 MiB PSS (measured, bench/instances.py), and starts in
+a millisecond instead of an interpreter's start-up. A seeded spawner keeps no spare.
 """
 
 import gc
@@ -276,8 +276,10 @@ class Spawner:
         for path in self._cgroup_join:
             options += ["--join", path]
         if self._seed is not None:
+            # An instance's spawner keeps no spare: a spare is a whole process per instance
+            # (1.2 MiB of its own, measured) to save a fork on Allocate inside the instance.
             self._process, self._seed = self._seed, None
-            ours = self._process.sprout(options)
+            ours = self._process.sprout([*options, "--spare", "no"])
         else:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             _room_for_the_largest_request(ours)
