@@ -227,8 +227,9 @@ def main(argv: list[str]) -> int:
         import_module(name)
     import_module(args.entry.partition(":")[0])
     # Everything loaded so far lives as long as the copies: keep the collector off its pages,
-    # so they stay shared.
+    # so they stay shared, and the copies' mallocs out of the holes between them.
     gc.collect()
+    libc.take_malloc_holes()
     gc.freeze()
     sock.send(b"ready")
     while True:
