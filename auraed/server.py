@@ -37,8 +37,9 @@ from auraed.forwarding import InstanceChannels, InstanceForwarding
 from auraed.generated.registry import SERVICE_NAMES, SERVICES, ServiceEntry, Servicer
 from auraed.images import ImageStore
 from auraed.interceptors import Admission, AuditTrail, Authorization, FaultTranslation
+from auraed.kernel import template
 from auraed.kernel.cgroups import CgroupError, detect_backend
-from auraed.kernel.spawner.client import SpawnerRefused
+from auraed.kernel.spawner.client import SpawnerRefused, SpawnerSeed
 from auraed.logs import configure as configure_logging
 from auraed.output import LogRing
 from auraed.runtime.containers import Containers
@@ -295,6 +296,7 @@ class Daemon:
         self._cri_server: grpc.Server | None = None
         self._pods: Pods | PodInstances | None = None
         self._detach = False
+        self._spawner_seed: SpawnerSeed | None = None
 
     def request_stop(self, signum: int | None = None) -> None:
         # With --live-restore SIGTERM (a service manager's restart) leaves the workloads
@@ -315,6 +317,11 @@ class Daemon:
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT; returns the exit status."""
         settings = self.settings
+        if template.is_copy():
+            # Forked now, before any thread starts: an instance's spawner then shares the
+            # template's pages instead of holding a new interpreter. (A host daemon's spawner
+            # outlives it under live restore, and would keep its whole image alive.)
+            self._spawner_seed = SpawnerSeed.fork()
         # Everything the daemon creates — runtime dir, socket, logs — is private
         # from the moment it exists.
         os.umask(0o077)
@@ -380,7 +387,8 @@ class Daemon:
         self._workloads = Workloads(backend, settings.runtime_dir / "logs",
                                     default_grace=settings.grace_period, events=self._events,
                                     spawner_socket=settings.runtime_dir / SPAWNER_SOCKET,
-                                    containers=self._containers)
+                                    containers=self._containers,
+                                    spawner_seed=self._spawner_seed)
         self._workloads.on_spawner_lost = self._spawner_lost
         try:
             self._workloads.start()
@@ -609,6 +617,8 @@ class Daemon:
         log.info("auraed stopped")
 
     def _cleanup(self) -> None:
+        if self._workloads is None and self._spawner_seed is not None:
+            self._spawner_seed.discard()  # unused: start-up failed before the workloads
         if self._metrics is not None:
             self._metrics.close()
         if self._events is not None:

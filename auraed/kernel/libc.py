@@ -243,3 +243,47 @@ def spawn_in_new_session(path: str, argv: list[str], env: dict[str, str],
     if error:
         raise OSError(error, os.strerror(error))
     return pid.value
+
+
+_libc.malloc.argtypes = [ctypes.c_size_t]
+_libc.malloc.restype = ctypes.c_void_p
+_libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+_libc.malloc_info.restype = ctypes.c_int
+_libc.fdopen.argtypes = [ctypes.c_int, ctypes.c_char_p]
+_libc.fdopen.restype = ctypes.c_void_p
+_libc.fclose.argtypes = [ctypes.c_void_p]
+_libc.fclose.restype = ctypes.c_int
+# One free-chunk size bin of the main arena in malloc_info's XML.
+_FREE_BIN = r'<size from="(\d+)" to="\d+" total="(\d+)" count="(\d+)"/>'
+
+
+def take_malloc_holes(rounds: int = 8) -> int:
+    """Allocate, and never free, the free chunks in the middle of the main malloc arena; the
+    bytes taken. A process about to fork copies that write little calls it: their mallocs then
+    go to fresh pages instead of into holes scattered over pages shared with it, each of which
+    a single small allocation would copy (measured: 0.6 MiB per instance)."""
+    import re  # here: the spawner imports this module and must start fast
+
+    taken = 0
+    for _ in range(rounds):
+        report = os.memfd_create("malloc-info")
+        try:
+            stream = _libc.fdopen(os.dup(report), b"w")
+            if not stream:
+                return taken
+            _libc.malloc_info(0, stream)
+            _libc.fclose(stream)
+            text = os.pread(report, 1 << 22, 0).decode(errors="replace")
+        finally:
+            os.close(report)
+        main_arena = text.split('<heap nr="1">')[0]
+        bins = [(int(low), int(total), int(count))
+                for low, total, count in re.findall(_FREE_BIN, main_arena) if int(count)]
+        if not bins:
+            break
+        for low, total, count in bins:
+            size = max(low, total // count) - 2 * ctypes.sizeof(ctypes.c_size_t)
+            for _ in range(count):
+                if _libc.malloc(max(16, size)):
+                    taken += size
+    return taken

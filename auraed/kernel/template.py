@@ -38,6 +38,14 @@ _SOURCE_ROOT = str(Path(__file__).resolve().parents[2])
 _MAX_MESSAGE = 256 * 1024
 # The order a copy joins namespaces in: mnt last, since it changes what paths mean.
 _JOIN_ORDER = ("ipc", "uts", "net", "pid", "mnt")
+# Set in a copy before its entry point runs.
+_is_copy = False
+
+
+def is_copy() -> bool:
+    """Whether this process is a template's copy: its memory is shared with the template, so a
+    process it forks shares it too (and stays small), as long as the template lives."""
+    return _is_copy
 
 
 class TemplateError(Exception):
@@ -164,6 +172,8 @@ def _fork_copy(request: dict[str, Any], entry: str) -> int:
 
 
 def _become_copy(request: dict[str, Any], entry: str) -> None:
+    # Run as `python -m`, this file is __main__: the copy's code asks the module by its name.
+    vars(import_module("auraed.kernel.template"))["_is_copy"] = True
     code: object = 1
     try:
         os.setsid()
@@ -217,8 +227,9 @@ def main(argv: list[str]) -> int:
         import_module(name)
     import_module(args.entry.partition(":")[0])
     # Everything loaded so far lives as long as the copies: keep the collector off its pages,
-    # so they stay shared.
+    # so they stay shared, and the copies' mallocs out of the holes between them.
     gc.collect()
+    libc.take_malloc_holes()
     gc.freeze()
     sock.send(b"ready")
     while True:

@@ -51,8 +51,12 @@ log = logging.getLogger("auraed.instances")
 
 CELL_PREFIX = "instance-"
 DAEMON_NAME = "auraed"
-# What the template imports before it forks: the whole daemon.
-TEMPLATE_PRELOAD = ["auraed.server"]
+# What the template imports before it forks, so that a copy imports nothing (an import after the
+# fork dirties pages all over the template's heap: grpc's lazily imported server alone cost
+# each instance 3 MiB): the whole daemon, the spawner its copy forks
+# (auraed.kernel.spawner.client.SpawnerSeed), and what the daemon's start imports lazily.
+TEMPLATE_PRELOAD = ["auraed.server", "auraed.kernel.spawner.server", "grpc._server",
+                    "grpc._interceptor", "concurrent.futures.thread", "encodings.ascii"]
 TEMPLATE_ENTRY = "auraed.__main__:main"
 SOCKET_NAME = "auraed.sock"
 # The top cell pods' cgroup parents go under (auraed.cri.sandboxes): instances below it are

@@ -72,6 +72,7 @@ from auraed.kernel.spawner.client import (
     Spawner,
     SpawnerClosed,
     SpawnError,
+    SpawnerSeed,
 )
 from auraed.output import OutputLog
 from auraed.output.log import continuation
@@ -195,10 +196,12 @@ class Workloads:
         events: EventJournal | None = None,
         spawner_socket: Path | None = None,
         containers: Containers | None = None,
+        spawner_seed: SpawnerSeed | None = None,
     ) -> None:
         """spawner_socket: where the spawner listens for the next daemon (in the runtime
         directory); with it the workloads outlive this daemon and the next one adopts them.
-        containers: where containers' filesystems are (start() adopts or clears them)."""
+        containers: where containers' filesystems are (start() adopts or clears them).
+        spawner_seed: what becomes the spawner if none is adopted (see SpawnerSeed)."""
         self._containers = containers
         self.backend = backend
         self.signals = SignalFeed()
@@ -210,7 +213,7 @@ class Workloads:
         self._spawner_socket = spawner_socket
         self._spawner = Spawner(self._on_exit, on_lost=self._on_spawner_lost,
                                 listen=str(spawner_socket) if spawner_socket else None,
-                                cgroup_join=backend.join_files(None))
+                                cgroup_join=backend.join_files(None), seed=spawner_seed)
         # Set by the daemon: what to do when workloads can no longer be
         # supervised (the spawner died).
         self.on_spawner_lost: Callable[[], None] | None = None

@@ -77,6 +77,29 @@ def test_spawn_gives_an_isolated_cell_with_the_requested_limits(
     assert socket.stat().st_uid == 0 and socket.stat().st_mode & 0o077 == 0
 
 
+def test_the_instance_spawner_is_a_fork_of_its_daemon_and_keeps_no_spare(
+        daemon: DaemonProcess, build: InstanceStatus) -> None:
+    pid = build.host_pid
+    children = [int(child) for child in
+                Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    # Not a new `python -S -m auraed.kernel.spawner`: a fork of the instance's daemon, itself a
+    # fork of the template, so it runs under the template's command line.
+    (spawner,) = [child for child in children
+                  if b"auraed.kernel.template" in Path(f"/proc/{child}/cmdline").read_bytes()]
+    status = Path(f"/proc/{spawner}/status").read_text().splitlines()
+    assert next(int(line.split()[1]) for line in status if line.startswith("PPid:")) == pid
+    rollup = {line.split()[0].rstrip(":"): int(line.split()[1])
+              for line in Path(f"/proc/{spawner}/smaps_rollup").read_text().splitlines()[1:]}
+    # Most of what it maps it shares with the template and the instance's daemon.
+    assert rollup["Private_Dirty"] < rollup["Rss"] / 2
+    # No spare: the instance's cgroup holds its cell's holder, its daemon and that spawner.
+    procs = {int(p) for top in cgroup_of(daemon.cgroup_root, "build-1")
+             for f in top.rglob("cgroup.procs") for p in f.read_text().split()}
+    names = sorted(Path(f"/proc/{p}/comm").read_text().strip() for p in procs)
+    assert "aurae-spare" not in names and spawner in procs and pid in procs
+    assert len(procs) == 3, names
+
+
 def test_the_instance_certificate_is_minted_and_the_host_key_stays_out(
         daemon: DaemonProcess, build: InstanceStatus) -> None:
     from cryptography import x509

@@ -200,6 +200,7 @@ class ForkServer:
         # Set when making a spare failed (no right to make pid namespaces, say): then none is
         # tried again until a holder request comes, instead of every few milliseconds.
         self._spare_refused = False
+        self.keeps_spare = True
         # Cleared if a child born in its cgroup (clone3) was killed at birth: some kernels kill
         # such a child when its cgroup once had a cgroup.kill. From then on children join by
         # writing, as on v1.
@@ -226,7 +227,7 @@ class ForkServer:
                 # A used spare is replaced once the spawner has been idle a moment, so that the
                 # fork and the new child's start delay no request (typically the Start that
                 # follows an Allocate).
-                wanted = self._spare is None and not self._spare_refused
+                wanted = self.keeps_spare and self._spare is None and not self._spare_refused
                 events = poller.poll(SPARE_IDLE_MS if wanted else None)
                 if not events:
                     self._keep_a_spare()
@@ -687,7 +688,7 @@ class ForkServer:
         return pid, ns_pid
 
     def _keep_a_spare(self) -> None:
-        if self._spare is not None:
+        if self._spare is not None or not self.keeps_spare:
             return
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
@@ -966,9 +967,11 @@ def _close_captures(captures: list[_Capture]) -> None:
 
 def main(argv: list[str]) -> int:
     # Parsed by hand: argparse would add to the memory that every fork copies.
-    #   --socket-fd N [--listen PATH] [--join FILE]...
-    usage = "usage: python -m auraed.kernel.spawner --socket-fd N [--listen PATH] [--join FILE]..."
-    options: dict[str, list[str]] = {"--socket-fd": [], "--listen": [], "--join": []}
+    #   --socket-fd N [--listen PATH] [--join FILE]... [--spare no]
+    usage = ("usage: python -m auraed.kernel.spawner --socket-fd N [--listen PATH] [--join FILE]..."
+             " [--spare no]")
+    options: dict[str, list[str]] = {"--socket-fd": [], "--listen": [], "--join": [],
+                                     "--spare": []}
     pairs = iter(argv)
     for option in pairs:
         value = next(pairs, None)
@@ -977,7 +980,7 @@ def main(argv: list[str]) -> int:
             return 2
         options[option].append(value)
     if len(options["--socket-fd"]) != 1 or not options["--socket-fd"][0].isdigit() or len(
-            options["--listen"]) > 1:
+            options["--listen"]) > 1 or not set(options["--spare"]) <= {"yes", "no"}:
         print(usage, file=sys.stderr)
         return 2
     # Hold no directory of the daemon's busy (a mount it may want to unmount).
@@ -1001,5 +1004,7 @@ def main(argv: list[str]) -> int:
         listener.listen(4)
     first = int(options["--socket-fd"][0])
     os.set_inheritable(first, False)  # passed to us, it was inheritable; no workload may get it
-    ForkServer(socket.socket(fileno=first), listener, options["--join"]).serve()
+    server = ForkServer(socket.socket(fileno=first), listener, options["--join"])
+    server.keeps_spare = options["--spare"][-1:] != ["no"]
+    server.serve()
     return 0
