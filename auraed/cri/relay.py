@@ -11,11 +11,10 @@ from collections.abc import Callable
 
 import grpc
 
-from auraed import __version__
 from auraed.cri.generated import api_pb2 as cri
 from auraed.cri.generated import api_pb2_grpc as cri_grpc
 from auraed.cri.pod_instances import Pod, PodInstances, _call
-from auraed.cri.service import RUNTIME_API_VERSION, RUNTIME_NAME, _answer_unimplemented
+from auraed.cri.service import RuntimeIdentity, _answer_unimplemented
 from auraed.errors import InvalidArgument, NotFound
 
 
@@ -29,33 +28,10 @@ def _remaining(context: grpc.ServicerContext) -> float | None:
 
 
 @_answer_unimplemented(cri_grpc.RuntimeServiceServicer)
-class CriPodInstanceService:
+class CriPodInstanceService(RuntimeIdentity):
     def __init__(self, pods: PodInstances, ready: Callable[[], bool]) -> None:
         self.pods = pods
         self._ready = ready
-
-    def Version(self, request: cri.VersionRequest,
-                context: grpc.ServicerContext) -> cri.VersionResponse:
-        return cri.VersionResponse(version="0.1.0", runtime_name=RUNTIME_NAME,
-                                   runtime_version=__version__,
-                                   runtime_api_version=RUNTIME_API_VERSION)
-
-    def Status(self, request: cri.StatusRequest,
-               context: grpc.ServicerContext) -> cri.StatusResponse:
-        conditions = [
-            cri.RuntimeCondition(type="RuntimeReady", status=self._ready()),
-            cri.RuntimeCondition(type="NetworkReady", status=False,
-                                 reason="NetworkPluginNotReady",
-                                 message="no CNI: pod network namespaces have loopback only"),
-        ]
-        return cri.StatusResponse(status=cri.RuntimeStatus(conditions=conditions),
-                                  runtime_handlers=[cri.RuntimeHandler(
-                                      name="", features=cri.RuntimeHandlerFeatures())])
-
-    def RuntimeConfig(self, request: cri.RuntimeConfigRequest,
-                      context: grpc.ServicerContext) -> cri.RuntimeConfigResponse:
-        return cri.RuntimeConfigResponse(linux=cri.LinuxRuntimeConfiguration(
-            cgroup_driver=cri.CGROUPFS))
 
     # ------------------------------------------------------------------ sandboxes
 

@@ -167,18 +167,19 @@ def _answer_unimplemented(servicer: type) -> Callable[[type], type]:
 
     def fill(cls: type) -> type:
         for name, value in vars(servicer).items():
-            if callable(value) and not name.startswith("_") and name not in vars(cls):
+            if callable(value) and not name.startswith("_") and not any(
+                    name in vars(ancestor) for ancestor in cls.__mro__[:-1]):
                 setattr(cls, name, _unimplemented(name))
         return cls
 
     return fill
 
 
-@_answer_unimplemented(cri_grpc.RuntimeServiceServicer)
-class CriRuntimeService:
-    def __init__(self, pods: Pods, ready: Callable[[], bool]) -> None:
-        self.pods = pods
-        self._ready = ready
+class RuntimeIdentity:
+    """Version, Status and RuntimeConfig: the same from every runtime.v1 servicer of ours
+    (pods as host cells, or pods as spawned instances)."""
+
+    _ready: Callable[[], bool]
 
     def Version(self, request: cri.VersionRequest,
                 context: grpc.ServicerContext) -> cri.VersionResponse:
@@ -198,6 +199,18 @@ class CriRuntimeService:
         return cri.StatusResponse(status=cri.RuntimeStatus(conditions=conditions),
                                   runtime_handlers=[cri.RuntimeHandler(
                                       name="", features=cri.RuntimeHandlerFeatures())])
+
+    def RuntimeConfig(self, request: cri.RuntimeConfigRequest,
+                      context: grpc.ServicerContext) -> cri.RuntimeConfigResponse:
+        return cri.RuntimeConfigResponse(linux=cri.LinuxRuntimeConfiguration(
+            cgroup_driver=cri.CGROUPFS))
+
+
+@_answer_unimplemented(cri_grpc.RuntimeServiceServicer)
+class CriRuntimeService(RuntimeIdentity):
+    def __init__(self, pods: Pods, ready: Callable[[], bool]) -> None:
+        self.pods = pods
+        self._ready = ready
 
     def RunPodSandbox(self, request: cri.RunPodSandboxRequest,
                       context: grpc.ServicerContext) -> cri.RunPodSandboxResponse:
@@ -356,11 +369,6 @@ class CriRuntimeService:
                 timestamp=now, working_set_bytes=cri.UInt64Value(value=memory),
                 usage_bytes=cri.UInt64Value(value=memory)))
         return stats
-
-    def RuntimeConfig(self, request: cri.RuntimeConfigRequest,
-                      context: grpc.ServicerContext) -> cri.RuntimeConfigResponse:
-        return cri.RuntimeConfigResponse(linux=cri.LinuxRuntimeConfiguration(
-            cgroup_driver=cri.CGROUPFS))
 
 
 def _image_message(image: Image) -> cri.Image:
