@@ -772,7 +772,8 @@ def _machine_record(vm: VirtualMachine) -> dict[str, Any]:
                  "root_drive": spec.root_drive, "root_read_only": spec.root_read_only,
                  "drive_mounts": [{"image_path": d.image_path, "vm_path": d.vm_path,
                                    "fs_type": d.fs_type, "read_only": d.read_only}
-                                  for d in spec.drive_mounts]},
+                                  for d in spec.drive_mounts],
+                 "labels": dict(spec.labels)},
         "status": vm.status, "accelerator": vm.accelerator, "tap": vm.tap,
         "address": vm.address, "stop_reason": vm.stop_reason, "kernel": vm.kernel,
         "qemu_pid": vm.qemu.process.host_pid if vm.qemu is not None and vm.status == RUNNING
@@ -788,7 +789,9 @@ def _machine_from_record(record: dict[str, Any]) -> VirtualMachine:
         kernel_args=tuple(str(a) for a in raw["kernel_args"]),
         root_drive=str(raw["root_drive"]), root_read_only=bool(raw["root_read_only"]),
         drive_mounts=tuple(DriveSpec(str(d["image_path"]), str(d["vm_path"]), str(d["fs_type"]),
-                                     bool(d["read_only"])) for d in raw["drive_mounts"]))
+                                     bool(d["read_only"])) for d in raw["drive_mounts"]),
+        # A manifest's ownership; absent from the records of older daemons.
+        labels=tuple(sorted((str(k), str(v)) for k, v in dict(raw.get("labels", {})).items())))
     status = str(record["status"])
     if status not in (CREATED, RUNNING, SHUTDOWN):
         raise ValueError(f"status {status!r}")

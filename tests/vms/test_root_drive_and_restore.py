@@ -92,6 +92,7 @@ def test_a_root_drive_guest_survives_daemon_restarts(root_image: Path, tmp_path:
         with first.client(timeout=60) as host:
             host.vms.allocate(machine={
                 "id": VM, "root_drive": {"image_path": str(root_image), "read_only": True},
+                "labels": {"aurae-py.io/owner": "node-a"},
                 "drive_mounts": [{"image_path": str(data), "vm_path": "/srv/data",
                                   "fs_type": "ext4", "read_only": True}]})
         qemus_before = qemu_pids()
@@ -126,6 +127,7 @@ def test_a_root_drive_guest_survives_daemon_restarts(root_image: Path, tmp_path:
             adopted = machine(host)
             assert (adopted.status, adopted.auraed_address) == ("Running", booted.auraed_address)
             assert adopted.accelerator == booted.accelerator
+            assert dict(adopted.labels) == {"aurae-py.io/owner": "node-a"}  # ownership kept
             with host.vm(VM, timeout=120) as guest:
                 assert guest.discovery.discover().healthy
                 guest.cells.allocate(cell={"name": "kept"})
