@@ -4,24 +4,15 @@ deleted. tests/daemon/test_declared.py covers the plan, Allocate and Free withou
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
-
 from auraed.kernel import guest_image
 from tests.support.daemon import running_daemon
+from tests.support.guests import GUEST_MARKS
 from tests.support.terminal import plain, run_on_pty
 
-pytestmark = [
-    pytest.mark.vm,
-    pytest.mark.slow,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root"),
-    pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None,
-                       reason="qemu-system-x86 is not installed (scripts/install.sh)"),
-]
+pytestmark = GUEST_MARKS
 
 BOOT_TIMEOUT = 300
 

@@ -23,14 +23,11 @@ import pytest
 import aurae_sdk
 from auraed.kernel import guest_image, guest_root
 from tests.support.daemon import DaemonProcess, running_daemon
+from tests.support.guests import GUEST_MARKS
 from tests.vms.test_vms import BOOT_TIMEOUT, qemu_pids, run, taps
 
 pytestmark = [
-    pytest.mark.vm,
-    pytest.mark.slow,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root"),
-    pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None,
-                       reason="qemu-system-x86 is not installed (scripts/install.sh)"),
+    *GUEST_MARKS,
     pytest.mark.skipif(shutil.which("mmdebstrap") is None,
                        reason="mmdebstrap is not installed (scripts/install.sh)"),
 ]

@@ -8,9 +8,7 @@ stopped through QMP; a third is stopped by the host daemon's own shutdown.
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import signal
 import subprocess
 import time
@@ -23,14 +21,9 @@ import aurae_sdk
 from aurae_sdk import errors
 from auraed.kernel import guest_image
 from tests.support.daemon import DaemonProcess, running_daemon
+from tests.support.guests import GUEST_MARKS
 
-pytestmark = [
-    pytest.mark.vm,
-    pytest.mark.slow,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root"),
-    pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None,
-                       reason="qemu-system-x86 is not installed (scripts/install.sh)"),
-]
+pytestmark = GUEST_MARKS
 
 BOOT_TIMEOUT = 300  # TCG on a busy 2-core machine; a boot usually takes 5-25 s
 VM = "t1"
