@@ -47,6 +47,7 @@ from google.protobuf.message import Message
 
 from auraed.cri.generated import api_pb2 as cri
 from auraed.cri.generated import api_pb2_grpc as cri_grpc
+from auraed.cri.ids import by_id, labels_match
 from auraed.cri.records import PodRecords
 from auraed.errors import (
     AlreadyExists,
@@ -145,10 +146,6 @@ def parent_cell(cgroup_parent: str) -> CellName:
         raise InvalidArgument(f"cgroup_parent {cgroup_parent!r} cannot be a cgroup under this "
                               f"daemon's subtree (use the cgroupfs driver): {error.message}",
                               field="config.linux.cgroup_parent") from None
-
-
-def _match(labels: Mapping[str, str], selector: Mapping[str, str]) -> bool:
-    return all(labels.get(key) == value for key, value in selector.items())
 
 
 def _call(method: Callable[..., Reply], request: Message, timeout: float | None = None) -> Reply:
@@ -325,11 +322,7 @@ class PodInstances:
 
     def sandbox(self, sandbox_id: str) -> Pod:
         with self._lock:
-            found = self._pods.get(sandbox_id)
-            if found is None:
-                matches = [p for i, p in self._pods.items() if sandbox_id and i.startswith(
-                    sandbox_id)]
-                found = matches[0] if len(matches) == 1 else None
+            found = by_id(self._pods, sandbox_id)
         if found is None:
             raise NotFound(f"no pod sandbox {sandbox_id!r}", field="pod_sandbox_id")
         return found
@@ -340,7 +333,7 @@ class PodInstances:
             found = list(self._pods.values())
         return sorted((p for p in found if p.id.startswith(sandbox_id)
                        and (ready is None or p.ready == ready)
-                       and _match(p.labels, labels or {})), key=lambda p: p.created_at)
+                       and labels_match(p.labels, labels or {})), key=lambda p: p.created_at)
 
     def stop(self, sandbox_id: str) -> None:
         """Stop the pod's containers, keep their statuses, free its instance (idempotent)."""
@@ -434,11 +427,7 @@ class PodInstances:
 
     def container(self, container_id: str) -> tuple[Pod, PodContainer]:
         with self._lock:
-            found = self._by_container.get(container_id)
-            if found is None:
-                matches = [c for i, c in self._by_container.items()
-                           if container_id and i.startswith(container_id)]
-                found = matches[0] if len(matches) == 1 else None
+            found = by_id(self._by_container, container_id)
             pod = self._pods.get(found.sandbox_id) if found is not None else None
         if found is None or pod is None:
             raise NotFound(f"no container {container_id!r}", field="container_id")

@@ -38,6 +38,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from auraed.cri.ids import by_id, labels_match
 from auraed.cri.logs import CriLog
 from auraed.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from auraed.images import Image, ImageStore
@@ -172,10 +173,6 @@ def _new_id() -> str:
     return secrets.token_hex(32)
 
 
-def _match(item_labels: Mapping[str, str], selector: Mapping[str, str]) -> bool:
-    return all(item_labels.get(key) == value for key, value in selector.items())
-
-
 class Pods:
     def __init__(self, workloads: Workloads, containers: Containers, store: ImageStore) -> None:
         self.workloads = workloads
@@ -236,11 +233,7 @@ class Pods:
 
     def sandbox(self, sandbox_id: str) -> Sandbox:
         with self._lock:
-            found = self._sandboxes.get(sandbox_id)
-            if found is None:
-                matches = [s for i, s in self._sandboxes.items()
-                           if sandbox_id and i.startswith(sandbox_id)]
-                found = matches[0] if len(matches) == 1 else None
+            found = by_id(self._sandboxes, sandbox_id)
         if found is None:
             raise NotFound(f"no pod sandbox {sandbox_id!r}", field="pod_sandbox_id")
         return found
@@ -252,7 +245,7 @@ class Pods:
         return sorted((s for s in found
                        if s.id.startswith(sandbox_id)
                        and (ready is None or s.ready == ready)
-                       and _match(s.config.labels, labels or {})),
+                       and labels_match(s.config.labels, labels or {})),
                       key=lambda s: s.created_at)
 
     def stop_sandbox(self, sandbox_id: str) -> None:
@@ -349,11 +342,7 @@ class Pods:
 
     def container(self, container_id: str) -> CriContainer:
         with self._lock:
-            found = self._by_container.get(container_id)
-            if found is None:
-                matches = [c for i, c in self._by_container.items()
-                           if container_id and i.startswith(container_id)]
-                found = matches[0] if len(matches) == 1 else None
+            found = by_id(self._by_container, container_id)
         if found is None:
             raise NotFound(f"no container {container_id!r}", field="container_id")
         return found
@@ -366,7 +355,7 @@ class Pods:
         return sorted((c for c in found
                        if c.id.startswith(container_id) and c.sandbox_id.startswith(sandbox_id)
                        and (state is None or c.state == state)
-                       and _match(c.config.labels, labels or {})),
+                       and labels_match(c.config.labels, labels or {})),
                       key=lambda c: c.created_at)
 
     def start_container(self, container_id: str) -> None:
