@@ -24,6 +24,7 @@ from aurae_sdk.script import client
 
 MANIFEST = Path(__file__).resolve().parent / "ci" / "site.yaml"
 HEALTH_DEADLINE = 60.0  # seconds; generous, the machine may be busy
+LOG_DEADLINE = 10.0
 
 
 def free_port() -> int:
@@ -46,17 +47,30 @@ def wait_for_health(url: str) -> float:
         time.sleep(0.1)
 
 
-def collect_logs(node_cell: str, executable: str, artifacts: Path) -> Path:
-    """The executable's stdout and stderr so far, in the order written, into a file."""
+def collect_logs(node_cell: str, executable: str, artifacts: Path, until: str) -> Path:
+    """The executable's stdout and stderr, in the order written, into a file: what it wrote
+    up to its first line containing `until` (or all it wrote within LOG_DEADLINE).
+
+    Output reaches the node a moment after the process writes it (the spawner holding the
+    pipes reports it to the daemon), so a replay taken just after a request can miss the line
+    the request logged: the stream is followed until that line has come.
+    """
     (status,) = [e for n in aurae_sdk.list_cells(client) if n.cell.name == node_cell
                  for e in n.executables if e.name == executable]
-    stream = client.observe.get_sub_process_stream(process_id=status.host_pid, replay_only=True)
+    stream = client.observe.get_sub_process_stream(process_id=status.host_pid,
+                                                   timeout=LOG_DEADLINE)
     path = artifacts / f"{node_cell}.{executable}.log"
     with path.open("w") as file:
-        for response in stream:
-            file.writelines(f"{item.channel} {item.line}\n" for item in response.items)
-            if response.HasField("item"):
-                file.write(f"{response.item.channel} {response.item.line}\n")
+        try:
+            for response in stream:
+                items = [*response.items, *([response.item] if response.HasField("item") else [])]
+                file.writelines(f"{item.channel} {item.line}\n" for item in items)
+                if any(until in item.line for item in items):
+                    break
+        except aurae_sdk.DeadlineExceeded:
+            pass  # saved what came
+        finally:
+            stream.cancel()
     return path
 
 
@@ -75,12 +89,14 @@ node = loads(MANIFEST.read_text().replace("${PORT}", str(port)).replace("${SITE}
              str(MANIFEST))
 
 status = 1
+smoke = "/healthz"
 try:
     plan = aurae_sdk.apply(client, node)
     print(f"deploy: {plan.summary()}")
     took = wait_for_health(f"http://127.0.0.1:{port}/healthz")
     print(f"health: serving on 127.0.0.1:{port} after {took:.1f} s")
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as response:
+    smoke = f"/healthz?smoke={port}"  # the request the server's log must show
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{smoke}", timeout=10) as response:
         body = response.read().decode().strip()
     limits = {n.cell.name: n.cell.cpu.max for n in aurae_sdk.list_cells(client)}
     if body == options.expect and limits.get("ci-site") == 50_000:
@@ -90,7 +106,7 @@ try:
         print(f"smoke: /healthz answered {body!r}, expected {options.expect!r}: FAIL")
 finally:
     try:
-        print(f"logs: saved {collect_logs('ci-site', 'web', artifacts)}")
+        print(f"logs: saved {collect_logs('ci-site', 'web', artifacts, f'GET {smoke} ')}")
     finally:
         removed = aurae_sdk.delete(client, node)
         shutil.rmtree(site, ignore_errors=True)

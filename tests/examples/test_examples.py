@@ -17,9 +17,12 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 V1 = Path("/sys/fs/cgroup")
 
 
-def run_example(daemon: DaemonProcess, name: str, *args: str, timeout: float = 90) -> str:
+def run_example(daemon: DaemonProcess, name: str, *args: str, timeout: float = 90,
+                tmpdir: Path | None = None) -> str:
     env = {**os.environ, "AURAE_CONFIG": daemon.config,
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    if tmpdir is not None:
+        env["TMPDIR"] = str(tmpdir)
     result = subprocess.run([str(EXAMPLES / name), *args], env=env, capture_output=True,
                             text=True, timeout=timeout, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -107,7 +110,10 @@ def test_async_fanout_uses_top_level_await(daemon: DaemonProcess, client: aurae_
 
 def test_ci_pipeline_deploys_smoke_tests_collects_logs_and_tears_down(
         daemon: DaemonProcess, client: aurae_sdk.Client, tmp_path: Path) -> None:
-    output = run_example(daemon, "ci_pipeline.py", "--artifacts", str(tmp_path))
+    # Its scratch files go where this test looks, not in a /tmp that other runs share.
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    output = run_example(daemon, "ci_pipeline.py", "--artifacts", str(tmp_path), tmpdir=scratch)
     lines = output.splitlines()
     assert lines[0] == ("deploy: Plan: 3 to create, 0 to update, 0 to replace, 0 to delete, "
                         "0 unchanged.")
@@ -118,8 +124,10 @@ def test_ci_pipeline_deploys_smoke_tests_collects_logs_and_tears_down(
     assert lines[4] == "teardown: freed ci-site"
     # http.server logs each request to stderr: the health polls and the smoke test are there.
     assert '"GET /healthz HTTP/1.1" 200' in log.read_text()
+    port = lines[1].removeprefix("health: serving on 127.0.0.1:").split()[0]
+    assert f'"GET /healthz?smoke={port} HTTP/1.1" 200' in log.read_text()
     assert no_cells(client)
-    assert not list(Path("/tmp").glob("ci-site-*"))  # its scratch site went with it
+    assert not list(scratch.iterdir())  # its scratch site went with it
     assert not any((d / "ci-site").exists() for d in cgroup_dirs(daemon.cgroup_root))
 
 
