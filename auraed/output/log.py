@@ -157,6 +157,9 @@ class OutputLog:
                 if number != name and number.isdigit() and int(number) < self._first:
                     os.unlink(self.directory / name)
         self._complete = False
+        # Set by remove(): a reader then finds nothing more, rather than waiting for files that
+        # are gone to hold what the position says.
+        self._removed = False
         # Followers of several logs at once, set whenever this one changes.
         self._watchers: set[threading.Event] = set()
         # The first segment is created by the first append: most short-lived executables write
@@ -176,6 +179,7 @@ class OutputLog:
         log._max_segments = max_segments
         log._changed = threading.Condition()
         log._first, log._last, log._committed, log._complete = position
+        log._removed = False
         log._watchers = set()
         log._fd = None
         return log
@@ -290,8 +294,16 @@ class OutputLog:
             raise ValueError("remove an OutputLog that is still being written")
         with self._changed:
             numbers = range(self._first, self._last + 1)
+            self._removed = True
+            self._notify()
         for number in numbers:
             self.segment_path(number).unlink(missing_ok=True)
+
+    @property
+    def removed(self) -> bool:
+        """Whether remove() dropped the files (what was read is all there will be)."""
+        with self._changed:
+            return self._removed
 
     def follow(self, cancelled: Cancelled) -> Iterator[Line]:
         """Every line still retained, then new lines as they come, until the channel ends and all
@@ -450,7 +462,7 @@ class _SegmentReader:
                 return lines
             log = self._log
             with log._changed:
-                at_end = self._number >= log._last and (
+                at_end = log._removed or self._number >= log._last and (
                     self._number > log._last or self._offset >= log._committed)
             if at_end:
                 return []
@@ -463,6 +475,8 @@ class _SegmentReader:
     def at_end(self) -> bool:
         log = self._log
         with log._changed:
+            if log._removed:
+                return True
             if not log._complete:
                 return False
             # Past the last segment only when it was removed under us.
@@ -473,7 +487,8 @@ class _SegmentReader:
     def wait_for_more(self, timeout: float) -> None:
         log = self._log
         with log._changed:
-            if self._number >= log._last and self._offset >= log._committed and not log._complete:
+            if (self._number >= log._last and self._offset >= log._committed
+                    and not log._complete and not log._removed):
                 log._changed.wait(timeout)
 
     def close(self) -> None:

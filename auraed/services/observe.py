@@ -81,6 +81,10 @@ class ObserveService(ObserveServiceBase):
                 pid=follow.process_id, cell_name=follow.cell, name=follow.executable)
         names = [executable.channel_name(c) for c in follow.channels]
         logs = [getattr(executable, c) for c in follow.channels]
+        if all(log.removed for log in logs):
+            # Stop forgets an executable's output with it; its record stays only for Wait.
+            raise FailedPrecondition(f"executable {executable.name} was stopped: its output was "
+                                     "dropped with it")
         # Read on this thread as the client takes messages, never ahead of it: a client that
         # stalls holds one batch here, and the rest of the output waits in the files.
         # Both channels: what was written before the call replays in the order it was written.
