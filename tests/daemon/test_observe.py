@@ -6,6 +6,8 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
+
 import aurae_sdk
 from aurae_sdk import observe
 
@@ -69,6 +71,30 @@ def test_batched_output_keeps_every_line_in_order(client: aurae_sdk.Client) -> N
         assert responses < 20000 / 10
     finally:
         client.cells.free(cell_name="chatty")
+
+
+def test_a_stopped_executables_output_is_refused_not_waited_for(client: aurae_sdk.Client) -> None:
+    # Stop drops the output with the executable; its record stays for Wait. A replay of it
+    # once spun a daemon thread forever on the removed files (the position still said bytes).
+    client.cells.allocate(cell={"name": "stopped-out"})
+    try:
+        client.cells.start(cell_name="stopped-out",
+                           executable={"name": "talker", "command": "echo said; exec sleep 600"})
+        selector = {"cell_name": "stopped-out", "executable_name": "talker"}
+        deadline = time.monotonic() + 30
+        while not list(client.observe.get_sub_process_stream(executable=selector,
+                                                             replay_only=True, timeout=10)):
+            assert time.monotonic() < deadline, "the line never reached the daemon"
+            time.sleep(0.05)
+        client.cells.stop(cell_name="stopped-out", executable_name="talker")
+        for replay_only in (True, False):
+            with pytest.raises(aurae_sdk.FailedPrecondition, match="its output was dropped"):
+                list(client.observe.get_sub_process_stream(
+                    executable=selector, replay_only=replay_only, timeout=10))
+        assert client.cells.wait(cell_name="stopped-out", executable_name="talker",
+                                 timeout=10).status.HasField("signal")
+    finally:
+        client.cells.free(cell_name="stopped-out")
 
 
 def test_unknown_process_id(client: aurae_sdk.Client) -> None:
