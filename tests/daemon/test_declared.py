@@ -639,3 +639,55 @@ def test_vms_are_planned_allocated_and_freed_without_booting(
     finally:
         if any(m.id == "vmo-1" for m in client.vms.list().machines):
             client.vms.free(vm_id="vmo-1")
+
+
+PRUNED_INSTANCE = """\
+owner: inp
+instances:
+  - name: inp-a
+    cells:
+      - name: web
+        executables:
+          - {name: app, command: sleep 621}
+      - name: batch
+        executables:
+          - {name: job, command: sleep 622}
+        cells:
+          - name: part
+"""
+
+
+def test_prune_inside_an_instance_removes_only_what_the_owner_made(
+        daemon: DaemonProcess, client: aurae_sdk.Client, tmp_path: Path) -> None:
+    manifest = write(tmp_path, PRUNED_INSTANCE, "inp.yaml")
+    instance_cgroup = V1 / "memory" / daemon.cgroup_root / "instance-inp-a" / "auraed"
+    try:
+        applied = daemon.cli("apply", "-f", manifest)
+        assert applied.returncode == 0, applied.stderr
+        inside = client.instance("inp-a")
+        # A cell made by hand inside the instance, with a process of its own: no owner label.
+        inside.cells.allocate(cell={"name": "manual"})
+        inside.cells.start(cell_name="manual", executable={"name": "mine", "command": "sleep 623"})
+        assert cell_paths(inside) == {"web", "batch", "batch/part", "manual"}
+
+        write(tmp_path, PRUNED_INSTANCE.split("      - name: batch\n")[0], "inp.yaml")
+        diff = daemon.cli("diff", "-f", manifest, "--prune")
+        assert diff.returncode == 2, diff.stdout + diff.stderr
+        assert diff.stdout == textwrap.dedent("""\
+            - delete   cell       [inp-a] batch  (no longer declared)
+            Plan: 0 to create, 0 to update, 0 to replace, 1 to delete, 3 unchanged.
+            """)
+        without_prune = daemon.cli("diff", "-f", manifest)
+        assert without_prune.returncode == 0, without_prune.stdout  # prune is asked for
+
+        pruned = daemon.cli("apply", "-f", manifest, "--prune")
+        assert pruned.returncode == 0, pruned.stderr
+        assert cell_paths(inside) == {"web", "manual"}
+        assert not (instance_cgroup / "batch").exists()
+        running = commands_in(instance_cgroup)
+        assert "sleep 622" not in running
+        assert "sleep 621" in running and "sleep 623" in running  # the hand-made cell runs on
+        assert daemon.cli("diff", "-f", manifest, "--prune").returncode == 0
+    finally:
+        if any(i.instance.name == "inp-a" for i in client.instances.list().instances):
+            client.instances.free(instance_name="inp-a", timeout=120)
