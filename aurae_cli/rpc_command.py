@@ -245,7 +245,7 @@ def merge_pages(attribute: str, method: str, pages: Sequence[Any]) -> Any:
         from aurae_sdk.cell_tree import merge_pages as merge_cell_pages
 
         merged.cells.extend(merge_cell_pages(pages))
-        merged.host_executables.extend(pages[0].host_executables)
+        merged.host_executables.extend(e for page in pages for e in page.host_executables)
         return merged
     for page in pages:
         merged.MergeFrom(page)

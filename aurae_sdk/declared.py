@@ -479,7 +479,7 @@ def _observe_node(client: Client
     # Every page of List: a plan must see the whole node.
     pages = list(list_pages(client))
     walk(iter(merge_pages(pages)))
-    return found, {e.name: e for e in pages[0].host_executables}
+    return found, {e.name: e for page in pages for e in page.host_executables}
 
 
 def _flatten(node: Node) -> dict[str, _FlatCell]:

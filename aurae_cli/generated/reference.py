@@ -624,7 +624,7 @@ MESSAGES: tuple[MessageInfo, ...] = (
                 "host_executables",
                 "aurae.cells.v0.ExecutableStatus",
                 "repeated",
-                "aurae-py addition: the executables started at host level (no cell), on\nthe first page only (a request without page_token).",
+                "aurae-py addition: the executables started at host level (no cell), by\nname, before any cell: the first page holds them all unless they do not\nfit in its 1 MiB, and the pages after it go on with the rest.",
             ),
         ),
     ),

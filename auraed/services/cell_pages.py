@@ -1,9 +1,11 @@
 """CellService/List in pages: no response grows past the message limit with the workload.
 
-The tree is walked depth first by name, and every cell and every executable is one entry at a
-position (its key) in that order: the cell, then its executables by name, then its children. A
-page takes entries from just after the previous page's last key until it holds page_size cells
-(a cell repeated to carry more of its executables counts again) or PAGE_BYTES of messages; the page token is that last key. Continuing from a key rather than an
+The host-level executables come first, by name; then the tree is walked depth first by name.
+Every host-level executable, cell and executable of a cell is one entry at a position (its key)
+in that order: the cell, then its executables by name, then its children. A page takes entries
+from just after the previous page's last key until it holds page_size cells (a cell repeated to
+carry more of its executables counts again; host-level executables count no cell) or PAGE_BYTES
+of messages, whatever they are; the page token is that last key. Continuing from a key rather than an
 offset means a cell allocated or freed between pages shifts nothing: no entry is skipped or
 repeated because of it.
 
@@ -32,12 +34,16 @@ PAGE_BYTES = 1024 * 1024
 # What nesting a message in another costs on the wire (tag and length), at most.
 _FRAMING_BYTES = 8
 
-# (cell path components, 0 for the cell itself or 1 for one of its executables, its name)
+# (cell path components, 0 for the cell itself or 1 for one of its executables, its name).
+# A host-level executable has no cell: () sorts before every cell's path.
 Key = tuple[tuple[str, ...], int, str]
-Entry = tuple[Key, CellView, Executable | None]
+Entry = tuple[Key, CellView | None, Executable | None]
 
 
-def _entries(tree: list[CellView]) -> Iterator[Entry]:
+def _entries(tree: list[CellView], host: list[Executable]) -> Iterator[Entry]:
+    for executable in sorted(host, key=lambda e: e.name):
+        yield ((), 1, executable.name), None, executable
+
     def walk(view: CellView) -> Iterator[Entry]:
         labels = tuple(view.name.path.split("/"))
         yield (labels, 0, ""), view, None
@@ -65,7 +71,8 @@ def decode_token(token: str) -> Key | None:
         labels, kind, name = json.loads(base64.urlsafe_b64decode(token.encode("ascii")))
     except (ValueError, TypeError, binascii.Error, UnicodeEncodeError):
         raise refusal from None
-    if (not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels)
+    if (not isinstance(labels, list) or not (labels or kind == 1)
+            or not all(isinstance(x, str) for x in labels)
             or kind not in (0, 1) or not isinstance(name, str)):
         raise refusal
     return tuple(labels), kind, name
@@ -110,11 +117,11 @@ class ListingCache:
             self._statuses[id(executable)] = (executable, version, data)
         return data
 
-    def keep_only(self, tree: list[CellView]) -> None:
-        """Drop what belongs to cells and executables no longer in the tree (after a List of
-        all of it), so that the cache holds no freed executable alive."""
+    def keep_only(self, tree: list[CellView], host: list[Executable]) -> None:
+        """Drop what belongs to cells and executables no longer in the tree or at host level
+        (after a List of all of it), so that the cache holds no freed executable alive."""
         paths: set[str] = set()
-        executables: set[int] = set()
+        executables = {id(e) for e in host}
         stack = list(tree)
         while stack:
             view = stack.pop()
@@ -143,7 +150,7 @@ class _Node:
 # Field tags of CellGraphNode and CellServiceListResponse (wire type 2: length-delimited).
 _NODE_CELL, _CHILDREN, _EXECUTABLES, _MISSING_CGROUPS = b"\x0a", b"\x12", b"\x1a", b"\x52"
 _NAMESPACES_LOST = b"\x58\x01"  # field 11, a varint: true
-_RESPONSE_CELLS, _NEXT_PAGE_TOKEN = b"\x0a", b"\x12"
+_RESPONSE_CELLS, _NEXT_PAGE_TOKEN, _HOST_EXECUTABLES = b"\x0a", b"\x12", b"\x1a"
 
 
 def _length_delimited(tag: bytes, payload: bytes) -> bytes:
@@ -158,16 +165,27 @@ def _length_delimited(tag: bytes, payload: bytes) -> bytes:
     return bytes(prefix) + payload
 
 
-def list_page(tree: list[CellView], request: pb.CellServiceListRequest,
+def list_page(tree: list[CellView], host: list[Executable], request: pb.CellServiceListRequest,
               cache: ListingCache) -> pb.CellServiceListResponse:
     after = decode_token(request.page_token)
     nodes: dict[str, _Node] = {}
     top: list[_Node] = []
+    host_fields: list[bytes] = []
     size = 0
     last: Key | None = None
     complete = True
-    for key, view, executable in _entries(tree):
+    for key, view, executable in _entries(tree, host):
         if after is not None and key <= after:
+            continue
+        if view is None:
+            assert executable is not None
+            field = _length_delimited(_HOST_EXECUTABLES, cache.status(executable))
+            if last is not None and size + len(field) > PAGE_BYTES:
+                complete = False
+                break
+            host_fields.append(field)
+            size += len(field)
+            last = key
             continue
         path = view.name.path
         node = nodes.get(path)
@@ -197,10 +215,10 @@ def list_page(tree: list[CellView], request: pb.CellServiceListRequest,
             node.fields.extend(fields)
         size += cost
         last = key
-    page = [_length_delimited(_RESPONSE_CELLS, node.encode()) for node in top]
+    page = [*host_fields, *(_length_delimited(_RESPONSE_CELLS, node.encode()) for node in top)]
     if complete:
         if after is None:
-            cache.keep_only(tree)
+            cache.keep_only(tree, host)
     elif last is not None:
         page.append(_length_delimited(_NEXT_PAGE_TOKEN, encode_token(last).encode()))
     return pb.CellServiceListResponse.FromString(b"".join(page))

@@ -169,11 +169,8 @@ class CellService(CellServiceBase):
         kept = self._last_page
         if kept is not None and kept[0] == key:
             return kept[1]
-        page = list_page(self.workloads.tree(), request, self._listing)
-        if not request.page_token:
-            page.host_executables.extend(
-                executable_status(e) for e in sorted(self.workloads.host_executables(),
-                                                     key=lambda e: e.name))
+        page = list_page(self.workloads.tree(), self.workloads.host_executables(), request,
+                         self._listing)
         if (self.workloads.version, request.page_size, request.page_token) == key:
             self._last_page = (key, page)  # nothing changed while it was put together
         return page

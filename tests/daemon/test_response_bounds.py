@@ -107,3 +107,31 @@ def test_the_async_helper_merges_the_same_tree(daemon: DaemonProcess, client: au
             return await aurae_sdk.alist_cells(aclient, page_size=2)
 
     assert asyncio.run(listed()) == aurae_sdk.list_cells(client)
+
+
+def test_host_level_executables_count_against_the_page_budget(client: aurae_sdk.Client) -> None:
+    # 12 host-level executables of 120 KB each are 1.4 MB: more than one page holds.
+    names = [f"host-big-{index:02d}" for index in range(12)]
+    client.cells.allocate(cell={"name": "after-host"})
+    try:
+        for index, name in enumerate(names):
+            client.cells.start(executable={"name": name, "command": big_command(index)})
+        pages = list(aurae_sdk.list_pages(client))
+        assert len(pages) > 1
+        assert all(page.ByteSize() <= 1024 * 1024 + 1024 for page in pages)  # the token aside
+        seen = [e.name for page in pages for e in page.host_executables]
+        assert seen == names  # each exactly once, by name, across the pages
+        assert {e.name: e.command for page in pages for e in page.host_executables} == {
+            name: big_command(index) for index, name in enumerate(names)}
+        # The cells come after them, in the same pages.
+        assert [n.cell.name for n in aurae_sdk.list_cells(client)] == ["after-host"]
+        # A page of one cell at most still carries host-level executables by bytes alone.
+        small = list(aurae_sdk.list_pages(client, page_size=1))
+        assert [e.name for page in small for e in page.host_executables] == names
+    finally:
+        for name in names:
+            try:
+                client.cells.stop(executable_name=name, grace_period_ms=0)
+            except aurae_sdk.NotFound:
+                pass
+        client.cells.free(cell_name="after-host")

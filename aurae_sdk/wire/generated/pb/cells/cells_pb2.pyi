@@ -369,8 +369,9 @@ class CellServiceListResponse(_message.Message):
 
     @_builtins.property
     def host_executables(self) -> _containers.RepeatedCompositeFieldContainer[Global___ExecutableStatus]:
-        """aurae-py addition: the executables started at host level (no cell), on
-        the first page only (a request without page_token).
+        """aurae-py addition: the executables started at host level (no cell), by
+        name, before any cell: the first page holds them all unless they do not
+        fit in its 1 MiB, and the pages after it go on with the rest.
         """
 
     def __init__(
