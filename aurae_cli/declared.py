@@ -16,6 +16,7 @@ import click
 from aurae_cli.rpc_command import RPC_EXIT_BASE
 
 if TYPE_CHECKING:
+    from aurae_sdk.client import Client
     from aurae_sdk.declared import Node, Step
 
 T = TypeVar("T")
@@ -86,7 +87,8 @@ def apply_command(ctx: click.Context, manifest: str, prune: bool, dry_run: bool,
         # seconds, about a minute under TCG; an instance's daemon takes seconds to answer).
         with steps(len(plan.changes)) as shown:
             def begin(step: Step) -> None:
-                shown.begin(_describe(step), long=_is_long(step))
+                shown.begin(_describe(step), long=_is_long(step),
+                            detail=_boot_detail(client, step))
 
             def done(step: Step) -> None:
                 if step.action != "no-op":
@@ -96,6 +98,21 @@ def apply_command(ctx: click.Context, manifest: str, prune: bool, dry_run: bool,
     click.echo(plan.render(verbose=verbose))
     if dry_run:
         click.echo("Dry run: nothing was changed.")
+
+
+def _boot_detail(client: Client, step: Step) -> Callable[[], str] | None:
+    """For a step that boots a VM: its phase and console line, as `vms start` shows them."""
+    if not _describe(step).startswith("booting vm "):
+        return None
+    from aurae_cli.vm_boot import BootWatch
+
+    watch = BootWatch(client, step.name)
+
+    def detail() -> str:
+        watch.poll()
+        return watch.describe()
+
+    return detail
 
 
 def _is_long(step: Step) -> bool:

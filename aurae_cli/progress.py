@@ -9,6 +9,7 @@ plan): a spinner with the time elapsed on stdout when stdout is a terminal. Anyw
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -40,24 +41,54 @@ def watched() -> bool:
     return sys.stdout.isatty()
 
 
+# How often a long step's detail is asked for again.
+DETAIL_SECONDS = 0.5
+
+
 class Steps:
     """A plan's progress: a bar over its steps, and under it a spinner with the time the
-    current long step (a VM's boot, an instance's start) has taken so far."""
+    current long step (a VM's boot, an instance's start) has taken so far and, when the step
+    says how it goes (`detail`, a VM's boot phase and console), that too."""
 
     def __init__(self, bar: Any, total: int) -> None:
         self._bar = bar
         self._task = bar.add_task("applying", total=total, label="") if total else None
         self._long: Any = None
+        self._ticking: threading.Event | None = None
 
-    def begin(self, label: str, *, long: bool = False) -> None:
-        """A step starts; `long` ones get a spinner and a clock of their own."""
+    def begin(self, label: str, *, long: bool = False,
+              detail: Callable[[], str] | None = None) -> None:
+        """A step starts; `long` ones get a spinner and a clock of their own, and under it
+        what `detail()` returns, asked again every DETAIL_SECONDS on a thread of its own."""
+        self.stop_detail()
         if self._task is not None:
             self._bar.update(self._task, label=label)
         if long:
             self._long = self._bar.add_task(label, total=None, label="")
+            if detail is not None:
+                self._ticking = threading.Event()
+                threading.Thread(target=self._tick, args=(self._long, detail, self._ticking),
+                                 daemon=True, name="step-detail").start()
         self._bar.refresh()
 
+    def _tick(self, task: Any, detail: Callable[[], str], stopped: threading.Event) -> None:
+        from rich.markup import escape
+
+        while not stopped.wait(DETAIL_SECONDS):
+            try:
+                text = detail()
+            except Exception:  # noqa: BLE001, S112 -- progress is best effort; the step reports errors
+                continue
+            if not stopped.is_set():
+                self._bar.update(task, label=escape(text))
+
+    def stop_detail(self) -> None:
+        if self._ticking is not None:
+            self._ticking.set()
+            self._ticking = None
+
     def done(self, label: str) -> None:
+        self.stop_detail()
         if self._long is not None:
             self._bar.remove_task(self._long)
             self._long = None
@@ -66,7 +97,8 @@ class Steps:
 
 
 class _Quiet:
-    def begin(self, label: str, *, long: bool = False) -> None:
+    def begin(self, label: str, *, long: bool = False,
+              detail: Callable[[], str] | None = None) -> None:
         pass
 
     def done(self, label: str) -> None:
@@ -80,7 +112,11 @@ def steps(total: int) -> Iterator[Steps | _Quiet]:
         yield _Quiet()
         return
     with _live_progress() as bar:
-        yield Steps(bar, total)
+        shown = Steps(bar, total)
+        try:
+            yield shown
+        finally:
+            shown.stop_detail()  # a failed step's detail stops with the display
 
 
 @contextmanager

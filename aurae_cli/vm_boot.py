@@ -1,8 +1,9 @@
-"""`aurae-py vms start ID` on a terminal: a live line with the time elapsed and the boot's phase,
-read from the guest's serial console (QEMU's stdout, followed through Observe) while Start runs.
+"""A VM's boot as someone at a terminal watches it: the time elapsed and the boot's phase, read
+from the guest's serial console (QEMU's stdout, followed through Observe) while Start runs.
 
-Nothing is drawn unless both stdout and stderr are terminals: piped or logged, the command prints
-its response and nothing else, as every RPC command does.
+`aurae-py vms start ID` draws it on stderr (start_with_progress), and `aurae-py apply` under its
+bar over the plan's steps (aurae_cli.progress.Steps), both from one BootWatch. Nothing is drawn
+when the output is not a terminal: piped or logged, a command prints what it prints and no more.
 """
 
 from __future__ import annotations
@@ -38,6 +39,12 @@ class BootWatch:
         self.phase = "preparing (guest artefacts, accelerator)"
         self.last_line = ""
         self._following = False
+
+    def describe(self) -> str:
+        """The phase, and the console's last line: what a progress line shows (plain text)."""
+        if not self.last_line:
+            return self.phase
+        return f"{self.phase} | {self.last_line[:80]}"
 
     def poll(self) -> None:
         """Find the QEMU this Start runs, once; then its console is followed on a thread."""

@@ -52,6 +52,8 @@ def test_apply_boots_the_declared_vm_and_delete_frees_it(tmp_path: Path) -> None
                                                timeout=BOOT_TIMEOUT + 60)
             assert status == 0, stderr + plain(shown)
             assert "booting vm dv-1" in plain(shown)
+            # Under the bar, the boot's phase from the guest's console, as `vms start` shows it.
+            assert "QEMU started; the guest kernel boots" in plain(shown)
             assert "+ create   vm         dv-1" in plain(shown)
             made = our_taps(daemon.workdir)
             assert len(made) == 1, made
