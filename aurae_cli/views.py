@@ -107,6 +107,19 @@ def _cells(message: Any, timestamps: bool) -> View:
                 ("cpuset", "owner", "labels"), "No cells found.")
 
 
+def _images(message: Any, timestamps: bool) -> View:
+    # People name an image by its references; the id is shortened as docker shows it.
+    rows = [{"references": joined(image.references),
+             "id": image.id.removeprefix("sha256:")[:12],
+             "size": format_bytes(image.size),
+             "imported": _when(image.imported_at, timestamps),
+             "layers": str(len(image.layers)),
+             "manifest_digest": image.manifest_digest} for image in message.images]
+    return View(rows, ("references", "id", "size", "imported"), ("layers", "manifest_digest"),
+                "No images found.")
+
+
 _VIEWS: dict[str, Callable[[Any, bool], View]] = {
     "aurae.cells.v0.CellServiceListResponse": _cells,
+    "aurae.images.v0.ImageServiceListResponse": _images,
 }

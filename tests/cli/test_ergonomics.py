@@ -247,6 +247,30 @@ def test_completion_of_cells_executables_and_contexts(daemon: DaemonProcess, web
     assert [line.split(",", 1)[1] for line in contexts.stdout.splitlines()] == ["default,edge-1"]
 
 
+def test_vms_list_is_a_table_and_vm_ids_complete(daemon: DaemonProcess,
+                                                client: aurae_sdk.Client) -> None:
+    from aurae_sdk.declared import VirtualMachine
+
+    empty = daemon.cli("vms", "list")
+    assert empty.returncode == 0, empty.stderr
+    assert (empty.stdout, empty.stderr) == ("", "No machines found.\n")
+    # Allocated, not booted (this daemon boots no guest): enough to be listed and completed.
+    client.vms.allocate(machine=VirtualMachine("erg-vm", memory_mb=128).message("erg"))
+    try:
+        table = daemon.cli("vms", "list")
+        assert table.returncode == 0, table.stderr
+        header, row = table.stdout.splitlines()
+        assert header.split()[0] == "ID" and "STATUS" in header.split()
+        assert row.split()[0] == "erg-vm"
+        env = {**os.environ, "AURAE_CONFIG": daemon.config, "_AURAE_PY_COMPLETE": "bash_complete",
+               "COMP_WORDS": "aurae-py vms start erg", "COMP_CWORD": "3"}
+        done = subprocess.run([sys.executable, "-m", "aurae_cli"], env=env, capture_output=True,
+                              text=True, timeout=60, check=False)
+        assert [line.split(",", 1)[1] for line in done.stdout.splitlines()] == ["erg-vm"]
+    finally:
+        client.vms.free(vm_id="erg-vm")
+
+
 def test_help_on_the_client_and_messages_shows_the_api(daemon: DaemonProcess) -> None:
     script = ("import pydoc\n"
               "print(pydoc.render_doc(aurae_sdk.Client, renderer=pydoc.plaintext))\n"

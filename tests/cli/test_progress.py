@@ -8,6 +8,7 @@ TCG boot takes on this machine (tests/vms/test_declared_vm.py boots one through 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import aurae_sdk
@@ -35,6 +36,17 @@ def test_image_import_shows_progress_on_a_terminal_only(
         assert "\x1b[" not in piped.stdout + piped.stderr
         assert "progress-pipe" in piped.stdout
         assert json.loads(piped.stdout)["images"]  # nothing but the response
+        # `images list` is a table by default, one row per image.
+        table = daemon.cli("images", "list")
+        assert table.returncode == 0, table.stderr
+        header, *rows = table.stdout.splitlines()
+        assert header.split() == ["REFERENCES", "ID", "SIZE", "IMPORTED"], header
+        (row,) = [r for r in rows if "progress-pipe" in r]
+        assert re.fullmatch(r"\S*progress-pipe\S* +[0-9a-f]{12} +[0-9.]+[KMG]? +\d+[smhd]", row), row
+        assert len(rows) == len(json.loads(daemon.cli("images", "list", "-o", "json").stdout)[
+            "images"])
+        wide = daemon.cli("images", "list", "-o", "wide").stdout.splitlines()[0].split()
+        assert wide[-3:] == ["LAYERS", "MANIFEST", "DIGEST"], wide
     finally:
         for reference in ("progress-pty", "progress-pipe"):
             daemon.cli("images", "remove", reference)
