@@ -35,7 +35,10 @@ def run(daemon: DaemonProcess, argv: list[str], source: str, tmp_path: Path) -> 
 
 def left(daemon: DaemonProcess, client: aurae_sdk.Client) -> list[str]:
     cells = [node.cell.name for node in client.cells.list().cells]
-    return cells + [str(d) for d in cgroup_dirs(daemon.cgroup_root) for _ in d.glob("*/_procs")]
+    running = [f":{e.name}" for page in aurae_sdk.list_pages(client)
+               for e in page.host_executables if e.state == 1]
+    return cells + running + [str(d) for d in cgroup_dirs(daemon.cgroup_root)
+                              for _ in d.glob("*/_procs")]
 
 
 def test_the_sdk_snippet(daemon: DaemonProcess, client: aurae_sdk.Client, tmp_path: Path) -> None:
