@@ -32,7 +32,7 @@ import shutil
 import signal
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -104,6 +104,9 @@ MAX_EARLY_EXITS = 1024
 # comes after the Stop) until their name starts again, their cell is freed, or
 # this many newer ones push them out.
 MAX_STOPPED_RECORDS = 1024
+# Changes remembered by what they touched (Workloads.changed_since); a List that comes after
+# more of them than this puts its whole page together again.
+MAX_CHANGE_MARKS = 4096
 
 PROCESS_NAMESPACES = frozenset({"pid", "mnt", "ipc", "uts"})
 NETWORK_NAMESPACES = frozenset({"net"})
@@ -235,6 +238,11 @@ class Workloads:
         # their statuses, holders ending): the service keeps a page until it changes.
         self._changes = itertools.count(1)
         self._version = 0
+        # What each recent change touched (see changed_since): (version, top-level cell path,
+        # "" for host level, or None for anything), so that List puts together again only
+        # the top-level cells that changed.
+        self._marks: deque[tuple[int, str | None]] = deque(maxlen=MAX_CHANGE_MARKS)
+        self._marks_lock = threading.Lock()
 
     @property
     def version(self) -> tuple[int, int]:
@@ -246,9 +254,35 @@ class Workloads:
         milliseconds); tree() also looks at /proc, for a holder dying right then."""
         return self._version, self.backend.removals_version
 
-    def _changed(self) -> None:
-        # next() on a count is atomic: exit reports come on the spawner's reader thread.
-        self._version = next(self._changes)
+    def changed_since(self, version: int) -> tuple[int, set[str] | None]:
+        """The daemon's own version now (version[0]) and the top-level cells ("" for host
+        level) whose subtree changed after `version`, or None when that is not known (a change
+        of anything, or one too long ago): then any may have."""
+        with self._marks_lock:
+            now = self._version
+            if now == version:
+                return now, set()
+            if not self._marks or self._marks[0][0] > version + 1:
+                return now, None
+            touched: set[str] = set()
+            for at, top in reversed(self._marks):
+                if at <= version:
+                    break
+                if top is None:
+                    return now, None
+                touched.add(top)
+            return now, touched
+
+    def _changed(self, *where: CellName | None) -> None:
+        """A change List shows, in the cells `where` (None: host level; none given: anything,
+        which is always correct: give a cell only where the change is in it alone)."""
+        # Under the small lock: exit reports come on the spawner's reader thread.
+        with self._marks_lock:
+            self._version = next(self._changes)
+            if not where:
+                self._marks.append((self._version, None))
+            for name in where:
+                self._marks.append((self._version, "" if name is None else name.labels[0]))
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -614,7 +648,7 @@ class Workloads:
             self._cells[name] = cell
             if parent is not None:
                 parent.children[name.leaf] = cell
-            self._changed()
+            self._changed(name)
             self.events.cell_allocated(name)
             self._keep_record(cell)
         log.info("cell allocated", extra={"cell": name.path,
@@ -659,7 +693,7 @@ class Workloads:
                 raise FailedPrecondition(str(error), subject=error.field) from None
             cell.spec = spec
             self._keep_record(cell)
-            self._changed()
+            self._changed(name)
         log.info("cell updated", extra={"cell": name.path,
                                         "limits": ",".join(changed.set_fields())})
         return spec
@@ -763,7 +797,7 @@ class Workloads:
                     _remove_directory(self._log_root / member.name.path, only_if_empty=True)
                 if name.parent is not None and name.parent in self._cells:
                     self._cells[name.parent].children.pop(name.leaf, None)
-                self._changed()
+                self._changed(name)
                 self.events.cell_freed(name)
         finally:
             for member in subtree:
@@ -785,11 +819,22 @@ class Workloads:
             # Reported once the spawner has reaped it; cgroup removal copes if not.
             cell.holder_ended.wait(KILL_WAIT)
 
-    def tree(self) -> list[CellView]:
+    def tree(self, tops: Iterable[str] | None = None) -> list[CellView]:
+        """The top-level cells and their subtrees, by name; `tops`: only those of these
+        top-level cell paths that exist (List puts together again only what changed)."""
         with self._lock:
+            if tops is None:
+                chosen: Iterable[Cell] = self._cells.values()
+            else:
+                chosen = []
+                stack = [cell for top in tops if (cell := self._cells.get(CellName(top)))]
+                while stack:
+                    cell = stack.pop()
+                    chosen.append(cell)
+                    stack.extend(cell.children.values())
             cells = {c.name: (c, sorted(c.children.values(), key=lambda child: child.name),
                               tuple(c.executables.values()))
-                     for c in self._cells.values()}
+                     for c in chosen}
         # Outside the lock: a look at the host (cgroupfs, /proc) for the cells that may have
         # changed there (auraed.kernel.cgroups.removals).
         gone = self.backend.missing_cells(name.path for name in cells)
@@ -802,6 +847,13 @@ class Workloads:
                             executables, missing[name], cell.holder_gone)
 
         return [view(name) for name in sorted(cells) if name.parent is None]
+
+    def drifted_tops(self) -> set[str]:
+        """The top-level cells with a cell whose cgroups the host may have changed since the
+        last look (CgroupBackend.changed_cells): their views must be looked at again."""
+        with self._lock:
+            paths = [name.path for name in self._cells]
+        return {path.partition("/")[0] for path in self.backend.changed_cells(paths)}
 
     def owned_cells(self) -> dict[CellName, str]:
         """The cells the daemon made for workloads of its own (adopted ones too), by owner."""
@@ -893,7 +945,7 @@ class Workloads:
                                      RestartState(restart), container, labels=labels)
             registry[name] = executable
             self._stopped.pop(key, None)
-            self._changed()
+            self._changed(cell_name)
         log.info(
             "executable started",
             extra={"cell": str(cell_name or ""), "executable": name, "pid": executable.process.host_pid},
@@ -918,7 +970,7 @@ class Workloads:
                 )
             executable.restart.ended = True  # under _lock: no restart can slip in after this
             self._keep_restart(executable)  # nor in the next daemon's, should this one die
-            self._changed()
+            self._changed(cell_name)
         self._stop_all([executable], self._grace(grace))
         if not forget:
             return executable
@@ -931,7 +983,7 @@ class Workloads:
                 while len(self._stopped) > MAX_STOPPED_RECORDS:
                     self._stopped.popitem(last=False)
                 self.events.executable_stopped(executable)
-                self._changed()
+                self._changed(cell_name)
         log.info("executable stopped", extra={"cell": str(cell_name or ""), "executable": name})
         return executable
 
@@ -1185,7 +1237,7 @@ class Workloads:
                 return
         if holder_of is not None:
             holder_of.holder_ended.set()
-            self._changed()
+            self._changed(holder_of.name)
             if not holder_of.freeing:
                 log.warning("a cell's namespace holder ended", extra={"cell": holder_of.name.path})
             return
@@ -1199,7 +1251,7 @@ class Workloads:
         cell = previous.cell
         with self._lock:
             state.next_at = state.due = 0.0
-            self._changed()
+            self._changed(cell)
             if state.ended or self._closing:
                 return
             if cell is not None and (cell not in self._cells or self._cells[cell].freeing):
@@ -1214,7 +1266,7 @@ class Workloads:
                                          previous.uid, previous.gid, namespaces, state,
                                          earlier=previous, labels=previous.labels)
             except Unavailable:
-                self._changed()  # its restart count
+                self._changed(cell)  # its restart count
                 return  # no spawner: nothing starts any more
             except FailedPrecondition as error:
                 failed: FailedPrecondition | None = error
@@ -1222,13 +1274,13 @@ class Workloads:
                 failed = None
                 self._forget(previous, successor=executable)
                 registry[previous.name] = executable
-            self._changed()
+            self._changed(cell)
         if failed is not None:
             # A failed start: the policy tries again later, within its start limit.
             log.warning("restart failed", extra={"executable": str(previous.key),
                                                  "error": failed.message})
             self._restarts.exited(previous)
-            self._changed()
+            self._changed(cell)
             return
         log.info("executable restarted", extra={
             "cell": str(cell or ""), "executable": previous.name,
@@ -1264,7 +1316,7 @@ class Workloads:
             self.events.executable_exited(executable, status)  # before Stop or Free see the end
         executable.mark_exited(status, when)
         self._restarts.exited(executable, resumed=resumed)
-        self._changed()  # its status and restart plan, now complete
+        self._changed(executable.cell)  # its status and restart plan, now complete
         if status.signal is not None:
             self._publish_signal(executable, status.signal, delivered_by_daemon=False)
         log.info(

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import json
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Protocol
 
 from aurae_sdk.wire.generated.pb.cells import cells_pb2 as pb
 from auraed.errors import InvalidArgument
@@ -117,6 +119,14 @@ class ListingCache:
             self._statuses[id(executable)] = (executable, version, data)
         return data
 
+    def drop(self, paths: Iterable[str], executables: Iterable[int]) -> None:
+        """Forget these cells' and executables' bytes (theirs no longer: freed, replaced)."""
+        with self._lock:
+            for path in paths:
+                self._cells.pop(path, None)
+            for key in executables:
+                self._statuses.pop(key, None)
+
     def keep_only(self, tree: list[CellView], host: list[Executable]) -> None:
         """Drop what belongs to cells and executables no longer in the tree or at host level
         (after a List of all of it), so that the cache holds no freed executable alive."""
@@ -163,6 +173,133 @@ def _length_delimited(tag: bytes, payload: bytes) -> bytes:
         size >>= 7
     prefix.append(size)
     return bytes(prefix) + payload
+
+
+class ListedWorkloads(Protocol):
+    """What WholeListing reads of auraed.runtime.workloads.Workloads."""
+
+    def changed_since(self, version: int) -> tuple[int, set[str] | None]: ...
+    def tree(self, tops: Iterable[str] | None = None) -> list[CellView]: ...
+    def drifted_tops(self) -> set[str]: ...
+    def host_executables(self) -> list[Executable]: ...
+    @property
+    def version(self) -> tuple[int, int]: ...
+
+
+class _Subtree:
+    """One top-level cell on the first page, as List gives it: its bytes (framed as a cell
+    of the response), what list_page counts them as, and what they were made of."""
+
+    __slots__ = ("cells", "cost", "data", "entries", "executables")
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.cost = 0
+        self.entries = 0
+        self.cells: list[str] = []
+        self.executables: list[int] = []
+
+
+class WholeListing:
+    """The first page holding every cell, kept per top-level cell from one List to the next.
+
+    After a change only the top-level cells it touched (Workloads.changed_since, and those
+    whose cgroups the host may have changed: Workloads.drifted_tops) are put together again;
+    the page is the others' kept bytes joined with theirs. What comes out is what list_page
+    gives for the same tree, the same request and no page token, whenever that is one
+    complete page (every cell, within PAGE_BYTES); else page() says None and list_page runs.
+    """
+
+    def __init__(self, cache: ListingCache) -> None:
+        self._cache = cache
+        self._lock = threading.Lock()  # one List puts the page together at a time
+        self._built = -1  # Workloads.changed_since's version of what is kept
+        self._removals = -1
+        self._tops: dict[str, _Subtree] = {}
+        self._order: list[str] = []  # the kept top-level cell paths, sorted
+        self._cells = self._cost = self._entries = 0
+        self._hosts: set[int] = set()  # the host executables whose statuses are cached
+
+    def page(self, workloads: ListedWorkloads, page_size: int) -> bytes | None:
+        """The serialized first page (cells and host executables) of every cell, or None
+        if every cell does not fit on one page of `page_size` cells and PAGE_BYTES."""
+        with self._lock:
+            removals = workloads.version[1]
+            now, touched = workloads.changed_since(self._built)
+            if touched is None:
+                touched = set(self._order)
+                views = workloads.tree()
+                touched.update(view.name.path for view in views)
+            else:
+                if removals != self._removals:
+                    touched |= workloads.drifted_tops()
+                touched.discard("")
+                views = workloads.tree(touched) if touched else []
+            fresh = {view.name.path: view for view in views}
+            for path in touched:
+                old = self._tops.pop(path, None)
+                view = fresh.get(path)
+                new = _subtree(view, self._cache) if view is not None else None
+                if old is not None:
+                    self._account(old, -1)
+                    if new is None:
+                        del self._order[bisect.bisect_left(self._order, path)]
+                    self._cache.drop(set(old.cells) - set(new.cells if new else ()),
+                                     set(old.executables) - set(new.executables if new else ()))
+                elif new is not None:
+                    bisect.insort(self._order, path)
+                if new is not None:
+                    self._tops[path] = new
+                    self._account(new, +1)
+            self._built, self._removals = now, removals
+            if page_size and self._cells > page_size:
+                return None
+            hosts = sorted(workloads.host_executables(), key=lambda e: e.name)
+            host_ids = {id(e) for e in hosts}
+            self._cache.drop((), self._hosts - host_ids)
+            self._hosts = host_ids
+            # Host-level executables are entries before the cells, within the same byte
+            # budget as list_page counts them (not against page_size).
+            host_fields = [_length_delimited(_HOST_EXECUTABLES, self._cache.status(e))
+                           for e in hosts]
+            entries = self._entries + len(host_fields)
+            if entries > 1 and self._cost + sum(map(len, host_fields)) > PAGE_BYTES:
+                return None
+            tops = self._tops
+            return b"".join(host_fields + [tops[path].data for path in self._order])
+
+    def _account(self, subtree: _Subtree, sign: int) -> None:
+        self._cells += sign * len(subtree.cells)
+        self._cost += sign * subtree.cost
+        self._entries += sign * subtree.entries
+
+
+def _subtree(view: CellView, cache: ListingCache) -> _Subtree:
+    """A top-level cell's node with its whole subtree, entry by entry as list_page makes
+    and counts it (see _entries)."""
+    subtree = _Subtree()
+
+    def node(view: CellView) -> bytes:
+        fields = [_length_delimited(_NODE_CELL, cache.cell(view))]
+        fields.extend(_length_delimited(_MISSING_CGROUPS, missing.encode())
+                      for missing in view.missing_cgroups)
+        if view.namespaces_lost:
+            fields.append(_NAMESPACES_LOST)
+        subtree.cost += sum(len(field) for field in fields) + _FRAMING_BYTES
+        subtree.entries += 1
+        subtree.cells.append(view.name.path)
+        for executable in sorted(view.executables, key=lambda e: e.name):
+            status = _length_delimited(_EXECUTABLES, cache.status(executable))
+            subtree.cost += len(status) + _FRAMING_BYTES
+            subtree.entries += 1
+            subtree.executables.append(id(executable))
+            fields.append(status)
+        children = [_length_delimited(_CHILDREN, node(child))
+                    for child in sorted(view.children, key=lambda c: c.name.path)]
+        return b"".join(fields) + b"".join(children)
+
+    subtree.data = _length_delimited(_RESPONSE_CELLS, node(view))
+    return subtree
 
 
 def list_page(tree: list[CellView], host: list[Executable], request: pb.CellServiceListRequest,
@@ -224,4 +361,5 @@ def list_page(tree: list[CellView], host: list[Executable], request: pb.CellServ
     return pb.CellServiceListResponse.FromString(b"".join(page))
 
 
-__all__ = ["PAGE_BYTES", "ListingCache", "decode_token", "encode_token", "list_page"]
+__all__ = ["PAGE_BYTES", "ListingCache", "WholeListing", "decode_token", "encode_token",
+           "list_page"]

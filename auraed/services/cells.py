@@ -15,7 +15,7 @@ from auraed.runtime.executables import Executable
 from auraed.runtime.metrics import CellUsage, cell_usage
 from auraed.runtime.names import CellName
 from auraed.runtime.workloads import CellSpec, Workloads
-from auraed.services.cell_pages import ListingCache, list_page
+from auraed.services.cell_pages import ListingCache, WholeListing, list_page
 from auraed.validation import blamed, blaming
 from auraed.validation import cells as valid
 
@@ -84,6 +84,7 @@ class CellService(CellServiceBase):
         self.workloads = workloads
         self.containers = containers
         self._listing = ListingCache(cell_message, executable_status, status_version)
+        self._whole = WholeListing(self._listing)
         self._last_page: tuple[object, pb.CellServiceListResponse] | None = None
 
     def allocate(self, request: pb.CellServiceAllocateRequest,
@@ -169,8 +170,15 @@ class CellService(CellServiceBase):
         kept = self._last_page
         if kept is not None and kept[0] == key:
             return kept[1]
-        page = list_page(self.workloads.tree(), self.workloads.host_executables(), request,
-                         self._listing)
+        # The first page, when it holds every cell, is kept per top-level cell: after a
+        # change only what changed is put together again (WholeListing).
+        whole = None if request.page_token else self._whole.page(self.workloads,
+                                                                  request.page_size)
+        if whole is not None:
+            page = pb.CellServiceListResponse.FromString(whole)
+        else:
+            page = list_page(self.workloads.tree(), self.workloads.host_executables(), request,
+                             self._listing)
         if (self.workloads.version, request.page_size, request.page_token) == key:
             self._last_page = (key, page)  # nothing changed while it was put together
         return page

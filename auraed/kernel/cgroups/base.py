@@ -305,6 +305,11 @@ class CgroupBackend(ABC):
             self._removals.looked(path, watched and not gone[path])
         return gone
 
+    def changed_cells(self, cell_paths: Iterable[str]) -> set[str]:
+        """Those of `cell_paths` that missing_cells() would look at the host for."""
+        paths = list(cell_paths)
+        return set(paths) - self._removals.unchanged(paths)
+
     @property
     def removals_version(self) -> int:
         """Equal values: missing_cells() of the same cells finds what it found last time."""
