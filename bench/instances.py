@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import aurae_sdk
+from auraed.kernel.template import PROCESS_NAME
 from bench.cells import pss_bytes
 from bench.core import Comparison, Figure, Result, Series
 from tests.support.daemon import running_daemon
@@ -156,7 +157,7 @@ def run(quick: bool) -> list[Result]:
 
 def _templates_of(pid: int) -> list[int]:
     return [child for child in _children(pid)
-            if b"auraed.kernel.template" in Path(f"/proc/{child}/cmdline").read_bytes()]
+            if Path(f"/proc/{child}/comm").read_text().strip() == PROCESS_NAME]
 
 
 def _children(pid: int) -> list[int]:

@@ -52,59 +52,176 @@ class TemplateError(Exception):
     """The template could not start, or could not fork a copy; the message says why."""
 
 
-class Template:
-    """The daemon's handle on one template process."""
+# What /proc/<pid>/comm says of a template (a forked one keeps its parent's command line).
+PROCESS_NAME = "auraed-template"
 
-    def __init__(self, preload: list[str], entry: str, python: str = sys.executable) -> None:
-        self._preload = preload
+
+class _ForkedTemplate:
+    """subprocess.Popen's pid, wait and kill, for a template this process forked."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._pidfd = os.pidfd_open(pid)
+        self._reaped = False
+
+    def wait(self, timeout: float | None = None) -> None:
+        if self._reaped:
+            return
+        readable, _, _ = select.select([self._pidfd], [], [], timeout)
+        if not readable:
+            raise subprocess.TimeoutExpired(f"template {self.pid}", timeout or 0.0)
+        try:
+            os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            pass  # reaped by someone else's catch-all wait: it ended all the same
+        self._reaped = True
+        os.close(self._pidfd)
+
+    def kill(self) -> None:
+        if not self._reaped:
+            signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+
+
+class Template:
+    """The daemon's handle on one template process: started as a new interpreter at the first
+    fork (`Template(entry)`), or forked from the daemon itself at its start
+    (`Template.fork_here(entry)`)."""
+
+    def __init__(self, entry: str, python: str = sys.executable) -> None:
         self._entry = entry
         self._python = python
         self._lock = threading.Lock()
-        self._process: subprocess.Popen[bytes] | None = None
+        self._process: subprocess.Popen[bytes] | _ForkedTemplate | None = None
         self._sock: socket.socket | None = None
+        # Modules to import before the next fork (preload()).
+        self._preload: list[str] = []
+
+    @classmethod
+    def fork_here(cls, entry: str) -> Template:
+        """A template forked from this process, which has imported the entry point's module:
+        no interpreter to start, and its pages (the interpreter, the daemon's modules) are
+        shared with this process as well as with the copies. Only while single-threaded, and
+        before the process reads anything its copies must not hold (keys): they are forks of
+        this process as it is now."""
+        if threading.active_count() != 1:
+            raise RuntimeError("a template is forked only while single-threaded")
+        # Everything so far lives as long as the process: collected and frozen now, so that
+        # no collection, here or in the template, writes the objects' headers after the fork.
+        gc.collect()
+        gc.freeze()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                ours.close()
+                os.setsid()  # out of the daemon's session, as start_new_session would be
+                null = os.open(os.devnull, os.O_RDONLY)
+                os.dup2(null, 0)
+                keep = theirs.fileno()
+                os.closerange(3, keep)  # stdout and stderr stay: the daemon's log
+                os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
+                os.chdir("/")
+                code = _serve(theirs, entry)
+            except BaseException:  # noqa: BLE001 - the daemon's log says what happened
+                import traceback
+
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        theirs.close()
+        template = cls(entry)
+        template._process = _ForkedTemplate(pid)
+        template._sock = ours
+        try:
+            template._await_ready(ours, 10.0)
+        except TemplateError:
+            template._process.kill()
+            template._process.wait()
+            raise
+        return template
 
     @property
     def pid(self) -> int | None:
         return self._process.pid if self._process else None
 
+    def preload(self, modules: list[str]) -> None:
+        """Have the template import `modules` (those it lacks) before its next fork: what the
+        daemon really imported, so that a copy imports nothing after the fork (an import then
+        writes pages all over the template's heap: grpc's lazily imported server alone cost
+        each instance 3 MiB). Returns at once; the next fork, or flush(), sends them."""
+        with self._lock:
+            self._preload = sorted(set(self._preload) | set(modules))
+
+    def flush(self) -> None:
+        """Send what preload() was given now (a daemon's idle moment) rather than at the fork."""
+        with self._lock:
+            if self._sock is not None:
+                self._send_preload()
+
+    def _send_preload(self) -> None:
+        assert self._sock is not None
+        if not self._preload:
+            return
+        self._ask({"preload": self._preload}, 60.0)
+        self._preload = []
+
     def start(self, ready_timeout: float = 60.0) -> None:
+        if self._process is not None:  # one that failed
+            self._process.kill()
+            self._process.wait()
+            self._process = None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self._process = subprocess.Popen(
                 [self._python, "-m", "auraed.kernel.template", "--socket-fd",
-                 str(theirs.fileno()), "--preload", ",".join(self._preload),
-                 "--entry", self._entry],
+                 str(theirs.fileno()), "--entry", self._entry],
                 pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, cwd="/",
                 env={**os.environ, "PYTHONPATH": _SOURCE_ROOT}, start_new_session=True)
         finally:
             theirs.close()
-        readable, _, _ = select.select([ours], [], [], ready_timeout)
-        reply = ours.recv(_MAX_MESSAGE) if readable else b""
-        if reply != b"ready":
+        try:
+            self._await_ready(ours, ready_timeout)
+        except TemplateError:
             ours.close()
             self._process.kill()
             self._process.wait()
             self._process = None
+            raise
+        self._sock = ours
+        # Started from a running daemon: what it imported is what its copies will need.
+        self._preload = sorted(set(self._preload) | set(sys.modules))
+
+    @staticmethod
+    def _await_ready(sock: socket.socket, timeout: float) -> None:
+        readable, _, _ = select.select([sock], [], [], timeout)
+        reply = sock.recv(_MAX_MESSAGE) if readable else b""
+        if reply != b"ready":
             raise TemplateError("the instance template did not start "
                                 f"({'no answer' if not readable else reply[:200]!r})")
-        self._sock = ours
+
+    def _ask(self, request: dict[str, Any], timeout: float) -> dict[str, Any]:
+        assert self._sock is not None
+        self._sock.send(json.dumps(request).encode())
+        readable, _, _ = select.select([self._sock], [], [], timeout)
+        reply = self._sock.recv(_MAX_MESSAGE) if readable else b""
+        if not reply:
+            self._sock.close()
+            self._sock = None
+            raise TemplateError("the instance template did not answer")
+        answer: dict[str, Any] = json.loads(reply)
+        return answer
 
     def fork(self, argv: list[str], *, namespaces: dict[str, str], cgroup_join: list[str],
              log_path: str, timeout: float = 30.0) -> int:
         """Start a copy running the entry point with `argv`; its host pid."""
-        request = json.dumps({"argv": argv, "namespaces": namespaces,
-                              "cgroup_join": cgroup_join, "log": log_path}).encode()
+        request = {"argv": argv, "namespaces": namespaces, "cgroup_join": cgroup_join,
+                   "log": log_path}
         with self._lock:
             if self._sock is None:
                 self.start()
-            assert self._sock is not None
-            self._sock.send(request)
-            readable, _, _ = select.select([self._sock], [], [], timeout)
-            reply = self._sock.recv(_MAX_MESSAGE) if readable else b""
-        if not reply:
-            self.close()
-            raise TemplateError("the instance template did not answer")
-        answer: dict[str, Any] = json.loads(reply)
+            self._send_preload()
+            answer = self._ask(request, timeout)
         if "pid" not in answer:
             raise TemplateError(str(answer.get("error", "unknown failure")))
         return int(answer["pid"])
@@ -212,25 +329,35 @@ def _reap_copies(signum: int, frame: object) -> None:
             return
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="auraed-template")
-    parser.add_argument("--socket-fd", type=int, required=True)
-    parser.add_argument("--preload", default="")
-    parser.add_argument("--entry", required=True)
-    args = parser.parse_args(argv)
-    sock = socket.socket(fileno=args.socket_fd)
-    # Ended with its daemon: it is only ever told what to do over this socket.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    libc.set_child_subreaper()
-    signal.signal(signal.SIGCHLD, _reap_copies)
-    for name in filter(None, args.preload.split(",")):
-        import_module(name)
-    import_module(args.entry.partition(":")[0])
+def _preload(names: list[str]) -> int:
+    """Import what the template lacks of `names`; how many it imported."""
+    imported = 0
+    for name in names:
+        if name in sys.modules or name in ("__main__", "__mp_main__"):
+            continue
+        try:
+            import_module(name)
+            imported += 1
+        except Exception:  # noqa: BLE001, S112 - an alias, or gone since: the copy imports it
+            continue
     # Everything loaded so far lives as long as the copies: keep the collector off its pages,
-    # so they stay shared, and the copies' mallocs out of the holes between them.
+    # so they stay shared, and the copies' mallocs out of the holes between them. (Objects
+    # frozen before are not visited by this collection.)
     gc.collect()
     libc.take_malloc_holes()
     gc.freeze()
+    return imported
+
+
+def _serve(sock: socket.socket, entry: str) -> int:
+    """The template's life: fork a copy for each request on `sock`, until it closes."""
+    # Ended with its daemon: it is only ever told what to do over this socket.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    libc.set_process_name(PROCESS_NAME)
+    libc.set_child_subreaper()
+    signal.signal(signal.SIGCHLD, _reap_copies)
+    import_module(entry.partition(":")[0])
+    _preload([])
     sock.send(b"ready")
     while True:
         try:
@@ -240,10 +367,22 @@ def main(argv: list[str]) -> int:
         if not message:
             return 0
         try:
-            answer: dict[str, Any] = {"pid": _fork_copy(json.loads(message), args.entry)}
+            request = json.loads(message)
+            if "preload" in request:
+                answer: dict[str, Any] = {"imported": _preload(request["preload"])}
+            else:
+                answer = {"pid": _fork_copy(request, entry)}
         except (OSError, ValueError, KeyError) as error:
             answer = {"error": str(error)}
         sock.send(json.dumps(answer).encode())
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="auraed-template")
+    parser.add_argument("--socket-fd", type=int, required=True)
+    parser.add_argument("--entry", required=True)
+    args = parser.parse_args(argv)
+    return _serve(socket.socket(fileno=args.socket_fd), args.entry)
 
 
 if __name__ == "__main__":
