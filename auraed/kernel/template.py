@@ -77,6 +77,12 @@ class _ForkedTemplate:
         self._reaped = True
         os.close(self._pidfd)
 
+    def running(self) -> bool:
+        if self._reaped:
+            return False
+        readable, _, _ = select.select([self._pidfd], [], [], 0)
+        return not readable
+
     def kill(self) -> None:
         if not self._reaped:
             signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
@@ -202,29 +208,66 @@ class Template:
 
     def _ask(self, request: dict[str, Any], timeout: float) -> dict[str, Any]:
         assert self._sock is not None
-        self._sock.send(json.dumps(request).encode())
-        readable, _, _ = select.select([self._sock], [], [], timeout)
-        reply = self._sock.recv(_MAX_MESSAGE) if readable else b""
+        try:
+            self._sock.send(json.dumps(request).encode())
+            readable, _, _ = select.select([self._sock], [], [], timeout)
+            reply = self._sock.recv(_MAX_MESSAGE) if readable else b""
+        except OSError:
+            reply = b""
         if not reply:
-            self._sock.close()
-            self._sock = None
+            self._broken()
             raise TemplateError("the instance template did not answer")
         answer: dict[str, Any] = json.loads(reply)
         return answer
 
     def fork(self, argv: list[str], *, namespaces: dict[str, str], cgroup_join: list[str],
              log_path: str, timeout: float = 30.0) -> int:
-        """Start a copy running the entry point with `argv`; its host pid."""
-        request = {"argv": argv, "namespaces": namespaces, "cgroup_join": cgroup_join,
-                   "log": log_path}
-        with self._lock:
-            if self._sock is None:
-                self.start()
-            self._send_preload()
-            answer = self._ask(request, timeout)
+        """Start a copy running the entry point with `argv`; its host pid.
+
+        Safe from many threads at once, and they overlap: the template only forks, and the
+        forked middle process, which joins the cgroups and namespaces (writing cgroup.procs in
+        each v1 hierarchy waits for an RCU grace period: up to 50 ms on a loaded machine) and
+        forks the copy, answers on a socket of this call's own."""
+        request = json.dumps({"argv": argv, "namespaces": namespaces,
+                              "cgroup_join": cgroup_join, "log": log_path}).encode()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            with self._lock:
+                if self._sock is None:
+                    self.start()
+                self._send_preload()
+                assert self._sock is not None
+                try:
+                    socket.send_fds(self._sock, [request], [theirs.fileno()])
+                except OSError as error:
+                    self._broken()
+                    raise TemplateError(f"the instance template is gone: {error}") from None
+            theirs.close()
+            readable, _, _ = select.select([ours], [], [], timeout)
+            reply = ours.recv(_MAX_MESSAGE) if readable else b""
+        finally:
+            ours.close()
+            theirs.close()
+        if not reply:
+            with self._lock:
+                if not self._alive():
+                    self._broken()
+            raise TemplateError("the instance template did not answer")
+        answer: dict[str, Any] = json.loads(reply)
         if "pid" not in answer:
             raise TemplateError(str(answer.get("error", "unknown failure")))
         return int(answer["pid"])
+
+    def _alive(self) -> bool:
+        if isinstance(self._process, subprocess.Popen):
+            return self._process.poll() is None
+        return self._process is not None and self._process.running()
+
+    def _broken(self) -> None:
+        """Forget a template that failed; the next fork starts a new one."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
 
     def close(self) -> None:
         with self._lock:
@@ -243,14 +286,14 @@ class Template:
 # ---------------------------------------------------------------------- the template's side
 
 
-def _fork_copy(request: dict[str, Any], entry: str) -> int:
+def _fork_copy(request: dict[str, Any], entry: str, reply: socket.socket) -> None:
+    """Fork the middle process, which answers on `reply`; do not wait for it (its work, the
+    cgroup join above all, can take tens of milliseconds, and other requests overlap it)."""
     namespace_fds = {kind: os.open(path, os.O_RDONLY | os.O_CLOEXEC)
                      for kind, path in request["namespaces"].items()}
-    report_read, report_write = os.pipe()
     try:
-        middle = os.fork()
-        if middle == 0:
-            os.close(report_read)
+        if os.fork() == 0:
+            code = 1
             try:
                 for path in request["cgroup_join"]:
                     with open(path, "w") as join:
@@ -260,32 +303,19 @@ def _fork_copy(request: dict[str, Any], entry: str) -> int:
                         libc.setns(namespace_fds[kind], libc.NAMESPACE_FLAGS[kind])
                 copy = os.fork()
                 if copy == 0:
-                    os.close(report_write)
                     _become_copy(request, entry)
-                os.write(report_write, str(copy).encode())
-                os._exit(0)
+                reply.send(json.dumps({"pid": copy}).encode())
+                code = 0
             except BaseException as error:  # noqa: BLE001 - reported, then this process ends
-                os.write(report_write, f"error: {error}".encode()[:4000])
-                os._exit(1)
-        os.close(report_write)
-        report_write = -1
-        chunks = []
-        while chunk := os.read(report_read, 4096):
-            chunks.append(chunk)
-        try:
-            os.waitpid(middle, 0)
-        except ChildProcessError:
-            pass  # reaped already by _reap_copies
+                try:
+                    reply.send(json.dumps({"error": str(error)[:4000]}).encode())
+                except OSError:
+                    pass  # the caller gave up: nobody to tell
+            finally:
+                os._exit(code)
     finally:
-        os.close(report_read)
-        if report_write >= 0:
-            os.close(report_write)
         for fd in namespace_fds.values():
             os.close(fd)
-    report = b"".join(chunks).decode(errors="replace")
-    if not report.isdigit():
-        raise OSError(report or "the copy's parent ended without a word")
-    return int(report)
 
 
 def _become_copy(request: dict[str, Any], entry: str) -> None:
@@ -319,7 +349,7 @@ def _become_copy(request: dict[str, Any], entry: str) -> None:
 
 def _reap_copies(signum: int, frame: object) -> None:
     """Reap every child that ended: the template's only children are its copies (orphaned
-    to it, the subreaper) and the middle processes, whose results come through a pipe."""
+    to it, the subreaper) and the middle processes, whose results go to the caller."""
     while True:
         try:
             pid, _ = os.waitpid(-1, os.WNOHANG)
@@ -361,20 +391,29 @@ def _serve(sock: socket.socket, entry: str) -> int:
     sock.send(b"ready")
     while True:
         try:
-            message = sock.recv(_MAX_MESSAGE)
+            message, fds, _, _ = socket.recv_fds(sock, _MAX_MESSAGE, 1)
+        except InterruptedError:
+            continue
         except OSError:
             return 0
         if not message:
             return 0
+        # A fork request comes with the socket its answer goes to; a preload with none.
+        reply = socket.socket(fileno=fds[0]) if fds else sock
         try:
             request = json.loads(message)
             if "preload" in request:
-                answer: dict[str, Any] = {"imported": _preload(request["preload"])}
+                reply.send(json.dumps({"imported": _preload(request["preload"])}).encode())
             else:
-                answer = {"pid": _fork_copy(request, entry)}
+                _fork_copy(request, entry, reply)
         except (OSError, ValueError, KeyError) as error:
-            answer = {"error": str(error)}
-        sock.send(json.dumps(answer).encode())
+            try:
+                reply.send(json.dumps({"error": str(error)}).encode())
+            except OSError:
+                pass  # the caller gave up
+        finally:
+            if reply is not sock:
+                reply.close()
 
 
 def main(argv: list[str]) -> int:
