@@ -2,18 +2,20 @@
 into other namespaces and cgroups, so each copy starts without paying for its imports and
 shares their memory with the template (copy-on-write) instead of holding its own.
 
-The daemon uses one to start spawned instances: the template preloads the daemon's modules;
-for each instance it forks, the child joins the instance cell's cgroup and namespaces
-(ipc, uts, net, pid, mnt), forks again so that the grandchild is inside the new pid
-namespace, and the grandchild runs the daemon's entry point. The middle process exits at
-once. An orphan goes to the reaper of its late parent's pid namespace — the host's, not the
+The daemon uses one to start spawned instances: forked from the daemon at its start
+(Template.fork_here) or started as `python -m auraed.kernel.template`, the template imports
+what the daemon imported (preload); for each instance it forks, the child (the middle) joins
+the instance cell's cgroup and namespaces (ipc, uts, net, pid, mnt), forks again so that the
+grandchild is inside the new pid namespace, answers the caller on the socket that came with
+the request, and exits; the grandchild runs the daemon's entry point. The template does not
+wait for the middle, so concurrent requests overlap. An orphan goes to the reaper of its late parent's pid namespace — the host's, not the
 cell's, since the middle never entered the new one — so the template is a child subreaper:
 the copies become its children and it reaps them as they end. (Left to the host's init, a
 copy's zombie can outlive it by seconds, and the cell's init, ending, waits for every process
 of its namespace to be reaped.) The caller watches a copy through a pidfd.
 
-Standard library only on the template's side; what it preloads is the caller's choice, so
-this module knows nothing of gRPC. The template is single-threaded, so forking it is safe.
+Standard library only on the template's side; what it preloads is the caller's list (the
+modules the daemon imported), so this module knows nothing of gRPC. The template is single-threaded, so forking it is safe.
 """
 
 from __future__ import annotations

@@ -9,9 +9,10 @@ namespace, so the host reaches the instance only through that socket, which
 is a file on the host's filesystem.
 
 The instance's auraed is not a new interpreter: a warm template process
-(auraed.kernel.template), started at the first Spawn, has imported the daemon
-once; each instance is a fork of it that joined the cell's cgroup and
-namespaces, sharing the template's pages until it writes them.
+(auraed.kernel.template), forked from the host daemon at its start (or, in an
+instance, started at its first Spawn), has imported the daemon once; each
+instance is a fork of it that joined the cell's cgroup and namespaces, sharing
+the template's pages until it writes them.
 
 The instance trusts one CA: an ephemeral one the host makes in memory the first
 time it spawns. The host mints with it the instance's server identity (a
