@@ -148,6 +148,16 @@ def main(argv: list[str] | None = None) -> None:
         from auraed.kernel.guest_image import main as vm_image
 
         sys.exit(vm_image(argv[1:]))
+    seed = None
+    from auraed.kernel import template
+
+    if template.is_copy():
+        from auraed.kernel.spawner.client import SpawnerSeed
+
+        # A spawned instance's spawner, forked before anything else runs: whatever the copy
+        # writes before this fork (the parser, the settings) the seed would hold a page of its
+        # own for, once the copy writes it again (2 MiB per instance, measured).
+        seed = SpawnerSeed.fork()
     args = parse_args(argv)
     if os.geteuid() != 0:
         print("auraed: must run as root (it manages cgroups and processes)", file=sys.stderr)
@@ -182,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
         vm_boot_timeout=args.vm_boot_timeout,
         vm_grace_period=args.vm_grace_period,
     )
-    sys.exit(Daemon(settings).run())
+    sys.exit(Daemon(settings, spawner_seed=seed).run())
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ from auraed.logs import configure as configure_logging
 from auraed.output import LogRing
 from auraed.runtime.containers import Containers
 from auraed.runtime.events import EventJournal
-from auraed.runtime.instances import Instances, own_spiffe_id
+from auraed.runtime.instances import TEMPLATE_ENTRY, Instances, own_spiffe_id
 from auraed.runtime.vms import VirtualMachines, VmSettings
 from auraed.runtime.workloads import Workloads
 from auraed.services.cells import CellService
@@ -275,7 +275,8 @@ def _load_policy(path: Path | None) -> Policy | None:
 
 
 class Daemon:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, spawner_seed: SpawnerSeed | None = None) -> None:
+        """spawner_seed: forked already (by the entry point of a template's copy)."""
         self.settings = settings
         self.daemon_log = LogRing()
         self._stop = threading.Event()
@@ -296,7 +297,8 @@ class Daemon:
         self._cri_server: grpc.Server | None = None
         self._pods: Pods | PodInstances | None = None
         self._detach = False
-        self._spawner_seed: SpawnerSeed | None = None
+        self._spawner_seed = spawner_seed
+        self._template: template.Template | None = None
 
     def request_stop(self, signum: int | None = None) -> None:
         # With --live-restore SIGTERM (a service manager's restart) leaves the workloads
@@ -318,10 +320,21 @@ class Daemon:
         """Serve until SIGTERM/SIGINT; returns the exit status."""
         settings = self.settings
         if template.is_copy():
-            # Forked now, before any thread starts: an instance's spawner then shares the
-            # template's pages instead of holding a new interpreter. (A host daemon's spawner
-            # outlives it under live restore, and would keep its whole image alive.)
-            self._spawner_seed = SpawnerSeed.fork()
+            if self._spawner_seed is None:
+                # Forked now, before any thread starts: an instance's spawner then shares the
+                # template's pages instead of holding a new interpreter. (A host daemon's
+                # spawner outlives it under live restore, and would keep its whole image.)
+                self._spawner_seed = SpawnerSeed.fork()
+        else:
+            # The instance template, forked now too (single-threaded, before any key is read):
+            # the first Spawn does not wait for an interpreter to import the daemon (0.6 s),
+            # and the template's pages are this daemon's, shared. An instance starts its own
+            # nested template only if it spawns: most never do.
+            try:
+                self._template = template.Template.fork_here(TEMPLATE_ENTRY)
+            except (OSError, template.TemplateError) as error:
+                log.warning("the instance template could not be forked; the first Spawn "
+                            "starts one", extra={"error": str(error)})
         # Everything the daemon creates — runtime dir, socket, logs — is private
         # from the moment it exists.
         os.umask(0o077)
@@ -403,7 +416,8 @@ class Daemon:
             self._workloads, runtime_dir=settings.runtime_dir, library_dir=settings.library_dir,
             cgroup_mount=settings.cgroup_mount, spiffe_id=own_spiffe_id(certificate),
             grace_period=settings.grace_period,
-            forwarded_calls=settings.budget.total + settings.budget.operators)
+            forwarded_calls=settings.budget.total + settings.budget.operators,
+            template=self._template)
         self._instances.remove_stale()
 
         self._open_vms(self._workloads)
@@ -459,6 +473,8 @@ class Daemon:
         gc.freeze()
         gc.set_threshold(*GC_THRESHOLDS)
         self._health.serving()
+        if self._template is not None:
+            self._instances.warm()
 
     def _servicers(self, workloads: Workloads, health: HealthService) -> list[Servicer]:
         """The servicers that need the daemon's parts: one line each, and the only place a
@@ -619,6 +635,8 @@ class Daemon:
     def _cleanup(self) -> None:
         if self._workloads is None and self._spawner_seed is not None:
             self._spawner_seed.discard()  # unused: start-up failed before the workloads
+        if self._instances is None and self._template is not None:
+            self._template.close()  # start-up failed before Instances took it
         if self._metrics is not None:
             self._metrics.close()
         if self._events is not None:

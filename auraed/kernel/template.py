@@ -2,18 +2,20 @@
 into other namespaces and cgroups, so each copy starts without paying for its imports and
 shares their memory with the template (copy-on-write) instead of holding its own.
 
-The daemon uses one to start spawned instances: the template preloads the daemon's modules;
-for each instance it forks, the child joins the instance cell's cgroup and namespaces
-(ipc, uts, net, pid, mnt), forks again so that the grandchild is inside the new pid
-namespace, and the grandchild runs the daemon's entry point. The middle process exits at
-once. An orphan goes to the reaper of its late parent's pid namespace — the host's, not the
+The daemon uses one to start spawned instances: forked from the daemon at its start
+(Template.fork_here) or started as `python -m auraed.kernel.template`, the template imports
+what the daemon imported (preload); for each instance it forks, the child (the middle) joins
+the instance cell's cgroup and namespaces (ipc, uts, net, pid, mnt), forks again so that the
+grandchild is inside the new pid namespace, answers the caller on the socket that came with
+the request, and exits; the grandchild runs the daemon's entry point. The template does not
+wait for the middle, so concurrent requests overlap. An orphan goes to the reaper of its late parent's pid namespace — the host's, not the
 cell's, since the middle never entered the new one — so the template is a child subreaper:
 the copies become its children and it reaps them as they end. (Left to the host's init, a
 copy's zombie can outlive it by seconds, and the cell's init, ending, waits for every process
 of its namespace to be reaped.) The caller watches a copy through a pidfd.
 
-Standard library only on the template's side; what it preloads is the caller's choice, so
-this module knows nothing of gRPC. The template is single-threaded, so forking it is safe.
+Standard library only on the template's side; what it preloads is the caller's list (the
+modules the daemon imported), so this module knows nothing of gRPC. The template is single-threaded, so forking it is safe.
 """
 
 from __future__ import annotations
@@ -52,62 +54,222 @@ class TemplateError(Exception):
     """The template could not start, or could not fork a copy; the message says why."""
 
 
-class Template:
-    """The daemon's handle on one template process."""
+# What /proc/<pid>/comm says of a template (a forked one keeps its parent's command line).
+PROCESS_NAME = "auraed-template"
 
-    def __init__(self, preload: list[str], entry: str, python: str = sys.executable) -> None:
-        self._preload = preload
+
+class _ForkedTemplate:
+    """subprocess.Popen's pid, wait and kill, for a template this process forked."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._pidfd = os.pidfd_open(pid)
+        self._reaped = False
+
+    def wait(self, timeout: float | None = None) -> None:
+        if self._reaped:
+            return
+        readable, _, _ = select.select([self._pidfd], [], [], timeout)
+        if not readable:
+            raise subprocess.TimeoutExpired(f"template {self.pid}", timeout or 0.0)
+        try:
+            os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            pass  # reaped by someone else's catch-all wait: it ended all the same
+        self._reaped = True
+        os.close(self._pidfd)
+
+    def running(self) -> bool:
+        if self._reaped:
+            return False
+        readable, _, _ = select.select([self._pidfd], [], [], 0)
+        return not readable
+
+    def kill(self) -> None:
+        if not self._reaped:
+            signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+
+
+class Template:
+    """The daemon's handle on one template process: started as a new interpreter at the first
+    fork (`Template(entry)`), or forked from the daemon itself at its start
+    (`Template.fork_here(entry)`)."""
+
+    def __init__(self, entry: str, python: str = sys.executable) -> None:
         self._entry = entry
         self._python = python
         self._lock = threading.Lock()
-        self._process: subprocess.Popen[bytes] | None = None
+        self._process: subprocess.Popen[bytes] | _ForkedTemplate | None = None
         self._sock: socket.socket | None = None
+        # Modules to import before the next fork (preload()).
+        self._preload: list[str] = []
+
+    @classmethod
+    def fork_here(cls, entry: str) -> Template:
+        """A template forked from this process, which has imported the entry point's module:
+        no interpreter to start, and its pages (the interpreter, the daemon's modules) are
+        shared with this process as well as with the copies. Only while single-threaded, and
+        before the process reads anything its copies must not hold (keys): they are forks of
+        this process as it is now."""
+        if threading.active_count() != 1:
+            raise RuntimeError("a template is forked only while single-threaded")
+        # Everything so far lives as long as the process: collected and frozen now, so that
+        # no collection, here or in the template, writes the objects' headers after the fork.
+        gc.collect()
+        gc.freeze()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                ours.close()
+                os.setsid()  # out of the daemon's session, as start_new_session would be
+                null = os.open(os.devnull, os.O_RDONLY)
+                os.dup2(null, 0)
+                keep = theirs.fileno()
+                os.closerange(3, keep)  # stdout and stderr stay: the daemon's log
+                os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
+                os.chdir("/")
+                code = _serve(theirs, entry)
+            except BaseException:  # noqa: BLE001 - the daemon's log says what happened
+                import traceback
+
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        theirs.close()
+        template = cls(entry)
+        template._process = _ForkedTemplate(pid)
+        template._sock = ours
+        try:
+            template._await_ready(ours, 10.0)
+        except TemplateError:
+            template._process.kill()
+            template._process.wait()
+            raise
+        return template
 
     @property
     def pid(self) -> int | None:
         return self._process.pid if self._process else None
 
+    def preload(self, modules: list[str]) -> None:
+        """Have the template import `modules` (those it lacks) before its next fork: what the
+        daemon really imported, so that a copy imports nothing after the fork (an import then
+        writes pages all over the template's heap: grpc's lazily imported server alone cost
+        each instance 3 MiB). Returns at once; the next fork, or flush(), sends them."""
+        with self._lock:
+            self._preload = sorted(set(self._preload) | set(modules))
+
+    def flush(self) -> None:
+        """Send what preload() was given now (a daemon's idle moment) rather than at the fork."""
+        with self._lock:
+            if self._sock is not None:
+                self._send_preload()
+
+    def _send_preload(self) -> None:
+        assert self._sock is not None
+        if not self._preload:
+            return
+        self._ask({"preload": self._preload}, 60.0)
+        self._preload = []
+
     def start(self, ready_timeout: float = 60.0) -> None:
+        if self._process is not None:  # one that failed
+            self._process.kill()
+            self._process.wait()
+            self._process = None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self._process = subprocess.Popen(
                 [self._python, "-m", "auraed.kernel.template", "--socket-fd",
-                 str(theirs.fileno()), "--preload", ",".join(self._preload),
-                 "--entry", self._entry],
+                 str(theirs.fileno()), "--entry", self._entry],
                 pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, cwd="/",
                 env={**os.environ, "PYTHONPATH": _SOURCE_ROOT}, start_new_session=True)
         finally:
             theirs.close()
-        readable, _, _ = select.select([ours], [], [], ready_timeout)
-        reply = ours.recv(_MAX_MESSAGE) if readable else b""
-        if reply != b"ready":
+        try:
+            self._await_ready(ours, ready_timeout)
+        except TemplateError:
             ours.close()
             self._process.kill()
             self._process.wait()
             self._process = None
+            raise
+        self._sock = ours
+        # Started from a running daemon: what it imported is what its copies will need.
+        self._preload = sorted(set(self._preload) | set(sys.modules))
+
+    @staticmethod
+    def _await_ready(sock: socket.socket, timeout: float) -> None:
+        readable, _, _ = select.select([sock], [], [], timeout)
+        reply = sock.recv(_MAX_MESSAGE) if readable else b""
+        if reply != b"ready":
             raise TemplateError("the instance template did not start "
                                 f"({'no answer' if not readable else reply[:200]!r})")
-        self._sock = ours
+
+    def _ask(self, request: dict[str, Any], timeout: float) -> dict[str, Any]:
+        assert self._sock is not None
+        try:
+            self._sock.send(json.dumps(request).encode())
+            readable, _, _ = select.select([self._sock], [], [], timeout)
+            reply = self._sock.recv(_MAX_MESSAGE) if readable else b""
+        except OSError:
+            reply = b""
+        if not reply:
+            self._broken()
+            raise TemplateError("the instance template did not answer")
+        answer: dict[str, Any] = json.loads(reply)
+        return answer
 
     def fork(self, argv: list[str], *, namespaces: dict[str, str], cgroup_join: list[str],
              log_path: str, timeout: float = 30.0) -> int:
-        """Start a copy running the entry point with `argv`; its host pid."""
+        """Start a copy running the entry point with `argv`; its host pid.
+
+        Safe from many threads at once, and they overlap: the template only forks, and the
+        forked middle process, which joins the cgroups and namespaces (writing cgroup.procs in
+        each v1 hierarchy waits for an RCU grace period: up to 50 ms on a loaded machine) and
+        forks the copy, answers on a socket of this call's own."""
         request = json.dumps({"argv": argv, "namespaces": namespaces,
                               "cgroup_join": cgroup_join, "log": log_path}).encode()
-        with self._lock:
-            if self._sock is None:
-                self.start()
-            assert self._sock is not None
-            self._sock.send(request)
-            readable, _, _ = select.select([self._sock], [], [], timeout)
-            reply = self._sock.recv(_MAX_MESSAGE) if readable else b""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            with self._lock:
+                if self._sock is None:
+                    self.start()
+                self._send_preload()
+                assert self._sock is not None
+                try:
+                    socket.send_fds(self._sock, [request], [theirs.fileno()])
+                except OSError as error:
+                    self._broken()
+                    raise TemplateError(f"the instance template is gone: {error}") from None
+            theirs.close()
+            readable, _, _ = select.select([ours], [], [], timeout)
+            reply = ours.recv(_MAX_MESSAGE) if readable else b""
+        finally:
+            ours.close()
+            theirs.close()
         if not reply:
-            self.close()
+            with self._lock:
+                if not self._alive():
+                    self._broken()
             raise TemplateError("the instance template did not answer")
         answer: dict[str, Any] = json.loads(reply)
         if "pid" not in answer:
             raise TemplateError(str(answer.get("error", "unknown failure")))
         return int(answer["pid"])
+
+    def _alive(self) -> bool:
+        if isinstance(self._process, subprocess.Popen):
+            return self._process.poll() is None
+        return self._process is not None and self._process.running()
+
+    def _broken(self) -> None:
+        """Forget a template that failed; the next fork starts a new one."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
 
     def close(self) -> None:
         with self._lock:
@@ -126,14 +288,14 @@ class Template:
 # ---------------------------------------------------------------------- the template's side
 
 
-def _fork_copy(request: dict[str, Any], entry: str) -> int:
+def _fork_copy(request: dict[str, Any], entry: str, reply: socket.socket) -> None:
+    """Fork the middle process, which answers on `reply`; do not wait for it (its work, the
+    cgroup join above all, can take tens of milliseconds, and other requests overlap it)."""
     namespace_fds = {kind: os.open(path, os.O_RDONLY | os.O_CLOEXEC)
                      for kind, path in request["namespaces"].items()}
-    report_read, report_write = os.pipe()
     try:
-        middle = os.fork()
-        if middle == 0:
-            os.close(report_read)
+        if os.fork() == 0:
+            code = 1
             try:
                 for path in request["cgroup_join"]:
                     with open(path, "w") as join:
@@ -143,32 +305,19 @@ def _fork_copy(request: dict[str, Any], entry: str) -> int:
                         libc.setns(namespace_fds[kind], libc.NAMESPACE_FLAGS[kind])
                 copy = os.fork()
                 if copy == 0:
-                    os.close(report_write)
                     _become_copy(request, entry)
-                os.write(report_write, str(copy).encode())
-                os._exit(0)
+                reply.send(json.dumps({"pid": copy}).encode())
+                code = 0
             except BaseException as error:  # noqa: BLE001 - reported, then this process ends
-                os.write(report_write, f"error: {error}".encode()[:4000])
-                os._exit(1)
-        os.close(report_write)
-        report_write = -1
-        chunks = []
-        while chunk := os.read(report_read, 4096):
-            chunks.append(chunk)
-        try:
-            os.waitpid(middle, 0)
-        except ChildProcessError:
-            pass  # reaped already by _reap_copies
+                try:
+                    reply.send(json.dumps({"error": str(error)[:4000]}).encode())
+                except OSError:
+                    pass  # the caller gave up: nobody to tell
+            finally:
+                os._exit(code)
     finally:
-        os.close(report_read)
-        if report_write >= 0:
-            os.close(report_write)
         for fd in namespace_fds.values():
             os.close(fd)
-    report = b"".join(chunks).decode(errors="replace")
-    if not report.isdigit():
-        raise OSError(report or "the copy's parent ended without a word")
-    return int(report)
 
 
 def _become_copy(request: dict[str, Any], entry: str) -> None:
@@ -202,7 +351,7 @@ def _become_copy(request: dict[str, Any], entry: str) -> None:
 
 def _reap_copies(signum: int, frame: object) -> None:
     """Reap every child that ended: the template's only children are its copies (orphaned
-    to it, the subreaper) and the middle processes, whose results come through a pipe."""
+    to it, the subreaper) and the middle processes, whose results go to the caller."""
     while True:
         try:
             pid, _ = os.waitpid(-1, os.WNOHANG)
@@ -212,38 +361,69 @@ def _reap_copies(signum: int, frame: object) -> None:
             return
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="auraed-template")
-    parser.add_argument("--socket-fd", type=int, required=True)
-    parser.add_argument("--preload", default="")
-    parser.add_argument("--entry", required=True)
-    args = parser.parse_args(argv)
-    sock = socket.socket(fileno=args.socket_fd)
-    # Ended with its daemon: it is only ever told what to do over this socket.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    libc.set_child_subreaper()
-    signal.signal(signal.SIGCHLD, _reap_copies)
-    for name in filter(None, args.preload.split(",")):
-        import_module(name)
-    import_module(args.entry.partition(":")[0])
+def _preload(names: list[str]) -> int:
+    """Import what the template lacks of `names`; how many it imported."""
+    imported = 0
+    for name in names:
+        if name in sys.modules or name in ("__main__", "__mp_main__"):
+            continue
+        try:
+            import_module(name)
+            imported += 1
+        except Exception:  # noqa: BLE001, S112 - an alias, or gone since: the copy imports it
+            continue
     # Everything loaded so far lives as long as the copies: keep the collector off its pages,
-    # so they stay shared, and the copies' mallocs out of the holes between them.
+    # so they stay shared, and the copies' mallocs out of the holes between them. (Objects
+    # frozen before are not visited by this collection.)
     gc.collect()
     libc.take_malloc_holes()
     gc.freeze()
+    return imported
+
+
+def _serve(sock: socket.socket, entry: str) -> int:
+    """The template's life: fork a copy for each request on `sock`, until it closes."""
+    # Ended with its daemon: it is only ever told what to do over this socket.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    libc.set_process_name(PROCESS_NAME)
+    libc.set_child_subreaper()
+    signal.signal(signal.SIGCHLD, _reap_copies)
+    import_module(entry.partition(":")[0])
+    _preload([])
     sock.send(b"ready")
     while True:
         try:
-            message = sock.recv(_MAX_MESSAGE)
+            message, fds, _, _ = socket.recv_fds(sock, _MAX_MESSAGE, 1)
+        except InterruptedError:
+            continue
         except OSError:
             return 0
         if not message:
             return 0
+        # A fork request comes with the socket its answer goes to; a preload with none.
+        reply = socket.socket(fileno=fds[0]) if fds else sock
         try:
-            answer: dict[str, Any] = {"pid": _fork_copy(json.loads(message), args.entry)}
+            request = json.loads(message)
+            if "preload" in request:
+                reply.send(json.dumps({"imported": _preload(request["preload"])}).encode())
+            else:
+                _fork_copy(request, entry, reply)
         except (OSError, ValueError, KeyError) as error:
-            answer = {"error": str(error)}
-        sock.send(json.dumps(answer).encode())
+            try:
+                reply.send(json.dumps({"error": str(error)}).encode())
+            except OSError:
+                pass  # the caller gave up
+        finally:
+            if reply is not sock:
+                reply.close()
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="auraed-template")
+    parser.add_argument("--socket-fd", type=int, required=True)
+    parser.add_argument("--entry", required=True)
+    args = parser.parse_args(argv)
+    return _serve(socket.socket(fileno=args.socket_fd), args.entry)
 
 
 if __name__ == "__main__":

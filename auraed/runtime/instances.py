@@ -9,9 +9,10 @@ namespace, so the host reaches the instance only through that socket, which
 is a file on the host's filesystem.
 
 The instance's auraed is not a new interpreter: a warm template process
-(auraed.kernel.template), started at the first Spawn, has imported the daemon
-once; each instance is a fork of it that joined the cell's cgroup and
-namespaces, sharing the template's pages until it writes them.
+(auraed.kernel.template), forked from the host daemon at its start (or, in an
+instance, started at its first Spawn), has imported the daemon once; each
+instance is a fork of it that joined the cell's cgroup and namespaces, sharing
+the template's pages until it writes them.
 
 The instance trusts one CA: an ephemeral one the host makes in memory the first
 time it spawns. The host mints with it the instance's server identity (a
@@ -51,12 +52,8 @@ log = logging.getLogger("auraed.instances")
 
 CELL_PREFIX = "instance-"
 DAEMON_NAME = "auraed"
-# What the template imports before it forks, so that a copy imports nothing (an import after the
-# fork dirties pages all over the template's heap: grpc's lazily imported server alone cost
-# each instance 3 MiB): the whole daemon, the spawner its copy forks
-# (auraed.kernel.spawner.client.SpawnerSeed), and what the daemon's start imports lazily.
-TEMPLATE_PRELOAD = ["auraed.server", "auraed.kernel.spawner.server", "grpc._server",
-                    "grpc._interceptor", "concurrent.futures.thread", "encodings.ascii"]
+# The instance daemon's entry point, which the template's copies run. What the template imports
+# beyond it is what the daemon itself imported (Instances.warm), computed, never listed.
 TEMPLATE_ENTRY = "auraed.__main__:main"
 SOCKET_NAME = "auraed.sock"
 # The top cell pods' cgroup parents go under (auraed.cri.sandboxes): instances below it are
@@ -215,11 +212,14 @@ class Instances:
         grace_period: float,
         forwarded_calls: int = 256,
         python: str = sys.executable,
+        template: Template | None = None,
     ) -> None:
         """forwarded_calls: the long-lived calls the host may relay to one instance at once.
         Every relayed call reaches the instance as the host's identity, so the instance
         counts them in an operator reserve that large; the host's own budgets already hold
-        each caller to its share."""
+        each caller to its share. template: the one the daemon forked at its start
+        (Template.fork_here), or, without, one started as a new interpreter at the first
+        Spawn; Instances closes it."""
         self._workloads = workloads
         self._directory = runtime_dir / "instances"
         self._library = library_dir / "instances"
@@ -233,7 +233,7 @@ class Instances:
         self._authority: CertificateAuthority | None = None
         self._trust: Trust | None = None
         self._closing = False
-        self._template = Template(TEMPLATE_PRELOAD, TEMPLATE_ENTRY, python)
+        self._template = template if template is not None else Template(TEMPLATE_ENTRY, python)
         # Called (outside any lock) once an instance is gone, however it went.
         self.on_ended: Callable[[Instance], None] | None = None
 
@@ -257,6 +257,20 @@ class Instances:
                 log.warning("removing instance directories left by a previous run",
                             extra={"directory": str(top)})
                 shutil.rmtree(top, ignore_errors=True)
+
+    def warm(self) -> None:
+        """Once the daemon has started: give the template what the daemon imported, and have it
+        imported now, in the background, rather than at the first Spawn."""
+        self._template.preload(list(sys.modules))
+        threading.Thread(target=self._flush_template, name="instance-template",
+                         daemon=True).start()
+
+    def _flush_template(self) -> None:
+        try:
+            self._template.flush()
+        except TemplateError as error:
+            # The next Spawn starts a new template, and says so if that fails too.
+            log.warning("the instance template failed", extra={"error": str(error)})
 
     def directory_of(self, name: str) -> Path:
         """Where instance `name`'s directory (credentials, sockets, log) is or will be."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ import yaml
 
 import aurae_sdk
 from aurae_sdk.wire.generated.pb.instances.instances_pb2 import InstanceStatus
+from auraed.kernel.template import PROCESS_NAME
 from tests.support.daemon import DaemonProcess, cgroup_dirs, running_daemon
 
 MEMORY_MAX = 512 << 20
@@ -83,9 +85,11 @@ def test_the_instance_spawner_is_a_fork_of_its_daemon_and_keeps_no_spare(
     children = [int(child) for child in
                 Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
     # Not a new `python -S -m auraed.kernel.spawner`: a fork of the instance's daemon, itself a
-    # fork of the template, so it runs under the template's command line.
+    # fork of the template, itself a fork of the host daemon, so it runs under the host's
+    # command line.
+    host_command = Path(f"/proc/{daemon.process.pid}/cmdline").read_bytes()
     (spawner,) = [child for child in children
-                  if b"auraed.kernel.template" in Path(f"/proc/{child}/cmdline").read_bytes()]
+                  if Path(f"/proc/{child}/cmdline").read_bytes() == host_command]
     status = Path(f"/proc/{spawner}/status").read_text().splitlines()
     assert next(int(line.split()[1]) for line in status if line.startswith("PPid:")) == pid
     rollup = {line.split()[0].rstrip(":"): int(line.split()[1])
@@ -312,7 +316,7 @@ def test_after_a_host_crash_the_next_start_removes_the_instances(tmp_path: Path)
         with first.client(timeout=120) as client:
             status = client.instances.spawn(instance={"name": "orphan"}).status
         template = [int(p) for p in subprocess.run(
-            ["pgrep", "-P", str(first.process.pid), "-f", "auraed.kernel.template"],
+            ["pgrep", "-P", str(first.process.pid), "-x", PROCESS_NAME],
             capture_output=True, text=True, check=False).stdout.split()]
         first.stop(signal.SIGKILL)
         assert alive(status.host_pid)  # nothing ended it: its cell outlives the host
@@ -335,3 +339,101 @@ def test_after_a_host_crash_the_next_start_removes_the_instances(tmp_path: Path)
         finally:
             second.send_signal(signal.SIGTERM)
             second.wait(60)
+
+
+def _ppid(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return next(int(line.split()[1]) for line in status if line.startswith("PPid:"))
+
+
+def _memory_holds(pid: int, needle: bytes) -> bool:
+    """Whether any readable private mapping of `pid` holds `needle`."""
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+        for line in maps:
+            fields = line.split()
+            if not fields[1].startswith("r") or (len(fields) > 5 and fields[5].startswith("[v")):
+                continue
+            start, end = (int(address, 16) for address in fields[0].split("-"))
+            try:
+                mem.seek(start)
+                if needle in mem.read(end - start):
+                    return True
+            except OSError:
+                continue
+    return False
+
+
+def test_the_template_is_forked_at_the_daemon_start_and_holds_no_key() -> None:
+    """Before any Spawn, the daemon has its template: a fork of itself (no new interpreter),
+    made before it read its key, so neither the template nor any instance holds that key."""
+    with running_daemon() as fresh, fresh.client(timeout=120) as client:
+        host_command = Path(f"/proc/{fresh.process.pid}/cmdline").read_bytes()
+        deadline = time.monotonic() + 30
+        templates: list[int] = []
+        while not templates and time.monotonic() < deadline:
+            templates = [child for child in map(int, Path(
+                f"/proc/{fresh.process.pid}/task/{fresh.process.pid}/children").read_text().split())
+                if Path(f"/proc/{child}/comm").read_text().strip() == PROCESS_NAME]
+            time.sleep(0.05)
+        (template,) = templates
+        assert Path(f"/proc/{template}/cmdline").read_bytes() == host_command
+        status = client.instances.spawn(instance={"name": "fresh"}).status
+        # The instance's daemon is the template's copy: its child (the subreaper's).
+        assert _ppid(status.host_pid) == template
+        # The PEM line that holds most of the private scalar (the daemon read it after the fork).
+        key_line = fresh.pki.server_key.read_bytes().splitlines()[2]
+        assert _memory_holds(fresh.process.pid, key_line)  # the check can see it
+        assert not _memory_holds(template, key_line)
+        assert not _memory_holds(status.host_pid, key_line)
+        client.instances.free(instance_name="fresh")
+
+
+def test_concurrent_spawns_each_answer_in_their_own_cell_and_free_leaves_nothing(
+        daemon: DaemonProcess) -> None:
+    count = 6
+    errors: list[BaseException] = []
+    statuses: dict[int, InstanceStatus] = {}
+
+    def spawn(index: int) -> None:
+        try:
+            with daemon.client(timeout=120) as own:
+                statuses[index] = own.instances.spawn(instance={
+                    "name": f"many-{index}",
+                    "limits": {"memory_max": (256 + index) << 20, "pids_max": 100 + index}},
+                    timeout=120).status
+                assert own.instance(f"many-{index}").discovery.discover().healthy
+        except BaseException as error:  # noqa: BLE001 - reported by the test thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=spawn, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    with daemon.client(timeout=120) as client:
+        for index, status in statuses.items():
+            name = f"many-{index}"
+            memory = Path(f"/sys/fs/cgroup/memory/{daemon.cgroup_root}/instance-{name}")
+            assert int((memory / "memory.limit_in_bytes").read_text()) == (256 + index) << 20
+            pids = Path(f"/sys/fs/cgroup/pids/{daemon.cgroup_root}/instance-{name}")
+            assert int((pids / "pids.max").read_text()) == 100 + index
+            assert (f"/{daemon.cgroup_root}/instance-{name}"
+                    in Path(f"/proc/{status.host_pid}/cgroup").read_text())
+        assert len({s.host_pid for s in statuses.values()}) == count
+
+        freeing = [threading.Thread(target=client.instances.free,
+                                    kwargs={"instance_name": f"many-{i}"}) for i in range(count)]
+        for thread in freeing:
+            thread.start()
+        for thread in freeing:
+            thread.join()
+        names = [i.instance.name for i in client.instances.list().instances]
+        assert not [name for name in names if name.startswith("many-")]
+    for index, status in statuses.items():
+        assert not cgroup_of(daemon.cgroup_root, f"many-{index}")
+        assert not Path(status.socket).parent.exists()
+        deadline = time.monotonic() + 30
+        while alive(status.host_pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not alive(status.host_pid)

@@ -55,7 +55,13 @@ from auraed.kernel.spawner.protocol import (
     Stop,
     check_version,
     decode,
+    message_buffer,
 )
+
+# What a SpawnerSeed runs once it sprouts, imported with the daemon rather than in the seed: a
+# seed is a fork, so a module imported there is written into the seed's own pages, where the
+# daemon's imports are shared (with a template's copies: with the template).
+from auraed.kernel.spawner.server import main as _serve_spawner
 from auraed.kernel.spawner.state import StateTorn, read_state
 from auraed.output.log import OutputLog
 
@@ -193,9 +199,7 @@ def _grow_from_seed(sock: socket.socket) -> NoReturn:
         options = json.loads(message)
         os.environ.clear()
         os.environ["PYTHONPATH"] = _SOURCE_ROOT
-        from auraed.kernel.spawner.server import main
-
-        code = main(["--socket-fd", str(keep), *options])
+        code = _serve_spawner(["--socket-fd", str(keep), *options])
     except BaseException:  # noqa: BLE001 - the daemon's log (our stderr) says what happened
         traceback.print_exc()
     finally:
@@ -520,7 +524,7 @@ class Spawner:
 
     def _read_messages(self, sock: socket.socket) -> None:
         # One buffer for every message: a fresh 256 KiB per recv costs an mmap and a munmap.
-        buffer = bytearray(MAX_MESSAGE_BYTES)
+        buffer = message_buffer()
         try:
             while size := sock.recv_into(buffer):
                 self._dispatch(decode(buffer[:size]))

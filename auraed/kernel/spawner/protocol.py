@@ -38,6 +38,7 @@ Standard library only: the fork server imports this and must start fast.
 
 import errno as errno_codes
 import json
+import mmap
 import os
 from dataclasses import dataclass, field, fields
 from typing import ClassVar
@@ -46,6 +47,14 @@ PROTOCOL_VERSION = 1
 # Room for the longest command exec takes (MAX_ARG_STRLEN, 128 KiB) even when JSON spells each
 # of its bytes as a six-byte \u escape (control characters), with its environment.
 MAX_MESSAGE_BYTES = 1024 * 1024
+
+
+def message_buffer() -> mmap.mmap:
+    """One receive buffer for every message, as large as the largest. Anonymous memory, so a
+    page is written only once a message reaches it: a bytearray of that size is zeroed at
+    once, 1 MiB written in each process that reads messages (measured in a spawned instance,
+    whose daemon and spawner each had one)."""
+    return mmap.mmap(-1, MAX_MESSAGE_BYTES)
 
 
 @dataclass

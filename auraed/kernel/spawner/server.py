@@ -77,6 +77,7 @@ from auraed.kernel.spawner.protocol import (
     SpawnRequest,
     Stop,
     decode,
+    message_buffer,
 )
 from auraed.kernel.spawner.state import write_state
 from auraed.output.log import LineAssembler, OutputLog, output_pipe
@@ -197,7 +198,7 @@ class ForkServer:
         self._own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         self._max_fd = os.sysconf("SC_OPEN_MAX")
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._buffer = bytearray(MAX_MESSAGE_BYTES)
+        self._buffer = message_buffer()
         # A child forked ahead of time as pid 1 of a fresh pid namespace, waiting to become the
         # next top-level cell's holder: Allocate then does not wait for a fork.
         self._spare: _Spare | None = None
