@@ -94,6 +94,11 @@ GC_THRESHOLDS = (50_000, 20, 100)
 # Threads no long-lived call may take (auraed.admission): List, Check, Allocate... always find
 # one. Short calls end in milliseconds, so a few dozen keep up with any number of clients.
 SHORT_CALL_WORKERS = 32
+# What the daemon of a pod's instance imports to serve the CRI (Daemon._serve_cri, pods as
+# cells): the instances' template imports it once when pods are instances, where each pod's
+# daemon imported it after the fork (40 ms of each pod's start on a loaded machine, and pages
+# of its own).
+POD_DAEMON_MODULES = ("auraed.cri.pods", "auraed.cri.service", "auraed.cri.server")
 # The development PKI's operator (`aurae-py pki init`); production daemons name theirs.
 DEFAULT_OPERATORS = ("spiffe://unsafe.aurae.io/admin",)
 
@@ -403,7 +408,8 @@ class Daemon:
             self._workloads, runtime_dir=settings.runtime_dir, library_dir=settings.library_dir,
             cgroup_mount=settings.cgroup_mount, spiffe_id=own_spiffe_id(certificate),
             grace_period=settings.grace_period,
-            forwarded_calls=settings.budget.total + settings.budget.operators)
+            forwarded_calls=settings.budget.total + settings.budget.operators,
+            preload=POD_DAEMON_MODULES if self._pods_are_instances else ())
         self._instances.remove_stale()
 
         self._open_vms(self._workloads)
@@ -459,6 +465,10 @@ class Daemon:
         gc.freeze()
         gc.set_threshold(*GC_THRESHOLDS)
         self._health.serving()
+
+    @property
+    def _pods_are_instances(self) -> bool:
+        return self.settings.cri_socket is not None and self.settings.cri_pods == "instances"
 
     def _servicers(self, workloads: Workloads, health: HealthService) -> list[Servicer]:
         """The servicers that need the daemon's parts: one line each, and the only place a

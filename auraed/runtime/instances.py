@@ -215,11 +215,13 @@ class Instances:
         grace_period: float,
         forwarded_calls: int = 256,
         python: str = sys.executable,
+        preload: tuple[str, ...] = (),
     ) -> None:
         """forwarded_calls: the long-lived calls the host may relay to one instance at once.
         Every relayed call reaches the instance as the host's identity, so the instance
         counts them in an operator reserve that large; the host's own budgets already hold
-        each caller to its share."""
+        each caller to its share. preload: modules the template imports beyond
+        TEMPLATE_PRELOAD, those the instances' daemons will import (a pod's: the CRI)."""
         self._workloads = workloads
         self._directory = runtime_dir / "instances"
         self._library = library_dir / "instances"
@@ -233,7 +235,7 @@ class Instances:
         self._authority: CertificateAuthority | None = None
         self._trust: Trust | None = None
         self._closing = False
-        self._template = Template(TEMPLATE_PRELOAD, TEMPLATE_ENTRY, python)
+        self._template = Template([*TEMPLATE_PRELOAD, *preload], TEMPLATE_ENTRY, python)
         # Called (outside any lock) once an instance is gone, however it went.
         self.on_ended: Callable[[Instance], None] | None = None
 
