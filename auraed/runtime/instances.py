@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import select
 import shutil
 import signal
@@ -68,6 +69,11 @@ CGROUP_LEAF = "auraed"
 MAX_NAME = 63 - len(CELL_PREFIX)
 # sockaddr_un.sun_path holds 108 bytes, the terminating NUL included.
 MAX_SOCKET_PATH = 107
+# Where an ended instance's directories go to be removed in the background, in the instances'
+# runtime and library dirs (no instance name starts with a dot). Removing the 25 files of a pod
+# took 20-30 ms of each RemovePodSandbox on a loaded machine; a rename is one call, and what a
+# crash leaves there goes with the rest at the next start (remove_stale).
+TRASH = ".trash"
 # How long the nested daemon gets to stop its own workloads on Free, beyond
 # its grace period, before it is killed with everything else in the cell.
 SHUTDOWN_ALLOWANCE = 10.0
@@ -147,6 +153,12 @@ class InstanceProcess:
 
     def wait(self, timeout: float | None) -> bool:
         return self.ended.wait(timeout)
+
+    def kill(self) -> None:
+        try:
+            signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
     def stop(self, grace: float) -> None:
         """SIGTERM, then SIGKILL after `grace` seconds."""
@@ -235,6 +247,10 @@ class Instances:
         self._authority: CertificateAuthority | None = None
         self._trust: Trust | None = None
         self._closing = False
+        # Trash directories being emptied (see TRASH), each by one thread: True when more was
+        # thrown in since it last looked.
+        self._emptying: dict[Path, bool] = {}
+        self._emptiers: list[threading.Thread] = []
         self._template = Template([*TEMPLATE_PRELOAD, *preload], TEMPLATE_ENTRY, python)
         # Called (outside any lock) once an instance is gone, however it went.
         self.on_ended: Callable[[Instance], None] | None = None
@@ -369,6 +385,7 @@ class Instances:
         for thread in threads:
             thread.join()
         self._template.close()
+        self._wait_for_trash()
         shutil.rmtree(self._directory, ignore_errors=True)
         shutil.rmtree(self._library, ignore_errors=True)
 
@@ -384,7 +401,12 @@ class Instances:
 
     def _end(self, instance: Instance, *, kill: bool = False) -> None:
         if instance.process is not None:
-            instance.process.stop(0.0 if kill else self._grace + SHUTDOWN_ALLOWANCE)
+            if kill:
+                # Not waited for: freeing the cell ends its pid namespace (or kills what is
+                # left in its cgroups), and close() below waits for the daemon's end.
+                instance.process.kill()
+            else:
+                instance.process.stop(self._grace + SHUTDOWN_ALLOWANCE)
         try:
             self._workloads.free(instance.cell, grace=0, _shutting_down=self._closing)
         except NotFound:
@@ -439,8 +461,49 @@ class Instances:
         write_credential(server, pki / "server.crt", pki / "server.key")
 
     def _remove_directories(self, instance: Instance) -> None:
-        shutil.rmtree(instance.directory, ignore_errors=True)
-        shutil.rmtree(instance.library, ignore_errors=True)
+        for directory in (instance.directory, instance.library):
+            trash = directory.parent / TRASH
+            trash.mkdir(mode=0o700, exist_ok=True)
+            try:
+                os.rename(directory, trash / f"{directory.name}.{secrets.token_hex(4)}")
+            except FileNotFoundError:
+                continue
+            except OSError:
+                shutil.rmtree(directory, ignore_errors=True)
+                continue
+            self._empty_trash(trash)
+
+    def _empty_trash(self, trash: Path) -> None:
+        """Remove what is in `trash`, in a thread of its own; shutdown waits for it."""
+        with self._lock:
+            if trash in self._emptying:
+                self._emptying[trash] = True  # the running thread looks again
+                return
+            self._emptying[trash] = False
+            thread = threading.Thread(target=self._emptier, args=(trash,),
+                                      name="instance-trash", daemon=True)
+            self._emptiers.append(thread)
+        thread.start()
+
+    def _emptier(self, trash: Path) -> None:
+        while True:
+            for entry in list(trash.iterdir()) if trash.exists() else []:
+                shutil.rmtree(entry, ignore_errors=True)
+            with self._lock:
+                if not self._emptying[trash]:
+                    del self._emptying[trash]
+                    self._emptiers.remove(threading.current_thread())
+                    return
+                self._emptying[trash] = False
+
+    def _wait_for_trash(self) -> None:
+        while True:
+            with self._lock:
+                threads = list(self._emptiers)
+            if not threads:
+                return
+            for thread in threads:
+                thread.join()
 
     def _start_daemon(self, instance: Instance) -> InstanceProcess:
         namespaces = self._workloads.namespaces_of(instance.cell)
