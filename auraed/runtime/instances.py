@@ -34,7 +34,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from cryptography import x509
@@ -46,6 +46,7 @@ from auraed.errors import AlreadyExists, FailedPrecondition, InvalidArgument, No
 from auraed.kernel.cgroups import CgroupLimits
 from auraed.kernel.template import Template, TemplateError
 from auraed.runtime.names import CellName
+from auraed.runtime.standby import Claim, ClaimError, send_claim
 from auraed.runtime.workloads import CellSpec, Workloads
 
 log = logging.getLogger("auraed.instances")
@@ -60,6 +61,8 @@ TEMPLATE_PRELOAD = ["auraed.server", "auraed.kernel.spawner.server", "grpc._serv
                     "grpc._interceptor", "concurrent.futures.thread", "encodings.ascii"]
 TEMPLATE_ENTRY = "auraed.__main__:main"
 SOCKET_NAME = "auraed.sock"
+# Where a spare's daemon waits for its claim, in the instance's directory.
+STANDBY_SOCKET = "standby.sock"
 # The top cell pods' cgroup parents go under (auraed.cri.sandboxes): instances below it are
 # stale at start like those at the top.
 POD_PARENTS = "kubepods"
@@ -96,6 +99,9 @@ class InstanceSpec:
     daemon_arguments: tuple[str, ...] = ()
     # What the caller recorded with it (Instance.labels), sorted by key.
     labels: tuple[tuple[str, str], ...] = ()
+    # A spare: its daemon waits for a claim (claim(); auraed.runtime.standby) before it makes
+    # its cgroup subtree and serves.
+    standby: bool = False
 
     @property
     def cell(self) -> CellName:
@@ -114,6 +120,9 @@ class Instance:
     started_at: float = 0.0
     freeing: bool = False
     ended: threading.Event = field(default_factory=threading.Event)
+    # Held while a spare is claimed (its cell moves): ending it waits, so that it ends the
+    # cell where it is.
+    moving: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def name(self) -> str:
@@ -340,6 +349,48 @@ class Instances:
     def mark_answering(self, instance: Instance) -> None:
         instance.started_at = time.time()
 
+    def claim(self, name: str, spec: InstanceSpec, timeout: float = 60.0) -> Instance:
+        """Make the spare `name` (spawned with standby) the instance `spec` describes, whose
+        name must be the spare's and whose isolation must match: its cell moved to spec's
+        place with spec's limits (Workloads.rehome: the limits written, then every process
+        moved), then its daemon told its cgroup subtree and hostname. Like spawn(), the
+        instance is not yet known to answer. On a failure the spare is left as it was, for the
+        caller to free."""
+        with self._lock:
+            instance = self._instances.get(name)
+            if self._closing:
+                raise Unavailable("the daemon is shutting down")
+            if instance is None or instance.process is None or not instance.process.running:
+                raise NotFound(f"spare instance {name} does not exist", field="instance_name")
+            if instance.freeing or not instance.spec.standby or instance.moving.locked():
+                raise FailedPrecondition(f"instance {name} is not a spare",
+                                         field="instance_name")
+            old = instance.spec
+            if (spec.name, spec.isolate_process, spec.isolate_network) != (
+                    old.name, old.isolate_process, old.isolate_network):
+                raise FailedPrecondition(f"spare {name} has other namespaces than asked for",
+                                         field="instance_name")
+            instance.moving.acquire()
+            process = instance.process
+        try:
+            spec = replace(spec, standby=False, daemon_arguments=old.daemon_arguments)
+            self._workloads.rehome(instance.cell, spec.cell, CellSpec(
+                spec.limits, isolate_process=spec.isolate_process,
+                isolate_network=spec.isolate_network, hostname=spec.hostname))
+            instance.spec, instance.cell = spec, spec.cell
+            backend = self._workloads.backend
+            try:
+                send_claim(instance.directory / STANDBY_SOCKET, Claim(
+                    f"{backend.root_name}/{spec.cell.path}/{CGROUP_LEAF}",
+                    spec.hostname), timeout, alive=lambda: not process.ended.is_set())
+            except ClaimError as error:
+                raise FailedPrecondition(f"spare instance {name} did not take its claim: "
+                                         f"{error}") from None
+        finally:
+            instance.moving.release()
+        log.info("spare instance claimed", extra={"instance": name, "cell": spec.cell.path})
+        return instance
+
     def free(self, name: str, *, kill: bool = False, _shutting_down: bool = False) -> None:
         """Stop the instance's daemon (it stops its own workloads), then remove its cell with
         whatever is left in it, and its directories. kill: end the daemon at once instead,
@@ -400,6 +451,10 @@ class Instances:
             log.exception("freeing instance during shutdown failed", extra={"instance": name})
 
     def _end(self, instance: Instance, *, kill: bool = False) -> None:
+        with instance.moving:
+            self._end_where_it_is(instance, kill=kill)
+
+    def _end_where_it_is(self, instance: Instance, *, kill: bool) -> None:
         if instance.process is not None:
             if kill:
                 # Not waited for: freeing the cell ends its pid namespace (or kills what is
@@ -528,7 +583,8 @@ class Instances:
             "--server-key", str(pki / "server.key"),
             "--runtime-dir", str(instance.directory / "run"),
             "--library-dir", str(instance.library),
-            "--cgroup-root", f"{backend.root_name}/{instance.cell.path}/{CGROUP_LEAF}",
+            *(("--standby", str(instance.directory / STANDBY_SOCKET)) if instance.spec.standby
+              else ("--cgroup-root", f"{backend.root_name}/{instance.cell.path}/{CGROUP_LEAF}")),
             "--cgroup-mount", self._cgroup_mount,
             "--grace-period", str(self._grace),
             "--operator", str(self.spiffe_id),
