@@ -37,6 +37,7 @@ import logging
 import secrets
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -75,6 +76,10 @@ CRI_SOCKET = "cri.sock"
 READY_TIMEOUT = 60.0
 _SOCKET_POLL = 0.003
 _ATTEMPT = 0.5
+# A spare's cell until it is claimed (the pod's limits replace them): its start runs in the
+# background, so it yields the CPU to the pods that run (kubelet starts a node's pods in a
+# burst, and a spare refilled meanwhile took the two cores from them).
+SPARE_LIMITS = CgroupLimits(cpu_weight=1)
 # Calls to an instance that wait for nothing but the instance itself.
 CALL_TIMEOUT = 60.0
 # containerd's answer for a container whose process it lost track of.
@@ -176,6 +181,8 @@ class PodInstances:
         self.records = records
         self._lock = threading.RLock()
         self._parents = threading.Lock()
+        # Pods by the cgroup parent they hold (_hold_parent), starting ones included.
+        self._held: Counter[CellName] = Counter()
         self._pods: dict[str, Pod] = {}
         self._by_container: dict[str, PodContainer] = {}
         self._spare_count = spares
@@ -198,6 +205,7 @@ class PodInstances:
                 self.records.delete(str(record.get("id")))
                 continue
             self._pods[pod.id] = pod
+            self._held[pod.parent] += 1  # released by its RemovePodSandbox, as any pod's
             for container in pod.containers.values():
                 self._by_container[container.id] = container
             self._save(pod)
@@ -376,7 +384,8 @@ class PodInstances:
                     return
             name = INSTANCE_PREFIX + secrets.token_hex(6)
             try:
-                spare = self.instances.spawn(self._spec(name, True, True, standby=True))
+                spare = self.instances.spawn(replace(
+                    self._spec(name, True, True, standby=True), limits=SPARE_LIMITS))
             except RuntimeFault as fault:
                 log.warning("could not start a spare pod instance",
                             extra={"instance": name, "error": fault.message})
@@ -639,7 +648,10 @@ class PodInstances:
             pass  # being freed by the daemon's shutdown
 
     def _hold_parent(self, parent: CellName) -> None:
+        """Allocate the parent cells a pod goes below, and count the pod as their user from
+        now until _release_parent: from the start of its RunPodSandbox, not from its end."""
         with self._parents:
+            self._held[parent] += 1
             for name in (*parent.ancestors(), parent):
                 try:
                     self.workloads.allocate(name, CellSpec(CgroupLimits()))
@@ -647,10 +659,15 @@ class PodInstances:
                     pass
 
     def _release_parent(self, parent: CellName) -> None:
-        """Free the parent cells no pod uses any more, deepest first."""
+        """Free the parent cells no pod uses any more, deepest first. A pod still starting
+        counts as a user: freeing a shared parent under it (the last running pod of
+        `kubepods` removed while another started) killed its instance as it began to serve."""
         with self._parents:
-            with self._lock:
-                used = [p.parent for p in self._pods.values()]
+            if self._held[parent] > 0:
+                self._held[parent] -= 1
+                if not self._held[parent]:
+                    del self._held[parent]
+            used = list(self._held)
             for name in reversed((*parent.ancestors(), parent)):
                 if any(other.is_within(name) for other in used):
                     return
@@ -659,7 +676,7 @@ class PodInstances:
                 except NotFound:
                     pass
                 except FailedPrecondition:
-                    return  # something else lives there (an instance still starting)
+                    return  # being freed already, or something else lives there
 
     def _save(self, pod: Pod) -> None:
         with self._lock:
