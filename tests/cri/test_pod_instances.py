@@ -17,7 +17,7 @@ import pytest
 
 from auraed.cri.generated import api_pb2 as cri
 from auraed.cri.generated import api_pb2_grpc as cri_grpc
-from tests.cri.test_cri import IMAGE, _verbose, _wait_for
+from tests.cri.test_cri import IMAGE, _verbose, _wait_for, spares
 from tests.support.daemon import DaemonProcess, cgroup_dirs, running_daemon
 
 pytestmark = pytest.mark.daemon
@@ -86,13 +86,6 @@ def _exec(runtime: cri_grpc.RuntimeServiceStub, container_id: str, *argv: str) -
     assert answer.exit_code == 0, answer.stderr
     stdout: bytes = answer.stdout
     return stdout
-
-
-def spares(daemon: DaemonProcess) -> list[str]:
-    """The spare pod instances: instances at the top of the daemon's cells (pods sit below
-    kubepods), by name."""
-    return sorted({d.name.removeprefix("instance-") for top in cgroup_dirs(daemon.cgroup_root)
-                   for d in top.glob("instance-pod-*")})
 
 
 def _import(daemon: DaemonProcess, image: Path) -> None:

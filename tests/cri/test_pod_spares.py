@@ -16,6 +16,7 @@ import pytest
 from auraed.cri.generated import api_pb2 as cri
 from auraed.cri.generated import api_pb2_grpc as cri_grpc
 from tests.cri.test_cri import _verbose, _wait_for
+from tests.cri.test_cri import spares as _spares
 from tests.cri.test_pod_instances import (
     _cgroup_of,
     _exec,
@@ -25,7 +26,6 @@ from tests.cri.test_pod_instances import (
     _start,
     cri_socket,  # noqa: F401 - a fixture
 )
-from tests.cri.test_pod_instances import spares as _spares
 from tests.support.daemon import DaemonProcess, cgroup_dirs, running_daemon
 
 pytestmark = pytest.mark.daemon
