@@ -69,6 +69,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="what a pod sandbox is: a spawned instance of this daemon whose "
                              "cells run the pod's containers (default), or a cell of this "
                              "daemon (what the daemon inside a pod instance serves)")
+    parser.add_argument("--cri-pod-spares", type=_not_negative, default=1, metavar="N",
+                        help="pod instances to keep started ahead, each waiting for a pod "
+                             "that does not share the node's namespaces (0: none; the first "
+                             "pod starts them; default: %(default)s)")
     parser.add_argument("--image-store", type=Path, metavar="DIR",
                         help="read images from this store, another daemon's, instead of the "
                              "library dir's own; read-only (a pod instance borrows its host's)")
@@ -100,7 +104,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vm-grace-period", type=float, default=30.0, metavar="SECONDS",
                         help="how long Stop and shutdown wait for a guest to power off before "
                              "a hard stop (default: %(default)s)")
+    parser.add_argument("--standby", type=Path, metavar="PATH",
+                        help="start as a spare: do everything that does not depend on the "
+                             "cgroup root, then wait for a claim on this Unix socket giving it "
+                             "(and a hostname) before serving; what a spare pod instance runs "
+                             "(see docs/cri.md)")
     return parser.parse_args(argv)
+
+
+def _not_negative(text: str) -> int:
+    return 0 if text.strip() == "0" else _positive(text)
 
 
 def _positive(text: str) -> int:
@@ -182,6 +195,7 @@ def main(argv: list[str] | None = None) -> None:
         **({"operators": tuple(args.operator)} if args.operator else {}),
         cri_socket=args.cri_socket,
         cri_pods=args.cri_pods,
+        cri_pod_spares=args.cri_pod_spares,
         image_store=args.image_store,
         metrics_address=args.metrics_address,
         metrics_allow_remote=args.metrics_allow_remote,
@@ -191,6 +205,7 @@ def main(argv: list[str] | None = None) -> None:
         vm_accelerator=args.vm_accelerator,
         vm_boot_timeout=args.vm_boot_timeout,
         vm_grace_period=args.vm_grace_period,
+        standby=args.standby,
     )
     sys.exit(Daemon(settings, spawner_seed=seed).run())
 

@@ -18,7 +18,7 @@ import stat
 import threading
 from collections.abc import Iterable
 from concurrent import futures
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import import_module
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -94,6 +94,11 @@ GC_THRESHOLDS = (50_000, 20, 100)
 # Threads no long-lived call may take (auraed.admission): List, Check, Allocate... always find
 # one. Short calls end in milliseconds, so a few dozen keep up with any number of clients.
 SHORT_CALL_WORKERS = 32
+# What the daemon of a pod's instance imports to serve the CRI (Daemon._serve_cri, pods as
+# cells): the instances' template imports it once when pods are instances, where each pod's
+# daemon imported it after the fork (40 ms of each pod's start on a loaded machine, and pages
+# of its own).
+POD_DAEMON_MODULES = ("auraed.cri.pods", "auraed.cri.service", "auraed.cri.server")
 # The development PKI's operator (`aurae-py pki init`); production daemons name theirs.
 DEFAULT_OPERATORS = ("spiffe://unsafe.aurae.io/admin",)
 
@@ -123,6 +128,8 @@ class Settings:
     # "instances": a pod sandbox is a spawned instance; "cells": a cell of this daemon (the
     # daemon inside a pod instance).
     cri_pods: str = "instances"
+    # Pod instances started ahead (auraed.cri.pod_instances); 0: none.
+    cri_pod_spares: int = 1
     # Another daemon's image store, read-only (a pod instance's daemon reads its host's).
     image_store: Path | None = None
     metrics_address: str | None = None
@@ -135,6 +142,9 @@ class Settings:
     vm_accelerator: str = "auto"
     vm_boot_timeout: float = 120.0
     vm_grace_period: float = 30.0
+    # A spare (a pod instance started ahead): everything that does not depend on where the
+    # daemon will be is done, then it waits on this Unix socket for its claim (auraed.claim).
+    standby: Path | None = None
 
 
 def _read_pki(settings: Settings) -> tuple[bytes, bytes, bytes]:
@@ -384,12 +394,6 @@ class Daemon:
         if target.kind == "unix":
             _prepare_unix_socket(target.display)
             Path(target.display).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-
-        try:
-            backend = detect_backend(root_name=settings.cgroup_root,
-                                     mount_root=settings.cgroup_mount)
-        except CgroupError as error:
-            raise StartupError(f"cgroups: {error}") from None
         self._events = EventJournal(settings.library_dir / EVENTS_DIR)
         try:
             self._events.open()
@@ -397,6 +401,14 @@ class Daemon:
             raise StartupError(f"event journal {self._events.directory}: {error}") from None
         # Before the workloads: they adopt containers (or clear what is left of them).
         self._open_images()
+        if settings.standby is not None:
+            settings = self.settings = self._await_claim(settings.standby)
+
+        try:
+            backend = detect_backend(root_name=settings.cgroup_root,
+                                     mount_root=settings.cgroup_mount)
+        except CgroupError as error:
+            raise StartupError(f"cgroups: {error}") from None
         self._workloads = Workloads(backend, settings.runtime_dir / "logs",
                                     default_grace=settings.grace_period, events=self._events,
                                     spawner_socket=settings.runtime_dir / SPAWNER_SOCKET,
@@ -417,7 +429,8 @@ class Daemon:
             cgroup_mount=settings.cgroup_mount, spiffe_id=own_spiffe_id(certificate),
             grace_period=settings.grace_period,
             forwarded_calls=settings.budget.total + settings.budget.operators,
-            template=self._template)
+            template=self._template,
+            preload=POD_DAEMON_MODULES if self._pods_are_instances else ())
         self._instances.remove_stale()
 
         self._open_vms(self._workloads)
@@ -475,6 +488,22 @@ class Daemon:
         self._health.serving()
         if self._template is not None:
             self._instances.warm()
+
+    @property
+    def _pods_are_instances(self) -> bool:
+        return self.settings.cri_socket is not None and self.settings.cri_pods == "instances"
+
+    def _await_claim(self, path: Path) -> Settings:
+        """A spare's wait for its claim: the settings it then starts with."""
+        from auraed.runtime.standby import ClaimError, await_claim
+
+        try:
+            claim = await_claim(path, stopping=self._stop)
+        except ClaimError as error:
+            raise StartupError(f"--standby {path}: {error}") from None
+        log.info("claimed", extra={"cgroup_root": claim.cgroup_root,
+                                   "hostname": claim.hostname or ""})
+        return replace(self.settings, cgroup_root=claim.cgroup_root, standby=None)
 
     def _servicers(self, workloads: Workloads, health: HealthService) -> list[Servicer]:
         """The servicers that need the daemon's parts: one line each, and the only place a
@@ -548,7 +577,8 @@ class Daemon:
             from auraed.cri.relay import CriPodInstanceService
 
             self._pods = PodInstances(self._instances, self._workloads, self._images,
-                                      PodRecords(self.settings.library_dir / CRI_PODS_DIR))
+                                      PodRecords(self.settings.library_dir / CRI_PODS_DIR),
+                                      spares=self.settings.cri_pod_spares)
             try:
                 self._pods.open()
             except OSError as error:

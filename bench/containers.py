@@ -88,15 +88,21 @@ def _cells_lifecycle(client: aurae_sdk.Client, name: str) -> float:
 def run(quick: bool) -> list[Result]:
     runs = 10 if quick else 40
     cells = Series("Allocate isolated cell + Start image container `true` + Wait + Free", "ms")
-    pods = Series("CRI: RunPodSandbox + Create + Start + status until EXITED + Remove", "ms")
+    pods = Series("CRI: RunPodSandbox + Create + Start + status until EXITED + Remove "
+                  "(a spare claimed)", "ms")
+    bare = Series("CRI: the same, spares off (--cri-pod-spares 0)", "ms")
     runc = Series("runc run (same image layers as a read-only overlay, `true`)", "ms")
     with tempfile.TemporaryDirectory(prefix="aurae-bench-containers-") as tmp:
         where = Path(tmp)
         layout = _build_image(where)
-        socket = where / "cri.sock"
+        socket, bare_socket = where / "cri.sock", where / "cri-bare.sock"
         with running_daemon("--cri-socket", str(socket)) as daemon, daemon.client() as client, \
-                grpc.insecure_channel(f"unix:{socket}") as channel:
+                running_daemon("--cri-socket", str(bare_socket), "--cri-pod-spares",
+                               "0") as bare_daemon, bare_daemon.client() as bare_client, \
+                grpc.insecure_channel(f"unix:{socket}") as channel, \
+                grpc.insecure_channel(f"unix:{bare_socket}") as bare_channel:
             client.images.import_(file_name=str(layout))
+            bare_client.images.import_(file_name=str(layout))
             layers = sorted((daemon.workdir / "lib" / "images" / "layers" / "sha256").iterdir())
             manifest = client.images.inspect(image_name=IMAGE).image
             by_diff = {p.name: p for p in layers}
@@ -104,6 +110,7 @@ def run(quick: bool) -> list[Result]:
                        for layer in manifest.layers]
             bundle = _runc_bundle(where, ordered)
             runtime = cri_grpc.RuntimeServiceStub(channel)
+            bare_runtime = cri_grpc.RuntimeServiceStub(bare_channel)
             counter = iter(range(10**9))
 
             def runc_run() -> float:
@@ -116,12 +123,19 @@ def run(quick: bool) -> list[Result]:
             try:
                 # Cold: the first of each after the daemon started and the image was imported
                 # (its layers just written, so in the page cache; the spawner's spare ready).
+                # The first pod of a daemon has no spare (its RunPodSandbox starts one) and
+                # also starts the instances' warm template.
                 cold_cells = _cells_lifecycle(client, f"c{next(counter)}")
                 cold_pod = _cri_lifecycle(runtime, f"p{next(counter)}")
+                cold_bare = _cri_lifecycle(bare_runtime, f"p{next(counter)}")
                 cold_runc = runc_run()
                 interleave(runs, (cells, lambda: _cells_lifecycle(client, f"c{next(counter)}")),
                            (pods, lambda: _cri_lifecycle(runtime, f"p{next(counter)}")),
+                           (bare, lambda: _cri_lifecycle(bare_runtime, f"p{next(counter)}")),
                            (runc, runc_run), warmup=2)
+                # Back to back: BURST pods one after the other, the spare taken by the first
+                # and not refilled in time for the next ones.
+                in_a_row = [_cri_lifecycle(runtime, f"r{i}") for i in range(BURST)]
                 # A burst: BURST pods at once, as kubelet starts a node's pods after a reboot.
                 begin = time.perf_counter()
                 with ThreadPoolExecutor(BURST) as pool:
@@ -133,8 +147,12 @@ def run(quick: bool) -> list[Result]:
         Figure("container_lifecycle_cold", "First image container in an isolated cell after "
                "start (cold)", cold_cells, "ms", notes=f"runc's first run: {cold_runc:.1f} ms"),
         Figure("cri_pod_lifecycle_cold", "First CRI pod + container start to exit after start "
-               "(cold: it also starts the instances' warm template)", cold_pod, "ms",
-               notes=f"runc's first run: {cold_runc:.1f} ms"),
+               "(cold: no spare yet, and it also starts the instances' warm template)",
+               cold_pod, "ms", notes=f"spares off: {cold_bare:.1f} ms; "
+                                     f"runc's first run: {cold_runc:.1f} ms"),
+        Figure("cri_pod_in_a_row", f"{BURST} CRI pods + containers back to back (the spare "
+               "cannot refill between them): the slowest", max(in_a_row), "ms",
+               notes="each: " + ", ".join(f"{v:.1f}" for v in in_a_row) + " ms"),
         Figure("cri_pod_burst", f"{BURST} CRI pods + containers started to exit at once "
                "(wall time for all)", burst, "ms",
                notes=f"runc, one at a time: {BURST} x {runc.median:.1f} ms"),
@@ -142,6 +160,11 @@ def run(quick: bool) -> list[Result]:
                    "run of the same image", cells, runc, goal="<= 1.0x runc"),
         Comparison("cri_pod_lifecycle_vs_runc", "CRI pod + container start to exit vs runc run "
                    "of the same image", pods, runc, goal="<= 1.0x runc",
-                   notes="ours: a spawned instance per pod (a fork of the warm template), five "
-                         "RPCs relayed to its CRI, ContainerStatus polls"),
+                   notes="ours: a spare pod instance claimed (its cell moved below the pod's "
+                         "cgroup parent, its daemon told where it is), five RPCs relayed to "
+                         "its CRI, ContainerStatus polls"),
+        Comparison("cri_pod_lifecycle_no_spare_vs_runc", "CRI pod + container start to exit, "
+                   "spares off, vs runc run of the same image", bare, runc,
+                   goal="<= 1.0x runc",
+                   notes="ours: a spawned instance per pod (a fork of the warm template)"),
     ]

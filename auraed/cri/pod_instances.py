@@ -37,8 +37,9 @@ import logging
 import secrets
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -75,6 +76,10 @@ CRI_SOCKET = "cri.sock"
 READY_TIMEOUT = 60.0
 _SOCKET_POLL = 0.003
 _ATTEMPT = 0.5
+# A spare's cell until it is claimed (the pod's limits replace them): its start runs in the
+# background, so it yields the CPU to the pods that run (kubelet starts a node's pods in a
+# burst, and a spare refilled meanwhile took the two cores from them).
+SPARE_LIMITS = CgroupLimits(cpu_weight=1)
 # Calls to an instance that wait for nothing but the instance itself.
 CALL_TIMEOUT = 60.0
 # containerd's answer for a container whose process it lost track of.
@@ -168,15 +173,22 @@ def limits_of(resources: cri.LinuxContainerResources) -> CgroupLimits:
 
 class PodInstances:
     def __init__(self, instances: Instances, workloads: Workloads, store: ImageStore,
-                 records: PodRecords) -> None:
+                 records: PodRecords, *, spares: int = 1) -> None:
+        """spares: how many pod instances to keep started ahead (see _take_spare); 0: none."""
         self.instances = instances
         self.workloads = workloads
         self.store = store
         self.records = records
         self._lock = threading.RLock()
         self._parents = threading.Lock()
+        # Pods by the cgroup parent they hold (_hold_parent), starting ones included.
+        self._held: Counter[CellName] = Counter()
         self._pods: dict[str, Pod] = {}
         self._by_container: dict[str, PodContainer] = {}
+        self._spare_count = spares
+        self._spares: list[Instance] = []
+        self._refiller: threading.Thread | None = None
+        self._closing = False
 
     # ------------------------------------------------------------------ start and stop
 
@@ -193,6 +205,7 @@ class PodInstances:
                 self.records.delete(str(record.get("id")))
                 continue
             self._pods[pod.id] = pod
+            self._held[pod.parent] += 1  # released by its RemovePodSandbox, as any pod's
             for container in pod.containers.values():
                 self._by_container[container.id] = container
             self._save(pod)
@@ -226,6 +239,7 @@ class PodInstances:
     def detach(self) -> None:
         """The daemon stops but keeps the CRI's state (--live-restore): the containers' last
         statuses are recorded before the instances end with the daemon."""
+        self._discard_spares()
         for pod in self.sandboxes():
             if pod.live:
                 self._snapshot(pod)
@@ -233,6 +247,7 @@ class PodInstances:
 
     def shutdown(self) -> None:
         """Remove every pod (the daemon is stopping for good)."""
+        self._discard_spares()
         for pod in self.sandboxes():
             try:
                 self.remove(pod.id)
@@ -261,21 +276,14 @@ class PodInstances:
                     raise AlreadyExists(f"sandbox {metadata.namespace}/{metadata.name} attempt "
                                         f"{metadata.attempt} exists: {pod.id}",
                                         field="config.metadata")
-        name = INSTANCE_PREFIX + secrets.token_hex(6)
-        socket = self.instances.directory_of(name) / CRI_SOCKET
-        spec = InstanceSpec(
-            name, limits_of(config.linux.resources), parent=parent,
-            hostname=config.hostname or None,
-            isolate_process=cri.NODE not in (options.pid, options.ipc),
-            isolate_network=options.network != cri.NODE,
-            daemon_arguments=("--cri-socket", str(socket), "--cri-pods", "cells",
-                              "--image-store", str(self.store.root)))
         self._hold_parent(parent)
         try:
-            instance = self.instances.spawn(spec)
+            instance = self._start_instance(config, parent)
         except BaseException:
             self._release_parent(parent)
             raise
+        name = instance.name
+        socket = self.instances.directory_of(name) / CRI_SOCKET
         channel = grpc.insecure_channel(f"unix:{socket}", options=[
             ("grpc.max_receive_message_length", 16 * 1024 * 1024),
             ("grpc.max_send_message_length", 16 * 1024 * 1024),
@@ -302,6 +310,104 @@ class PodInstances:
                                                "cell": instance.cell.path,
                                                "pod": f"{metadata.namespace}/{metadata.name}"})
         return pod
+
+    # ------------------------------------------------------------------ spares
+
+    def _start_instance(self, config: cri.PodSandboxConfig, parent: CellName) -> Instance:
+        """The pod's instance, not yet answering: a spare claimed if one matches, else one
+        spawned; either way the spares are refilled in the background."""
+        options = config.linux.security_context.namespace_options
+        isolate_process = cri.NODE not in (options.pid, options.ipc)
+        isolate_network = options.network != cri.NODE
+
+        def spec(name: str) -> InstanceSpec:
+            return replace(self._spec(name, isolate_process, isolate_network),
+                           limits=limits_of(config.linux.resources), parent=parent,
+                           hostname=config.hostname or None)
+
+        try:
+            spare = self._take_spare(isolate_process, isolate_network)
+            if spare is not None:
+                claimed = self._claim(spare, spec(spare.name))
+                if claimed is not None:
+                    return claimed
+            return self.instances.spawn(spec(INSTANCE_PREFIX + secrets.token_hex(6)))
+        finally:
+            self._refill()
+
+    def _spec(self, name: str, isolate_process: bool, isolate_network: bool,
+              standby: bool = False) -> InstanceSpec:
+        """A pod instance's spec before the pod's own values: its name, isolation, daemon."""
+        socket = self.instances.directory_of(name) / CRI_SOCKET
+        return InstanceSpec(name, CgroupLimits(), isolate_process=isolate_process,
+                            isolate_network=isolate_network, standby=standby,
+                            daemon_arguments=("--cri-socket", str(socket), "--cri-pods", "cells",
+                                              "--image-store", str(self.store.root)))
+
+    def _take_spare(self, isolate_process: bool, isolate_network: bool) -> Instance | None:
+        """A spare started ahead, if one matches: spares have the pod's own namespaces, so a
+        pod that shares the node's pid, ipc or network takes none."""
+        if not (isolate_process and isolate_network):
+            return None
+        with self._lock:
+            while self._spares:
+                spare = self._spares.pop(0)
+                if _running(spare) and not spare.ended.is_set():
+                    return spare
+        return None
+
+    def _claim(self, spare: Instance, spec: InstanceSpec) -> Instance | None:
+        """The spare made the pod's instance; None (the spare freed) if it could not be."""
+        try:
+            return self.instances.claim(spare.name, spec)
+        except RuntimeFault as fault:
+            log.warning("a spare pod instance could not be claimed; spawning one",
+                        extra={"instance": spare.name, "error": fault.message})
+            self._free_instance(spare.name, kill=True)
+            return None
+
+    def _refill(self) -> None:
+        """Start spares in the background until there are as many as asked for: the first
+        RunPodSandbox of the daemon starts them (a daemon that runs no pod pays nothing)."""
+        with self._lock:
+            if (self._closing or len(self._spares) >= self._spare_count
+                    or (self._refiller is not None and self._refiller.is_alive())):
+                return
+            self._refiller = threading.Thread(target=self._fill, name="pod-spares",
+                                              daemon=True)
+            self._refiller.start()
+
+    def _fill(self) -> None:
+        while True:
+            with self._lock:
+                if self._closing or len(self._spares) >= self._spare_count:
+                    return
+            name = INSTANCE_PREFIX + secrets.token_hex(6)
+            try:
+                spare = self.instances.spawn(replace(
+                    self._spec(name, True, True, standby=True), limits=SPARE_LIMITS))
+            except RuntimeFault as fault:
+                log.warning("could not start a spare pod instance",
+                            extra={"instance": name, "error": fault.message})
+                return
+            with self._lock:
+                if not self._closing:
+                    self._spares.append(spare)
+                    continue
+            self._free_instance(name, kill=True)
+            return
+
+    def _discard_spares(self) -> None:
+        """No more spares: the refill stopped, every spare freed."""
+        with self._lock:
+            self._closing = True
+            refiller = self._refiller
+        if refiller is not None:
+            refiller.join()
+        with self._lock:
+            spares, self._spares = self._spares, []
+        for spare in spares:
+            self._free_instance(spare.name, kill=True)
 
     def _await_answer(self, instance: Instance, socket: Path,
                       stub: cri_grpc.RuntimeServiceStub) -> None:
@@ -542,7 +648,10 @@ class PodInstances:
             pass  # being freed by the daemon's shutdown
 
     def _hold_parent(self, parent: CellName) -> None:
+        """Allocate the parent cells a pod goes below, and count the pod as their user from
+        now until _release_parent: from the start of its RunPodSandbox, not from its end."""
         with self._parents:
+            self._held[parent] += 1
             for name in (*parent.ancestors(), parent):
                 try:
                     self.workloads.allocate(name, CellSpec(CgroupLimits()))
@@ -550,10 +659,15 @@ class PodInstances:
                     pass
 
     def _release_parent(self, parent: CellName) -> None:
-        """Free the parent cells no pod uses any more, deepest first."""
+        """Free the parent cells no pod uses any more, deepest first. A pod still starting
+        counts as a user: freeing a shared parent under it (the last running pod of
+        `kubepods` removed while another started) killed its instance as it began to serve."""
         with self._parents:
-            with self._lock:
-                used = [p.parent for p in self._pods.values()]
+            if self._held[parent] > 0:
+                self._held[parent] -= 1
+                if not self._held[parent]:
+                    del self._held[parent]
+            used = list(self._held)
             for name in reversed((*parent.ancestors(), parent)):
                 if any(other.is_within(name) for other in used):
                     return
@@ -562,7 +676,7 @@ class PodInstances:
                 except NotFound:
                     pass
                 except FailedPrecondition:
-                    return  # something else lives there (an instance still starting)
+                    return  # being freed already, or something else lives there
 
     def _save(self, pod: Pod) -> None:
         with self._lock:

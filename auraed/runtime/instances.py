@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import select
 import shutil
 import signal
@@ -34,7 +35,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from cryptography import x509
@@ -46,6 +47,7 @@ from auraed.errors import AlreadyExists, FailedPrecondition, InvalidArgument, No
 from auraed.kernel.cgroups import CgroupLimits
 from auraed.kernel.template import Template, TemplateError
 from auraed.runtime.names import CellName
+from auraed.runtime.standby import Claim, ClaimError, send_claim
 from auraed.runtime.workloads import CellSpec, Workloads
 
 log = logging.getLogger("auraed.instances")
@@ -56,6 +58,8 @@ DAEMON_NAME = "auraed"
 # beyond it is what the daemon itself imported (Instances.warm), computed, never listed.
 TEMPLATE_ENTRY = "auraed.__main__:main"
 SOCKET_NAME = "auraed.sock"
+# Where a spare's daemon waits for its claim, in the instance's directory.
+STANDBY_SOCKET = "standby.sock"
 # The top cell pods' cgroup parents go under (auraed.cri.sandboxes): instances below it are
 # stale at start like those at the top.
 POD_PARENTS = "kubepods"
@@ -65,6 +69,11 @@ CGROUP_LEAF = "auraed"
 MAX_NAME = 63 - len(CELL_PREFIX)
 # sockaddr_un.sun_path holds 108 bytes, the terminating NUL included.
 MAX_SOCKET_PATH = 107
+# Where an ended instance's directories go to be removed in the background, in the instances'
+# runtime and library dirs (no instance name starts with a dot). Removing the 25 files of a pod
+# took 20-30 ms of each RemovePodSandbox on a loaded machine; a rename is one call, and what a
+# crash leaves there goes with the rest at the next start (remove_stale).
+TRASH = ".trash"
 # How long the nested daemon gets to stop its own workloads on Free, beyond
 # its grace period, before it is killed with everything else in the cell.
 SHUTDOWN_ALLOWANCE = 10.0
@@ -87,6 +96,9 @@ class InstanceSpec:
     daemon_arguments: tuple[str, ...] = ()
     # What the caller recorded with it (Instance.labels), sorted by key.
     labels: tuple[tuple[str, str], ...] = ()
+    # A spare: its daemon waits for a claim (claim(); auraed.runtime.standby) before it makes
+    # its cgroup subtree and serves.
+    standby: bool = False
 
     @property
     def cell(self) -> CellName:
@@ -105,6 +117,9 @@ class Instance:
     started_at: float = 0.0
     freeing: bool = False
     ended: threading.Event = field(default_factory=threading.Event)
+    # Held while a spare is claimed (its cell moves): ending it waits, so that it ends the
+    # cell where it is.
+    moving: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def name(self) -> str:
@@ -144,6 +159,12 @@ class InstanceProcess:
 
     def wait(self, timeout: float | None) -> bool:
         return self.ended.wait(timeout)
+
+    def kill(self) -> None:
+        try:
+            signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
     def stop(self, grace: float) -> None:
         """SIGTERM, then SIGKILL after `grace` seconds."""
@@ -213,13 +234,15 @@ class Instances:
         forwarded_calls: int = 256,
         python: str = sys.executable,
         template: Template | None = None,
+        preload: tuple[str, ...] = (),
     ) -> None:
         """forwarded_calls: the long-lived calls the host may relay to one instance at once.
         Every relayed call reaches the instance as the host's identity, so the instance
         counts them in an operator reserve that large; the host's own budgets already hold
         each caller to its share. template: the one the daemon forked at its start
         (Template.fork_here), or, without, one started as a new interpreter at the first
-        Spawn; Instances closes it."""
+        Spawn; Instances closes it. preload: modules the template imports beyond what the
+        daemon imported, those the instances' daemons will import (a pod's: the CRI)."""
         self._workloads = workloads
         self._directory = runtime_dir / "instances"
         self._library = library_dir / "instances"
@@ -233,7 +256,13 @@ class Instances:
         self._authority: CertificateAuthority | None = None
         self._trust: Trust | None = None
         self._closing = False
+        # Trash directories being emptied (see TRASH), each by one thread: True when more was
+        # thrown in since it last looked.
+        self._emptying: dict[Path, bool] = {}
+        self._emptiers: list[threading.Thread] = []
         self._template = template if template is not None else Template(TEMPLATE_ENTRY, python)
+        if preload:
+            self._template.preload(list(preload))
         # Called (outside any lock) once an instance is gone, however it went.
         self.on_ended: Callable[[Instance], None] | None = None
 
@@ -336,6 +365,48 @@ class Instances:
     def mark_answering(self, instance: Instance) -> None:
         instance.started_at = time.time()
 
+    def claim(self, name: str, spec: InstanceSpec, timeout: float = 60.0) -> Instance:
+        """Make the spare `name` (spawned with standby) the instance `spec` describes, whose
+        name must be the spare's and whose isolation must match: its cell moved to spec's
+        place with spec's limits (Workloads.rehome: the limits written, then every process
+        moved), then its daemon told its cgroup subtree and hostname. Like spawn(), the
+        instance is not yet known to answer. On a failure the spare is left as it was, for the
+        caller to free."""
+        with self._lock:
+            instance = self._instances.get(name)
+            if self._closing:
+                raise Unavailable("the daemon is shutting down")
+            if instance is None or instance.process is None or not instance.process.running:
+                raise NotFound(f"spare instance {name} does not exist", field="instance_name")
+            if instance.freeing or not instance.spec.standby or instance.moving.locked():
+                raise FailedPrecondition(f"instance {name} is not a spare",
+                                         field="instance_name")
+            old = instance.spec
+            if (spec.name, spec.isolate_process, spec.isolate_network) != (
+                    old.name, old.isolate_process, old.isolate_network):
+                raise FailedPrecondition(f"spare {name} has other namespaces than asked for",
+                                         field="instance_name")
+            instance.moving.acquire()
+            process = instance.process
+        try:
+            spec = replace(spec, standby=False, daemon_arguments=old.daemon_arguments)
+            self._workloads.rehome(instance.cell, spec.cell, CellSpec(
+                spec.limits, isolate_process=spec.isolate_process,
+                isolate_network=spec.isolate_network, hostname=spec.hostname))
+            instance.spec, instance.cell = spec, spec.cell
+            backend = self._workloads.backend
+            try:
+                send_claim(instance.directory / STANDBY_SOCKET, Claim(
+                    f"{backend.root_name}/{spec.cell.path}/{CGROUP_LEAF}",
+                    spec.hostname), timeout, alive=lambda: not process.ended.is_set())
+            except ClaimError as error:
+                raise FailedPrecondition(f"spare instance {name} did not take its claim: "
+                                         f"{error}") from None
+        finally:
+            instance.moving.release()
+        log.info("spare instance claimed", extra={"instance": name, "cell": spec.cell.path})
+        return instance
+
     def free(self, name: str, *, kill: bool = False, _shutting_down: bool = False) -> None:
         """Stop the instance's daemon (it stops its own workloads), then remove its cell with
         whatever is left in it, and its directories. kill: end the daemon at once instead,
@@ -381,6 +452,7 @@ class Instances:
         for thread in threads:
             thread.join()
         self._template.close()
+        self._wait_for_trash()
         shutil.rmtree(self._directory, ignore_errors=True)
         shutil.rmtree(self._library, ignore_errors=True)
 
@@ -395,8 +467,17 @@ class Instances:
             log.exception("freeing instance during shutdown failed", extra={"instance": name})
 
     def _end(self, instance: Instance, *, kill: bool = False) -> None:
+        with instance.moving:
+            self._end_where_it_is(instance, kill=kill)
+
+    def _end_where_it_is(self, instance: Instance, *, kill: bool) -> None:
         if instance.process is not None:
-            instance.process.stop(0.0 if kill else self._grace + SHUTDOWN_ALLOWANCE)
+            if kill:
+                # Not waited for: freeing the cell ends its pid namespace (or kills what is
+                # left in its cgroups), and close() below waits for the daemon's end.
+                instance.process.kill()
+            else:
+                instance.process.stop(self._grace + SHUTDOWN_ALLOWANCE)
         try:
             self._workloads.free(instance.cell, grace=0, _shutting_down=self._closing)
         except NotFound:
@@ -451,8 +532,49 @@ class Instances:
         write_credential(server, pki / "server.crt", pki / "server.key")
 
     def _remove_directories(self, instance: Instance) -> None:
-        shutil.rmtree(instance.directory, ignore_errors=True)
-        shutil.rmtree(instance.library, ignore_errors=True)
+        for directory in (instance.directory, instance.library):
+            trash = directory.parent / TRASH
+            trash.mkdir(mode=0o700, exist_ok=True)
+            try:
+                os.rename(directory, trash / f"{directory.name}.{secrets.token_hex(4)}")
+            except FileNotFoundError:
+                continue
+            except OSError:
+                shutil.rmtree(directory, ignore_errors=True)
+                continue
+            self._empty_trash(trash)
+
+    def _empty_trash(self, trash: Path) -> None:
+        """Remove what is in `trash`, in a thread of its own; shutdown waits for it."""
+        with self._lock:
+            if trash in self._emptying:
+                self._emptying[trash] = True  # the running thread looks again
+                return
+            self._emptying[trash] = False
+            thread = threading.Thread(target=self._emptier, args=(trash,),
+                                      name="instance-trash", daemon=True)
+            self._emptiers.append(thread)
+        thread.start()
+
+    def _emptier(self, trash: Path) -> None:
+        while True:
+            for entry in list(trash.iterdir()) if trash.exists() else []:
+                shutil.rmtree(entry, ignore_errors=True)
+            with self._lock:
+                if not self._emptying[trash]:
+                    del self._emptying[trash]
+                    self._emptiers.remove(threading.current_thread())
+                    return
+                self._emptying[trash] = False
+
+    def _wait_for_trash(self) -> None:
+        while True:
+            with self._lock:
+                threads = list(self._emptiers)
+            if not threads:
+                return
+            for thread in threads:
+                thread.join()
 
     def _start_daemon(self, instance: Instance) -> InstanceProcess:
         namespaces = self._workloads.namespaces_of(instance.cell)
@@ -477,7 +599,8 @@ class Instances:
             "--server-key", str(pki / "server.key"),
             "--runtime-dir", str(instance.directory / "run"),
             "--library-dir", str(instance.library),
-            "--cgroup-root", f"{backend.root_name}/{instance.cell.path}/{CGROUP_LEAF}",
+            *(("--standby", str(instance.directory / STANDBY_SOCKET)) if instance.spec.standby
+              else ("--cgroup-root", f"{backend.root_name}/{instance.cell.path}/{CGROUP_LEAF}")),
             "--cgroup-mount", self._cgroup_mount,
             "--grace-period", str(self._grace),
             "--operator", str(self.spiffe_id),

@@ -698,6 +698,73 @@ class Workloads:
                                         "limits": ",".join(changed.set_fields())})
         return spec
 
+    def rehome(self, name: CellName, new_name: CellName, spec: CellSpec) -> Cell:
+        """Move a childless cell to `new_name` (whose parent exists) with the limits and labels
+        of `spec`: the new cgroups are made with the limits first, then every process of the
+        cell moves into them (in each hierarchy), then the old cgroups go. The namespaces come
+        along (their holder is one of the processes), so isolation cannot change; the hostname
+        in `spec` is recorded, and setting it in the uts namespace is the caller's (the cell's
+        own processes may: the holder does not). A spare instance becomes a pod so.
+
+        On a failure the cell stays where it was, with its processes."""
+        with self._lock:
+            self._check_open()
+            cell = self._cell_for_change(name)
+            parent = self._cell_for_change(new_name.parent) if new_name.parent else None
+            if new_name in self._cells:
+                raise AlreadyExists(f"cell {new_name} already exists", subject=Subject.CELL)
+            if cell.children or cell.executables or cell.owner is not None:
+                raise FailedPrecondition(f"cell {name} has child cells, executables or an "
+                                         "owner: it cannot move", subject=Subject.CELL)
+            if spec.unshared != cell.spec.unshared:
+                raise FailedPrecondition(f"cell {name}: isolation cannot change in a move",
+                                         subject=Subject.CELL)
+            if parent is not None and (parent.namespaces is not None or parent.owner):
+                # Its holder would stay outside the new parent's namespaces.
+                raise FailedPrecondition(f"cell {new_name.parent} has namespaces or an owner: "
+                                         "a cell cannot move below it", subject=Subject.CELL)
+            try:
+                self.backend.create(new_name.path, spec.limits)
+            except InvalidLimit as error:
+                raise InvalidArgument(str(error), subject=error.field) from None
+            except (UnsupportedLimit, LimitRefused) as error:
+                raise FailedPrecondition(str(error), subject=error.field) from None
+            except (UnsafePath, CgroupExists) as error:
+                raise FailedPrecondition(f"cannot move cell {name} to {new_name}: {error}",
+                                         subject=Subject.CELL) from None
+            try:
+                self.backend.move_processes(name.path, new_name.path)
+            except CgroupError as error:
+                try:
+                    self.backend.move_processes(new_name.path, name.path)
+                    self.backend.remove(new_name.path)
+                except CgroupError:
+                    log.exception("could not undo a failed cell move",
+                                  extra={"cell": name.path, "to": new_name.path})
+                raise FailedPrecondition(f"cannot move cell {name} to {new_name}: {error}",
+                                         subject=Subject.CELL) from None
+            try:
+                self.backend.remove(name.path)
+            except CgroupError:
+                log.warning("the moved cell's old cgroups could not be removed",
+                            extra={"cell": name.path}, exc_info=True)
+            del self._cells[name]
+            if name.parent is not None and name.parent in self._cells:
+                self._cells[name.parent].children.pop(name.leaf, None)
+            self._spawner.forget(restore.cell_key(name))
+            _remove_directory(self._log_root / name.path, only_if_empty=True)
+            cell.name, cell.spec = new_name, spec
+            self._cells[new_name] = cell
+            if parent is not None:
+                parent.children[new_name.leaf] = cell
+            self._keep_record(cell)
+            self._changed()
+            self.events.cell_freed(name)
+            self.events.cell_allocated(new_name)
+        log.info("cell moved", extra={"cell": name.path, "to": new_name.path,
+                                      "limits": ",".join(spec.limits.set_fields())})
+        return cell
+
     def _keep_record(self, cell: Cell) -> None:
         """What the next daemon adopts the cell with: kept by the spawner, which outlives us."""
         spec = cell.spec

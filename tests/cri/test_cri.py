@@ -72,6 +72,13 @@ def _container_cgroup(runtime: cri_grpc.RuntimeServiceStub, container_id: str) -
         container_id=container_id, verbose=True))["cgroup"])
 
 
+def spares(daemon: DaemonProcess) -> list[str]:
+    """The spare pod instances: instances at the top of the daemon's cells (pods sit below
+    kubepods), by name."""
+    return sorted({d.name.removeprefix("instance-") for top in cgroup_dirs(daemon.cgroup_root)
+                   for d in top.glob("instance-pod-*")})
+
+
 def _wait_for(condition: Any, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -244,7 +251,9 @@ def test_core_flow(crid: Cri, tmp_path: Path) -> None:
     top = cgroup_dirs(crid.daemon.cgroup_root)
     assert all(not (d / "kubepods").exists() for d in top)
     assert list((crid.daemon.runtime_dir / "containers").iterdir()) == []
-    assert not list((crid.daemon.runtime_dir / "instances").glob("pod-*"))
+    # What is left is the spare started for the next pod (tests/cri/test_pod_spares.py).
+    assert sorted(p.name for p in (crid.daemon.runtime_dir / "instances").glob("pod-*")
+                  ) == spares(crid.daemon)
 
 
 def test_memory_limit_shows_oom_killed(crid: Cri, tmp_path: Path) -> None:

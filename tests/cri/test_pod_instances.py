@@ -17,7 +17,7 @@ import pytest
 
 from auraed.cri.generated import api_pb2 as cri
 from auraed.cri.generated import api_pb2_grpc as cri_grpc
-from tests.cri.test_cri import IMAGE, _verbose, _wait_for
+from tests.cri.test_cri import IMAGE, _verbose, _wait_for, spares
 from tests.support.daemon import DaemonProcess, cgroup_dirs, running_daemon
 
 pytestmark = pytest.mark.daemon
@@ -164,7 +164,9 @@ def test_pod_is_an_instance_with_kubelets_pid_modes(
                 assert not Path(f"/proc/{instance_pids[0]}").exists()
                 assert not any(Path(f"/proc/{i['pid']}").exists() for i in infos.values())
             assert all(not (d / "kubepods").exists() for d in cgroup_dirs(daemon.cgroup_root))
-            assert not list((daemon.runtime_dir / "instances").glob("pod-*"))
+            # What is left is the spare started for the next pod (tests/cri/test_pod_spares.py).
+            assert sorted(p.name for p in (daemon.runtime_dir / "instances").glob("pod-*")
+                          ) == spares(daemon)
             assert runtime.ListContainers(cri.ListContainersRequest(),
                                           timeout=30).containers == []
 

@@ -393,6 +393,33 @@ class CgroupBackend(ABC):
             return (*cell_components(cell_path), PROCS_LEAF)
         return _scope_components(scope) if scope is not None else (HOST_LEAF, SPAWNER_LEAF)
 
+    def move_processes(self, from_cell: str, to_cell: str,
+                       timeout: float = DEFAULT_TIMEOUT) -> None:
+        """Move every process of `from_cell`'s own leaf into `to_cell`'s, in every hierarchy
+        (each v1 hierarchy holds its own membership; v2 has one), until none is left there.
+        Child cells are not moved: their cgroups stay where they are.
+
+        A process ending meanwhile is no error; CgroupBusy if processes keep appearing
+        (forking faster than they are moved) past `timeout` seconds.
+        """
+        source = (*cell_components(from_cell), PROCS_LEAF)
+        target = (*cell_components(to_cell), PROCS_LEAF)
+        deadline = time.monotonic() + timeout
+        # cpuset first, as for a join (see join_files): the move a full cpuset refuses comes
+        # before any other.
+        for hierarchy in self._hierarchies:
+            with self._open(hierarchy, source) as from_fd, \
+                    self._open(hierarchy, target) as to_fd:
+                while pids := cgroupfs.read_pids(from_fd):
+                    if time.monotonic() > deadline:
+                        raise CgroupBusy(self._name(source), pids)
+                    for pid in sorted(pids):
+                        try:
+                            # cgroup.procs: the whole thread group at once.
+                            cgroupfs.write_file(to_fd, "cgroup.procs", str(pid))
+                        except ProcessLookupError:
+                            pass  # ended meanwhile
+
     def pids(self, cell_path: str, recursive: bool = True) -> set[int]:
         """Processes in the cell; with recursive=False, those of its child cells are left out."""
         return self._pids(cell_components(cell_path), recursive)
