@@ -3,7 +3,9 @@
 The daemon runs many gRPC threads, and running Python between fork and exec in a threaded process
 is unsafe. This process runs nothing but its request loop, so its forked children can safely place
 themselves in cgroups and namespaces, drop privileges and close stray fds before exec (the steps
-are in auraed.kernel.spawner.child). It also owns every wait: it is a child subreaper, reaps all
+are in auraed.kernel.spawner.child). A workload that joins no namespace and has no root
+filesystem of its own needs none of that: it is started with no Python in its child
+(auraed.kernel.spawner.direct) while the spawner visits its cgroups (see _visiting). It also owns every wait: it is a child subreaper, reaps all
 children and reports the exits of the workloads it started. Standard library only, so that it
 starts fast.
 
