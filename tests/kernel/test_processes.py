@@ -634,21 +634,28 @@ def test_a_visiting_start_as_another_user_gets_exactly_its_session_fds_env_and_i
     placed_spawner: Spawner, exits: ExitLog, placed: tuple[list[Path], list[Path]],
 ) -> None:
     _, cell = placed
-    # The shell's own /proc entries ($$): what the workload itself was started with.
-    script = ("echo $$; ls /proc/$$/fd | tr '\\n' ' '; echo; cat /proc/$$/environ; echo; "
-              "cut -d' ' -f1,5,6 /proc/$$/stat; "
-              "grep -E '^(Uid|Gid|Groups|Umask|SigIgn|SigBlk):' /proc/$$/status")
+    join = [str(c / "cgroup.procs") for c in cell]
+    # The shell's own /proc entries ($$), read by its children while it waits with no pipe
+    # of its own open: what the workload was started with.
+    script = "echo $$; cat /proc/$$/environ; echo; cut -d' ' -f1,5,6 /proc/$$/stat; ls /proc/$$/fd"
     output, status = run_to_end(
         placed_spawner, exits, ["/bin/sh", "-c", script], uid=NOBODY, gid=NOBODY,
-        env={"PATH": "/bin:/usr/bin", "GREETING": "hi"},
-        cgroup_join=[str(c / "cgroup.procs") for c in cell])
+        env={"PATH": "/bin:/usr/bin", "GREETING": "hi"}, cgroup_join=join)
     assert status == ExitStatus(exit_code=0, signal=None)
-    shell, fds, environ, stat, *status_lines = output.decode().splitlines()
-    assert fds.split() == ["0", "1", "2"]
+    shell, environ, stat, *fds = output.decode().splitlines()
+    assert fds == ["0", "1", "2"]
     assert sorted(environ.split("\0")[:-1]) == ["GREETING=hi", "PATH=/bin:/usr/bin"]
     # The leader of its own session and process group.
     assert stat.split() == [shell, shell, shell]
-    fields = {key: value.split() for key, _, value in (line.partition(":") for line in status_lines)}
+    # grep exec'd as the workload itself reads its own state as it began (a shell waiting
+    # for a child blocks signals meanwhile).
+    output, status = run_to_end(
+        placed_spawner, exits, ["grep", "-E", "^(Uid|Gid|Groups|Umask|SigIgn|SigBlk):",
+                                "/proc/self/status"],
+        uid=NOBODY, gid=NOBODY, cgroup_join=join)
+    assert status == ExitStatus(exit_code=0, signal=None)
+    fields = {key: value.split() for key, _, value in
+              (line.partition(":") for line in output.decode().splitlines())}
     assert fields["Uid"] == [str(NOBODY)] * 4 and fields["Gid"] == [str(NOBODY)] * 4
     assert fields["Groups"] == [] and fields["Umask"] == ["0022"]
     assert int(fields["SigIgn"][0], 16) == 0 and int(fields["SigBlk"][0], 16) == 0
