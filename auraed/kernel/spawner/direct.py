@@ -5,8 +5,9 @@ only for what needs it: namespaces to join, a container's root filesystem. Every
 workload asks for is a fork_exec argument: stdio, close every other fd, a new session, umask,
 working directory, environment, groups, gid and uid. The child is then C code from fork to
 exec, and a vfork (no copy of the spawner's page tables, no copy-on-write faults afterwards)
-when no ids change. Measured on the test machines: 0.13 ms from fork_exec to a running `sh`
-against 0.2 ms for posix_spawn through ctypes and 1.5-3 ms for a Python fork and its steps.
+when no ids change. Measured on the test machines (a small process, root cpu cgroup, loaded):
+0.13 ms from fork_exec to a running `sh` against 0.2 ms for posix_spawn through ctypes; the
+spawner's Python fork and its steps cost 1.5-3 ms more per start (bench/spawn.py).
 
 fork_exec is private to subprocess, so its argument list is pinned here for the versions it is
 known for (3.11-3.13 take the same 23); on any other one `available()` is False and the fork
