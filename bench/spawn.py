@@ -94,7 +94,8 @@ def run(quick: bool) -> list[Result]:
         os.close(devnull)
     return [
         Comparison("spawn_vs_fork", "Spawner start+exit of `true` vs subprocess.run", spawned, forked,
-                   notes="fork of a Python process (copy-on-write faults) vs vfork in subprocess"),
+                   notes="both vfork+exec with no Python in the child (fork_exec); ours adds the "
+                         "spawner round trip and the exit report"),
         Comparison("capture_vs_pipe",
                    f"Output capture throughput ({lines} lines, {size / 1e6:.1f} MB) vs a plain pipe",
                    captured, piped, higher_is_better=True),

@@ -206,53 +206,6 @@ def pivot_root(new_root: str, put_old: str) -> None:
     _check(_libc.syscall(number, new_root.encode(), put_old.encode()))
 
 
-# posix_spawn through glibc itself rather than os.posix_spawn: only so can the child's
-# default-signal set name glibc's two reserved real-time signals (32, 33; sigaddset refuses
-# them), which its posix_spawn otherwise leaves ignored in the child and so in the workload.
-_POSIX_SPAWN_SETSIGDEF = 0x04
-_POSIX_SPAWN_SETSID = 0x80
-_SIGSET_WORDS = 1024 // (8 * ctypes.sizeof(ctypes.c_ulong))
-# Opaque to us: room for glibc's posix_spawnattr_t (336 bytes) and file actions (80).
-_OPAQUE_BYTES = 1024
-_libc.posix_spawn.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_char_p, ctypes.c_void_p,
-                              ctypes.c_void_p, ctypes.POINTER(ctypes.c_char_p),
-                              ctypes.POINTER(ctypes.c_char_p)]
-_libc.posix_spawn.restype = ctypes.c_int
-_libc.posix_spawn_file_actions_adddup2.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
-_libc.posix_spawnattr_setflags.argtypes = [ctypes.c_void_p, ctypes.c_short]
-_libc.posix_spawnattr_setsigdefault.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-
-
-def spawn_in_new_session(path: str, argv: list[str], env: dict[str, str],
-                         stdio: tuple[int, int, int]) -> int:
-    """posix_spawn(path) as the leader of a new session, with stdio as fds 0-2 and every
-    signal at its default; its pid. OSError if it could not be exec'd (nothing is left)."""
-    attr = ctypes.create_string_buffer(_OPAQUE_BYTES)
-    actions = ctypes.create_string_buffer(_OPAQUE_BYTES)
-    _libc.posix_spawnattr_init(attr)
-    _libc.posix_spawn_file_actions_init(actions)
-    try:
-        defaults = (ctypes.c_ulong * _SIGSET_WORDS)()
-        for word in range(_SIGSET_WORDS):
-            defaults[word] = ~0 & (2 ** (8 * ctypes.sizeof(ctypes.c_ulong)) - 1)
-        _libc.posix_spawnattr_setsigdefault(attr, defaults)
-        _libc.posix_spawnattr_setflags(attr, _POSIX_SPAWN_SETSID | _POSIX_SPAWN_SETSIGDEF)
-        for target, fd in enumerate(stdio):
-            _libc.posix_spawn_file_actions_adddup2(actions, fd, target)
-        arguments = (ctypes.c_char_p * (len(argv) + 1))(*[a.encode() for a in argv], None)
-        environment = (ctypes.c_char_p * (len(env) + 1))(
-            *[f"{key}={value}".encode() for key, value in env.items()], None)
-        pid = ctypes.c_int()
-        error = _libc.posix_spawn(ctypes.byref(pid), path.encode(), actions, attr, arguments,
-                                  environment)
-    finally:
-        _libc.posix_spawn_file_actions_destroy(actions)
-        _libc.posix_spawnattr_destroy(attr)
-    if error:
-        raise OSError(error, os.strerror(error))
-    return pid.value
-
-
 _libc.malloc.argtypes = [ctypes.c_size_t]
 _libc.malloc.restype = ctypes.c_void_p
 _libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]

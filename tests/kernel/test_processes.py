@@ -3,6 +3,7 @@
 Needs root (uid switch, cgroups, namespaces).
 """
 
+import contextlib
 import errno
 import os
 import secrets
@@ -199,9 +200,17 @@ def test_a_workload_leads_its_own_session_and_process_group(
     assert int(pgrp) == int(session) == process.host_pid == process.pgid
 
 
+def settled(pid: int) -> None:
+    """Wait until pid sleeps in its program. The spawner's reply comes once the exec is past
+    its point of no return (a vfork parent resumes there), while the kernel may still be
+    laying out the new program's stack: /proc/<pid>/environ reads empty until then."""
+    wait_until(lambda: Path(f"/proc/{pid}/wchan").read_text() not in ("", "0"))
+
+
 def test_a_workload_starts_clean(start: Callable[..., SpawnedProcess]) -> None:
     process = start(["sleep", "300"])
     pid = process.host_pid
+    settled(pid)
     assert os.readlink(f"/proc/{pid}/cwd") == "/"
     assert Path(f"/proc/{pid}/environ").read_bytes() == f"PATH={DEFAULT_PATH}\0".encode()
     status = proc_status(pid)
@@ -218,6 +227,7 @@ def test_environment_and_working_directory_are_the_given_ones(
     start: Callable[..., SpawnedProcess],
 ) -> None:
     process = start(["sleep", "300"], env={"PATH": "/bin:/usr/bin", "GREETING": "hi"}, cwd="/tmp")
+    settled(process.host_pid)
     environ = Path(f"/proc/{process.host_pid}/environ").read_bytes()
     assert sorted(environ.split(b"\0")[:-1]) == [b"GREETING=hi", b"PATH=/bin:/usr/bin"]
     assert os.readlink(f"/proc/{process.host_pid}/cwd") == "/tmp"
@@ -555,3 +565,122 @@ def test_a_missing_birth_cgroup_is_a_cgroup_failure(
         start(["true"], cgroup_birth="/sys/fs/cgroup/unified/aurae-test-missing")
     assert (missing.value.stage, missing.value.errno) == ("cgroup", errno.ENOENT)
     assert children(spawner.pid) == []
+
+
+# --- started from C: the spawner visits the workload's cgroups and fork_execs it there ---
+
+# Hierarchies whose place shows in /proc/<pid>/cgroup and that need no set-up (unlike cpuset).
+VISITED = ("pids", "freezer", "cpu", "memory")
+
+
+@pytest.fixture
+def placed() -> Iterator[tuple[list[Path], list[Path]]]:
+    """Two scratch cgroups in each of VISITED: the spawner's own leaf, and a workload's."""
+    with contextlib.ExitStack() as stack:
+        own = [stack.enter_context(scratch_cgroup(Path("/sys/fs/cgroup") / h)) for h in VISITED]
+        cell = [stack.enter_context(scratch_cgroup(Path("/sys/fs/cgroup") / h)) for h in VISITED]
+        yield own, cell
+
+
+@pytest.fixture
+def placed_spawner(exits: ExitLog, placed: tuple[list[Path], list[Path]]) -> Iterator[Spawner]:
+    own, _ = placed
+    with Spawner(exits.record, cgroup_join=[str(c / "cgroup.procs") for c in own]) as running:
+        yield running
+
+
+def cgroups_of(text: str) -> dict[str, str]:
+    return {controllers: path for _, controllers, path in
+            (line.split(":", 2) for line in text.splitlines())}
+
+
+def run_to_end(spawner: Spawner, exits: ExitLog, command: str | list[str],
+               **spec: object) -> tuple[bytes, ExitStatus]:
+    out_r, out_w = os.pipe2(os.O_CLOEXEC)
+    try:
+        fields: dict[str, object] = {"uid": 0, "gid": 0, "stdout_fd": out_w, "stderr_fd": out_w}
+        fields.update(spec)
+        process = spawner.spawn(SpawnSpec(command=command, **fields))  # type: ignore[arg-type]
+        os.close(out_w)
+        out_w = -1
+        output = read_to_end(out_r)
+    finally:
+        os.close(out_r)
+        if out_w >= 0:
+            os.close(out_w)
+    return output, exits.wait_for(process.host_pid)
+
+
+def test_a_visiting_start_runs_its_first_instruction_in_the_cell_and_the_spawner_goes_back(
+    placed_spawner: Spawner, exits: ExitLog, placed: tuple[list[Path], list[Path]],
+) -> None:
+    own, cell = placed
+    # cat is the program exec'd, no shell before it: what it reads is where it began.
+    output, status = run_to_end(placed_spawner, exits, ["cat", "/proc/self/cgroup"],
+                                cgroup_join=[str(c / "cgroup.procs") for c in cell])
+    assert status == ExitStatus(exit_code=0, signal=None)
+    seen = cgroups_of(output.decode())
+    for hierarchy, cgroup in zip(VISITED, cell, strict=True):
+        assert seen[hierarchy] == f"/{cgroup.name}", hierarchy
+    # Back in its own leaf in every hierarchy, and nothing of it left in the cell.
+    spawner_groups = cgroups_of(Path(f"/proc/{placed_spawner.pid}/cgroup").read_text())
+    for hierarchy, cgroup in zip(VISITED, own, strict=True):
+        assert spawner_groups[hierarchy] == f"/{cgroup.name}", hierarchy
+    for cgroup in cell:
+        assert (cgroup / "cgroup.procs").read_text() == ""
+
+
+def test_a_visiting_start_as_another_user_gets_exactly_its_session_fds_env_and_ids(
+    placed_spawner: Spawner, exits: ExitLog, placed: tuple[list[Path], list[Path]],
+) -> None:
+    _, cell = placed
+    join = [str(c / "cgroup.procs") for c in cell]
+    # The shell's own /proc entries ($$), read by its children while it waits with no pipe
+    # of its own open: what the workload was started with.
+    script = "echo $$; cat /proc/$$/environ; echo; cut -d' ' -f1,5,6 /proc/$$/stat; ls /proc/$$/fd"
+    output, status = run_to_end(
+        placed_spawner, exits, ["/bin/sh", "-c", script], uid=NOBODY, gid=NOBODY,
+        env={"PATH": "/bin:/usr/bin", "GREETING": "hi"}, cgroup_join=join)
+    assert status == ExitStatus(exit_code=0, signal=None)
+    shell, environ, stat, *fds = output.decode().splitlines()
+    assert fds == ["0", "1", "2"]
+    assert sorted(environ.split("\0")[:-1]) == ["GREETING=hi", "PATH=/bin:/usr/bin"]
+    # The leader of its own session and process group.
+    assert stat.split() == [shell, shell, shell]
+    # grep exec'd as the workload itself reads its own state as it began (a shell waiting
+    # for a child blocks signals meanwhile).
+    output, status = run_to_end(
+        placed_spawner, exits, ["grep", "-E", "^(Uid|Gid|Groups|Umask|SigIgn|SigBlk):",
+                                "/proc/self/status"],
+        uid=NOBODY, gid=NOBODY, cgroup_join=join)
+    assert status == ExitStatus(exit_code=0, signal=None)
+    fields = {key: value.split() for key, _, value in
+              (line.partition(":") for line in output.decode().splitlines())}
+    assert fields["Uid"] == [str(NOBODY)] * 4 and fields["Gid"] == [str(NOBODY)] * 4
+    assert fields["Groups"] == [] and fields["Umask"] == ["0022"]
+    assert int(fields["SigIgn"][0], 16) == 0 and int(fields["SigBlk"][0], 16) == 0
+
+
+def test_a_visiting_start_that_fails_names_its_stage_and_leaves_the_spawner_home(
+    placed_spawner: Spawner, placed: tuple[list[Path], list[Path]],
+) -> None:
+    own, cell = placed
+    join = [str(c / "cgroup.procs") for c in cell]
+    with pytest.raises(SpawnError) as missing_program:
+        placed_spawner.spawn(SpawnSpec(command=["/nonexistent/program"], uid=0, gid=0,
+                                       stdout_fd=2, stderr_fd=2, cgroup_join=join))
+    assert (missing_program.value.stage, missing_program.value.errno) == ("exec", errno.ENOENT)
+    with pytest.raises(SpawnError) as missing_directory:
+        placed_spawner.spawn(SpawnSpec(command=["true"], uid=0, gid=0, cwd="/nonexistent",
+                                       stdout_fd=2, stderr_fd=2, cgroup_join=join))
+    assert (missing_directory.value.stage, missing_directory.value.errno) == ("chdir",
+                                                                              errno.ENOENT)
+    # A directory only root may enter is refused to another user, as its own steps would.
+    with pytest.raises(SpawnError) as forbidden:
+        placed_spawner.spawn(SpawnSpec(command=["true"], uid=NOBODY, gid=NOBODY, cwd="/root",
+                                       stdout_fd=2, stderr_fd=2, cgroup_join=join))
+    assert (forbidden.value.stage, forbidden.value.errno) == ("chdir", errno.EACCES)
+    spawner_groups = cgroups_of(Path(f"/proc/{placed_spawner.pid}/cgroup").read_text())
+    for hierarchy, cgroup in zip(VISITED, own, strict=True):
+        assert spawner_groups[hierarchy] == f"/{cgroup.name}", hierarchy
+    assert children(placed_spawner.pid) == []

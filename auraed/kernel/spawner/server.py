@@ -3,7 +3,9 @@
 The daemon runs many gRPC threads, and running Python between fork and exec in a threaded process
 is unsafe. This process runs nothing but its request loop, so its forked children can safely place
 themselves in cgroups and namespaces, drop privileges and close stray fds before exec (the steps
-are in auraed.kernel.spawner.child). It also owns every wait: it is a child subreaper, reaps all
+are in auraed.kernel.spawner.child). A workload that joins no namespace and has no root
+filesystem of its own needs none of that: it is started with no Python in its child
+(auraed.kernel.spawner.direct) while the spawner visits its cgroups (see _visiting). It also owns every wait: it is a child subreaper, reaps all
 children and reports the exits of the workloads it started. Standard library only, so that it
 starts fast.
 
@@ -46,10 +48,10 @@ from auraed.kernel.libc import (
     fork_into_cgroup,
     set_child_subreaper,
     setns,
-    spawn_in_new_session,
     unignore_reserved_signals,
     unshare,
 )
+from auraed.kernel.spawner import direct
 from auraed.kernel.spawner.child import (
     HOLDER_ALIVE,
     HOLDER_READY,
@@ -210,6 +212,9 @@ class ForkServer:
         # such a child when its cgroup once had a cgroup.kill. From then on children join by
         # writing, as on v1.
         self._births_in_cgroup = True
+        # Workloads that need no Python in their child are started by fork_exec (see
+        # _starts_without_python) where this interpreter's is one we know.
+        self._direct = direct.available()
 
     def serve(self) -> None:
         """Answer requests, report exits and write captured output until the daemon goes away
@@ -574,9 +579,9 @@ class ForkServer:
                 request.argv[0], request.env,
                 in_our_filesystem="mnt" not in namespace_fds and not request.rootfs,
             )
-            if not namespace_fds and self._spawns_as_it_is(request):
+            if not namespace_fds and self._starts_without_python(request):
                 with self._visiting(request.cgroup_join):
-                    pid = self._spawn_directly(request, executables, stdout, stderr)
+                    pid = self._start_directly(request, executables, stdout, stderr)
                 return pid, pid
             started = self._with_birth_fallback(
                 self._birth_cgroup(request), lambda cgroup: self._start_workload(
@@ -588,22 +593,34 @@ class ForkServer:
             raise SpawnError.at("fork", errno.ECHILD, "the child ended before it ran")
         return started
 
-    def _spawns_as_it_is(self, request: SpawnRequest) -> bool:
-        """Whether the workload needs nothing the spawner lacks: its uid, gid, no
-        supplementary groups, and the working directory "/" are the spawner's own, and its
-        cgroups are the spawner's (the host leaf) or a host scope the spawner can visit
-        (see _visiting): a host-level executable with default ids."""
-        return (bool(self._joined) and len(request.cgroup_join) == len(self._joined)
-                and request.uid == self._uid and request.gid == self._gid and not self._groups
-                and request.cwd == "/" and not request.rootfs)
+    def _starts_without_python(self, request: SpawnRequest) -> bool:
+        """Whether every step of the workload's child is a fork_exec argument (see
+        auraed.kernel.spawner.direct): it joins no namespace and has no root filesystem of its
+        own, and its cgroups are the spawner's own, none, or ones the spawner can visit and
+        come back from (see _visiting). A working directory other than "/" needs the
+        spawner's ids too: fork_exec changes directory before it changes ids, the child steps
+        after, so that a directory the workload's user may not enter is refused."""
+        if not self._direct or request.rootfs:
+            return False
+        if request.cgroup_join and len(request.cgroup_join) != len(self._joined):
+            return False
+        if request.cgroup_birth and not request.cgroup_join:
+            return False  # only a birth (clone3) can put it there
+        return self._same_ids(request) or request.cwd == "/"
+
+    def _same_ids(self, request: SpawnRequest) -> bool:
+        return request.uid == self._uid and request.gid == self._gid and not self._groups
 
     @contextmanager
     def _visiting(self, join_files: list[str]) -> Iterator[None]:
-        """Move the spawner into another cgroup (a host-level executable's scope) for a
-        posix_spawn, whose child is born where its parent is, then back to its own leaf.
-        Two joins per hierarchy cost far less than the fork posix_spawn avoids; the spawner
-        is single-threaded, so nothing else of it runs meanwhile."""
-        if join_files == self._joined:
+        """Move the spawner into the workload's cgroups (its cell's leaf, a host-level
+        executable's scope) for a fork_exec, whose child is born where its parent is, then
+        back to its own leaf. The workload never runs outside its cgroups, and no code of
+        ours runs in it. Two joins per hierarchy cost far less than the Python fork they
+        avoid; the spawner is single-threaded, so nothing else of it runs meanwhile (a v1
+        `tasks` file would move just this thread; on v2, where threads cannot be split
+        between cgroups, it is the whole process either way)."""
+        if not join_files or join_files == self._joined:
             yield
             return
         try:
@@ -617,25 +634,19 @@ class ForkServer:
             for path in self._joined:
                 write_file(path, b"0")
 
-    def _spawn_directly(self, request: SpawnRequest, executables: list[str], stdout: int,
+    def _start_directly(self, request: SpawnRequest, executables: list[str], stdout: int,
                         stderr: int) -> int:
-        """posix_spawn (a vfork: no copy of this process's memory, no Python in the child)
-        for a workload that differs from the spawner only in its session, stdio and umask.
-        Every fd of ours is close-on-exec, so only 0-2 reach it."""
-        failure: OSError = FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
-        previous = os.umask(0o022)  # the workload's; single-threaded, so no one else sees it
+        """fork_exec: the child is C code from fork to exec, and a vfork when the ids stay."""
+        ids = None if self._same_ids(request) else (request.uid, request.gid)
         try:
-            for executable in executables:
-                try:
-                    return spawn_in_new_session(executable, request.argv, request.env,
-                                                (self._devnull, stdout, stderr))
-                except OSError as error:
-                    missing = error.errno in (errno.ENOENT, errno.ENOTDIR)
-                    if not missing and failure.errno == errno.ENOENT:
-                        failure = error
-        finally:
-            os.umask(previous)
-        raise SpawnError.at("exec", failure.errno or 0, request.argv[0])
+            return direct.start(executables, request.argv, request.env,
+                                (self._devnull, stdout, stderr), cwd=request.cwd, ids=ids)
+        except direct.StartFailed as failure:
+            subject = {"chdir": request.cwd, "exec": request.argv[0]}.get(
+                failure.stage, f"uid {request.uid} gid {request.gid}")
+            raise SpawnError.at(failure.stage, failure.errno, subject) from None
+        except OSError as error:  # in the spawner itself: no pipe, no process left
+            raise SpawnError.at("fork", error.errno or 0) from None
 
     def _birth_cgroup(self, request: SpawnRequest) -> str | None:
         """The cgroup2 directory the request's child is to be born in, if births are on."""
