@@ -20,7 +20,9 @@ if TYPE_CHECKING:
 # first lines are pid 1's (auraed.pid1) and then the guest daemon's own log.
 CONSOLE_PHASES = (
     ("auraed-pid1: daemon started", "pid 1 started the guest's auraed"),
-    ("auraed serving", "the guest's auraed serves; waiting for its health check"),
+    # --serve-early: Health and Discovery answer first; Start returns on that health check.
+    ("auraed answering health", "the guest's auraed answers; waiting for its health check"),
+    ("auraed serving", "the guest's auraed serves every service"),
 )
 POLL_SECONDS = 0.5
 

@@ -104,6 +104,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vm-grace-period", type=float, default=30.0, metavar="SECONDS",
                         help="how long Stop and shutdown wait for a guest to power off before "
                              "a hard stop (default: %(default)s)")
+    parser.add_argument("--serve-early", action="store_true",
+                        help="answer Health and Discovery as soon as the server listens and "
+                             "wire the other services behind it; their calls wait until they "
+                             "are wired (what a VM guest's auraed does: docs/vms.md)")
     parser.add_argument("--standby", type=Path, metavar="PATH",
                         help="start as a spare: do everything that does not depend on the "
                              "cgroup root, then wait for a claim on this Unix socket giving it "
@@ -205,6 +209,7 @@ def main(argv: list[str] | None = None) -> None:
         vm_accelerator=args.vm_accelerator,
         vm_boot_timeout=args.vm_boot_timeout,
         vm_grace_period=args.vm_grace_period,
+        serve_early=args.serve_early,
         standby=args.standby,
     )
     sys.exit(Daemon(settings, spawner_seed=seed).run())

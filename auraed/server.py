@@ -8,7 +8,6 @@ auraed/kernel.
 from __future__ import annotations
 
 import gc
-import inspect
 import logging
 import os
 import shutil
@@ -19,13 +18,10 @@ import threading
 from collections.abc import Iterable
 from concurrent import futures
 from dataclasses import dataclass, field, replace
-from importlib import import_module
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
-from google.protobuf import descriptor_pool
-from grpc_reflection.v1alpha import reflection
 
 from aurae_sdk.wire import paths
 from aurae_sdk.wire.targets import TargetError, parse_target
@@ -34,32 +30,31 @@ from auraed.admission import Budget, LongLivedCalls
 from auraed.audit import AuditLog
 from auraed.authz import Policy, PolicyError, PrincipalPattern, load_policy
 from auraed.forwarding import InstanceChannels, InstanceForwarding
-from auraed.generated.registry import SERVICE_NAMES, SERVICES, ServiceEntry, Servicer
-from auraed.images import ImageStore
 from auraed.interceptors import Admission, AuditTrail, Authorization, FaultTranslation
 from auraed.kernel import template
-from auraed.kernel.cgroups import CgroupError, detect_backend
-from auraed.kernel.spawner.client import SpawnerRefused, SpawnerSeed
 from auraed.logs import configure as configure_logging
 from auraed.output import LogRing
-from auraed.runtime.containers import Containers
-from auraed.runtime.events import EventJournal
-from auraed.runtime.instances import TEMPLATE_ENTRY, Instances, own_spiffe_id
-from auraed.runtime.vms import VirtualMachines, VmSettings
-from auraed.runtime.workloads import Workloads
-from auraed.services.cells import CellService
+from auraed.pending import PendingServices
 from auraed.services.discovery import DiscoveryService
 from auraed.services.health import HealthService
-from auraed.services.images import ImageService
-from auraed.services.instances import InstanceService
-from auraed.services.observe import ObserveService
-from auraed.services.vms import VmService
 
 if TYPE_CHECKING:
     from auraed.cri.pod_instances import PodInstances
     from auraed.cri.pods import Pods
+    from auraed.generated.registry import ServiceEntry, Servicer
+    from auraed.images import ImageStore
+    from auraed.kernel.spawner.client import SpawnerSeed
     from auraed.prometheus import MetricsAddress, MetricsEndpoint
+    from auraed.runtime.containers import Containers
+    from auraed.runtime.events import EventJournal
+    from auraed.runtime.instances import Instances
+    from auraed.runtime.vms import VirtualMachines
+    from auraed.runtime.workloads import Workloads
 
+# What the server needs to listen and answer Health and Discovery is imported above; the
+# daemon's parts (workloads, spawner, cgroups, images, instances, VMs, their servicers and
+# reflection: auraed.wired) when they are wired. A VM guest's auraed (--serve-early) answers
+# before it imports them: under TCG those imports take seconds (docs/vms.md).
 # The metrics endpoint (prometheus_client, http.server) is imported only when asked for: the
 # daemon of every VM guest starts without it, and under TCG those imports cost seconds.
 
@@ -142,6 +137,9 @@ class Settings:
     vm_accelerator: str = "auto"
     vm_boot_timeout: float = 120.0
     vm_grace_period: float = 30.0
+    # Answer Health and Discovery as soon as the server listens; wire the rest behind it (a VM
+    # guest's auraed: auraed/pending.py).
+    serve_early: bool = False
     # A spare (a pod instance started ahead): everything that does not depend on where the
     # daemon will be is done, then it waits on this Unix socket for its claim (auraed.claim).
     standby: Path | None = None
@@ -206,7 +204,7 @@ def _prepare_unix_socket(path: str) -> None:
 
 
 def assemble_servicers(
-    given: Iterable[Servicer], table: Iterable[ServiceEntry] = SERVICES
+    given: Iterable[Servicer], table: Iterable[ServiceEntry] | None = None
 ) -> list[Servicer]:
     """One servicer per service of the generated table, in its order.
 
@@ -214,7 +212,9 @@ def assemble_servicers(
     generated base that its module (auraed/services/<package>.py) defines,
     made with no arguments; else the base itself, which answers UNIMPLEMENTED.
     """
-    entries = list(table)
+    from auraed.wired import SERVICES
+
+    entries = list(SERVICES if table is None else table)
     by_name = {servicer.SERVICE: servicer for servicer in given}
     unknown = sorted(set(by_name) - {entry.name for entry in entries})
     if unknown:
@@ -223,6 +223,9 @@ def assemble_servicers(
 
 
 def _default_servicer(entry: ServiceEntry) -> Servicer:
+    import inspect
+    from importlib import import_module
+
     try:
         module = import_module(entry.module)
     except ModuleNotFoundError as error:
@@ -253,6 +256,8 @@ def _default_servicer(entry: ServiceEntry) -> Servicer:
 
 def _api_methods() -> frozenset[str]:
     """Every "/package.Service/Method" of the services the daemon serves."""
+    from auraed.wired import SERVICE_NAMES, descriptor_pool, reflection
+
     services = [*SERVICE_NAMES, reflection.SERVICE_NAME]
     pool = descriptor_pool.Default()
     return frozenset(f"/{service}/{method.name}" for service in services
@@ -309,6 +314,10 @@ class Daemon:
         self._detach = False
         self._spawner_seed = spawner_seed
         self._template: template.Template | None = None
+        self._pending: PendingServices | None = None
+        self._discovery: DiscoveryService | None = None
+        self._certificate: bytes | None = None
+        self._metrics_address: MetricsAddress | None = None
 
     def request_stop(self, signum: int | None = None) -> None:
         # With --live-restore SIGTERM (a service manager's restart) leaves the workloads
@@ -334,12 +343,17 @@ class Daemon:
                 # Forked now, before any thread starts: an instance's spawner then shares the
                 # template's pages instead of holding a new interpreter. (A host daemon's
                 # spawner outlives it under live restore, and would keep its whole image.)
+                from auraed.kernel.spawner.client import SpawnerSeed
+
                 self._spawner_seed = SpawnerSeed.fork()
-        else:
+        elif not settings.serve_early:
             # The instance template, forked now too (single-threaded, before any key is read):
             # the first Spawn does not wait for an interpreter to import the daemon (0.6 s),
             # and the template's pages are this daemon's, shared. An instance starts its own
-            # nested template only if it spawns: most never do.
+            # nested template only if it spawns: most never do. Not in a VM guest
+            # (--serve-early): its one vCPU is the boot's, and a guest seldom spawns.
+            from auraed.runtime.instances import TEMPLATE_ENTRY
+
             try:
                 self._template = template.Template.fork_here(TEMPLATE_ENTRY)
             except (OSError, template.TemplateError) as error:
@@ -356,6 +370,13 @@ class Daemon:
             self._start()
         except StartupError as error:
             log.error(str(error))
+            if self._pending is not None:
+                # Already serving: calls held back get UNAVAILABLE, then the server ends.
+                self._pending.failed(str(error))
+                if self._health is not None:
+                    self._health.shutting_down()
+                if self._server is not None:
+                    self._server.stop(SHUTDOWN_RPC_GRACE).wait()
             self._cleanup()
             return 2
         log.info("auraed serving", extra={"socket": settings.socket, "version": __version__,
@@ -367,126 +388,28 @@ class Daemon:
         return self._exit_status
 
     def _start(self) -> None:
-        settings = self.settings
-        ca, certificate, key = _read_pki(settings)
-        policy = _load_policy(settings.authz_policy)
-        operators = _operators(settings.operators)
-        metrics_address = None
-        if settings.metrics_address is not None:
-            from auraed.prometheus import MetricsAddressError, parse_metrics_address
-
-            try:
-                metrics_address = parse_metrics_address(
-                    settings.metrics_address, allow_remote=settings.metrics_allow_remote)
-            except MetricsAddressError as error:
-                raise StartupError(f"--metrics-address {error}") from None
-        try:
-            target = parse_target(settings.socket)
-        except TargetError as error:
-            raise StartupError(f"--socket {settings.socket}: {error}") from None
-        _private_directory("--runtime-dir", settings.runtime_dir)
-        _private_directory("--library-dir", settings.library_dir)
-        self._audit = AuditLog(settings.library_dir / AUDIT_LOG)
-        try:
-            self._audit.start()
-        except OSError as error:
-            raise StartupError(f"audit log {self._audit.path}: {error.strerror}") from None
-        if target.kind == "unix":
-            _prepare_unix_socket(target.display)
-            Path(target.display).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self._events = EventJournal(settings.library_dir / EVENTS_DIR)
-        try:
-            self._events.open()
-        except OSError as error:
-            raise StartupError(f"event journal {self._events.directory}: {error}") from None
-        # Before the workloads: they adopt containers (or clear what is left of them).
-        self._open_images()
-        if settings.standby is not None:
-            settings = self.settings = self._await_claim(settings.standby)
-
-        try:
-            backend = detect_backend(root_name=settings.cgroup_root,
-                                     mount_root=settings.cgroup_mount)
-        except CgroupError as error:
-            raise StartupError(f"cgroups: {error}") from None
-        self._workloads = Workloads(backend, settings.runtime_dir / "logs",
-                                    default_grace=settings.grace_period, events=self._events,
-                                    spawner_socket=settings.runtime_dir / SPAWNER_SOCKET,
-                                    containers=self._containers,
-                                    spawner_seed=self._spawner_seed)
-        self._workloads.on_spawner_lost = self._spawner_lost
-        try:
-            self._workloads.start()
-        except SpawnerRefused as refused:
-            self._workloads = None
-            raise StartupError(f"{refused}. The workloads it holds were left alone.") from None
-        # What the start reported (cleaned up, adopted) is readable once we serve.
-        self._events.flush()
-        if metrics_address is not None:
-            self._start_metrics(metrics_address)
-        self._instances = Instances(
-            self._workloads, runtime_dir=settings.runtime_dir, library_dir=settings.library_dir,
-            cgroup_mount=settings.cgroup_mount, spiffe_id=own_spiffe_id(certificate),
-            grace_period=settings.grace_period,
-            forwarded_calls=settings.budget.total + settings.budget.operators,
-            template=self._template,
-            preload=POD_DAEMON_MODULES if self._pods_are_instances else ())
-        self._instances.remove_stale()
-
-        self._open_vms(self._workloads)
-        self._serve_cri()
-        self._health = HealthService(SERVICE_NAMES)
-        services = assemble_servicers(self._servicers(self._workloads, self._health))
-
-        budget = settings.budget
-        server = grpc.server(
-            # Long-lived calls can hold at most budget.total + budget.operators threads.
-            futures.ThreadPoolExecutor(
-                max_workers=budget.total + budget.operators + SHORT_CALL_WORKERS,
-                thread_name_prefix="rpc"),
-            # Outermost first: who may call, whether a long-lived call fits its budget, then the
-            # audit of what they did, then statuses.
-            interceptors=[
-                Authorization(policy, self._audit),
-                Admission(LongLivedCalls(budget), operators, self._audit),
-                AuditTrail(self._audit),
-                # After the checks, so a forwarded call is authorized and audited on the host.
-                InstanceForwarding(self._channels),
-                FaultTranslation(),
-            ],
-            options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ],
-        )
-        for service in services:
-            service.register(server)
-        reflection.enable_server_reflection(  # type: ignore[no-untyped-call]
-            [*(s.SERVICE for s in services), reflection.SERVICE_NAME], server
-        )
-        credentials = grpc.ssl_server_credentials(
-            [(key, certificate)], root_certificates=ca, require_client_auth=True
-        )
-        address = target.grpc_target if target.kind == "unix" else target.display
-        # The socket file is born 0600: bind(2) applies the umask, and grpc
-        # binds inside add_secure_port. Only this thread creates files now.
-        previous = os.umask(0o177)
-        try:
-            server.add_secure_port(address, credentials)
-        except RuntimeError as error:
-            raise StartupError(f"--socket {settings.socket}: cannot listen: {error}") from None
-        finally:
-            os.umask(previous)
-        if target.kind == "unix":
-            self._unix_socket = target.display
-        self._server = server
-        server.start()
+        """Listen, then wire the daemon's parts; with --serve-early the server starts between
+        the two (Health and Discovery answer, other calls wait: auraed/pending.py)."""
+        server = self._listen()
+        if self.settings.serve_early:
+            server.start()
+            assert self._health is not None
+            self._health.serving([HealthService.SERVICE, DiscoveryService.SERVICE])
+            log.info("auraed answering health and discovery; wiring the other services",
+                     extra={"socket": self.settings.socket})
+        self._wire(server)
+        if not self.settings.serve_early:
+            server.start()
         # Everything made during start-up lives as long as the daemon: keep
         # it out of every collection.
         gc.freeze()
         gc.set_threshold(*GC_THRESHOLDS)
+        if self._pending is not None:
+            self._pending.wired()
+        assert self._health is not None
         self._health.serving()
         if self._template is not None:
+            assert self._instances is not None
             self._instances.warm()
 
     @property
@@ -505,16 +428,160 @@ class Daemon:
                                    "hostname": claim.hostname or ""})
         return replace(self.settings, cgroup_root=claim.cgroup_root, standby=None)
 
-    def _servicers(self, workloads: Workloads, health: HealthService) -> list[Servicer]:
+    def _listen(self) -> grpc.Server:
+        """The server, bound, with Health and Discovery registered (not started)."""
+        settings = self.settings
+        ca, certificate, key = _read_pki(settings)
+        self._certificate = certificate
+        policy = _load_policy(settings.authz_policy)
+        operators = _operators(settings.operators)
+        if settings.metrics_address is not None:
+            from auraed.prometheus import MetricsAddressError, parse_metrics_address
+
+            try:
+                self._metrics_address = parse_metrics_address(
+                    settings.metrics_address, allow_remote=settings.metrics_allow_remote)
+            except MetricsAddressError as error:
+                raise StartupError(f"--metrics-address {error}") from None
+        try:
+            target = parse_target(settings.socket)
+        except TargetError as error:
+            raise StartupError(f"--socket {settings.socket}: {error}") from None
+        _private_directory("--runtime-dir", settings.runtime_dir)
+        _private_directory("--library-dir", settings.library_dir)
+        self._audit = AuditLog(settings.library_dir / AUDIT_LOG)
+        try:
+            self._audit.start()
+        except OSError as error:
+            raise StartupError(f"audit log {self._audit.path}: {error.strerror}") from None
+        if target.kind == "unix":
+            _prepare_unix_socket(target.display)
+            Path(target.display).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+        budget = settings.budget
+        # Outermost first: who may call, whether a long-lived call fits its budget, then the
+        # audit of what they did, then statuses.
+        interceptors: list[grpc.ServerInterceptor] = [
+            Authorization(policy, self._audit),
+            Admission(LongLivedCalls(budget), operators, self._audit),
+            AuditTrail(self._audit),
+            # After the checks, so a forwarded call is authorized and audited on the host.
+            InstanceForwarding(self._channels),
+            FaultTranslation(),
+        ]
+        if settings.serve_early:
+            # Before every other interceptor: a call it holds back meets them once it runs.
+            self._pending = PendingServices()
+            interceptors.insert(0, self._pending)
+        server = grpc.server(
+            # Long-lived calls can hold at most budget.total + budget.operators threads.
+            futures.ThreadPoolExecutor(
+                max_workers=budget.total + budget.operators + SHORT_CALL_WORKERS,
+                thread_name_prefix="rpc"),
+            interceptors=interceptors,
+            handlers=[self._pending.generic_handler()] if self._pending is not None else None,
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ],
+        )
+        # "" (the daemon as a whole) and every service but these two are NOT_SERVING until
+        # they are wired.
+        self._health = HealthService()
+        self._health.register(server)
+        self._discovery = DiscoveryService(healthy=lambda: not self._shutting_down)
+        self._discovery.register(server)
+        credentials = grpc.ssl_server_credentials(
+            [(key, certificate)], root_certificates=ca, require_client_auth=True
+        )
+        address = target.grpc_target if target.kind == "unix" else target.display
+        # The socket file is born 0600: bind(2) applies the umask, and grpc
+        # binds inside add_secure_port. Only this thread creates files now.
+        previous = os.umask(0o177)
+        try:
+            server.add_secure_port(address, credentials)
+        except RuntimeError as error:
+            raise StartupError(f"--socket {settings.socket}: cannot listen: {error}") from None
+        finally:
+            os.umask(previous)
+        if target.kind == "unix":
+            self._unix_socket = target.display
+        self._server = server
+        return server
+
+    def _wire(self, server: grpc.Server) -> None:
+        """The daemon's parts and their services, registered on `server` (or, when it already
+        serves, on what holds its calls back until they are wired)."""
+        from auraed import wired
+
+        settings = self.settings
+        self._events = wired.EventJournal(settings.library_dir / EVENTS_DIR)
+        try:
+            self._events.open()
+        except OSError as error:
+            raise StartupError(f"event journal {self._events.directory}: {error}") from None
+        # Before the workloads: they adopt containers (or clear what is left of them).
+        self._open_images()
+        if settings.standby is not None:
+            settings = self.settings = self._await_claim(settings.standby)
+        try:
+            backend = wired.detect_backend(root_name=settings.cgroup_root,
+                                           mount_root=settings.cgroup_mount)
+        except wired.CgroupError as error:
+            raise StartupError(f"cgroups: {error}") from None
+        self._workloads = wired.Workloads(backend, settings.runtime_dir / "logs",
+                                          default_grace=settings.grace_period,
+                                          events=self._events,
+                                          spawner_socket=settings.runtime_dir / SPAWNER_SOCKET,
+                                          containers=self._containers,
+                                          spawner_seed=self._spawner_seed)
+        self._workloads.on_spawner_lost = self._spawner_lost
+        try:
+            self._workloads.start()
+        except wired.SpawnerRefused as refused:
+            self._workloads = None
+            raise StartupError(f"{refused}. The workloads it holds were left alone.") from None
+        # What the start reported (cleaned up, adopted) is readable once we serve.
+        self._events.flush()
+        if self._metrics_address is not None:
+            self._start_metrics(self._metrics_address)
+        assert self._certificate is not None
+        self._instances = wired.Instances(
+            self._workloads, runtime_dir=settings.runtime_dir, library_dir=settings.library_dir,
+            cgroup_mount=settings.cgroup_mount,
+            spiffe_id=wired.own_spiffe_id(self._certificate),
+            grace_period=settings.grace_period,
+            forwarded_calls=settings.budget.total + settings.budget.operators,
+            template=self._template,
+            preload=POD_DAEMON_MODULES if self._pods_are_instances else ())
+        self._instances.remove_stale()
+
+        self._open_vms(self._workloads)
+        self._serve_cri()
+        early = {HealthService.SERVICE, DiscoveryService.SERVICE}
+        services = assemble_servicers(self._servicers(self._workloads))
+        target = self._pending if self._pending is not None else server
+        for service in services:
+            if service.SERVICE not in early:
+                service.register(target)  # type: ignore[arg-type]
+        wired.reflection.enable_server_reflection(  # type: ignore[no-untyped-call]
+            [*(s.SERVICE for s in services), wired.reflection.SERVICE_NAME], target
+        )
+
+    def _servicers(self, workloads: Workloads) -> list[Servicer]:
         """The servicers that need the daemon's parts: one line each, and the only place a
-        service is named by hand. Every other service gets its default (assemble_servicers)."""
-        assert self._instances is not None
+        service is named by hand. Every other service gets its default (assemble_servicers);
+        Health and Discovery are registered by _listen."""
+        from auraed import wired
+
+        assert self._instances is not None and self._health is not None
+        assert self._discovery is not None
         return [
-            CellService(workloads, self._containers),
-            DiscoveryService(healthy=lambda: not self._shutting_down),
-            ObserveService(workloads, self.daemon_log),
-            InstanceService(self._instances, self._channels),
-            health,
+            wired.CellService(workloads, self._containers),
+            wired.ObserveService(workloads, self.daemon_log),
+            wired.InstanceService(self._instances, self._channels),
+            self._health,
+            self._discovery,
             *self._image_servicers(),
             *self._vm_servicers(),
         ]
@@ -522,6 +589,8 @@ class Daemon:
     # ------------------------------------------------------------ virtual machines (issue 13)
     def _open_vms(self, workloads: Workloads) -> None:
         settings = self.settings
+        from auraed.wired import VirtualMachines, VmSettings
+
         self._vms = VirtualMachines(workloads, VmSettings(
             runtime_dir=settings.runtime_dir, image_cache=settings.vm_image_dir,
             ca_crt=settings.ca_crt, ca_key=settings.ca_key, server_crt=settings.server_crt,
@@ -532,11 +601,15 @@ class Daemon:
 
     def _vm_servicers(self) -> list[Servicer]:
         assert self._vms is not None
+        from auraed.wired import VmService
+
         return [VmService(self._vms)]
 
     # ------------------------------------------------------------ images (issue 14)
     def _open_images(self) -> None:
         """The image store under the library dir, and the containers that run its images."""
+        from auraed.wired import Containers, ImageStore
+
         borrowed = self.settings.image_store
         store = (ImageStore(borrowed, borrowed=True) if borrowed is not None
                  else ImageStore(self.settings.library_dir / IMAGES_DIR))
@@ -550,6 +623,8 @@ class Daemon:
 
     def _image_servicers(self) -> list[Servicer]:
         assert self._images is not None
+        from auraed.wired import ImageService
+
         return [ImageService(self._images)]
 
     def _serve_cri(self) -> None:

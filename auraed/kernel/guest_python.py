@@ -40,7 +40,7 @@ GUEST_PATH = "/python"
 # What a guest runs at start: auraed.pid1 (init), then in its forked child the daemon. The
 # floor of bench/vms.py imports a subset of these.
 ENTRY_POINTS = ("auraed.pid1", "auraed.kernel.guest_network", "auraed.__main__", "auraed.server",
-                "auraed.kernel.spawner.__main__")
+                "auraed.wired", "auraed.kernel.spawner.__main__")
 # The child interpreter prints what the entry points loaded: sys.path and each module's file.
 _PROBE = """
 import importlib, json, sys

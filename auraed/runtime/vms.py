@@ -57,6 +57,8 @@ if TYPE_CHECKING:
 # daemon that never boots one (as every guest's auraed) does not pay their ~0.2 s of imports.
 
 log = logging.getLogger("auraed.vms")
+# The service whose health Start waits for: the first a guest's auraed serves (--serve-early).
+GUEST_READY = "aurae.discovery.v0.DiscoveryService"
 
 CREATED, RUNNING, SHUTDOWN = "Created", "Running", "Shutdown"
 GUEST_PORT = 8080
@@ -595,7 +597,7 @@ class VirtualMachines:
                        "--server-crt", f"{GUEST_DIRECTORY}/server.crt",
                        "--server-key", f"{GUEST_DIRECTORY}/server.key",
                        "--runtime-dir", "/run/aurae", "--library-dir", "/var/lib/aurae",
-                       "--cgroup-root", "aurae", *policy_flags],
+                       "--cgroup-root", "aurae", "--serve-early", *policy_flags],
             "hostname": spec.id,
             "drives": drives,
         }, indent=1) + "\n")
@@ -679,7 +681,9 @@ class VirtualMachines:
                         f"{self.settings.boot_timeout:.0f} s; see its console: Observe of cell "
                         f"{vm.cell}, executable {QEMU_EXECUTABLE}")
                 try:
-                    reply = stub.Check(health_pb2.HealthCheckRequest(service=""),
+                    # Discovery, not "" (the daemon as a whole): a guest's auraed answers it
+                    # before its other services are wired, and their calls wait for them.
+                    reply = stub.Check(health_pb2.HealthCheckRequest(service=GUEST_READY),
                                        timeout=min(2.0, remaining), wait_for_ready=True)
                     if reply.status == health_pb2.HealthCheckResponse.SERVING:
                         return

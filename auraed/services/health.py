@@ -19,11 +19,14 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 class HealthService(HealthBase):
-    def __init__(self, services: Iterable[str]) -> None:
+    def __init__(self, services: Iterable[str] | None = None) -> None:
+        """`services`: what serving() reports by default; None: every service of the daemon
+        (auraed.generated.registry, imported then: it loads every service's messages)."""
         # grpcio-health-checking ships no type information.
         self._servicer: Any = health.HealthServicer()  # type: ignore[no-untyped-call]
-        # "" is the server as a whole.
-        self._services = ["", *services]
+        self._services = None if services is None else list(services)
+        # "" is the daemon as a whole: SERVING only once every service is.
+        self._servicer.set("", NOT_SERVING)  # type: ignore[no-untyped-call]
 
     def check(self, request: health_pb2.HealthCheckRequest,
               context: grpc.ServicerContext) -> health_pb2.HealthCheckResponse:
@@ -35,8 +38,16 @@ class HealthService(HealthBase):
         responses: Iterator[health_pb2.HealthCheckResponse] = self._servicer.Watch(request, context)
         return responses
 
-    def serving(self) -> None:
-        for service in self._services:
+    def serving(self, services: Iterable[str] | None = None) -> None:
+        """`services` SERVING; by default every service of the daemon, and "" with them. A
+        service not named yet is unknown to Check (NOT_FOUND), as it is to the server."""
+        if services is None:
+            if self._services is None:
+                from auraed.generated.registry import SERVICE_NAMES
+
+                self._services = list(SERVICE_NAMES)
+            services = ["", *self._services]
+        for service in services:
             self._servicer.set(service, SERVING)
 
     def shutting_down(self) -> None:
