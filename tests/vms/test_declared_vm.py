@@ -4,39 +4,16 @@ deleted. tests/daemon/test_declared.py covers the plan, Allocate and Free withou
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 from auraed.kernel import guest_image
 from tests.support.daemon import running_daemon
-from tests.support.guests import GUEST_MARKS
+from tests.support.guests import GUEST_MARKS, host_taps, taps_of
 from tests.support.terminal import plain, run_on_pty
 
 pytestmark = GUEST_MARKS
 
 BOOT_TIMEOUT = 300
-
-
-def taps() -> set[str]:
-    out = subprocess.run(["ip", "-o", "link", "show", "type", "tun"], capture_output=True,
-                         text=True, check=True).stdout
-    return {line.split(":")[1].strip() for line in out.splitlines() if line.strip()}
-
-
-def our_taps(workdir: Path) -> set[str]:
-    """The TAPs of QEMUs our daemon runs (others' VM tests make TAPs at the same time)."""
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
-        except OSError:
-            continue
-        if argv and argv[0].startswith("qemu-system") and any(str(workdir) in a for a in argv):
-            found |= {part.split("=", 1)[1] for a in argv for part in a.split(",")
-                      if part.startswith("ifname=")}
-    return found
 
 
 def test_apply_boots_the_declared_vm_and_delete_frees_it(tmp_path: Path) -> None:
@@ -55,7 +32,7 @@ def test_apply_boots_the_declared_vm_and_delete_frees_it(tmp_path: Path) -> None
             # Under the bar, the boot's phase from the guest's console, as `vms start` shows it.
             assert "QEMU started; the guest kernel boots" in plain(shown)
             assert "+ create   vm         dv-1" in plain(shown)
-            made = our_taps(daemon.workdir)
+            made = taps_of(daemon)
             assert len(made) == 1, made
             with daemon.client(timeout=60) as host:
                 (machine,) = host.vms.list().machines
@@ -74,5 +51,5 @@ def test_apply_boots_the_declared_vm_and_delete_frees_it(tmp_path: Path) -> None
                 if host.vms.list().machines:
                     host.vms.free(vm_id="dv-1")
             daemon.stop(timeout=180)
-    left = made & taps()
+    left = made & host_taps()
     assert not left, f"TAPs left behind: {left}"

@@ -23,7 +23,7 @@ import pytest
 import aurae_sdk
 from auraed.kernel import guest_image, guest_root
 from tests.support.daemon import DaemonProcess, running_daemon
-from tests.support.guests import GUEST_MARKS
+from tests.support.guests import GUEST_MARKS, qemus_of, taps_of
 from tests.vms.test_vms import BOOT_TIMEOUT, qemu_pids, run, taps
 
 pytestmark = [
@@ -43,13 +43,15 @@ def root_image() -> Path:
 
 
 @pytest.fixture
-def leftovers_checked() -> Iterator[None]:
-    taps_before, qemus_before = taps(), qemu_pids()
+def leftovers_checked() -> Iterator[list[DaemonProcess]]:
+    """The test adds its first daemon (the later ones share its directories and cgroups)."""
+    daemons: list[DaemonProcess] = []
     try:
-        yield
+        yield daemons
     finally:
-        left_taps, left_qemus = taps() - taps_before, qemu_pids() - qemus_before
-        for pid in left_qemus:  # only ones started meanwhile, should a daemon have died
+        left_taps = {name for daemon in daemons for name in taps_of(daemon)}
+        left_qemus = {pid for daemon in daemons for pid in qemus_of(daemon)}
+        for pid in left_qemus:  # only our daemons' own, should one have died
             os.kill(pid, signal.SIGKILL)
         for name in left_taps:
             subprocess.run(["ip", "link", "del", name], check=False)
@@ -76,7 +78,7 @@ def start_on_a_terminal(daemon: DaemonProcess) -> str:
 
 @pytest.mark.timeout(1500)  # one boot and three daemons, on a loaded machine under TCG
 def test_a_root_drive_guest_survives_daemon_restarts(root_image: Path, tmp_path: Path,
-                                                     leftovers_checked: None) -> None:
+                                                     leftovers_checked: list[DaemonProcess]) -> None:
     content = tmp_path / "content"
     content.mkdir()
     (content / "hello.txt").write_text("hello from a drive mount\n")
@@ -86,19 +88,20 @@ def test_a_root_drive_guest_survives_daemon_restarts(root_image: Path, tmp_path:
              "--vm-image-dir", str(CACHE))
     with ExitStack() as stack:
         first = stack.enter_context(running_daemon(*flags, vms=True))
+        leftovers_checked.append(first)
         with first.client(timeout=60) as host:
             host.vms.allocate(machine={
                 "id": VM, "root_drive": {"image_path": str(root_image), "read_only": True},
                 "labels": {"aurae-py.io/owner": "node-a"},
                 "drive_mounts": [{"image_path": str(data), "vm_path": "/srv/data",
                                   "fs_type": "ext4", "read_only": True}]})
-        qemus_before = qemu_pids()
+        qemus_before = qemus_of(first)
         drawn = start_on_a_terminal(first)
         # The live line: elapsed seconds and the phase read from the console; then the outcome.
         assert re.search(rf"booting {VM} +[0-9]+\.[0-9] s ", drawn), drawn[-2000:]
         assert "pid 1 started the guest's auraed" in drawn or "health check" in drawn, drawn[-2000:]
         assert f"{VM} booted in" in drawn and "fe80::2%avm" in drawn, drawn[-2000:]
-        (qemu,) = qemu_pids() - qemus_before
+        (qemu,) = qemus_of(first) - qemus_before
         with first.client(timeout=60) as host:
             booted = machine(host)
             assert booted.status == "Running" and booted.root_dir_path == str(root_image)

@@ -21,7 +21,8 @@ import aurae_sdk
 from aurae_sdk import errors
 from auraed.kernel import guest_image
 from tests.support.daemon import DaemonProcess, running_daemon
-from tests.support.guests import GUEST_MARKS
+from tests.support.guests import GUEST_MARKS, qemus_of, taps_of
+from tests.support.guests import host_taps as taps
 
 pytestmark = GUEST_MARKS
 
@@ -29,13 +30,8 @@ BOOT_TIMEOUT = 300  # TCG on a busy 2-core machine; a boot usually takes 5-25 s
 VM = "t1"
 
 
-def taps() -> set[str]:
-    out = subprocess.run(["ip", "-o", "link", "show", "type", "tun"], capture_output=True,
-                         text=True, check=True).stdout
-    return {line.split(":")[1].strip() for line in out.splitlines() if line.strip()}
-
-
 def qemu_pids() -> set[int]:
+    """Every QEMU on the host: to see whether one of ours still runs, never to count ours."""
     out = subprocess.run(["pgrep", "-x", "qemu-system-x86"], capture_output=True, text=True,
                          check=False).stdout
     return {int(pid) for pid in out.split()}
@@ -44,14 +40,13 @@ def qemu_pids() -> set[int]:
 @pytest.fixture(scope="module")
 def vm_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
     guest_image.build(guest_image.default_cache_dir())  # cached; first build ~30 s
-    taps_before = taps()
     with running_daemon("--vm-boot-timeout", str(BOOT_TIMEOUT), "--vm-grace-period", "60",
                         "--vm-image-dir", str(guest_image.default_cache_dir()), vms=True) as daemon:
         try:
             yield daemon
         finally:
             daemon.stop(timeout=180)
-            left = taps() - taps_before
+            left = taps_of(daemon)
             for name in left:  # only ones this daemon made, should it have died
                 subprocess.run(["ip", "link", "del", name], check=False)
             assert not left, f"TAPs left behind: {left}"
@@ -153,7 +148,6 @@ def test_duplicate_and_not_running_are_refused(host: aurae_sdk.Client) -> None:
 
 def test_a_guest_that_does_not_answer_in_time_is_deadline_exceeded() -> None:
     """Its own daemon, with a boot timeout no TCG boot meets: Start fails cleanly."""
-    before_taps, before_qemus = taps(), qemu_pids()
     with running_daemon("--vm-boot-timeout", "1",
                         "--vm-image-dir", str(guest_image.default_cache_dir()), vms=True) as daemon, \
             daemon.client(timeout=120) as client:
@@ -164,7 +158,7 @@ def test_a_guest_that_does_not_answer_in_time_is_deadline_exceeded() -> None:
         listed = client.vms.list().machines[0]
         assert listed.status == "Shutdown" and listed.stop_reason.startswith("the boot failed")
         assert not listed.auraed_address
-        assert taps() == before_taps and not (qemu_pids() - before_qemus)
+        assert not taps_of(daemon) and not qemus_of(daemon)
         client.vms.free(vm_id="late")
 
 
@@ -353,11 +347,11 @@ def test_stop_presses_the_power_button_and_the_guest_shuts_down_in_order(
 
 def test_free_leaves_no_tap_process_or_file(host: aurae_sdk.Client,
                                             vm_daemon: DaemonProcess) -> None:
-    qemus_before = qemu_pids()
+    qemus_before = qemus_of(vm_daemon)
     host.vms.start(vm_id=VM)
     address = {m.id: m for m in host.vms.list().machines}[VM].auraed_address
     tap = address.split("%")[1].split("]")[0]
-    started = qemu_pids() - qemus_before
+    started = qemus_of(vm_daemon) - qemus_before
     assert len(started) == 1
     host.vms.free(vm_id=VM)
     assert not host.vms.list().machines
@@ -370,11 +364,11 @@ def test_free_leaves_no_tap_process_or_file(host: aurae_sdk.Client,
 def test_the_host_daemons_shutdown_powers_its_vms_off_first(host: aurae_sdk.Client,
                                                              vm_daemon: DaemonProcess) -> None:
     """Last in the module: it ends the module's daemon."""
-    qemus_before = qemu_pids()
+    qemus_before = qemus_of(vm_daemon)
     host.vms.allocate(machine={"id": "last"})
     address = host.vms.start(vm_id="last").auraed_address
     tap = address.split("%")[1].split("]")[0]
-    ours = qemu_pids() - qemus_before
+    ours = qemus_of(vm_daemon) - qemus_before
     assert vm_daemon.stop(signal.SIGTERM, timeout=180) == 0
     log = vm_daemon.log()
     stopping = log.index('msg="vm stopping" vm=last')
