@@ -22,8 +22,11 @@ from auraed.kernel.spawner.protocol import (
     PROTOCOL_VERSION,
     Adopt,
     Adopted,
+    Flush,
+    Flushed,
     Keep,
     ProtocolMismatch,
+    Ready,
     SpawnError,
     SpawnRequest,
     check_version,
@@ -56,6 +59,11 @@ def test_messages_round_trip_and_unknown_fields_are_ignored() -> None:
         decode(b"not json")
     assert decode(Keep(key="cell a", value={"n": 1}).encode()) == Keep(key="cell a",
                                                                         value={"n": 1})
+    flush = Flush(id=4, processes=[[123, 456]])
+    assert decode(flush.encode()) == flush and decode(Flushed(id=4).encode()) == Flushed(id=4)
+    # What a spawner from before Flush says first: no flushes_output, read as "cannot".
+    older = decode(b'{"kind": "ready", "pid": 9, "version": 1, "continues_output": true}')
+    assert isinstance(older, Ready) and not older.flushes_output
     check_version(PROTOCOL_VERSION, "peer")
     with pytest.raises(ProtocolMismatch, match="version 0; this side speaks"):
         check_version(0, "the spawner")

@@ -427,11 +427,13 @@ class Spawner:
         """The spawner may drop what it keeps of this (exited) process."""
         self._send_control(Release(pid=process.host_pid, start_time=process.start_time))
 
-    def flush_output(self, processes: Sequence[SpawnedProcess], timeout: float = 5.0) -> bool:
+    def flush_output(self, processes: Sequence[SpawnedProcess],
+                     timeout: float | None = None) -> bool:
         """Have the spawner read what these processes' capture pipes hold now into their logs;
         returns once the logs followed here have advanced past it. False if that is not known
-        (a spawner too old to flush, one that is gone, or no answer within `timeout`): then
-        the logs hold what the spawner reported so far, as before."""
+        (a spawner too old to flush, one that is gone, or no answer within `timeout`, by
+        default the reply timeout of a spawn): then the logs hold what the spawner reported
+        so far, as before."""
         if not self.flushes_output or not processes:
             return False
         request_id = next(self._request_ids)
@@ -446,7 +448,8 @@ class Spawner:
                 [process.host_pid, process.start_time] for process in processes]).encode())
             # Output goes before Flushed on the one socket, and the reader handles messages in
             # order: by the time this is answered, the logs are advanced.
-            return isinstance(pending.wait(timeout), Flushed)
+            return isinstance(pending.wait(self._reply_timeout if timeout is None else timeout),
+                              Flushed)
         except (OSError, TimeoutError):
             return False
         finally:
