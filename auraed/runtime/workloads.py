@@ -1054,6 +1054,17 @@ class Workloads:
         log.info("executable stopped", extra={"cell": str(cell_name or ""), "executable": name})
         return executable
 
+    def catch_up_output(self, executable: Executable) -> None:
+        """Bring an executable's logs up to what it has written so far: the spawner reads its
+        pipes a moment after the write and reports later still, so a replay taken just after
+        the write would miss it without this. A spawner that cannot flush (older than this
+        daemon) leaves the logs as they are: a replay then holds what was reported."""
+        if executable.stdout.complete and executable.stderr.complete:
+            return  # the pipes are closed and read to their end
+        if not self._spawner.flush_output([executable.process]) and self._spawner.flushes_output:
+            log.warning("the spawner did not flush output in time; replaying what it reported",
+                        extra={"executable": str(executable.key)})
+
     def wait_executable(self, cell_name: CellName | None, name: str, timeout: float | None) -> Executable | None:
         """The executable once it has exited, or None if `timeout` passed first.
         One that Stop ended is answered with the status recorded then."""

@@ -85,6 +85,8 @@ class ObserveService(ObserveServiceBase):
             # Stop forgets an executable's output with it; its record stays only for Wait.
             raise FailedPrecondition(f"executable {executable.name} was stopped: its output was "
                                      "dropped with it")
+        # "What the process has written so far": also what is still in its pipes.
+        self.workloads.catch_up_output(executable)
         # Read on this thread as the client takes messages, never ahead of it: a client that
         # stalls holds one batch here, and the rest of the output waits in the files.
         # Both channels: what was written before the call replays in the order it was written.

@@ -3,8 +3,11 @@ batches, the daemon's own log, and the signals feed."""
 
 from __future__ import annotations
 
+import os
+import select
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -95,6 +98,45 @@ def test_a_stopped_executables_output_is_refused_not_waited_for(client: aurae_sd
                                  timeout=10).status.HasField("signal")
     finally:
         client.cells.free(cell_name="stopped-out")
+
+
+def _read_line(fd: int, timeout: float = 30.0) -> bytes:
+    """One line from a fifo the test holds open both ways (so it never sees end of file)."""
+    data = b""
+    deadline = time.monotonic() + timeout
+    while not data.endswith(b"\n"):
+        readable, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        assert readable, "the workload did not signal within the time"
+        data += os.read(fd, 1)
+    return data
+
+
+def test_a_replay_just_after_a_write_holds_it(client: aurae_sdk.Client, tmp_path: Path) -> None:
+    # The spawner reads the pipe and reports its position a moment after the workload writes;
+    # a replay_only taken in that moment once missed the line ("what the process has written
+    # so far"). The workload writes a line, then says so through a fifo; the replay follows.
+    request, ready = tmp_path / "request", tmp_path / "ready"
+    os.mkfifo(request)
+    os.mkfifo(ready)
+    # Held open both ways: the workload's opens never block and the test never sees EOF.
+    request_fd = os.open(request, os.O_RDWR)
+    ready_fd = os.open(ready, os.O_RDWR)
+    selector = {"executable_name": "replay-race"}
+    client.cells.start(executable={
+        "name": "replay-race",
+        "command": f'while read n < {request}; do echo "line $n"; echo "$n" > {ready}; done'})
+    try:
+        for n in range(50):
+            os.write(request_fd, f"{n}\n".encode())
+            assert _read_line(ready_fd) == f"{n}\n".encode()
+            lines = [r.item.line for r in client.observe.get_sub_process_stream(
+                executable=selector, channel_type="LOG_CHANNEL_TYPE_STDOUT", replay_only=True,
+                timeout=30)]
+            assert lines == [f"line {i}" for i in range(n + 1)], f"replay {n}"
+    finally:
+        client.cells.stop(executable_name="replay-race")
+        os.close(request_fd)
+        os.close(ready_fd)
 
 
 def test_unknown_process_id(client: aurae_sdk.Client) -> None:

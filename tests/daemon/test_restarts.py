@@ -29,12 +29,17 @@ def newest(client: aurae_sdk.Client) -> int:
     return last
 
 
-def events_until(client: aurae_sdk.Client, after: int,
+def events_until(client: aurae_sdk.Client, after: int, cell: str,
                  done: Callable[[list[Any]], bool]) -> list[Any]:
+    """The events of `cell` after sequence `after`, until done(those events).
+
+    Only that cell's: `after` comes from newest(), which sees what the journal has written
+    (fdatasync'd), so an earlier test's last events (its Stop's EXECUTABLE_STOPPED, say) may
+    still come after it, and must not meet this test's condition."""
     events: list[Any] = []
     stream = client.observe.get_event_stream(after_sequence=after, follow=True, timeout=DEADLINE)
     for response in stream:
-        events.extend(response.events)
+        events.extend(e for e in response.events if e.cell_name == cell)
         if done(events):
             stream.cancel()
             break
@@ -58,7 +63,7 @@ def test_on_failure_restarts_with_growing_delays_until_the_start_limit(
         client.cells.start(cell_name="r-fail", executable={
             "name": "crash", "command": "exit 1", "restart_policy": "EXECUTABLE_RESTART_POLICY_ON_FAILURE",
             "restart_delay_ms": 100})
-        events = events_until(client, before, lambda evs: any(
+        events = events_until(client, before, "r-fail", lambda evs: any(
             kind(e) == "EXECUTABLE_START_LIMIT_HIT" for e in evs))
         mine = [e for e in events if e.executable_name == "crash"]
         assert [kind(e) for e in mine] == [
@@ -115,12 +120,12 @@ def test_always_restarts_after_exit_zero_and_stop_ends_it_for_good(
         client.cells.start(cell_name="r-always", executable={
             "name": "tick", "command": "exit 0", "restart_policy": "EXECUTABLE_RESTART_POLICY_ALWAYS",
             "restart_delay_ms": 20, "restart_max_delay_ms": 100, "start_limit": {"burst": 0}})
-        events_until(client, before, lambda evs: sum(
+        events_until(client, before, "r-always", lambda evs: sum(
             kind(e) == "EXECUTABLE_RESTARTED" for e in evs) >= 5)
         stopped = client.cells.stop(cell_name="r-always", executable_name="tick").status
         assert stopped.restart_count >= 5 and stopped.next_restart_at == 0
-        stop_seen = events_until(client, before, lambda evs: any(
-            kind(e) == "EXECUTABLE_STOPPED" for e in evs))[-1].sequence
+        (stop_seen,) = [e.sequence for e in events_until(client, before, "r-always", lambda evs: any(
+            kind(e) == "EXECUTABLE_STOPPED" for e in evs)) if kind(e) == "EXECUTABLE_STOPPED"]
         time.sleep(1.0)  # ten times the longest delay
         after = [e for _, e in _after(client, stop_seen) if e.cell_name == "r-always"]
         assert after == []
@@ -161,11 +166,11 @@ def test_free_of_the_cell_ends_the_policy(client: aurae_sdk.Client) -> None:
     client.cells.start(cell_name="r-free", executable={
         "name": "loop", "command": "sleep 0.05", "restart_policy": "EXECUTABLE_RESTART_POLICY_ALWAYS",
         "restart_delay_ms": 10, "restart_max_delay_ms": 50, "start_limit": {"burst": 0}})
-    events_until(client, before, lambda evs: sum(
+    events_until(client, before, "r-free", lambda evs: sum(
         kind(e) == "EXECUTABLE_RESTARTED" for e in evs) >= 3)
     client.cells.free(cell_name="r-free")
-    freed = events_until(client, before, lambda evs: any(
-        kind(e) == "CELL_FREED" and e.cell_name == "r-free" for e in evs))[-1].sequence
+    (freed,) = [e.sequence for e in events_until(client, before, "r-free", lambda evs: any(
+        kind(e) == "CELL_FREED" for e in evs)) if kind(e) == "CELL_FREED"]
     time.sleep(1.0)
     assert [e for _, e in _after(client, freed) if e.cell_name == "r-free"] == []
     with pytest.raises(aurae_sdk.NotFound):
@@ -189,7 +194,7 @@ def test_every_runs_output_replays_within_the_output_bound(
             "name": "crash", "command": command,
             "restart_policy": "EXECUTABLE_RESTART_POLICY_ON_FAILURE", "restart_delay_ms": 10,
             "restart_max_delay_ms": 20, "start_limit": {"burst": 10, "interval_ms": 600_000}})
-        events_until(client, before, lambda evs: any(
+        events_until(client, before, "r-output", lambda evs: any(
             kind(e) == "EXECUTABLE_START_LIMIT_HIT" for e in evs))
         assert runs.read_text().split() == ["10"]
         replay = [(r.item.channel, r.item.line) for r in client.observe.get_sub_process_stream(

@@ -4,26 +4,36 @@ client adopts them with their labels, records and exit statuses."""
 
 from __future__ import annotations
 
+import json
 import os
+import select
 import signal
+import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from auraed.kernel.processes import ExitStatus, SpawnSpec
+from auraed.kernel.processes import ExitStatus, SpawnedProcess, SpawnSpec
 from auraed.kernel.spawner.client import Adoption, Spawner, SpawnerRefused
 from auraed.kernel.spawner.protocol import (
     PROTOCOL_VERSION,
+    Adopt,
+    Adopted,
+    Flush,
+    Flushed,
     Keep,
     ProtocolMismatch,
+    Ready,
     SpawnError,
     SpawnRequest,
     check_version,
     decode,
 )
-from auraed.output.log import OutputLog
+from auraed.kernel.spawner.state import write_state
+from auraed.output.log import OutputLog, follow_all
 from tests.support.processes import alive
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
@@ -49,6 +59,11 @@ def test_messages_round_trip_and_unknown_fields_are_ignored() -> None:
         decode(b"not json")
     assert decode(Keep(key="cell a", value={"n": 1}).encode()) == Keep(key="cell a",
                                                                         value={"n": 1})
+    flush = Flush(id=4, processes=[[123, 456]])
+    assert decode(flush.encode()) == flush and decode(Flushed(id=4).encode()) == Flushed(id=4)
+    # What a spawner from before Flush says first: no flushes_output, read as "cannot".
+    older = decode(b'{"kind": "ready", "pid": 9, "version": 1, "continues_output": true}')
+    assert isinstance(older, Ready) and not older.flushes_output
     check_version(PROTOCOL_VERSION, "peer")
     with pytest.raises(ProtocolMismatch, match="version 0; this side speaks"):
         check_version(0, "the spawner")
@@ -130,3 +145,79 @@ def test_a_detached_spawner_keeps_everything_and_the_next_client_adopts_it(runti
     os.waitpid(spawner_pid, 0)  # our child still (the first client started it): reap it
     assert not Path(socket_path).exists() or Spawner(
         lambda pid, status: None, listen=socket_path).attach() is None
+
+
+def _read_line(fd: int, timeout: float = 30.0) -> bytes:
+    data = b""
+    deadline = time.monotonic() + timeout
+    while not data.endswith(b"\n"):
+        readable, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        assert readable, "the workload did not signal within the time"
+        data += os.read(fd, 1)
+    return data
+
+
+def test_a_flush_brings_the_followed_log_up_to_what_was_written(runtime: Path) -> None:
+    # The workload writes a line, then says so through a fifo; once flush_output returns, the
+    # log the daemon follows holds the line (without it, the spawner's report of the line may
+    # still be on its way).
+    request, ready = runtime / "request", runtime / "ready"
+    os.mkfifo(request)
+    os.mkfifo(ready)
+    request_fd, ready_fd = os.open(request, os.O_RDWR), os.open(ready, os.O_RDWR)
+    spawner = Spawner(lambda pid, status: None)
+    spawner.start()
+    try:
+        assert spawner.flushes_output
+        logs = captured(runtime / "writer")
+        writer = spawner.spawn(SpawnSpec(
+            command=f'while read n < {request}; do echo "line $n"; echo "$n" > {ready}; done',
+            uid=0, gid=0, capture=logs))
+        for n in range(50):
+            os.write(request_fd, f"{n}\n".encode())
+            assert _read_line(ready_fd) == f"{n}\n".encode()
+            assert spawner.flush_output([writer])
+            replayed = [line for _, lines in follow_all([logs[0]], lambda: False,
+                                                        replay_only=True) for _, line in lines]
+            assert replayed == [f"line {i}".encode() for i in range(n + 1)], f"flush {n}"
+    finally:
+        spawner.close()
+        os.close(request_fd)
+        os.close(ready_fd)
+
+
+def test_a_spawner_that_cannot_flush_is_adopted_and_never_asked_to(runtime: Path) -> None:
+    # What a spawner from before Flush says: no flushes_output in its Ready. The daemon adopts
+    # it as before and replays what was reported, sending it nothing it would not understand.
+    path = runtime / "spawner.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(str(path))
+    listener.listen(1)
+    received: list[object] = []
+
+    def older_spawner() -> None:
+        connection, _ = listener.accept()
+        connection.send(json.dumps({"kind": "ready", "pid": os.getpid(), "version": 1,
+                                    "busy": False, "continues_output": True}).encode())
+        received.append(decode(connection.recv(1 << 20)))
+        state_path = str(runtime / "spawner.state")
+        digest = write_state(state_path, PROTOCOL_VERSION, {"records": {}, "processes": []})
+        connection.send(Adopted(path=state_path, digest=digest).encode())
+        while data := connection.recv(1 << 20):  # until the client lets go
+            received.append(decode(data))
+        connection.close()
+
+    thread = threading.Thread(target=older_spawner, daemon=True)
+    thread.start()
+    client = Spawner(lambda pid, status: None, listen=str(path))
+    try:
+        adoption = client.attach(timeout=10)
+        assert adoption is not None and adoption.processes == []
+        assert not client.flushes_output
+        assert not client.flush_output([SpawnedProcess(host_pid=1, ns_pid=1, pgid=1,
+                                                       start_time=1)])
+    finally:
+        client.detach()  # not close(): its Stop would wait for the "spawner", this process
+        listener.close()
+        thread.join(10)
+    assert received == [Adopt()]  # no Flush, nor anything else it would not know

@@ -41,6 +41,8 @@ from auraed.kernel.spawner.protocol import (
     Adopted,
     Exited,
     Failed,
+    Flush,
+    Flushed,
     Forget,
     HolderRequest,
     Keep,
@@ -212,14 +214,14 @@ class _PendingReply:
         # Followed from the reply on: the spawner writes them.
         self.outputs = outputs
         self._done = threading.Event()
-        self._reply: Spawned | Failed | None = None
+        self._reply: Spawned | Failed | Flushed | None = None
 
-    def resolve(self, reply: Spawned | Failed | None) -> None:
+    def resolve(self, reply: Spawned | Failed | Flushed | None) -> None:
         """reply None: the spawner went away before answering."""
         self._reply = reply
         self._done.set()
 
-    def wait(self, timeout: float) -> Spawned | Failed | None:
+    def wait(self, timeout: float) -> Spawned | Failed | Flushed | None:
         if not self._done.wait(timeout):
             raise TimeoutError("the spawner did not answer in time")
         return self._reply
@@ -260,8 +262,10 @@ class Spawner:
         self._process: subprocess.Popen[bytes] | SpawnerSeed | None = None
         self._reader: threading.Thread | None = None
         self._closed = False
-        # Whether the spawner takes Capture.continues (see Ready); known once it is ready.
+        # Whether the spawner takes Capture.continues, and Flush (see Ready); known once it
+        # is ready.
         self.continues_output = False
+        self.flushes_output = False
 
     @property
     def pid(self) -> int:
@@ -423,6 +427,35 @@ class Spawner:
         """The spawner may drop what it keeps of this (exited) process."""
         self._send_control(Release(pid=process.host_pid, start_time=process.start_time))
 
+    def flush_output(self, processes: Sequence[SpawnedProcess],
+                     timeout: float | None = None) -> bool:
+        """Have the spawner read what these processes' capture pipes hold now into their logs;
+        returns once the logs followed here have advanced past it. False if that is not known
+        (a spawner too old to flush, one that is gone, or no answer within `timeout`, by
+        default the reply timeout of a spawn): then the logs hold what the spawner reported
+        so far, as before."""
+        if not self.flushes_output or not processes:
+            return False
+        request_id = next(self._request_ids)
+        pending = _PendingReply()
+        with self._lock:
+            if self._closed or self._sock is None:
+                return False
+            self._pending[request_id] = pending
+            sock = self._sock
+        try:
+            sock.send(Flush(id=request_id, processes=[
+                [process.host_pid, process.start_time] for process in processes]).encode())
+            # Output goes before Flushed on the one socket, and the reader handles messages in
+            # order: by the time this is answered, the logs are advanced.
+            return isinstance(pending.wait(self._reply_timeout if timeout is None else timeout),
+                              Flushed)
+        except (OSError, TimeoutError):
+            return False
+        finally:
+            with self._lock:
+                self._pending.pop(request_id, None)
+
     def _send_control(self, message: Message) -> None:
         with self._lock:
             sock = self._sock
@@ -447,6 +480,7 @@ class Spawner:
         except ProtocolMismatch as mismatch:
             raise SpawnerClosed(str(mismatch)) from None
         self.continues_output = ready.continues_output
+        self.flushes_output = ready.flushes_output
         return ready
 
     def spawn(self, spec: SpawnSpec) -> SpawnedProcess:
@@ -515,6 +549,7 @@ class Spawner:
             raise SpawnerClosed("the spawner went away")
         if isinstance(reply, Failed):
             raise reply.error()
+        assert isinstance(reply, Spawned)  # a request id is answered by its own kind
         return SpawnedProcess(
             host_pid=reply.pid,
             ns_pid=reply.ns_pid,
@@ -557,7 +592,7 @@ class Spawner:
             except Exception:  # noqa: BLE001 - a faulty callback must not stop replies and exits
                 _log.exception("on_exit failed for pid %s", message.pid)
             return
-        if not isinstance(message, (Spawned, Failed)) or message.id is None:
+        if not isinstance(message, (Spawned, Failed, Flushed)) or message.id is None:
             _log.error("unexpected message from the spawner: %r", message)
             return
         with self._lock:

@@ -10,6 +10,8 @@ an AF_UNIX SOCK_SEQPACKET socket (one sendmsg, one message), tagged by its `kind
                      Keep, Forget   hold (or drop) a record of the daemon's under a key
                      Release        the daemon is done with a process's entry (it exited)
                      Adopt          write the state file; answered by Adopted
+                     Flush          read what the named processes' capture pipes hold now;
+                                    answered by Output (if any was read), then Flushed
                      Stop           kill every workload and exit
   spawner -> daemon  Ready          first on every connection: pid, PROTOCOL_VERSION, and
                                     whether another daemon is attached already
@@ -18,6 +20,7 @@ an AF_UNIX SOCK_SEQPACKET socket (one sendmsg, one message), tagged by its `kind
                      Exited         a spawned process ended (raw wait status)
                      Output         how far captured output files are written
                      Adopted        where the state file is, and its digest
+                     Flushed        a Flush is done: its Output went before
 
 A reply (Spawned or Failed) always precedes the Exited and Output of its pid.
 
@@ -29,9 +32,13 @@ everything through the state file (see auraed.kernel.spawner.state). Without one
 file means the daemon is gone for good: every workload is killed, then the spawner exits.
 
 Extending it: a new field gets a default and an older peer ignores fields it does not know
-(decode drops them), so a field can be added without a version change. A new message kind, or a
-field whose absence would mislead, bumps PROTOCOL_VERSION; a peer that speaks another version is
-refused at Ready with both versions named (see check_version).
+(decode drops them), so a field can be added without a version change. A new message kind the
+daemon sends is announced by the spawner as a capability in Ready (a flag that defaults to False,
+as `flushes_output` does for Flush): the daemon sends it only to a spawner that said so, and an
+older spawner, which says nothing, is still adopted and served as before. A change an older peer
+could not be told apart from (a field whose absence would mislead, a message it would take for
+another) bumps PROTOCOL_VERSION; a peer that speaks another version is refused at Ready with both
+versions named (see check_version).
 
 Standard library only: the fork server imports this and must start fast.
 """
@@ -131,13 +138,15 @@ def check_version(theirs: int, who: str) -> None:
 class Ready(Message):
     """busy: another daemon is attached; this connection is closed after Ready.
     continues_output: the spawner understands Capture.continues (an older one would ignore it
-    and write over the earlier run's first segment)."""
+    and write over the earlier run's first segment).
+    flushes_output: the spawner answers Flush (an older one would answer Failed)."""
 
     KIND = "ready"
     pid: int
     version: int = PROTOCOL_VERSION
     busy: bool = False
     continues_output: bool = False
+    flushes_output: bool = False
 
 
 @dataclass(kw_only=True)
@@ -239,6 +248,27 @@ class Output(Message):
 
     KIND = "output"
     logs: list[list[object]]
+
+
+@_message
+@dataclass(kw_only=True)
+class Flush(Message):
+    """Read what the capture pipes of these processes ([pid, start time] each) hold right now
+    into their logs, and report it (Output), before Flushed: a daemon that then reads up to the
+    position it was told holds everything the processes wrote before the Flush. Only what is in
+    the pipes when it comes is read, so a process that writes on without pause cannot hold the
+    spawner up."""
+
+    KIND = "flush"
+    id: int
+    processes: list[list[int]]
+
+
+@_message
+@dataclass(kw_only=True)
+class Flushed(Message):
+    KIND = "flushed"
+    id: int
 
 
 @_message

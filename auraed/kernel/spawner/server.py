@@ -29,6 +29,7 @@ reaped, then the spawner exits.
 """
 
 import errno
+import fcntl
 import json
 import os
 import select
@@ -36,6 +37,7 @@ import signal
 import socket
 import struct
 import sys
+import termios
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -67,6 +69,8 @@ from auraed.kernel.spawner.protocol import (
     Capture,
     Exited,
     Failed,
+    Flush,
+    Flushed,
     Forget,
     HolderRequest,
     Keep,
@@ -232,7 +236,7 @@ class ForkServer:
             poller.register(self._listener, select.EPOLLIN)
         try:
             self._keep_a_spare()  # before "ready": from then on the spawner is as it stays
-            self._send(Ready(pid=os.getpid(), continues_output=True))
+            self._send(Ready(pid=os.getpid(), continues_output=True, flushes_output=True))
             while True:
                 # A used spare is replaced once the spawner has been idle a moment, so that the
                 # fork and the new child's start delay no request (typically the Start that
@@ -298,7 +302,7 @@ class ForkServer:
             return
         self._sock = connection
         self._poller.register(connection, select.EPOLLIN)
-        self._send(Ready(pid=os.getpid(), continues_output=True))
+        self._send(Ready(pid=os.getpid(), continues_output=True, flushes_output=True))
 
     def _drain_wakeups(self) -> bytes:
         signals = b""
@@ -334,7 +338,7 @@ class ForkServer:
                 os.close(fd)
 
     def _handle_control(self, message: Message) -> None:
-        """The messages that are not spawn requests; none but Adopt is answered."""
+        """The messages that are not spawn requests; none but Adopt and Flush is answered."""
         if isinstance(message, Keep):
             self._records[message.key] = message.value
         elif isinstance(message, Forget):
@@ -346,6 +350,8 @@ class ForkServer:
                 running.label = None  # not kept once it ends
         elif isinstance(message, Adopt):
             self._send(self._write_state())
+        elif isinstance(message, Flush):
+            self._flush(message)
         elif isinstance(message, Stop):
             raise _Stopping
         else:
@@ -413,13 +419,14 @@ class ForkServer:
             self._poller.register(capture.fd, select.EPOLLIN)
         return Spawned(id=request.id, pid=pid, ns_pid=ns_pid, start_time=entry.start_time)
 
-    def _pump(self, fd: int) -> bool:
-        """One read of a capture pipe; False if it had nothing to give right now."""
+    def _pump(self, fd: int, size: int = _READ_BYTES) -> int:
+        """One read of up to `size` bytes of a capture pipe: the bytes read, 0 at end of file
+        (the capture is closed then), -1 if it had nothing to give right now."""
         entry, capture = self._captures[fd]
         try:
-            chunk = os.read(fd, _READ_BYTES)
+            chunk = os.read(fd, size)
         except BlockingIOError:
-            return False
+            return -1
         except OSError:
             chunk = b""
         if chunk:
@@ -431,7 +438,7 @@ class ForkServer:
             capture.store(capture.lines.flush())
             capture.log.finish()
         self._written[capture] = entry
-        return True
+        return len(chunk)
 
     def _drain(self, entry: _Entry) -> None:
         """Store what a process wrote before it ended, and report it, before its exit: a
@@ -440,10 +447,31 @@ class ForkServer:
         for capture in entry.captures:
             # Bounded: a descendant writing without pause must not hold up the loop.
             for _ in range(_DRAIN_READS):
-                if capture.fd not in self._captures or not self._pump(capture.fd):
+                if capture.fd not in self._captures or self._pump(capture.fd) < 0:
                     break
         if self._written:
             self._report_output()
+
+    def _flush(self, request: Flush) -> None:
+        """Store and report what the named processes' pipes hold now, then say so: the
+        daemon's replay of "what was written so far" waits for this, since the poll loop
+        may not have come to those pipes yet (an Observe call just after the write that a
+        request's handling made would miss its line)."""
+        wanted = {(int(pid), int(start_time)) for pid, start_time in request.processes}
+        for fd, (entry, _) in list(self._captures.items()):
+            if (entry.pid, entry.start_time) not in wanted:
+                continue
+            # What is in the pipe now, not what comes while we read: a process that writes
+            # without pause must not keep the spawner here.
+            left = _bytes_in_pipe(fd)
+            while left > 0 and fd in self._captures:
+                read = self._pump(fd, min(left, _READ_BYTES))
+                if read <= 0:
+                    break
+                left -= read
+        if self._written:
+            self._report_output()
+        self._send(Flushed(id=request.id))
 
     def _report_output(self) -> None:
         logs: list[list[object]] = []
@@ -901,6 +929,11 @@ def _open_birth_cgroup(path: str | None) -> Iterator[int | None]:
         yield fd
     finally:
         os.close(fd)
+
+
+def _bytes_in_pipe(fd: int) -> int:
+    """How many bytes a pipe holds, unread (FIONREAD)."""
+    return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]  # type: ignore[no-any-return]
 
 
 def _read_to_end(fd: int) -> bytes:
