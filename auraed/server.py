@@ -310,6 +310,7 @@ class Daemon:
         self._images: ImageStore | None = None
         self._containers: Containers | None = None
         self._cri_server: grpc.Server | None = None
+        self._cri_pending: PendingServices | None = None
         self._pods: Pods | PodInstances | None = None
         self._detach = False
         self._spawner_seed = spawner_seed
@@ -377,6 +378,9 @@ class Daemon:
                     self._health.shutting_down()
                 if self._server is not None:
                     self._server.stop(SHUTDOWN_RPC_GRACE).wait()
+            if self._cri_pending is not None:
+                self._cri_pending.failed(str(error))
+            self._close_cri_socket()
             self._cleanup()
             return 2
         log.info("auraed serving", extra={"socket": settings.socket, "version": __version__,
@@ -391,14 +395,15 @@ class Daemon:
         """Listen, then wire the daemon's parts; with --serve-early the server starts between
         the two (Health and Discovery answer, other calls wait: auraed/pending.py)."""
         server = self._listen()
-        if self.settings.serve_early:
+        early = self._serves_early  # a spare's settings lose --standby at its claim
+        if early:
             server.start()
             assert self._health is not None
             self._health.serving([HealthService.SERVICE, DiscoveryService.SERVICE])
             log.info("auraed answering health and discovery; wiring the other services",
                      extra={"socket": self.settings.socket})
         self._wire(server)
-        if not self.settings.serve_early:
+        if not early:
             server.start()
         # Everything made during start-up lives as long as the daemon: keep
         # it out of every collection.
@@ -411,6 +416,13 @@ class Daemon:
         if self._template is not None:
             assert self._instances is not None
             self._instances.warm()
+
+    @property
+    def _serves_early(self) -> bool:
+        """A VM guest's daemon (--serve-early) answers as soon as it listens; a spare's
+        (--standby) listens before its claim (its server started then was part of a pod's
+        start): both wire their services behind it (auraed/pending.py)."""
+        return self.settings.serve_early or self.settings.standby is not None
 
     @property
     def _pods_are_instances(self) -> bool:
@@ -469,7 +481,7 @@ class Daemon:
             InstanceForwarding(self._channels),
             FaultTranslation(),
         ]
-        if settings.serve_early:
+        if self._serves_early:
             # Before every other interceptor: a call it holds back meets them once it runs.
             self._pending = PendingServices()
             interceptors.insert(0, self._pending)
@@ -522,6 +534,8 @@ class Daemon:
             raise StartupError(f"event journal {self._events.directory}: {error}") from None
         # Before the workloads: they adopt containers (or clear what is left of them).
         self._open_images()
+        # Before the claim: the CRI's server depends on nothing the claim says.
+        self._listen_cri()
         if settings.standby is not None:
             settings = self.settings = self._await_claim(settings.standby)
         try:
@@ -627,13 +641,25 @@ class Daemon:
 
         return [ImageService(self._images)]
 
+    def _listen_cri(self) -> None:
+        """kubelet's runtime.v1 socket, when --cri-socket is given, listening before its
+        services are wired (_serve_cri): calls wait for them."""
+        if self.settings.cri_socket is None:
+            return
+        from auraed.cri.server import CriSocketError, listen_cri
+
+        try:
+            self._cri_server, self._cri_pending = listen_cri(self.settings.cri_socket)
+        except CriSocketError as error:
+            raise StartupError(str(error)) from None
+
     def _serve_cri(self) -> None:
         """kubelet's runtime.v1 services on --cri-socket, when given: pods as spawned
         instances (auraed.cri.pod_instances), or, in a pod instance's daemon, as its cells
         (auraed.cri.pods)."""
-        if self.settings.cri_socket is None:
+        if self._cri_pending is None:
             return
-        from auraed.cri.server import CriSocketError, serve_cri
+        from auraed.cri.server import wire_cri
         from auraed.cri.service import CriImageService
 
         assert self._workloads is not None and self._containers is not None
@@ -659,20 +685,19 @@ class Daemon:
             except OSError as error:
                 raise StartupError(f"CRI pod records: {error}") from None
             runtime = CriPodInstanceService(self._pods, ready=ready)
-        try:
-            self._cri_server = serve_cri(self.settings.cri_socket, runtime,
-                                         CriImageService(self._images))
-        except CriSocketError as error:
-            raise StartupError(str(error)) from None
+        wire_cri(self._cri_pending, runtime, CriImageService(self._images))
         log.info("CRI serving", extra={"cri_socket": str(self.settings.cri_socket),
                                        "pods": self.settings.cri_pods})
 
-    def _stop_cri(self) -> None:
+    def _close_cri_socket(self) -> None:
         if self._cri_server is not None:
             self._cri_server.stop(SHUTDOWN_RPC_GRACE).wait()
             self._cri_server = None
             assert self.settings.cri_socket is not None
             self.settings.cri_socket.unlink(missing_ok=True)
+
+    def _stop_cri(self) -> None:
+        self._close_cri_socket()
         if self._pods is not None:
             # --live-restore keeps the CRI's records for the next daemon.
             from auraed.cri.pod_instances import PodInstances

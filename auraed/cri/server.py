@@ -16,6 +16,7 @@ import grpc
 from auraed.cri.generated import api_pb2_grpc as cri_grpc
 from auraed.cri.service import CriImageService
 from auraed.interceptors import FaultTranslation
+from auraed.pending import PendingServices
 
 # kubelet sends container configs and lists larger than gRPC's 4 MiB default on busy nodes.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
@@ -44,22 +45,20 @@ def _prepare(path: Path) -> None:
     raise CriSocketError(f"--cri-socket {path}: another runtime is listening there")
 
 
-def serve_cri(path: Path, runtime: object, images: CriImageService,
-              *, max_workers: int = 32) -> grpc.Server:
-    """Start serving the CRI on `path`; the caller stops the server and removes the file."""
+def listen_cri(path: Path, *, max_workers: int = 32) -> tuple[grpc.Server, PendingServices]:
+    """Serve the CRI on `path` before its services exist: they need the daemon's cgroup subtree,
+    which a spare learns only at its claim, and a server built and bound after the claim was
+    30-60 ms of a pod's start. Calls wait (PendingServices, bounded) until `wire_cri` registers
+    the services. The caller stops the server and removes the file."""
     _prepare(path)
+    pending = PendingServices()
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="cri"),
-        interceptors=[FaultTranslation()],
+        handlers=[pending.generic_handler()],
+        interceptors=[pending, FaultTranslation()],
         options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                  ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)],
     )
-    # The services define the RPCs they implement and answer UNIMPLEMENTED for the rest
-    # (see auraed.cri.service), without subclassing the generated abstract servicers.
-    cri_grpc.add_RuntimeServiceServicer_to_server(cast(cri_grpc.RuntimeServiceServicer, runtime),
-                                                  server)
-    cri_grpc.add_ImageServiceServicer_to_server(cast(cri_grpc.ImageServiceServicer, images),
-                                                server)
     previous = os.umask(0o177)  # the socket file is born 0600
     try:
         server.add_insecure_port(f"unix:{path}")
@@ -69,4 +68,16 @@ def serve_cri(path: Path, runtime: object, images: CriImageService,
         os.umask(previous)
     os.chmod(path, 0o600)
     server.start()
-    return server
+    return server, pending
+
+
+def wire_cri(pending: PendingServices, runtime: object, images: CriImageService) -> None:
+    """The services behind a server `listen_cri` started; the calls held back then run."""
+    # The services define the RPCs they implement and answer UNIMPLEMENTED for the rest
+    # (see auraed.cri.service), without subclassing the generated abstract servicers.
+    target = cast(grpc.Server, pending)  # a registration target, as a server is
+    cri_grpc.add_RuntimeServiceServicer_to_server(cast(cri_grpc.RuntimeServiceServicer, runtime),
+                                                  target)
+    cri_grpc.add_ImageServiceServicer_to_server(cast(cri_grpc.ImageServiceServicer, images),
+                                                target)
+    pending.wired()
