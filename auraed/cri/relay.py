@@ -1,6 +1,7 @@
 """runtime.v1 RuntimeService on a daemon whose pods are spawned instances
 (auraed.cri.pod_instances): sandbox calls answered here, container calls relayed to the
-instance that runs the container. Every RPC this daemon does not implement answers
+instance that runs the container. The calls of a pod's start and end hold back the refill of
+spares while they run (PodInstances.busy). Every RPC this daemon does not implement answers
 UNIMPLEMENTED."""
 
 from __future__ import annotations
@@ -37,17 +38,20 @@ class CriPodInstanceService(RuntimeIdentity):
 
     def RunPodSandbox(self, request: cri.RunPodSandboxRequest,
                       context: grpc.ServicerContext) -> cri.RunPodSandboxResponse:
-        pod = self.pods.run(request.config, request.runtime_handler)
+        with self.pods.busy():
+            pod = self.pods.run(request.config, request.runtime_handler)
         return cri.RunPodSandboxResponse(pod_sandbox_id=pod.id)
 
     def StopPodSandbox(self, request: cri.StopPodSandboxRequest,
                        context: grpc.ServicerContext) -> cri.StopPodSandboxResponse:
-        self.pods.stop(request.pod_sandbox_id)
+        with self.pods.busy():
+            self.pods.stop(request.pod_sandbox_id)
         return cri.StopPodSandboxResponse()
 
     def RemovePodSandbox(self, request: cri.RemovePodSandboxRequest,
                          context: grpc.ServicerContext) -> cri.RemovePodSandboxResponse:
-        self.pods.remove(request.pod_sandbox_id)
+        with self.pods.busy():
+            self.pods.remove(request.pod_sandbox_id)
         return cri.RemovePodSandboxResponse()
 
     def PodSandboxStatus(self, request: cri.PodSandboxStatusRequest,
@@ -87,13 +91,16 @@ class CriPodInstanceService(RuntimeIdentity):
 
     def CreateContainer(self, request: cri.CreateContainerRequest,
                         context: grpc.ServicerContext) -> cri.CreateContainerResponse:
-        container = self.pods.create_container(request)
+        with self.pods.busy():
+            container = self.pods.create_container(request)
         return cri.CreateContainerResponse(container_id=container.id)
 
     def StartContainer(self, request: cri.StartContainerRequest,
                        context: grpc.ServicerContext) -> cri.StartContainerResponse:
-        stub, container_id = self.pods.live_container(request.container_id)
-        return _call(stub.StartContainer, cri.StartContainerRequest(container_id=container_id))
+        with self.pods.busy():
+            stub, container_id = self.pods.live_container(request.container_id)
+            return _call(stub.StartContainer,
+                         cri.StartContainerRequest(container_id=container_id))
 
     def StopContainer(self, request: cri.StopContainerRequest,
                       context: grpc.ServicerContext) -> cri.StopContainerResponse:
@@ -109,7 +116,8 @@ class CriPodInstanceService(RuntimeIdentity):
 
     def RemoveContainer(self, request: cri.RemoveContainerRequest,
                         context: grpc.ServicerContext) -> cri.RemoveContainerResponse:
-        self.pods.remove_container(request.container_id)
+        with self.pods.busy():
+            self.pods.remove_container(request.container_id)
         return cri.RemoveContainerResponse()
 
     def ListContainers(self, request: cri.ListContainersRequest,
@@ -129,7 +137,8 @@ class CriPodInstanceService(RuntimeIdentity):
 
     def ContainerStatus(self, request: cri.ContainerStatusRequest,
                         context: grpc.ServicerContext) -> cri.ContainerStatusResponse:
-        return self.pods.container_status(request.container_id, request.verbose)
+        with self.pods.busy():
+            return self.pods.container_status(request.container_id, request.verbose)
 
     def UpdateContainerResources(self, request: cri.UpdateContainerResourcesRequest,
                                  context: grpc.ServicerContext
