@@ -86,7 +86,7 @@ SPARE_LIMITS = CgroupLimits(cpu_weight=1)
 # the claim it took the CPU from the claimed pod's start and its container calls: 40 ms of a
 # pod's start to exit, measured against a refill 0.3 s later at load ~7.
 REFILL_QUIET = 0.1
-REFILL_HOLD = 1.0
+REFILL_HOLD = 0.5
 # Calls to an instance that wait for nothing but the instance itself.
 CALL_TIMEOUT = 60.0
 # containerd's answer for a container whose process it lost track of.
