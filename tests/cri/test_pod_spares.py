@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 from pathlib import Path
 
 import grpc
@@ -100,6 +101,39 @@ def test_a_spare_becomes_the_next_pod_with_its_place_limits_and_hostname(
                 runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=sandbox_id),
                                          timeout=120)
             assert all(not (d / "kubepods").exists() for d in cgroup_dirs(daemon.cgroup_root))
+
+
+def test_a_spare_listens_on_its_cri_socket_before_its_claim_and_answers_once_claimed(
+        busybox_image: tuple[Path, Path], cri_socket: Path, tmp_path: Path) -> None:  # noqa: F811
+    """The spare's CRI server is bound before the claim (mode 0600); a call made then is held
+    until the claimed spare has wired its services, and is answered by it. Its start wrote no
+    VM records: it never ran a VM."""
+    with running_daemon("--cri-socket", str(cri_socket)) as daemon:
+        _import(daemon, busybox_image[0])
+        with grpc.insecure_channel(f"unix:{cri_socket}") as channel:
+            runtime = cri_grpc.RuntimeServiceStub(channel)
+            _run(runtime, _sandbox("first", tmp_path))
+            _wait_for(lambda: len(_spares(daemon)) == 1, 120)
+            [spare] = _spares(daemon)
+            directory = daemon.runtime_dir / "instances" / spare
+            _wait_for(lambda: (directory / "standby.sock").exists(), 120)
+            inner = directory / "cri.sock"
+            info = os.lstat(inner)
+            assert stat.S_ISSOCK(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o600
+            with grpc.insecure_channel(f"unix:{inner}") as spare_channel:
+                early = cri_grpc.RuntimeServiceStub(spare_channel).ListPodSandbox.future(
+                    cri.ListPodSandboxRequest(), timeout=120)
+                # Unclaimed, the spare has no pods to list: the call waits for its wiring.
+                with pytest.raises(grpc.FutureTimeoutError):
+                    early.result(timeout=1.0)
+                second = _run(runtime, _sandbox("second", tmp_path))
+                assert _pod_info(runtime, second)["instance"] == spare
+                # Answered by the claimed spare's CRI: at most the sandbox the host asked for.
+                assert len(early.result(timeout=120).items) <= 1
+            # A pod's daemon never ran a VM: its start wrote no VM records nor TAP registry.
+            run, library = directory / "run", daemon.workdir / "lib" / "instances" / spare
+            assert run.is_dir() and (library / "audit.log").exists()  # where they would be
+            assert not (run / "vms.state").exists() and not (library / "vm-taps").exists()
 
 
 def test_a_pod_sharing_the_nodes_network_or_pids_takes_no_spare(
