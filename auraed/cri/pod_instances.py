@@ -83,10 +83,11 @@ _ATTEMPT = 0.5
 SPARE_LIMITS = CgroupLimits(cpu_weight=1)
 # A refill waits until no pod call came for REFILL_QUIET seconds (at most REFILL_HOLD): spawning
 # a spare is this daemon's own work too (its cell, the fork from the template), and started at
-# the claim it took the CPU from the claimed pod's start and its container calls: 40 ms of a
-# pod's start to exit, measured against a refill 0.3 s later at load ~7.
+# the claim it took the CPU from the claimed pod's start and its container calls (a warm pod's
+# start to exit: 4.0-5.4x runc, 2.6x with the wait; bench/containers.py at load 5-10). Held
+# longer, the pods right after find their spare still starting (docs/cri.md).
 REFILL_QUIET = 0.1
-REFILL_HOLD = 0.5
+REFILL_HOLD = 0.2
 # Calls to an instance that wait for nothing but the instance itself.
 CALL_TIMEOUT = 60.0
 # containerd's answer for a container whose process it lost track of.
