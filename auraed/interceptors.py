@@ -36,10 +36,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeAlias
 
 import grpc
-from google.protobuf import any_pb2
 from google.protobuf.message import Message
-from google.rpc import error_details_pb2, status_pb2
-from grpc_status import rpc_status
 
 from auraed.admission import LongLivedCalls, OverBudget, Ticket
 from auraed.audit import AuditEntry, AuditLog
@@ -80,6 +77,11 @@ LONG_LIVED_UNARY = frozenset({_CELLS + "Wait", _CELLS + "Stop"})
 def abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str,
           field: str | None = None) -> None:
     """Abort the RPC with `code` and, when given, the blamed request field."""
+    # Imported at the first error: a VM guest's first answer does not wait on them (docs/vms.md).
+    from google.protobuf import any_pb2
+    from google.rpc import error_details_pb2, status_pb2
+    from grpc_status import rpc_status
+
     status = status_pb2.Status(code=code.value[0], message=message)
     if field:
         detail = any_pb2.Any()

@@ -39,8 +39,12 @@ from pathlib import Path
 GUEST_PATH = "/python"
 # What a guest runs at start: auraed.pid1 (init), then in its forked child the daemon. The
 # floor of bench/vms.py imports a subset of these.
+# The status protos are imported at a call's first error (auraed.interceptors.abort): grpc_status
+# is in the layer so; google.rpc's two modules sit in a namespace package and stay on 9p (they
+# were the only bytecode a guest read over 9p before its first answer; now only at an error).
 ENTRY_POINTS = ("auraed.pid1", "auraed.kernel.guest_network", "auraed.__main__", "auraed.server",
-                "auraed.wired", "auraed.kernel.spawner.__main__")
+                "auraed.wired", "auraed.kernel.spawner.__main__", "google.rpc.error_details_pb2",
+                "google.rpc.status_pb2", "grpc_status.rpc_status")
 # The child interpreter prints what the entry points loaded: sys.path and each module's file.
 _PROBE = """
 import importlib, json, sys

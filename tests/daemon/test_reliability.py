@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import stat
 import subprocess
 import time
@@ -205,7 +206,12 @@ def test_oom_kills_are_attributed_to_the_process_killed(client: aurae_sdk.Client
         client.cells.start(cell_name="tight", executable={
             "name": "pipeline", "command": "head -c 300000000 /dev/zero | tail"})
         piped = client.cells.wait(cell_name="tight", executable_name="pipeline", timeout=60).status
-        assert (piped.exit_code, piped.oom_killed) == (137, False)
+        if piped.signal == signal.SIGKILL:
+            # The kernel may take a second victim while the first is still being reaped (seen
+            # under load): the shell itself, then rightly the executable's own OOM kill.
+            assert piped.oom_killed and piped.cell_oom_kills >= 1, piped
+        else:
+            assert (piped.exit_code, piped.oom_killed) == (137, False), piped
         assert piped.cell_oom_kills >= 1
         # A later kill -9 from outside is not the OOM killer's. (Started after the OOM kill:
         # one running beside it may be the killer's choice too, under memory pressure.)
