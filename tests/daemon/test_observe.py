@@ -4,7 +4,6 @@ batches, the daemon's own log, and the signals feed."""
 from __future__ import annotations
 
 import os
-import select
 import threading
 import time
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 
 import aurae_sdk
 from aurae_sdk import observe
+from tests.support.processes import read_fifo_line
 
 
 def test_output_written_before_the_subscription_is_replayed(client: aurae_sdk.Client) -> None:
@@ -100,17 +100,6 @@ def test_a_stopped_executables_output_is_refused_not_waited_for(client: aurae_sd
         client.cells.free(cell_name="stopped-out")
 
 
-def _read_line(fd: int, timeout: float = 30.0) -> bytes:
-    """One line from a fifo the test holds open both ways (so it never sees end of file)."""
-    data = b""
-    deadline = time.monotonic() + timeout
-    while not data.endswith(b"\n"):
-        readable, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
-        assert readable, "the workload did not signal within the time"
-        data += os.read(fd, 1)
-    return data
-
-
 def test_a_replay_just_after_a_write_holds_it(client: aurae_sdk.Client, tmp_path: Path) -> None:
     # The spawner reads the pipe and reports its position a moment after the workload writes;
     # a replay_only taken in that moment once missed the line ("what the process has written
@@ -128,7 +117,7 @@ def test_a_replay_just_after_a_write_holds_it(client: aurae_sdk.Client, tmp_path
     try:
         for n in range(50):
             os.write(request_fd, f"{n}\n".encode())
-            assert _read_line(ready_fd) == f"{n}\n".encode()
+            assert read_fifo_line(ready_fd) == f"{n}\n".encode()
             lines = [r.item.line for r in client.observe.get_sub_process_stream(
                 executable=selector, channel_type="LOG_CHANNEL_TYPE_STDOUT", replay_only=True,
                 timeout=30)]

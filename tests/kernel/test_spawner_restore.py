@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import signal
 import socket
 import threading
@@ -34,7 +33,7 @@ from auraed.kernel.spawner.protocol import (
 )
 from auraed.kernel.spawner.state import write_state
 from auraed.output.log import OutputLog, follow_all
-from tests.support.processes import alive
+from tests.support.processes import alive, read_fifo_line
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
@@ -147,16 +146,6 @@ def test_a_detached_spawner_keeps_everything_and_the_next_client_adopts_it(runti
         lambda pid, status: None, listen=socket_path).attach() is None
 
 
-def _read_line(fd: int, timeout: float = 30.0) -> bytes:
-    data = b""
-    deadline = time.monotonic() + timeout
-    while not data.endswith(b"\n"):
-        readable, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
-        assert readable, "the workload did not signal within the time"
-        data += os.read(fd, 1)
-    return data
-
-
 def test_a_flush_brings_the_followed_log_up_to_what_was_written(runtime: Path) -> None:
     # The workload writes a line, then says so through a fifo; once flush_output returns, the
     # log the daemon follows holds the line (without it, the spawner's report of the line may
@@ -175,7 +164,7 @@ def test_a_flush_brings_the_followed_log_up_to_what_was_written(runtime: Path) -
             uid=0, gid=0, capture=logs))
         for n in range(50):
             os.write(request_fd, f"{n}\n".encode())
-            assert _read_line(ready_fd) == f"{n}\n".encode()
+            assert read_fifo_line(ready_fd) == f"{n}\n".encode()
             assert spawner.flush_output([writer])
             replayed = [line for _, lines in follow_all([logs[0]], lambda: False,
                                                         replay_only=True) for _, line in lines]

@@ -8,6 +8,9 @@ by cmdline just after a start took a live workload for a dead one (issue 12).
 
 from __future__ import annotations
 
+import os
+import select
+import time
 from pathlib import Path
 
 
@@ -19,3 +22,14 @@ def alive(pid: int) -> bool:
         return False
     # The state follows the command name, which may itself hold spaces and parentheses.
     return stat.rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+
+
+def read_fifo_line(fd: int, timeout: float = 30.0) -> bytes:
+    """One line from a fifo the test holds open both ways (so it never sees end of file)."""
+    data = b""
+    deadline = time.monotonic() + timeout
+    while not data.endswith(b"\n"):
+        readable, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        assert readable, "the workload did not signal within the time"
+        data += os.read(fd, 1)
+    return data

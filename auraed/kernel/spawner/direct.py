@@ -70,7 +70,7 @@ def start(executables: list[str], argv: list[str], env: dict[str, str],
         )
         os.close(report_w)
         report_w = -1
-        report = _read_to_end(report_r)
+        report = read_to_end(report_r)
     finally:
         for fd in (report_r, report_w):
             if fd >= 0:
@@ -97,7 +97,9 @@ def _failure(report: bytes, ids_change: bool) -> StartFailed:
     return StartFailed("setup", error)
 
 
-def _read_to_end(fd: int) -> bytes:
+def read_to_end(fd: int) -> bytes:
+    """Everything a pipe or small file gives until end of file (a child's report, a /proc
+    file), with plain reads."""
     data = b""
     while chunk := os.read(fd, 4096):
         data += chunk

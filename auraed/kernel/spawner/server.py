@@ -714,7 +714,7 @@ class ForkServer:
                 )
             os.close(report_w)
             report_w = -1
-            report = _read_to_end(report_r)
+            report = direct.read_to_end(report_r)
         finally:
             for fd in (report_r, report_w):
                 if fd >= 0:
@@ -936,18 +936,11 @@ def _bytes_in_pipe(fd: int) -> int:
     return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]  # type: ignore[no-any-return]
 
 
-def _read_to_end(fd: int) -> bytes:
-    data = b""
-    while chunk := os.read(fd, 4096):
-        data += chunk
-    return data
-
-
 def _read_small_file(path: str) -> bytes:
     """A /proc file of a few KiB, with plain reads (a file object costs four more syscalls)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        return _read_to_end(fd)
+        return direct.read_to_end(fd)
     finally:
         os.close(fd)
 
