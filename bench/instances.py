@@ -9,6 +9,11 @@ shared with the template or between instances count once, split among their shar
 template's own PSS is reported apart, and amortised (template + instances, per instance). The
 peer for time is the same Python daemon started as a host process until its first Discover;
 the peer for memory is that process's PSS with its spawner (one full interpreter and a half).
+
+Beside PSS, the memory an instance holds alone (USS: its processes' private pages, what freeing
+it gives back) says what one more instance costs whatever the count: PSS with 1 running is
+mostly the instance's part of the template's pages, which only two processes besides the
+template (the instance's auraed and its spawner) map then.
 """
 
 from __future__ import annotations
@@ -52,6 +57,20 @@ def _pss_mib(pids: list[int]) -> float:
     return total / 1024 / 1024
 
 
+def _uss_mib(pids: list[int]) -> float:
+    """The private pages (clean and dirty) of `pids`: what they hold that nobody else maps."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as rollup:
+                for line in rollup:
+                    if line.startswith(("Private_Clean:", "Private_Dirty:")):
+                        total += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return total / 1024 / 1024
+
+
 def _p90(series: Series) -> float:
     return series.spread[1]
 
@@ -73,6 +92,9 @@ def run(quick: bool) -> list[Result]:
     burst = Series(f"each of {burst_size} Spawns made at once → its Discover", "ms")
     peer = Series("a new auraed process on the host → its Discover", "ms")
     per_instance: dict[int, float] = {}
+    own: dict[int, float] = {}
+    # The largest count's processes of one instance, by role: (PSS, USS) in MiB.
+    roles: list[tuple[str, float, float]] = []
     template_at: dict[int, float] = {}
     processes = 0
     burst_wall = 0.0
@@ -87,8 +109,12 @@ def run(quick: bool) -> list[Result]:
                 time.sleep(IDLE_SECONDS)
                 per_instance[len(names)] = statistics.median(
                     _pss_mib(_instance_pids(daemon.cgroup_root, n)) for n in names)
+                own[len(names)] = statistics.median(
+                    _uss_mib(_instance_pids(daemon.cgroup_root, n)) for n in names)
                 template_at[len(names)] = _pss_mib(_templates_of(daemon.process.pid))
-                processes = len(_instance_pids(daemon.cgroup_root, names[0]))
+                first = _instance_pids(daemon.cgroup_root, names[0])
+                processes = len(first)
+                roles = [(_role(pid, first), _pss_mib([pid]), _uss_mib([pid])) for pid in first]
         # The rest of the warm samples, with the others running: the steady state of a host.
         while len(warm.samples) < warm_runs:
             warm.samples.append(_spawn_ms(client, "w"))
@@ -126,6 +152,8 @@ def run(quick: bool) -> list[Result]:
     template = template_at[largest]
     amortised = per_instance[largest] + template / largest
     at_counts = ", ".join(f"{n}: {per_instance[n]:.1f}" for n in counts)
+    own_at_counts = ", ".join(f"{n}: {own[n]:.1f}" for n in counts)
+    by_role = "; ".join(f"{role} {pss:.1f} PSS, {uss:.1f} own" for role, pss, uss in roles)
     return [
         Comparison(
             "instance_spawn_vs_new_daemon", "Instance Spawn → Discover vs a new auraed process",
@@ -159,7 +187,23 @@ def run(quick: bool) -> list[Result]:
             amortised, "MiB",
             notes=f"(instances + template) / {largest}; with {counts[0]} running: "
                   f"{per_instance[counts[0]] + template_at[counts[0]] / counts[0]:.1f} MiB"),
+        Figure(
+            "idle_instance_uss",
+            f"Memory one idle instance holds alone, USS ({largest} running)",
+            own[largest], "MiB",
+            notes=f"private pages of its processes, what Free gives back; by instances "
+                  f"running: {own_at_counts} MiB; by process ({largest} running): {by_role}"),
     ]
+
+
+def _role(pid: int, instance: list[int]) -> str:
+    """Which of an instance's processes (`instance`) `pid` is: its cell's holder, its auraed (a
+    copy of the template, whose child it is) or that auraed's spawner (the copy's child)."""
+    if Path(f"/proc/{pid}/comm").read_text().strip() != PROCESS_NAME:
+        return "holder"
+    with open(f"/proc/{pid}/status") as status:
+        parent = next(int(line.split()[1]) for line in status if line.startswith("PPid:"))
+    return "spawner" if parent in instance else "auraed"
 
 
 def _templates_of(pid: int) -> list[int]:
