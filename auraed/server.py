@@ -15,7 +15,7 @@ import signal
 import socket
 import stat
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent import futures
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -428,8 +428,9 @@ class Daemon:
     def _pods_are_instances(self) -> bool:
         return self.settings.cri_socket is not None and self.settings.cri_pods == "instances"
 
-    def _await_claim(self, path: Path) -> Settings:
-        """A spare's wait for its claim: the settings it then starts with."""
+    def _await_claim(self, path: Path) -> tuple[Settings, Callable[[], None]]:
+        """A spare's wait for its claim: the settings it then starts with, and what waits until
+        its host has moved its processes into its new cell (before it starts any process)."""
         from auraed.runtime.standby import ClaimError, await_claim
 
         try:
@@ -438,7 +439,14 @@ class Daemon:
             raise StartupError(f"--standby {path}: {error}") from None
         log.info("claimed", extra={"cgroup_root": claim.cgroup_root,
                                    "hostname": claim.hostname or ""})
-        return replace(self.settings, cgroup_root=claim.cgroup_root, standby=None)
+
+        def settled() -> None:
+            try:
+                claim.settled()
+            except ClaimError as error:
+                raise StartupError(f"--standby {path}: {error}") from None
+
+        return replace(self.settings, cgroup_root=claim.cgroup_root, standby=None), settled
 
     def _listen(self) -> grpc.Server:
         """The server, bound, with Health and Discovery registered (not started)."""
@@ -536,8 +544,10 @@ class Daemon:
         self._open_images()
         # Before the claim: the CRI's server depends on nothing the claim says.
         self._listen_cri()
+        settled = None
         if settings.standby is not None:
-            settings = self.settings = self._await_claim(settings.standby)
+            settings, settled = self._await_claim(settings.standby)
+            self.settings = settings
         try:
             backend = wired.detect_backend(root_name=settings.cgroup_root,
                                            mount_root=settings.cgroup_mount)
@@ -551,10 +561,15 @@ class Daemon:
                                           spawner_seed=self._spawner_seed)
         self._workloads.on_spawner_lost = self._spawner_lost
         try:
-            self._workloads.start()
+            self._workloads.start(settled=settled)
         except wired.SpawnerRefused as refused:
             self._workloads = None
             raise StartupError(f"{refused}. The workloads it holds were left alone.") from None
+        except StartupError:
+            # A spare let go before its processes moved: no spawner started (the seed is
+            # discarded); the host removes the cell with the subtree made in it.
+            self._workloads = None
+            raise
         # What the start reported (cleaned up, adopted) is readable once we serve.
         self._events.flush()
         if self._metrics_address is not None:

@@ -88,6 +88,8 @@ SPARE_LIMITS = CgroupLimits(cpu_weight=1)
 # longer, the pods right after find their spare still starting (docs/cri.md).
 REFILL_QUIET = 0.1
 REFILL_HOLD = 0.2
+# How long a pod waits for a spare the refill is spawning right then, rather than spawning one.
+SPARE_SPAWN_WAIT = 2.0
 # Calls to an instance that wait for nothing but the instance itself.
 CALL_TIMEOUT = 60.0
 # containerd's answer for a container whose process it lost track of.
@@ -136,6 +138,31 @@ class Pod:
     @property
     def labels(self) -> Mapping[str, str]:
         return self.config.labels
+
+
+@dataclass(eq=False)
+class Spare:
+    """A pod instance started ahead, and the channel to its CRI socket, connected while the
+    spare waits (its daemon listens there before its claim): a claim then needs no channel of
+    its own nor a call to learn that the daemon answers (calls wait until it has wired its
+    services, auraed.pending)."""
+
+    instance: Instance
+    channel: grpc.Channel
+    connected: grpc.Future[None]
+
+    def close(self) -> None:
+        self.connected.cancel()
+        self.channel.close()
+
+
+def _channel(socket: Path) -> grpc.Channel:
+    return grpc.insecure_channel(f"unix:{socket}", options=[
+        ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+        ("grpc.max_send_message_length", 16 * 1024 * 1024),
+        ("grpc.initial_reconnect_backoff_ms", 10),
+        ("grpc.min_reconnect_backoff_ms", 10),
+        ("grpc.max_reconnect_backoff_ms", 200)])
 
 
 def _encode(message: Message) -> str:
@@ -194,10 +221,13 @@ class PodInstances:
         self._pods: dict[str, Pod] = {}
         self._by_container: dict[str, PodContainer] = {}
         self._spare_count = spares
-        self._spares: list[Instance] = []
+        self._spares: list[Spare] = []
         self._refiller: threading.Thread | None = None
         self._closing = False
         self._closed = threading.Event()  # set with _closing: a waiting refill ends
+        # Whether the refill is spawning a spare now; notified when it has one (or failed).
+        self._spawning = False
+        self._spare_made = threading.Condition(self._lock)
         # When a pod call last began or ended (time.monotonic), and how many run (_busy).
         self._last_call = 0.0
         self._calls = 0
@@ -290,23 +320,30 @@ class PodInstances:
                                         field="config.metadata")
         self._hold_parent(parent)
         try:
-            instance = self._start_instance(config, parent)
+            instance, spare = self._start_instance(config, parent)
         except BaseException:
             self._release_parent(parent)
             raise
         name = instance.name
         socket = self.instances.directory_of(name) / CRI_SOCKET
-        channel = grpc.insecure_channel(f"unix:{socket}", options=[
-            ("grpc.max_receive_message_length", 16 * 1024 * 1024),
-            ("grpc.max_send_message_length", 16 * 1024 * 1024),
-            ("grpc.initial_reconnect_backoff_ms", 10),
-            ("grpc.min_reconnect_backoff_ms", 10),
-            ("grpc.max_reconnect_backoff_ms", 200)])
+        channel = spare.channel if spare is not None else _channel(socket)
         stub = cri_grpc.RuntimeServiceStub(channel)
         try:
-            self._await_answer(instance, socket, stub)
-            inner = _call(stub.RunPodSandbox, cri.RunPodSandboxRequest(
-                config=_inner_sandbox_config(config)))
+            # A claimed spare's channel is connected already: its call waits there until the
+            # daemon has wired its services. Otherwise wait until the daemon answers.
+            if spare is None or not spare.connected.done() or spare.connected.cancelled():
+                if spare is not None:
+                    spare.connected.cancel()
+                self._await_answer(instance, socket, stub)
+            try:
+                inner = _call(stub.RunPodSandbox, cri.RunPodSandboxRequest(
+                    config=_inner_sandbox_config(config)))
+            except Unavailable:
+                if not _running(instance) or instance.process is None or \
+                        instance.process.wait(0.1):
+                    raise FailedPrecondition(f"the daemon of pod instance {name} exited before "
+                                             f"it answered: {_tail(instance.log_path)}") from None
+                raise
         except BaseException:
             channel.close()
             self._free_instance(name)
@@ -325,9 +362,11 @@ class PodInstances:
 
     # ------------------------------------------------------------------ spares
 
-    def _start_instance(self, config: cri.PodSandboxConfig, parent: CellName) -> Instance:
-        """The pod's instance, not yet answering: a spare claimed if one matches, else one
-        spawned; either way the spares are refilled in the background."""
+    def _start_instance(self, config: cri.PodSandboxConfig,
+                        parent: CellName) -> tuple[Instance, Spare | None]:
+        """The pod's instance, not yet answering: a spare claimed if one matches (returned
+        too, with its channel), else one spawned; either way the spares are refilled in the
+        background."""
         options = config.linux.security_context.namespace_options
         isolate_process = cri.NODE not in (options.pid, options.ipc)
         isolate_network = options.network != cri.NODE
@@ -340,10 +379,10 @@ class PodInstances:
         try:
             spare = self._take_spare(isolate_process, isolate_network)
             if spare is not None:
-                claimed = self._claim(spare, spec(spare.name))
+                claimed = self._claim(spare, spec(spare.instance.name))
                 if claimed is not None:
-                    return claimed
-            return self.instances.spawn(spec(INSTANCE_PREFIX + secrets.token_hex(6)))
+                    return claimed, spare
+            return self.instances.spawn(spec(INSTANCE_PREFIX + secrets.token_hex(6))), None
         finally:
             self._refill()
 
@@ -356,26 +395,37 @@ class PodInstances:
                             daemon_arguments=("--cri-socket", str(socket), "--cri-pods", "cells",
                                               "--image-store", str(self.store.root)))
 
-    def _take_spare(self, isolate_process: bool, isolate_network: bool) -> Instance | None:
+    def _take_spare(self, isolate_process: bool, isolate_network: bool) -> Spare | None:
         """A spare started ahead, if one matches: spares have the pod's own namespaces, so a
         pod that shares the node's pid, ipc or network takes none."""
         if not (isolate_process and isolate_network):
             return None
-        with self._lock:
-            while self._spares:
-                spare = self._spares.pop(0)
-                if _running(spare) and not spare.ended.is_set():
-                    return spare
+        ended = []
+        try:
+            with self._lock:
+                # One being spawned now is taken when it is (a spawn is its first tens of ms;
+                # a pod that spawned its own instead would start it from nothing, beside it).
+                self._spare_made.wait_for(lambda: not self._spawning or self._closing,
+                                          timeout=SPARE_SPAWN_WAIT)
+                while self._spares:
+                    spare = self._spares.pop(0)
+                    if _running(spare.instance) and not spare.instance.ended.is_set():
+                        return spare
+                    ended.append(spare)
+        finally:
+            for gone in ended:
+                gone.close()
         return None
 
-    def _claim(self, spare: Instance, spec: InstanceSpec) -> Instance | None:
+    def _claim(self, spare: Spare, spec: InstanceSpec) -> Instance | None:
         """The spare made the pod's instance; None (the spare freed) if it could not be."""
         try:
-            return self.instances.claim(spare.name, spec)
+            return self.instances.claim(spare.instance.name, spec)
         except RuntimeFault as fault:
             log.warning("a spare pod instance could not be claimed; spawning one",
-                        extra={"instance": spare.name, "error": fault.message})
-            self._free_instance(spare.name, kill=True)
+                        extra={"instance": spare.instance.name, "error": fault.message})
+            spare.close()
+            self._free_instance(spare.instance.name, kill=True)
             return None
 
     def _refill(self) -> None:
@@ -421,17 +471,28 @@ class PodInstances:
                 if self._closing or len(self._spares) >= self._spare_count:
                     return
             name = INSTANCE_PREFIX + secrets.token_hex(6)
+            with self._lock:
+                self._spawning = True
+            kept, appended = None, False
             try:
                 spare = self.instances.spawn(replace(
                     self._spec(name, True, True, standby=True), limits=SPARE_LIMITS))
+                channel = _channel(self.instances.directory_of(name) / CRI_SOCKET)
+                kept = Spare(spare, channel, grpc.channel_ready_future(channel))
             except RuntimeFault as fault:
                 log.warning("could not start a spare pod instance",
                             extra={"instance": name, "error": fault.message})
                 return
-            with self._lock:
-                if not self._closing:
-                    self._spares.append(spare)
-                    continue
+            finally:
+                with self._lock:
+                    self._spawning = False
+                    if kept is not None and not self._closing:
+                        self._spares.append(kept)
+                        appended = True
+                    self._spare_made.notify_all()
+            if appended:
+                continue
+            kept.close()
             self._free_instance(name, kill=True)
             return
 
@@ -446,7 +507,8 @@ class PodInstances:
         with self._lock:
             spares, self._spares = self._spares, []
         for spare in spares:
-            self._free_instance(spare.name, kill=True)
+            spare.close()
+            self._free_instance(spare.instance.name, kill=True)
 
     def _await_answer(self, instance: Instance, socket: Path,
                       stub: cri_grpc.RuntimeServiceStub) -> None:
@@ -486,6 +548,12 @@ class PodInstances:
             pod = self.sandbox(sandbox_id)
         except NotFound:
             return
+        self._stop(pod, keep=True)
+
+    def _stop(self, pod: Pod, *, keep: bool) -> None:
+        """keep: record the containers' last statuses (StopPodSandbox); a RemovePodSandbox
+        forgets them right after, so it neither asks the instance for them nor rewrites the
+        record it removes."""
         if pod.live:
             assert pod.stub is not None
             try:
@@ -493,13 +561,15 @@ class PodInstances:
             except RuntimeFault as fault:
                 log.warning("the pod's instance did not stop its containers; freeing it",
                             extra={"sandbox": pod.id, "error": fault.message})
-            self._snapshot(pod)
+            if keep:
+                self._snapshot(pod)
             self._end_instance(pod)
         with self._lock:
             pod.ready = False
             for container in pod.containers.values():
                 container.status = _lost(container, time.time_ns())
-        self._save(pod)
+        if keep:
+            self._save(pod)
         log.info("pod sandbox stopped", extra={"sandbox": pod.id})
 
     def remove(self, sandbox_id: str) -> None:
@@ -507,7 +577,7 @@ class PodInstances:
             pod = self.sandbox(sandbox_id)
         except NotFound:
             return
-        self.stop(pod.id)
+        self._stop(pod, keep=False)
         with self._lock:
             if self._pods.pop(pod.id, None) is None:
                 return  # a concurrent remove did it

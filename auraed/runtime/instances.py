@@ -47,7 +47,7 @@ from auraed.errors import AlreadyExists, FailedPrecondition, InvalidArgument, No
 from auraed.kernel.cgroups import CgroupLimits
 from auraed.kernel.template import Template, TemplateError
 from auraed.runtime.names import CellName
-from auraed.runtime.standby import Claim, ClaimError, send_claim
+from auraed.runtime.standby import Claim, ClaimError, offer_claim
 from auraed.runtime.workloads import CellSpec, Workloads
 
 log = logging.getLogger("auraed.instances")
@@ -369,9 +369,10 @@ class Instances:
         """Make the spare `name` (spawned with standby) the instance `spec` describes, whose
         name must be the spare's and whose isolation must match: its cell moved to spec's
         place with spec's limits (Workloads.rehome: the limits written, then every process
-        moved), then its daemon told its cgroup subtree and hostname. Like spawn(), the
-        instance is not yet known to answer. On a failure the spare is left as it was, for the
-        caller to free."""
+        moved), its daemon told its cgroup subtree and hostname once the new cell exists and
+        that its processes are there once they are. Like spawn(), the instance is not yet
+        known to answer. On a failure the spare is left for the caller to free (where its
+        cell is: moved or not)."""
         with self._lock:
             instance = self._instances.get(name)
             if self._closing:
@@ -390,15 +391,18 @@ class Instances:
             process = instance.process
         try:
             spec = replace(spec, standby=False, daemon_arguments=old.daemon_arguments)
-            self._workloads.rehome(instance.cell, spec.cell, CellSpec(
-                spec.limits, isolate_process=spec.isolate_process,
-                isolate_network=spec.isolate_network, hostname=spec.hostname))
-            instance.spec, instance.cell = spec, spec.cell
             backend = self._workloads.backend
+            claim = Claim(f"{backend.root_name}/{spec.cell.path}/{CGROUP_LEAF}", spec.hostname)
             try:
-                send_claim(instance.directory / STANDBY_SOCKET, Claim(
-                    f"{backend.root_name}/{spec.cell.path}/{CGROUP_LEAF}",
-                    spec.hostname), timeout, alive=lambda: not process.ended.is_set())
+                # The spare is told its place as soon as its new cell exists, and makes its
+                # subtree there while its processes move (auraed.runtime.standby).
+                with offer_claim(instance.directory / STANDBY_SOCKET, claim, timeout,
+                                 alive=lambda: not process.ended.is_set()) as offer:
+                    self._workloads.rehome(instance.cell, spec.cell, CellSpec(
+                        spec.limits, isolate_process=spec.isolate_process,
+                        isolate_network=spec.isolate_network, hostname=spec.hostname),
+                        placed=offer.send)
+                    instance.spec, instance.cell = spec, spec.cell
             except ClaimError as error:
                 raise FailedPrecondition(f"spare instance {name} did not take its claim: "
                                          f"{error}") from None

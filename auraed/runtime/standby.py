@@ -5,15 +5,22 @@ What a daemon's start depends on that a spare cannot know ahead is its cgroup su
 cell sits below kubelet's cgroup parent) and its hostname (the pod's). The spare does all the
 rest of its start — it was forked from the warm template, read its credentials, opened its
 logs, journal and image store — then listens on PATH, a Unix socket in its instance directory
-(mode 0600), for one claim:
+(mode 0600), for one claim, in two steps:
 
-    host → spare   one JSON object {"cgroup_root": "...", "hostname": "..." | null}, then EOF
-    spare → host   b"ok", or b"error: <why>"; then the spare closes the socket and goes on
+    host → spare   one JSON object {"cgroup_root": "...", "hostname": "..." | null}, "\n"
+    spare → host   b"ok\n", or b"error: <why>\n"
+    host → spare   b"moved\n", then EOF: every process of the spare is in its new cell now
 
-Only then does it make its cgroup subtree and serve. The hostname is set by the spare itself:
-it is in the instance's own uts namespace, and the host is not. The host moves the spare's
-cell (Workloads.rehome) before it sends the claim, so the subtree the spare makes is below the
-cell's new place. A spare whose host closes the socket without a claim (it was freed) exits.
+The host sends the first line once the spare's new cell exists (with the pod's limits), and
+moves the spare's processes there while the spare, told its place, sets its hostname (it is in
+the instance's own uts namespace, the host is not) and makes its cgroup subtree: the move
+waits for an RCU grace period of the kernel's (the first cgroup.procs write after a quiet
+while; 6-16 ms on an idle machine, more under load), which the spare's own start then
+overlaps instead of following. The spare starts no process (its spawner, which joins the
+subtree) before "moved" (Claim.settled): a process moved by the host after it joined a cgroup
+of the subtree would land back in the cell's own leaf. A spare still starting when it is
+claimed (not listening yet) gets both lines once its processes have moved. A host that closes
+the socket before "moved" (the move failed, or the spare was freed) ends the spare's start.
 """
 
 from __future__ import annotations
@@ -24,12 +31,17 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 _MAX_CLAIM = 64 * 1024
 _POLL = 0.5
+MOVED = b"moved\n"
+# How long a claimed spare waits for the host's "moved": the host moves a handful of processes.
+SETTLE_TIMEOUT = 60.0
 
 
 class ClaimError(Exception):
@@ -40,11 +52,31 @@ class ClaimError(Exception):
 class Claim:
     cgroup_root: str
     hostname: str | None = None
+    # The spare's end of the claim's connection, until settled() has read the host's "moved".
+    connection: socket.socket | None = field(default=None, compare=False, repr=False)
+    stream: BinaryIO | None = field(default=None, compare=False, repr=False)
+
+    def settled(self) -> None:
+        """Wait until the host has moved every process of the spare into its new cell (the
+        spare may start processes then); ClaimError if the host let go instead."""
+        if self.connection is None or self.stream is None:
+            return
+        try:
+            message = self.stream.read(_MAX_CLAIM)
+        except ConnectionResetError:
+            message = b""  # closed with our answer unread: let go
+        except OSError as error:
+            raise ClaimError(f"the host did not finish the claim: {error}") from None
+        finally:
+            self.stream.close()
+            self.connection.close()
+        if message != MOVED:
+            raise ClaimError("the host let go of this spare before it moved it")
 
 
 def await_claim(path: Path, stopping: threading.Event) -> Claim:
     """Listen on `path` until a claim comes (or `stopping` is set: ClaimError), apply its
-    hostname, answer, and return it."""
+    hostname, answer, and return it; its settled() waits for the host's "moved"."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     previous = os.umask(0o177)  # born 0600, as every socket of ours
     try:
@@ -61,8 +93,10 @@ def await_claim(path: Path, stopping: threading.Event) -> Claim:
             if not readable:
                 continue
             connection, _ = listener.accept()
-            with connection:
-                message = _read_all(connection)
+            stream = connection.makefile("rb")
+            try:
+                connection.settimeout(SETTLE_TIMEOUT)
+                message = _read_line(stream)
                 if not message:
                     raise ClaimError("the host let go of this spare")
                 try:
@@ -70,53 +104,120 @@ def await_claim(path: Path, stopping: threading.Event) -> Claim:
                     if claim.hostname:
                         socket.sethostname(claim.hostname)
                 except (ClaimError, OSError) as error:
-                    connection.sendall(f"error: {error}".encode())
+                    connection.sendall(f"error: {error}\n".encode())
                     raise ClaimError(str(error)) from None
-                connection.sendall(b"ok")
-                return claim
+                connection.sendall(b"ok\n")
+            except BaseException:
+                stream.close()
+                connection.close()
+                raise
+            return Claim(claim.cgroup_root, claim.hostname, connection, stream)
     finally:
         listener.close()
         path.unlink(missing_ok=True)
 
 
-def send_claim(path: Path, claim: Claim, timeout: float,
-               alive: Callable[[], bool] = lambda: True) -> None:
-    """The host's side: give the spare listening on `path` its claim (waiting up to `timeout`
-    seconds for it to listen, if it is still starting and `alive`) and wait for its answer."""
-    deadline = time.monotonic() + timeout
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as connection:
-        while True:
+class ClaimOffer:
+    """The host's side of one claim (offer_claim). send(), once the spare's new cell exists,
+    tells a spare that listens already its place, so that it makes its subtree while its
+    processes move; one still starting is told at the offer's end, after the move (it gets
+    the pod's limits, not the spare's, for the rest of its start). The offer's end tells the
+    spare its processes are there and reads its answer."""
+
+    def __init__(self, path: Path, claim: Claim, deadline: float,
+                 alive: Callable[[], bool]) -> None:
+        self._path = path
+        self._claim = claim
+        self._deadline = deadline
+        self._alive = alive
+        self._connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self.connected = self.sent = False
+
+    def send(self) -> None:
+        """Tell the spare its place now, if it listens."""
+        if self._connect(wait=False):
+            self._send_claim()
+
+    def _connect(self, *, wait: bool) -> bool:
+        while not self.connected:
             try:
-                connection.connect(str(path))
-                break
+                self._connection.connect(str(self._path))
+                self.connected = True
             except (FileNotFoundError, ConnectionRefusedError):
-                if not alive():
+                if not wait:
+                    return False
+                if not self._alive():
                     raise ClaimError("the spare ended before it listened") from None
-                if time.monotonic() > deadline:
+                if time.monotonic() > self._deadline:
                     raise ClaimError("the spare did not listen for its claim in time") from None
                 time.sleep(0.003)
-        connection.settimeout(max(0.1, deadline - time.monotonic()))
+        self._connection.settimeout(max(0.1, self._deadline - time.monotonic()))
+        return True
+
+    def _send_claim(self) -> None:
         try:
-            connection.sendall(json.dumps({"cgroup_root": claim.cgroup_root,
-                                           "hostname": claim.hostname}).encode())
-            connection.shutdown(socket.SHUT_WR)
-            answer = _read_all(connection)
+            self._connection.sendall(json.dumps({"cgroup_root": self._claim.cgroup_root,
+                                                 "hostname": self._claim.hostname}).encode()
+                                     + b"\n")
         except OSError as error:
             raise ClaimError(f"the spare did not take its claim: {error}") from None
-    if answer != b"ok":
-        raise ClaimError(answer.decode(errors="replace").removeprefix("error: ")
-                         or "the spare ended without an answer")
+        self.sent = True
+
+    def _settle(self) -> None:
+        self._connect(wait=True)
+        if not self.sent:
+            self._send_claim()
+        failure: OSError | None = None
+        try:
+            self._connection.sendall(MOVED)
+            self._connection.shutdown(socket.SHUT_WR)
+        except OSError as error:
+            failure = error  # a spare that refused closed its end: its answer says why
+        try:
+            with self._connection.makefile("rb") as stream:
+                answer = _read_line(stream)
+        except OSError as error:
+            answer, failure = b"", failure or error
+        if answer.startswith(b"error: ") or (failure is None and answer != b"ok"):
+            raise ClaimError(answer.decode(errors="replace").removeprefix("error: ")
+                             or "the spare ended without an answer")
+        if failure is not None:
+            raise ClaimError(f"the spare did not take its claim: {failure}")
+
+    def close(self) -> None:
+        self._connection.close()
 
 
-def _read_all(connection: socket.socket) -> bytes:
-    chunks = []
-    size = 0
-    while chunk := connection.recv(4096):
-        chunks.append(chunk)
-        size += len(chunk)
-        if size > _MAX_CLAIM:
-            raise ClaimError("the claim is too large")
-    return b"".join(chunks)
+@contextmanager
+def offer_claim(path: Path, claim: Claim, timeout: float,
+                alive: Callable[[], bool] = lambda: True) -> Iterator[ClaimOffer]:
+    """The host's side of a claim to the spare listening (or about to) on `path`. In the
+    block, the caller makes the spare's new cell, calls send(), and moves the spare's
+    processes; a block that ends normally then tells the spare "moved" (sending the claim
+    first if it did not listen at send(): waiting up to `timeout` seconds for it, while it is
+    `alive`) and waits for its answer (ClaimError if it refused). A block that raises lets the
+    spare go without "moved": its start fails."""
+    offer = ClaimOffer(path, claim, time.monotonic() + timeout, alive)
+    try:
+        yield offer
+        offer._settle()
+    finally:
+        offer.close()
+
+
+def send_claim(path: Path, claim: Claim, timeout: float,
+               alive: Callable[[], bool] = lambda: True) -> None:
+    """The whole claim at once, for a spare whose processes are in place already."""
+    with offer_claim(path, claim, timeout, alive):
+        pass
+
+
+def _read_line(stream: BinaryIO) -> bytes:
+    """One line, without its newline (what came before EOF if no newline did)."""
+    line = stream.readline(_MAX_CLAIM + 1)
+    if len(line) > _MAX_CLAIM:
+        raise ClaimError("the claim is too large")
+    return line.removesuffix(b"\n")
 
 
 def _parse(message: bytes) -> Claim:
@@ -130,4 +231,4 @@ def _parse(message: bytes) -> Claim:
     return Claim(root, hostname)
 
 
-__all__ = ["Claim", "ClaimError", "await_claim", "send_claim"]
+__all__ = ["Claim", "ClaimError", "ClaimOffer", "await_claim", "offer_claim", "send_claim"]

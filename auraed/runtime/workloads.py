@@ -286,16 +286,22 @@ class Workloads:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def start(self) -> None:
+    def start(self, *, settled: Callable[[], None] | None = None) -> None:
         """Prepare the cgroup subtree and the spawner: adopt the workloads of a spawner that
         outlived the previous daemon, or, with none, clear what a previous run left and start
-        one. SpawnerRefused: a spawner runs that cannot be adopted (nothing was touched)."""
+        one. SpawnerRefused: a spawner runs that cannot be adopted (nothing was touched).
+
+        settled: called before the first process starts (a claimed spare's daemon waits there
+        until its host has moved its processes into its new cell, auraed.runtime.standby;
+        until then it only makes and clears its subtree)."""
         self.backend.setup()
         self._devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
         self._restarts.start()
         began = time.monotonic()
         adoption = self._spawner.attach() if self._spawner_socket is not None else None
         if adoption is not None:
+            if settled is not None:
+                settled()
             self._adopt(adoption, began)
             return
         stale = self.backend.existing_cells()
@@ -314,6 +320,8 @@ class Workloads:
         if self._log_root.exists():
             shutil.rmtree(self._log_root)
         self._log_root.mkdir(parents=True)
+        if settled is not None:
+            settled()
         self._spawner.start()
 
     def _count_processes(self, cells: list[str]) -> int:
@@ -698,13 +706,19 @@ class Workloads:
                                         "limits": ",".join(changed.set_fields())})
         return spec
 
-    def rehome(self, name: CellName, new_name: CellName, spec: CellSpec) -> Cell:
+    def rehome(self, name: CellName, new_name: CellName, spec: CellSpec, *,
+               placed: Callable[[], None] | None = None) -> Cell:
         """Move a childless cell to `new_name` (whose parent exists) with the limits and labels
         of `spec`: the new cgroups are made with the limits first, then every process of the
         cell moves into them (in each hierarchy), then the old cgroups go. The namespaces come
         along (their holder is one of the processes), so isolation cannot change; the hostname
         in `spec` is recorded, and setting it in the uts namespace is the caller's (the cell's
         own processes may: the holder does not). A spare instance becomes a pod so.
+
+        placed: called once the new cgroups exist with their limits, before any process
+        moves (a spare is told its place then, and makes its own subtree there while its
+        processes move: the move's first write waits for an RCU grace period of the kernel's).
+        If it raises, the new cgroups go and the cell stays.
 
         On a failure the cell stays where it was, with its processes."""
         with self._lock:
@@ -732,6 +746,16 @@ class Workloads:
             except (UnsafePath, CgroupExists) as error:
                 raise FailedPrecondition(f"cannot move cell {name} to {new_name}: {error}",
                                          subject=Subject.CELL) from None
+            if placed is not None:
+                try:
+                    placed()
+                except BaseException:
+                    try:
+                        self.backend.remove(new_name.path)
+                    except CgroupError:
+                        log.exception("could not remove the cgroups of an abandoned cell move",
+                                      extra={"cell": name.path, "to": new_name.path})
+                    raise
             try:
                 self.backend.move_processes(name.path, new_name.path)
             except CgroupError as error:
