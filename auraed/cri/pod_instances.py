@@ -228,6 +228,9 @@ class PodInstances:
         # Whether the refill is spawning a spare now; notified when it has one (or failed).
         self._spawning = False
         self._spare_made = threading.Condition(self._lock)
+        # Set (and notified) when a pod took a spare: the refill thread makes another.
+        self._refill_wanted = False
+        self._refill_asked = threading.Condition(self._lock)
         # When a pod call last began or ended (time.monotonic), and how many run (_busy).
         self._last_call = 0.0
         self._calls = 0
@@ -430,14 +433,27 @@ class PodInstances:
 
     def _refill(self) -> None:
         """Start spares in the background until there are as many as asked for: the first
-        RunPodSandbox of the daemon starts them (a daemon that runs no pod pays nothing)."""
+        RunPodSandbox of the daemon starts the thread that does (a daemon that runs no pod
+        pays nothing); later ones wake it, which costs a pod's start no thread's start."""
         with self._lock:
-            if (self._closing or len(self._spares) >= self._spare_count
-                    or (self._refiller is not None and self._refiller.is_alive())):
+            if self._closing or len(self._spares) >= self._spare_count:
                 return
-            self._refiller = threading.Thread(target=self._fill, name="pod-spares",
-                                              daemon=True)
-            self._refiller.start()
+            self._refill_wanted = True
+            if self._refiller is None:
+                self._refiller = threading.Thread(target=self._refill_loop, name="pod-spares",
+                                                  daemon=True)
+                self._refiller.start()
+            else:
+                self._refill_asked.notify()
+
+    def _refill_loop(self) -> None:
+        while True:
+            with self._lock:
+                self._refill_asked.wait_for(lambda: self._refill_wanted or self._closing)
+                if self._closing:
+                    return
+                self._refill_wanted = False
+            self._fill()
 
     @contextmanager
     def busy(self) -> Iterator[None]:
@@ -501,6 +517,8 @@ class PodInstances:
         with self._lock:
             self._closing = True
             self._closed.set()
+            self._refill_asked.notify_all()
+            self._spare_made.notify_all()
             refiller = self._refiller
         if refiller is not None:
             refiller.join()
