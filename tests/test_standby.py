@@ -83,11 +83,11 @@ def test_a_spare_that_listens_late_gets_its_claim_and_the_move_at_once(tmp_path:
 def test_a_host_that_lets_go_before_the_move_ends_the_spares_start(tmp_path: Path) -> None:
     path = tmp_path / "standby.sock"
     spare = _Spare(path).start()
-    with pytest.raises(RuntimeError):
-        with offer_claim(path, Claim("aurae/instance-z/auraed"), 10) as offer:
-            offer.send()
-            assert spare.claimed.wait(10)
-            raise RuntimeError("the move failed")
+    with pytest.raises(RuntimeError), \
+            offer_claim(path, Claim("aurae/instance-z/auraed"), 10) as offer:
+        offer.send()
+        assert spare.claimed.wait(10)
+        raise RuntimeError("the move failed")
     spare.join()
     assert spare.settled_at is None
     assert spare.error is not None and "before it moved it" in str(spare.error)
@@ -96,15 +96,15 @@ def test_a_host_that_lets_go_before_the_move_ends_the_spares_start(tmp_path: Pat
 def test_a_claim_the_spare_refuses_is_the_hosts_error(tmp_path: Path) -> None:
     path = tmp_path / "standby.sock"
     spare = _Spare(path).start()
-    with pytest.raises(ClaimError, match="does not parse"):
-        with offer_claim(path, Claim(""), 10) as offer:
-            offer.send()
+    with pytest.raises(ClaimError, match="does not parse"), \
+            offer_claim(path, Claim(""), 10) as offer:
+        offer.send()
     spare.join()
     assert spare.error is not None and spare.claim is None
 
 
 def test_a_spare_that_never_listens_is_an_error_once_it_ended(tmp_path: Path) -> None:
-    with pytest.raises(ClaimError, match="ended before it listened"):
-        with offer_claim(tmp_path / "standby.sock", Claim("aurae/x/auraed"), 10,
-                         alive=lambda: False):
-            pass
+    with pytest.raises(ClaimError, match="ended before it listened"), \
+            offer_claim(tmp_path / "standby.sock", Claim("aurae/x/auraed"), 10,
+                        alive=lambda: False):
+        pass

@@ -205,13 +205,6 @@ def offer_claim(path: Path, claim: Claim, timeout: float,
         offer.close()
 
 
-def send_claim(path: Path, claim: Claim, timeout: float,
-               alive: Callable[[], bool] = lambda: True) -> None:
-    """The whole claim at once, for a spare whose processes are in place already."""
-    with offer_claim(path, claim, timeout, alive):
-        pass
-
-
 def _read_line(stream: BinaryIO) -> bytes:
     """One line, without its newline (what came before EOF if no newline did)."""
     line = stream.readline(_MAX_CLAIM + 1)
@@ -231,4 +224,4 @@ def _parse(message: bytes) -> Claim:
     return Claim(root, hostname)
 
 
-__all__ = ["Claim", "ClaimError", "ClaimOffer", "await_claim", "offer_claim", "send_claim"]
+__all__ = ["Claim", "ClaimError", "ClaimOffer", "await_claim", "offer_claim"]
