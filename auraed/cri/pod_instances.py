@@ -329,14 +329,17 @@ class PodInstances:
             raise
         name = instance.name
         socket = self.instances.directory_of(name) / CRI_SOCKET
-        channel = spare.channel if spare is not None else _channel(socket)
+        # A claimed spare's channel is connected already: the call waits there until the
+        # daemon has wired its services. One not connected yet may be in its reconnect backoff
+        # (the spare was claimed while it started): a new channel connects at once.
+        connected = spare is not None and spare.connected.done() and \
+            not spare.connected.cancelled()
+        if spare is not None and not connected:
+            spare.close()
+        channel = spare.channel if spare is not None and connected else _channel(socket)
         stub = cri_grpc.RuntimeServiceStub(channel)
         try:
-            # A claimed spare's channel is connected already: its call waits there until the
-            # daemon has wired its services. Otherwise wait until the daemon answers.
-            if spare is None or not spare.connected.done() or spare.connected.cancelled():
-                if spare is not None:
-                    spare.connected.cancel()
+            if not connected:
                 self._await_answer(instance, socket, stub)
             try:
                 inner = _call(stub.RunPodSandbox, cri.RunPodSandboxRequest(
