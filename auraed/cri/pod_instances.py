@@ -88,8 +88,6 @@ SPARE_LIMITS = CgroupLimits(cpu_weight=1)
 # longer, the pods right after find their spare still starting (docs/cri.md).
 REFILL_QUIET = 0.1
 REFILL_HOLD = 0.2
-# How long a pod waits for a spare the refill is spawning right then, rather than spawning one.
-SPARE_SPAWN_WAIT = 2.0
 # Calls to an instance that wait for nothing but the instance itself.
 CALL_TIMEOUT = 60.0
 # containerd's answer for a container whose process it lost track of.
@@ -225,9 +223,6 @@ class PodInstances:
         self._refiller: threading.Thread | None = None
         self._closing = False
         self._closed = threading.Event()  # set with _closing: a waiting refill ends
-        # Whether the refill is spawning a spare now; notified when it has one (or failed).
-        self._spawning = False
-        self._spare_made = threading.Condition(self._lock)
         # Set (and notified) when a pod took a spare: the refill thread makes another.
         self._refill_wanted = False
         self._refill_asked = threading.Condition(self._lock)
@@ -409,10 +404,6 @@ class PodInstances:
         ended = []
         try:
             with self._lock:
-                # One being spawned now is taken when it is (a spawn is its first tens of ms;
-                # a pod that spawned its own instead would start it from nothing, beside it).
-                self._spare_made.wait_for(lambda: not self._spawning or self._closing,
-                                          timeout=SPARE_SPAWN_WAIT)
                 while self._spares:
                     spare = self._spares.pop(0)
                     if _running(spare.instance) and not spare.instance.ended.is_set():
@@ -490,8 +481,6 @@ class PodInstances:
                 if self._closing or len(self._spares) >= self._spare_count:
                     return
             name = INSTANCE_PREFIX + secrets.token_hex(6)
-            with self._lock:
-                self._spawning = True
             kept, appended = None, False
             try:
                 spare = self.instances.spawn(replace(
@@ -504,11 +493,9 @@ class PodInstances:
                 return
             finally:
                 with self._lock:
-                    self._spawning = False
                     if kept is not None and not self._closing:
                         self._spares.append(kept)
                         appended = True
-                    self._spare_made.notify_all()
             if appended:
                 continue
             kept.close()
@@ -521,7 +508,6 @@ class PodInstances:
             self._closing = True
             self._closed.set()
             self._refill_asked.notify_all()
-            self._spare_made.notify_all()
             refiller = self._refiller
         if refiller is not None:
             refiller.join()
