@@ -3,9 +3,9 @@
 The daemon runs many gRPC threads, and running Python between fork and exec in a threaded process
 is unsafe. This process runs nothing but its request loop, so its forked children can safely place
 themselves in cgroups and namespaces, drop privileges and close stray fds before exec (the steps
-are in auraed.kernel.spawner.child). A workload that joins no namespace and has no root
-filesystem of its own needs none of that: it is started with no Python in its child
-(auraed.kernel.spawner.direct) while the spawner visits its cgroups (see _visiting). It also owns every wait: it is a child subreaper, reaps all
+are in auraed.kernel.spawner.child). A workload that has no root filesystem of its own
+needs none of that: it is started with no Python in its child (auraed.kernel.spawner.direct)
+while the spawner visits its cgroups (see _visiting) and, in a cell, its namespaces (_inside). It also owns every wait: it is a child subreaper, reaps all
 children and reports the exits of the workloads it started. Standard library only, so that it
 starts fast.
 
@@ -19,10 +19,13 @@ init such as `catatonit -P`) as pid 1 of the new pid namespace, with a fresh
 comes once the namespaces are complete, just before that exec when the init
 was found beforehand (a later exec failure shows as the holder's exit).
 
-The spawner keeps a spare: a child forked ahead of time as pid 1 of a fresh pid
-namespace, which the next holder request with a new pid namespace of ours is
-handed to, so that Allocate does not wait for a fork. A used spare is replaced
-once the spawner has been idle a few milliseconds.
+A top-level holder is started from C where the kernel allows (_start_holder_directly): the
+spawner makes the namespaces itself, fork_execs the init into them and mounts its /proc for
+it (procfs pidns=), then goes back to its own namespaces. Where it cannot, holders are forked
+children, and the spawner keeps a spare for them: a child forked ahead of time as pid 1 of a
+fresh pid namespace, which the next holder request with a new pid namespace of ours is handed
+to, so that Allocate does not wait for a fork. A used spare is replaced once the spawner has
+been idle a few milliseconds.
 
 End of file on the socket (or SIGTERM) means the daemon is gone: every workload is killed and
 reaped, then the spawner exits.
