@@ -785,6 +785,7 @@ class Workloads:
                 stderr_fd=self._devnull,
                 cgroup_join=self.backend.join_files(cell.name.path),
                 cgroup_birth=self.backend.birth_cgroup(cell.name.path),
+                memory_limited=self._memory_limited(cell.name, cell.spec),
                 namespaces=parent.namespaces if parent else None,
                 label=restore.holder_label(cell.name),
             ))
@@ -1235,6 +1236,7 @@ class Workloads:
                 label=label,
                 cgroup_join=self.backend.join_files(cell_path, scope),
                 cgroup_birth=self.backend.birth_cgroup(cell_path, scope),
+                memory_limited=key.cell is not None and self._memory_limited(key.cell),
                 namespaces=namespaces,
             )
             # A scope made just now has had no OOM kill: its counter is not read (a read per
@@ -1277,6 +1279,14 @@ class Workloads:
         if early is not None:
             self._record_exit(executable, *early)
         return executable
+
+    def _memory_limited(self, name: CellName, spec: CellSpec | None = None) -> bool:
+        """Whether the cell's cgroups, or an ancestor cell's, limit memory (call under _lock;
+        `spec`: the cell's, for one not registered yet)."""
+        if (spec or self._cells[name].spec).limits.memory_max is not None:
+            return True
+        return any(self._cells[ancestor].spec.limits.memory_max is not None
+                   for ancestor in name.ancestors())
 
     def _create_scope(self, key: ExecutableKey, scope: str) -> None:
         try:

@@ -763,7 +763,10 @@ class ForkServer:
         return self._same_ids(request) or request.cwd == "/"
 
     def _can_visit(self, request: SpawnRequest) -> bool:
-        """Whether the spawner can visit the request's cgroups and come back (_visiting)."""
+        """Whether the spawner can visit the request's cgroups and come back (_visiting), and
+        may: not where they limit memory (see SpawnSpec.memory_limited)."""
+        if request.memory_limited:
+            return False
         if request.cgroup_join and len(request.cgroup_join) != len(self._joined):
             return False
         # Only a birth (clone3) can put it there.
