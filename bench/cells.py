@@ -80,6 +80,16 @@ def _init_of(pid: int) -> int:
     raise LookupError(f"no init in the pid namespace of {pid}")
 
 
+def _in_subtree(pid: int, cgroup_root: str) -> bool:
+    """Whether the process is in the daemon's cgroups: other daemons' holders (other runs on
+    the same machine) are not this one's, and may end while being read."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as cgroups:
+            return f"/{cgroup_root}/" in cgroups.read()
+    except OSError:
+        return False
+
+
 def pss_bytes(pid: int) -> int:
     with open(f"/proc/{pid}/smaps_rollup") as rollup:
         for line in rollup:
@@ -200,8 +210,9 @@ def run(quick: bool) -> list[Result]:
                                         "isolate_network": True})
         time.sleep(0.5)
         after = rss_bytes(daemon.process.pid)
-        holders = [int(p) for p in subprocess.run(["pgrep", "-f", "^catatonit -P"], capture_output=True,
-                                                  text=True, check=False).stdout.split()]
+        holders = [pid for pid in (int(p) for p in subprocess.run(
+            ["pgrep", "-f", "^catatonit -P"], capture_output=True, text=True,
+            check=False).stdout.split()) if _in_subtree(pid, daemon.cgroup_root)]
         holder_pss = sum(pss_bytes(pid) for pid in holders) / max(1, len(holders))
         holder_rss = sum(rss_bytes(pid) for pid in holders) / max(1, len(holders))
         per_cell = (after - before) / idle_cells + holder_pss
