@@ -178,6 +178,29 @@ def fork_into_cgroup(cgroup_fd: int) -> int:
     return int(pid)
 
 
+# fsopen and fsconfig have one number on every architecture (the unified table, Linux 5.2+).
+_SYS_FSOPEN = 430
+_SYS_FSCONFIG = 431
+_FSOPEN_CLOEXEC = 0x1
+_FSCONFIG_SET_STRING = 1
+
+
+def procfs_takes_pidns() -> bool:
+    """Whether a procfs can be mounted for another pid namespace than the caller's own (the
+    `pidns=` option, Linux 6.18+): then a process that is not in a cell's pid namespace can
+    give the cell its /proc. Asked of the kernel without mounting anything: a procfs
+    context is made, given our own pid namespace, and dropped."""
+    fd = _libc.syscall(_SYS_FSOPEN, b"proc", _FSOPEN_CLOEXEC)
+    if fd < 0:
+        return False
+    try:
+        result: int = _libc.syscall(_SYS_FSCONFIG, ctypes.c_int(fd), _FSCONFIG_SET_STRING,
+                                    b"pidns", b"/proc/self/ns/pid", 0)
+        return result == 0
+    finally:
+        os.close(fd)
+
+
 # --- mounts for container root filesystems (auraed/kernel/rootfs.py) ---
 MS_RDONLY = 0x1
 MS_REMOUNT = 0x20

@@ -100,6 +100,11 @@ class SpawnSpec:
     label: dict[str, object] | None = None
     cgroup_join: Sequence[str] = ()
     cgroup_birth: str | None = None
+    # The cgroups it joins (or one above them) limit memory: the spawner must not visit them
+    # to start it from C, since its own pages would be charged there and the OOM killer, at
+    # the limit, would pick the spawner (the largest process in the cgroup). Its child joins
+    # them itself instead (auraed.kernel.spawner.child).
+    memory_limited: bool = False
     env: Mapping[str, str] = field(default_factory=default_env)
     cwd: str = "/"
     namespaces: NamespaceSet | None = None
@@ -137,6 +142,7 @@ class HolderSpec:
     stderr_fd: int
     cgroup_join: Sequence[str] = ()
     cgroup_birth: str | None = None
+    memory_limited: bool = False  # as SpawnSpec's
     namespaces: NamespaceSet | None = None
     argv: Sequence[str] = ("catatonit", "-P")
     label: dict[str, object] | None = None

@@ -28,6 +28,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import select
 import shutil
 import signal
 import threading
@@ -808,6 +809,7 @@ class Workloads:
                 stderr_fd=self._devnull,
                 cgroup_join=self.backend.join_files(cell.name.path),
                 cgroup_birth=self.backend.birth_cgroup(cell.name.path),
+                memory_limited=self._memory_limited(cell.name, cell.spec),
                 namespaces=parent.namespaces if parent else None,
                 label=restore.holder_label(cell.name),
             ))
@@ -876,8 +878,11 @@ class Workloads:
             with self._lock:
                 for member in sorted(subtree, key=lambda c: len(c.name.labels), reverse=True):
                     if member.holder is not None:
-                        with self._pids_lock:
-                            self._holders.pop(member.holder.host_pid, None)
+                        if self._spawner_lost:
+                            with self._pids_lock:
+                                self._holders.pop(member.holder.host_pid, None)
+                        # Else its exit report takes it out of _holders: it is dead, and the
+                        # spawner reaps it and reports it (Free did not wait for that).
                         self._spawner.release(member.holder)
                     self._cells.pop(member.name, None)
                     self._spawner.forget(restore.cell_key(member.name))
@@ -898,17 +903,34 @@ class Workloads:
     def _end_holders(self, cells: list[Cell]) -> None:
         """Kill the pid 1 (or pause process) of each cell; the kernel then ends
         everything left in its pid namespace, so removing the cgroups finds
-        them empty instead of freezing and signalling one process at a time."""
-        for cell in cells:
-            assert cell.holder is not None
-            if not cell.holder_ended.is_set():
+        them empty instead of freezing and signalling one process at a time.
+
+        Each is held by a pidfd, so that a pid reused meanwhile is never signalled, and
+        waited for on it: a pid 1 has exited once everything else in its pid namespace has,
+        and then its cgroups can go. Its reap and the spawner's report come after that,
+        without Free waiting for them; cgroup removal copes with whatever is left."""
+        watched: list[int] = []
+        try:
+            for cell in cells:
+                assert cell.holder is not None
+                if cell.holder_ended.is_set():
+                    continue
+                pidfd = _pidfd_of(cell.holder)
+                if pidfd is None:
+                    continue  # reaped already: its report is on the way
+                watched.append(pidfd)
                 try:
-                    os.kill(cell.holder.host_pid, signal.SIGKILL)
+                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-        for cell in cells:
-            # Reported once the spawner has reaped it; cgroup removal copes if not.
-            cell.holder_ended.wait(KILL_WAIT)
+            deadline = time.monotonic() + KILL_WAIT
+            for pidfd in watched:
+                exited = select.poll()
+                exited.register(pidfd, select.POLLIN)
+                exited.poll(max(0.0, deadline - time.monotonic()) * 1000)
+        finally:
+            for pidfd in watched:
+                os.close(pidfd)
 
     def tree(self, tops: Iterable[str] | None = None) -> list[CellView]:
         """The top-level cells and their subtrees, by name; `tops`: only those of these
@@ -1238,6 +1260,7 @@ class Workloads:
                 label=label,
                 cgroup_join=self.backend.join_files(cell_path, scope),
                 cgroup_birth=self.backend.birth_cgroup(cell_path, scope),
+                memory_limited=key.cell is not None and self._memory_limited(key.cell),
                 namespaces=namespaces,
             )
             # A scope made just now has had no OOM kill: its counter is not read (a read per
@@ -1280,6 +1303,14 @@ class Workloads:
         if early is not None:
             self._record_exit(executable, *early)
         return executable
+
+    def _memory_limited(self, name: CellName, spec: CellSpec | None = None) -> bool:
+        """Whether the cell's cgroups, or an ancestor cell's, limit memory (call under _lock;
+        `spec`: the cell's, for one not registered yet)."""
+        if (spec or self._cells[name].spec).limits.memory_max is not None:
+            return True
+        return any(self._cells[ancestor].spec.limits.memory_max is not None
+                   for ancestor in name.ancestors())
 
     def _create_scope(self, key: ExecutableKey, scope: str) -> None:
         try:
@@ -1584,6 +1615,24 @@ def _holds_namespaces(holder: SpawnedProcess, kinds: Iterable[str]) -> bool:
         if line.startswith((b"SigPnd:", b"ShdPnd:")) and int(line.split()[1], 16) & kill:
             return False
     return True
+
+
+def _pidfd_of(process: SpawnedProcess) -> int | None:
+    """A pidfd on the process if its pid still names it (it is not reaped), else None."""
+    try:
+        pidfd = os.pidfd_open(process.host_pid)
+    except ProcessLookupError:
+        return None
+    try:
+        with open(f"/proc/{process.host_pid}/stat", "rb") as f:
+            stat = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        stat = b""
+    # starttime, the 20th field after the command name (which may hold spaces).
+    if not stat or int(stat[stat.rindex(b")") + 2:].split()[19]) != process.start_time:
+        os.close(pidfd)
+        return None
+    return pidfd
 
 
 def _dying_of_sigkill(process: SpawnedProcess) -> bool:

@@ -176,3 +176,33 @@ def test_a_killed_holder_is_reported_and_refused(daemon: DaemonProcess, client: 
             time.sleep(0.05)
     finally:
         client.cells.free(cell_name="fragile")
+
+
+def test_a_cell_at_a_tiny_memory_limit_does_not_take_the_spawner_with_it(
+        client: aurae_sdk.Client) -> None:
+    # At 256 KiB an isolated cell's namespaces and holder fill the limit: whatever is charged
+    # beyond it meets the OOM killer, which must find the cell's own processes, not the
+    # spawner (a spawner visiting the cell's cgroups to start a child from C would be the
+    # largest process there).
+    try:
+        client.cells.allocate(cell={"name": "tiny", "isolate_process": True,
+                                    "isolate_network": True, "memory": {"max": 256 * 1024}})
+    except aurae_sdk.errors.FailedPrecondition as refused:
+        assert "could not create the namespaces of cell tiny" in refused.message
+    else:
+        try:
+            client.cells.start(cell_name="tiny", executable={"name": "t", "command": "true"})
+            client.cells.wait(cell_name="tiny", executable_name="t", timeout=10)
+        except aurae_sdk.errors.AuraeError:
+            pass  # refused or killed for its limit: the cell's business
+        finally:
+            client.cells.free(cell_name="tiny")
+    assert not [c for c in client.cells.list().cells if c.cell.name == "tiny"]
+    # The spawner lives: the next cell starts and its executable exits 0.
+    client.cells.allocate(cell={"name": "next", "isolate_process": True, "isolate_network": True})
+    try:
+        client.cells.start(cell_name="next", executable={"name": "t", "command": "true"})
+        status = client.cells.wait(cell_name="next", executable_name="t", timeout=10).status
+        assert status.exit_code == 0
+    finally:
+        client.cells.free(cell_name="next")

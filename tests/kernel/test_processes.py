@@ -108,6 +108,21 @@ def spawner(exits: ExitLog) -> Iterator[Spawner]:
 
 
 @pytest.fixture
+def python_spawner(exits: ExitLog) -> Iterator[Spawner]:
+    """A spawner that starts every child through a Python fork, as where the kernel lets it
+    start none from C (--direct no): it keeps a spare for holders."""
+    with Spawner(exits.record, direct=False) as running:
+        yield running
+
+
+@pytest.fixture(params=["from C", "forked in Python"])
+def any_spawner(request: pytest.FixtureRequest, exits: ExitLog) -> Iterator[Spawner]:
+    """Each way a spawner starts children in namespaces: the same observable result."""
+    with Spawner(exits.record, direct=request.param == "from C") as running:
+        yield running
+
+
+@pytest.fixture
 def devnull() -> Iterator[int]:
     fd = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
     try:
@@ -416,8 +431,12 @@ def namespace_holder() -> Iterator[int]:
 
 
 def test_a_workload_joins_the_namespaces_it_is_given(
-    start: Callable[..., SpawnedProcess], namespace_holder: int
+    any_spawner: Spawner, devnull: int, namespace_holder: int
 ) -> None:
+    def start(command: list[str], **spec: object) -> SpawnedProcess:
+        return any_spawner.spawn(SpawnSpec(command=command, uid=0, gid=0, stdout_fd=devnull,
+                                           stderr_fd=devnull, **spec))  # type: ignore[arg-type]
+
     process = start(["sleep", "300"], namespaces=NamespaceSet.of_process(namespace_holder))
     for kind in ("net", "uts", "ipc", "mnt", "pid"):
         joined = os.readlink(f"/proc/{process.host_pid}/ns/{kind}")
@@ -433,6 +452,9 @@ def test_a_workload_joins_the_namespaces_it_is_given(
     plain = start(["sleep", "300"])
     assert os.readlink(f"/proc/{plain.host_pid}/ns/pid") == os.readlink("/proc/self/ns/pid")
     assert plain.ns_pid == plain.host_pid
+    for kind in ("net", "uts", "ipc", "mnt", "pid", "pid_for_children"):
+        assert os.readlink(f"/proc/{any_spawner.pid}/ns/{kind}") == os.readlink(
+            f"/proc/self/ns/{kind}"), kind
 
 
 def test_exit_status_from_a_raw_wait_status() -> None:
@@ -451,9 +473,9 @@ def holder_spec(devnull: int, **fields: object) -> HolderSpec:
 
 
 def test_a_holder_is_pid_one_of_its_new_namespaces(
-    spawner: Spawner, devnull: int, exits: ExitLog
+    any_spawner: Spawner, devnull: int, exits: ExitLog
 ) -> None:
-    holder = spawner.spawn_holder(holder_spec(devnull))
+    holder = any_spawner.spawn_holder(holder_spec(devnull))
     assert holder.ns_pid == 1
     assert proc_status(holder.host_pid)["NSpid"].split() == [str(holder.host_pid), "1"]
     wait_until(lambda: Path(f"/proc/{holder.host_pid}/comm").read_text() == "catatonit\n")
@@ -463,6 +485,23 @@ def test_a_holder_is_pid_one_of_its_new_namespaces(
     uname = subprocess.run(["nsenter", "-t", str(holder.host_pid), "--uts", "hostname"],
                            capture_output=True, text=True, check=True)
     assert uname.stdout == "cell-a\n"
+    # Its own /proc, of its pid namespace (only itself in it), where no mount of it is
+    # seen by the host; loopback up.
+    inside = Path(f"/proc/{holder.host_pid}/root/proc")
+    assert [entry for entry in os.listdir(inside) if entry.isdigit()] == ["1"]
+    assert (inside / "1" / "comm").read_text() == "catatonit\n"
+    proc_mounts = [line.split() for line in
+                   Path(f"/proc/{holder.host_pid}/mountinfo").read_text().splitlines()
+                   if line.split()[4] == "/proc"]
+    assert {"nosuid", "nodev", "noexec"} <= set(proc_mounts[-1][5].split(","))
+    assert Path("/proc/self").resolve().name == str(os.getpid())  # the host's is as it was
+    links = subprocess.run(["nsenter", "-t", str(holder.host_pid), "--net", "ip", "-o", "link"],
+                           capture_output=True, text=True, check=True).stdout
+    assert "lo:" in links and "UP" in links.split("lo:")[1].split("\n")[0]
+    # The spawner is back in its own namespaces.
+    for kind in ("net", "uts", "ipc", "mnt", "pid", "pid_for_children"):
+        assert os.readlink(f"/proc/{any_spawner.pid}/ns/{kind}") == os.readlink(
+            f"/proc/self/ns/{kind}"), kind
     os.kill(holder.host_pid, signal.SIGKILL)
     assert exits.wait_for(holder.host_pid) == ExitStatus(exit_code=None, signal=signal.SIGKILL)
 
@@ -470,8 +509,9 @@ def test_a_holder_is_pid_one_of_its_new_namespaces(
 @pytest.mark.parametrize(("init", "error"), [("no-such-init", errno.ENOENT),
                                              ("not-executable", errno.EACCES)])
 def test_a_holder_whose_init_cannot_run_is_refused_before_anything_is_made(
-    spawner: Spawner, devnull: int, init: str, error: int, tmp_path: Path
+    any_spawner: Spawner, devnull: int, init: str, error: int, tmp_path: Path
 ) -> None:
+    spawner = any_spawner
     if init == "not-executable":
         init = str(tmp_path / init)
         Path(init).write_text("#!/bin/sh\n")
@@ -488,9 +528,19 @@ def spares(spawner_pid: int) -> list[int]:
     return [int(pid) for pid in listed if is_spare(int(pid))]
 
 
-def test_the_spawner_keeps_one_spare_holder_and_a_holder_takes_it(
+def test_a_spawner_that_starts_holders_from_c_keeps_no_spare(
     spawner: Spawner, devnull: int
 ) -> None:
+    holder = spawner.spawn_holder(holder_spec(devnull))
+    time.sleep(0.1)  # many times the idle moment after which a spare would be made
+    listed = Path(f"/proc/{spawner.pid}/task/{spawner.pid}/children").read_text().split()
+    assert listed == [str(holder.host_pid)]
+
+
+def test_the_spawner_keeps_one_spare_holder_and_a_holder_takes_it(
+    python_spawner: Spawner, devnull: int
+) -> None:
+    spawner = python_spawner
     wait_until(lambda: len(spares(spawner.pid)) == 1)
     (spare,) = spares(spawner.pid)
     wait_until(lambda: Path(f"/proc/{spare}/comm").read_text() == f"{SPARE_NAME}\n")
@@ -507,8 +557,9 @@ def test_the_spawner_keeps_one_spare_holder_and_a_holder_takes_it(
 
 
 def test_a_killed_spare_is_replaced_and_the_next_holder_still_starts(
-    spawner: Spawner, devnull: int
+    python_spawner: Spawner, devnull: int
 ) -> None:
+    spawner = python_spawner
     wait_until(lambda: len(spares(spawner.pid)) == 1)
     (spare,) = spares(spawner.pid)
     os.kill(spare, signal.SIGKILL)
@@ -684,3 +735,60 @@ def test_a_visiting_start_that_fails_names_its_stage_and_leaves_the_spawner_home
     for hierarchy, cgroup in zip(VISITED, own, strict=True):
         assert spawner_groups[hierarchy] == f"/{cgroup.name}", hierarchy
     assert children(placed_spawner.pid) == []
+
+
+def test_a_cell_started_from_c_has_its_holder_and_workloads_in_its_cgroups_and_namespaces(
+    placed_spawner: Spawner, exits: ExitLog, placed: tuple[list[Path], list[Path]], devnull: int,
+) -> None:
+    own, cell = placed
+    join = [str(c / "cgroup.procs") for c in cell]
+    holder = placed_spawner.spawn_holder(holder_spec(devnull, cgroup_join=join))
+    namespaces = NamespaceSet.of_process(holder.host_pid)
+    # What the workload's first instruction sees (cat is exec'd, no shell before it).
+    output, status = run_to_end(placed_spawner, exits, ["cat", "/proc/self/cgroup"],
+                                namespaces=namespaces, cgroup_join=join)
+    assert status == ExitStatus(exit_code=0, signal=None)
+    seen = cgroups_of(output.decode())
+    for hierarchy, cgroup in zip(VISITED, cell, strict=True):
+        assert seen[hierarchy] == f"/{cgroup.name}", hierarchy
+        assert cgroups_of(Path(f"/proc/{holder.host_pid}/cgroup").read_text())[hierarchy] == (
+            f"/{cgroup.name}")
+    # As another user: its ids, groups, umask, session, fds, env, cwd and namespaces, seen by
+    # the workload in the cell's own /proc.
+    script = ("grep -E '^(NSpid|Uid|Gid|Groups|Umask):' /proc/$$/status; cut -d' ' -f1,5,6 "
+              "/proc/$$/stat; ls /proc/$$/fd; cat /proc/$$/environ; echo; pwd; hostname")
+    out_r, out_w = os.pipe2(os.O_CLOEXEC)
+    try:
+        process = placed_spawner.spawn(SpawnSpec(
+            command=["/bin/sh", "-c", f"{script}; sleep 300"], uid=NOBODY, gid=NOBODY,
+            env={"PATH": "/bin:/usr/bin", "GREETING": "hi"}, stdout_fd=out_w, stderr_fd=out_w,
+            namespaces=namespaces, cgroup_join=join))
+        os.close(out_w)
+        out_w = -1
+        for kind in ("net", "uts", "ipc", "mnt", "pid"):
+            assert os.readlink(f"/proc/{process.host_pid}/ns/{kind}") == os.readlink(
+                f"/proc/{holder.host_pid}/ns/{kind}"), kind
+        lines = b""
+        while lines.count(b"\n") < 12:
+            lines += os.read(out_r, 4096)
+    finally:
+        os.close(out_r)
+        if out_w >= 0:
+            os.close(out_w)
+    fields = lines.decode().splitlines()
+    status_fields = {key: value.split() for key, _, value in
+                     (line.partition(":") for line in fields[:5])}
+    assert status_fields["NSpid"] == [str(process.ns_pid)] and process.ns_pid != 1
+    assert status_fields["Uid"] == [str(NOBODY)] * 4 and status_fields["Gid"] == [str(NOBODY)] * 4
+    assert status_fields["Groups"] == [] and status_fields["Umask"] == ["0022"]
+    assert fields[5].split() == [str(process.ns_pid)] * 3  # its own session and group
+    assert fields[6:9] == ["0", "1", "2"]
+    assert sorted(fields[9].split("\0")[:-1]) == ["GREETING=hi", "PATH=/bin:/usr/bin"]
+    assert fields[10:12] == ["/", "cell-a"]
+    # The spawner is home: its own cgroups and namespaces.
+    spawner_groups = cgroups_of(Path(f"/proc/{placed_spawner.pid}/cgroup").read_text())
+    for hierarchy, cgroup in zip(VISITED, own, strict=True):
+        assert spawner_groups[hierarchy] == f"/{cgroup.name}", hierarchy
+    for kind in ("net", "uts", "ipc", "mnt", "pid", "pid_for_children"):
+        assert os.readlink(f"/proc/{placed_spawner.pid}/ns/{kind}") == os.readlink(
+            f"/proc/self/ns/{kind}"), kind

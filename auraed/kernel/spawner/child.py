@@ -198,7 +198,7 @@ def _hold_namespaces(
             socket.sethostname(request.hostname)
         if "net" in kinds:
             step.at("loopback", "lo")
-            _loopback_up()
+            loopback_up()
         step.at("setsid")
         os.setsid()
         if init_checked:
@@ -216,7 +216,7 @@ _SIOCSIFFLAGS = 0x8914
 _IFF_UP = 0x1
 
 
-def _loopback_up() -> None:
+def loopback_up() -> None:
     """Bring lo up; the kernel then gives it 127.0.0.1 and ::1 by itself."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         request = struct.pack("16sH", b"lo", 0)

@@ -240,15 +240,19 @@ class Spawner:
 
     def __init__(self, on_exit: ExitCallback, *, reply_timeout: float = 30.0,
                  on_lost: Callable[[], None] | None = None, listen: str | None = None,
-                 cgroup_join: Sequence[str] = (), seed: SpawnerSeed | None = None) -> None:
+                 cgroup_join: Sequence[str] = (), seed: SpawnerSeed | None = None,
+                 direct: bool = True) -> None:
         """on_lost: called once, on the reader thread, if the spawner ends
         without close() — its workloads are then unsupervised. listen: the socket path a
         later daemon attaches through (then the spawner outlives this one). cgroup_join: the
         files (CgroupBackend.join_files) the spawner joins its cgroups through at start. seed:
-        becomes the spawner at start() instead of a new process."""
+        becomes the spawner at start() instead of a new process. direct=False: every child
+        starts through a Python fork (`--direct no`), as where the kernel or interpreter allows
+        nothing else; for tests of that path."""
         self._on_exit = on_exit
         self._listen = listen
         self._cgroup_join = tuple(cgroup_join)
+        self._direct = direct
         self._spawner_pid: int | None = None
         # Captured output the spawner writes, by (pid, channel): advanced by Output.
         self._outputs: dict[tuple[int, str], OutputLog] = {}
@@ -283,6 +287,8 @@ class Spawner:
             options += ["--listen", self._listen]
         for path in self._cgroup_join:
             options += ["--join", path]
+        if not self._direct:
+            options += ["--direct", "no"]
         if self._seed is not None:
             # An instance's spawner keeps no spare: a spare is a whole process per instance
             # (1.2 MiB of its own, measured) to save a fork on Allocate inside the instance.
@@ -495,6 +501,7 @@ class Spawner:
                 cwd=spec.cwd,
                 cgroup_join=list(spec.cgroup_join),
                 cgroup_birth=spec.cgroup_birth,
+                memory_limited=spec.memory_limited,
                 namespaces=spec.namespaces.paths() if spec.namespaces else {},
                 rootfs=dict(spec.rootfs) if spec.rootfs else None,
                 label=spec.label,
@@ -515,6 +522,7 @@ class Spawner:
                 env=default_env(),
                 cgroup_join=list(spec.cgroup_join),
                 cgroup_birth=spec.cgroup_birth,
+                memory_limited=spec.memory_limited,
                 namespaces=spec.namespaces.paths() if spec.namespaces else {},
                 unshare=sorted(spec.unshare),
                 hostname=spec.hostname,

@@ -178,6 +178,9 @@ class SpawnRequest(Message):
     cwd: str = "/"
     cgroup_join: list[str] = field(default_factory=list)
     cgroup_birth: str | None = None
+    # The cgroups limit memory: not visited by the spawner (see SpawnSpec.memory_limited).
+    # A spawner that predates the field ignores it.
+    memory_limited: bool = False
     namespaces: dict[str, str] = field(default_factory=dict)
     # A container's root filesystem, made and entered by the child (auraed.kernel.rootfs);
     # cwd and argv are then the container's.

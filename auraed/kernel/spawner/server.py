@@ -3,9 +3,9 @@
 The daemon runs many gRPC threads, and running Python between fork and exec in a threaded process
 is unsafe. This process runs nothing but its request loop, so its forked children can safely place
 themselves in cgroups and namespaces, drop privileges and close stray fds before exec (the steps
-are in auraed.kernel.spawner.child). A workload that joins no namespace and has no root
-filesystem of its own needs none of that: it is started with no Python in its child
-(auraed.kernel.spawner.direct) while the spawner visits its cgroups (see _visiting). It also owns every wait: it is a child subreaper, reaps all
+are in auraed.kernel.spawner.child). A workload that has no root filesystem of its own
+needs none of that: it is started with no Python in its child (auraed.kernel.spawner.direct)
+while the spawner visits its cgroups (see _visiting) and, in a cell, its namespaces (_inside). It also owns every wait: it is a child subreaper, reaps all
 children and reports the exits of the workloads it started. Standard library only, so that it
 starts fast.
 
@@ -19,10 +19,13 @@ init such as `catatonit -P`) as pid 1 of the new pid namespace, with a fresh
 comes once the namespaces are complete, just before that exec when the init
 was found beforehand (a later exec failure shows as the holder's exit).
 
-The spawner keeps a spare: a child forked ahead of time as pid 1 of a fresh pid
-namespace, which the next holder request with a new pid namespace of ours is
-handed to, so that Allocate does not wait for a fork. A used spare is replaced
-once the spawner has been idle a few milliseconds.
+A top-level holder is started from C where the kernel allows (_start_holder_directly): the
+spawner makes the namespaces itself, fork_execs the init into them and mounts its /proc for
+it (procfs pidns=), then goes back to its own namespaces. Where it cannot, holders are forked
+children, and the spawner keeps a spare for them: a child forked ahead of time as pid 1 of a
+fresh pid namespace, which the next holder request with a new pid namespace of ours is handed
+to, so that Allocate does not wait for a fork. A used spare is replaced once the spawner has
+been idle a few milliseconds.
 
 End of file on the socket (or SIGTERM) means the daemon is gone: every workload is killed and
 reaped, then the spawner exits.
@@ -46,8 +49,15 @@ from typing import NoReturn, TypeVar
 
 from auraed.kernel.libc import (
     CLONE_NEWPID,
+    MS_NODEV,
+    MS_NOEXEC,
+    MS_NOSUID,
+    MS_PRIVATE,
+    MS_REC,
     NAMESPACE_FLAGS,
     fork_into_cgroup,
+    mount,
+    procfs_takes_pidns,
     set_child_subreaper,
     setns,
     unignore_reserved_signals,
@@ -59,6 +69,7 @@ from auraed.kernel.spawner.child import (
     HOLDER_READY,
     become_holder,
     become_workload,
+    loopback_up,
     write_file,
 )
 from auraed.kernel.spawner.protocol import (
@@ -94,6 +105,10 @@ _FD_SIZE = struct.calcsize("i")
 # namespace, that becomes the next top-level cell's holder.
 SPARE_NAME = "aurae-spare"
 SPARE_IDLE_MS = 5
+# The order the spawner enters a cell's namespaces in to start a child from C there (see
+# _inside): the mount namespace last, so that every path before it is the host's. It leaves
+# them in the reverse order, the mount namespace first, for the same reason.
+_ENTRY_ORDER = ("pid", "net", "ipc", "uts", "mnt")
 
 
 class _Spare:
@@ -201,7 +216,10 @@ class ForkServer:
         self._poller = select.epoll()
         # Opened here, not in the child: after joining a mount namespace /dev/null may not exist.
         self._devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-        self._own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        # The spawner's own namespaces, to come back to from a cell's (see _inside).
+        self._own_namespaces = {kind: os.open(f"/proc/self/ns/{kind}", os.O_RDONLY | os.O_CLOEXEC)
+                                for kind in _ENTRY_ORDER}
+        self._own_pid_ns = self._own_namespaces["pid"]
         self._max_fd = os.sysconf("SC_OPEN_MAX")
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._buffer = message_buffer()
@@ -219,6 +237,26 @@ class ForkServer:
         # Workloads that need no Python in their child are started by fork_exec (see
         # _starts_without_python) where this interpreter's is one we know.
         self._direct = direct.available()
+        # Of those, the ones in a cell's namespaces too: the spawner enters them itself around
+        # the fork_exec (see _inside). The kernel lets only a single-threaded process enter a
+        # mount namespace, which the spawner is (it starts no thread), but a spawner that
+        # finds itself with more than one does not try.
+        self._direct_in_cells = self._direct and len(os.listdir("/proc/self/task")) == 1
+        # And holders: the spawner makes the cell's namespaces itself, fork_execs the init as
+        # pid 1 of the new pid namespace and mounts its /proc for it, which needs a kernel
+        # whose procfs takes the pid namespace to show (pidns=). Where it cannot, holders are
+        # forked children as before, and the spare saves that fork on Allocate.
+        self._direct_holders = self._direct_in_cells and procfs_takes_pidns()
+
+    def start_children_in_python(self) -> None:
+        """Start every child through a Python fork and its steps (auraed.kernel.spawner.child),
+        as on an interpreter or kernel where nothing can start from C (`--direct no`)."""
+        self._direct = self._direct_in_cells = self._direct_holders = False
+
+    @property
+    def _wants_spare(self) -> bool:
+        return (self.keeps_spare and not self._direct_holders and self._spare is None
+                and not self._spare_refused)
 
     def serve(self) -> None:
         """Answer requests, report exits and write captured output until the daemon goes away
@@ -241,8 +279,7 @@ class ForkServer:
                 # A used spare is replaced once the spawner has been idle a moment, so that the
                 # fork and the new child's start delay no request (typically the Start that
                 # follows an Allocate).
-                wanted = self.keeps_spare and self._spare is None and not self._spare_refused
-                events = poller.poll(SPARE_IDLE_MS / 1000 if wanted else -1)
+                events = poller.poll(SPARE_IDLE_MS / 1000 if self._wants_spare else -1)
                 if not events:
                     self._keep_a_spare()
                 for fd, _ in events:
@@ -518,6 +555,12 @@ class ForkServer:
                 missing = not executables
                 raise SpawnError.at("exec", errno.ENOENT if missing else errno.EACCES,
                                   request.argv[0])
+            if not namespace_fds and self._direct_holders and self._can_visit(request):
+                started = self._start_holder_directly(request, executables, stdout, stderr)
+                if started is not None:
+                    return started, 1 if "pid" in kinds else started
+                # The kernel refused the spawner a step a forked child may still take: from
+                # now on holders are forked children (with a spare), this one too.
             # In our own pid namespace we can make the new one ourselves and fork
             # its pid 1 directly (or take the spare, made so); inside a cell's, the
             # kernel refuses (unshare of CLONE_NEWPID needs pid_for_children to be
@@ -543,6 +586,91 @@ class ForkServer:
         finally:
             for fd in namespace_fds.values():
                 os.close(fd)
+
+    def _start_holder_directly(self, request: HolderRequest, executables: list[str],
+                               stdout: int, stderr: int) -> int | None:
+        """A holder with no Python in it: visiting the cell's cgroups, the spawner makes the
+        cell's namespaces itself (unshare), fills them in as a holder's child steps would (no
+        mount propagates to the host, the hostname, loopback up), fork_execs the init as pid 1
+        of the new pid namespace in a session of its own, mounts the cell's /proc for that pid
+        namespace (pidns=, as the init would see it), and goes back to its own namespaces and
+        cgroups. Its pid, once the namespaces are complete. None: the kernel refused the
+        spawner a step (then nothing of this holder is left, and holders are forked)."""
+        kinds = request.unshare
+        flags = 0
+        for kind in kinds:
+            flags |= NAMESPACE_FLAGS[kind]
+        made: list[str] = []  # the kinds the spawner is in a new namespace of
+        with self._visiting(request.cgroup_join), self._coming_back(made):
+            try:
+                unshare(flags)
+            except OSError as error:
+                if error.errno != errno.EINVAL:
+                    raise SpawnError.at("unshare", error.errno or 0, ",".join(kinds)) from None
+                self._direct_holders = False  # threads, say: not ours to make here
+                return None
+            made.extend(kinds)
+            stage, subject = "setup", ""
+            try:
+                if "mnt" in kinds:
+                    stage, subject = "mount", "/ private"
+                    mount("none", "/", None, MS_REC | MS_PRIVATE)
+                if "uts" in kinds and request.hostname:
+                    stage, subject = "sethostname", request.hostname
+                    socket.sethostname(request.hostname)
+                if "net" in kinds:
+                    stage, subject = "loopback", "lo"
+                    loopback_up()
+            except OSError as error:
+                raise SpawnError.at(stage, error.errno or 0, subject) from None
+            try:
+                pid = direct.start(executables, request.argv, request.env,
+                                   (self._devnull, stdout, stderr), cwd="/", ids=None)
+            except direct.StartFailed as failure:
+                raise SpawnError.at(failure.stage, failure.errno, request.argv[0]) from None
+            except OSError as error:
+                raise SpawnError.at("fork", error.errno or 0) from None
+            if "pid" in kinds and "mnt" in kinds:
+                try:
+                    # Our pid_for_children is the init's pid namespace; /proc still shows ours.
+                    mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                          "pidns=/proc/self/ns/pid_for_children")
+                except OSError as error:
+                    _end_at_once(pid)
+                    if error.errno != errno.EINVAL:
+                        raise SpawnError.at("mount", error.errno or 0, "/proc") from None
+                    self._direct_holders = False  # a procfs without pidns=
+                    return None
+        return pid
+
+    @contextmanager
+    def _coming_back(self, kinds: list[str]) -> Iterator[None]:
+        """Back in the spawner's own namespaces of `kinds` (as the list is when the block
+        ends) afterwards: setns, for the pid namespace its pid_for_children. A failure to come
+        back ends the spawner (the OSError is not a SpawnError): it must not go on from
+        another's namespaces."""
+        try:
+            yield
+        finally:
+            for kind in reversed(_ENTRY_ORDER):  # the mount namespace first: host paths again
+                if kind in kinds:
+                    setns(self._own_namespaces[kind], NAMESPACE_FLAGS[kind])
+
+    @contextmanager
+    def _inside(self, namespace_fds: dict[str, int]) -> Iterator[None]:
+        """In a cell's namespaces (namespace_fds) for a fork_exec, whose child is born in
+        them (in the pid namespace: as our pid_for_children), then back in our own. The
+        spawner is single-threaded: all of it moves, and nothing else of it runs meanwhile."""
+        entered: list[str] = []
+        with self._coming_back(entered):
+            for kind in _ENTRY_ORDER:
+                if kind in namespace_fds:
+                    try:
+                        setns(namespace_fds[kind], NAMESPACE_FLAGS[kind])
+                    except OSError as error:
+                        raise SpawnError.at("setns", error.errno or 0, kind) from None
+                    entered.append(kind)
+            yield
 
     def _launch_holder(self, request: HolderRequest, executables: list[str],
                        namespace_fds: dict[str, int], stdout: int, stderr: int, *,
@@ -607,10 +735,12 @@ class ForkServer:
                 request.argv[0], request.env,
                 in_our_filesystem="mnt" not in namespace_fds and not request.rootfs,
             )
-            if not namespace_fds and self._starts_without_python(request):
-                with self._visiting(request.cgroup_join):
+            if ((not namespace_fds or self._direct_in_cells)
+                    and self._starts_without_python(request)):
+                # In a cell's namespaces, the spawner enters them around the fork_exec.
+                with self._visiting(request.cgroup_join), self._inside(namespace_fds):
                     pid = self._start_directly(request, executables, stdout, stderr)
-                return pid, pid
+                return pid, _innermost_pid(pid) if "pid" in namespace_fds else pid
             started = self._with_birth_fallback(
                 self._birth_cgroup(request), lambda cgroup: self._start_workload(
                     request, executables, namespace_fds, stdout, stderr, birth_cgroup=cgroup))
@@ -623,18 +753,24 @@ class ForkServer:
 
     def _starts_without_python(self, request: SpawnRequest) -> bool:
         """Whether every step of the workload's child is a fork_exec argument (see
-        auraed.kernel.spawner.direct): it joins no namespace and has no root filesystem of its
-        own, and its cgroups are the spawner's own, none, or ones the spawner can visit and
-        come back from (see _visiting). A working directory other than "/" needs the
+        auraed.kernel.spawner.direct) once the spawner is in its namespaces (_inside): it has
+        no root filesystem of its own, and its cgroups are the spawner's own, none, or ones the
+        spawner can visit and come back from (see _visiting). A working directory other than "/" needs the
         spawner's ids too: fork_exec changes directory before it changes ids, the child steps
         after, so that a directory the workload's user may not enter is refused."""
-        if not self._direct or request.rootfs:
+        if not self._direct or request.rootfs or not self._can_visit(request):
+            return False
+        return self._same_ids(request) or request.cwd == "/"
+
+    def _can_visit(self, request: SpawnRequest) -> bool:
+        """Whether the spawner can visit the request's cgroups and come back (_visiting), and
+        may: not where they limit memory (see SpawnSpec.memory_limited)."""
+        if request.memory_limited:
             return False
         if request.cgroup_join and len(request.cgroup_join) != len(self._joined):
             return False
-        if request.cgroup_birth and not request.cgroup_join:
-            return False  # only a birth (clone3) can put it there
-        return self._same_ids(request) or request.cwd == "/"
+        # Only a birth (clone3) can put it there.
+        return not (request.cgroup_birth and not request.cgroup_join)
 
     def _same_ids(self, request: SpawnRequest) -> bool:
         return request.uid == self._uid and request.gid == self._gid and not self._groups
@@ -732,7 +868,7 @@ class ForkServer:
         return pid, ns_pid
 
     def _keep_a_spare(self) -> None:
-        if self._spare is not None or not self.keeps_spare:
+        if self._spare is not None or not self.keeps_spare or self._direct_holders:
             return
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
@@ -875,6 +1011,12 @@ class ForkServer:
                 return
 
 
+def _end_at_once(pid: int) -> None:
+    """SIGKILL a child of ours that is not known yet as started, and reap it."""
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+
+
 def _pid_of_pidfd(pidfd: int) -> int:
     """The pid a pidfd refers to, in our own pid namespace."""
     for line in _read_small_file(f"/proc/self/fdinfo/{pidfd}").splitlines():
@@ -1010,11 +1152,11 @@ def _close_captures(captures: list[_Capture]) -> None:
 
 def main(argv: list[str]) -> int:
     # Parsed by hand: argparse would add to the memory that every fork copies.
-    #   --socket-fd N [--listen PATH] [--join FILE]... [--spare no]
+    #   --socket-fd N [--listen PATH] [--join FILE]... [--spare no] [--direct no]
     usage = ("usage: python -m auraed.kernel.spawner --socket-fd N [--listen PATH] [--join FILE]..."
-             " [--spare no]")
+             " [--spare no] [--direct no]")
     options: dict[str, list[str]] = {"--socket-fd": [], "--listen": [], "--join": [],
-                                     "--spare": []}
+                                     "--spare": [], "--direct": []}
     pairs = iter(argv)
     for option in pairs:
         value = next(pairs, None)
@@ -1023,7 +1165,8 @@ def main(argv: list[str]) -> int:
             return 2
         options[option].append(value)
     if len(options["--socket-fd"]) != 1 or not options["--socket-fd"][0].isdigit() or len(
-            options["--listen"]) > 1 or not set(options["--spare"]) <= {"yes", "no"}:
+            options["--listen"]) > 1 or not set(options["--spare"] + options["--direct"]) <= {
+                "yes", "no"}:
         print(usage, file=sys.stderr)
         return 2
     # Hold no directory of the daemon's busy (a mount it may want to unmount).
@@ -1049,5 +1192,7 @@ def main(argv: list[str]) -> int:
     os.set_inheritable(first, False)  # passed to us, it was inheritable; no workload may get it
     server = ForkServer(socket.socket(fileno=first), listener, options["--join"])
     server.keeps_spare = options["--spare"][-1:] != ["no"]
+    if options["--direct"][-1:] == ["no"]:
+        server.start_children_in_python()
     server.serve()
     return 0
