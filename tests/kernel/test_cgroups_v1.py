@@ -417,6 +417,38 @@ def test_a_host_scope_holds_and_reaches_a_whole_process_tree(
     assert glob.glob(f"{MOUNT_ROOT}/*/{root_name}/_host/web.7") == []
 
 
+def test_host_scopes_get_their_cpuset_from_the_kernel_and_the_held_fds_go_with_close(
+    root_name: str,
+) -> None:
+    host_leaf = os.path.realpath(cg("cpuset", root_name, "_host"))
+
+    def fds_on_host_leaf() -> int:
+        return sum(1 for fd in os.listdir("/proc/self/fd")
+                   if os.path.realpath(f"/proc/self/fd/{fd}") == host_leaf)
+
+    # Another backend of this module may hold the same leaf open: counted from here.
+    held_before = fds_on_host_leaf()
+    backend = CgroupV1Backend(root_name)
+    backend.setup()
+    try:
+        # Made after the root had clone_children, the host leaf has it too: a scope made
+        # below it starts with its CPUs and nodes, copied by the kernel.
+        assert read("cpuset", root_name, "_host", "cgroup.clone_children") == "1"
+        backend.create_scope("copied.1")
+        for filename in ("cpuset.cpus", "cpuset.mems"):
+            assert read("cpuset", root_name, "_host", "copied.1", filename) == read(
+                "cpuset", filename)
+        assert backend.join_files(None, "copied.1")[0].endswith("/_host/copied.1/tasks")
+        # The host leaf is held open (one fd per hierarchy) until close().
+        assert fds_on_host_leaf() == held_before + 1
+        backend.remove_scope("copied.1")
+        assert glob.glob(f"{MOUNT_ROOT}/*/{root_name}/_host/copied.1") == []
+    finally:
+        backend.remove_scope("copied.1")  # gone already, unless an assertion failed
+        backend.close()
+    assert fds_on_host_leaf() == held_before
+
+
 def test_cleanup_stale_removes_host_scopes(
     backend: CgroupV1Backend, root_name: str, spawn_into: SpawnInto
 ) -> None:

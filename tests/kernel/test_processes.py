@@ -681,6 +681,37 @@ def test_a_visiting_start_runs_its_first_instruction_in_the_cell_and_the_spawner
         assert (cgroup / "cgroup.procs").read_text() == ""
 
 
+def test_the_spawner_holds_its_own_join_files_and_its_spare_does_not(
+    placed_spawner: Spawner, exits: ExitLog, placed: tuple[list[Path], list[Path]],
+) -> None:
+    own, cell = placed
+    join = [str(c / "cgroup.procs") for c in cell]
+    home = {str(c / "cgroup.procs") for c in own}
+
+    def open_files(pid: int) -> set[str]:
+        opened = set()
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                opened.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+            except FileNotFoundError:
+                continue
+        return opened
+
+    # It goes back through them after every visit: held open, one per hierarchy.
+    assert open_files(placed_spawner.pid) >= home
+    for _ in range(3):
+        _, status = run_to_end(placed_spawner, exits, ["true"], cgroup_join=join)
+        assert status == ExitStatus(exit_code=0, signal=None)
+    spawner_groups = cgroups_of(Path(f"/proc/{placed_spawner.pid}/cgroup").read_text())
+    for hierarchy, cgroup in zip(VISITED, own, strict=True):
+        assert spawner_groups[hierarchy] == f"/{cgroup.name}", hierarchy
+    # A spare, which may wait for hours, keeps none of them.
+    wait_until(lambda: len(spares(placed_spawner.pid)) == 1)
+    (spare,) = spares(placed_spawner.pid)
+    wait_until(lambda: Path(f"/proc/{spare}/comm").read_text() == f"{SPARE_NAME}\n")
+    assert open_files(spare) & home == set()
+
+
 def test_a_visiting_start_as_another_user_gets_exactly_its_session_fds_env_and_ids(
     placed_spawner: Spawner, exits: ExitLog, placed: tuple[list[Path], list[Path]],
 ) -> None:

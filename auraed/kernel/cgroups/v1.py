@@ -6,6 +6,7 @@ from pathlib import Path
 
 from auraed.kernel.cgroups import cgroupfs
 from auraed.kernel.cgroups.base import (
+    HOST_LEAF,
     Backoff,
     CgroupBackend,
     CgroupMetrics,
@@ -62,8 +63,11 @@ class CgroupV1Backend(CgroupBackend):
         super().setup()
         # New cpusets below our root start with their parent's CPUs and memory nodes instead of
         # none: the kernel copies them at mkdir, saving a copy per cgroup (see _init_cgroup).
-        with self._open(self._by_controller["cpuset"], ()) as fd:
-            cgroupfs.write_file(fd, "cgroup.clone_children", "1")
+        # A cgroup takes the flag from its parent when it is made, so the host leaf, made
+        # above before the root had it, is given it too: host scopes are made below it.
+        for components in ((), (HOST_LEAF,)):
+            with self._open(self._by_controller["cpuset"], components) as fd:
+                cgroupfs.write_file(fd, "cgroup.clone_children", "1")
 
     def is_populated(self, cell_path: str) -> bool:
         return bool(self._pids(cell_components(cell_path)))
@@ -162,6 +166,9 @@ class CgroupV1Backend(CgroupBackend):
         if limits.pids_max is not None:
             writes.append(LimitFile(pids, "pids.max", str(limits.pids_max), "pids.max"))
         return writes
+
+    def _needs_init(self, hierarchy: Hierarchy, *, holds_processes: bool) -> bool:
+        return "cpuset" in hierarchy.controllers
 
     def _init_cgroup(
         self, hierarchy: Hierarchy, fd: int, parent_fd: int, *, holds_processes: bool

@@ -154,6 +154,9 @@ class CgroupV2Backend(CgroupBackend):
                 writes.append(LimitFile(self._unified, field, str(value), field))
         return writes
 
+    def _needs_init(self, hierarchy: Hierarchy, *, holds_processes: bool) -> bool:
+        return not holds_processes
+
     def _init_cgroup(
         self, hierarchy: Hierarchy, fd: int, parent_fd: int, *, holds_processes: bool
     ) -> None:

@@ -192,6 +192,8 @@ class ForkServer:
         directly)."""
         self._sock: socket.socket | None = sock
         self._joined = joined or []
+        # Held open: the spawner goes back through them after each visit (see _visiting).
+        self._home_fds = [os.open(path, os.O_WRONLY | os.O_CLOEXEC) for path in self._joined]
         if os.geteuid() == 0:
             os.setgroups([])  # what every workload gets: then most can be spawned directly
         self._uid, self._gid, self._groups = os.getuid(), os.getgid(), os.getgroups()
@@ -795,8 +797,8 @@ class ForkServer:
                 raise SpawnError.at("cgroup", error.errno or 0, str(error)) from None
             yield
         finally:
-            for path in self._joined:
-                write_file(path, b"0")
+            for fd in self._home_fds:
+                os.write(fd, b"0")
 
     def _start_directly(self, request: SpawnRequest, executables: list[str], stdout: int,
                         stderr: int) -> int:
@@ -896,7 +898,7 @@ class ForkServer:
             for inherited in (self._sock, self._listener):
                 if inherited is not None:
                     inherited.close()
-            for fd in (self._wake_r, self._wake_w):
+            for fd in (self._wake_r, self._wake_w, *self._home_fds):
                 os.close(fd)
             self._poller.close()  # the spawner's: not to be touched here
             # Nor may it hold captured output's pipes and log files (deleted segments would
