@@ -109,14 +109,20 @@ for share in $AURAE_SHARES; do
         echo "init: cannot mount $tag at $path"
 done
 $B umount /proc
+# The Python layer (auraed/kernel/guest_python.py): the guest's modules from RAM, not 9p.
+[ -d /python ] && export PYTHONPATH=/python
 if [ -n "$root" ]; then
     $B mkdir -p $root/aurae $root/dev
     $B mount --move /aurae $root/aurae && $B mount --move /dev $root/dev
+    # switch_root empties the initramfs, the layer with it: copy it into a tmpfs of the new
+    # root first (RAM to RAM; its symlinks name host paths, mounted there as here).
+    if [ -d /python ]; then
+        $B mkdir -p $root/python && $B mount -t tmpfs -o mode=0755 python $root/python &&
+            $B cp -a /python/. $root/python/ ||
+            { echo "init: cannot copy the Python layer; the guest's modules come over 9p"; unset PYTHONPATH; }
+    fi
     exec $B switch_root $root "$AURAE_PYTHON" -m auraed.pid1 "$AURAE_PID1_CONFIG"
 fi
-# The Python layer (auraed/kernel/guest_python.py): the guest's modules from RAM, not 9p
-# (the default root only: switch_root empties the initramfs).
-[ -d /python ] && export PYTHONPATH=/python
 exec "$AURAE_PYTHON" -m auraed.pid1 "$AURAE_PID1_CONFIG"
 echo "init: cannot exec $AURAE_PYTHON"; $B poweroff -f
 """
