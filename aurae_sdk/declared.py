@@ -704,7 +704,8 @@ def _vm_steps(client: Client | None, owner: str, declared: Mapping[str, VirtualM
             steps.append(Step("replace", "vm", vm_id, tuple(changes),
                               "a virtual machine's hardware cannot change in place", want.source))
             continue
-        running = have.status == "Running"
+        # Restoring and Unresponsive: re-adopted after a daemon restart, QEMU running.
+        running = have.status in ("Running", "Restoring", "Unresponsive")
         if running != want.running:
             steps.append(Step("update", "vm", vm_id,
                               (Change("running", running, want.running),),

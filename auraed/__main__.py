@@ -104,6 +104,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vm-grace-period", type=float, default=30.0, metavar="SECONDS",
                         help="how long Stop and shutdown wait for a guest to power off before "
                              "a hard stop (default: %(default)s)")
+    parser.add_argument("--vm-health-timeout", type=float, default=30.0, metavar="SECONDS",
+                        help="how long a guest re-adopted after a restart may take to answer "
+                             "its health check before List says Unresponsive (default: "
+                             "%(default)s)")
     parser.add_argument("--serve-early", action="store_true",
                         help="answer Health and Discovery as soon as the server listens and "
                              "wire the other services behind it; their calls wait until they "
@@ -209,6 +213,7 @@ def main(argv: list[str] | None = None) -> None:
         vm_accelerator=args.vm_accelerator,
         vm_boot_timeout=args.vm_boot_timeout,
         vm_grace_period=args.vm_grace_period,
+        vm_health_timeout=args.vm_health_timeout,
         serve_early=args.serve_early,
         standby=args.standby,
     )

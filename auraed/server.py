@@ -137,6 +137,7 @@ class Settings:
     vm_accelerator: str = "auto"
     vm_boot_timeout: float = 120.0
     vm_grace_period: float = 30.0
+    vm_health_timeout: float = 30.0
     # Answer Health and Discovery as soon as the server listens; wire the rest behind it (a VM
     # guest's auraed: auraed/pending.py).
     serve_early: bool = False
@@ -625,6 +626,7 @@ class Daemon:
             ca_crt=settings.ca_crt, ca_key=settings.ca_key, server_crt=settings.server_crt,
             accelerator=settings.vm_accelerator, boot_timeout=settings.vm_boot_timeout,
             grace_period=settings.vm_grace_period, authz_policy=settings.authz_policy,
+            health_timeout=settings.vm_health_timeout,
             tap_registry=settings.library_dir / "vm-taps"))
         self._vms.start()
 

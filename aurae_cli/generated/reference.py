@@ -2422,7 +2422,7 @@ MESSAGES: tuple[MessageInfo, ...] = (
                 "status",
                 "string",
                 "",
-                'Lifecycle state: "Created", "Running" or "Shutdown".',
+                'Lifecycle state: "Created", "Running" or "Shutdown"; aurae-py adds "Restoring" (re-adopted\nby a restarted daemon, its guest\'s auraed not yet checked) and "Unresponsive" (QEMU runs\nbut its guest\'s auraed has not answered a health check since the restart).',
             ),
             FieldInfo(
                 3,
@@ -2479,6 +2479,13 @@ MESSAGES: tuple[MessageInfo, ...] = (
                 "map<string, string>",
                 "",
                 "aurae-py addition: the labels the machine was allocated with.",
+            ),
+            FieldInfo(
+                10,
+                "status_detail",
+                "string",
+                "",
+                'aurae-py addition: what a "Restoring" or "Unresponsive" machine\'s status rests on (the\nhealth checks of its guest and what they got); empty otherwise.',
             ),
         ),
     ),

@@ -14,7 +14,11 @@ connects QMP and waits until the guest's auraed answers a health check over mTLS
 
 Status follows upstream's spelling: "Created" (allocated, or never booted), "Running", "Shutdown"
 (ended: by Stop, by the guest powering off, or by QEMU dying; `stop_reason` says which, from the
-QMP events and QEMU's exit status).
+QMP events and QEMU's exit status). A machine a restarted daemon re-adopted is "Restoring" until
+its guest's auraed answers a health check (checked in the background: the daemon serves
+meanwhile), then "Running"; one whose guest has not answered within `--vm-health-timeout` is
+"Unresponsive" (QEMU runs; `status_detail` says what the checks got) and turns "Running" when
+it answers. Both are Running to the lifecycle: Stop and Free work, Start is refused.
 
 Locking: `_lock` guards the registry and each VM's state changes; booting, waiting for health
 and waiting for power-off happen outside it, with the VM marked `busy` so a second Start, Stop or
@@ -61,6 +65,12 @@ log = logging.getLogger("auraed.vms")
 GUEST_READY = "aurae.discovery.v0.DiscoveryService"
 
 CREATED, RUNNING, SHUTDOWN = "Created", "Running", "Shutdown"
+# What List says of a re-adopted machine until its guest's auraed answered (aurae-py additions).
+RESTORING, UNRESPONSIVE = "Restoring", "Unresponsive"
+# Between health checks of a re-adopted guest: while Restoring, and once Unresponsive.
+RESTORING_POLL = 0.5
+UNRESPONSIVE_POLL = 5.0
+HEALTH_CHECK_TIMEOUT = 2.0
 GUEST_PORT = 8080
 QEMU_EXECUTABLE = "qemu"
 # QEMU's own memory beyond the guest's RAM is small; the guest's RAM is the bound that matters.
@@ -114,6 +124,10 @@ class VirtualMachine:
     qmp: QmpSession | None = None
     kernel: str = ""  # the kernel the running boot uses
     started: list[float] = field(default_factory=list)
+    # A Running machine's guest as last checked: "" (it answered: Start saw it, or the check
+    # after a re-adoption did), RESTORING or UNRESPONSIVE; and what the check got.
+    guest: str = ""
+    status_detail: str = ""
 
     @property
     def cell(self) -> CellName:
@@ -141,6 +155,9 @@ class VmSettings:
     # Where the names of the TAPs in use are kept, so that the next start removes what a
     # daemon killed outright left (in the library dir: it must outlive the daemon).
     tap_registry: Path | None = None
+    # How long a re-adopted guest may take to answer its health check before it is listed
+    # Unresponsive (the checks go on; it is Running once it answers).
+    health_timeout: float = 30.0
 
 
 def project_environment() -> tuple[str, ...]:
@@ -215,6 +232,10 @@ class VirtualMachines:
         self._lock = threading.Lock()
         self._machines: dict[str, VirtualMachine] = {}
         self._closing = False
+        self._closed = threading.Event()  # wakes the health checks of re-adopted guests
+        # The artefacts, the accelerator's probe and the QMP loop: made once, by the first
+        # Start (concurrent Starts wait for it).
+        self._prepare_lock = threading.Lock()
         self._image: guest_image.GuestImage | None = None
         self._accelerator: tuple[str, str] | None = None
         self._qmp: QmpLoop | None = None
@@ -246,6 +267,10 @@ class VirtualMachines:
         with self._lock:
             self._record_taps()
             self._persist()
+        for vm in self._machines.values():
+            if vm.guest == RESTORING and vm.qemu is not None:
+                threading.Thread(target=self._check_adopted, args=(vm, vm.qemu), daemon=True,
+                                 name=f"check-{vm.spec.id}").start()
 
     def _owns_cells(self) -> bool:
         return any(owner.startswith("vm ") for owner in self.workloads.owned_cells().values())
@@ -295,7 +320,7 @@ class VirtualMachines:
 
     def _adopt_running(self, vm: VirtualMachine, qemu_pid: int) -> None:
         from auraed.kernel import tap
-        from auraed.kernel.qemu import QmpLoop, QmpSession
+        from auraed.kernel.qemu import QmpSession
 
         try:
             qemu = self.workloads.find_executable(cell_name=vm.cell, name=QEMU_EXECUTABLE)
@@ -309,14 +334,16 @@ class VirtualMachines:
         elif vm.tap is None or not tap.tap_exists(vm.tap) or not socket.exists():
             vm.stop_reason = "its TAP or QMP socket was gone when the daemon restarted"
         else:
-            if self._qmp is None:
-                self._qmp = QmpLoop()
-            vm.qmp = QmpSession(self._qmp, str(socket),
+            vm.qmp = QmpSession(self._qmp_loop(), str(socket),
                                 lambda name, data: self._on_event(vm, name, data))
             try:
                 vm.qmp.connect(time.monotonic() + QMP_CONNECT_TIMEOUT, alive=lambda: qemu.running)
                 log.info("vm adopted", extra={"vm": vm.spec.id, "pid": qemu_pid, "tap": vm.tap,
                                               "address": vm.address})
+                # QEMU runs; whether its guest's auraed does is checked behind the start.
+                vm.guest = RESTORING
+                vm.status_detail = (f"re-adopted by a restarted daemon; checking that the "
+                                    f"guest's auraed answers at {vm.address}")
                 return
             except ConnectionError as error:
                 vm.stop_reason = f"its QMP monitor did not answer the new daemon: {error}"
@@ -324,6 +351,93 @@ class VirtualMachines:
                                                             "why": vm.stop_reason})
         self._teardown_boot(vm)  # kills a QEMU that still runs: nothing could reach it
         vm.status = SHUTDOWN
+
+    def _check_adopted(self, vm: VirtualMachine, qemu: Executable) -> None:
+        """Health-check a re-adopted guest's auraed until it answers (Running), as long as this
+        boot runs; Unresponsive after the health timeout without an answer."""
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        from aurae_sdk.wire.targets import parse_target
+
+        began = time.monotonic()
+
+        def current() -> bool:  # call under _lock
+            return vm.qemu is qemu and vm.status == RUNNING and vm.guest != ""
+
+        try:
+            certificate, key = self._supervisor_identity()
+        except FailedPrecondition as error:
+            with self._lock:
+                if current():
+                    vm.guest = UNRESPONSIVE
+                    vm.status_detail = f"cannot check the guest's auraed: {error.message}"
+            log.error("vm guest not checked", extra={"vm": vm.spec.id, "error": error.message})
+            return
+        credentials = grpc.ssl_channel_credentials(self.settings.ca_crt.read_bytes(), key,
+                                                   certificate)
+        options = [("grpc.ssl_target_name_override", "server.unsafe.aurae.io"),
+                   ("grpc.default_authority", "server.unsafe.aurae.io"),
+                   ("grpc.initial_reconnect_backoff_ms", 100),
+                   ("grpc.max_reconnect_backoff_ms", 1000)]
+        target = parse_target(vm.address).grpc_target
+        last = "no answer yet"
+        with grpc.secure_channel(target, credentials, options) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)  # type: ignore[no-untyped-call]
+            while not self._closing and qemu.running:
+                try:
+                    reply = stub.Check(health_pb2.HealthCheckRequest(service=GUEST_READY),
+                                       timeout=HEALTH_CHECK_TIMEOUT)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        with self._lock:
+                            if current():
+                                vm.guest, vm.status_detail = "", ""
+                        log.info("vm guest answers", extra={
+                            "vm": vm.spec.id, "address": vm.address,
+                            "seconds": round(time.monotonic() - began, 2)})
+                        return
+                    last = f"{GUEST_READY} is {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}"
+                except grpc.RpcError as error:
+                    last = f"{error.code().name}: {error.details()}"
+                waited = time.monotonic() - began
+                with self._lock:
+                    if not current():
+                        return
+                    if waited >= self.settings.health_timeout:
+                        if vm.guest == RESTORING:
+                            log.warning("vm guest does not answer", extra={
+                                "vm": vm.spec.id, "address": vm.address, "last": last})
+                        vm.guest = UNRESPONSIVE
+                        vm.status_detail = (
+                            f"QEMU runs, but the guest's auraed has not answered a health check "
+                            f"at {vm.address} for {waited:.0f} s (last: {last}); still checking")
+                    poll = RESTORING_POLL if vm.guest == RESTORING else UNRESPONSIVE_POLL
+                self._closed.wait(poll)
+
+    def _supervisor_identity(self) -> tuple[bytes, bytes]:
+        """(certificate, key) PEM of the client identity the host checks guests with, minted
+        at first use (a restarted daemon has none until it checks a re-adopted guest)."""
+        if self._client_identity is None:
+            from aurae_sdk.wire.pki import CertificateAuthority, PkiError
+            from auraed.runtime.instances import own_spiffe_id
+
+            if self.settings.ca_key is None:
+                raise FailedPrecondition("this daemon has no --ca-key to mint the identity it "
+                                         "checks guests with")
+            try:
+                authority = CertificateAuthority.load_files(self.settings.ca_crt,
+                                                            self.settings.ca_key)
+                host = own_spiffe_id(self.settings.server_crt.read_bytes())
+                until = min(dt.datetime.now(dt.UTC) + GUEST_IDENTITY_VALIDITY,
+                            authority.certificate.not_valid_after_utc)
+                supervisor = authority.issue_child(host, "vm-supervisor", not_after=until)
+            except (OSError, PkiError) as error:
+                raise FailedPrecondition(f"cannot mint the supervisor's identity: {error}") from None
+            with self._lock:
+                if self._client_identity is None:
+                    self._client_identity = (supervisor.certificate_pem(),
+                                             supervisor.private_key_pem())
+        return self._client_identity
 
     def _persist(self) -> None:
         """Write every machine's record, atomically (call under _lock): what a next daemon
@@ -354,6 +468,7 @@ class VirtualMachines:
         with self._lock:
             self._closing = True
             machines = list(self._machines.values())
+        self._closed.set()
         stoppers = [threading.Thread(target=self._stop_quietly, args=(vm,), name=f"stop-{vm.spec.id}")
                     for vm in machines]
         for thread in stoppers:
@@ -375,6 +490,7 @@ class VirtualMachines:
             self._closing = True
             machines = list(self._machines.values())
             self._persist()
+        self._closed.set()
         for vm in machines:
             if vm.qmp is not None:
                 vm.qmp.close()
@@ -474,19 +590,26 @@ class VirtualMachines:
                                          field="vm_id")
             if vm.status not in allowed:
                 raise FailedPrecondition(f"cannot {action} virtual machine {vm_id}: it is "
-                                         f"{vm.status}", field="vm_id")
+                                         f"{self._reported(vm)}", field="vm_id")
             vm.busy = True
             return vm
 
-    def status_of(self, vm: VirtualMachine) -> str:
+    def status_of(self, vm: VirtualMachine) -> tuple[str, str]:
+        """What List says of `vm`: its status and what that rests on (status_detail)."""
         with self._lock:
             self._refresh(vm)
-            return vm.status
+            return self._reported(vm), vm.status_detail if vm.status == RUNNING else ""
+
+    @staticmethod
+    def _reported(vm: VirtualMachine) -> str:
+        """A Running machine whose guest is not known to answer says so (call under _lock)."""
+        return vm.guest if vm.status == RUNNING and vm.guest else vm.status
 
     def _refresh(self, vm: VirtualMachine) -> None:
         """Fold QEMU's exit into the status (call under _lock)."""
         if vm.status == RUNNING and vm.qemu is not None and not vm.qemu.running:
             vm.status = SHUTDOWN
+            vm.guest = vm.status_detail = ""
             if not vm.stop_reason:
                 vm.stop_reason = self._ended_reason(vm)
             self._persist()
@@ -504,7 +627,21 @@ class VirtualMachines:
                 else f"signal {status.signal}" if status is not None else "no status")
         return f"crashed: QEMU ended with {what} and no shutdown event"
 
+    def _qmp_loop(self) -> QmpLoop:
+        """The one event loop of every QMP session, made at first use."""
+        from auraed.kernel.qemu import QmpLoop
+
+        with self._prepare_lock:
+            if self._qmp is None:
+                self._qmp = QmpLoop()
+            return self._qmp
+
     def _image_and_accelerator(self, progress: Callable[[str], None]) -> tuple[guest_image.GuestImage, str]:
+        # One builder and one probe, however many Starts come at once.
+        with self._prepare_lock:
+            return self._prepare(progress)
+
+    def _prepare(self, progress: Callable[[str], None]) -> tuple[guest_image.GuestImage, str]:
         if self._image is None:
             try:
                 self._image = guest_image.build(self.settings.image_cache, progress)
@@ -556,7 +693,6 @@ class VirtualMachines:
         from auraed.kernel.qemu import (
             Disk,
             QemuMachine,
-            QmpLoop,
             QmpSession,
             Share,
             default_kernel_args,
@@ -640,9 +776,7 @@ class VirtualMachines:
         with self._lock:
             vm.status = RUNNING
         deadline = started + self.settings.boot_timeout
-        if self._qmp is None:
-            self._qmp = QmpLoop()
-        vm.qmp = QmpSession(self._qmp, machine.qmp_socket,
+        vm.qmp = QmpSession(self._qmp_loop(), machine.qmp_socket,
                             lambda name, data: self._on_event(vm, name, data))
         qemu = vm.qemu
         try:
@@ -761,6 +895,7 @@ class VirtualMachines:
             with self._lock:
                 self._record_taps()
         vm.address = ""
+        vm.guest = vm.status_detail = ""
         shutil.rmtree(self._directory / vm.spec.id, ignore_errors=True)
         with self._lock:
             self._refresh(vm)

@@ -70,9 +70,10 @@ class VmService(VmServiceBase):
         summaries = []
         for vm in self.machines.list():
             spec = vm.spec
+            status, detail = self.machines.status_of(vm)
             summaries.append(pb.VirtualMachineSummary(
                 id=spec.id,
-                status=self.machines.status_of(vm),
+                status=status,
                 mem_size_mb=spec.mem_size_mb,
                 vcpu_count=spec.vcpu_count,
                 kernel_img_path=spec.kernel_img_path or vm.kernel or self.machines.default_kernel(),
@@ -81,5 +82,6 @@ class VmService(VmServiceBase):
                 accelerator=vm.accelerator,
                 stop_reason=vm.stop_reason,
                 labels=dict(spec.labels),
+                status_detail=detail,
             ))
         return pb.VmServiceListResponse(machines=summaries)

@@ -408,10 +408,14 @@ class VirtualMachineSummary(_message.Message):
     ACCELERATOR_FIELD_NUMBER: _builtins.int
     STOP_REASON_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    STATUS_DETAIL_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Identifier of the machine."""
     status: _builtins.str
-    """Lifecycle state: "Created", "Running" or "Shutdown"."""
+    """Lifecycle state: "Created", "Running" or "Shutdown"; aurae-py adds "Restoring" (re-adopted
+    by a restarted daemon, its guest's auraed not yet checked) and "Unresponsive" (QEMU runs
+    but its guest's auraed has not answered a health check since the restart).
+    """
     mem_size_mb: _builtins.int
     """Guest memory in MiB."""
     vcpu_count: _builtins.int
@@ -430,6 +434,10 @@ class VirtualMachineSummary(_message.Message):
     """aurae-py addition: why a "Shutdown" machine ended: stopped by Stop, freed, the guest
     powered off, the guest kernel panicked, or QEMU crashed.
     """
+    status_detail: _builtins.str
+    """aurae-py addition: what a "Restoring" or "Unresponsive" machine's status rests on (the
+    health checks of its guest and what they got); empty otherwise.
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """aurae-py addition: the labels the machine was allocated with."""
@@ -447,10 +455,11 @@ class VirtualMachineSummary(_message.Message):
         accelerator: _builtins.str = ...,
         stop_reason: _builtins.str = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        status_detail: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accelerator", b"accelerator", "auraed_address", b"auraed_address", "id", b"id", "kernel_img_path", b"kernel_img_path", "labels", b"labels", "mem_size_mb", b"mem_size_mb", "root_dir_path", b"root_dir_path", "status", b"status", "stop_reason", b"stop_reason", "vcpu_count", b"vcpu_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accelerator", b"accelerator", "auraed_address", b"auraed_address", "id", b"id", "kernel_img_path", b"kernel_img_path", "labels", b"labels", "mem_size_mb", b"mem_size_mb", "root_dir_path", b"root_dir_path", "status", b"status", "status_detail", b"status_detail", "stop_reason", b"stop_reason", "vcpu_count", b"vcpu_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
