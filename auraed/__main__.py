@@ -179,6 +179,14 @@ def main(argv: list[str] | None = None) -> None:
         # writes before this fork (the parser, the settings) the seed would hold a page of its
         # own for, once the copy writes it again (2 MiB per instance, measured).
         seed = SpawnerSeed.fork()
+    elif "--serve-early" in argv:
+        # A VM guest's daemon: its spawner is forked now, before the imports (the seed's own
+        # are the standard library's), rather than started as a `python -S` in the middle of
+        # the wiring, where that interpreter's start-up under TCG was the largest part
+        # (docs/vms.md). It keeps its spare, as a started spawner does.
+        from auraed.kernel.spawner.seed import SpawnerSeed as GuestSeed
+
+        seed = GuestSeed.fork(keeps_spare=True)
     args = parse_args(argv)
     if os.geteuid() != 0:
         print("auraed: must run as root (it manages cgroups and processes)", file=sys.stderr)

@@ -14,9 +14,7 @@ where a `python -S` and its spare cost 12 MiB PSS (measured, bench/instances.py)
 a millisecond instead of an interpreter's start-up. A seeded spawner keeps no spare.
 """
 
-import gc
 import itertools
-import json
 import logging
 import os
 import select
@@ -26,14 +24,17 @@ import subprocess
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from types import TracebackType
-from typing import NoReturn, Self
+from typing import Self
 
 from auraed.kernel.processes import ExitStatus, HolderSpec, SpawnedProcess, SpawnSpec, default_env
+
+# What a SpawnerSeed runs once it sprouts, imported with the daemon rather than in the seed: a
+# seed is a fork, so a module imported there is written into the seed's own pages, where the
+# daemon's imports are shared (with a template's copies: with the template).
+from auraed.kernel.spawner import server as _server  # noqa: F401
 from auraed.kernel.spawner.protocol import (
     MAX_MESSAGE_BYTES,
     PROTOCOL_VERSION,
@@ -59,11 +60,8 @@ from auraed.kernel.spawner.protocol import (
     decode,
     message_buffer,
 )
-
-# What a SpawnerSeed runs once it sprouts, imported with the daemon rather than in the seed: a
-# seed is a fork, so a module imported there is written into the seed's own pages, where the
-# daemon's imports are shared (with a template's copies: with the template).
-from auraed.kernel.spawner.server import main as _serve_spawner
+from auraed.kernel.spawner.seed import SOURCE_ROOT as _SOURCE_ROOT
+from auraed.kernel.spawner.seed import SpawnerSeed
 from auraed.kernel.spawner.state import StateTorn, read_state
 from auraed.output.log import OutputLog
 
@@ -83,10 +81,6 @@ _log = logging.getLogger(__name__)
 
 # <asm-generic/socket.h>; Python's socket module does not name it.
 SO_SNDBUFFORCE = 32
-
-# The directory holding the auraed package, for the spawner's import path.
-_SOURCE_ROOT = str(Path(__file__).resolve().parents[3])
-
 
 class SpawnerClosed(Exception):
     """The spawner is not running: never started, closed, or it died."""
@@ -120,93 +114,6 @@ class Adoption:
 
 
 ExitCallback = Callable[[int, ExitStatus], None]
-
-
-class SpawnerSeed:
-    """A child forked ahead to become this daemon's spawner: it waits for the spawner's
-    options (a JSON list of arguments) as the first message on its socket, then runs the fork
-    server on that same socket. End of file before that: it exits.
-
-    fork() only while the process is single-threaded: the seed runs Python after the fork,
-    and a lock another thread held would stay held in it for ever."""
-
-    def __init__(self, pid: int, sock: socket.socket) -> None:
-        self.pid = pid
-        self.sock: socket.socket | None = sock
-        self._pidfd = os.pidfd_open(pid)
-        self._reaped = False
-
-    @classmethod
-    def fork(cls) -> "SpawnerSeed":
-        if threading.active_count() != 1:
-            raise RuntimeError("a spawner seed is forked only while single-threaded")
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        _room_for_the_largest_request(ours)
-        pid = os.fork()
-        if pid == 0:
-            ours.close()
-            _grow_from_seed(theirs)
-        theirs.close()
-        return cls(pid, ours)
-
-    def sprout(self, options: list[str]) -> socket.socket:
-        """Have the seed run the fork server with `options`; the socket it serves on."""
-        sock, self.sock = self.sock, None
-        if sock is None:
-            raise SpawnerClosed("the spawner seed was used already")
-        sock.send(json.dumps(options).encode())
-        return sock
-
-    def discard(self) -> None:
-        """Not needed (the daemon adopted a spawner): the seed exits."""
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
-        self.wait(10.0)
-
-    def wait(self, timeout: float | None = None) -> None:
-        """subprocess.Popen.wait's contract: reaped, or TimeoutExpired."""
-        if self._reaped:
-            return
-        readable, _, _ = select.select([self._pidfd], [], [], timeout)
-        if not readable:
-            raise subprocess.TimeoutExpired(f"spawner {self.pid}", timeout or 0.0)
-        os.waitpid(self.pid, 0)
-        self._reaped = True
-        os.close(self._pidfd)
-
-    def kill(self) -> None:
-        if not self._reaped:
-            signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
-
-
-def _grow_from_seed(sock: socket.socket) -> NoReturn:
-    """In the seed: let go of the daemon's fds, session and environment, as a new process
-    started by Spawner.start would be without them, wait for the options, serve."""
-    code = 1
-    try:
-        os.setsid()  # out of the daemon's terminal session, as start_new_session would be
-        null = os.open(os.devnull, os.O_RDWR)
-        os.dup2(null, 0)
-        os.dup2(null, 1)
-        keep = sock.fileno()
-        os.closerange(3, keep)
-        os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
-        # What the daemon made so far is the seed's for good: keep the collector off it, so
-        # its pages stay shared.
-        gc.freeze()
-        message = sock.recv(MAX_MESSAGE_BYTES)
-        if not message:
-            os._exit(0)
-        options = json.loads(message)
-        os.environ.clear()
-        os.environ["PYTHONPATH"] = _SOURCE_ROOT
-        code = _serve_spawner(["--socket-fd", str(keep), *options])
-    except BaseException:  # noqa: BLE001 - the daemon's log (our stderr) says what happened
-        traceback.print_exc()
-    finally:
-        sys.stderr.flush()
-        os._exit(code)
 
 
 class _PendingReply:
@@ -293,7 +200,9 @@ class Spawner:
             # An instance's spawner keeps no spare: a spare is a whole process per instance
             # (1.2 MiB of its own, measured) to save a fork on Allocate inside the instance.
             self._process, self._seed = self._seed, None
-            ours = self._process.sprout([*options, "--spare", "no"])
+            spare = [] if self._process.keeps_spare else ["--spare", "no"]
+            ours = self._process.sprout([*options, *spare])
+            _room_for_the_largest_request(ours)
         else:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             _room_for_the_largest_request(ours)
