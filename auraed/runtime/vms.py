@@ -353,6 +353,16 @@ class VirtualMachines:
         vm.status = SHUTDOWN
 
     def _check_adopted(self, vm: VirtualMachine, qemu: Executable) -> None:
+        try:
+            self._check_guest(vm, qemu)
+        except Exception as error:  # a thread of its own: say it, never hang
+            log.exception("vm guest check failed", extra={"vm": vm.spec.id})
+            with self._lock:
+                if vm.qemu is qemu and vm.status == RUNNING and vm.guest:
+                    vm.guest = UNRESPONSIVE
+                    vm.status_detail = f"the check of the guest's auraed failed: {error!r}"
+
+    def _check_guest(self, vm: VirtualMachine, qemu: Executable) -> None:
         """Health-check a re-adopted guest's auraed until it answers (Running), as long as this
         boot runs; Unresponsive after the health timeout without an answer."""
         import grpc
