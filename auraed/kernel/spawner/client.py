@@ -11,7 +11,9 @@ start a new interpreter for its spawner: it forks a SpawnerSeed at its very star
 still single-threaded, and the seed becomes the spawner when start() sends it its options. The
 seed shares the template's pages, so an instance's spawner costs about 1.2 MiB of its own
 where a `python -S` and its spare cost 12 MiB PSS (measured, bench/instances.py), and starts in
-a millisecond instead of an interpreter's start-up. A seeded spawner keeps no spare.
+a millisecond instead of an interpreter's start-up. An instance's seeded spawner keeps no
+spare. A VM guest's auraed forks a seed at its start too (auraed.kernel.spawner.seed, which
+imports nothing else, so its first answer does not wait for it), and that one keeps its spare.
 """
 
 import itertools
