@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from auraed.kernel import libc
+from auraed.kernel.forked import ForkedChild
 
 _SOURCE_ROOT = str(Path(__file__).resolve().parents[2])
 _MAX_MESSAGE = 256 * 1024
@@ -58,38 +59,6 @@ class TemplateError(Exception):
 PROCESS_NAME = "auraed-template"
 
 
-class _ForkedTemplate:
-    """subprocess.Popen's pid, wait and kill, for a template this process forked."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self._pidfd = os.pidfd_open(pid)
-        self._reaped = False
-
-    def wait(self, timeout: float | None = None) -> None:
-        if self._reaped:
-            return
-        readable, _, _ = select.select([self._pidfd], [], [], timeout)
-        if not readable:
-            raise subprocess.TimeoutExpired(f"template {self.pid}", timeout or 0.0)
-        try:
-            os.waitpid(self.pid, 0)
-        except ChildProcessError:
-            pass  # reaped by someone else's catch-all wait: it ended all the same
-        self._reaped = True
-        os.close(self._pidfd)
-
-    def running(self) -> bool:
-        if self._reaped:
-            return False
-        readable, _, _ = select.select([self._pidfd], [], [], 0)
-        return not readable
-
-    def kill(self) -> None:
-        if not self._reaped:
-            signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
-
-
 class Template:
     """The daemon's handle on one template process: started as a new interpreter at the first
     fork (`Template(entry)`), or forked from the daemon itself at its start
@@ -99,7 +68,7 @@ class Template:
         self._entry = entry
         self._python = python
         self._lock = threading.Lock()
-        self._process: subprocess.Popen[bytes] | _ForkedTemplate | None = None
+        self._process: subprocess.Popen[bytes] | ForkedChild | None = None
         self._sock: socket.socket | None = None
         # Modules to import before the next fork (preload()).
         self._preload: list[str] = []
@@ -139,7 +108,7 @@ class Template:
                 os._exit(code)
         theirs.close()
         template = cls(entry)
-        template._process = _ForkedTemplate(pid)
+        template._process = ForkedChild(pid, "template")
         template._sock = ours
         try:
             template._await_ready(ours, 10.0)

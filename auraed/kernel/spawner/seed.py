@@ -14,13 +14,12 @@ from __future__ import annotations
 import gc
 import json
 import os
-import select
-import signal
 import socket
-import subprocess
 import threading
 from pathlib import Path
 from typing import NoReturn
+
+from auraed.kernel.forked import ForkedChild
 
 # The directory holding the auraed package, for the spawner's import path.
 SOURCE_ROOT = str(Path(__file__).resolve().parents[3])
@@ -28,18 +27,16 @@ SOURCE_ROOT = str(Path(__file__).resolve().parents[3])
 _OPTIONS_BYTES = 1 << 16
 
 
-class SpawnerSeed:
+class SpawnerSeed(ForkedChild):
     """A forked child that waits for the spawner's options (a JSON list of arguments) as the
     first message on its socket, then runs the fork server on that same socket. End of file
     before that: it exits. `keeps_spare`: whether the spawner it becomes keeps a spare (see
     auraed.kernel.spawner.server); an instance's does not (a whole process per instance)."""
 
     def __init__(self, pid: int, sock: socket.socket, keeps_spare: bool = False) -> None:
-        self.pid = pid
+        super().__init__(pid, "spawner")
         self.sock: socket.socket | None = sock
         self.keeps_spare = keeps_spare
-        self._pidfd = os.pidfd_open(pid)
-        self._reaped = False
 
     @classmethod
     def fork(cls, keeps_spare: bool = False) -> SpawnerSeed:
@@ -67,21 +64,6 @@ class SpawnerSeed:
             self.sock.close()
             self.sock = None
         self.wait(10.0)
-
-    def wait(self, timeout: float | None = None) -> None:
-        """subprocess.Popen.wait's contract: reaped, or TimeoutExpired."""
-        if self._reaped:
-            return
-        readable, _, _ = select.select([self._pidfd], [], [], timeout)
-        if not readable:
-            raise subprocess.TimeoutExpired(f"spawner {self.pid}", timeout or 0.0)
-        os.waitpid(self.pid, 0)
-        self._reaped = True
-        os.close(self._pidfd)
-
-    def kill(self) -> None:
-        if not self._reaped:
-            signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
 
 
 def _grow_from_seed(sock: socket.socket) -> NoReturn:
