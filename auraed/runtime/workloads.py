@@ -1597,18 +1597,15 @@ def _holds_namespaces(holder: SpawnedProcess, kinds: Iterable[str]) -> bool:
     released, or a zombie, or its pid reused.
     """
     pid = holder.host_pid
+    fields = _stat_fields(pid)
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
         with open(f"/proc/{pid}/status", "rb") as f:
             status = f.read()
         for kind in kinds:
             os.readlink(f"/proc/{pid}/ns/{kind}")
     except (FileNotFoundError, ProcessLookupError):
         return False
-    # Fields after the command name (which may hold spaces): state, ..., starttime (22nd).
-    fields = stat[stat.rindex(b")") + 2:].split()
-    if fields[0] in (b"Z", b"X") or int(fields[19]) != holder.start_time:
+    if fields is None or fields[0] in (b"Z", b"X") or int(fields[19]) != holder.start_time:
         return False
     kill = 1 << (signal.SIGKILL - 1)
     for line in status.splitlines():
@@ -1617,19 +1614,25 @@ def _holds_namespaces(holder: SpawnedProcess, kinds: Iterable[str]) -> bool:
     return True
 
 
+def _stat_fields(pid: int) -> list[bytes] | None:
+    """The fields of /proc/<pid>/stat after the command name (which may hold spaces and
+    parentheses): state first, starttime (field 22 of proc(5)) at index 19. None: no such pid."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return stat[stat.rindex(b")") + 2:].split()
+
+
 def _pidfd_of(process: SpawnedProcess) -> int | None:
     """A pidfd on the process if its pid still names it (it is not reaped), else None."""
     try:
         pidfd = os.pidfd_open(process.host_pid)
     except ProcessLookupError:
         return None
-    try:
-        with open(f"/proc/{process.host_pid}/stat", "rb") as f:
-            stat = f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        stat = b""
-    # starttime, the 20th field after the command name (which may hold spaces).
-    if not stat or int(stat[stat.rindex(b")") + 2:].split()[19]) != process.start_time:
+    fields = _stat_fields(process.host_pid)
+    if fields is None or int(fields[19]) != process.start_time:
         os.close(pidfd)
         return None
     return pidfd
@@ -1637,15 +1640,13 @@ def _pidfd_of(process: SpawnedProcess) -> int | None:
 
 def _dying_of_sigkill(process: SpawnedProcess) -> bool:
     """Whether the process has a SIGKILL pending or is a zombie a SIGKILL ended."""
+    fields = _stat_fields(process.host_pid)
     try:
-        with open(f"/proc/{process.host_pid}/stat", "rb") as f:
-            stat = f.read()
         with open(f"/proc/{process.host_pid}/status", "rb") as f:
             status = f.read()
     except (FileNotFoundError, ProcessLookupError):
         return False
-    fields = stat[stat.rindex(b")") + 2:].split()
-    if int(fields[19]) != process.start_time:
+    if fields is None or int(fields[19]) != process.start_time:
         return False
     if fields[0] == b"Z":
         # exit_code (field 52), in waitpid's encoding: the low 7 bits are the signal.
