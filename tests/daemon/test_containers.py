@@ -92,6 +92,10 @@ def test_mounts_live_only_in_the_container(daemon: DaemonProcess, client: aurae_
     mountinfo = Path(f"/proc/{started.host_pid}/mountinfo").read_text().splitlines()
     root = next(line for line in mountinfo if line.split()[4] == "/")
     assert " - overlay " in root and f"upperdir={directory}/upper" in root
+    # volatile: the container's end does not sync the host filesystem under its upper dir.
+    # (shown as fsync=volatile by kernels that have the fsync= option, 6.6+).
+    options = root.split(" - ")[1].split()[2].split(",")
+    assert {"volatile", "fsync=volatile"} & set(options)
     points = {line.split()[4]: line for line in mountinfo}
     assert {"/proc", "/dev", "/dev/pts", "/dev/shm", "/sys", "/dev/null"} <= set(points)
     assert " ro," in points["/sys"] or points["/sys"].split()[5].startswith("ro")
