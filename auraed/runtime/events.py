@@ -19,7 +19,8 @@ Durability, by group commit: publish() numbers and queues an event and returns a
 writer thread appends all that is queued with one write and one fdatasync, and only then lets
 readers see them. A client therefore never sees an event a crash could take back, and a
 restarted daemon continues at the last durable number + 1 without reusing any number a client
-saw. The cost is one fsync per batch, not per event: under load batches grow.
+saw. The cost is one fsync per batch, not per event: under load batches grow. A call on the
+hot path (Start) holds the writer until its answer is sent (hold()).
 
 Torn tail: on open each segment is read record by record; the first record that is short, runs
 past the end of the file, fails its CRC or breaks the sequence ends it, and the file is
