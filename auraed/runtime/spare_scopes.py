@@ -9,7 +9,9 @@ place with the same name. Where the kernel cannot rename cgroups (cgroup2) no sp
 and every scope is made at its Start, as before.
 
 The thread makes its spares while no Start holds it (hold()): a Start that the mkdirs competed
-with for the CPU and the interpreter would only have paid for them in another way.
+with for the CPU and the interpreter would only have paid for them in another way. And only
+from the first host-level Start on: a daemon that runs none (an instance's, say, whose work
+is in cells) keeps no spare, and a daemon's start-up is not slowed by making them.
 """
 
 from __future__ import annotations
@@ -35,12 +37,13 @@ class SpareScopes:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._holds = 0
+        self._wanted = False  # from the first claim on
         self._closed = False
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        """Begin keeping spares, after the backend's setup (and after any spares an earlier
-        daemon left were removed: backend.remove_spare_scopes)."""
+        """Be ready to keep spares (from the first claim on), after the backend's setup and
+        after any spares an earlier daemon left were removed (backend.remove_spare_scopes)."""
         if self._spares <= 0 or not self._backend.renames_scopes or self._thread is not None:
             return
         self._thread = threading.Thread(target=self._keep, name="spare-scopes", daemon=True)
@@ -49,10 +52,11 @@ class SpareScopes:
     def claim(self, scope: str) -> bool:
         """Make a spare the scope `scope`; False if none was ready (then make it as usual)."""
         with self._lock:
+            self._wanted = True
+            self._changed.notify()
             if not self._ready:
                 return False
             spare = self._ready.pop()
-            self._changed.notify()
         try:
             self._backend.claim_spare_scope(spare, scope)
         except (CgroupError, OSError) as error:
@@ -97,7 +101,8 @@ class SpareScopes:
     def _keep(self) -> None:
         while True:
             with self._lock:
-                while not self._closed and (self._holds or len(self._ready) >= self._spares):
+                while not self._closed and (not self._wanted or self._holds
+                                            or len(self._ready) >= self._spares):
                     self._changed.wait()
                 if self._closed:
                     return

@@ -338,7 +338,10 @@ def v1_host() -> bool:
 @pytest.mark.skipif(not v1_host(), reason="spare scopes need cgroup v1 (cgroup2 renames none)")
 def test_a_host_start_takes_a_spare_scope_that_accounts_like_a_made_one(
         daemon: DaemonProcess, client: aurae_sdk.Client) -> None:
-    assert wait_for(lambda: len(spare_dirs(daemon)) >= 6), spare_dirs(daemon)  # ahead of Starts
+    # Kept from the first host-level Start on, ahead of the next ones.
+    client.cells.start(executable={"name": "first", "command": "true"})
+    client.cells.stop(executable_name="first", grace_period_ms=0)
+    assert wait_for(lambda: len(spare_dirs(daemon)) >= 6), spare_dirs(daemon)
     before = {spare.name for spare in spare_dirs(daemon)}
     started = client.cells.start(executable={
         "name": "spared", "command": "i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done; sleep 300"})
@@ -362,18 +365,22 @@ def test_a_host_start_takes_a_spare_scope_that_accounts_like_a_made_one(
 @pytest.mark.skipif(not v1_host(), reason="spare scopes need cgroup v1 (cgroup2 renames none)")
 def test_a_successor_removes_the_spares_a_killed_daemon_left() -> None:
     with running_daemon("--live-restore") as first:
-        assert wait_for(lambda: len(spare_dirs(first)) >= 6)
+        assert spare_dirs(first) == []  # none before the first host-level Start
         with first.client() as client:
             client.cells.start(executable={"name": "kept", "command": "sleep 300"})
+        assert wait_for(lambda: len(spare_dirs(first)) >= 6)
         first.stop(signal.SIGKILL)  # no time to remove its spares
         left = {spare.stat().st_ino for spare in spare_dirs(first)}
         assert left
         with running_daemon("--live-restore", after=first) as second, \
                 second.client() as client:
+            assert spare_dirs(second) == []  # the earlier ones are gone
+            client.cells.start(executable={"name": "next", "command": "true"})
             # Its own spares, as many as one daemon keeps, and none of the earlier ones.
             assert wait_for(lambda: len(spare_dirs(second)) == len(left))
             assert not left & {spare.stat().st_ino for spare in spare_dirs(second)}
             # The executable the first one started was adopted, in its scope.
             assert scope_dirs(second, "kept")
-            client.cells.stop(executable_name="kept", grace_period_ms=0)
+            for name in ("kept", "next"):
+                client.cells.stop(executable_name=name, grace_period_ms=0)
             assert scope_dirs(second, "kept") == []
