@@ -19,7 +19,8 @@ Durability, by group commit: publish() numbers and queues an event and returns a
 writer thread appends all that is queued with one write and one fdatasync, and only then lets
 readers see them. A client therefore never sees an event a crash could take back, and a
 restarted daemon continues at the last durable number + 1 without reusing any number a client
-saw. The cost is one fsync per batch, not per event: under load batches grow.
+saw. The cost is one fsync per batch, not per event: under load batches grow. A call on the
+hot path (Start) holds the writer until its answer is sent (hold()).
 
 Torn tail: on open each segment is read record by record; the first record that is short, runs
 past the end of the file, fails its CRC or breaks the sequence ends it, and the file is
@@ -57,6 +58,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("auraed.events")
 
 _HEADER = struct.Struct("<IIQH")
+# The longest an event published while calls hold the writer (EventJournal.hold) waits for it.
+MAX_HOLD = 0.05
 SEGMENT_SUFFIX = ".events"
 DEFAULT_SEGMENT_BYTES = 4 * 1024 * 1024
 DEFAULT_MAX_SEGMENTS = 8
@@ -306,6 +309,10 @@ class EventJournal:
         self._fd: int | None = None
         self._fd_size = 0
         self._writer: threading.Thread | None = None
+        # Calls in flight that asked the writer to wait (hold()), and when the oldest event
+        # not yet handed to it was published while one did.
+        self._holds = 0
+        self._held_since: float | None = None
         self.previous: PreviousRun | None = None  # set by open() when the journal had events
         self.dropped_tail_bytes = 0
 
@@ -366,13 +373,49 @@ class EventJournal:
             sequence = self._next
             self._next += 1
             self._pending.append(Event(sequence, time.time(), kind, **fields))
-            self._queued.notify()
+            if not self._holds:
+                self._queued.notify()
+            elif self._held_since is None:
+                self._held_since = time.monotonic()
+            elif time.monotonic() - self._held_since > MAX_HOLD:
+                self._wake_writer()  # holds that overlap without end must not starve readers
             return sequence
+
+    def hold(self) -> Callable[[], None]:
+        """Have the writer wait for what is published from now on until the returned release
+        is called (once): a call on the hot path (Start) holds it until its answer is sent, so
+        that the writer's turn (encoding, the write, the fdatasync, waking readers) does not
+        compete with the call for the CPU and the interpreter. Numbers are still taken at
+        publish, so the order is the same; readers see the events a moment later. Bounded:
+        once an event has waited MAX_HOLD, the next publish or release wakes the writer."""
+        with self._lock:
+            self._holds += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            with self._lock:
+                if released:
+                    return
+                released = True
+                self._holds -= 1
+                if self._held_since is not None and (
+                        not self._holds or time.monotonic() - self._held_since > MAX_HOLD):
+                    self._wake_writer()
+
+        return release
+
+    def _wake_writer(self) -> None:
+        """(Under _lock.)"""
+        self._held_since = None
+        self._queued.notify()
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every event published so far is visible to readers."""
         deadline = time.monotonic() + timeout
         with self._lock:
+            if self._held_since is not None:
+                self._wake_writer()  # whoever flushes wants them now
             target = self._next - 1
             while self._durable < target and not self._closed:
                 remaining = deadline - time.monotonic()
@@ -572,7 +615,9 @@ class EventJournal:
     def _write_loop(self) -> None:
         while True:
             with self._lock:
-                while not self._pending and not self._closing:
+                # Held events wait for their release (see hold()) even when this turn comes
+                # round by itself, after a batch.
+                while (not self._pending or self._held_since is not None) and not self._closing:
                     self._queued.wait()
                 if not self._pending:
                     return

@@ -90,6 +90,7 @@ from auraed.runtime.restarts import (
     RestartTimer,
 )
 from auraed.runtime.signals import SignalEvent, SignalFeed
+from auraed.runtime.spare_scopes import SpareScopes
 
 log = logging.getLogger("auraed.workloads")
 
@@ -227,6 +228,8 @@ class Workloads:
         self._host_executables: dict[str, Executable] = {}
         self._stopped: OrderedDict[ExecutableKey, Executable] = OrderedDict()
         self._scope_numbers = itertools.count(1)
+        # Host scopes made ahead of the Starts that take them.
+        self.spare_scopes = SpareScopes(backend)
         self._closing = False
         self._pids_lock = threading.Lock()
         self._by_host_pid: dict[int, Executable] = {}
@@ -304,6 +307,8 @@ class Workloads:
             if settled is not None:
                 settled()
             self._adopt(adoption, began)
+            self.backend.remove_spare_scopes()  # an earlier daemon's, had it no time to
+            self.spare_scopes.start()
             return
         stale = self.backend.existing_cells()
         if stale:
@@ -324,6 +329,7 @@ class Workloads:
         if settled is not None:
             settled()
         self._spawner.start()
+        self.spare_scopes.start()  # cleanup_stale removed any an earlier daemon left
 
     def _count_processes(self, cells: list[str]) -> int:
         count = 0
@@ -587,6 +593,7 @@ class Workloads:
             executables = len(self._host_executables) + sum(
                 len(cell.executables) for cell in self._cells.values())
         self._restarts.close()
+        self.spare_scopes.close()
         self._spawner.detach()
         os.close(self._devnull)
         self.backend.close()
@@ -601,6 +608,7 @@ class Workloads:
             top = [cell.name for cell in self._cells.values() if cell.name.parent is None]
             host = list(self._host_executables.values())
         self._restarts.close()
+        self.spare_scopes.close()
         self._stop_all(host, self._grace(grace))
         for name in top:
             try:
@@ -1247,7 +1255,7 @@ class Workloads:
             or container.image is None else (container.directory, container.image.id),
             labels=labels))
         try:
-            if scope is not None:
+            if scope is not None and not self.spare_scopes.claim(scope):
                 self._create_scope(key, scope)
             spec = SpawnSpec(
                 command=container.argv if container else command,

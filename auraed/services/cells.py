@@ -23,6 +23,16 @@ from auraed.validation import cells as valid
 _WAIT_SLICE = 0.5
 
 
+def _hold_until_answered(workloads: Workloads, context: grpc.ServicerContext) -> None:
+    """Let the daemon's own work that need not come before this call's answer wait until it
+    is sent: the journal's writer (EventJournal.hold; the events the call publishes, and any
+    exit meanwhile, are written after it) and the making of spare scopes (SpareScopes.hold)."""
+    for release in (workloads.events.hold(), workloads.spare_scopes.hold()):
+        # Run by grpcio once the call is over, however it ended; False if it is over already.
+        if not context.add_callback(release):
+            release()
+
+
 def cell_message(name: CellName, spec: CellSpec) -> pb.Cell:
     """The cell as it was allocated."""
     cell = pb.Cell(name=name.path, isolate_process=spec.isolate_process,
@@ -112,6 +122,7 @@ class CellService(CellServiceBase):
 
     def start(self, request: pb.CellServiceStartRequest,
               context: grpc.ServicerContext) -> pb.CellServiceStartResponse:
+        _hold_until_answered(self.workloads, context)
         start = valid.executable_start(request)
         # validated before a container is prepared
         container = self._container(request, start.uid, start.gid)

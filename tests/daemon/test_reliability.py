@@ -315,3 +315,72 @@ def test_broad_directories_are_tightened_and_foreign_ones_refused(tmp_path: Path
             pass
         assert "exited with 2" in str(refused.value)
         assert f"{flag} {path}: {message}" in str(refused.value)
+
+
+def spare_dirs(daemon: DaemonProcess) -> list[Path]:
+    return [spare for top in cgroup_dirs(daemon.cgroup_root)
+            for spare in (top / "_host").glob("_spare.*")]
+
+
+def cgroup_paths(pid: int) -> dict[str, str]:
+    placed = {}
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        for controller in controllers.split(","):
+            placed[controller] = path
+    return placed
+
+
+def v1_host() -> bool:
+    return not Path("/sys/fs/cgroup/cgroup.controllers").exists()
+
+
+@pytest.mark.skipif(not v1_host(), reason="spare scopes need cgroup v1 (cgroup2 renames none)")
+def test_a_host_start_takes_a_spare_scope_that_accounts_like_a_made_one(
+        daemon: DaemonProcess, client: aurae_sdk.Client) -> None:
+    # Kept from the first host-level Start on, ahead of the next ones.
+    client.cells.start(executable={"name": "first", "command": "true"})
+    client.cells.stop(executable_name="first", grace_period_ms=0)
+    assert wait_for(lambda: len(spare_dirs(daemon)) >= 6), spare_dirs(daemon)
+    before = {spare.name for spare in spare_dirs(daemon)}
+    started = client.cells.start(executable={
+        "name": "spared", "command": "i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done; sleep 300"})
+    try:
+        (scope,) = {path for controller, path in cgroup_paths(started.host_pid).items()
+                    if controller in ("cpu", "cpuacct", "memory", "pids", "freezer", "cpuset")}
+        assert scope.startswith(f"/{daemon.cgroup_root}/_host/spared.")
+        # One of the spares became it: in every hierarchy, under its own name.
+        taken = before - {spare.name for spare in spare_dirs(daemon)}
+        assert len(taken) == 1, (before, taken)
+        usage = Path("/sys/fs/cgroup/cpuacct", scope.lstrip("/"), "cpuacct.usage")
+        # Its CPU is its own from its start: the spare had none.
+        assert wait_for(lambda: int(usage.read_text()) > 10_000_000), usage.read_text()
+        # And another is made once the Start is answered.
+        assert wait_for(lambda: len({s.name for s in spare_dirs(daemon)}) == len(before))
+    finally:
+        client.cells.stop(executable_name="spared", grace_period_ms=0)
+    assert scope_dirs(daemon, "spared") == []
+
+
+@pytest.mark.skipif(not v1_host(), reason="spare scopes need cgroup v1 (cgroup2 renames none)")
+def test_a_successor_removes_the_spares_a_killed_daemon_left() -> None:
+    with running_daemon("--live-restore") as first:
+        assert spare_dirs(first) == []  # none before the first host-level Start
+        with first.client() as client:
+            client.cells.start(executable={"name": "kept", "command": "sleep 300"})
+        assert wait_for(lambda: len(spare_dirs(first)) >= 6)
+        first.stop(signal.SIGKILL)  # no time to remove its spares
+        left = {spare.stat().st_ino for spare in spare_dirs(first)}
+        assert left
+        with running_daemon("--live-restore", after=first) as second, \
+                second.client() as client:
+            assert spare_dirs(second) == []  # the earlier ones are gone
+            client.cells.start(executable={"name": "next", "command": "true"})
+            # Its own spares, as many as one daemon keeps, and none of the earlier ones.
+            assert wait_for(lambda: len(spare_dirs(second)) == len(left))
+            assert not left & {spare.stat().st_ino for spare in spare_dirs(second)}
+            # The executable the first one started was adopted, in its scope.
+            assert scope_dirs(second, "kept")
+            for name in ("kept", "next"):
+                client.cells.stop(executable_name=name, grace_period_ms=0)
+            assert scope_dirs(second, "kept") == []

@@ -511,3 +511,43 @@ def test_missing_cells_hears_removals_made_behind_its_back(backend: CgroupV1Back
                                             "bystander": [str(pids)]}
     backend.remove("watched")
     backend.remove("bystander")
+
+
+def test_a_spare_scope_becomes_a_host_scope_by_renaming_and_keeps_its_cpuset(
+    backend: CgroupV1Backend, root_name: str, spawn_into: SpawnInto
+) -> None:
+    assert backend.renames_scopes
+    backend.create_spare_scope("_spare.1")
+    backend.create_spare_scope("_spare.2")
+    with pytest.raises(ValueError):
+        backend.create_spare_scope("web.1")  # a scope's name, not a spare's
+    backend.create_scope("taken.1")
+    try:
+        backend.claim_spare_scope("_spare.1", "renamed.1")
+        for controller in CONTROLLERS:
+            assert not cg(controller, root_name, "_host", "_spare.1").exists()
+            assert cg(controller, root_name, "_host", "renamed.1").is_dir()
+        for filename in ("cpuset.cpus", "cpuset.mems"):
+            assert read("cpuset", root_name, "_host", "renamed.1", filename) == read(
+                "cpuset", filename)
+        # A process joins it and is reached through it like any scope's.
+        process = spawn_into(backend.join_files(None, "renamed.1"))
+        assert backend.scope_pids("renamed.1") == {process.pid}
+        assert proc_cgroups(process.pid)["memory"] == f"/{root_name}/_host/renamed.1"
+        backend.signal_scope("renamed.1", signal.SIGKILL)
+        process.wait(timeout=30)
+        # A name that is taken is refused, and the spare is left as it was.
+        with pytest.raises(FileExistsError):
+            backend.claim_spare_scope("_spare.2", "taken.1")
+        for controller in CONTROLLERS:
+            assert cg(controller, root_name, "_host", "_spare.2").is_dir()
+        # A daemon's start removes the spares an earlier one left; scopes stay.
+        backend.remove_spare_scopes()
+        assert glob.glob(f"{MOUNT_ROOT}/*/{root_name}/_host/_spare.*") == []
+        assert glob.glob(f"{MOUNT_ROOT}/*/{root_name}/_host/taken.1") != []
+    finally:
+        for scope in ("renamed.1", "taken.1"):
+            backend.remove_scope(scope)
+        for spare in ("_spare.1", "_spare.2"):
+            backend.remove_spare_scope(spare)
+    assert glob.glob(f"{MOUNT_ROOT}/*/{root_name}/_host/*.[0-9]") == []

@@ -69,6 +69,7 @@ FREEZE_WAIT = 1.0
 _DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 # A host-level executable's scope: its name and a number, "web.12" (no interface file is named so).
 _SCOPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,62}\.[0-9]{1,20}")
+_SPARE = re.compile(r"_spare\.[0-9]{1,20}")
 # A name, or a path of names below the mount: a spawned instance's daemon roots its subtree
 # inside the cgroup of the host cell that holds it. No component can be "." or "..".
 _ROOT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(?:/[A-Za-z0-9][A-Za-z0-9._-]*)*")
@@ -338,7 +339,57 @@ class CgroupBackend(ABC):
     def create_scope(self, scope: str) -> None:
         """Create the host scope `scope` ("<name>.<n>") in every hierarchy; on failure nothing of
         it is left. CgroupExists if it is there already."""
-        components = _scope_components(scope)
+        self._create_host_cgroup(_scope_components(scope))
+
+    # Spare scopes ("_spare.<n>", which no scope name can be): made ahead of the Starts
+    # that take them, so that a Start renames a cgroup in each hierarchy instead of making
+    # one (a mkdir, a memory cgroup's above all, costs the kernel several times a rename).
+    # cgroup v1 renames a cgroup within its parent; cgroup2 refuses to.
+    renames_scopes = False
+
+    def create_spare_scope(self, spare: str) -> None:
+        """Like create_scope, for the spare `spare`."""
+        self._create_host_cgroup(_spare_components(spare))
+
+    def claim_spare_scope(self, spare: str, scope: str) -> None:
+        """Rename the spare `spare` to the host scope `scope` in every hierarchy. On failure
+        (OSError, CgroupError) the spare is left as it was, as far as the kernel lets it be."""
+        old, new = _spare_components(spare)[-1], _scope_components(scope)[-1]
+        renamed = 0
+        try:
+            for hierarchy in self._hierarchies:
+                self._rename_host_cgroup(hierarchy, old, new)
+                renamed += 1
+        except BaseException:
+            for hierarchy in self._hierarchies[:renamed]:
+                try:
+                    self._rename_host_cgroup(hierarchy, new, old)
+                except (OSError, CgroupError) as error:
+                    log.warning("could not rename a scope back to its spare",
+                                extra={"scope": scope, "error": str(error)})
+            raise
+
+    def _rename_host_cgroup(self, hierarchy: Hierarchy, old: str, new: str) -> None:
+        host_fd = self._host_fds.get(hierarchy)
+        if host_fd is not None:
+            # Within one directory the kernel refuses a name that is taken (EEXIST).
+            os.rename(old, new, src_dir_fd=host_fd, dst_dir_fd=host_fd)
+            return
+        with self._open(hierarchy, (HOST_LEAF,)) as fd:
+            os.rename(old, new, src_dir_fd=fd, dst_dir_fd=fd)
+
+    def remove_spare_scope(self, spare: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+        """Remove the spare `spare` (no error if it is gone already)."""
+        self._remove(_spare_components(spare), time.monotonic() + timeout)
+
+    def remove_spare_scopes(self, timeout: float = DEFAULT_TIMEOUT) -> None:
+        """Remove every spare scope, as a daemon that ended without removing its own left them."""
+        deadline = time.monotonic() + timeout
+        for name in self._scopes():
+            if _SPARE.fullmatch(name):
+                self._remove((HOST_LEAF, name), deadline)
+
+    def _create_host_cgroup(self, components: Components) -> None:
         made: list[Hierarchy] = []
         try:
             for hierarchy in self._hierarchies:
@@ -712,6 +763,12 @@ class CgroupBackend(ABC):
 
     def _name(self, components: Components) -> str:
         return "/".join(components) if components else f"(the root {self.root_name!r})"
+
+
+def _spare_components(spare: str) -> Components:
+    if not _SPARE.fullmatch(spare):
+        raise ValueError(f"{spare!r} is not a spare scope name like _spare.3")
+    return (HOST_LEAF, spare)
 
 
 def _scope_components(scope: str) -> Components:

@@ -38,6 +38,7 @@ class CgroupV1Backend(CgroupBackend):
     """Cells on a v1 or hybrid host, each controller a separate hierarchy below `mount_root`."""
 
     version = 1
+    renames_scopes = True
     # Joining through `tasks` moves only the writing thread, and a thread that moves itself
     # skips the kernel's global threadgroup lock (Linux 5.14+), whose write side waits for an
     # RCU grace period: measured here, 0.1 ms instead of 6-10 ms for the first join after a
