@@ -93,3 +93,11 @@ def configure(*, verbose: bool, log_format: str, ring: LogRing) -> None:
     root.handlers[:] = [stderr, to_ring]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     root.propagate = False
+    # Neither format prints where a record was logged from, nor its thread or process: spare
+    # every record the stack walk (findCaller) and the lookups. In a burst of cell lifecycles
+    # (four records each) the walk alone was a quarter of the daemon's time in logging
+    # (py-spy). The logging HOWTO's "Optimization" section names these switches.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False

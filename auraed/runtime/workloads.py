@@ -159,6 +159,11 @@ class Cell:
     holder_ended: threading.Event = field(default_factory=threading.Event)
     # OOM kills already attributed to an executable (the kernel's counter).
     oom_kills_seen: int = 0
+    # From its Allocate until the first Start in it or the first child cell below it: the
+    # kernel's OOM kill counter of its cgroups is 0 (they were made empty, and only its
+    # holder has run in them since; a holder the OOM killer took leaves a cell that refuses
+    # every Start), so the first Start need not read it in every hierarchy.
+    oom_counter_unread: bool = False
     # Set for a cell the daemon made for one of its own workloads ("vm <id>"): only that owner
     # may free it or start in it; clients see it in List.
     owner: str | None = None
@@ -655,7 +660,9 @@ class Workloads:
                     f"a cgroup for cell {name} exists that this daemon did not create; "
                     "remove it or choose another name", subject=Subject.CELL
                 ) from None
-            cell = Cell(name, spec, namespaces=parent.namespaces if parent else None, owner=owner)
+            cell = Cell(name, spec, namespaces=parent.namespaces if parent else None, owner=owner,
+                        oom_counter_unread=True)
+            self._oom_counter_read(name.ancestors())  # a child's OOM kills count in theirs
             if spec.unshared:
                 try:
                     self._hold_namespaces(cell, parent)
@@ -787,6 +794,8 @@ class Workloads:
             self._spawner.forget(restore.cell_key(name))
             _remove_directory(self._log_root / name.path, only_if_empty=True)
             cell.name, cell.spec = new_name, spec
+            cell.oom_counter_unread = False
+            self._oom_counter_read(new_name.ancestors())
             self._cells[new_name] = cell
             if parent is not None:
                 parent.children[new_name.leaf] = cell
@@ -797,6 +806,12 @@ class Workloads:
         log.info("cell moved", extra={"cell": name.path, "to": new_name.path,
                                       "limits": ",".join(spec.limits.set_fields())})
         return cell
+
+    def _oom_counter_read(self, names: Iterable[CellName]) -> None:
+        """The OOM kill counters of these cells may no longer be 0 (call under _lock)."""
+        for name in names:
+            if (cell := self._cells.get(name)) is not None:
+                cell.oom_counter_unread = False
 
     def _keep_record(self, cell: Cell) -> None:
         """What the next daemon adopts the cell with: kept by the spawner, which outlives us."""
@@ -1271,9 +1286,16 @@ class Workloads:
                 memory_limited=key.cell is not None and self._memory_limited(key.cell),
                 namespaces=namespaces,
             )
-            # A scope made just now has had no OOM kill: its counter is not read (a read per
-            # hierarchy file costs about a tenth of the Start).
-            oom_kills_at_start = 0 if scope is not None else self._oom_count(key.cell, None) or 0
+            # A scope made just now has had no OOM kill, nor a cell before its first Start
+            # (Cell.oom_counter_unread): the counter is not read (a read per hierarchy file
+            # costs about a tenth of the Start).
+            cell = self._cells.get(key.cell) if key.cell is not None else None
+            if scope is not None or (cell is not None and cell.oom_counter_unread):
+                oom_kills_at_start = 0
+            else:
+                oom_kills_at_start = self._oom_count(key.cell, None) or 0
+            if cell is not None:
+                cell.oom_counter_unread = False
             process = self._spawner.spawn(spec)
         except (SpawnError, SpawnerClosed, TimeoutError, FailedPrecondition) as error:
             if fresh:  # else the earlier run's output, still to be replayed

@@ -219,3 +219,24 @@ def test_an_oom_kill_in_a_cell_is_reported(client: aurae_sdk.Client) -> None:
         assert plain.signal == 9 and not plain.oom_killed
     finally:
         client.cells.free(cell_name="tight")
+
+
+def test_the_first_start_after_a_child_cells_oom_kill_counts_it_as_seen(
+        client: aurae_sdk.Client) -> None:
+    """A cell's first Start takes its OOM kill counter as 0 without reading it, unless a
+    child cell was made below it: the child's kills count in the parent's cgroups too."""
+    client.cells.allocate(cell={"name": "outer", "memory": {"max": 64 * 1024 * 1024}})
+    try:
+        client.cells.allocate(cell={"name": "outer/inner", "memory": {"max": 16 * 1024 * 1024}})
+        client.cells.start(cell_name="outer/inner", executable={
+            "name": "hog", "command": "exec python3 -c 'b = bytearray(64 << 20)'"})
+        hog = client.cells.wait(cell_name="outer/inner", executable_name="hog", timeout=30).status
+        assert hog.signal == 9 and hog.oom_killed
+        # The outer cell's first Start, killed from outside: no OOM kill of its own.
+        killed = client.cells.start(cell_name="outer", executable={"name": "k",
+                                                                   "command": "exec sleep 30"})
+        os.kill(killed.pid, 9)
+        plain = client.cells.wait(cell_name="outer", executable_name="k", timeout=10).status
+        assert plain.signal == 9 and not plain.oom_killed
+    finally:
+        client.cells.free(cell_name="outer")
