@@ -86,6 +86,8 @@ SPARE_LIMITS = CgroupLimits(cpu_weight=1)
 # the claim it took the CPU from the claimed pod's start and its container calls (a warm pod's
 # start to exit: 4.0-5.4x runc, 2.6x with the wait; bench/containers.py at load 5-10). Held
 # longer, the pods right after find their spare still starting (docs/cri.md).
+# How long a cgroup-parent cell no pod uses is kept for the next pod (_release_parent).
+PARENT_LINGER = 2.0
 REFILL_QUIET = 0.1
 REFILL_HOLD = 0.2
 # Calls to an instance that wait for nothing but the instance itself.
@@ -216,6 +218,9 @@ class PodInstances:
         self._parents = threading.Lock()
         # Pods by the cgroup parent they hold (_hold_parent), starting ones included.
         self._held: Counter[CellName] = Counter()
+        # Parents no pod uses, by when they are freed if still unused (_release_parent).
+        self._lingering: dict[CellName, float] = {}
+        self._linger_thread: threading.Thread | None = None
         self._pods: dict[str, Pod] = {}
         self._by_container: dict[str, PodContainer] = {}
         self._spare_count = spares
@@ -284,6 +289,7 @@ class PodInstances:
             if pod.live:
                 self._snapshot(pod)
             self._save(pod)
+        self._flush_parents()
 
     def shutdown(self) -> None:
         """Remove every pod (the daemon is stopping for good)."""
@@ -294,6 +300,7 @@ class PodInstances:
             except Exception:
                 log.exception("removing a pod sandbox at shutdown failed",
                               extra={"sandbox": pod.id})
+        self._flush_parents()
 
     # ------------------------------------------------------------------ sandboxes
 
@@ -775,24 +782,62 @@ class PodInstances:
                     pass
 
     def _release_parent(self, parent: CellName) -> None:
-        """Free the parent cells no pod uses any more, deepest first. A pod still starting
-        counts as a user: freeing a shared parent under it (the last running pod of
-        `kubepods` removed while another started) killed its instance as it began to serve."""
+        """Count the pod out of its parent cells; those no pod uses are freed PARENT_LINGER
+        seconds later if still unused (a stopping daemon frees them at once). A pod still
+        starting counts as a user: freeing a shared parent under it (the last running pod of
+        `kubepods` removed while another started) killed its instance as it began to serve.
+        The linger is for pods that follow one another: freeing `kubepods` and making it again
+        was 12 rmdirs and 12 mkdirs per pod (6 v1 hierarchies, the cell and its leaf), each
+        under the kernel's global cgroup_mutex, 10-35 ms of the pod's start and end."""
         with self._parents:
             if self._held[parent] > 0:
                 self._held[parent] -= 1
                 if not self._held[parent]:
                     del self._held[parent]
-            used = list(self._held)
-            for name in reversed((*parent.ancestors(), parent)):
-                if any(other.is_within(name) for other in used):
+            if self._closing or PARENT_LINGER <= 0:
+                self._free_unused(parent)
+                return
+            self._lingering[parent] = time.monotonic() + PARENT_LINGER
+            if self._linger_thread is None or not self._linger_thread.is_alive():
+                self._linger_thread = threading.Thread(target=self._linger_loop,
+                                                       name="cri-parent-linger", daemon=True)
+                self._linger_thread.start()
+
+    def _linger_loop(self) -> None:
+        """Free the lingering parents whose time is up; ends when none is left."""
+        while True:
+            with self._parents:
+                now = time.monotonic()
+                for parent, deadline in list(self._lingering.items()):
+                    if deadline <= now:
+                        del self._lingering[parent]
+                        self._free_unused(parent)
+                if not self._lingering:
+                    self._linger_thread = None
                     return
-                try:
-                    self.workloads.free(name, grace=0)
-                except NotFound:
-                    pass
-                except FailedPrecondition:
-                    return  # being freed already, or something else lives there
+                wait = min(self._lingering.values()) - now
+            if self._closed.wait(max(wait, 0.01)):
+                return  # the stopping daemon frees them (_flush_parents)
+
+    def _flush_parents(self) -> None:
+        """Free every lingering parent now (the daemon stops)."""
+        with self._parents:
+            lingering, self._lingering = list(self._lingering), {}
+            for parent in lingering:
+                self._free_unused(parent)
+
+    def _free_unused(self, parent: CellName) -> None:
+        """Free the parent cells no pod uses, deepest first (with _parents held)."""
+        used = list(self._held)
+        for name in reversed((*parent.ancestors(), parent)):
+            if any(other.is_within(name) for other in used):
+                return
+            try:
+                self.workloads.free(name, grace=0)
+            except NotFound:
+                pass
+            except FailedPrecondition:
+                return  # being freed already, or something else lives there
 
     def _save(self, pod: Pod) -> None:
         with self._lock:

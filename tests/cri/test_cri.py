@@ -20,6 +20,7 @@ import pytest
 
 from auraed.cri.generated import api_pb2 as cri
 from auraed.cri.generated import api_pb2_grpc as cri_grpc
+from auraed.cri.pod_instances import PARENT_LINGER
 from tests.support.daemon import DaemonProcess, cgroup_dirs, running_daemon
 
 pytestmark = pytest.mark.daemon
@@ -77,6 +78,13 @@ def spares(daemon: DaemonProcess) -> list[str]:
     kubepods), by name."""
     return sorted({d.name.removeprefix("instance-") for top in cgroup_dirs(daemon.cgroup_root)
                    for d in top.glob("instance-pod-*")})
+
+
+def parents_freed(cgroup_root: str) -> None:
+    """The cgroup parent `kubepods` is gone from every hierarchy once no pod has used it for
+    PARENT_LINGER seconds (it is kept that long for the next pod)."""
+    _wait_for(lambda: all(not (d / "kubepods").exists() for d in cgroup_dirs(cgroup_root)),
+              PARENT_LINGER + 10)
 
 
 def _wait_for(condition: Any, timeout: float = 30.0) -> None:
@@ -248,8 +256,7 @@ def test_core_flow(crid: Cri, tmp_path: Path) -> None:
         runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=sandbox_id),
                                  timeout=30)
     assert runtime.ListPodSandbox(cri.ListPodSandboxRequest(), timeout=10).items == []
-    top = cgroup_dirs(crid.daemon.cgroup_root)
-    assert all(not (d / "kubepods").exists() for d in top)
+    parents_freed(crid.daemon.cgroup_root)
     assert list((crid.daemon.runtime_dir / "containers").iterdir()) == []
     # What is left is the spare started for the next pod (tests/cri/test_pod_spares.py).
     assert sorted(p.name for p in (crid.daemon.runtime_dir / "instances").glob("pod-*")

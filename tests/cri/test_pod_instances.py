@@ -17,7 +17,7 @@ import pytest
 
 from auraed.cri.generated import api_pb2 as cri
 from auraed.cri.generated import api_pb2_grpc as cri_grpc
-from tests.cri.test_cri import IMAGE, _verbose, _wait_for, spares
+from tests.cri.test_cri import IMAGE, _verbose, _wait_for, parents_freed, spares
 from tests.support.daemon import DaemonProcess, cgroup_dirs, running_daemon
 
 pytestmark = pytest.mark.daemon
@@ -163,7 +163,7 @@ def test_pod_is_an_instance_with_kubelets_pid_modes(
                 # Nothing of the pod is left on the host: its instance, processes, cgroups.
                 assert not Path(f"/proc/{instance_pids[0]}").exists()
                 assert not any(Path(f"/proc/{i['pid']}").exists() for i in infos.values())
-            assert all(not (d / "kubepods").exists() for d in cgroup_dirs(daemon.cgroup_root))
+            parents_freed(daemon.cgroup_root)
             # What is left is the spare started for the next pod (tests/cri/test_pod_spares.py).
             assert sorted(p.name for p in (daemon.runtime_dir / "instances").glob("pod-*")
                           ) == spares(daemon)
@@ -245,5 +245,4 @@ def test_pods_are_listed_after_a_live_restore_restart(
                 assert runtime.ListPodSandbox(cri.ListPodSandboxRequest(),
                                               timeout=30).items == []
                 assert not list((second.workdir / "lib" / "cri" / "pods").iterdir())
-                assert all(not (d / "kubepods").exists()
-                           for d in cgroup_dirs(second.cgroup_root))
+                parents_freed(second.cgroup_root)

@@ -16,7 +16,7 @@ import pytest
 
 from auraed.cri.generated import api_pb2 as cri
 from auraed.cri.generated import api_pb2_grpc as cri_grpc
-from tests.cri.test_cri import _verbose, _wait_for
+from tests.cri.test_cri import _verbose, _wait_for, parents_freed
 from tests.cri.test_cri import spares as _spares
 from tests.cri.test_pod_instances import (
     _cgroup_of,
@@ -100,7 +100,7 @@ def test_a_spare_becomes_the_next_pod_with_its_place_limits_and_hostname(
             for sandbox_id in (first, second):
                 runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=sandbox_id),
                                          timeout=120)
-            assert all(not (d / "kubepods").exists() for d in cgroup_dirs(daemon.cgroup_root))
+            parents_freed(daemon.cgroup_root)
 
 
 def test_a_spare_listens_on_its_cri_socket_before_its_claim_and_answers_once_claimed(
