@@ -14,7 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-# Fourteen benchmarks, each with its own daemons: SMOKE_SECONDS on a quiet machine, and more
+# Fourteen benchmarks, each with its own daemons: about 50 s at load 3-4, and more
 # than twice that beside other work; the suite's 300 s default is for single tests.
 @pytest.mark.slow
 @pytest.mark.timeout(600)
