@@ -1,4 +1,4 @@
-"""Run the benchmarks and write the report: `python -m bench [--quick] [--only a,b]`."""
+"""Run the benchmarks and write the report: `python -m bench [--quick | --smoke] [--only a,b]`."""
 
 from __future__ import annotations
 
@@ -11,22 +11,27 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from bench.core import machine
+from bench.core import Mode, machine
 from bench.report import write_report
 
 ROOT = Path(__file__).resolve().parent.parent
-# In report order; each module has run(quick) -> list[Result].
+# In report order; each module has run(mode: Mode) -> list[Result].
 BENCHMARKS = ["rpc", "start", "spawn", "logs", "streams", "events", "cells", "containers",
               "instances", "scale", "restore", "cli", "fleet", "codegen", "vms"]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions (under 2 minutes)")
+    sizes = parser.add_mutually_exclusive_group()
+    sizes.add_argument("--quick", action="store_true", help="fewer repetitions (under 2 minutes)")
+    sizes.add_argument("--smoke", action="store_true",
+                       help="every code path once, smallest sizes; figures not meaningful "
+                            "(the test suite's run)")
     parser.add_argument("--only", default="", help="comma-separated benchmark names")
     parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results" / "latest.json")
     parser.add_argument("--report", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = parser.parse_args(argv)
+    mode = Mode("smoke" if args.smoke else "quick" if args.quick else "full")
     chosen = [name for name in BENCHMARKS if not args.only or name in args.only.split(",")]
     available = [n for n in chosen if (ROOT / "bench" / f"{n}.py").exists()]
 
@@ -38,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         started = time.monotonic()
         try:
             module = importlib.import_module(f"bench.{name}")
-            for result in module.run(args.quick):
+            for result in module.run(mode):
                 entry = {"benchmark": name, **result.as_dict()}
                 results.append(entry)
                 _print(entry)
@@ -49,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
 
     document = {
         "machine": machine(),
-        "quick": args.quick,
+        "quick": mode.quick,
+        "mode": mode.name,
         "seconds": round(time.monotonic() - began, 1),
         "results": results,
         "failures": failures,

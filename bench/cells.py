@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import aurae_sdk
-from bench.core import Comparison, Figure, Result, Series, interleave, rss_bytes
+from bench.core import Comparison, Figure, Mode, Result, Series, interleave, rss_bytes
 from tests.support.daemon import running_daemon
 
 BUSYBOX = Path("/bin/busybox")
@@ -98,9 +98,9 @@ def pss_bytes(pid: int) -> int:
     return 0
 
 
-def run(quick: bool) -> list[Result]:
-    runs = 10 if quick else 40
-    idle_cells = 20 if quick else 100
+def run(mode: Mode) -> list[Result]:
+    runs = mode.pick(full=40, quick=10, smoke=1)
+    idle_cells = mode.pick(full=100, quick=20, smoke=2)
     ours = Series("Allocate isolated cell + Start `true` + Wait + Free (SDK, mTLS)", "ms")
     theirs = Series("runc run (busybox bundle, same namespaces, `sh -c true`)", "ms")
     results: list[Result] = []
@@ -119,7 +119,7 @@ def run(quick: bool) -> list[Result]:
                            stdin=subprocess.DEVNULL)
             return (time.perf_counter() - begin) * 1e3
 
-        interleave(runs, (ours, lifecycle), (theirs, runc_run), warmup=2)
+        interleave(runs, (ours, lifecycle), (theirs, runc_run), warmup=mode.warmup(2))
         results.append(Comparison(
             "isolated_lifecycle_vs_runc", "Isolated cell lifecycle vs runc run", ours, theirs,
             goal="<= 0.5x runc",
@@ -131,7 +131,7 @@ def run(quick: bool) -> list[Result]:
         # A burst: lifecycles back to back, so the spawner is never idle long enough
         # (SPARE_IDLE_MS) to fork the next spare ahead of time; each sample is one burst's
         # mean. Against runc runs back to back, bursts alternating.
-        burst = 25 if quick else 100
+        burst = mode.pick(full=100, quick=25, smoke=2)
         burst_ours = Series(f"{burst} isolated lifecycles back to back, per lifecycle", "ms")
         burst_runc = Series(f"{burst} runc runs back to back, per run", "ms")
 
@@ -143,7 +143,7 @@ def run(quick: bool) -> list[Result]:
                 return (time.perf_counter() - begin) * 1e3 / burst
             return mean
 
-        interleave(1 if quick else 3, (burst_ours, burst_of(lifecycle)),
+        interleave(mode.pick(full=3, quick=1, smoke=1), (burst_ours, burst_of(lifecycle)),
                    (burst_runc, burst_of(runc_run)), warmup=0)
         results.append(Comparison(
             "isolated_burst_vs_runc", f"A burst of {burst} isolated cell lifecycles vs {burst} "
@@ -162,7 +162,7 @@ def run(quick: bool) -> list[Result]:
             with running_daemon(cgroup_mount=v2_mount) as daemon_v2, \
                     daemon_v2.client() as client_v2:
                 interleave(runs, (ours_v2, lambda: _lifecycle(client_v2, f"v{next(counter)}")),
-                           (theirs_v2, runc_run), warmup=2)
+                           (theirs_v2, runc_run), warmup=mode.warmup(2))
             results.append(Comparison(
                 "isolated_lifecycle_v2_vs_runc", "Isolated cell lifecycle on cgroup2 vs runc run",
                 ours_v2, theirs_v2, goal="<= 0.5x runc",
@@ -197,7 +197,8 @@ def run(quick: bool) -> list[Result]:
             client.discovery.discover()
             return (time.perf_counter() - begin) * 1e3
 
-        interleave(runs * 2, (start_in_cell, start_and_wait), (floor, round_trips_and_nsenter))
+        interleave(runs * 2, (start_in_cell, start_and_wait), (floor, round_trips_and_nsenter),
+                   warmup=mode.warmup(3))
         results.append(Comparison(
             "start_in_isolated_cell_vs_floor", "Start in an existing isolated cell vs its floor",
             start_in_cell, floor, goal="close to fork/exec + joining namespaces"))

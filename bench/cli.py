@@ -9,14 +9,14 @@ import sys
 import time
 from pathlib import Path
 
-from bench.core import Comparison, Figure, Result, Series, interleave
+from bench.core import Comparison, Figure, Mode, Result, Series, interleave
 from tests.support.daemon import running_daemon
 
 BIN = Path(sys.executable).parent
 
 
-def run(quick: bool) -> list[Result]:
-    runs = 8 if quick else 25
+def run(mode: Mode) -> list[Result]:
+    runs = mode.pick(full=25, quick=8, smoke=1)
     cli = Series("aurae-py discovery discover (process start to exit)", "ms")
     floor = Series('python -c "import grpc"', "ms")
     results: list[Result] = []
@@ -34,11 +34,11 @@ def run(quick: bool) -> list[Result]:
             subprocess.run([sys.executable, "-c", "import grpc"], check=True)
             return (time.perf_counter() - begin) * 1e3
 
-        interleave(runs, (cli, cli_once), (floor, floor_once), warmup=2)
+        interleave(runs, (cli, cli_once), (floor, floor_once), warmup=mode.warmup(2))
         results.append(Comparison("cli_cold_start_vs_import_grpc",
                                   "CLI cold start vs python -c 'import grpc'", cli, floor,
                                   goal="<= 1.5x"))
-        repl = _repl_start(env, 3 if quick else 8)
+        repl = _repl_start(env, mode.pick(full=8, quick=3, smoke=1))
         if repl is not None:
             results.append(repl)
     return results

@@ -6,15 +6,15 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from bench.core import Comparison, Result, Series, interleave
+from bench.core import Comparison, Mode, Result, Series, interleave
 from codegen.generate import find_protos, generate
 from codegen.protoc import run_protoc
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run(quick: bool) -> list[Result]:
-    runs = 3 if quick else 8
+def run(mode: Mode) -> list[Result]:
+    runs = mode.pick(full=8, quick=3, smoke=1)
     full = Series("aurae-codegen: protoc + schema + render + ruff format", "s")
     protoc = Series("protoc alone (grpcio-tools, same inputs and plugins)", "s")
     protos = find_protos(ROOT / "proto")
@@ -29,5 +29,5 @@ def run(quick: bool) -> list[Result]:
         run_protoc(ROOT / "proto", protos)
         return time.perf_counter() - begin
 
-    interleave(runs, (full, generate_once), (protoc, protoc_once), warmup=1)
+    interleave(runs, (full, generate_once), (protoc, protoc_once), warmup=mode.warmup(1))
     return [Comparison("codegen_vs_protoc", "Full regeneration vs protoc alone", full, protoc)]

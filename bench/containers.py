@@ -25,12 +25,13 @@ import aurae_sdk
 from auraed.cri.generated import api_pb2 as cri
 from auraed.cri.generated import api_pb2_grpc as cri_grpc
 from auraed.kernel.libc import MNT_DETACH, MS_RDONLY, mount_with_data, umount2
-from bench.core import Comparison, Figure, Result, Series, interleave
+from bench.core import Comparison, Figure, Mode, Result, Series, interleave
 from tests.support.daemon import running_daemon
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = "localhost/aurae/busybox:latest"
 BURST = 4
+SMOKE_BURST = 2  # still more than the one spare
 
 
 def _build_image(directory: Path) -> Path:
@@ -85,8 +86,9 @@ def _cells_lifecycle(client: aurae_sdk.Client, name: str) -> float:
     return (time.perf_counter() - begin) * 1e3
 
 
-def run(quick: bool) -> list[Result]:
-    runs = 10 if quick else 40
+def run(mode: Mode) -> list[Result]:
+    runs = mode.pick(full=40, quick=10, smoke=1)
+    pods_at_once = mode.pick(full=BURST, quick=BURST, smoke=SMOKE_BURST)
     cells = Series("Allocate isolated cell + Start image container `true` + Wait + Free", "ms")
     pods = Series("CRI: RunPodSandbox + Create + Start + status until EXITED + Remove "
                   "(a spare claimed)", "ms")
@@ -132,14 +134,16 @@ def run(quick: bool) -> list[Result]:
                 interleave(runs, (cells, lambda: _cells_lifecycle(client, f"c{next(counter)}")),
                            (pods, lambda: _cri_lifecycle(runtime, f"p{next(counter)}")),
                            (bare, lambda: _cri_lifecycle(bare_runtime, f"p{next(counter)}")),
-                           (runc, runc_run), warmup=2)
-                # Back to back: BURST pods one after the other, the spare taken by the first
-                # and not refilled in time for the next ones.
-                in_a_row = [_cri_lifecycle(runtime, f"r{i}") for i in range(BURST)]
-                # A burst: BURST pods at once, as kubelet starts a node's pods after a reboot.
+                           (runc, runc_run), warmup=mode.warmup(2))
+                # Back to back: pods_at_once pods one after the other, the spare taken by the
+                # first and not refilled in time for the next ones.
+                in_a_row = [_cri_lifecycle(runtime, f"r{i}") for i in range(pods_at_once)]
+                # A burst: pods_at_once pods at once, as kubelet starts a node's pods after a
+                # reboot.
                 begin = time.perf_counter()
-                with ThreadPoolExecutor(BURST) as pool:
-                    list(pool.map(lambda i: _cri_lifecycle(runtime, f"b{i}"), range(BURST)))
+                with ThreadPoolExecutor(pods_at_once) as pool:
+                    list(pool.map(lambda i: _cri_lifecycle(runtime, f"b{i}"),
+                                  range(pods_at_once)))
                 burst = (time.perf_counter() - begin) * 1e3
             finally:
                 umount2(str(bundle / "rootfs"), MNT_DETACH)
@@ -150,12 +154,12 @@ def run(quick: bool) -> list[Result]:
                "(cold: no spare yet, and it also starts the instances' warm template)",
                cold_pod, "ms", notes=f"spares off: {cold_bare:.1f} ms; "
                                      f"runc's first run: {cold_runc:.1f} ms"),
-        Figure("cri_pod_in_a_row", f"{BURST} CRI pods + containers back to back (the spare "
+        Figure("cri_pod_in_a_row", f"{pods_at_once} CRI pods + containers back to back (the spare "
                "cannot refill between them): the slowest", max(in_a_row), "ms",
                notes="each: " + ", ".join(f"{v:.1f}" for v in in_a_row) + " ms"),
-        Figure("cri_pod_burst", f"{BURST} CRI pods + containers started to exit at once "
+        Figure("cri_pod_burst", f"{pods_at_once} CRI pods + containers started to exit at once "
                "(wall time for all)", burst, "ms",
-               notes=f"runc, one at a time: {BURST} x {runc.median:.1f} ms"),
+               notes=f"runc, one at a time: {pods_at_once} x {runc.median:.1f} ms"),
         Comparison("container_lifecycle_vs_runc", "Image container in an isolated cell vs runc "
                    "run of the same image", cells, runc, goal="<= 1.0x runc"),
         Comparison("cri_pod_lifecycle_vs_runc", "CRI pod + container start to exit vs runc run "

@@ -9,7 +9,34 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Mode:
+    """How much a run repeats: in full (the report's figures), quick (fewer repetitions), or
+    smoke (every code path once, with the smallest sizes that still reach it: what the test
+    suite runs to see the benchmarks work; its figures mean nothing)."""
+
+    name: str = "full"
+
+    @property
+    def quick(self) -> bool:
+        """Quick or smoke: fewer repetitions than the full run."""
+        return self.name != "full"
+
+    @property
+    def smoke(self) -> bool:
+        return self.name == "smoke"
+
+    def pick(self, full: T, quick: T, smoke: T) -> T:
+        return {"full": full, "quick": quick, "smoke": smoke}[self.name]
+
+    def warmup(self, rounds: int) -> int:
+        """Warm-up rounds before measuring: none in a smoke run, whose figures are not read."""
+        return 0 if self.smoke else rounds
 
 
 @dataclass

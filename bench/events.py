@@ -18,7 +18,7 @@ from threading import Thread
 import aurae_sdk
 from aurae_sdk.wire.generated.pb.observe import observe_pb2 as pb
 from auraed.runtime.events import EventJournal, EventKind
-from bench.core import Comparison, Figure, Result, Series, interleave
+from bench.core import Comparison, Figure, Mode, Result, Series, interleave
 from tests.support.daemon import running_daemon
 
 BATCH = 1000
@@ -54,13 +54,15 @@ def _newest(client: aurae_sdk.Client) -> int:
     return head
 
 
-def run(quick: bool) -> list[Result]:
-    count = 30_000 if quick else 100_000
-    runs = 3 if quick else 5
-    lifecycles = 30 if quick else 100
+def run(mode: Mode) -> list[Result]:
+    count = mode.pick(full=100_000, quick=30_000, smoke=3_000)
+    runs = mode.pick(full=5, quick=3, smoke=1)
+    lifecycles = mode.pick(full=100, quick=30, smoke=2)
+    # A resume this many events before the newest.
+    near = mode.pick(full=10_000, quick=10_000, smoke=1_000)
     library = Path(tempfile.mkdtemp(prefix="aurae-bench-events-", dir="/tmp"))
     replayed = Series(f"events replayed through auraed (max_batch_events={BATCH})", "events/s")
-    recent = Series("the newest 10,000 events (a resume near the head)", "events/s")
+    recent = Series(f"the newest {near:,} events (a resume near the head)", "events/s")
     lines = Series(f"log lines through the same auraed (max_batch_lines={BATCH})", "lines/s")
     floor = Series("the journal read in process, no gRPC", "events/s")
     try:
@@ -109,8 +111,8 @@ def run(quick: bool) -> list[Result]:
                 journal.close()
                 return rate
 
-            interleave(runs, (replayed, replay), (recent, lambda: replay(head - 10_000)),
-                       (lines, log_lines), (floor, in_process), warmup=1)
+            interleave(runs, (replayed, replay), (recent, lambda: replay(head - near)),
+                       (lines, log_lines), (floor, in_process), warmup=mode.warmup(1))
             client.cells.free(cell_name="chatty")
 
             # Live: a follower while lifecycles run; the rate is the producers'.
@@ -142,7 +144,7 @@ def run(quick: bool) -> list[Result]:
         Comparison("events_replay_vs_log_lines", f"Events replayed from the journal ({count})",
                    replayed, lines, higher_is_better=True, goal=">= 10k events/s",
                    notes=f"cold (first replay after start, from disk): {cold:,.0f} events/s"),
-        Comparison("events_recent_vs_log_lines", "Resuming 10,000 events before the newest",
+        Comparison("events_recent_vs_log_lines", f"Resuming {near:,} events before the newest",
                    recent, lines, higher_is_better=True, goal=">= 10k events/s"),
         Figure("events_in_process", "The journal read and decoded in one Python thread, "
                                     "no gRPC", floor.median, "events/s",

@@ -16,18 +16,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.core import Comparison, Figure, Result, Series, interleave
+from bench.core import Comparison, Figure, Mode, Result, Series, interleave
 from tests.support.daemon import fleet_config, netns_nodes
 
 NODES = 8
+SMOKE_NODES = 2  # a fleet still: more than the one node it is compared with
 
 
-def run(quick: bool) -> list[Result]:
+def run(mode: Mode) -> list[Result]:
     import aurae_sdk
 
-    runs = 6 if quick else 20
+    runs = mode.pick(full=20, quick=6, smoke=1)
+    count = mode.pick(full=NODES, quick=NODES, smoke=SMOKE_NODES)
     results: list[Result] = []
-    with netns_nodes(NODES) as nodes, tempfile.TemporaryDirectory() as scratch:
+    with netns_nodes(count) as nodes, tempfile.TemporaryDirectory() as scratch:
         config = fleet_config(Path(scratch) / "config", nodes)
         env = {**os.environ, "AURAE_CONFIG": str(config)}
         env.pop("AURAE_CONTEXT", None)
@@ -40,13 +42,14 @@ def run(quick: bool) -> list[Result]:
             return (time.perf_counter() - begin) * 1e3
 
         first_fleet = cli(all_names)  # cold: the nodes' first call, new connections everywhere
-        eight = Series(f"aurae-py --context <{NODES} nodes> cells list", "ms")
+        eight = Series(f"aurae-py --context <{count} nodes> cells list", "ms")
         one = Series("aurae-py --context node1 cells list", "ms")
-        interleave(runs, (eight, lambda: cli(all_names)), (one, lambda: cli("node1")), warmup=1)
+        interleave(runs, (eight, lambda: cli(all_names)), (one, lambda: cli("node1")),
+                   warmup=mode.warmup(1))
         results.append(Comparison(
-            "fleet_cli_8_vs_1", f"One CLI command on {NODES} nodes vs on 1 node (process start "
+            "fleet_cli_8_vs_1", f"One CLI command on {count} nodes vs on 1 node (process start "
             "to exit)", eight, one, goal="<= 1.5x",
-            notes=f"first {NODES}-node run (cold): {first_fleet:.0f} ms"))
+            notes=f"first {count}-node run (cold): {first_fleet:.0f} ms"))
 
         fleet8 = aurae_sdk.Fleet(configs=[_config(config, n.name) for n in nodes])
         fleet1 = aurae_sdk.Fleet(configs=[_config(config, "node1")])
@@ -60,15 +63,16 @@ def run(quick: bool) -> list[Result]:
             assert all(result.ok for result in outcome), outcome
             return (time.perf_counter() - begin) * 1e3
 
-        sdk8 = Series(f"Fleet.run on {NODES} nodes (new connections)", "ms")
+        sdk8 = Series(f"Fleet.run on {count} nodes (new connections)", "ms")
         sdk1 = Series("Fleet.run on 1 node (new connection)", "ms")
-        interleave(runs * 2, (sdk8, lambda: burst(fleet8)), (sdk1, lambda: burst(fleet1)))
+        interleave(runs * 2, (sdk8, lambda: burst(fleet8)), (sdk1, lambda: burst(fleet1)),
+                   warmup=mode.warmup(3))
         results.append(Comparison(
-            "fleet_sdk_8_vs_1", f"aurae_sdk.Fleet: a burst to {NODES} nodes vs to 1 node", sdk8,
+            "fleet_sdk_8_vs_1", f"aurae_sdk.Fleet: a burst to {count} nodes vs to 1 node", sdk8,
             sdk1,
             notes="each run opens its channels: 8 mTLS handshakes share 2 cores, so this is "
                   "CPU-bound; the CLI figure hides it behind one process start"))
-        results.append(Figure("fleet_nodes", "Nodes in the fleet benchmark", NODES, "nodes",
+        results.append(Figure("fleet_nodes", "Nodes in the fleet benchmark", count, "nodes",
                               notes="auraed in network namespaces over veth, TCP + mTLS"))
     return results
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import aurae_sdk
 from auraed.kernel.template import PROCESS_NAME
 from bench.cells import pss_bytes
-from bench.core import Comparison, Figure, Result, Series
+from bench.core import Comparison, Figure, Mode, Result, Series
 from tests.support.daemon import running_daemon
 
 GOAL_SECONDS = 0.25
@@ -82,11 +82,12 @@ def _spawn_ms(client: aurae_sdk.Client, name: str) -> float:
     return (time.perf_counter() - begin) * 1e3
 
 
-def run(quick: bool) -> list[Result]:
-    counts = COUNTS[:2] if quick else COUNTS
-    warm_runs = 6 if quick else 20
-    cold_runs = 2 if quick else 10
-    burst_size = 4 if quick else 8
+def run(mode: Mode) -> list[Result]:
+    counts = mode.pick(full=COUNTS, quick=COUNTS[:2], smoke=COUNTS[:1])
+    warm_runs = mode.pick(full=20, quick=6, smoke=1)
+    cold_runs = mode.pick(full=10, quick=2, smoke=1)
+    burst_size = mode.pick(full=8, quick=4, smoke=2)
+    idle_seconds = mode.pick(full=IDLE_SECONDS, quick=IDLE_SECONDS, smoke=0.0)
     warm = Series("Spawn → the instance's Discover through the host (warm)", "ms")
     cold = Series("the first Spawn of a new daemon → its Discover (cold)", "ms")
     burst = Series(f"each of {burst_size} Spawns made at once → its Discover", "ms")
@@ -106,7 +107,7 @@ def run(quick: bool) -> list[Result]:
             (cold if not names else warm).samples.append(sample)
             names.append(name)
             if len(names) in counts:
-                time.sleep(IDLE_SECONDS)
+                time.sleep(idle_seconds)
                 per_instance[len(names)] = statistics.median(
                     _pss_mib(_instance_pids(daemon.cgroup_root, n)) for n in names)
                 own[len(names)] = statistics.median(
@@ -218,5 +219,5 @@ def _children(pid: int) -> list[int]:
 
 
 if __name__ == "__main__":
-    for result in run("--quick" in sys.argv):
+    for result in run(Mode("quick" if "--quick" in sys.argv else "full")):
         print(result.as_dict())

@@ -7,13 +7,13 @@ from __future__ import annotations
 import subprocess
 import time
 
-from bench.core import Comparison, Result, Series, interleave
+from bench.core import Comparison, Mode, Result, Series, interleave
 from tests.support.daemon import running_daemon
 
 
-def run(quick: bool) -> list[Result]:
-    lines = 50_000 if quick else 200_000
-    runs = 3 if quick else 5
+def run(mode: Mode) -> list[Result]:
+    lines = mode.pick(full=200_000, quick=50_000, smoke=2_000)
+    runs = mode.pick(full=5, quick=3, smoke=1)
     command = f"seq -f 'line %g of a chatty workload, as fast as it can' 1 {lines}"
     size = len(subprocess.run(["sh", "-c", command], capture_output=True, check=True).stdout)
     per_line = Series("through auraed, one line per message", "lines/s")
@@ -46,7 +46,7 @@ def run(quick: bool) -> list[Result]:
             return lines / (time.perf_counter() - begin)
 
         interleave(runs, (per_line, lambda: stream_once(0)), (batched, lambda: stream_once(1000)),
-                   (piped, pipe_once), warmup=1)
+                   (piped, pipe_once), warmup=mode.warmup(1))
         client.cells.free(cell_name="chatty")
     mb = size / lines / 1e6
     return [

@@ -66,7 +66,7 @@ def write_report(document: dict[str, Any], path: Path) -> None:
             f"Machine: {document['machine']['cpu']}, {document['machine']['cpus']} CPUs, "
             f"{document['machine']['memory_gib']} GiB, Linux {document['machine']['kernel']}, "
             f"Python {document['machine']['python']}; run {document['machine']['time']}"
-            f"{' (quick mode)' if document['quick'] else ''}, {document['seconds']} s."
+            f"{_mode(document)}, {document['seconds']} s."
         ),
         "",
     ]
@@ -93,3 +93,10 @@ def write_report(document: dict[str, Any], path: Path) -> None:
         lines += ["", "Failed benchmarks (see the run's output):", ""]
         lines += [f"- {name}" for name in document["failures"]]
     path.write_text("\n".join(lines) + "\n")
+
+
+def _mode(document: dict[str, Any]) -> str:
+    """The run's mode as the report names it: nothing for a full run (a document written
+    before smoke mode has only "quick")."""
+    mode = str(document.get("mode", "quick" if document["quick"] else "full"))
+    return "" if mode == "full" else f" ({mode} mode)"

@@ -9,7 +9,7 @@ import signal
 import time
 from contextlib import ExitStack
 
-from bench.core import Comparison, Figure, Result, Series
+from bench.core import Comparison, Figure, Mode, Result, Series
 from tests.support.daemon import DaemonProcess, running_daemon
 
 # A numbered line every millisecond.
@@ -31,10 +31,10 @@ def _lost_lines(lines: list[str]) -> int:
     return (max(seen) + 1 - len(set(seen))) + (len(seen) - len(set(seen))) if seen else 1
 
 
-def run(quick: bool) -> list[Result]:
-    cells = 100
-    restarts = 3 if quick else 8
-    counters = 2 if quick else 5
+def run(mode: Mode) -> list[Result]:
+    cells = mode.pick(full=100, quick=100, smoke=4)
+    restarts = mode.pick(full=8, quick=3, smoke=1)
+    counters = mode.pick(full=5, quick=2, smoke=1)
     adopted = Series(f"SIGKILL -> serving, {cells} cells + {cells} executables adopted", "s")
     floor = Series("SIGKILL -> serving, nothing to adopt", "s")
     with ExitStack() as stack:
@@ -69,8 +69,8 @@ def run(quick: bool) -> list[Result]:
                     max_batch_lines=1000, timeout=60) for item in response.items]
                 lost += _lost_lines(lines)
     return [
-        Comparison("restore_sigkill_100", "Live restore: SIGKILL -> serving, 100 cells + 100 "
-                   "executables adopted, vs the same restart with nothing to adopt",
+        Comparison("restore_sigkill_100", f"Live restore: SIGKILL -> serving, {cells} cells + "
+                   f"{cells} executables adopted, vs the same restart with nothing to adopt",
                    adopted, floor, goal="<= 1 s absolute, 0 lines lost",
                    notes=f"{restarts} restarts of each; median {adopted.median:.2f} s; the "
                          "floor is auraed's own start (Python, grpc, mTLS)"),

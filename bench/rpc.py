@@ -15,7 +15,7 @@ import grpc
 from aurae_cli.pki import init_pki
 from aurae_sdk.config import channel_credentials, channel_options, load_config, parse_target
 from aurae_sdk.wire.generated.pb.discovery import discovery_pb2, discovery_pb2_grpc
-from bench.core import Comparison, Result, Series, interleave
+from bench.core import Comparison, Mode, Result, Series, interleave
 from tests.support.daemon import running_daemon
 
 
@@ -29,8 +29,8 @@ def _per_call(call, batch: int):  # type: ignore[no-untyped-def]
     return sample
 
 
-def run(quick: bool) -> list[Result]:
-    runs, batch = (15, 50) if quick else (40, 200)
+def run(mode: Mode) -> list[Result]:
+    runs, batch = mode.pick(full=(40, 200), quick=(15, 50), smoke=(1, 1))
     sdk = Series("SDK: client.discovery.discover()", "µs")
     stub = Series("raw generated stub: DiscoveryServiceStub.Discover", "µs")
     with running_daemon() as daemon, daemon.client() as client:
@@ -38,7 +38,8 @@ def run(quick: bool) -> list[Result]:
         request = discovery_pb2.DiscoverRequest()
         interleave(runs,
                    (sdk, _per_call(lambda: client.discovery.discover(), batch)),
-                   (stub, _per_call(lambda: raw.Discover(request, timeout=30), batch)))
+                   (stub, _per_call(lambda: raw.Discover(request, timeout=30), batch)),
+                   warmup=mode.warmup(3))
 
     plain = Series("plaintext (raw stub)", "µs")
     tls = Series("mTLS (raw stub)", "µs")
@@ -59,7 +60,8 @@ def run(quick: bool) -> list[Result]:
             request = discovery_pb2.DiscoverRequest()
             interleave(runs,
                        (tls, _per_call(lambda: tls_stub.Discover(request, timeout=30), batch)),
-                       (plain, _per_call(lambda: plain_stub.Discover(request, timeout=30), batch)))
+                       (plain, _per_call(lambda: plain_stub.Discover(request, timeout=30), batch)),
+                       warmup=mode.warmup(3))
             secure.close()
             insecure.close()
         finally:

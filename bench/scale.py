@@ -24,13 +24,14 @@ import statistics
 import time
 from pathlib import Path
 
-from bench.core import Comparison, Figure, Result, Series, rss_bytes
+from bench.core import Comparison, Figure, Mode, Result, Series, rss_bytes
 from tests.support.daemon import cgroup_dirs, running_daemon
 
 
-def run(quick: bool) -> list[Result]:
-    cells = 200 if quick else 1000
-    window = 10 if quick else 25
+def run(mode: Mode) -> list[Result]:
+    cells = mode.pick(full=1000, quick=200, smoke=6)
+    window = mode.pick(full=25, quick=10, smoke=2)
+    lists = mode.pick(full=20, quick=10, smoke=1)  # samples of each List
     first = Series(f"Allocate+Start, cells 1-{window}", "ms")
     last = Series(f"Allocate+Start, cells {cells - window + 1}-{cells}", "ms")
     full_list = Series(f"List with {cells} cells (one page of all)", "ms")
@@ -44,7 +45,7 @@ def run(quick: bool) -> list[Result]:
     floor_last = Series(f"floor: cgroups+spawn, cells {cells - window + 1}-{cells}", "ms")
     results: list[Result] = []
     with running_daemon() as daemon, daemon.client(timeout=120) as client:
-        for _ in range(20):
+        for _ in range(mode.pick(full=20, quick=20, smoke=1)):
             empty_list.samples.append(_timed_ms(client.cells.list))
         time.sleep(0.5)
         idle = rss_bytes(daemon.process.pid)
@@ -58,18 +59,18 @@ def run(quick: bool) -> list[Result]:
         first.samples = costs[:window]
         last.samples = costs[-window:]
         client.cells.list()  # the first look at the host: every cgroup stat'ed and watched
-        for _ in range(10 if quick else 20):
+        for _ in range(lists):
             full_list.samples.append(_timed_ms(client.cells.list))
-        for weight in range(10 if quick else 20):
+        for weight in range(lists):
             client.cells.update(cell={"name": "s0", "cpu": {"weight": 101 + weight}})
             changed["update"].samples.append(_timed_ms(client.cells.list))
-        for index in range(10 if quick else 20):
+        for index in range(lists):
             client.cells.allocate(cell={"name": f"t{index}", "cpu": {"weight": 100}})
             changed["allocate"].samples.append(_timed_ms(client.cells.list))
-        for index in range(10 if quick else 20):
+        for index in range(lists):
             client.cells.free(cell_name=f"t{index}")
             changed["free"].samples.append(_timed_ms(client.cells.list))
-        for index in range(10 if quick else 20):
+        for index in range(lists):
             started = client.cells.start(cell_name="s1", executable={
                 "name": f"ends{index}", "command": "sleep 3600"})
             client.cells.list()

@@ -12,7 +12,7 @@ import time
 from auraed.kernel.processes import ExitStatus, SpawnSpec
 from auraed.kernel.spawner.client import Spawner
 from auraed.output import OutputLog
-from bench.core import Comparison, Result, Series, interleave
+from bench.core import Comparison, Mode, Result, Series, interleave
 
 
 class ExitWaiter:
@@ -52,10 +52,10 @@ def _captured(spawner: Spawner, exits: ExitWaiter, directory: str, command: str,
     return elapsed
 
 
-def run(quick: bool) -> list[Result]:
-    runs = 30 if quick else 200
-    lines = 50_000 if quick else 200_000
-    output_runs = 3 if quick else 7
+def run(mode: Mode) -> list[Result]:
+    runs = mode.pick(full=200, quick=30, smoke=1)
+    lines = mode.pick(full=200_000, quick=50_000, smoke=2_000)
+    output_runs = mode.pick(full=7, quick=3, smoke=1)
     exits = ExitWaiter()
     devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
     spawned = Series("spawner: spawn `true` until its exit is reported", "ms")
@@ -78,7 +78,7 @@ def run(quick: bool) -> list[Result]:
                 subprocess.run(["true"], stdout=devnull, stderr=devnull, check=True)
                 return (time.perf_counter() - begin) * 1e3
 
-            interleave(runs, (spawned, spawn_once), (forked, fork_once))
+            interleave(runs, (spawned, spawn_once), (forked, fork_once), warmup=mode.warmup(3))
 
             with tempfile.TemporaryDirectory(prefix="aurae-bench-") as tmp:
                 def capture_once() -> float:
@@ -89,7 +89,8 @@ def run(quick: bool) -> list[Result]:
                     subprocess.run(["sh", "-c", f"{command} | cat > /dev/null"], check=True)
                     return size / (time.perf_counter() - begin) / 1e6
 
-                interleave(output_runs, (captured, capture_once), (piped, pipe_once), warmup=1)
+                interleave(output_runs, (captured, capture_once), (piped, pipe_once),
+                           warmup=mode.warmup(1))
     finally:
         os.close(devnull)
     return [

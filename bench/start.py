@@ -7,12 +7,12 @@ import os
 import subprocess
 import time
 
-from bench.core import Comparison, Result, Series, interleave
+from bench.core import Comparison, Mode, Result, Series, interleave
 from tests.support.daemon import running_daemon
 
 
-def run(quick: bool) -> list[Result]:
-    runs = 40 if quick else 300
+def run(mode: Mode) -> list[Result]:
+    runs = mode.pick(full=300, quick=40, smoke=1)
     start = Series("Start `true` at host level (SDK, mTLS)", "ms")
     floor = Series("Discover round trip + subprocess.run(['true'])", "ms")
     roundtrip = Series("Discover round trip (mTLS, Unix socket)", "ms")
@@ -40,7 +40,8 @@ def run(quick: bool) -> list[Result]:
                 client.discovery.discover()
                 return (time.perf_counter() - begin) * 1e3
 
-            interleave(runs, (start, start_once), (floor, floor_once), (roundtrip, roundtrip_once))
+            interleave(runs, (start, start_once), (floor, floor_once), (roundtrip, roundtrip_once),
+                       warmup=mode.warmup(3))
     finally:
         os.close(devnull)
     return [

@@ -21,7 +21,7 @@ from aurae_sdk.wire.pki import CertificateAuthority
 from auraed.kernel import guest_image, tap
 from auraed.kernel.qemu import QemuMachine, Share, default_kernel_args
 from auraed.runtime.vms import project_environment
-from bench.core import Comparison, Figure, Result, Series, interleave
+from bench.core import Comparison, Figure, Mode, Result, Series, interleave
 from tests.support.daemon import DaemonProcess, running_daemon
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,8 +90,8 @@ def _floor(daemon: DaemonProcess, image: guest_image.GuestImage, accelerator: st
         (work / "qmp.sock").unlink(missing_ok=True)
 
 
-def run(quick: bool) -> list[Result]:
-    runs = 1 if quick else 3
+def run(mode: Mode) -> list[Result]:
+    runs = mode.pick(full=3, quick=1, smoke=1)
     image = guest_image.build(guest_image.default_cache_dir())
     ours = Series("VM Allocate + Start + guest Discover (SDK, mTLS)", "s")
     floor = Series("same kernel+initramfs, minimal gRPC server as pid 1, Discover", "s")
