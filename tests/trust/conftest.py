@@ -86,10 +86,15 @@ def secure_channel(daemon: DaemonProcess, credential: Credential | None) -> grpc
 
 
 def host_state(daemon: DaemonProcess) -> tuple[list[Path], set[int]]:
-    """Every cgroup directory under the daemon's root, and every process in them but the
-    spawner's own (it lives in the host leaf, with its spare)."""
+    """Every cgroup directory under the daemon's root but its spare host scopes, and every
+    process in them but the spawner's own (it lives in the host leaf, with its spare).
+
+    Spare scopes (`_host/_spare.<n>`, auraed/runtime/spare_scopes.py) are the running daemon's
+    own, made after its first host-level Start and removed when it stops; a daemon's stop is
+    checked for leaving nothing at all elsewhere."""
     dirs = sorted(p for top in cgroup_dirs(daemon.cgroup_root)
-                  for p in [top, *top.rglob("*")] if p.is_dir())
+                  for p in [top, *top.rglob("*")]
+                  if p.is_dir() and not p.name.startswith("_spare."))
     return dirs, {pid for pid in cgroup_pids(daemon.cgroup_root) if not _is_spawner(pid)}
 
 
