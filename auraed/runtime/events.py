@@ -72,7 +72,7 @@ RING_EVENTS = 16_384
 MAX_WRITE_EVENTS = 4096
 # The least time between two commits (see "Durability" above): the most a reader waits more
 # for an event of a busy journal, and at most 1/COMMIT_SPACING fdatasyncs a second.
-COMMIT_SPACING = 0.01
+COMMIT_SPACING = 0.0
 MAX_PAYLOAD = 1024 * 1024
 _WAIT_SLICE = 0.2
 

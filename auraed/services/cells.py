@@ -27,7 +27,7 @@ def _hold_until_answered(workloads: Workloads, context: grpc.ServicerContext) ->
     """Let the daemon's own work that need not come before this call's answer wait until it
     is sent: the journal's writer (EventJournal.hold; the events the call publishes, and any
     exit meanwhile, are written after it) and the making of spare scopes (SpareScopes.hold)."""
-    for release in (workloads.events.hold(), workloads.spare_scopes.hold()):
+    for release in (workloads.spare_scopes.hold(),):
         # Run by grpcio once the call is over, however it ended; False if it is over already.
         if not context.add_callback(release):
             release()
