@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from pathlib import Path
 
-from auraed.runtime.events import MAX_HOLD, SEGMENT_SUFFIX, Event, EventJournal, EventKind
+from auraed.runtime.events import SEGMENT_SUFFIX, Event, EventJournal, EventKind
 
 
 def _open(directory: Path, **settings: int) -> EventJournal:
@@ -244,60 +243,4 @@ def test_a_failed_write_keeps_events_visible_and_counts_them_lost_after_a_restar
     assert [e.sequence for e in events] == [1, 2, 3, 7]
     assert lost == 3  # 4-6 never reached the disk, and the reader is told
     assert again.publish(EventKind.CELL_FREED, cell="c1") == 8
-    again.close()
-
-
-def test_a_hold_delays_the_write_not_the_numbers_and_ends_with_its_release(
-        tmp_path: Path) -> None:
-    journal = _open(tmp_path)
-    try:
-        release = journal.hold()
-        first = journal.publish(EventKind.CELL_ALLOCATED, cell="a")
-        second = journal.publish(EventKind.CELL_FREED, cell="a")
-        assert (first, second) == (1, 2)  # numbered at publish, in order
-        time.sleep(0.02)  # the writer had its chance: it waits for the release
-        assert journal.last_sequence == 0
-        assert not any(segment.stat().st_size for segment in _segments(tmp_path))
-        other = journal.hold()
-        release()
-        release()  # a second call of the same release changes nothing
-        time.sleep(0.02)
-        assert journal.last_sequence == 0  # another call still holds it
-        other()
-        deadline = time.monotonic() + 10
-        while journal.last_sequence < 2 and time.monotonic() < deadline:
-            time.sleep(0.001)
-        assert journal.last_sequence == 2
-        assert [e.sequence for e in _all(journal)[1]] == [1, 2]
-    finally:
-        journal.close()
-
-
-def test_a_flush_or_a_long_hold_wakes_the_writer(tmp_path: Path) -> None:
-    journal = _open(tmp_path)
-    try:
-        release = journal.hold()
-        journal.publish(EventKind.CELL_ALLOCATED, cell="a")
-        assert journal.flush(timeout=10)  # whoever flushes wants the events now
-        assert journal.last_sequence == 1
-        journal.publish(EventKind.CELL_ALLOCATED, cell="b")
-        time.sleep(MAX_HOLD + 0.01)
-        # Holds that never end must not starve readers: the next publish wakes the writer.
-        journal.publish(EventKind.CELL_ALLOCATED, cell="c")
-        deadline = time.monotonic() + 10
-        while journal.last_sequence < 3 and time.monotonic() < deadline:
-            time.sleep(0.001)
-        assert journal.last_sequence == 3
-        release()
-    finally:
-        journal.close()
-
-
-def test_close_writes_held_events(tmp_path: Path) -> None:
-    journal = _open(tmp_path)
-    journal.hold()  # never released
-    journal.publish(EventKind.CELL_ALLOCATED, cell="a")
-    journal.close()
-    again = _open(tmp_path)
-    assert again.last_sequence == 1
     again.close()

@@ -19,11 +19,7 @@ Durability, by group commit: publish() numbers and queues an event and returns a
 writer thread appends all that is queued with one write and one fdatasync, and only then lets
 readers see them. A client therefore never sees an event a crash could take back, and a
 restarted daemon continues at the last durable number + 1 without reusing any number a client
-saw. The cost is one fsync per batch, not per event: under load batches grow. Commits are
-spaced COMMIT_SPACING apart at least: an event after a quiet spell is written at once, but
-events back to back (a burst of lifecycles publishes one every few milliseconds) wait for
-the next commit instead of each paying its own write, fdatasync and writer wake-up. A call on
-the hot path (Start) holds the writer until its answer is sent (hold()).
+saw. The cost is one fsync per batch, not per event: under load batches grow.
 
 Torn tail: on open each segment is read record by record; the first record that is short, runs
 past the end of the file, fails its CRC or breaks the sequence ends it, and the file is
@@ -61,8 +57,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("auraed.events")
 
 _HEADER = struct.Struct("<IIQH")
-# The longest an event published while calls hold the writer (EventJournal.hold) waits for it.
-MAX_HOLD = 0.05
 SEGMENT_SUFFIX = ".events"
 DEFAULT_SEGMENT_BYTES = 4 * 1024 * 1024
 DEFAULT_MAX_SEGMENTS = 8
@@ -70,9 +64,6 @@ DEFAULT_MAX_SEGMENTS = 8
 RING_EVENTS = 16_384
 # At most this many events per write: bounds how far a batch overshoots a segment's size.
 MAX_WRITE_EVENTS = 4096
-# The least time between two commits (see "Durability" above): the most a reader waits more
-# for an event of a busy journal, and at most 1/COMMIT_SPACING fdatasyncs a second.
-COMMIT_SPACING = 0.0
 MAX_PAYLOAD = 1024 * 1024
 _WAIT_SLICE = 0.2
 
@@ -315,10 +306,6 @@ class EventJournal:
         self._fd: int | None = None
         self._fd_size = 0
         self._writer: threading.Thread | None = None
-        # Calls in flight that asked the writer to wait (hold()), and when the oldest event
-        # not yet handed to it was published while one did.
-        self._holds = 0
-        self._held_since: float | None = None
         self.previous: PreviousRun | None = None  # set by open() when the journal had events
         self.dropped_tail_bytes = 0
 
@@ -379,49 +366,13 @@ class EventJournal:
             sequence = self._next
             self._next += 1
             self._pending.append(Event(sequence, time.time(), kind, **fields))
-            if not self._holds:
-                self._queued.notify()
-            elif self._held_since is None:
-                self._held_since = time.monotonic()
-            elif time.monotonic() - self._held_since > MAX_HOLD:
-                self._wake_writer()  # holds that overlap without end must not starve readers
+            self._queued.notify()
             return sequence
-
-    def hold(self) -> Callable[[], None]:
-        """Have the writer wait for what is published from now on until the returned release
-        is called (once): a call on the hot path (Start) holds it until its answer is sent, so
-        that the writer's turn (encoding, the write, the fdatasync, waking readers) does not
-        compete with the call for the CPU and the interpreter. Numbers are still taken at
-        publish, so the order is the same; readers see the events a moment later. Bounded:
-        once an event has waited MAX_HOLD, the next publish or release wakes the writer."""
-        with self._lock:
-            self._holds += 1
-        released = False
-
-        def release() -> None:
-            nonlocal released
-            with self._lock:
-                if released:
-                    return
-                released = True
-                self._holds -= 1
-                if self._held_since is not None and (
-                        not self._holds or time.monotonic() - self._held_since > MAX_HOLD):
-                    self._wake_writer()
-
-        return release
-
-    def _wake_writer(self) -> None:
-        """(Under _lock.)"""
-        self._held_since = None
-        self._queued.notify()
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every event published so far is visible to readers."""
         deadline = time.monotonic() + timeout
         with self._lock:
-            if self._held_since is not None:
-                self._wake_writer()  # whoever flushes wants them now
             target = self._next - 1
             while self._durable < target and not self._closed:
                 remaining = deadline - time.monotonic()
@@ -619,20 +570,12 @@ class EventJournal:
                                data)
 
     def _write_loop(self) -> None:
-        committed = float("-inf")
         while True:
             with self._lock:
-                # Held events wait for their release (see hold()) even when this turn comes
-                # round by itself, after a batch.
-                while (not self._pending or self._held_since is not None) and not self._closing:
+                while not self._pending and not self._closing:
                     self._queued.wait()
                 if not self._pending:
                     return
-                closing = self._closing
-            spacing = committed + COMMIT_SPACING - time.monotonic()
-            if spacing > 0 and not closing and self.directory is not None:
-                time.sleep(spacing)  # what is published meanwhile joins this batch
-            with self._lock:
                 batch = self._pending[:MAX_WRITE_EVENTS]
                 del self._pending[:MAX_WRITE_EVENTS]
             if self.directory is not None:
@@ -646,7 +589,6 @@ class EventJournal:
                     del self._ring[:len(self._ring) - self._ring_events]
                 self._durable = batch[-1].sequence
                 self._visible.notify_all()
-            committed = time.monotonic()
 
     def _append(self, batch: list[Event]) -> None:
         data = b"".join(_record(event) for event in batch)

@@ -24,13 +24,12 @@ _WAIT_SLICE = 0.5
 
 
 def _hold_until_answered(workloads: Workloads, context: grpc.ServicerContext) -> None:
-    """Let the daemon's own work that need not come before this call's answer wait until it
-    is sent: the journal's writer (EventJournal.hold; the events the call publishes, and any
-    exit meanwhile, are written after it) and the making of spare scopes (SpareScopes.hold)."""
-    for release in (workloads.spare_scopes.hold(),):
-        # Run by grpcio once the call is over, however it ended; False if it is over already.
-        if not context.add_callback(release):
-            release()
+    """Make no spare scope (SpareScopes.hold) until this call's answer is sent. The journal's
+    writer is not held: an event still in memory when the daemon is killed is lost."""
+    release = workloads.spare_scopes.hold()
+    # Run by grpcio once the call is over, however it ended; False if it is over already.
+    if not context.add_callback(release):
+        release()
 
 
 def cell_message(name: CellName, spec: CellSpec) -> pb.Cell:
