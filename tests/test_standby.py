@@ -5,6 +5,7 @@ a refused claim is the host's error."""
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from pathlib import Path
@@ -91,6 +92,23 @@ def test_a_host_that_lets_go_before_the_move_ends_the_spares_start(tmp_path: Pat
     spare.join()
     assert spare.settled_at is None
     assert spare.error is not None and "before it moved it" in str(spare.error)
+
+
+def test_a_spare_socket_that_can_be_found_can_be_connected_to(tmp_path: Path) -> None:
+    # The host takes a refused connect for a spare that does not listen yet; so the socket's
+    # path must appear only once it listens (it used to appear at bind, a moment before).
+    for attempt in range(10):
+        path = tmp_path / f"standby-{attempt}.sock"
+        spare = _Spare(path)
+        spare.thread.start()
+        while not path.exists():
+            time.sleep(0)  # no more than a GIL handoff: connect the instant it appears
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as host:
+            host.connect(str(path))
+        spare.join()
+        assert spare.error is not None and "let go" in str(spare.error)
+        assert not path.exists()
+    assert list(tmp_path.iterdir()) == []  # nor the name it was bound under
 
 
 def test_a_claim_the_spare_refuses_is_the_hosts_error(tmp_path: Path) -> None:

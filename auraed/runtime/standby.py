@@ -78,14 +78,19 @@ def await_claim(path: Path, stopping: threading.Event) -> Claim:
     """Listen on `path` until a claim comes (or `stopping` is set: ClaimError), apply its
     hostname, answer, and return it; its settled() waits for the host's "moved"."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    # Bound under a private name and renamed once it listens: a host that finds `path` can
+    # connect at once. Bound at `path` itself, a connect between bind and listen is refused
+    # and the host's send() would take the spare for one that does not listen yet.
+    binding = path.with_name(f".{path.name}.{os.getpid()}")
     previous = os.umask(0o177)  # born 0600, as every socket of ours
     try:
-        path.unlink(missing_ok=True)
-        listener.bind(str(path))
+        binding.unlink(missing_ok=True)
+        listener.bind(str(binding))
     finally:
         os.umask(previous)
     try:
         listener.listen(1)
+        os.replace(binding, path)
         while True:
             if stopping.is_set():
                 raise ClaimError("stopped before a claim came")
@@ -114,6 +119,7 @@ def await_claim(path: Path, stopping: threading.Event) -> Claim:
             return Claim(claim.cgroup_root, claim.hostname, connection, stream)
     finally:
         listener.close()
+        binding.unlink(missing_ok=True)
         path.unlink(missing_ok=True)
 
 
