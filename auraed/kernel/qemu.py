@@ -28,6 +28,7 @@ from qemu.qmp import QMPClient, QMPError
 
 # What a QMP call can fail with: the protocol, the socket, or QEMU going away meanwhile.
 QMP_FAILURES = (QMPError, OSError, EOFError, TimeoutError, asyncio.TimeoutError)
+CONNECT_ATTEMPT = 5.0  # seconds one QMP connect may take before it is undone and retried
 
 log = logging.getLogger("auraed.qemu")
 
@@ -149,7 +150,13 @@ class QmpLoop:
 
     def call(self, coroutine: Any, timeout: float) -> Any:
         future: Future[Any] = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
-        return future.result(timeout)
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            # Left alone, the coroutine runs on in the loop: a connect that timed out here
+            # would still connect, and the retry would find the client "already connected".
+            future.cancel()
+            raise
 
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
@@ -177,7 +184,7 @@ class QmpSession:
                 raise ConnectionError("QEMU exited before its monitor answered")
             if os.path.exists(self._socket):
                 try:
-                    self._loop.call(self._connect(), timeout=5)
+                    self._loop.call(self._connect(), timeout=CONNECT_ATTEMPT + 5)
                     return
                 except QMP_FAILURES as error:
                     if time.monotonic() > deadline:
@@ -187,7 +194,9 @@ class QmpSession:
             time.sleep(0.02)
 
     async def _connect(self) -> None:
-        await self._client.connect(self._socket)
+        # Timed out inside the loop, so the attempt is undone (the client back to idle) before
+        # the caller retries; a loaded host can keep QEMU from answering its greeting for long.
+        await asyncio.wait_for(self._client.connect(self._socket), CONNECT_ATTEMPT)
         self._listener = asyncio.get_running_loop().create_task(self._listen())
 
     async def _listen(self) -> None:
