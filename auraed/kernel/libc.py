@@ -248,7 +248,7 @@ def trim_malloc_heap() -> None:
     of each arena beyond its last chunk in use, and the pages inside its free chunks. A process
     about to fork copies calls it: garbage left resident (buffers freed after the imports) is
     mapped by each copy, counts in its share of the pages, and is copied by the first malloc
-    that lands there (the template: 0.5 MiB)."""
+    that lands there (the template: 0.6 MiB)."""
     _libc.malloc_trim(0)
 
 
