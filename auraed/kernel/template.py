@@ -342,9 +342,11 @@ def _preload(names: list[str]) -> int:
         except Exception:  # noqa: BLE001, S112 - an alias, or gone since: the copy imports it
             continue
     # Everything loaded so far lives as long as the copies: keep the collector off its pages,
-    # so they stay shared, and the copies' mallocs out of the holes between them. (Objects
-    # frozen before are not visited by this collection.)
+    # so they stay shared, the free pages of the malloc heap out of the copies (none maps
+    # garbage, and a malloc there gets a fresh page), and the copies' mallocs out of the holes
+    # between the rest. (Objects frozen before are not visited by this collection.)
     gc.collect()
+    libc.trim_malloc_heap()
     libc.take_malloc_holes()
     gc.freeze()
     return imported
