@@ -1050,11 +1050,16 @@ class Workloads:
                           labels: tuple[tuple[str, str], ...] = (),
                           checked: bool = False) -> Executable:
         if container is None:
+            # At a service's edge when `checked` (it names the field); here for any other caller.
+            if not checked:
+                check_command(command)
+            if not checked and (uid is not None or gid is not None):
+                # Only ids the caller gave: the daemon runs as its own, whatever the user
+                # database says of them. A container's users are the image's, not the host's.
+                check_identity(os.getuid() if uid is None else uid,
+                               os.getgid() if gid is None else gid)
             uid = os.getuid() if uid is None else uid
             gid = os.getgid() if gid is None else gid
-            if not checked:  # at a service's edge, which names the field; here for any other
-                check_command(command)
-                check_identity(uid, gid)  # a container's users are the image's, not the host's
         else:
             uid, gid = container.uid, container.gid
             refusal = exec_refusal(container.argv, container.env)

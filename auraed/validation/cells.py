@@ -197,8 +197,9 @@ def executable_start(request: pb.CellServiceStartRequest) -> ExecutableStart:
         # service tells start_executable they were made (ExecutableStart.checked).
         with blaming(START_FIELDS):
             check_command(command)
-            check_identity(os.getuid() if uid is None else uid,
-                           os.getgid() if gid is None else gid)
+            if uid is not None or gid is not None:  # else the daemon's own: nothing to look up
+                check_identity(os.getuid() if uid is None else uid,
+                               os.getgid() if gid is None else gid)
     restart = restart_policy(request.executable)
     with blamed("executable.labels"):
         labels = parse_labels(dict(request.executable.labels))
