@@ -266,14 +266,19 @@ class AuditTrail(HandlerWrapper):
                     # Set by an abort, None after a plain return (grpcio has code(); its
                     # stubs do not).
                     code = context.code()  # type: ignore[attr-defined]
-                    self._audit.record(AuditEntry(
+                    entry = AuditEntry(
                         peer=str(peer_identity_of(context)),
                         method=method,
                         decision="allow",
                         code=_code_name(code, failed),
                         duration_ms=(time.monotonic() - started) * 1000,
                         target=audit_target(method, request),
-                    ))
+                    )
+                    # Queued once the answer is out (grpcio runs a call's callbacks when it
+                    # is over, before a stopping server's stop() returns): the writer's
+                    # wake-up is then no thread switch the answer competes with.
+                    if not context.add_callback(lambda: self._audit.record(entry)):
+                        self._audit.record(entry)
 
             return audited
 

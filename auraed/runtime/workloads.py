@@ -1024,16 +1024,20 @@ class Workloads:
         restart: RestartPolicy = NO_RESTART,
         owner: str | None = None,
         labels: tuple[tuple[str, str], ...] = (),
+        checked: bool = False,
     ) -> Executable:
         """With `container`, run its argv in its filesystem as its user; the caller's
-        `command` is then only what listings show. The container is released if this fails."""
+        `command` is then only what listings show. The container is released if this fails.
+
+        checked: the caller has run check_command and check_identity on `command`, `uid` and
+        `gid` itself (a service's edge does, to name the field): they are not run again."""
         try:
             if container is not None and restart.mode is not RestartMode.NO:
                 raise InvalidArgument("a restart policy cannot be combined with an image yet",
                                       subject=Subject.RESTART_POLICY)
             return self._start_executable(cell_name, name, command, description=description,
                                           uid=uid, gid=gid, container=container, restart=restart,
-                                          owner=owner, labels=labels)
+                                          owner=owner, labels=labels, checked=checked)
         except BaseException:
             if container is not None:
                 container.release()
@@ -1043,13 +1047,19 @@ class Workloads:
                           description: str, uid: int | None, gid: int | None,
                           container: ContainerSpec | None,
                           restart: RestartPolicy, owner: str | None,
-                          labels: tuple[tuple[str, str], ...] = ()) -> Executable:
+                          labels: tuple[tuple[str, str], ...] = (),
+                          checked: bool = False) -> Executable:
         if container is None:
-            # Checked at each service's edge too, which names the field; here for any caller.
-            check_command(command)
+            # At a service's edge when `checked` (it names the field); here for any other caller.
+            if not checked:
+                check_command(command)
+            if not checked and (uid is not None or gid is not None):
+                # Only ids the caller gave: the daemon runs as its own, whatever the user
+                # database says of them. A container's users are the image's, not the host's.
+                check_identity(os.getuid() if uid is None else uid,
+                               os.getgid() if gid is None else gid)
             uid = os.getuid() if uid is None else uid
             gid = os.getgid() if gid is None else gid
-            check_identity(uid, gid)  # a container's users are the image's, not the host's
         else:
             uid, gid = container.uid, container.gid
             refusal = exec_refusal(container.argv, container.env)

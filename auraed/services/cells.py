@@ -136,6 +136,7 @@ class CellService(CellServiceBase):
                 container=container,
                 restart=start.restart,
                 labels=start.labels,
+                checked=True,  # by valid.executable_start
             )
         return pb.CellServiceStartResponse(
             pid=executable.process.ns_pid,

@@ -8,9 +8,7 @@ the runtime's faults come back through the same field tables.
 
 from __future__ import annotations
 
-import grp
 import os
-import pwd
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,11 +18,11 @@ from aurae_sdk.wire.generated.pb.cells import cells_pb2 as pb
 from auraed.errors import InvalidArgument, Subject
 from auraed.kernel.cgroups import CgroupLimits, InvalidLimit
 from auraed.kernel.cgroups import validate as validate_limits
-from auraed.kernel.processes import default_env, exec_refusal
+from auraed.runtime.executables import check_command, check_identity
 from auraed.runtime.names import CellName, parse_executable_name, parse_labels
 from auraed.runtime.restarts import NO_RESTART, RestartMode, RestartPolicy
 from auraed.runtime.workloads import CellSpec
-from auraed.validation import FieldsBySubject, blamed
+from auraed.validation import FieldsBySubject, blamed, blaming
 
 MAX_GRACE_MS = 10 * 60 * 1000
 MAX_RESTART_DELAY_MS = 60 * 60 * 1000
@@ -195,8 +193,13 @@ def executable_start(request: pb.CellServiceStartRequest) -> ExecutableStart:
     gid = request.gid if request.HasField("gid") else None
     if not request.executable.HasField("image"):
         # An image's command and users are checked against the image, when it is prepared.
-        _check_command(command)
-        _check_identity(os.getuid() if uid is None else uid, os.getgid() if gid is None else gid)
+        # The runtime's own checks, here to blame the field before anything is prepared; the
+        # service tells start_executable they were made (ExecutableStart.checked).
+        with blaming(START_FIELDS):
+            check_command(command)
+            if uid is not None or gid is not None:  # else the daemon's own: nothing to look up
+                check_identity(os.getuid() if uid is None else uid,
+                               os.getgid() if gid is None else gid)
     restart = restart_policy(request.executable)
     with blamed("executable.labels"):
         labels = parse_labels(dict(request.executable.labels))
@@ -262,26 +265,3 @@ def executable_stop(request: pb.CellServiceStopRequest) -> ExecutableStop:
             raise InvalidArgument(f"grace period over {MAX_GRACE_MS} ms", field="grace_period_ms")
         grace = request.grace_period_ms / 1000
     return ExecutableStop(executable, grace)
-
-
-def _check_command(command: str) -> None:
-    field = START_FIELDS[Subject.COMMAND]
-    if not command.strip():
-        raise InvalidArgument("a command is required", field=field)
-    if "\0" in command:
-        raise InvalidArgument("the command must not contain NUL bytes", field=field)
-    # Refuse exactly what exec would: `sh -c COMMAND` makes the command one argv string.
-    refusal = exec_refusal(["/bin/sh", "-c", command], default_env())
-    if refusal is not None:
-        raise InvalidArgument(f"the command is too long for exec: {refusal}", field=field)
-
-
-def _check_identity(uid: int, gid: int) -> None:
-    try:
-        pwd.getpwuid(uid)
-    except KeyError:
-        raise InvalidArgument(f"no user with uid {uid} on this host", field="uid") from None
-    try:
-        grp.getgrgid(gid)
-    except KeyError:
-        raise InvalidArgument(f"no group with gid {gid} on this host", field="gid") from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 
 import aurae_sdk
 from auraed.audit import MAX_TARGET_CHARS, AuditEntry, AuditLog
-from tests.support.daemon import DaemonProcess
+from tests.support.daemon import DaemonProcess, running_daemon
 
 from .conftest import audit_lines, issue, secure_channel
 
@@ -175,3 +176,17 @@ def test_refused_calls_are_audited_as_denied(policy_daemon: DaemonProcess) -> No
     assert "no rule allows it" in records[0]["reason"]
     assert "no-vms-for-ci" in records[1]["reason"]
     assert "no URI SAN" in records[2]["reason"]
+
+
+def test_a_call_answered_just_before_the_daemon_stops_is_audited() -> None:
+    # An entry is queued once its call's answer is out (a grpcio callback): a daemon stopped
+    # right after the answer still writes it before it closes the log.
+    with running_daemon() as daemon, daemon.client() as client:
+        client.cells.allocate(cell={"name": "last"})
+        client.cells.free(cell_name="last")
+        assert daemon.stop(signal.SIGINT) == 0
+        records = [json.loads(line) for line in audit_lines(daemon)]
+    assert [(r["method"].rpartition(".")[2], r["target"], r["code"]) for r in records] == [
+        ("CellService/Allocate", {"cell": "last"}, "OK"),
+        ("CellService/Free", {"cell": "last"}, "OK"),
+    ]
