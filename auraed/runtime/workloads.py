@@ -907,13 +907,14 @@ class Workloads:
             with self._lock:
                 for member in sorted(subtree, key=lambda c: len(c.name.labels), reverse=True):
                     if member.holder is not None:
-                        # Dead (or dying), and no longer anyone's: out of _holders now, not
-                        # at its exit report, which a nested cell's holder never gets (its
-                        # parent cell's init reaps it) and which comes after the pid may be
-                        # reused. A report that comes finds nothing of it (see _on_exit).
-                        with self._pids_lock:
-                            if self._holders.get(member.holder.host_pid) is member:
-                                del self._holders[member.holder.host_pid]
+                        if self._spawner_lost:
+                            with self._pids_lock:
+                                self._holders.pop(member.holder.host_pid, None)
+                        # Else its exit report takes it out of _holders: it is dead, and the
+                        # spawner reports it (a nested cell's too, which the init of its
+                        # parent's pid namespace reaps: the spawner watches its pidfd),
+                        # naming its start time, so a later process given its pid is never
+                        # taken for it (see _on_exit).
                         self._spawner.release(member.holder)
                     self._cells.pop(member.name, None)
                     self._spawner.forget(restore.cell_key(member.name))
