@@ -22,7 +22,7 @@ class ExitWaiter:
         self._exits: dict[int, float] = {}
         self._changed = threading.Condition()
 
-    def record(self, pid: int, status: ExitStatus) -> None:
+    def record(self, pid: int, start_time: int, status: ExitStatus) -> None:
         with self._changed:
             self._exits[pid] = time.perf_counter()
             self._changed.notify_all()

@@ -39,7 +39,7 @@ class Exits:
         self.statuses: dict[int, ExitStatus] = {}
         self._changed = threading.Condition()
 
-    def record(self, pid: int, status: ExitStatus) -> None:
+    def record(self, pid: int, start_time: int, status: ExitStatus) -> None:
         with self._changed:
             self.statuses[pid] = status
             self._changed.notify_all()

@@ -240,7 +240,7 @@ class Workloads:
         self._by_host_pid: dict[int, Executable] = {}
         self._holders: dict[int, Cell] = {}
         # Exits reported before the starting thread recorded the pid.
-        self._early_exits: dict[int, tuple[ExitStatus, float]] = {}
+        self._early_exits: dict[tuple[int, int], tuple[ExitStatus, float]] = {}
         self._restarts = RestartTimer(self._restart, self.events.start_limit_hit,
                                       self._keep_restart)
         # A new value at every change that List shows (cells, their specs, executables and
@@ -457,15 +457,15 @@ class Workloads:
                     continue
                 with self._pids_lock:
                     self._by_host_pid[adopted.process.host_pid] = executable
-                    early = self._early_exits.pop(adopted.process.host_pid, None)
+                    early = self._claim_early_exit(adopted.process)
                 if early is not None:
                     self._record_exit(executable, *early)
             # Exits of adopted holders reported before they were registered.
             with self._pids_lock:
                 early_holders = [(pid, cell) for pid, cell in self._holders.items()
-                                 if pid in self._early_exits]
-                for pid, cell in early_holders:
-                    del self._early_exits[pid]
+                                 if cell.holder is not None
+                                 and self._claim_early_exit(cell.holder) is not None]
+                for pid, _ in early_holders:
                     del self._holders[pid]
             for _, cell in early_holders:
                 cell.holder_ended.set()
@@ -848,7 +848,13 @@ class Workloads:
         cell.holder = holder
         cell.namespaces = NamespaceSet(**paths)
         with self._pids_lock:
-            self._holders[holder.host_pid] = cell
+            # It may have ended already (its exit came before this): then it is not recorded,
+            # or the record would outlive it and take a later process's exit for its own.
+            ended = self._claim_early_exit(holder) is not None
+            if not ended:
+                self._holders[holder.host_pid] = cell
+        if ended:
+            cell.holder_ended.set()
 
     def free(self, name: CellName, *, grace: float | None = None, owner: str | None = None,
              _shutting_down: bool = False) -> None:
@@ -905,7 +911,10 @@ class Workloads:
                             with self._pids_lock:
                                 self._holders.pop(member.holder.host_pid, None)
                         # Else its exit report takes it out of _holders: it is dead, and the
-                        # spawner reaps it and reports it (Free did not wait for that).
+                        # spawner reports it (a nested cell's too, which the init of its
+                        # parent's pid namespace reaps: the spawner watches its pidfd),
+                        # naming its start time, so a later process given its pid is never
+                        # taken for it (see _on_exit).
                         self._spawner.release(member.holder)
                     self._cells.pop(member.name, None)
                     self._spawner.forget(restore.cell_key(member.name))
@@ -1339,7 +1348,7 @@ class Workloads:
         self.events.executable_started(executable)  # before an exit can be recorded
         with self._pids_lock:
             self._by_host_pid[process.host_pid] = executable
-            early = self._early_exits.pop(process.host_pid, None)
+            early = self._claim_early_exit(process)
         if early is not None:
             self._record_exit(executable, *early)
         return executable
@@ -1399,16 +1408,24 @@ class Workloads:
             executable.stderr.remove()
             _remove_directory(executable.log_dir)
 
-    def _on_exit(self, host_pid: int, status: ExitStatus) -> None:
-        """Called on the spawner's reader thread; must not take _lock."""
+    def _on_exit(self, host_pid: int, start_time: int, status: ExitStatus) -> None:
+        """Called on the spawner's reader thread; must not take _lock. Records are matched by
+        pid and start time: a pid freed by a reap can be a new process's before an exit of the
+        old one reaches us, and that must not end the new one's record."""
         when = time.time()
         with self._pids_lock:
-            holder_of = self._holders.pop(host_pid, None)
+            holder_of = self._holders.get(host_pid)
+            if holder_of is not None and _same_process(holder_of.holder, start_time):
+                del self._holders[host_pid]
+            else:
+                holder_of = None
             executable = self._by_host_pid.get(host_pid)
+            if executable is not None and not _same_process(executable.process, start_time):
+                executable = None
             if executable is None and holder_of is None:
                 if len(self._early_exits) >= MAX_EARLY_EXITS:
                     self._early_exits.pop(next(iter(self._early_exits)))
-                self._early_exits[host_pid] = (status, when)
+                self._early_exits[host_pid, start_time] = (status, when)
                 return
         if holder_of is not None:
             holder_of.holder_ended.set()
@@ -1418,6 +1435,12 @@ class Workloads:
             return
         assert executable is not None
         self._record_exit(executable, status, when)
+
+    def _claim_early_exit(self, process: SpawnedProcess) -> tuple[ExitStatus, float] | None:
+        """The exit reported for this process before it was recorded, if any (under
+        _pids_lock); an older spawner's reports carry no start time (0)."""
+        return (self._early_exits.pop((process.host_pid, process.start_time), None)
+                or self._early_exits.pop((process.host_pid, 0), None))
 
     def _restart(self, previous: Executable) -> None:
         """Start an executable again for its restart policy (on the RestartTimer's thread),
@@ -1627,6 +1650,12 @@ def _remove_directory(path: Path, *, only_if_empty: bool = False) -> None:
     except OSError:
         if not only_if_empty:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def _same_process(process: SpawnedProcess | None, start_time: int) -> bool:
+    """Whether an exit reported with this start time is this process's (0: an older spawner
+    said none, and the pid is all there is)."""
+    return process is not None and (start_time == 0 or process.start_time == start_time)
 
 
 def _holds_namespaces(holder: SpawnedProcess, kinds: Iterable[str]) -> bool:

@@ -42,11 +42,13 @@ class ExitLog:
 
     def __init__(self) -> None:
         self._exits: dict[int, ExitStatus] = {}
+        self.start_times: dict[int, int] = {}  # as each exit report gave it
         self._changed = threading.Condition()
 
-    def record(self, pid: int, status: ExitStatus) -> None:
+    def record(self, pid: int, start_time: int, status: ExitStatus) -> None:
         with self._changed:
             self._exits[pid] = status
+            self.start_times[pid] = start_time
             self._changed.notify_all()
 
     def wait_for(self, pid: int, timeout: float = 10.0) -> ExitStatus:
@@ -300,7 +302,7 @@ def test_a_failed_step_is_reported_with_its_stage_and_leaves_nothing(
 
 
 def test_closing_the_spawner_kills_every_workload_and_ends_it(devnull: int) -> None:
-    spawner = Spawner(lambda pid, status: None)
+    spawner = Spawner(lambda pid, start_time, status: None)
     spawner.start()
     try:
         spec = SpawnSpec(
@@ -330,7 +332,7 @@ DAEMON_THAT_DIES = textwrap.dedent(
     import os, sys, time
     from auraed.kernel.processes import SpawnSpec
     from auraed.kernel.spawner.client import Spawner
-    spawner = Spawner(lambda pid, status: None)
+    spawner = Spawner(lambda pid, start_time, status: None)
     spawner.start()
     devnull = os.open(os.devnull, os.O_WRONLY)
     workload = spawner.spawn(SpawnSpec(command=["sleep", "300"], uid=0, gid=0,
@@ -355,7 +357,7 @@ def test_workloads_die_with_the_daemon() -> None:
 
 
 def test_sigterm_to_the_spawner_takes_its_workloads_with_it(devnull: int) -> None:
-    spawner = Spawner(lambda pid, status: None)
+    spawner = Spawner(lambda pid, start_time, status: None)
     spawner.start()
     try:
         spec = SpawnSpec(
@@ -372,7 +374,7 @@ def test_sigterm_to_the_spawner_takes_its_workloads_with_it(devnull: int) -> Non
 
 
 def test_a_dead_spawner_fails_spawns_instead_of_hanging(devnull: int) -> None:
-    spawner = Spawner(lambda pid, status: None)
+    spawner = Spawner(lambda pid, start_time, status: None)
     spawner.start()
     try:
         os.kill(spawner.pid, signal.SIGKILL)
@@ -504,6 +506,23 @@ def test_a_holder_is_pid_one_of_its_new_namespaces(
             f"/proc/self/ns/{kind}"), kind
     os.kill(holder.host_pid, signal.SIGKILL)
     assert exits.wait_for(holder.host_pid) == ExitStatus(exit_code=None, signal=signal.SIGKILL)
+
+
+def test_a_nested_holder_its_parents_init_reaps_is_reported_ended_with_its_start_time(
+    any_spawner: Spawner, devnull: int, exits: ExitLog
+) -> None:
+    parent = any_spawner.spawn_holder(holder_spec(devnull))
+    nested = any_spawner.spawn_holder(holder_spec(
+        devnull, hostname="cell-b", namespaces=NamespaceSet.of_process(parent.host_pid)))
+    # Not the spawner's child: once the first child that forked it exited, the init of the
+    # parent's pid namespace became its parent, and reaps it.
+    assert proc_status(nested.host_pid)["PPid"] == str(parent.host_pid)
+    os.kill(nested.host_pid, signal.SIGKILL)
+    assert exits.wait_for(nested.host_pid) == ExitStatus(exit_code=None, signal=signal.SIGKILL)
+    assert exits.start_times[nested.host_pid] == nested.start_time
+    os.kill(parent.host_pid, signal.SIGKILL)
+    assert exits.wait_for(parent.host_pid) == ExitStatus(exit_code=None, signal=signal.SIGKILL)
+    assert exits.start_times[parent.host_pid] == parent.start_time
 
 
 @pytest.mark.parametrize(("init", "error"), [("no-such-init", errno.ENOENT),

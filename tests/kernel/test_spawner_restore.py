@@ -72,7 +72,7 @@ def test_messages_round_trip_and_unknown_fields_are_ignored() -> None:
 def runtime(tmp_path: Path) -> Iterator[Path]:
     yield tmp_path
     # Whatever a failed test left: the spawner that listens there, stopped with its workloads.
-    leftover = Spawner(lambda pid, status: None, listen=str(tmp_path / "spawner.sock"))
+    leftover = Spawner(lambda pid, start_time, status: None, listen=str(tmp_path / "spawner.sock"))
     try:
         if leftover.attach(timeout=5) is not None:
             leftover.close()
@@ -95,7 +95,7 @@ def lines_on_disk(directory: Path, channel: str = "stdout") -> list[bytes]:
 def test_a_detached_spawner_keeps_everything_and_the_next_client_adopts_it(runtime: Path) -> None:
     socket_path = str(runtime / "spawner.sock")
     exits: list[tuple[int, ExitStatus]] = []
-    first = Spawner(lambda pid, status: exits.append((pid, status)), listen=socket_path)
+    first = Spawner(lambda pid, start_time, status: exits.append((pid, status)), listen=socket_path)
     first.start()
     spawner_pid = first.pid
     counter_logs = captured(runtime / "counter")
@@ -119,7 +119,7 @@ def test_a_detached_spawner_keeps_everything_and_the_next_client_adopts_it(runti
     assert exits == []
 
     second_exits: list[tuple[int, ExitStatus]] = []
-    second = Spawner(lambda pid, status: second_exits.append((pid, status)), listen=socket_path)
+    second = Spawner(lambda pid, start_time, status: second_exits.append((pid, status)), listen=socket_path)
     adoption = second.attach()
     try:
         assert isinstance(adoption, Adoption) and adoption.spawner_pid == spawner_pid
@@ -129,7 +129,7 @@ def test_a_detached_spawner_keeps_everything_and_the_next_client_adopts_it(runti
         assert by_name["short"].status == ExitStatus(5, None)
         # A second client is refused while this one is attached.
         with pytest.raises(SpawnerRefused, match="serves another auraed"):
-            Spawner(lambda pid, status: None, listen=socket_path).attach()
+            Spawner(lambda pid, start_time, status: None, listen=socket_path).attach()
         # The adopted log goes on being followed, and its exit comes to the new client.
         stdout = by_name["counter"].outputs["stdout"]
         at_adoption = stdout.position()
@@ -143,7 +143,7 @@ def test_a_detached_spawner_keeps_everything_and_the_next_client_adopts_it(runti
     assert not alive(spawner_pid)
     os.waitpid(spawner_pid, 0)  # our child still (the first client started it): reap it
     assert not Path(socket_path).exists() or Spawner(
-        lambda pid, status: None, listen=socket_path).attach() is None
+        lambda pid, start_time, status: None, listen=socket_path).attach() is None
 
 
 def test_a_flush_brings_the_followed_log_up_to_what_was_written(runtime: Path) -> None:
@@ -154,7 +154,7 @@ def test_a_flush_brings_the_followed_log_up_to_what_was_written(runtime: Path) -
     os.mkfifo(request)
     os.mkfifo(ready)
     request_fd, ready_fd = os.open(request, os.O_RDWR), os.open(ready, os.O_RDWR)
-    spawner = Spawner(lambda pid, status: None)
+    spawner = Spawner(lambda pid, start_time, status: None)
     spawner.start()
     try:
         assert spawner.flushes_output
@@ -198,7 +198,7 @@ def test_a_spawner_that_cannot_flush_is_adopted_and_never_asked_to(runtime: Path
 
     thread = threading.Thread(target=older_spawner, daemon=True)
     thread.start()
-    client = Spawner(lambda pid, status: None, listen=str(path))
+    client = Spawner(lambda pid, start_time, status: None, listen=str(path))
     try:
         adoption = client.attach(timeout=10)
         assert adoption is not None and adoption.processes == []

@@ -115,7 +115,8 @@ class Adoption:
 
 
 
-ExitCallback = Callable[[int, ExitStatus], None]
+# (host pid, start time, how it ended); the start time is 0 from an older spawner.
+ExitCallback = Callable[[int, int, ExitStatus], None]
 
 
 class _PendingReply:
@@ -139,7 +140,7 @@ class _PendingReply:
 class Spawner:
     """Runs the fork server and starts workloads through it.
 
-    on_exit(host_pid, status) is called from one reader thread, once per workload, in the order the
+    on_exit(host_pid, start_time, status) is called from one reader thread, once per workload, in the order the
     workloads ended, and never before the spawn reply for that pid was handled. It can still run
     before spawn() has returned to its caller (a workload may end at once), so a caller that
     records pids must keep exits of pids it has not recorded yet (e.g. both under one short lock).
@@ -507,7 +508,8 @@ class Spawner:
             return
         if isinstance(message, Exited):
             try:
-                self._on_exit(message.pid, ExitStatus.from_wait_status(message.status))
+                self._on_exit(message.pid, message.start_time,
+                              ExitStatus.from_wait_status(message.status))
             except Exception:  # noqa: BLE001 - a faulty callback must not stop replies and exits
                 _log.exception("on_exit failed for pid %s", message.pid)
             return

@@ -235,11 +235,13 @@ class Failed(Message):
 @_message
 @dataclass(kw_only=True)
 class Exited(Message):
-    """A spawned process ended; status is the raw wait status."""
+    """A spawned process ended; status is the raw wait status. start_time (the process's, as
+    in Spawned) tells it from a later process given the same pid: 0 from an older spawner."""
 
     KIND = "exited"
     pid: int
     status: int
+    start_time: int = 0
 
 
 

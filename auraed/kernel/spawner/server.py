@@ -202,6 +202,11 @@ class ForkServer:
                             if listener is not None else None)
         # Started workloads not yet reaped, by pid. Each leads its own process group (setsid).
         self._processes: dict[int, _Entry] = {}
+        # Holders the spawner is not the parent of and never reaps (a nested cell's, whose init
+        # the init of its parent cell's pid namespace reaps): watched by pidfd instead, by fd.
+        # _fostering: the pidfd of the one just started, until _answer files its entry.
+        self._fostered: dict[int, _Entry] = {}
+        self._fostering: int | None = None
         # Reaped but labelled: kept until the daemon releases them, by (pid, start time).
         self._ended: dict[tuple[int, int], _Entry] = {}
         # The daemon's records (Keep), kept across daemons.
@@ -291,6 +296,8 @@ class ForkServer:
                         self._reap()
                     elif fd in self._captures:
                         self._pump(fd)
+                    elif fd in self._fostered:
+                        self._fostered_ended(fd)
                     elif self._listener is not None and fd == self._listener.fileno():
                         self._accept()
                     elif self._sock is not None and fd == self._sock.fileno():
@@ -445,13 +452,19 @@ class ForkServer:
                         os.close(fd)
         except SpawnError as failure:
             _close_captures(captures)
+            self._drop_fostering()
             return Failed.of(request.id, failure)
         except (LookupError, TypeError, ValueError, AttributeError) as bad:
             _close_captures(captures)
+            self._drop_fostering()
             return Failed.of(request.id, SpawnError.malformed(repr(bad)))
         entry = _Entry(pid, ns_pid, _start_time(pid), request.KIND, request.argv, request.label,
                        captures)
         self._processes[pid] = entry
+        if self._fostering is not None:
+            pidfd, self._fostering = self._fostering, None
+            self._fostered[pidfd] = entry
+            self._poller.register(pidfd, select.EPOLLIN)
         for capture in captures:
             # Read from the next poll on: the reply goes out before any Output of this pid.
             self._captures[capture.fd] = (entry, capture)
@@ -534,6 +547,24 @@ class ForkServer:
                 os.close(fd)
             raise
         return namespace_fds
+
+    def _drop_fostering(self) -> None:
+        if self._fostering is not None:
+            os.close(self._fostering)
+            self._fostering = None
+
+    def _fostered_ended(self, pidfd: int) -> None:
+        """A holder the spawner does not reap has exited (its pidfd is readable). Its wait
+        status goes to its reaper; an init ends by SIGKILL but for a failure before its exec
+        (reported then, as Failed), so it is reported killed by SIGKILL."""
+        entry = self._fostered.pop(pidfd)
+        self._poller.unregister(pidfd)
+        os.close(pidfd)
+        # Its pid may be a new child's already (reaped and reused before this turn of the
+        # loop): that one keeps its entry; the exit names its start time all the same.
+        if self._processes.get(entry.pid) is entry:
+            del self._processes[entry.pid]
+        self._report_end(entry, int(signal.SIGKILL))
 
     def _fork_holder(self, request: HolderRequest, stdout: int, stderr: int) -> tuple[int, int]:
         """Start a namespace holder; returns its pid, here and in its own pid namespace.
@@ -699,7 +730,7 @@ class ForkServer:
                                    namespace_fds, theirs.fileno(), self._max_fd, is_pid_one=direct,
                                    join_cgroups=not born_in_cgroup)
             theirs.close()
-            holder, failure = pid, None
+            holder, failure, pidfd = pid, None, None
             alive, ready, holder_known = False, False, direct or "pid" not in kinds
             while not (ready and holder_known):
                 data, fds, _, _ = socket.recv_fds(ours, 4096, 1, socket.MSG_CMSG_CLOEXEC)
@@ -708,7 +739,12 @@ class ForkServer:
                 if data == HOLDER_ALIVE:
                     alive = True
                 elif fds:
+                    # Pid 1 of the new pid namespace, forked by the first child: once that
+                    # exits, the init of the namespace the first child was born in reaps it, not
+                    # us (the kernel looks for a subreaper only inside that namespace).
                     holder, holder_known = _pid_of_pidfd(fds[0]), True
+                    if pidfd is None:
+                        pidfd = fds.pop(0)
                     for fd in fds:
                         os.close(fd)
                 elif data == HOLDER_READY:
@@ -723,9 +759,16 @@ class ForkServer:
         silent_end = failure is None and (not alive or (init_checked and not ready))
         if ("pid" in kinds and not direct) or failure is not None or silent_end:
             os.waitpid(pid, 0)  # the first child, or one that failed or ended before exec
-        if failure is not None:
-            raise failure
-        return None if silent_end else holder
+        if failure is not None or silent_end:
+            if pidfd is not None:
+                os.close(pidfd)
+            if failure is not None:
+                raise failure
+            return None
+        if pidfd is not None:
+            self._drop_fostering()
+            self._fostering = pidfd
+        return holder
 
     def _fork_workload(self, request: SpawnRequest, stdout: int, stderr: int) -> tuple[int, int]:
         """Start a workload; returns its pid, here and in its pid namespace (the same if it
@@ -986,14 +1029,27 @@ class ForkServer:
             # Orphaned descendants come to us too (subreaper); they are only reaped.
             entry = self._processes.pop(pid, None)
             if entry is not None:
-                self._drain(entry)
-                entry.status, entry.exited_at = status, time.time()
-                if entry.label is not None:
-                    self._ended[pid, entry.start_time] = entry
-                self._send(Exited(pid=pid, status=status))
+                self._report_end(entry, status)
+
+    def _report_end(self, entry: _Entry, status: int) -> None:
+        """An ended process, no longer in _processes: its last output, then its exit."""
+        self._drain(entry)
+        entry.status, entry.exited_at = status, time.time()
+        if entry.label is not None:
+            self._ended[entry.pid, entry.start_time] = entry
+        self._send(Exited(pid=entry.pid, status=status, start_time=entry.start_time))
 
     def _kill_everything(self) -> None:
+        # A fostered holder's pid may be another's by now (its reaper reaped it): by pidfd.
+        fostered = {entry.pid for entry in self._fostered.values()}
+        for pidfd in self._fostered:
+            try:
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         for pid in self._processes:
+            if pid in fostered:
+                continue
             # The group reaches the workload's children; the pid, a workload that left its group.
             for kill in (os.killpg, os.kill):
                 try:
