@@ -8,7 +8,12 @@ the address of a guest is `[fe80::2%<tap>]:8080`.
 
 from __future__ import annotations
 
+import errno
+import logging
 import secrets
+import socket
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pyroute2 import IPRoute
@@ -19,6 +24,14 @@ HOST_ADDRESS = "fe80::1"
 GUEST_ADDRESS = "fe80::2"
 PREFIX_LENGTH = 64
 IFA_F_NODAD = 0x02
+# await_listener: a TCP connect every PROBE_INTERVAL, each given up after PROBE_TIMEOUT.
+PROBE_INTERVAL = 0.05
+PROBE_TIMEOUT = 0.2
+# What a connect sent before the guest's link and address are up can meet.
+PROBE_RETRIED = frozenset({errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EADDRNOTAVAIL,
+                           errno.ENETDOWN, errno.EHOSTDOWN})
+
+log = logging.getLogger("auraed.tap")
 
 
 class TapError(Exception):
@@ -69,3 +82,33 @@ def remove_tap(name: str) -> None:
 def tap_exists(name: str) -> bool:
     with IPRoute() as ip:
         return bool(ip.link_lookup(ifname=name))
+
+
+def await_listener(tap: str, address: str, port: int, deadline: float,
+                   alive: Callable[[], bool]) -> bool:
+    """Until `[address%tap]:port` takes a TCP connection (True), each try a fresh SYN cut short.
+
+    A client that connects once and waits (gRPC does) loses its SYN when it goes out before the
+    guest's eth0 has its address (no neighbour answers), and the kernel resends it only after
+    1 s, then 3 s: a guest that listened meanwhile is not reached for that long. False at the
+    deadline, once `alive()` is false, or on an error no booting guest explains (logged).
+    """
+    try:
+        target = (address, port, 0, socket.if_nametoindex(tap))
+    except OSError as error:
+        log.warning("tap not probed", extra={"tap": tap, "error": str(error)})
+        return False
+    while time.monotonic() < deadline and alive():
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as probe:
+            probe.settimeout(PROBE_TIMEOUT)
+            try:
+                probe.connect(target)
+                return True
+            except (ConnectionRefusedError, TimeoutError):
+                pass  # up but not listening yet, or no answer yet
+            except OSError as error:
+                if error.errno not in PROBE_RETRIED:
+                    log.warning("tap probe failed", extra={"tap": tap, "error": str(error)})
+                    return False
+        time.sleep(PROBE_INTERVAL)
+    return False

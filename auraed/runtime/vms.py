@@ -327,14 +327,14 @@ class VirtualMachines:
         except NotFound:
             qemu = None
         vm.qemu = qemu
-        socket = self._directory / vm.spec.id / "qmp.sock"
+        monitor = self._directory / vm.spec.id / "qmp.sock"
         if qemu is None or not qemu.running or qemu.process.host_pid != qemu_pid:
             vm.stop_reason = ("QEMU ended while no daemon ran" +
                               (f" ({self._ended_reason(vm)})" if qemu is not None else ""))
-        elif vm.tap is None or not tap.tap_exists(vm.tap) or not socket.exists():
+        elif vm.tap is None or not tap.tap_exists(vm.tap) or not monitor.exists():
             vm.stop_reason = "its TAP or QMP socket was gone when the daemon restarted"
         else:
-            vm.qmp = QmpSession(self._qmp_loop(), str(socket),
+            vm.qmp = QmpSession(self._qmp_loop(), str(monitor),
                                 lambda name, data: self._on_event(vm, name, data))
             try:
                 vm.qmp.connect(time.monotonic() + QMP_CONNECT_TIMEOUT, alive=lambda: qemu.running)
@@ -796,6 +796,12 @@ class VirtualMachines:
         except ConnectionError as error:
             raise FailedPrecondition(f"vm {spec.id}: {error}; see its console in Observe") from None
         address = f"[{tap.GUEST_ADDRESS}%{vm.tap}]:{GUEST_PORT}"
+        # gRPC connects once and waits, so its first SYN, if lost before the guest's address
+        # was up, costs 1-3 s (measured: in a third of boots Start returned 1.5-3 s after the
+        # guest listened). Its connect timeout cannot be cut instead: it also bounds the TLS
+        # handshake, which a TCG guest on a loaded host can make long.
+        tap.await_listener(vm.tap, tap.GUEST_ADDRESS, GUEST_PORT, deadline,
+                           alive=lambda: qemu.running)
         self._wait_for_guest(vm, address, deadline)
         vm.address = address
         vm.started.append(time.monotonic() - started)

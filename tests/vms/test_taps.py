@@ -4,7 +4,10 @@ at the next start (no guest is booted here)."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
+import threading
+import time
 
 import pytest
 
@@ -38,3 +41,33 @@ def test_the_next_start_removes_taps_a_killed_daemon_left() -> None:
     finally:
         tap.remove_tap(left.name)
         tap.remove_tap(kept.name)
+
+
+def test_a_listener_on_the_link_is_found_soon_after_it_listens() -> None:
+    """await_listener retries with fresh connects: a listener that appears later is found
+    within a probe or two (the host's own end stands in for the guest's)."""
+    made = tap.create_tap()
+    listener = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    try:
+        target = (tap.HOST_ADDRESS, 0, 0, socket.if_nametoindex(made.name))
+        listener.bind(target)
+        port = listener.getsockname()[1]
+        started = time.monotonic()
+        assert not tap.await_listener(made.name, tap.HOST_ADDRESS, port, started + 0.5,
+                                      alive=lambda: True)  # bound, not listening: refused
+        assert time.monotonic() - started >= 0.5
+        listening_at: list[float] = []
+
+        def listen() -> None:
+            listener.listen(1)
+            listening_at.append(time.monotonic())
+
+        threading.Timer(0.3, listen).start()
+        assert tap.await_listener(made.name, tap.HOST_ADDRESS, port, time.monotonic() + 30,
+                                  alive=lambda: True)
+        assert listening_at and time.monotonic() - listening_at[0] < 5
+        assert not tap.await_listener(made.name, tap.HOST_ADDRESS, port, time.monotonic() + 30,
+                                      alive=lambda: False)  # the guest ended: no wait
+    finally:
+        listener.close()
+        tap.remove_tap(made.name)
