@@ -824,7 +824,10 @@ class VirtualMachines:
         options = [("grpc.ssl_target_name_override", "server.unsafe.aurae.io"),
                    ("grpc.default_authority", "server.unsafe.aurae.io"),
                    ("grpc.initial_reconnect_backoff_ms", 100),
-                   ("grpc.max_reconnect_backoff_ms", 250)]
+                   ("grpc.max_reconnect_backoff_ms", 250),
+                   # gRPC's connect timeout (20 s unless set): a connect that hangs all the
+                   # same is retried after 1 s, still long enough for a slow guest's handshake.
+                   ("grpc.min_reconnect_backoff_ms", 1000)]
         with grpc.secure_channel(target, credentials, options) as channel:
             stub = health_pb2_grpc.HealthStub(channel)  # type: ignore[no-untyped-call]
             while True:
