@@ -151,9 +151,39 @@ class Spare:
     channel: grpc.Channel
     connected: grpc.Future[None]
 
-    def close(self) -> None:
-        self.connected.cancel()
-        self.channel.close()
+
+class ChannelCloser:
+    """Closes channels to pod instances in threads of their own, so that no CRI call waits for
+    a close. A channel whose readiness was watched (a spare's, grpc.channel_ready_future) has
+    a polling thread in a connectivity watch with a 0.2 s deadline that the close cannot
+    cancel; the close waits for it, up to 0.2 s after the channel became ready. A pod removed
+    that soon after its spare connected (pods a few hundred ms apart, or kubelet's Stop then
+    Remove) waited 40-200 ms for that in its RemovePodSandbox (docs/cri.md)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+
+    def close(self, channel: grpc.Channel, connected: grpc.Future[None] | None = None) -> None:
+        if connected is not None:
+            connected.cancel()
+        thread = threading.Thread(target=channel.close, name="pod-channel-close", daemon=True)
+        with self._lock:
+            self._threads = [t for t in self._threads if t.is_alive()]
+            self._threads.append(thread)
+        thread.start()
+
+    def drain(self) -> None:
+        """Until every close begun so far has ended (the daemon stops: no channel outlives
+        it half closed)."""
+        with self._lock:
+            threads, self._threads = self._threads, []
+        for thread in threads:
+            thread.join()
+
+    def pending(self) -> int:
+        with self._lock:
+            return sum(t.is_alive() for t in self._threads)
 
 
 def _channel(socket: Path) -> grpc.Channel:
@@ -234,6 +264,7 @@ class PodInstances:
         # When a pod call last began or ended (time.monotonic), and how many run (_busy).
         self._last_call = 0.0
         self._calls = 0
+        self.closer = ChannelCloser()
 
     # ------------------------------------------------------------------ start and stop
 
@@ -290,6 +321,7 @@ class PodInstances:
                 self._snapshot(pod)
             self._save(pod)
         self._flush_parents()
+        self.closer.drain()
 
     def shutdown(self) -> None:
         """Remove every pod (the daemon is stopping for good)."""
@@ -301,6 +333,7 @@ class PodInstances:
                 log.exception("removing a pod sandbox at shutdown failed",
                               extra={"sandbox": pod.id})
         self._flush_parents()
+        self.closer.drain()
 
     # ------------------------------------------------------------------ sandboxes
 
@@ -337,7 +370,7 @@ class PodInstances:
         connected = spare is not None and spare.connected.done() and \
             not spare.connected.cancelled()
         if spare is not None and not connected:
-            spare.close()
+            self.closer.close(spare.channel, spare.connected)
         channel = spare.channel if spare is not None and connected else _channel(socket)
         stub = cri_grpc.RuntimeServiceStub(channel)
         try:
@@ -353,7 +386,7 @@ class PodInstances:
                                              f"it answered: {_tail(instance.log_path)}") from None
                 raise
         except BaseException:
-            channel.close()
+            self.closer.close(channel)
             self._free_instance(name)
             self._release_parent(parent)
             raise
@@ -418,7 +451,7 @@ class PodInstances:
                     ended.append(spare)
         finally:
             for gone in ended:
-                gone.close()
+                self.closer.close(gone.channel, gone.connected)
         return None
 
     def _claim(self, spare: Spare, spec: InstanceSpec) -> Instance | None:
@@ -428,7 +461,7 @@ class PodInstances:
         except RuntimeFault as fault:
             log.warning("a spare pod instance could not be claimed; spawning one",
                         extra={"instance": spare.instance.name, "error": fault.message})
-            spare.close()
+            self.closer.close(spare.channel, spare.connected)
             self._free_instance(spare.instance.name, kill=True)
             return None
 
@@ -505,7 +538,7 @@ class PodInstances:
                         appended = True
             if appended:
                 continue
-            kept.close()
+            self.closer.close(kept.channel, kept.connected)
             self._free_instance(name, kill=True)
             return
 
@@ -521,7 +554,7 @@ class PodInstances:
         with self._lock:
             spares, self._spares = self._spares, []
         for spare in spares:
-            spare.close()
+            self.closer.close(spare.channel, spare.connected)
             self._free_instance(spare.instance.name, kill=True)
 
     def _await_answer(self, instance: Instance, socket: Path,
@@ -759,7 +792,7 @@ class PodInstances:
         with self._lock:
             channel, pod.channel, pod.stub, pod.instance = pod.channel, None, None, None
         if channel is not None:
-            channel.close()
+            self.closer.close(channel)
         self._free_instance(pod.instance_name, kill=True)
 
     def _free_instance(self, name: str, *, kill: bool = False) -> None:
