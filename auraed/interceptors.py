@@ -10,6 +10,10 @@ whose URI SAN is misleading (auraed.identity).
 on a workload) against its caller's budget and the daemon's (auraed.admission);
 beyond them the call gets RESOURCE_EXHAUSTED, and the refusal is audited.
 
+`AfterAnswer` runs what a unary call's handler left for after its answer
+(auraed.runtime.deferred: waking the event journal's and the audit log's
+writers) once grpcio has sent the answer.
+
 `AuditTrail` times every mutating call (Allocate, Free, Start, Stop of cells
 and virtual machines) and records who did it to what, and how it ended.
 
@@ -43,6 +47,7 @@ from auraed.audit import AuditEntry, AuditLog
 from auraed.authz import Policy, PrincipalPattern
 from auraed.errors import RuntimeFault
 from auraed.identity import PeerIdentity, peer_identity_of
+from auraed.runtime.deferred import after_answer, answering
 
 log = logging.getLogger("auraed.rpc")
 
@@ -245,6 +250,29 @@ class Admission(HandlerWrapper):
         raise AssertionError("unreachable: abort raises")
 
 
+class AfterAnswer(HandlerWrapper):
+    """Serves each unary call inside `answering()` and runs what it left once it is over."""
+
+    def wrap_handler(self, method: str, handler: Handler) -> Handler:
+        if handler.unary_unary is None:
+            return handler
+
+        def wrap(inner: Behavior) -> Behavior:
+            def answered(request: Any, context: grpc.ServicerContext) -> Any:
+                with answering() as deferred:
+                    try:
+                        return inner(request, context)
+                    finally:
+                        # grpcio runs a call's callbacks when it is over, however it ended,
+                        # before a stopping server's stop() returns; False: it is over already.
+                        if deferred and not context.add_callback(deferred.run):
+                            deferred.run()
+
+            return answered
+
+        return _wrap(handler, wrap)
+
+
 class AuditTrail(HandlerWrapper):
     def __init__(self, audit: AuditLog) -> None:
         super().__init__()
@@ -274,11 +302,9 @@ class AuditTrail(HandlerWrapper):
                         duration_ms=(time.monotonic() - started) * 1000,
                         target=audit_target(method, request),
                     )
-                    # Queued once the answer is out (grpcio runs a call's callbacks when it
-                    # is over, before a stopping server's stop() returns): the writer's
-                    # wake-up is then no thread switch the answer competes with.
-                    if not context.add_callback(lambda: self._audit.record(entry)):
-                        self._audit.record(entry)
+                    # Queued once the answer is out (AfterAnswer): the writer's wake-up is
+                    # then no thread switch the answer competes with.
+                    after_answer(lambda: self._audit.record(entry))
 
             return audited
 

@@ -30,7 +30,13 @@ from auraed.admission import Budget, LongLivedCalls
 from auraed.audit import AuditLog
 from auraed.authz import Policy, PolicyError, PrincipalPattern, load_policy
 from auraed.forwarding import InstanceChannels, InstanceForwarding
-from auraed.interceptors import Admission, AuditTrail, Authorization, FaultTranslation
+from auraed.interceptors import (
+    Admission,
+    AfterAnswer,
+    AuditTrail,
+    Authorization,
+    FaultTranslation,
+)
 from auraed.kernel import template
 from auraed.logs import configure as configure_logging
 from auraed.output import LogRing
@@ -480,11 +486,12 @@ class Daemon:
             Path(target.display).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
 
         budget = settings.budget
-        # Outermost first: who may call, whether a long-lived call fits its budget, then the
-        # audit of what they did, then statuses.
+        # Outermost first: who may call, whether a long-lived call fits its budget, what it
+        # leaves until its answer is out, then the audit of what they did, then statuses.
         interceptors: list[grpc.ServerInterceptor] = [
             Authorization(policy, self._audit),
             Admission(LongLivedCalls(budget), operators, self._audit),
+            AfterAnswer(),
             AuditTrail(self._audit),
             # After the checks, so a forwarded call is authorized and audited on the host.
             InstanceForwarding(self._channels),

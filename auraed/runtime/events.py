@@ -19,7 +19,10 @@ Durability, by group commit: publish() numbers and queues an event and returns a
 writer thread appends all that is queued with one write and one fdatasync, and only then lets
 readers see them. A client therefore never sees an event a crash could take back, and a
 restarted daemon continues at the last durable number + 1 without reusing any number a client
-saw. The cost is one fsync per batch, not per event: under load batches grow.
+saw. The cost is one fsync per batch, not per event: under load batches grow. An event published
+while a call is served is written once that call's answer is out (auraed.runtime.deferred): the
+writer's wake-up then does not compete with the answer, and the window in which a SIGKILL loses
+a published event grows by the rest of the call, a fraction of a millisecond for a Start.
 
 Torn tail: on open each segment is read record by record; the first record that is short, runs
 past the end of the file, fails its CRC or breaks the sequence ends it, and the file is
@@ -48,6 +51,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from auraed import __version__
+from auraed.runtime.deferred import after_answer
 
 if TYPE_CHECKING:
     from auraed.kernel.processes import ExitStatus
@@ -366,13 +370,21 @@ class EventJournal:
             sequence = self._next
             self._next += 1
             self._pending.append(Event(sequence, time.time(), kind, **fields))
-            self._queued.notify()
-            return sequence
+        # Inside a call, the writer is woken once the caller has its answer (auraed.runtime.
+        # deferred): the event's number is taken, and with it its order; only its write waits.
+        after_answer(self._wake_writer)
+        return sequence
+
+    def _wake_writer(self) -> None:
+        with self._lock:
+            if self._pending:
+                self._queued.notify()
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every event published so far is visible to readers."""
         deadline = time.monotonic() + timeout
         with self._lock:
+            self._queued.notify()  # a call's events whose writer's wake waits for its answer
             target = self._next - 1
             while self._durable < target and not self._closed:
                 remaining = deadline - time.monotonic()

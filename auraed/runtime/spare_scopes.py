@@ -53,7 +53,8 @@ class SpareScopes:
         """Make a spare the scope `scope`; False if none was ready (then make it as usual)."""
         with self._lock:
             self._wanted = True
-            self._changed.notify()
+            if not self._holds:  # else the hold's release wakes the thread; now it would find it held
+                self._changed.notify()
             if not self._ready:
                 return False
             spare = self._ready.pop()

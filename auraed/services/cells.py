@@ -24,8 +24,8 @@ _WAIT_SLICE = 0.5
 
 
 def _hold_until_answered(workloads: Workloads, context: grpc.ServicerContext) -> None:
-    """Make no spare scope (SpareScopes.hold) until this call's answer is sent. The journal's
-    writer is not held: an event still in memory when the daemon is killed is lost."""
+    """Make no spare scope (SpareScopes.hold) until this call's answer is sent. (The event
+    journal's writer is woken after the answer too, by auraed.runtime.deferred.)"""
     release = workloads.spare_scopes.hold()
     # Run by grpcio once the call is over, however it ended; False if it is over already.
     if not context.add_callback(release):

@@ -1,0 +1,73 @@
+"""Work that a caller does not wait for, left until its call has been answered.
+
+Waking a thread that sleeps on the other CPU costs tens of microseconds on a virtual machine
+(an interprocessor interrupt the hypervisor delivers), and the thread woken then competes with
+the call for the interpreter until the answer is out. So a call's handler that has work for
+another thread that no answer depends on (the event journal's writer, the audit log's) leaves the
+wake-up to `after_answer`; the server runs what was left (auraed.interceptors.AfterAnswer) once
+the call's answer is sent, or at once when the call is over already. Outside a call (a spawner's
+exit report, a restart policy's timer) the work runs at once.
+
+This knows nothing of gRPC: a call is the body of `answering()` on the thread that serves it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+log = logging.getLogger(__name__)
+
+_current = threading.local()
+
+
+class Deferred:
+    """The work one call left for after its answer; each callable once, in order."""
+
+    __slots__ = ("_work",)
+
+    def __init__(self) -> None:
+        self._work: list[Callable[[], None]] = []
+
+    def __bool__(self) -> bool:
+        return bool(self._work)
+
+    def add(self, work: Callable[[], None]) -> None:
+        # Bound methods of one object compare equal: a journal woken three times in one call is
+        # woken once.
+        if work not in self._work:
+            self._work.append(work)
+
+    def run(self) -> None:
+        """Run what was left, and what that leaves in turn."""
+        while self._work:
+            work, self._work = self._work, []
+            for item in work:
+                try:
+                    item()
+                except Exception:
+                    log.exception("work left until a call's answer failed")
+
+
+@contextmanager
+def answering() -> Iterator[Deferred]:
+    """While the body runs, `after_answer` on this thread adds to the Deferred yielded, which
+    whoever sends the answer runs once it is sent."""
+    deferred = Deferred()
+    outer = getattr(_current, "deferred", None)
+    _current.deferred = deferred
+    try:
+        yield deferred
+    finally:
+        _current.deferred = outer
+
+
+def after_answer(work: Callable[[], None]) -> None:
+    """Run `work` once the answer of the call this thread serves is sent; now, outside a call."""
+    deferred: Deferred | None = getattr(_current, "deferred", None)
+    if deferred is None:
+        work()
+    else:
+        deferred.add(work)

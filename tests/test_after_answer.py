@@ -1,0 +1,104 @@
+"""Work left until a call's answer (auraed.runtime.deferred): run once, in order, after the
+call; the event journal's writer, woken that way, writes a call's events only then, and a
+flush inside the call does not wait for it."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from auraed.runtime.deferred import after_answer, answering
+from auraed.runtime.events import SEGMENT_SUFFIX, EventJournal, EventKind
+
+
+def test_outside_a_call_the_work_runs_at_once() -> None:
+    done: list[str] = []
+    after_answer(lambda: done.append("now"))
+    assert done == ["now"]
+
+
+def test_inside_a_call_the_work_waits_for_its_answer_and_runs_once_in_order() -> None:
+    done: list[str] = []
+
+    class Writer:
+        def wake(self) -> None:
+            done.append("wake")
+
+    writer = Writer()
+    with answering() as deferred:
+        after_answer(writer.wake)
+        after_answer(lambda: done.append("audit"))
+        after_answer(writer.wake)  # the same bound method: once
+        assert done == []
+    after_answer(lambda: done.append("after the call"))  # the call is over: at once
+    assert done == ["after the call"]
+    deferred.run()
+    assert done == ["after the call", "wake", "audit"]
+    deferred.run()
+    assert done == ["after the call", "wake", "audit"]
+
+
+def test_work_left_by_deferred_work_and_after_a_failure_still_runs() -> None:
+    done: list[str] = []
+
+    def fails() -> None:
+        raise RuntimeError("a bug in one piece of work")
+
+    with answering() as deferred:
+        after_answer(fails)
+        after_answer(lambda: deferred.add(lambda: done.append("left by the work")))
+        after_answer(lambda: done.append("second"))
+    deferred.run()
+    assert done == ["second", "left by the work"]
+
+
+def test_a_calls_inner_scope_ends_with_it() -> None:
+    done: list[str] = []
+    with answering() as outer:
+        with answering() as inner:
+            after_answer(lambda: done.append("inner"))
+        after_answer(lambda: done.append("outer"))
+    assert bool(inner) and bool(outer) and done == []
+    outer.run()
+    assert done == ["outer"]
+
+
+def _written(directory: Path) -> int:
+    return sum(segment.stat().st_size for segment in directory.glob(f"*{SEGMENT_SUFFIX}"))
+
+
+def test_an_event_published_in_a_call_is_written_once_the_call_is_answered(tmp_path: Path) -> None:
+    journal = EventJournal(tmp_path)
+    journal.open()
+    try:
+        journal.publish(EventKind.CELL_ALLOCATED, cell="before")
+        assert journal.flush(timeout=10)
+        size = _written(tmp_path)
+        with answering() as deferred:
+            sequence = journal.publish(EventKind.CELL_ALLOCATED, cell="in-a-call")
+        # Nothing woke the writer: the event is numbered but neither on disk nor readable.
+        time.sleep(0.2)
+        assert journal.last_sequence == sequence - 1
+        assert _written(tmp_path) == size
+        deferred.run()
+        deadline = time.monotonic() + 10
+        while journal.last_sequence < sequence and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert journal.last_sequence == sequence
+        assert _written(tmp_path) > size
+    finally:
+        journal.close()
+
+
+def test_a_flush_in_a_call_writes_what_the_call_published(tmp_path: Path) -> None:
+    journal = EventJournal(tmp_path)
+    journal.open()
+    try:
+        with answering():
+            sequence = journal.publish(EventKind.CELL_FREED, cell="in-a-call")
+            began = time.monotonic()
+            assert journal.flush(timeout=10)
+            assert time.monotonic() - began < 5  # woken by the flush, not by the timeout
+            assert journal.last_sequence == sequence
+    finally:
+        journal.close()
