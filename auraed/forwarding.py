@@ -24,8 +24,7 @@ from typing import Any
 
 import grpc
 
-from auraed.identity import peer_identity_of
-from auraed.interceptors import Handler, HandlerWrapper, _with
+from auraed.interceptors import Handler, HandlerWrapper, _with, caller_of
 
 log = logging.getLogger("auraed.forwarding")
 
@@ -113,7 +112,7 @@ def _address(context: grpc.ServicerContext) -> tuple[str | None, list[tuple[str,
             relayed.append((key, value))
     if target is None:
         return None, relayed
-    caller = str(peer_identity_of(context))
+    caller = str(caller_of(context))
     relayed.append((FORWARDED_FOR_KEY, f"{forwarded_for},{caller}" if forwarded_for else caller))
     return target, relayed
 

@@ -1,13 +1,14 @@
 """Work left until a call's answer (auraed.runtime.deferred): run once, in order, after the
 call; the event journal's writer, woken that way, writes a call's events only then, and a
-flush inside the call does not wait for it."""
+flush inside the call does not wait for it; a routine log line keeps the time it was logged."""
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
-from auraed.runtime.deferred import after_answer, answering
+from auraed.runtime.deferred import after_answer, answering, log_after_answer
 from auraed.runtime.events import SEGMENT_SUFFIX, EventJournal, EventKind
 
 
@@ -102,3 +103,31 @@ def test_a_flush_in_a_call_writes_what_the_call_published(tmp_path: Path) -> Non
             assert journal.last_sequence == sequence
     finally:
         journal.close()
+
+
+def test_a_routine_line_logged_in_a_call_is_written_after_it_with_its_own_time() -> None:
+    written: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            written.append(record)
+
+    logger = logging.getLogger("auraed.test.after_answer")
+    logger.addHandler(Keep())
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        with answering() as deferred:
+            logged_at = time.time()
+            log_after_answer(logger, "executable started", executable="web", pid=42)
+        assert written == []
+        time.sleep(0.05)
+        deferred.run()
+        (record,) = written
+        assert record.getMessage() == "executable started"
+        assert record.executable == "web" and record.pid == 42  # type: ignore[attr-defined]
+        assert abs(record.created - logged_at) < 0.04  # when it was logged, not written
+        log_after_answer(logger, "cell freed", cell="c")  # outside a call: at once
+        assert [r.getMessage() for r in written] == ["executable started", "cell freed"]
+    finally:
+        logger.handlers.clear()

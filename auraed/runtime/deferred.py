@@ -6,7 +6,8 @@ the call for the interpreter until the answer is out. So a call's handler that h
 another thread that no answer depends on (the event journal's writer, the audit log's) leaves the
 wake-up to `after_answer`; the server runs what was left (auraed.interceptors.AfterAnswer) once
 the call's answer is sent, or at once when the call is over already. Outside a call (a spawner's
-exit report, a restart policy's timer) the work runs at once.
+exit report, a restart policy's timer) the work runs at once. A call's routine log line
+(`log_after_answer`) is written then too, with the time it was logged at.
 
 This knows nothing of gRPC: a call is the body of `answering()` on the thread that serves it.
 """
@@ -17,6 +18,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 
 log = logging.getLogger(__name__)
 
@@ -71,3 +73,12 @@ def after_answer(work: Callable[[], None]) -> None:
         work()
     else:
         deferred.add(work)
+
+
+def log_after_answer(logger: logging.Logger, message: str, **context: object) -> None:
+    """An info line, made now (its time is now) and written once the call's answer is out.
+    Only routine lines: what may explain a crash is logged at once."""
+    if logger.isEnabledFor(logging.INFO):
+        record = logger.makeRecord(logger.name, logging.INFO, "(unknown file)", 0, message, (),
+                                   None, extra=context)
+        after_answer(partial(logger.handle, record))

@@ -79,6 +79,7 @@ from auraed.output import OutputLog
 from auraed.output.log import continuation
 from auraed.runtime import restore
 from auraed.runtime.containers import Containers, ContainerSpec, NotAdoptable
+from auraed.runtime.deferred import log_after_answer
 from auraed.runtime.events import EventJournal
 from auraed.runtime.executables import Executable, ExecutableKey, check_command, check_identity
 from auraed.runtime.names import CellName
@@ -675,8 +676,8 @@ class Workloads:
             self._changed(name)
             self.events.cell_allocated(name)
             self._keep_record(cell)
-        log.info("cell allocated", extra={"cell": name.path,
-                                          "namespaces": ",".join(sorted(spec.unshared))})
+        log_after_answer(log, "cell allocated", cell=name.path,
+                         namespaces=",".join(sorted(spec.unshared)))
         return cell
 
     def update(self, name: CellName, spec: CellSpec) -> CellSpec:
@@ -930,7 +931,7 @@ class Workloads:
         finally:
             for member in subtree:
                 member.freed.set()
-        log.info("cell freed", extra={"cell": name.path})
+        log_after_answer(log, "cell freed", cell=name.path)
 
     def _end_holders(self, cells: list[Cell]) -> None:
         """Kill the pid 1 (or pause process) of each cell; the kernel then ends
@@ -1101,10 +1102,8 @@ class Workloads:
             registry[name] = executable
             self._stopped.pop(key, None)
             self._changed(cell_name)
-        log.info(
-            "executable started",
-            extra={"cell": str(cell_name or ""), "executable": name, "pid": executable.process.host_pid},
-        )
+        log_after_answer(log, "executable started", cell=str(cell_name or ""), executable=name,
+                         pid=executable.process.host_pid)
         return executable
 
     def stop_executable(self, cell_name: CellName | None, name: str, grace: float | None = None,
@@ -1139,7 +1138,7 @@ class Workloads:
                     self._stopped.popitem(last=False)
                 self.events.executable_stopped(executable)
                 self._changed(cell_name)
-        log.info("executable stopped", extra={"cell": str(cell_name or ""), "executable": name})
+        log_after_answer(log, "executable stopped", cell=str(cell_name or ""), executable=name)
         return executable
 
     def catch_up_output(self, executable: Executable) -> None:
