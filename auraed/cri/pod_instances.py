@@ -64,7 +64,14 @@ from auraed.errors import (
 )
 from auraed.images import Image, ImageStore
 from auraed.kernel.cgroups import CgroupError, CgroupLimits
-from auraed.runtime.instances import CGROUP_LEAF, POD_PARENTS, Instance, Instances, InstanceSpec
+from auraed.runtime.instances import (
+    CGROUP_LEAF,
+    POD_PARENTS,
+    STANDBY_SOCKET,
+    Instance,
+    Instances,
+    InstanceSpec,
+)
 from auraed.runtime.names import CellName
 from auraed.runtime.workloads import CellSpec, Workloads
 
@@ -437,22 +444,35 @@ class PodInstances:
                                               "--image-store", str(self.store.root)))
 
     def _take_spare(self, isolate_process: bool, isolate_network: bool) -> Spare | None:
-        """A spare started ahead, if one matches: spares have the pod's own namespaces, so a
-        pod that shares the node's pid, ipc or network takes none."""
+        """A spare started ahead, if one matches and waits for its claim: spares have the
+        pod's own namespaces, so a pod that shares the node's pid, ipc or network takes none.
+        A spare still starting is left for the next pod: this one starts its own, which took
+        60-70 ms to the container's exit, against 110-120 ms waiting out the spare's start
+        (bench/containers.py, the interleaved pods; a spare's cell has SPARE_LIMITS until it
+        is claimed, and its start is the same work as a pod's own)."""
         if not (isolate_process and isolate_network):
             return None
         ended = []
         try:
             with self._lock:
                 while self._spares:
-                    spare = self._spares.pop(0)
+                    spare = self._spares[0]
                     if _running(spare.instance) and not spare.instance.ended.is_set():
-                        return spare
-                    ended.append(spare)
+                        if not self._on_standby(spare):
+                            # Still starting: claimed now, the pod would wait out the rest of
+                            # its start; it is left for the next pod.
+                            return None
+                        return self._spares.pop(0)
+                    ended.append(self._spares.pop(0))
         finally:
             for gone in ended:
                 self.closer.close(gone.channel, gone.connected)
         return None
+
+    def _on_standby(self, spare: Spare) -> bool:
+        """Whether the spare's daemon waits for its claim: its standby socket appears only
+        once it listens (auraed.runtime.standby)."""
+        return (self.instances.directory_of(spare.instance.name) / STANDBY_SOCKET).exists()
 
     def _claim(self, spare: Spare, spec: InstanceSpec) -> Instance | None:
         """The spare made the pod's instance; None (the spare freed) if it could not be."""

@@ -103,6 +103,35 @@ def test_a_spare_becomes_the_next_pod_with_its_place_limits_and_hostname(
             parents_freed(daemon.cgroup_root)
 
 
+def test_a_pod_that_comes_while_the_spare_still_starts_starts_its_own_and_leaves_the_spare(
+        busybox_image: tuple[Path, Path], cri_socket: Path, tmp_path: Path) -> None:  # noqa: F811
+    """A spare whose daemon does not wait for its claim yet (its standby socket is not at its
+    name, as before it listens) is not claimed: the pod gets an instance of its own, and the
+    next pod, once the spare waits, gets the spare."""
+    with running_daemon("--cri-socket", str(cri_socket)) as daemon:
+        _import(daemon, busybox_image[0])
+        with grpc.insecure_channel(f"unix:{cri_socket}") as channel:
+            runtime = cri_grpc.RuntimeServiceStub(channel)
+            first = _run(runtime, _sandbox("first", tmp_path))
+            _wait_for(lambda: len(_spares(daemon)) == 1, 120)
+            [spare] = _spares(daemon)
+            standby = daemon.runtime_dir / "instances" / spare / "standby.sock"
+            _wait_for(standby.exists, 120)
+            hidden = standby.with_name(".standby.sock.starting")
+            standby.rename(hidden)  # as the spare is before it listens
+            second = _run(runtime, _sandbox("second", tmp_path))
+            own = str(_pod_info(runtime, second)["instance"])
+            assert own != spare
+            assert _spares(daemon) == [spare]  # kept for the next pod
+            hidden.rename(standby)
+            third = _run(runtime, _sandbox("third", tmp_path))
+            assert _pod_info(runtime, third)["instance"] == spare
+            for sandbox_id in (first, second, third):
+                runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=sandbox_id),
+                                         timeout=120)
+            parents_freed(daemon.cgroup_root)
+
+
 def test_a_spare_listens_on_its_cri_socket_before_its_claim_and_answers_once_claimed(
         busybox_image: tuple[Path, Path], cri_socket: Path, tmp_path: Path) -> None:  # noqa: F811
     """The spare's CRI server is bound before the claim (mode 0600); a call made then is held
