@@ -11,8 +11,9 @@ on a workload) against its caller's budget and the daemon's (auraed.admission);
 beyond them the call gets RESOURCE_EXHAUSTED, and the refusal is audited.
 
 `AfterAnswer` runs what a unary call's handler left for after its answer
-(auraed.runtime.deferred: waking the event journal's and the audit log's
-writers) once grpcio has sent the answer.
+(auraed.runtime.deferred: waking the audit log's writer, and for the calls
+that answer at once, `PROMPT_UNARY`, the event journal's) once grpcio has
+sent the answer.
 
 `AuditTrail` times every mutating call (Allocate, Free, Start, Stop of cells
 and virtual machines) and records who did it to what, and how it ended.
@@ -78,6 +79,11 @@ AUDITED_TARGETS: dict[str, Callable[[Any], dict[str, str]]] = {
 
 # Unary calls that last as long as a workload lets them: they hold a thread like a stream.
 LONG_LIVED_UNARY = frozenset({_CELLS + "Wait", _CELLS + "Stop"})
+# Unary calls whose answer follows their own work at once (auraed.runtime.deferred.Deferred):
+# what they publish is written after their answer. The others (a VM's Start waits for its
+# guest, an instance's Spawn for its daemon) would hold their events back as long.
+PROMPT_UNARY = frozenset({_CELLS + "Allocate", _CELLS + "Free", _CELLS + "Start",
+                          _CELLS + "Stop", _CELLS + "Update"})
 
 
 def abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str,
@@ -281,9 +287,11 @@ class AfterAnswer(HandlerWrapper):
         if handler.unary_unary is None:
             return handler
 
+        prompt = method in PROMPT_UNARY
+
         def wrap(inner: Behavior) -> Behavior:
             def answered(request: Any, context: grpc.ServicerContext) -> Any:
-                with answering() as deferred:
+                with answering(prompt) as deferred:
                     try:
                         return inner(request, context)
                     finally:

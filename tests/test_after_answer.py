@@ -131,3 +131,20 @@ def test_a_routine_line_logged_in_a_call_is_written_after_it_with_its_own_time()
         assert [r.getMessage() for r in written] == ["executable started", "cell freed"]
     finally:
         logger.handlers.clear()
+
+
+def test_a_call_that_waits_on_something_else_does_not_hold_its_events_back(
+        tmp_path: Path) -> None:
+    """A VM's Start waits for its guest: what it publishes is written at once."""
+    journal = EventJournal(tmp_path)
+    journal.open()
+    try:
+        with answering(prompt=False) as deferred:
+            sequence = journal.publish(EventKind.CELL_ALLOCATED, cell="vm-a")
+            deadline = time.monotonic() + 10
+            while journal.last_sequence < sequence and time.monotonic() < deadline:
+                time.sleep(0.005)
+            assert journal.last_sequence == sequence  # before the call is answered
+        assert not deferred  # nothing left for its answer
+    finally:
+        journal.close()

@@ -5,7 +5,8 @@ Waking a thread that sleeps on the other CPU costs tens of microseconds on a vir
 the call for the interpreter until the answer is out. So a call's handler that has work for
 another thread that no answer depends on (the event journal's writer, the audit log's) leaves the
 wake-up to `after_answer`; the server runs what was left (auraed.interceptors.AfterAnswer) once
-the call's answer is sent, or at once when the call is over already. Outside a call (a spawner's
+the call's answer is sent, or at once when the call is over already. The journal's writer waits
+only for a call that answers as soon as its own work is done (Deferred.prompt). Outside a call (a spawner's
 exit report, a restart policy's timer) the work runs at once. A call's routine log line
 (`log_after_answer`) is written then too, with the time it was logged at.
 
@@ -26,12 +27,18 @@ _current = threading.local()
 
 
 class Deferred:
-    """The work one call left for after its answer; each callable once, in order."""
+    """The work one call left for after its answer; each callable once, in order.
 
-    __slots__ = ("_work",)
+    prompt: the call answers as soon as its own work is done. Only then do wake-ups that make
+    something durable or visible to others wait for its answer (`after_answer(durable=True)`):
+    a call that waits on something else first (a VM's guest, an instance's daemon) would hold
+    them for as long."""
 
-    def __init__(self) -> None:
+    __slots__ = ("_work", "prompt")
+
+    def __init__(self, prompt: bool = True) -> None:
         self._work: list[Callable[[], None]] = []
+        self.prompt = prompt
 
     def __bool__(self) -> bool:
         return bool(self._work)
@@ -54,10 +61,10 @@ class Deferred:
 
 
 @contextmanager
-def answering() -> Iterator[Deferred]:
+def answering(prompt: bool = True) -> Iterator[Deferred]:
     """While the body runs, `after_answer` on this thread adds to the Deferred yielded, which
-    whoever sends the answer runs once it is sent."""
-    deferred = Deferred()
+    whoever sends the answer runs once it is sent. prompt: see Deferred."""
+    deferred = Deferred(prompt)
     outer = getattr(_current, "deferred", None)
     _current.deferred = deferred
     try:
@@ -66,10 +73,12 @@ def answering() -> Iterator[Deferred]:
         _current.deferred = outer
 
 
-def after_answer(work: Callable[[], None]) -> None:
-    """Run `work` once the answer of the call this thread serves is sent; now, outside a call."""
+def after_answer(work: Callable[[], None], *, durable: bool = False) -> None:
+    """Run `work` once the answer of the call this thread serves is sent; now, outside a call.
+    durable: the work makes something durable or visible to others (the event journal's
+    writer), so it waits only for a prompt call's answer."""
     deferred: Deferred | None = getattr(_current, "deferred", None)
-    if deferred is None:
+    if deferred is None or (durable and not deferred.prompt):
         work()
     else:
         deferred.add(work)

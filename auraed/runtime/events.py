@@ -20,7 +20,7 @@ writer thread appends all that is queued with one write and one fdatasync, and o
 readers see them. A client therefore never sees an event a crash could take back, and a
 restarted daemon continues at the last durable number + 1 without reusing any number a client
 saw. The cost is one fsync per batch, not per event: under load batches grow. An event published
-while a call is served is written once that call's answer is out (auraed.runtime.deferred): the
+while a prompt call is served is written once that call's answer is out (auraed.runtime.deferred): the
 writer's wake-up then does not compete with the answer, and the window in which a SIGKILL loses
 a published event grows by the rest of the call, a fraction of a millisecond for a Start.
 
@@ -370,9 +370,10 @@ class EventJournal:
             sequence = self._next
             self._next += 1
             self._pending.append(Event(sequence, time.time(), kind, **fields))
-        # Inside a call, the writer is woken once the caller has its answer (auraed.runtime.
-        # deferred): the event's number is taken, and with it its order; only its write waits.
-        after_answer(self._wake_writer)
+        # Inside a prompt call, the writer is woken once the caller has its answer (auraed.
+        # runtime.deferred): the event's number is taken, and with it its order; only its
+        # write waits.
+        after_answer(self._wake_writer, durable=True)
         return sequence
 
     def _wake_writer(self) -> None:
