@@ -124,9 +124,9 @@ _caller = threading.local()
 
 def caller_of(context: grpc.ServicerContext) -> PeerIdentity:
     """The peer identity of the call `context` belongs to, parsed once per call."""
-    known = getattr(_caller, "call", None)
+    known: tuple[grpc.ServicerContext, PeerIdentity] | None = getattr(_caller, "call", None)
     if known is not None and known[0] is context:
-        return known[1]  # type: ignore[no-any-return]
+        return known[1]
     identity = peer_identity_of(context)
     _caller.call = (context, identity)
     return identity

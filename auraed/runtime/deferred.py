@@ -3,12 +3,13 @@
 Waking a thread that sleeps on the other CPU costs tens of microseconds on a virtual machine
 (an interprocessor interrupt the hypervisor delivers), and the thread woken then competes with
 the call for the interpreter until the answer is out. So a call's handler that has work for
-another thread that no answer depends on (the event journal's writer, the audit log's) leaves the
-wake-up to `after_answer`; the server runs what was left (auraed.interceptors.AfterAnswer) once
-the call's answer is sent, or at once when the call is over already. The journal's writer waits
-only for a call that answers as soon as its own work is done (Deferred.prompt). Outside a call (a spawner's
-exit report, a restart policy's timer) the work runs at once. A call's routine log line
-(`log_after_answer`) is written then too, with the time it was logged at.
+another thread that no answer depends on (the event journal's writer, the audit log's, the
+spare scopes' thread) leaves the wake-up to `after_answer`; the server runs what was left
+(auraed.interceptors.AfterAnswer) once the call's answer is sent, or at once when the call is
+over already. The journal's writer waits only for a call that answers as soon as its own work
+is done (Deferred.prompt). Outside a call (a spawner's exit report, a restart policy's timer)
+the work runs at once. A call's routine log line (`log_after_answer`) is written after the
+answer too, with the time it was logged at.
 
 This knows nothing of gRPC: a call is the body of `answering()` on the thread that serves it.
 """

@@ -20,9 +20,10 @@ writer thread appends all that is queued with one write and one fdatasync, and o
 readers see them. A client therefore never sees an event a crash could take back, and a
 restarted daemon continues at the last durable number + 1 without reusing any number a client
 saw. The cost is one fsync per batch, not per event: under load batches grow. An event published
-while a prompt call is served is written once that call's answer is out (auraed.runtime.deferred): the
-writer's wake-up then does not compete with the answer, and the window in which a SIGKILL loses
-a published event grows by the rest of the call, a fraction of a millisecond for a Start.
+while a prompt call is served is written once that call's answer is out (auraed.runtime.
+deferred): the writer's wake-up then does not compete with the answer, and the window in which a
+SIGKILL loses a published event grows by the rest of the call, a fraction of a millisecond for
+a Start.
 
 Torn tail: on open each segment is read record by record; the first record that is short, runs
 past the end of the file, fails its CRC or breaks the sequence ends it, and the file is

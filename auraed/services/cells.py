@@ -11,6 +11,7 @@ from aurae_sdk.wire.generated.pb.cells import cells_pb2 as pb
 from auraed.errors import InvalidArgument, Unimplemented
 from auraed.generated.cells import CellServiceBase
 from auraed.runtime.containers import Containers, ContainerSpec
+from auraed.runtime.deferred import after_answer
 from auraed.runtime.executables import Executable
 from auraed.runtime.metrics import CellUsage, cell_usage
 from auraed.runtime.names import CellName
@@ -23,13 +24,10 @@ from auraed.validation import cells as valid
 _WAIT_SLICE = 0.5
 
 
-def _hold_until_answered(workloads: Workloads, context: grpc.ServicerContext) -> None:
-    """Make no spare scope (SpareScopes.hold) until this call's answer is sent. (The event
-    journal's writer is woken after the answer too, by auraed.runtime.deferred.)"""
-    release = workloads.spare_scopes.hold()
-    # Run by grpcio once the call is over, however it ended; False if it is over already.
-    if not context.add_callback(release):
-        release()
+def _hold_until_answered(workloads: Workloads) -> None:
+    """Make no spare scope (SpareScopes.hold) until this call's answer is sent (released by
+    auraed.runtime.deferred, as the event journal's writer is woken)."""
+    after_answer(workloads.spare_scopes.hold())
 
 
 def cell_message(name: CellName, spec: CellSpec) -> pb.Cell:
@@ -121,7 +119,7 @@ class CellService(CellServiceBase):
 
     def start(self, request: pb.CellServiceStartRequest,
               context: grpc.ServicerContext) -> pb.CellServiceStartResponse:
-        _hold_until_answered(self.workloads, context)
+        _hold_until_answered(self.workloads)
         start = valid.executable_start(request)
         # validated before a container is prepared
         container = self._container(request, start.uid, start.gid)
