@@ -157,6 +157,7 @@ class Spare:
     instance: Instance
     channel: grpc.Channel
     connected: grpc.Future[None]
+    started: float = field(default_factory=time.monotonic)
 
 
 class ChannelCloser:
@@ -449,24 +450,34 @@ class PodInstances:
         A spare still starting is left for the next pod: this one starts its own, which took
         60-70 ms to the container's exit, against 110-120 ms waiting out the spare's start
         (bench/containers.py, the interleaved pods; a spare's cell has SPARE_LIMITS until it
-        is claimed, and its start is the same work as a pod's own)."""
+        is claimed, and its start is the same work as a pod's own). One that has not come to
+        wait within READY_TIMEOUT is freed, and the refill starts another."""
         if not (isolate_process and isolate_network):
             return None
-        ended = []
+        ended: list[Spare] = []
+        stuck: list[Spare] = []
         try:
             with self._lock:
                 while self._spares:
-                    spare = self._spares[0]
-                    if _running(spare.instance) and not spare.instance.ended.is_set():
-                        if not self._on_standby(spare):
-                            # Still starting: claimed now, the pod would wait out the rest of
-                            # its start; it is left for the next pod.
-                            return None
-                        return self._spares.pop(0)
-                    ended.append(self._spares.pop(0))
+                    spare = self._spares.pop(0)
+                    if not _running(spare.instance) or spare.instance.ended.is_set():
+                        ended.append(spare)
+                    elif self._on_standby(spare):
+                        return spare
+                    elif time.monotonic() - spare.started < READY_TIMEOUT:
+                        # Still starting: claimed now, the pod would wait out the rest of its
+                        # start; it is left for the next pod.
+                        self._spares.insert(0, spare)
+                        return None
+                    else:
+                        stuck.append(spare)  # never came to wait: replaced, not kept forever
         finally:
-            for gone in ended:
+            for gone in ended + stuck:
                 self.closer.close(gone.channel, gone.connected)
+            for gone in stuck:
+                log.warning("a spare pod instance did not come to wait for its claim; freed",
+                            extra={"instance": gone.instance.name})
+                self._free_instance(gone.instance.name, kill=True)
         return None
 
     def _on_standby(self, spare: Spare) -> bool:
