@@ -64,6 +64,14 @@ def test_a_calls_inner_scope_ends_with_it() -> None:
     assert done == ["outer"]
 
 
+def _readable(journal: EventJournal, sequence: int, timeout: float = 10.0) -> bool:
+    """Whether readers see event `sequence` within `timeout`."""
+    deadline = time.monotonic() + timeout
+    while journal.last_sequence < sequence and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return journal.last_sequence >= sequence
+
+
 def _written(directory: Path) -> int:
     return sum(segment.stat().st_size for segment in directory.glob(f"*{SEGMENT_SUFFIX}"))
 
@@ -82,10 +90,7 @@ def test_an_event_published_in_a_call_is_written_once_the_call_is_answered(tmp_p
         assert journal.last_sequence == sequence - 1
         assert _written(tmp_path) == size
         deferred.run()
-        deadline = time.monotonic() + 10
-        while journal.last_sequence < sequence and time.monotonic() < deadline:
-            time.sleep(0.005)
-        assert journal.last_sequence == sequence
+        assert _readable(journal, sequence)
         assert _written(tmp_path) > size
     finally:
         journal.close()
@@ -141,10 +146,7 @@ def test_a_call_that_waits_on_something_else_does_not_hold_its_events_back(
     try:
         with answering(prompt=False) as deferred:
             sequence = journal.publish(EventKind.CELL_ALLOCATED, cell="vm-a")
-            deadline = time.monotonic() + 10
-            while journal.last_sequence < sequence and time.monotonic() < deadline:
-                time.sleep(0.005)
-            assert journal.last_sequence == sequence  # before the call is answered
+            assert _readable(journal, sequence)  # before the call is answered
         assert not deferred  # nothing left for its answer
     finally:
         journal.close()
