@@ -65,11 +65,11 @@ def test_a_calls_inner_scope_ends_with_it() -> None:
 
 
 def _readable(journal: EventJournal, sequence: int, timeout: float = 10.0) -> bool:
-    """Whether readers see event `sequence` within `timeout`."""
+    """Whether readers see event `sequence`, and nothing after it, within `timeout`."""
     deadline = time.monotonic() + timeout
     while journal.last_sequence < sequence and time.monotonic() < deadline:
         time.sleep(0.005)
-    return journal.last_sequence >= sequence
+    return journal.last_sequence == sequence
 
 
 def _written(directory: Path) -> int:
