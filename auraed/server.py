@@ -95,7 +95,7 @@ GC_THRESHOLDS = (50_000, 20, 100)
 # Threads no long-lived call may take (auraed.admission): List, Check, Allocate... always find
 # one. Short calls end in milliseconds, so a few dozen keep up with any number of clients.
 SHORT_CALL_WORKERS = 32
-# What the daemon of a pod's instance imports to serve the CRI (Daemon._serve_cri, pods as
+# What the daemon of a pod's instance imports to serve the CRI (Daemon._make_cri, pods as
 # cells): the instances' template imports it once when pods are instances, where each pod's
 # daemon imported it after the fork (40 ms of each pod's start on a loaded machine, and pages
 # of its own).
@@ -552,10 +552,6 @@ class Daemon:
         self._open_images()
         # Before the claim: the CRI's server depends on nothing the claim says.
         self._listen_cri()
-        settled = None
-        if settings.standby is not None:
-            settings, settled = self._await_claim(settings.standby)
-            self.settings = settings
         try:
             backend = wired.detect_backend(root_name=settings.cgroup_root,
                                            mount_root=settings.cgroup_mount)
@@ -568,6 +564,20 @@ class Daemon:
                                           containers=self._containers,
                                           spawner_seed=self._spawner_seed)
         self._workloads.on_spawner_lost = self._spawner_lost
+        settled = None
+        if settings.standby is not None:
+            # A spare makes its parts and registers its services before its claim: what comes
+            # after the claim is a pod's start, and none of this depends on the one thing the
+            # claim says, where its cgroup subtree is. Nothing may touch cgroups until then.
+            backend.await_placement()
+            self._make_parts(server)
+            try:
+                settings, settled = self._await_claim(settings.standby)
+            except StartupError:
+                self._workloads = self._instances = None  # _cleanup: the seed and template
+                raise
+            self.settings = settings
+            self._workloads.relocate(settings.cgroup_root)
         try:
             self._workloads.start(settled=settled)
         except wired.SpawnerRefused as refused:
@@ -576,13 +586,24 @@ class Daemon:
         except StartupError:
             # A spare let go before its processes moved: no spawner started (the seed is
             # discarded); the host removes the cell with the subtree made in it.
-            self._workloads = None
+            self._workloads = self._instances = None
             raise
         # What the start reported (cleaned up, adopted) is readable once we serve.
         self._events.flush()
         if self._metrics_address is not None:
             self._start_metrics(self._metrics_address)
-        assert self._certificate is not None
+        if settled is None:
+            self._make_parts(server)
+        self._start_parts()
+
+    def _make_parts(self, server: grpc.Server) -> None:
+        """The parts built on the workloads, and every service registered (on `server`, or on
+        what holds calls back until the daemon is wired): nothing here starts or touches the
+        kernel; _start_parts does, once the workloads have started."""
+        from auraed import wired
+
+        settings = self.settings
+        assert self._workloads is not None and self._certificate is not None
         self._instances = wired.Instances(
             self._workloads, runtime_dir=settings.runtime_dir, library_dir=settings.library_dir,
             cgroup_mount=settings.cgroup_mount,
@@ -591,10 +612,8 @@ class Daemon:
             forwarded_calls=settings.budget.total + settings.budget.operators,
             template=self._template,
             preload=POD_DAEMON_MODULES if self._pods_are_instances else ())
-        self._instances.remove_stale()
-
-        self._open_vms(self._workloads)
-        self._serve_cri()
+        self._make_vms(self._workloads)
+        self._make_cri()
         early = {HealthService.SERVICE, DiscoveryService.SERVICE}
         services = assemble_servicers(self._servicers(self._workloads))
         target = self._pending if self._pending is not None else server
@@ -604,6 +623,14 @@ class Daemon:
         wired.reflection.enable_server_reflection(  # type: ignore[no-untyped-call]
             [*(s.SERVICE for s in services), wired.reflection.SERVICE_NAME], target
         )
+
+    def _start_parts(self) -> None:
+        """What the parts take back or clean from a previous run, after Workloads.start (which
+        adopted or cleaned the cells); then the CRI's calls, held back until now, run."""
+        assert self._instances is not None and self._vms is not None
+        self._instances.remove_stale()
+        self._vms.start()
+        self._serve_cri()
 
     def _servicers(self, workloads: Workloads) -> list[Servicer]:
         """The servicers that need the daemon's parts: one line each, and the only place a
@@ -624,7 +651,7 @@ class Daemon:
         ]
 
     # ------------------------------------------------------------ virtual machines (issue 13)
-    def _open_vms(self, workloads: Workloads) -> None:
+    def _make_vms(self, workloads: Workloads) -> None:
         settings = self.settings
         from auraed.wired import VirtualMachines, VmSettings
 
@@ -635,7 +662,6 @@ class Daemon:
             grace_period=settings.vm_grace_period, authz_policy=settings.authz_policy,
             health_timeout=settings.vm_health_timeout,
             tap_registry=settings.library_dir / "vm-taps"))
-        self._vms.start()
 
     def _vm_servicers(self) -> list[Servicer]:
         assert self._vms is not None
@@ -677,13 +703,14 @@ class Daemon:
         except CriSocketError as error:
             raise StartupError(str(error)) from None
 
-    def _serve_cri(self) -> None:
-        """kubelet's runtime.v1 services on --cri-socket, when given: pods as spawned
-        instances (auraed.cri.pod_instances), or, in a pod instance's daemon, as its cells
+    def _make_cri(self) -> None:
+        """kubelet's runtime.v1 services on --cri-socket, when given, registered behind its
+        server (calls wait until _serve_cri): pods as spawned instances
+        (auraed.cri.pod_instances), or, in a pod instance's daemon, as its cells
         (auraed.cri.pods)."""
         if self._cri_pending is None:
             return
-        from auraed.cri.server import wire_cri
+        from auraed.cri.server import register_cri
         from auraed.cri.service import CriImageService
 
         assert self._workloads is not None and self._containers is not None
@@ -704,12 +731,21 @@ class Daemon:
             self._pods = PodInstances(self._instances, self._workloads, self._images,
                                       PodRecords(self.settings.library_dir / CRI_PODS_DIR),
                                       spares=self.settings.cri_pod_spares)
+            runtime = CriPodInstanceService(self._pods, ready=ready)
+        register_cri(self._cri_pending, runtime, CriImageService(self._images))
+
+    def _serve_cri(self) -> None:
+        """The CRI's calls run from now on (a host's pods restored from their records first)."""
+        if self._cri_pending is None:
+            return
+        from auraed.cri.pod_instances import PodInstances
+
+        if isinstance(self._pods, PodInstances):
             try:
                 self._pods.open()
             except OSError as error:
                 raise StartupError(f"CRI pod records: {error}") from None
-            runtime = CriPodInstanceService(self._pods, ready=ready)
-        wire_cri(self._cri_pending, runtime, CriImageService(self._images))
+        self._cri_pending.wired()
         log.info("CRI serving", extra={"cri_socket": str(self.settings.cri_socket),
                                        "pods": self.settings.cri_pods})
 

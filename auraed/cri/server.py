@@ -48,8 +48,8 @@ def _prepare(path: Path) -> None:
 def listen_cri(path: Path, *, max_workers: int = 32) -> tuple[grpc.Server, PendingServices]:
     """Serve the CRI on `path` before its services exist: they need the daemon's cgroup subtree,
     which a spare learns only at its claim, and a server built and bound after the claim was
-    30-60 ms of a pod's start. Calls wait (PendingServices, bounded) until `wire_cri` registers
-    the services. The caller stops the server and removes the file."""
+    30-60 ms of a pod's start. Calls wait (PendingServices, bounded) until the services are
+    registered (`register_cri`) and wired. The caller stops the server and removes the file."""
     _prepare(path)
     pending = PendingServices()
     server = grpc.server(
@@ -71,8 +71,9 @@ def listen_cri(path: Path, *, max_workers: int = 32) -> tuple[grpc.Server, Pendi
     return server, pending
 
 
-def wire_cri(pending: PendingServices, runtime: object, images: CriImageService) -> None:
-    """The services behind a server `listen_cri` started; the calls held back then run."""
+def register_cri(pending: PendingServices, runtime: object, images: CriImageService) -> None:
+    """The services behind a server `listen_cri` started; the calls held back run once the
+    caller says `pending.wired()`."""
     # The services define the RPCs they implement and answer UNIMPLEMENTED for the rest
     # (see auraed.cri.service), without subclassing the generated abstract servicers.
     target = cast(grpc.Server, pending)  # a registration target, as a server is
@@ -80,4 +81,3 @@ def wire_cri(pending: PendingServices, runtime: object, images: CriImageService)
                                                   target)
     cri_grpc.add_ImageServiceServicer_to_server(cast(cri_grpc.ImageServiceServicer, images),
                                                 target)
-    pending.wired()

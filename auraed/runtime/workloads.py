@@ -296,6 +296,12 @@ class Workloads:
 
     # ------------------------------------------------------------------ lifecycle
 
+    def relocate(self, root_name: str) -> None:
+        """Take the cgroup subtree at `root_name`, before start(): a spare daemon's workloads
+        are made before its claim says where they live (CgroupBackend.await_placement)."""
+        self.backend.relocate(root_name)
+        self._spawner.join_at(self.backend.join_files(None))
+
     def start(self, *, settled: Callable[[], None] | None = None) -> None:
         """Prepare the cgroup subtree and the spawner: adopt the workloads of a spawner that
         outlived the previous daemon, or, with none, clear what a previous run left and start

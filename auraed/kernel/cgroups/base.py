@@ -150,11 +150,34 @@ class CgroupBackend(ABC):
         # making the scope (measured).
         self._host_fds: dict[Hierarchy, int] = {}
         self._removals = RemovalWatch(PROCS_LEAF)
+        self._placed = True
 
     # --- lifecycle of the daemon's subtree ---
 
+    def await_placement(self) -> None:
+        """Refuse every operation until relocate() names the root: a spare daemon is built
+        before its claim tells it where its subtree is, and must not touch the one its
+        settings name meanwhile."""
+        if self._root_fds:
+            raise RuntimeError("the backend's root is in use already")
+        self._placed = False
+
+    def relocate(self, root_name: str) -> None:
+        """Take `root_name` as the root, before setup()."""
+        if self._root_fds:
+            raise RuntimeError("the backend's root is in use already")
+        if not _ROOT_NAME.fullmatch(root_name):
+            raise ValueError(f"{root_name!r} cannot name a cgroup directory")
+        self.root_name, self._placed = root_name, True
+
+    def _check_placed(self) -> None:
+        if not self._placed:
+            raise CgroupError("the cgroup root is not known yet (a spare daemon before its "
+                              "claim)")
+
     def setup(self) -> None:
         """Create the daemon's root and host leaf in every hierarchy; keep them if they exist."""
+        self._check_placed()
         for hierarchy in self._hierarchies:
             self._ensure(hierarchy, ())
             # Processes live in its scopes, not in it: on v2 it hands controllers down to them.
@@ -325,6 +348,7 @@ class CgroupBackend(ABC):
         return self._removals.version
 
     def _exists(self, hierarchy: Hierarchy, components: Components) -> bool:
+        self._check_placed()
         root_fd = self._root_fds.get(hierarchy)
         try:
             if root_fd is None:
@@ -730,6 +754,7 @@ class CgroupBackend(ABC):
 
     def _open_fd(self, hierarchy: Hierarchy, full: Components) -> int:
         """An fd on the cgroup at `full` (root name included); may raise FileNotFoundError."""
+        self._check_placed()
         root_fd = self._root_fds.get(hierarchy)
         if root_fd is None or not full:
             return cgroupfs.open_cgroup(hierarchy, full)

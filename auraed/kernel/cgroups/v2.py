@@ -41,6 +41,7 @@ class CgroupV2Backend(CgroupBackend):
         self.controllers = tuple(c for c in CONTROLLERS if c in available)
 
     def setup(self) -> None:
+        self._check_placed()
         # Our root only gets the controllers its parent hands down.
         fd = cgroupfs.open_cgroup(self._unified, ())
         try:

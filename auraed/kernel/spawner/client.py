@@ -26,7 +26,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
@@ -187,6 +187,12 @@ class Spawner:
         if self._spawner_pid is None:
             raise SpawnerClosed("the spawner was not started")
         return self._spawner_pid
+
+    def join_at(self, cgroup_join: Iterable[str]) -> None:
+        """Where the spawner joins its cgroups (the files start() passes it), before start()."""
+        if self._spawner_pid is not None:
+            raise RuntimeError("the spawner was already started")
+        self._cgroup_join = tuple(cgroup_join)
 
     def start(self, ready_timeout: float = 10.0) -> None:
         """Launch the spawner and wait until it is ready."""
