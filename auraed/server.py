@@ -579,7 +579,7 @@ class Daemon:
             self.settings = settings
             self._workloads.relocate(settings.cgroup_root)
         try:
-            self._workloads.start(settled=settled)
+            self._workloads.start(settled=settled, fresh=settled is not None)
         except wired.SpawnerRefused as refused:
             self._workloads = None
             raise StartupError(f"{refused}. The workloads it holds were left alone.") from None

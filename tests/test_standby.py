@@ -74,7 +74,9 @@ def test_a_spare_that_listens_late_gets_its_claim_and_the_move_at_once(tmp_path:
     with offer_claim(path, Claim("aurae/instance-y/auraed"), 10) as offer:
         offer.send()  # nobody listens yet: the claim waits for the offer's end
         assert not offer.sent
-        threading.Timer(0.1, spare.start).start()
+        # Not spare.start(): it waits for the socket to appear, and a claim this quick may
+        # take it and remove it before that wait looks.
+        threading.Timer(0.1, spare.thread.start).start()
     spare.join()
     assert spare.error is None and spare.claim is not None
     assert spare.claim.cgroup_root == "aurae/instance-y/auraed"
