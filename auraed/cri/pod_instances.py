@@ -629,17 +629,20 @@ class PodInstances:
         self._stop(pod, keep=True)
 
     def _stop(self, pod: Pod, *, keep: bool) -> None:
-        """keep: record the containers' last statuses (StopPodSandbox); a RemovePodSandbox
-        forgets them right after, so it neither asks the instance for them nor rewrites the
-        record it removes."""
+        """keep: have the instance stop the containers (their logs drained into kubelet's
+        files) and record their last statuses (StopPodSandbox). A RemovePodSandbox forgets
+        them right after: the end of the instance kills them as its StopPodSandbox would (with
+        no grace: a sandbox's stop gives none), so it neither asks the instance to stop them
+        (5 ms of each pod's removal, measured) nor rewrites the record it removes."""
         if pod.live:
             assert pod.stub is not None
-            try:
-                _call(pod.stub.StopPodSandbox, cri.StopPodSandboxRequest(pod_sandbox_id=pod.id))
-            except RuntimeFault as fault:
-                log.warning("the pod's instance did not stop its containers; freeing it",
-                            extra={"sandbox": pod.id, "error": fault.message})
             if keep:
+                try:
+                    _call(pod.stub.StopPodSandbox,
+                          cri.StopPodSandboxRequest(pod_sandbox_id=pod.id))
+                except RuntimeFault as fault:
+                    log.warning("the pod's instance did not stop its containers; freeing it",
+                                extra={"sandbox": pod.id, "error": fault.message})
                 self._snapshot(pod)
             self._end_instance(pod)
         with self._lock:
