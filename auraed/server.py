@@ -738,9 +738,10 @@ class Daemon:
         """The CRI's calls run from now on (a host's pods restored from their records first)."""
         if self._cri_pending is None:
             return
-        from auraed.cri.pod_instances import PodInstances
+        if self._pods_are_instances:
+            from auraed.cri.pod_instances import PodInstances
 
-        if isinstance(self._pods, PodInstances):
+            assert isinstance(self._pods, PodInstances)
             try:
                 self._pods.open()
             except OSError as error:

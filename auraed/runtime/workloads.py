@@ -317,18 +317,9 @@ class Workloads:
         self.backend.setup()
         self._devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
         self._restarts.start()
-        if fresh:
-            if self._containers is not None:
-                self._containers.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-            self.events.daemon_started(cleaned_cells=[], cleaned_containers=[])
-            self._log_root.mkdir(parents=True, exist_ok=True)
-            if settled is not None:
-                settled()
-            self._spawner.start()
-            self.spare_scopes.start()
-            return
         began = time.monotonic()
-        adoption = self._spawner.attach() if self._spawner_socket is not None else None
+        adoption = (self._spawner.attach() if self._spawner_socket is not None and not fresh
+                    else None)
         if adoption is not None:
             if settled is not None:
                 settled()
@@ -336,13 +327,14 @@ class Workloads:
             self.backend.remove_spare_scopes()  # an earlier daemon's, had it no time to
             self.spare_scopes.start()
             return
-        stale = self.backend.existing_cells()
+        stale = [] if fresh else self.backend.existing_cells()
         if stale:
             # Without a spawner to adopt from, their supervisor, pipes and exit statuses are
             # gone (both were killed): clean up; see docs/daemon.md.
             log.warning("removing cells left by a previous run", extra={
                 "cells": ",".join(stale), "processes_killed": self._count_processes(stale)})
-        self.backend.cleanup_stale()
+        if not fresh:
+            self.backend.cleanup_stale()
         # After the cells: their processes held the containers' mounts.
         containers = self._containers.start() if self._containers is not None else []
         if containers:

@@ -65,6 +65,7 @@ def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
             raise AssertionError("condition not met in time")
         time.sleep(0.01)
 
+
 def assert_spawner_came_back(spawner: Spawner) -> None:
     """The spawner is back in its own namespaces once it is idle. Not at every instant: after
     answering, a spawner that forks its holders refills its spare, and for that fork it is in
@@ -78,7 +79,6 @@ def assert_spawner_came_back(spawner: Spawner) -> None:
     with contextlib.suppress(AssertionError):
         wait_until(lambda: not different())
     assert different() == []
-
 
 
 def alive(pid: int) -> bool:
