@@ -18,6 +18,7 @@ import pytest
 
 from auraed.kernel.cgroups import (
     CgroupBusy,
+    CgroupError,
     CgroupExists,
     CgroupLimits,
     CgroupNotFound,
@@ -51,7 +52,8 @@ def root_name() -> Iterator[str]:
     """A root of our own for this module; whatever happens, nothing of it may survive."""
     name = f"aurae-test-{secrets.token_hex(4)}"
     yield name
-    for root in (name, f"{name}-teardown"):  # the second is test_teardown_removes_everything's
+    # The others are test_teardown_removes_everything's and the placement test's.
+    for root in (name, f"{name}-teardown", f"{name}-claimed"):
         CgroupV1Backend(root).teardown()
     assert glob.glob(f"{MOUNT_ROOT}/*/{name}*") == []
 
@@ -343,6 +345,36 @@ def test_teardown_removes_everything(root_name: str, spawn_into: SpawnInto) -> N
     assert process.wait(timeout=1) == -signal.SIGKILL
     assert glob.glob(f"{MOUNT_ROOT}/*/{backend.root_name}") == []
     backend.teardown()  # idempotent
+
+
+def test_a_backend_awaiting_its_placement_touches_no_cgroup_until_relocated(
+        root_name: str, spawn_into: SpawnInto) -> None:
+    # A spare daemon's backend, built before its claim: its settings name a root (here one
+    # that exists, holding a cell) that it must neither read nor change.
+    placeholder = CgroupV1Backend(f"{root_name}-teardown")
+    placeholder.setup()
+    placeholder.create("a", CgroupLimits())
+    process = spawn_into(placeholder.join_files("a"))
+    spare = CgroupV1Backend(placeholder.root_name)
+    spare.await_placement()
+    for operation in (spare.setup, spare.cleanup_stale, spare.existing_cells,
+                      lambda: spare.create("b", CgroupLimits()), lambda: spare.remove("a")):
+        with pytest.raises(CgroupError, match="not known yet"):
+            operation()
+    assert process.poll() is None
+    assert sorted(p.name for p in cg("memory", placeholder.root_name).iterdir()
+                  if p.is_dir()) == ["_host", "a"]
+    # Its claim names its place: from then on it works there, and only there.
+    spare.relocate(f"{root_name}-claimed")
+    spare.setup()
+    spare.create("b", CgroupLimits())
+    assert cg("memory", f"{root_name}-claimed", "b").is_dir()
+    assert not cg("memory", placeholder.root_name, "b").exists()
+    with pytest.raises(RuntimeError):
+        spare.relocate(f"{root_name}-other")  # not once its root is in use
+    spare.teardown()
+    placeholder.teardown()
+    assert glob.glob(f"{MOUNT_ROOT}/*/{root_name}-claimed") == []
 
 
 def _fake_v1_mounts(tmp_path: Path) -> Path:
