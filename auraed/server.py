@@ -571,10 +571,13 @@ class Daemon:
             # claim says, where its cgroup subtree is. Nothing may touch cgroups until then.
             backend.await_placement()
             self._make_parts(server)
+            self._workloads.start_spawner_ahead()
+            self._spawner_seed = None  # the spawner's now
             try:
                 settings, settled = self._await_claim(settings.standby)
             except StartupError:
-                self._workloads = self._instances = None  # _cleanup: the seed and template
+                self._workloads.abandon()
+                self._workloads = self._instances = None  # _cleanup: the template
                 raise
             self.settings = settings
             self._workloads.relocate(settings.cgroup_root)
@@ -584,8 +587,9 @@ class Daemon:
             self._workloads = None
             raise StartupError(f"{refused}. The workloads it holds were left alone.") from None
         except StartupError:
-            # A spare let go before its processes moved: no spawner started (the seed is
-            # discarded); the host removes the cell with the subtree made in it.
+            # A spare let go before its processes moved: its spawner, started ahead, stops;
+            # the host removes the cell with the subtree made in it.
+            self._workloads.abandon()
             self._workloads = self._instances = None
             raise
         # What the start reported (cleaned up, adopted) is readable once we serve.

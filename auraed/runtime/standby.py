@@ -16,9 +16,9 @@ moves the spare's processes there while the spare, told its place, sets its host
 the instance's own uts namespace, the host is not) and makes its cgroup subtree: the move
 waits for an RCU grace period of the kernel's (the first cgroup.procs write after a quiet
 while; 6-16 ms on an idle machine, more under load), which the spare's own start then
-overlaps instead of following. The spare starts no process (its spawner, which joins the
-subtree) before "moved" (Claim.settled): a process moved by the host after it joined a cgroup
-of the subtree would land back in the cell's own leaf. A spare still starting when it is
+overlaps instead of following. The spare's spawner, started before the claim, joins the
+subtree only after "moved" (Claim.settled), and no workload starts before: a process moved by
+the host after it joined a cgroup of the subtree would land back in the cell's own leaf. A spare still starting when it is
 claimed (not listening yet) gets both lines once its processes have moved. A host that closes
 the socket before "moved" (the move failed, or the spare was freed) ends the spare's start.
 """

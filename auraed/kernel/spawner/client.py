@@ -48,6 +48,8 @@ from auraed.kernel.spawner.protocol import (
     Flushed,
     Forget,
     HolderRequest,
+    Join,
+    Joined,
     Keep,
     Message,
     Output,
@@ -124,14 +126,14 @@ class _PendingReply:
         # Followed from the reply on: the spawner writes them.
         self.outputs = outputs
         self._done = threading.Event()
-        self._reply: Spawned | Failed | Flushed | None = None
+        self._reply: Spawned | Failed | Flushed | Joined | None = None
 
-    def resolve(self, reply: Spawned | Failed | Flushed | None) -> None:
+    def resolve(self, reply: Spawned | Failed | Flushed | Joined | None) -> None:
         """reply None: the spawner went away before answering."""
         self._reply = reply
         self._done.set()
 
-    def wait(self, timeout: float) -> Spawned | Failed | Flushed | None:
+    def wait(self, timeout: float) -> Spawned | Failed | Flushed | Joined | None:
         if not self._done.wait(timeout):
             raise TimeoutError("the spawner did not answer in time")
         return self._reply
@@ -189,10 +191,34 @@ class Spawner:
         return self._spawner_pid
 
     def join_at(self, cgroup_join: Iterable[str]) -> None:
-        """Where the spawner joins its cgroups (the files start() passes it), before start()."""
-        if self._spawner_pid is not None:
-            raise RuntimeError("the spawner was already started")
-        self._cgroup_join = tuple(cgroup_join)
+        """Where the spawner joins its cgroups: before start(), the files it passes the
+        spawner; after, the spawner joins them at once (Join). SpawnError if it could not;
+        SpawnerClosed if it is gone."""
+        files = tuple(cgroup_join)
+        if self._spawner_pid is None:
+            self._cgroup_join = files
+            return
+        request_id = next(self._request_ids)
+        pending = _PendingReply()
+        with self._lock:
+            if self._closed or self._sock is None:
+                raise SpawnerClosed("the spawner is not running")
+            self._pending[request_id] = pending
+            sock = self._sock
+        try:
+            try:
+                sock.send(Join(id=request_id, files=list(files)).encode())
+            except OSError as error:
+                raise SpawnerClosed(f"the spawner is not running: {error}") from error
+            reply = pending.wait(self._reply_timeout)
+        finally:
+            with self._lock:
+                self._pending.pop(request_id, None)
+        if reply is None:
+            raise SpawnerClosed("the spawner went away")
+        if isinstance(reply, Failed):
+            raise reply.error()
+        self._cgroup_join = files
 
     def start(self, ready_timeout: float = 10.0) -> None:
         """Launch the spawner and wait until it is ready."""
@@ -519,7 +545,7 @@ class Spawner:
             except Exception:  # noqa: BLE001 - a faulty callback must not stop replies and exits
                 _log.exception("on_exit failed for pid %s", message.pid)
             return
-        if not isinstance(message, (Spawned, Failed, Flushed)) or message.id is None:
+        if not isinstance(message, (Spawned, Failed, Flushed, Joined)) or message.id is None:
             _log.error("unexpected message from the spawner: %r", message)
             return
         with self._lock:

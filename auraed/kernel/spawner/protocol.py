@@ -278,6 +278,26 @@ class Flushed(Message):
 
 @_message
 @dataclass(kw_only=True)
+class Join(Message):
+    """Join the cgroups of these files (writing "0" to each, as `--join` does at the start)
+    and come back to them after every visit: for a spawner started before its daemon knew
+    where its cgroups are (a spare daemon's, before its claim). Answered: Joined, or Failed
+    (then the spawner is where it was before)."""
+
+    KIND = "join"
+    id: int
+    files: list[str]
+
+
+@_message
+@dataclass(kw_only=True)
+class Joined(Message):
+    KIND = "joined"
+    id: int
+
+
+@_message
+@dataclass(kw_only=True)
 class Keep(Message):
     """Hold `value` under `key` until Forget: state of the daemon's that must outlive it
     (a cell's name and limits, say). Not answered."""

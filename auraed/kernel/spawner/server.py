@@ -84,6 +84,8 @@ from auraed.kernel.spawner.protocol import (
     Flushed,
     Forget,
     HolderRequest,
+    Join,
+    Joined,
     Keep,
     Message,
     Output,
@@ -398,10 +400,29 @@ class ForkServer:
             self._send(self._write_state())
         elif isinstance(message, Flush):
             self._flush(message)
+        elif isinstance(message, Join):
+            self._send(self._join(message))
         elif isinstance(message, Stop):
             raise _Stopping
         else:
             self._send(Failed.of(None, SpawnError.malformed(f"unexpected {message.KIND}")))
+
+    def _join(self, request: Join) -> Joined | Failed:
+        """The cgroups of request.files become the spawner's own (see Join)."""
+        opened: list[int] = []
+        try:
+            for path in request.files:
+                opened.append(os.open(path, os.O_WRONLY | os.O_CLOEXEC))
+            for fd in opened:
+                os.write(fd, b"0")
+        except OSError as error:
+            for fd in opened:
+                os.close(fd)
+            return Failed.of(request.id, SpawnError.at("cgroup", error.errno or 0, str(error)))
+        for fd in self._home_fds:
+            os.close(fd)
+        self._joined, self._home_fds = list(request.files), opened
+        return Joined(id=request.id)
 
     def _write_state(self) -> Adopted | Failed:
         if self._state_path is None:
