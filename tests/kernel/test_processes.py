@@ -710,6 +710,32 @@ def test_a_visiting_start_runs_its_first_instruction_in_the_cell_and_the_spawner
         assert (cgroup / "cgroup.procs").read_text() == ""
 
 
+def test_a_spawner_started_before_it_knew_its_cgroups_joins_them_when_told(
+    exits: ExitLog, placed: tuple[list[Path], list[Path]],
+) -> None:
+    # A spare daemon's: started where the daemon is, told its own cgroups after its claim.
+    own, cell = placed
+    with Spawner(exits.record) as spawner:
+        before = cgroups_of(Path(f"/proc/{spawner.pid}/cgroup").read_text())
+        with pytest.raises(SpawnError):
+            spawner.join_at(["/sys/fs/cgroup/pids/aurae-test-missing/cgroup.procs"])
+        assert cgroups_of(Path(f"/proc/{spawner.pid}/cgroup").read_text()) == before
+        spawner.join_at([str(c / "cgroup.procs") for c in own])
+        def where() -> dict[str, str]:
+            return cgroups_of(Path(f"/proc/{spawner.pid}/cgroup").read_text())
+        for hierarchy, cgroup in zip(VISITED, own, strict=True):
+            assert where()[hierarchy] == f"/{cgroup.name}", hierarchy
+        # Its own from now on: it comes back to them after visiting a workload's.
+        output, status = run_to_end(spawner, exits, ["cat", "/proc/self/cgroup"],
+                                    cgroup_join=[str(c / "cgroup.procs") for c in cell])
+        assert status == ExitStatus(exit_code=0, signal=None)
+        seen = cgroups_of(output.decode())
+        for hierarchy, cgroup in zip(VISITED, cell, strict=True):
+            assert seen[hierarchy] == f"/{cgroup.name}", hierarchy
+        for hierarchy, cgroup in zip(VISITED, own, strict=True):
+            assert where()[hierarchy] == f"/{cgroup.name}", hierarchy
+
+
 def test_the_spawner_holds_its_own_join_files_and_its_spare_does_not(
     placed_spawner: Spawner, exits: ExitLog, placed: tuple[list[Path], list[Path]],
 ) -> None:
