@@ -674,6 +674,13 @@ def cgroups_of(text: str) -> dict[str, str]:
             (line.split(":", 2) for line in text.splitlines())}
 
 
+def assert_placed(cgroup_text: str, cgroups: list[Path]) -> None:
+    """/proc/<pid>/cgroup text: the process is in `cgroups`, one per hierarchy of VISITED."""
+    seen = cgroups_of(cgroup_text)
+    for hierarchy, cgroup in zip(VISITED, cgroups, strict=True):
+        assert seen[hierarchy] == f"/{cgroup.name}", hierarchy
+
+
 def run_to_end(spawner: Spawner, exits: ExitLog, command: str | list[str],
                **spec: object) -> tuple[bytes, ExitStatus]:
     out_r, out_w = os.pipe2(os.O_CLOEXEC)
@@ -699,13 +706,9 @@ def test_a_visiting_start_runs_its_first_instruction_in_the_cell_and_the_spawner
     output, status = run_to_end(placed_spawner, exits, ["cat", "/proc/self/cgroup"],
                                 cgroup_join=[str(c / "cgroup.procs") for c in cell])
     assert status == ExitStatus(exit_code=0, signal=None)
-    seen = cgroups_of(output.decode())
-    for hierarchy, cgroup in zip(VISITED, cell, strict=True):
-        assert seen[hierarchy] == f"/{cgroup.name}", hierarchy
+    assert_placed(output.decode(), cell)
     # Back in its own leaf in every hierarchy, and nothing of it left in the cell.
-    spawner_groups = cgroups_of(Path(f"/proc/{placed_spawner.pid}/cgroup").read_text())
-    for hierarchy, cgroup in zip(VISITED, own, strict=True):
-        assert spawner_groups[hierarchy] == f"/{cgroup.name}", hierarchy
+    assert_placed(Path(f"/proc/{placed_spawner.pid}/cgroup").read_text(), own)
     for cgroup in cell:
         assert (cgroup / "cgroup.procs").read_text() == ""
 
@@ -721,19 +724,13 @@ def test_a_spawner_started_before_it_knew_its_cgroups_joins_them_when_told(
             spawner.join_at(["/sys/fs/cgroup/pids/aurae-test-missing/cgroup.procs"])
         assert cgroups_of(Path(f"/proc/{spawner.pid}/cgroup").read_text()) == before
         spawner.join_at([str(c / "cgroup.procs") for c in own])
-        def where() -> dict[str, str]:
-            return cgroups_of(Path(f"/proc/{spawner.pid}/cgroup").read_text())
-        for hierarchy, cgroup in zip(VISITED, own, strict=True):
-            assert where()[hierarchy] == f"/{cgroup.name}", hierarchy
+        assert_placed(Path(f"/proc/{spawner.pid}/cgroup").read_text(), own)
         # Its own from now on: it comes back to them after visiting a workload's.
         output, status = run_to_end(spawner, exits, ["cat", "/proc/self/cgroup"],
                                     cgroup_join=[str(c / "cgroup.procs") for c in cell])
         assert status == ExitStatus(exit_code=0, signal=None)
-        seen = cgroups_of(output.decode())
-        for hierarchy, cgroup in zip(VISITED, cell, strict=True):
-            assert seen[hierarchy] == f"/{cgroup.name}", hierarchy
-        for hierarchy, cgroup in zip(VISITED, own, strict=True):
-            assert where()[hierarchy] == f"/{cgroup.name}", hierarchy
+        assert_placed(output.decode(), cell)
+        assert_placed(Path(f"/proc/{spawner.pid}/cgroup").read_text(), own)
 
 
 def test_the_spawner_holds_its_own_join_files_and_its_spare_does_not(

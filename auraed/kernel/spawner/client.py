@@ -199,25 +199,9 @@ class Spawner:
             self._cgroup_join = files
             return
         request_id = next(self._request_ids)
-        pending = _PendingReply()
-        with self._lock:
-            if self._closed or self._sock is None:
-                raise SpawnerClosed("the spawner is not running")
-            self._pending[request_id] = pending
-            sock = self._sock
-        try:
-            try:
-                sock.send(Join(id=request_id, files=list(files)).encode())
-            except OSError as error:
-                raise SpawnerClosed(f"the spawner is not running: {error}") from error
-            reply = pending.wait(self._reply_timeout)
-        finally:
-            with self._lock:
-                self._pending.pop(request_id, None)
-        if reply is None:
-            raise SpawnerClosed("the spawner went away")
-        if isinstance(reply, Failed):
-            raise reply.error()
+        message = Join(id=request_id, files=list(files)).encode()
+        self._answer_to(request_id, lambda sock: sock.send(message), _PendingReply(),
+                        self._reply_timeout)
         self._cgroup_join = files
 
     def start(self, ready_timeout: float = 10.0) -> None:
@@ -387,24 +371,16 @@ class Spawner:
         if not self.flushes_output or not processes:
             return False
         request_id = next(self._request_ids)
-        pending = _PendingReply()
-        with self._lock:
-            if self._closed or self._sock is None:
-                return False
-            self._pending[request_id] = pending
-            sock = self._sock
+        message = Flush(id=request_id, processes=[
+            [process.host_pid, process.start_time] for process in processes]).encode()
         try:
-            sock.send(Flush(id=request_id, processes=[
-                [process.host_pid, process.start_time] for process in processes]).encode())
             # Output goes before Flushed on the one socket, and the reader handles messages in
             # order: by the time this is answered, the logs are advanced.
-            return isinstance(pending.wait(self._reply_timeout if timeout is None else timeout),
-                              Flushed)
-        except (OSError, TimeoutError):
+            return isinstance(self._answer_to(
+                request_id, lambda sock: sock.send(message), _PendingReply(),
+                self._reply_timeout if timeout is None else timeout), Flushed)
+        except (SpawnerClosed, SpawnError, TimeoutError):
             return False
-        finally:
-            with self._lock:
-                self._pending.pop(request_id, None)
 
     def _send_control(self, message: Message) -> None:
         with self._lock:
@@ -481,26 +457,9 @@ class Spawner:
         message = request.encode()
         if len(message) > MAX_MESSAGE_BYTES:
             raise ValueError(f"spawn request of {len(message)} bytes is over {MAX_MESSAGE_BYTES}")
-        pending = _PendingReply(outputs)
-        with self._lock:
-            if self._closed or self._sock is None:
-                raise SpawnerClosed("the spawner is not running")
-            self._pending[request_id] = pending
-            sock = self._sock
-        try:
-            try:
-                # One sendmsg is one SEQPACKET message: concurrent senders need no lock.
-                socket.send_fds(sock, [message], list(fds))
-            except OSError as error:
-                raise SpawnerClosed(f"the spawner is not running: {error}") from error
-            reply = pending.wait(self._reply_timeout)
-        finally:
-            with self._lock:
-                self._pending.pop(request_id, None)
-        if reply is None:
-            raise SpawnerClosed("the spawner went away")
-        if isinstance(reply, Failed):
-            raise reply.error()
+        # One sendmsg is one SEQPACKET message: concurrent senders need no lock.
+        reply = self._answer_to(request_id, lambda sock: socket.send_fds(sock, [message], list(fds)),
+                                _PendingReply(outputs), self._reply_timeout)
         assert isinstance(reply, Spawned)  # a request id is answered by its own kind
         return SpawnedProcess(
             host_pid=reply.pid,
@@ -508,6 +467,30 @@ class Spawner:
             pgid=reply.pid,
             start_time=reply.start_time,
         )
+
+    def _answer_to(self, request_id: int, send: Callable[[socket.socket], object],
+                   pending: _PendingReply, timeout: float) -> Spawned | Flushed | Joined:
+        """Send a request (`send`) and wait for its answer. SpawnerClosed if the spawner is
+        not running or went away; the SpawnError it answered with; TimeoutError."""
+        with self._lock:
+            if self._closed or self._sock is None:
+                raise SpawnerClosed("the spawner is not running")
+            self._pending[request_id] = pending
+            sock = self._sock
+        try:
+            try:
+                send(sock)
+            except OSError as error:
+                raise SpawnerClosed(f"the spawner is not running: {error}") from error
+            reply = pending.wait(timeout)
+        finally:
+            with self._lock:
+                self._pending.pop(request_id, None)
+        if reply is None:
+            raise SpawnerClosed("the spawner went away")
+        if isinstance(reply, Failed):
+            raise reply.error()
+        return reply
 
     def _read_messages(self, sock: socket.socket) -> None:
         # One buffer for every message: a fresh 256 KiB per recv costs an mmap and a munmap.
