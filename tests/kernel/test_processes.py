@@ -733,6 +733,20 @@ def test_a_spawner_started_before_it_knew_its_cgroups_joins_them_when_told(
         assert_placed(Path(f"/proc/{spawner.pid}/cgroup").read_text(), own)
 
 
+def test_a_join_refused_midway_leaves_the_spawner_in_its_own_cgroups(
+    placed_spawner: Spawner, placed: tuple[list[Path], list[Path]],
+) -> None:
+    own, cell = placed
+    # A new v1 cpuset has no cpus: joining it is refused (ENOSPC) after the other joins.
+    with scratch_cgroup(Path("/sys/fs/cgroup/cpuset")) as empty_cpuset, \
+            pytest.raises(SpawnError):
+        placed_spawner.join_at([*(str(c / "cgroup.procs") for c in cell),
+                                str(empty_cpuset / "cgroup.procs")])
+    assert_placed(Path(f"/proc/{placed_spawner.pid}/cgroup").read_text(), own)
+    for cgroup in cell:
+        assert (cgroup / "cgroup.procs").read_text() == ""
+
+
 def test_the_spawner_holds_its_own_join_files_and_its_spare_does_not(
     placed_spawner: Spawner, exits: ExitLog, placed: tuple[list[Path], list[Path]],
 ) -> None:

@@ -281,8 +281,9 @@ class Flushed(Message):
 class Join(Message):
     """Join the cgroups of these files (writing "0" to each, as `--join` does at the start)
     and come back to them after every visit: for a spawner started before its daemon knew
-    where its cgroups are (a spare daemon's, before its claim). Answered: Joined, or Failed
-    (then the spawner is where it was before)."""
+    where its cgroups are (a spare daemon's, before its claim). Answered: Joined, or Failed:
+    then the spawner is back in its own cgroups if it had any; one that had none may be left
+    in some of the new ones (its daemon's start fails then, and its host frees its cell)."""
 
     KIND = "join"
     id: int

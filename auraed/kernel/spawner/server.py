@@ -418,6 +418,8 @@ class ForkServer:
         except OSError as error:
             for fd in opened:
                 os.close(fd)
+            for fd in self._home_fds:  # refused midway (a full cpuset): back where it was
+                os.write(fd, b"0")
             return Failed.of(request.id, SpawnError.at("cgroup", error.errno or 0, str(error)))
         for fd in self._home_fds:
             os.close(fd)
